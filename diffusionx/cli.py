@@ -1,0 +1,42 @@
+"""The `diffusionx` command line. Each subcommand lives in its own module and is imported lazily."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module with `main(argv)`, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("diffusionx.demo", "start the embedded application, run a multi-round session, write results"),
+    "serve": ("diffusionx.serve_cli", "serve an application on http://127.0.0.1:8000 until interrupted"),
+    "eval": ("diffusionx.evaluation", "quality and cost of a mode on the embedded shapes models"),
+    "search": ("diffusionx.search", "EC-Diff two-stage greedy search of (p, k, a) then s"),
+    "train-shapes": (
+        "diffusionx.shapes.train",
+        "train the embedded shapes models (VAE, text encoder, UNets)",
+    ),
+    "bench": ("diffusionx.bench_cli", "serving benchmarks against a local application"),
+    "models": ("diffusionx.models_cli", "list the model registry"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="diffusionx",
+        description="Interactive text-to-image serving: edge previews, cloud refinement, EC-Diff.",
+    )
+    parser.add_argument("command", choices=sorted(SUBCOMMANDS), help="what to run")
+    parser.epilog = "\n".join(f"  {name:<13} {text}" for name, (_, text) in SUBCOMMANDS.items())
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0 if argv else 2
+    args = parser.parse_args(argv[:1])
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

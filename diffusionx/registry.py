@@ -1,0 +1,140 @@
+"""Named model specs: which checkpoint a short name means and how it is used.
+
+A name resolves to a `ModelSpec`. Anything that is not a registered name is treated as a hub id or a local
+path, so `load_pipeline("runwayml/stable-diffusion-v1-5")` and `load_pipeline("/models/my-sd")` also work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+EMBEDDED_SHAPES_DIR = PACKAGE_DIR / "models" / "shapes"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to load one text-to-image model.
+
+    `source` is a hub id or a local directory in diffusers format. `unet_subfolder` picks the UNet inside
+    it, so two specs can share one directory (and therefore the same VAE and text encoder). Specs of the
+    same `family` share latent space, tokenizer and text encoder and may be combined (refine, EC-Diff).
+    """
+
+    name: str
+    source: str
+    family: str
+    tier: str  # "cloud" | "edge" | "test": the role the model is made for
+    unet_subfolder: str = "unet"
+    default_steps: int = 25
+    preview_steps: int = 8
+    guidance_scale: float = 7.5
+    default_size: int = 512
+    description: str = ""
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.source).expanduser().exists()
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            name="sd15",
+            source="stable-diffusion-v1-5/stable-diffusion-v1-5",
+            family="sd15",
+            tier="cloud",
+            default_steps=50,
+            description="Stable Diffusion v1.5 (860M UNet): the cloud tier in production.",
+        ),
+        ModelSpec(
+            name="tiny-sd",
+            source="segmind/tiny-sd",
+            family="sd15",
+            tier="edge",
+            default_steps=25,
+            preview_steps=10,
+            description="Segmind Tiny-SD (distilled SD v1.5, 323M UNet): the edge tier in production.",
+        ),
+        ModelSpec(
+            name="small-sd",
+            source="segmind/small-sd",
+            family="sd15",
+            tier="edge",
+            default_steps=25,
+            preview_steps=12,
+            description="Segmind Small-SD (distilled SD v1.5, 579M UNet).",
+        ),
+        ModelSpec(
+            name="bk-sdm-tiny",
+            source="nota-ai/bk-sdm-tiny",
+            family="sd15",
+            tier="edge",
+            default_steps=25,
+            preview_steps=10,
+            description="BK-SDM-Tiny (block-removed SD v1.5, 323M UNet).",
+        ),
+        ModelSpec(
+            name="shapes-cloud",
+            source=str(EMBEDDED_SHAPES_DIR),
+            family="shapes",
+            tier="cloud",
+            unet_subfolder="unet",
+            default_steps=20,
+            guidance_scale=3.0,
+            default_size=32,
+            description="Embedded cloud model of the shapes world (ships inside the package).",
+        ),
+        ModelSpec(
+            name="shapes-edge",
+            source=str(EMBEDDED_SHAPES_DIR),
+            family="shapes",
+            tier="edge",
+            unet_subfolder="unet_edge",
+            default_steps=8,
+            preview_steps=8,
+            guidance_scale=3.0,
+            default_size=32,
+            description="Embedded edge model of the shapes world: a much smaller UNet, same VAE/text encoder.",
+        ),
+        ModelSpec(
+            name="tiny-random",
+            source="",  # built on first use, see diffusionx.tiny_random
+            family="tiny-random",
+            tier="test",
+            default_steps=4,
+            preview_steps=2,
+            guidance_scale=2.0,
+            default_size=32,
+            description="Tiny randomly initialised SD pipeline for tests; produces noise, not pictures.",
+        ),
+        ModelSpec(
+            name="tiny-random-edge",
+            source="",
+            family="tiny-random",
+            tier="test",
+            unet_subfolder="unet_edge",
+            default_steps=4,
+            preview_steps=2,
+            guidance_scale=2.0,
+            default_size=32,
+            description="The smaller UNet of tiny-random over the same VAE and text encoder (edge role in tests).",
+        ),
+    )
+}
+
+
+def get_spec(name_or_path: str) -> ModelSpec:
+    """Returns the registered spec, or an ad-hoc spec for a hub id / local path."""
+    if not name_or_path or not name_or_path.strip():
+        raise ValueError(f"model must be a registered name ({', '.join(REGISTRY)}), a hub id or a local path")
+    if name_or_path in REGISTRY:
+        spec = REGISTRY[name_or_path]
+        if spec.family == "tiny-random":
+            from diffusionx.tiny_random import ensure_tiny_random
+
+            spec = replace(spec, source=str(ensure_tiny_random()))
+        return spec
+    return ModelSpec(name=name_or_path, source=name_or_path, family="custom", tier="custom")

@@ -1,0 +1,161 @@
+"""Request and result types of the library, with their validation.
+
+Every limit is checked at the boundary and reported with a message that names the value and what is
+allowed (nothing is silently clipped). The HTTP schemas in `diffusionx.api` apply the same limits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+MAX_PROMPT_CHARS = 1000
+MAX_IMAGE_SIDE = 1024
+MIN_IMAGE_SIDE = 8
+MAX_INFERENCE_STEPS = 200
+MAX_GUIDANCE_SCALE = 30.0
+MAX_SEED = 2**32 - 1
+
+
+class InvalidRequestError(ValueError):
+    """A request that cannot be served as given; the message says what is allowed."""
+
+
+@dataclass
+class UnetCalls:
+    """Cost of one image: real UNet evaluations per tier, and steps whose noise was extrapolated.
+
+    A classifier-free-guided step evaluates the UNet on the (unconditional, conditional) pair in one batch;
+    that counts as one call.
+    """
+
+    cloud: int = 0
+    edge: int = 0
+    approximated: int = 0
+
+    def __add__(self, other: UnetCalls) -> UnetCalls:
+        return UnetCalls(
+            self.cloud + other.cloud, self.edge + other.edge, self.approximated + other.approximated
+        )
+
+    def to_dict(self) -> dict[str, int]:
+        return {"cloud": self.cloud, "edge": self.edge, "approximated": self.approximated}
+
+
+@dataclass
+class GenerationResult:
+    image: Image.Image
+    seed: int
+    unet_calls: UnetCalls
+    num_inference_steps: int
+    strength: float | None = None
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    batch_size: int = 1
+
+
+def check_prompt(prompt: str) -> str:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InvalidRequestError("prompt must be a non-empty string")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise InvalidRequestError(
+            f"prompt has {len(prompt)} characters; at most {MAX_PROMPT_CHARS} are allowed"
+        )
+    return prompt
+
+
+def check_side(name: str, value: int, multiple: int = 8) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidRequestError(f"{name} must be an integer, got {value!r}")
+    if value < MIN_IMAGE_SIDE or value > MAX_IMAGE_SIDE or value % multiple:
+        raise InvalidRequestError(
+            f"{name}={value} is not allowed: use a multiple of {multiple} "
+            f"between {MIN_IMAGE_SIDE} and {MAX_IMAGE_SIDE}"
+        )
+    return value
+
+
+def check_steps(value: int, name: str = "num_inference_steps") -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_INFERENCE_STEPS:
+        raise InvalidRequestError(
+            f"{name}={value!r} is not allowed: use an integer from 1 to {MAX_INFERENCE_STEPS}"
+        )
+    return value
+
+
+def check_strength(value: float, name: str = "strength") -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= float(value) <= 1.0:
+        raise InvalidRequestError(f"{name}={value!r} is not allowed: use a number from 0.0 to 1.0")
+    return float(value)
+
+
+def check_guidance(value: float) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0.0 <= value <= MAX_GUIDANCE_SCALE
+    ):
+        raise InvalidRequestError(
+            f"guidance_scale={value!r} is not allowed: use a number from 0.0 to {MAX_GUIDANCE_SCALE}"
+        )
+    return float(value)
+
+
+def check_seed(value: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEED:
+        raise InvalidRequestError(f"seed={value!r} is not allowed: use an integer from 0 to {MAX_SEED}")
+    return value
+
+
+@dataclass
+class PreviewRequest:
+    """Text-to-image on the edge model. Unset fields take the model's defaults."""
+
+    prompt: str
+    seed: int = 0
+    width: int | None = None
+    height: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+
+    def __post_init__(self) -> None:
+        check_prompt(self.prompt)
+        check_seed(self.seed)
+        if self.width is not None:
+            check_side("width", self.width)
+        if self.height is not None:
+            check_side("height", self.height)
+        if self.num_inference_steps is not None:
+            check_steps(self.num_inference_steps)
+        if self.guidance_scale is not None:
+            check_guidance(self.guidance_scale)
+
+
+@dataclass
+class Img2ImgRequest:
+    """Img2img: noise `image` to `strength`, then denoise toward `prompt` (an edit on the edge tier, a
+    refinement on the cloud tier). Runs `int(num_inference_steps * strength)` UNet steps."""
+
+    prompt: str
+    image: Image.Image
+    strength: float
+    seed: int = 0
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+
+    def __post_init__(self) -> None:
+        check_prompt(self.prompt)
+        check_seed(self.seed)
+        check_strength(self.strength)
+        if not isinstance(self.image, Image.Image):
+            raise InvalidRequestError(f"image must be a PIL image, got {type(self.image).__name__}")
+        check_side("image width", self.image.width)
+        check_side("image height", self.image.height)
+        if self.num_inference_steps is not None:
+            check_steps(self.num_inference_steps)
+        if self.guidance_scale is not None:
+            check_guidance(self.guidance_scale)
+
+
+EditRequest = Img2ImgRequest
+RefineRequest = Img2ImgRequest

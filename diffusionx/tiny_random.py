@@ -1,0 +1,130 @@
+"""`tiny-random`: a tiny randomly initialised Stable Diffusion pipeline for tests.
+
+Built from tiny configs under a fixed seed, saved once in diffusers format, then loaded through
+`from_pretrained` exactly like a real checkpoint. Like the embedded shapes models it holds two UNets over
+one VAE/text encoder (`unet` for the cloud role, the smaller `unet_edge` for the edge role), so every
+collaboration mode can be tested on it. It produces noise, not pictures.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+TINY_RANDOM_VERSION = "v1"
+TOKENIZER_MAX_LENGTH = 16
+WORDS = (
+    "a an the of on in at and with photo picture painting drawing cat dog house tree car red green blue "
+    "yellow white black purple orange small large big circle square triangle left right top bottom center "
+    "background sky sea mountain city night day sunset portrait landscape"
+).split()
+
+
+def cache_dir() -> Path:
+    """Where the project writes generated artefacts (override with DIFFUSIONX_HOME)."""
+    return Path(os.environ.get("DIFFUSIONX_HOME", Path.home() / ".cache" / "diffusionx")).expanduser()
+
+
+def ensure_tiny_random() -> Path:
+    """Returns the directory of the tiny-random pipeline, building it on first use (atomic, race-safe)."""
+    target = cache_dir() / f"tiny-random-{TINY_RANDOM_VERSION}"
+    if (target / "model_index.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="tiny-random-", dir=target.parent))
+    try:
+        build_tiny_random(staging)
+        try:
+            staging.rename(target)
+        except OSError:  # another process finished first
+            if not (target / "model_index.json").exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def build_tiny_random(directory: Path) -> None:
+    """Builds and saves the pipeline (cloud UNet in `unet/`, edge UNet in `unet_edge/`)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from diffusionx.tokenizer import write_clip_tokenizer
+
+    tokenizer = write_clip_tokenizer(directory / "tokenizer", WORDS, model_max_length=TOKENIZER_MAX_LENGTH)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    )
+    torch.manual_seed(1)
+    unet_edge = UNet2DConditionModel(
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=2,
+        norm_num_groups=2,
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+    )
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            hidden_size=32,
+            intermediate_size=37,
+            layer_norm_eps=1e-05,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=TOKENIZER_MAX_LENGTH,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(directory, safe_serialization=True)
+    unet_edge.save_pretrained(directory / "unet_edge", safe_serialization=True)

@@ -1,0 +1,23 @@
+"""Shared fixtures. Tests run offline on the CPU; generated artefacts go to a per-run temp directory."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DIFFUSIONX_HOME", tempfile.mkdtemp(prefix="diffusionx-test-home-"))
+
+import pytest  # noqa: E402
+
+from diffusionx.loading import LoadedModel, load_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_cloud() -> LoadedModel:
+    return load_model("tiny-random", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_edge() -> LoadedModel:
+    return load_model("tiny-random-edge", device="cpu")
