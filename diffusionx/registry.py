@@ -97,7 +97,7 @@ REGISTRY: dict[str, ModelSpec] = {
             preview_steps=8,
             guidance_scale=3.0,
             default_size=32,
-            description="Embedded edge model of the shapes world: a much smaller UNet, same VAE/text encoder.",
+            description="Embedded edge model of the shapes world: small UNet, shared VAE/text encoder.",
         ),
         ModelSpec(
             name="tiny-random",
@@ -120,7 +120,7 @@ REGISTRY: dict[str, ModelSpec] = {
             preview_steps=2,
             guidance_scale=2.0,
             default_size=32,
-            description="The smaller UNet of tiny-random over the same VAE and text encoder (edge role in tests).",
+            description="The smaller UNet of tiny-random, same VAE and text encoder (edge role in tests).",
         ),
     )
 }

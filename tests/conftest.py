@@ -8,9 +8,9 @@ import tempfile
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DIFFUSIONX_HOME", tempfile.mkdtemp(prefix="diffusionx-test-home-"))
 
-import pytest  # noqa: E402
+import pytest
 
-from diffusionx.loading import LoadedModel, load_model  # noqa: E402
+from diffusionx.loading import LoadedModel, load_model
 
 
 @pytest.fixture(scope="session")
