@@ -1,4 +1,7 @@
-"""The `diffusionx` command line. Each subcommand lives in its own module and is imported lazily."""
+"""The `diffusionx` command line. Each subcommand lives in its own module and is imported lazily.
+
+Subcommands that start Ray live in `deployments/` and `clients/`, so the library itself never imports Ray.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +11,15 @@ import sys
 
 # subcommand -> (module with `main(argv)`, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("diffusionx.demo", "start the embedded application, run a multi-round session, write results"),
-    "serve": ("diffusionx.serve_cli", "serve an application on http://127.0.0.1:8000 until interrupted"),
+    "demo": ("clients.demo", "start the embedded application, run a multi-round session, write results"),
+    "serve": ("deployments.serve_local", "serve an application on http://127.0.0.1:8000 until interrupted"),
     "eval": ("diffusionx.evaluation", "quality and cost of a mode on the embedded shapes models"),
     "search": ("diffusionx.search", "EC-Diff two-stage greedy search of (p, k, a) then s"),
     "train-shapes": (
         "diffusionx.shapes.train",
         "train the embedded shapes models (VAE, text encoder, UNets)",
     ),
-    "bench": ("diffusionx.bench_cli", "serving benchmarks against a local application"),
+    "bench": ("clients.bench", "serving benchmarks against a local application"),
     "models": ("diffusionx.models_cli", "list the model registry"),
 }
 

@@ -1,0 +1,52 @@
+"""DiffusionX clients: the Python HTTP client with multi-round sessions, the demo and the benchmarks.
+
+Importing this package loads httpx and Pillow only (not torch, not Ray).
+"""
+
+from clients.client import (
+    DEFAULT_URL,
+    AsyncDiffusionXClient,
+    AsyncSession,
+    DiffusionXClient,
+    Round,
+    Session,
+)
+from clients.errors import (
+    ConnectionFailed,
+    DiffusionXError,
+    InvalidRequest,
+    Overloaded,
+    PreviewExpired,
+    RequestTimeout,
+    ServerError,
+)
+from clients.results import (
+    GenerateResult,
+    HealthResult,
+    PreviewResult,
+    RefineResult,
+    StatsResult,
+    TierStats,
+)
+
+__all__ = [
+    "DEFAULT_URL",
+    "AsyncDiffusionXClient",
+    "AsyncSession",
+    "ConnectionFailed",
+    "DiffusionXClient",
+    "DiffusionXError",
+    "GenerateResult",
+    "HealthResult",
+    "InvalidRequest",
+    "Overloaded",
+    "PreviewExpired",
+    "PreviewResult",
+    "RefineResult",
+    "RequestTimeout",
+    "Round",
+    "ServerError",
+    "Session",
+    "StatsResult",
+    "TierStats",
+]

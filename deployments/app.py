@@ -1,0 +1,44 @@
+"""The application builder: `import_path: deployments.app:build_app` in a serve config, `args:` typed by
+`diffusionx.app_config.AppArgs`. Composes SharedState, EdgePreviewer, StrengthPredictor, CloudRefiner and
+the HTTP ingress into one application."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from deployments.cloud import CloudRefiner
+from deployments.edge import EdgePreviewer
+from deployments.ingress import DiffusionXIngress
+from deployments.predictor import StrengthPredictor
+from deployments.state import SharedState
+from diffusionx.app_config import AppArgs
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    config = AppArgs(**(args or {}))
+    state = SharedState.bind(config.preview_cache_size)
+    edge = EdgePreviewer.bind(
+        config.edge_model,
+        state,
+        device=config.device,
+        max_batch_size=config.edge_max_batch_size,
+        batch_wait_timeout_s=config.edge_batch_wait_timeout_s,
+        torch_threads=config.torch_threads,
+        edit_steps=config.edit_steps,
+    )
+    cloud = CloudRefiner.bind(
+        config.cloud_model,
+        state,
+        device=config.device,
+        max_batch_size=config.cloud_max_batch_size,
+        batch_wait_timeout_s=config.cloud_batch_wait_timeout_s,
+        torch_threads=config.torch_threads,
+    )
+    predictor = StrengthPredictor.bind(
+        state,
+        max_batch_size=config.predictor_max_batch_size,
+        batch_wait_timeout_s=config.predictor_batch_wait_timeout_s,
+    )
+    return DiffusionXIngress.bind(edge, predictor, cloud, state, config.model_dump())

@@ -1,0 +1,298 @@
+"""DiffusionXIngress: the HTTP API. (No `from __future__ import annotations` here: FastAPI must see real
+body types on the route methods.) Validates, composes the tiers through DeploymentHandles, and maps
+errors: bad input -> 4xx with the reason, unknown preview id -> 404, overload -> 503 with Retry-After."""
+
+import asyncio
+import base64
+import io
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from PIL import Image
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+
+from diffusionx.api import (
+    ErrorResponse,
+    GenerateBody,
+    GenerateResponse,
+    PreviewBody,
+    PreviewResponse,
+    RefineBody,
+    RefineResponse,
+    StatsResponse,
+)
+from diffusionx.app_config import AppArgs
+from diffusionx.imaging import decode_png_base64, encode_png_base64
+from diffusionx.requests import (
+    GenerationResult,
+    Img2ImgRequest,
+    InvalidRequestError,
+    PreviewRequest,
+    UnetCalls,
+)
+from diffusionx.router import CloudLoad, RouterConfig, decide_route
+
+RETRY_AFTER_S = 1
+
+app = FastAPI(
+    title="DiffusionX",
+    version="0.1.0",
+    description="Interactive text-to-image: fast edge previews, predicted-strength cloud refinement, EC-Diff.",
+)
+
+
+class PreviewNotFound(LookupError):
+    pass
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(ErrorResponse(error=message, status=status).model_dump(), status, headers=headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+    parts = []
+    for item in error.errors():
+        location = ".".join(str(p) for p in item.get("loc", ()) if p != "body")
+        message = str(item.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{location}: {message}" if location else message)
+    return _error(422, "; ".join(parts))
+
+
+@app.exception_handler(InvalidRequestError)
+async def _invalid_request(_: Request, error: InvalidRequestError) -> JSONResponse:
+    return _error(422, str(error).splitlines()[-1] if "\n" in str(error) else str(error))
+
+
+@app.exception_handler(PreviewNotFound)
+async def _preview_not_found(_: Request, error: PreviewNotFound) -> JSONResponse:
+    return _error(404, str(error))
+
+
+@app.exception_handler(BackPressureError)
+async def _overloaded(_: Request, error: BackPressureError) -> JSONResponse:
+    return _error(503, f"overloaded, retry later: {error}", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def _ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000.0, 3)
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@serve.deployment(
+    name="DiffusionXIngress",
+    ray_actor_options={"num_cpus": 0.1},
+    max_ongoing_requests=64,
+    max_queued_requests=256,
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32},
+)
+@serve.ingress(app)
+class DiffusionXIngress:
+    def __init__(self, edge: Any, predictor: Any, cloud: Any, state: Any, args: dict | None = None) -> None:
+        self.edge, self.predictor, self.cloud, self.state = edge, predictor, cloud, state
+        self.args = AppArgs(**(args or {}))
+        self.router_config = RouterConfig(
+            min_steps=self.args.router_min_steps, strength_floor=self.args.router_strength_floor
+        )
+
+    # -- helpers -----------------------------------------------------------------------------------------
+    async def _resolve_image(self, image: str | None, preview_id: str | None) -> Image.Image:
+        if image is not None:
+            return decode_png_base64(image)
+        png = await self.state.get_preview.remote(preview_id)
+        if png is None:
+            raise PreviewNotFound(
+                f"preview_id '{preview_id}' is unknown or has expired (the server keeps a bounded cache); "
+                "send the image itself instead"
+            )
+        return Image.open(io.BytesIO(png)).convert("RGB")
+
+    async def _cloud_load(self) -> CloudLoad:
+        tier = await self.state.tier.remote("cloud")
+        return CloudLoad(
+            queued_steps=int(tier["queued_steps"]),
+            replicas=max(1, int(tier["replicas"])),
+            seconds_per_step=tier["seconds_per_step"],
+        )
+
+    async def _finalize(
+        self,
+        prompt: str,
+        image: Image.Image,
+        seed: int,
+        guidance_scale: float | None,
+        strength: float | None,
+        num_inference_steps: int | None,
+        latency_target_ms: float | None,
+    ) -> dict:
+        """Predict strength, route against the cloud load, refine: the DiffusionX finalize step."""
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        strength_predicted, load = await asyncio.gather(
+            self.predictor.predict.remote(prompt, image), self._cloud_load()
+        )
+        timings["predict"] = _ms(start)
+        steps = num_inference_steps or (await self.cloud.info.remote())["default_steps"]
+        target = latency_target_ms if latency_target_ms is not None else self.args.default_latency_target_ms
+        decision = decide_route(
+            strength if strength is not None else strength_predicted, steps, load, target, self.router_config
+        )
+        request = Img2ImgRequest(
+            prompt,
+            image,
+            decision.strength,
+            seed=seed,
+            num_inference_steps=decision.num_inference_steps,
+            guidance_scale=guidance_scale,
+        )
+        tier = self.edge.edit if decision.route == "edge-fallback" else self.cloud.refine
+        result: GenerationResult = await tier.remote(request)
+        timings.update(result.timings_ms)
+        return {
+            "result": result,
+            "strength_predicted": float(strength_predicted),
+            "decision": decision,
+            "load": load.to_dict(),
+            "timings_ms": timings,
+        }
+
+    # -- routes --------------------------------------------------------------------------------------------
+    @app.get("/v1/health")
+    async def health(self) -> dict:
+        edge, cloud = await asyncio.gather(self.edge.info.remote(), self.cloud.info.remote())
+        return {"status": "ok", "edge": edge, "cloud": cloud}
+
+    @app.get("/v1/stats", response_model=StatsResponse)
+    async def stats(self) -> dict:
+        return await self.state.stats.remote()
+
+    @app.post("/v1/preview", response_model=PreviewResponse, responses={422: {"model": ErrorResponse}})
+    async def preview(self, body: PreviewBody) -> dict:
+        start = time.perf_counter()
+        if body.strength is not None:
+            image = await self._resolve_image(body.image, body.preview_id)
+            request = Img2ImgRequest(
+                body.prompt,
+                image,
+                body.strength,
+                seed=body.seed,
+                num_inference_steps=body.num_inference_steps,
+                guidance_scale=body.guidance_scale,
+            )
+            result: GenerationResult = await self.edge.edit.remote(request)
+        else:
+            request = PreviewRequest(
+                body.prompt,
+                seed=body.seed,
+                width=body.width,
+                height=body.height,
+                num_inference_steps=body.num_inference_steps,
+                guidance_scale=body.guidance_scale,
+            )
+            result = await self.edge.preview.remote(request)
+        png = _png_bytes(result.image)
+        preview_id = await self.state.put_preview.remote(png)
+        return {
+            "preview_id": preview_id,
+            "image": base64.b64encode(png).decode("ascii"),
+            "seed": result.seed,
+            "width": result.image.width,
+            "height": result.image.height,
+            "num_inference_steps": result.num_inference_steps,
+            "strength": result.strength,
+            "unet_calls": result.unet_calls.to_dict(),
+            "timings_ms": {**result.timings_ms, "server_total": _ms(start)},
+        }
+
+    @app.post("/v1/refine", response_model=RefineResponse, responses={404: {"model": ErrorResponse}})
+    async def refine(self, body: RefineBody) -> dict:
+        start = time.perf_counter()
+        image = await self._resolve_image(body.image, body.preview_id)
+        out = await self._finalize(
+            body.prompt,
+            image,
+            body.seed,
+            body.guidance_scale,
+            body.strength,
+            body.num_inference_steps,
+            body.latency_target_ms,
+        )
+        result, decision = out["result"], out["decision"]
+        return {
+            "image": encode_png_base64(result.image),
+            "seed": result.seed,
+            "strength_predicted": out["strength_predicted"],
+            "strength_used": decision.strength,
+            "num_inference_steps": decision.num_inference_steps,
+            "route": decision.route,
+            "reason": decision.reason,
+            "load": out["load"],
+            "unet_calls": result.unet_calls.to_dict(),
+            "timings_ms": {**out["timings_ms"], "server_total": _ms(start)},
+        }
+
+    @app.post("/v1/generate", response_model=GenerateResponse)
+    async def generate(self, body: GenerateBody) -> dict:
+        start = time.perf_counter()
+        text_request = PreviewRequest(
+            body.prompt,
+            seed=body.seed,
+            width=body.width,
+            height=body.height,
+            num_inference_steps=body.num_inference_steps,
+            guidance_scale=body.guidance_scale,
+        )
+        parameters: dict[str, Any] = {}
+        if body.mode == "cloud":
+            result: GenerationResult = await self.cloud.generate.remote(text_request)
+            calls, timings = result.unet_calls, dict(result.timings_ms)
+        elif body.mode == "edge":
+            edge_info = await self.edge.info.remote()
+            if text_request.num_inference_steps is None:
+                text_request.num_inference_steps = edge_info["preview_steps"]
+            result = await self.edge.preview.remote(text_request)
+            calls, timings = result.unet_calls, dict(result.timings_ms)
+        elif body.mode == "diffusionx":
+            # the full schedule of the refinement is the request's steps; the preview uses edge defaults
+            text_request.num_inference_steps = None
+            preview: GenerationResult = await self.edge.preview.remote(text_request)
+            out = await self._finalize(
+                body.prompt,
+                preview.image,
+                body.seed,
+                body.guidance_scale,
+                None,
+                body.num_inference_steps,
+                body.latency_target_ms,
+            )
+            result, decision = out["result"], out["decision"]
+            calls = preview.unet_calls + result.unet_calls
+            timings = {**{f"preview_{k}": v for k, v in preview.timings_ms.items()}, **out["timings_ms"]}
+            parameters = {
+                "route": decision.route,
+                "strength_predicted": out["strength_predicted"],
+                "strength_used": decision.strength,
+            }
+        else:
+            result, calls, timings, parameters = await self._collaborative(body, text_request)
+        return {
+            "image": encode_png_base64(result.image),
+            "mode": body.mode,
+            "seed": result.seed,
+            "num_inference_steps": result.num_inference_steps,
+            "unet_calls": UnetCalls(**calls.to_dict()).to_dict(),
+            "timings_ms": {**timings, "server_total": _ms(start)},
+            "parameters": parameters,
+        }
+
+    async def _collaborative(self, body: GenerateBody, text_request: PreviewRequest) -> tuple:
+        raise InvalidRequestError(f"mode '{body.mode}' is not served yet; use diffusionx, cloud or edge")

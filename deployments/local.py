@@ -1,0 +1,110 @@
+"""Run an application from a serve config on a local Ray instance (demo, `diffusionx serve`, tests).
+
+It does what `serve run CONFIG` does (validate against Ray's ServeDeploySchema, start Serve, deploy the
+config so per-deployment options apply) and then waits until `/v1/health` answers.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+REPO_DIR = Path(__file__).resolve().parents[1]
+CPU_CONFIG = REPO_DIR / "serve_config_cpu.yaml"
+PRODUCTION_CONFIG = REPO_DIR / "serve_config.yaml"
+
+
+def embedded_models_available() -> bool:
+    from diffusionx.registry import EMBEDDED_SHAPES_DIR
+
+    return (EMBEDDED_SHAPES_DIR / "model_index.json").exists() and (
+        EMBEDDED_SHAPES_DIR / "unet_edge"
+    ).exists()
+
+
+def load_config(
+    config_path: str | Path | None = None, overrides: dict[str, Any] | None = None, port: int = 8000
+):
+    """Reads a serve config, applies `overrides` to the first application's args, returns ServeDeploySchema.
+
+    Without a path it is the embedded CPU config; if the embedded shapes weights are missing it swaps in
+    tiny-random (and says so through the returned args).
+    """
+    from ray.serve.schema import ServeDeploySchema
+
+    path = Path(config_path) if config_path else CPU_CONFIG
+    if not path.exists():
+        raise FileNotFoundError(f"serve config {path} does not exist")
+    raw = yaml.safe_load(path.read_text())
+    app = raw["applications"][0]
+    app.setdefault("args", {})
+    if config_path is None and not embedded_models_available():
+        app["args"].update({"edge_model": "tiny-random-edge", "cloud_model": "tiny-random"})
+    app["args"].update(overrides or {})
+    raw.setdefault("http_options", {})["port"] = port
+    return ServeDeploySchema.model_validate(raw)
+
+
+def start_local_app(
+    config_path: str | Path | None = None,
+    port: int = 8000,
+    overrides: dict[str, Any] | None = None,
+    timeout_s: float = 300.0,
+    num_cpus: int | None = None,
+) -> str:
+    """Starts Ray + Serve locally, deploys the config and returns the base URL once /v1/health is OK."""
+    import ray
+    from ray.serve._private import api as serve_api
+
+    config = load_config(config_path, overrides, port)
+    if not ray.is_initialized():
+        env = {k: v for k, v in os.environ.items() if k.startswith(("HF_", "DIFFUSIONX_", "OMP_"))}
+        ray.init(
+            namespace="diffusionx",
+            include_dashboard=False,
+            num_cpus=num_cpus,
+            runtime_env={"env_vars": env} if env else None,
+            logging_level="WARNING",
+        )
+    client = serve_api.serve_start(http_options=config.http_options.model_dump())
+    client.deploy_apps(config, _blocking=False)
+    host = config.http_options.host if config.http_options.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    url = f"http://{host}:{port}"
+    wait_until_healthy(url, timeout_s)
+    return url
+
+
+def wait_until_healthy(url: str, timeout_s: float) -> None:
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    last_error = "no answer yet"
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(f"{url}/v1/health", timeout=5.0)
+            if response.status_code == 200:
+                return
+            last_error = f"HTTP {response.status_code}: {response.text[:200]}"
+        except httpx.HTTPError as error:
+            last_error = str(error)
+        status = serve.status().applications.get("diffusionx")
+        if status is not None and status.status == "DEPLOY_FAILED":
+            raise RuntimeError(f"application failed to deploy: {status.message}")
+        time.sleep(1.0)
+    raise TimeoutError(f"application at {url} not healthy after {timeout_s:.0f} s: {last_error}")
+
+
+def stop_local_app() -> None:
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()

@@ -1,0 +1,28 @@
+"""`diffusionx serve [--config FILE]`: serve an application on 127.0.0.1 until interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from deployments.local import embedded_models_available, start_local_app, stop_local_app
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="diffusionx serve", description=__doc__)
+    parser.add_argument("--config", help="serve config YAML (default: the embedded CPU application)")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args(argv)
+    if args.config is None and not embedded_models_available():
+        print("embedded shapes weights not found: serving tiny-random (noise images) instead")
+    print("starting Ray Serve ...", flush=True)
+    try:
+        url = start_local_app(args.config, port=args.port)
+        print(f"serving on {url}  (OpenAPI: {url}/docs, stats: {url}/v1/stats); Ctrl-C to stop", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("\nstopping ...")
+    finally:
+        stop_local_app()
+    return 0

@@ -1,0 +1,51 @@
+"""SharedState: the one place ingress replicas share. Holds the preview cache (so a preview id resolves on
+any ingress replica) and the latest stats snapshot of every tier replica."""
+
+from __future__ import annotations
+
+import time
+
+from ray import serve
+
+from diffusionx.preview_cache import PreviewCache
+from diffusionx.tier_monitor import merge_snapshots
+
+STALE_AFTER_S = 30.0  # a replica that has not reported for this long is gone (replicas report every ~2 s)
+TIERS = ("edge", "predictor", "cloud")
+
+
+@serve.deployment(
+    name="SharedState",
+    num_replicas=1,
+    max_ongoing_requests=1000,
+    ray_actor_options={"num_cpus": 0},
+)
+class SharedState:
+    def __init__(self, preview_cache_size: int = 1024) -> None:
+        self._cache = PreviewCache(preview_cache_size)
+        self._snapshots: dict[str, dict[str, dict]] = {tier: {} for tier in TIERS}
+
+    async def put_preview(self, png: bytes) -> str:
+        return self._cache.put(png)
+
+    async def get_preview(self, preview_id: str) -> bytes | None:
+        return self._cache.get(preview_id)
+
+    async def report(self, tier: str, replica_id: str, snapshot: dict) -> None:
+        self._snapshots.setdefault(tier, {})[replica_id] = snapshot
+
+    def _live(self, tier: str) -> list[dict]:
+        now = time.time()
+        replicas = self._snapshots.get(tier, {})
+        for replica_id in [r for r, s in replicas.items() if now - s["taken_at"] > STALE_AFTER_S]:
+            del replicas[replica_id]
+        return list(replicas.values())
+
+    async def tier(self, tier: str) -> dict:
+        return merge_snapshots(self._live(tier))
+
+    async def stats(self) -> dict:
+        return {
+            "tiers": {tier: merge_snapshots(self._live(tier)) for tier in TIERS},
+            "preview_cache": self._cache.stats(),
+        }

@@ -1,0 +1,182 @@
+"""HTTP API schemas (pydantic). Field names are fixed by the design so clients, tests and tools agree.
+
+Limits are the library's (`diffusionx.requests`); a violated limit becomes a 4xx whose message names the
+field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from diffusionx.requests import (
+    MAX_GUIDANCE_SCALE,
+    MAX_IMAGE_SIDE,
+    MAX_INFERENCE_STEPS,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MIN_IMAGE_SIDE,
+)
+
+Mode = Literal["diffusionx", "cloud", "edge", "hybrid", "ec-diff"]
+Route = Literal["cloud", "cloud-reduced", "edge-fallback"]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="What the image should show.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the initial noise; same seed, same image.")
+    guidance_scale: float | None = Field(
+        None,
+        ge=0.0,
+        le=MAX_GUIDANCE_SCALE,
+        description="Classifier-free guidance; the model's default if unset.",
+    )
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must contain non-whitespace text")
+        return value
+
+
+def _check_side(name: str, value: int | None) -> int | None:
+    if value is not None and (value % 8 or not MIN_IMAGE_SIDE <= value <= MAX_IMAGE_SIDE):
+        raise ValueError(
+            f"{name}={value} is not allowed: use a multiple of 8 between {MIN_IMAGE_SIDE} and {MAX_IMAGE_SIDE}"
+        )
+    return value
+
+
+class _Sized(_Body):
+    width: int | None = Field(None, description="Multiple of 8; the model's default size if unset.")
+    height: int | None = Field(None, description="Multiple of 8; the model's default size if unset.")
+    num_inference_steps: int | None = Field(
+        None, ge=1, le=MAX_INFERENCE_STEPS, description="Denoising steps."
+    )
+
+    @field_validator("width", "height")
+    @classmethod
+    def _side(cls, value: int | None, info) -> int | None:
+        return _check_side(info.field_name, value)
+
+
+class PreviewBody(_Sized):
+    """A preview round. With `image` or `preview_id` and `strength` it edits that image toward the prompt."""
+
+    image: str | None = Field(None, description="Previous image (base64 PNG) to edit.")
+    preview_id: str | None = Field(None, max_length=64, description="Previous preview to edit, by id.")
+    strength: float | None = Field(None, ge=0.0, le=1.0, description="Edit strength, required with an image.")
+
+    @model_validator(mode="after")
+    def _edit_fields(self) -> PreviewBody:
+        if self.image is not None and self.preview_id is not None:
+            raise ValueError("give either image or preview_id, not both")
+        if (self.image is not None or self.preview_id is not None) and self.strength is None:
+            raise ValueError("an edit (image or preview_id) needs strength in [0, 1]")
+        if self.strength is not None and self.image is None and self.preview_id is None:
+            raise ValueError("strength applies to an edit: also give image or preview_id")
+        return self
+
+
+class PreviewResponse(BaseModel):
+    preview_id: str
+    image: str = Field(description="base64 PNG")
+    seed: int
+    width: int
+    height: int
+    num_inference_steps: int
+    strength: float | None = None
+    unet_calls: dict[str, int]
+    timings_ms: dict[str, float]
+
+
+class RefineBody(_Body):
+    """Finalize: refine a preview on the cloud tier at the predicted (or given) strength."""
+
+    image: str | None = Field(None, description="The preview to refine (base64 PNG).")
+    preview_id: str | None = Field(None, max_length=64, description="The preview to refine, by id.")
+    strength: float | None = Field(None, ge=0.0, le=1.0, description="Override the predicted strength.")
+    num_inference_steps: int | None = Field(
+        None, ge=1, le=MAX_INFERENCE_STEPS, description="Full-schedule steps."
+    )
+    latency_target_ms: float | None = Field(
+        None, gt=0, le=600_000, description="Latency the router aims for."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RefineBody:
+        if (self.image is None) == (self.preview_id is None):
+            raise ValueError("give exactly one of image or preview_id")
+        return self
+
+
+class RefineResponse(BaseModel):
+    image: str = Field(description="base64 PNG")
+    seed: int
+    strength_predicted: float
+    strength_used: float
+    num_inference_steps: int
+    route: Route
+    reason: str
+    load: dict[str, float]
+    unet_calls: dict[str, int]
+    timings_ms: dict[str, float]
+
+
+class GenerateBody(_Sized):
+    """One-shot text-to-image in a chosen collaboration mode."""
+
+    mode: Mode = "diffusionx"
+    switch_step: int | None = Field(None, ge=0, le=MAX_INFERENCE_STEPS, description="hybrid/ec-diff: s")
+    warmup_steps: int | None = Field(None, ge=0, le=MAX_INFERENCE_STEPS, description="ec-diff: p")
+    approx_interval: int | None = Field(None, ge=0, le=MAX_INFERENCE_STEPS, description="ec-diff: k")
+    smoothing: float | None = Field(None, ge=0.0, le=1.0, description="ec-diff: a")
+    latency_target_ms: float | None = Field(None, gt=0, le=600_000, description="diffusionx: router target")
+
+    @model_validator(mode="after")
+    def _mode_fields(self) -> GenerateBody:
+        ec_only = {
+            "warmup_steps": self.warmup_steps,
+            "approx_interval": self.approx_interval,
+            "smoothing": self.smoothing,
+        }
+        given = [name for name, value in ec_only.items() if value is not None]
+        if given and self.mode != "ec-diff":
+            raise ValueError(f"{', '.join(given)} only apply to mode 'ec-diff', not '{self.mode}'")
+        if self.switch_step is not None and self.mode not in ("hybrid", "ec-diff"):
+            raise ValueError(f"switch_step only applies to modes 'hybrid' and 'ec-diff', not '{self.mode}'")
+        return self
+
+
+class GenerateResponse(BaseModel):
+    image: str = Field(description="base64 PNG")
+    mode: Mode
+    seed: int
+    num_inference_steps: int
+    unet_calls: dict[str, int]
+    timings_ms: dict[str, float]
+    parameters: dict[str, float | int | str | None] = Field(default_factory=dict)
+
+
+class TierStats(BaseModel):
+    queued: int = Field(description="Requests waiting for a batch slot")
+    in_flight: int = Field(description="Requests in the batch being computed")
+    queued_steps: int = Field(description="Denoising steps of queued plus in-flight work")
+    replicas: int
+    recent_batch_sizes: list[int]
+    seconds_per_step: float | None
+    requests_served: int
+
+
+class StatsResponse(BaseModel):
+    tiers: dict[str, TierStats]
+    preview_cache: dict[str, int]
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    status: int

@@ -1,0 +1,42 @@
+"""Typed arguments of the Ray Serve application (the `args:` of a serve config). No Ray import here, so
+configs are validated in-process and the same defaults feed the code, the YAML and the docs."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class AppArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    edge_model: str = Field(
+        "shapes-edge", description="Edge tier model: registry name, hub id or local path."
+    )
+    cloud_model: str = Field("shapes-cloud", description="Cloud tier model: registry name, hub id or path.")
+    device: str | None = Field(
+        None, description="Torch device for model tiers; CUDA when available if unset."
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, le=256, description="torch.set_num_threads per CPU replica."
+    )
+    edge_max_batch_size: int = Field(8, ge=1, le=256, description="@serve.batch max_batch_size, edge tier.")
+    edge_batch_wait_timeout_s: float = Field(0.05, ge=0.0, le=10.0, description="Batch wait, edge tier.")
+    cloud_max_batch_size: int = Field(4, ge=1, le=256, description="@serve.batch max_batch_size, cloud tier.")
+    cloud_batch_wait_timeout_s: float = Field(0.05, ge=0.0, le=10.0, description="Batch wait, cloud tier.")
+    predictor_max_batch_size: int = Field(16, ge=1, le=1024, description="Batch size, strength predictor.")
+    predictor_batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=10.0, description="Batch wait, predictor.")
+    preview_cache_size: int = Field(1024, ge=1, le=1_000_000, description="Preview ids kept (LRU).")
+    router_min_steps: int = Field(10, ge=1, le=200, description="Fewest steps the router may cut to.")
+    router_strength_floor: float = Field(
+        0.2, ge=0.0, le=1.0, description="Lowest strength the router may use."
+    )
+    default_latency_target_ms: float | None = Field(
+        None, gt=0, description="Router target for requests that set none; unset: always refine fully."
+    )
+    edit_steps: int | None = Field(None, ge=1, le=200, description="Full-schedule steps of a preview edit.")
+
+    @model_validator(mode="after")
+    def _distinct_tiers(self) -> AppArgs:
+        if not self.edge_model.strip() or not self.cloud_model.strip():
+            raise ValueError("edge_model and cloud_model must name a model")
+        return self

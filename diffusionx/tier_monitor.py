@@ -1,0 +1,92 @@
+"""Per-replica bookkeeping of a model tier: queue, in-flight work, batch sizes and step time.
+
+Each replica owns one `TierMonitor`; snapshots from all replicas are merged by `merge_snapshots` into the
+tier view that `/v1/stats` shows and that the router reads as cloud load.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class TierSnapshot:
+    queued: int = 0
+    in_flight: int = 0
+    queued_steps: int = 0  # steps of queued plus in-flight requests
+    recent_batch_sizes: list[int] = field(default_factory=list)
+    seconds_per_step: float | None = None
+    requests_served: int = 0
+    taken_at: float = 0.0
+
+
+class TierMonitor:
+    """Counts work entering and leaving a replica's batch queue. Not thread-safe by design: it is only
+    touched from the replica's event loop."""
+
+    def __init__(self, history: int = 64, ema: float = 0.3) -> None:
+        self.queued = 0
+        self.in_flight = 0
+        self.queued_steps = 0
+        self.batch_sizes: deque[int] = deque(maxlen=history)
+        self.seconds_per_step: float | None = None
+        self.requests_served = 0
+        self._ema = ema
+
+    def enqueue(self, steps: int) -> None:
+        self.queued += 1
+        self.queued_steps += steps
+
+    def start_batch(self, size: int) -> None:
+        self.queued -= size
+        self.in_flight += size
+        self.batch_sizes.append(size)
+
+    def finish_batch(self, size: int, steps: list[int], elapsed_s: float) -> None:
+        """`steps`: UNet steps of each request in the batch (they may differ when buckets are mixed)."""
+        self.in_flight -= size
+        self.queued_steps -= sum(steps)
+        self.requests_served += size
+        longest = max(steps, default=0)
+        if longest > 0:
+            measured = elapsed_s / longest
+            previous = self.seconds_per_step
+            self.seconds_per_step = (
+                measured if previous is None else (1 - self._ema) * previous + self._ema * measured
+            )
+
+    def abandon(self, steps: int) -> None:
+        """A queued request that failed before its batch started (e.g. rejected)."""
+        self.queued -= 1
+        self.queued_steps -= steps
+
+    def snapshot(self) -> TierSnapshot:
+        return TierSnapshot(
+            queued=self.queued,
+            in_flight=self.in_flight,
+            queued_steps=self.queued_steps,
+            recent_batch_sizes=list(self.batch_sizes),
+            seconds_per_step=self.seconds_per_step,
+            requests_served=self.requests_served,
+            taken_at=time.time(),
+        )
+
+
+def merge_snapshots(snapshots: list[dict]) -> dict:
+    """Tier view over its replicas: sums of work, all recent batch sizes, mean step time."""
+    step_times = [s["seconds_per_step"] for s in snapshots if s.get("seconds_per_step") is not None]
+    return {
+        "queued": sum(s["queued"] for s in snapshots),
+        "in_flight": sum(s["in_flight"] for s in snapshots),
+        "queued_steps": sum(s["queued_steps"] for s in snapshots),
+        "replicas": len(snapshots),
+        "recent_batch_sizes": [size for s in snapshots for size in s["recent_batch_sizes"]],
+        "seconds_per_step": (sum(step_times) / len(step_times)) if step_times else None,
+        "requests_served": sum(s["requests_served"] for s in snapshots),
+    }
+
+
+def snapshot_dict(snapshot: TierSnapshot) -> dict:
+    return asdict(snapshot)
