@@ -49,6 +49,19 @@ class PreviewNotFound(LookupError):
     pass
 
 
+class TierOverloaded(RuntimeError):
+    """A tier's queue is full (its max_queued_requests): answered as 503 with Retry-After."""
+
+
+async def ask(method: Any, *args: Any) -> Any:
+    """Calls a tier through its DeploymentHandle method; a full queue becomes TierOverloaded (Serve would
+    otherwise answer a bare 503 without Retry-After)."""
+    try:
+        return await method.remote(*args)
+    except BackPressureError as error:
+        raise TierOverloaded(str(error)) from None
+
+
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(ErrorResponse(error=message, status=status).model_dump(), status, headers=headers)
 
@@ -73,8 +86,8 @@ async def _preview_not_found(_: Request, error: PreviewNotFound) -> JSONResponse
     return _error(404, str(error))
 
 
-@app.exception_handler(BackPressureError)
-async def _overloaded(_: Request, error: BackPressureError) -> JSONResponse:
+@app.exception_handler(TierOverloaded)
+async def _overloaded(_: Request, error: TierOverloaded) -> JSONResponse:
     return _error(503, f"overloaded, retry later: {error}", headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
@@ -108,7 +121,7 @@ class DiffusionXIngress:
     async def _resolve_image(self, image: str | None, preview_id: str | None) -> Image.Image:
         if image is not None:
             return decode_png_base64(image)
-        png = await self.state.get_preview.remote(preview_id)
+        png = await ask(self.state.get_preview, preview_id)
         if png is None:
             raise PreviewNotFound(
                 f"preview_id '{preview_id}' is unknown or has expired (the server keeps a bounded cache); "
@@ -117,7 +130,7 @@ class DiffusionXIngress:
         return Image.open(io.BytesIO(png)).convert("RGB")
 
     async def _cloud_load(self) -> CloudLoad:
-        tier = await self.state.tier.remote("cloud")
+        tier = await ask(self.state.tier, "cloud")
         return CloudLoad(
             queued_steps=int(tier["queued_steps"]),
             replicas=max(1, int(tier["replicas"])),
@@ -138,10 +151,10 @@ class DiffusionXIngress:
         timings: dict[str, float] = {}
         start = time.perf_counter()
         strength_predicted, load = await asyncio.gather(
-            self.predictor.predict.remote(prompt, image), self._cloud_load()
+            ask(self.predictor.predict, prompt, image), self._cloud_load()
         )
         timings["predict"] = _ms(start)
-        steps = num_inference_steps or (await self.cloud.info.remote())["default_steps"]
+        steps = num_inference_steps or (await ask(self.cloud.info))["default_steps"]
         target = latency_target_ms if latency_target_ms is not None else self.args.default_latency_target_ms
         decision = decide_route(
             strength if strength is not None else strength_predicted, steps, load, target, self.router_config
@@ -155,7 +168,7 @@ class DiffusionXIngress:
             guidance_scale=guidance_scale,
         )
         tier = self.edge.edit if decision.route == "edge-fallback" else self.cloud.refine
-        result: GenerationResult = await tier.remote(request)
+        result: GenerationResult = await ask(tier, request)
         timings.update(result.timings_ms)
         return {
             "result": result,
@@ -168,12 +181,12 @@ class DiffusionXIngress:
     # -- routes --------------------------------------------------------------------------------------------
     @app.get("/v1/health")
     async def health(self) -> dict:
-        edge, cloud = await asyncio.gather(self.edge.info.remote(), self.cloud.info.remote())
+        edge, cloud = await asyncio.gather(ask(self.edge.info), ask(self.cloud.info))
         return {"status": "ok", "edge": edge, "cloud": cloud}
 
     @app.get("/v1/stats", response_model=StatsResponse)
     async def stats(self) -> dict:
-        return await self.state.stats.remote()
+        return await ask(self.state.stats)
 
     @app.post("/v1/preview", response_model=PreviewResponse, responses={422: {"model": ErrorResponse}})
     async def preview(self, body: PreviewBody) -> dict:
@@ -188,7 +201,7 @@ class DiffusionXIngress:
                 num_inference_steps=body.num_inference_steps,
                 guidance_scale=body.guidance_scale,
             )
-            result: GenerationResult = await self.edge.edit.remote(request)
+            result: GenerationResult = await ask(self.edge.edit, request)
         else:
             request = PreviewRequest(
                 body.prompt,
@@ -198,9 +211,9 @@ class DiffusionXIngress:
                 num_inference_steps=body.num_inference_steps,
                 guidance_scale=body.guidance_scale,
             )
-            result = await self.edge.preview.remote(request)
+            result = await ask(self.edge.preview, request)
         png = _png_bytes(result.image)
-        preview_id = await self.state.put_preview.remote(png)
+        preview_id = await ask(self.state.put_preview, png)
         return {
             "preview_id": preview_id,
             "image": base64.b64encode(png).decode("ascii"),
@@ -253,18 +266,18 @@ class DiffusionXIngress:
         )
         parameters: dict[str, Any] = {}
         if body.mode == "cloud":
-            result: GenerationResult = await self.cloud.generate.remote(text_request)
+            result: GenerationResult = await ask(self.cloud.generate, text_request)
             calls, timings = result.unet_calls, dict(result.timings_ms)
         elif body.mode == "edge":
-            edge_info = await self.edge.info.remote()
+            edge_info = await ask(self.edge.info)
             if text_request.num_inference_steps is None:
                 text_request.num_inference_steps = edge_info["preview_steps"]
-            result = await self.edge.preview.remote(text_request)
+            result = await ask(self.edge.preview, text_request)
             calls, timings = result.unet_calls, dict(result.timings_ms)
         elif body.mode == "diffusionx":
             # the full schedule of the refinement is the request's steps; the preview uses edge defaults
             text_request.num_inference_steps = None
-            preview: GenerationResult = await self.edge.preview.remote(text_request)
+            preview: GenerationResult = await ask(self.edge.preview, text_request)
             out = await self._finalize(
                 body.prompt,
                 preview.image,

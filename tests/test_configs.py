@@ -1,0 +1,60 @@
+"""Every shipped serve config validates against Ray's own schema and builds the application."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from deployments.app import build_app
+from diffusionx.app_config import AppArgs
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(ROOT.glob("serve_config*.yaml")) + [ROOT / "tests" / "serve_config_test.yaml"]
+DEPLOYMENTS = {"DiffusionXIngress", "EdgePreviewer", "CloudRefiner", "StrengthPredictor", "SharedState"}
+
+
+def test_both_shipped_configs_exist():
+    assert {p.name for p in CONFIGS} >= {"serve_config.yaml", "serve_config_cpu.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_validates_and_builds(path):
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    [app] = schema.applications
+    assert app.import_path == "deployments.app:build_app"
+    args = AppArgs(**app.args)
+    application = build_app(app.args)
+    assert type(application).__name__ == "Application"
+    assert {d.name for d in app.deployments} <= DEPLOYMENTS
+    for deployment in app.deployments:
+        if deployment.name in ("EdgePreviewer", "CloudRefiner"):
+            assert deployment.autoscaling_config is not None, f"{deployment.name} must autoscale"
+    assert args.edge_model and args.cloud_model
+
+
+def test_production_config_puts_cloud_on_whole_gpus_and_edge_on_a_fraction():
+    schema = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "serve_config.yaml").read_text()))
+    [app] = schema.applications
+    options = {d.name: d.ray_actor_options.model_dump() for d in app.deployments}
+    assert app.args["cloud_model"] == "sd15" and app.args["edge_model"] == "tiny-sd"
+    assert (
+        options["CloudRefiner"]["num_gpus"] >= 1 and float(options["CloudRefiner"]["num_gpus"]).is_integer()
+    )
+    assert 0 < options["EdgePreviewer"]["num_gpus"] < 1
+
+
+def test_cpu_config_runs_the_embedded_models_without_gpus():
+    schema = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "serve_config_cpu.yaml").read_text()))
+    [app] = schema.applications
+    assert app.args["edge_model"] == "shapes-edge" and app.args["cloud_model"] == "shapes-cloud"
+    assert all(not d.ray_actor_options.model_dump().get("num_gpus") for d in app.deployments)
+
+
+def test_bad_app_args_are_refused_with_the_field_name():
+    with pytest.raises(ValueError, match="edge_max_batch_size"):
+        AppArgs(edge_max_batch_size=0)
+    with pytest.raises(ValueError, match="Extra inputs"):
+        AppArgs(edge_modle="x")

@@ -1,0 +1,234 @@
+"""Integration tests against a real local Ray Serve cluster (one session-scoped application)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.ray
+
+TEST_CONFIG = Path(__file__).with_name("serve_config_test.yaml")
+
+
+@pytest.fixture(scope="session")
+def serve_url():
+    from deployments.local import start_local_app, stop_local_app
+
+    try:
+        yield start_local_app(TEST_CONFIG, port=8123, num_cpus=2, timeout_s=240)
+    finally:
+        stop_local_app()
+
+
+@pytest.fixture
+def http(serve_url):
+    with httpx.Client(base_url=serve_url, timeout=120.0) as client:
+        yield client
+
+
+def png_b64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def decode(data: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(data)))
+
+
+def test_health_names_the_models(http):
+    body = http.get("/v1/health").json()
+    assert body["status"] == "ok"
+    assert body["edge"]["model"] == "tiny-random-edge" and body["cloud"]["model"] == "tiny-random"
+
+
+def test_multi_round_session_over_http(http):
+    first = http.post("/v1/preview", json={"prompt": "a red circle", "seed": 7})
+    assert first.status_code == 200, first.text
+    first = first.json()
+    assert decode(first["image"]).size == (32, 32)
+    assert first["unet_calls"] == {"cloud": 0, "edge": 2, "approximated": 0}
+    edited = http.post(
+        "/v1/preview",
+        json={"prompt": "a blue circle", "seed": 7, "preview_id": first["preview_id"], "strength": 0.5},
+    ).json()
+    assert edited["strength"] == 0.5 and edited["unet_calls"]["edge"] == 2  # 4 edit steps x 0.5
+    final = http.post(
+        "/v1/refine",
+        json={
+            "prompt": "a blue circle",
+            "seed": 7,
+            "preview_id": edited["preview_id"],
+            "num_inference_steps": 20,
+        },
+    )
+    assert final.status_code == 200, final.text
+    final = final.json()
+    assert final["route"] == "cloud"
+    assert 0.0 < final["strength_predicted"] <= 1.0 and final["strength_used"] == final["strength_predicted"]
+    assert final["unet_calls"]["cloud"] == int(20 * final["strength_used"])
+    assert decode(final["image"]).size == (32, 32)
+    # the same refinement from the image itself (what a client does when an id expired)
+    again = http.post(
+        "/v1/refine",
+        json={"prompt": "a blue circle", "seed": 7, "image": edited["image"], "num_inference_steps": 20},
+    ).json()
+    assert again["image"] == final["image"]
+    # a strength override is used as given
+    forced = http.post(
+        "/v1/refine",
+        json={
+            "prompt": "a blue circle",
+            "preview_id": edited["preview_id"],
+            "strength": 0.5,
+            "num_inference_steps": 20,
+        },
+    ).json()
+    assert forced["strength_used"] == 0.5 and forced["unet_calls"]["cloud"] == 10
+
+
+@pytest.mark.parametrize("mode", ["cloud", "edge", "diffusionx"])
+def test_generate_modes(http, mode):
+    response = http.post("/v1/generate", json={"prompt": "a green square", "seed": 3, "mode": mode})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    calls = body["unet_calls"]
+    assert body["mode"] == mode
+    assert (calls["cloud"] > 0) == (mode != "edge") and (calls["edge"] > 0) == (mode != "cloud")
+
+
+def test_concurrent_previews_form_batches(http, serve_url):
+    def one(i: int) -> int:
+        return httpx.post(
+            f"{serve_url}/v1/preview", json={"prompt": f"a cat {i}", "seed": i}, timeout=120
+        ).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(one, range(8)))
+    assert codes == [200] * 8
+    sizes = http.get("/v1/stats").json()["tiers"]["edge"]["recent_batch_sizes"]
+    assert max(sizes) > 1, sizes
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "message"),
+    [
+        ("/v1/preview", {"prompt": ""}, 422, "prompt"),
+        ("/v1/preview", {"prompt": "   "}, 422, "non-whitespace"),
+        ("/v1/preview", {"prompt": "x" * 1001}, 422, "at most 1000"),
+        ("/v1/preview", {"prompt": "a", "width": 30}, 422, "multiple of 8"),
+        ("/v1/preview", {"prompt": "a", "height": 2048}, 422, "between 8 and 1024"),
+        ("/v1/preview", {"prompt": "a", "num_inference_steps": 0}, 422, "greater than or equal to 1"),
+        (
+            "/v1/preview",
+            {"prompt": "a", "image": "bm90IGFuIGltYWdl", "strength": 0.5},
+            422,
+            "does not decode",
+        ),
+        ("/v1/preview", {"prompt": "a", "image": "@@@", "strength": 0.5}, 422, "not valid base64"),
+        ("/v1/preview", {"prompt": "a", "preview_id": "abc"}, 422, "needs strength"),
+        ("/v1/preview", {"prompt": "a", "prompt2": "b"}, 422, "Extra inputs"),
+        ("/v1/preview", {"prompt": " ".join(["cat"] * 40)}, 422, "reads at most 16"),
+        ("/v1/refine", {"prompt": "a", "preview_id": "missing"}, 404, "unknown or has expired"),
+        ("/v1/refine", {"prompt": "a"}, 422, "exactly one of image or preview_id"),
+        ("/v1/refine", {"prompt": "a", "preview_id": "x", "strength": 1.5}, 422, "less than or equal to 1"),
+        ("/v1/generate", {"prompt": "a", "mode": "turbo"}, 422, "diffusionx"),
+        (
+            "/v1/generate",
+            {"prompt": "a", "mode": "cloud", "warmup_steps": 3},
+            422,
+            "only apply to mode 'ec-diff'",
+        ),
+    ],
+)
+def test_bad_requests_get_4xx_with_a_reason(http, path, body, status, message):
+    response = http.post(path, json=body)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+
+
+def test_oversized_image_is_refused(http):
+    big = png_b64(Image.new("RGB", (1040, 16)))
+    response = http.post("/v1/refine", json={"prompt": "a", "image": big})
+    assert response.status_code == 422 and "at most 1024" in response.json()["error"]
+
+
+def test_openapi_document_lists_the_api(http):
+    paths = http.get("/openapi.json").json()["paths"]
+    assert {"/v1/preview", "/v1/refine", "/v1/generate", "/v1/health", "/v1/stats"} <= set(paths)
+
+
+def test_overload_gets_503_with_retry_after_not_a_hang(serve_url):
+    # the edge tier takes 8 ongoing + 8 queued requests; 40 slow ones at once must overflow it
+    def one(i: int) -> httpx.Response:
+        return httpx.post(
+            f"{serve_url}/v1/preview",
+            json={"prompt": "a dog", "seed": i, "num_inference_steps": 30},
+            timeout=180,
+        )
+
+    with ThreadPoolExecutor(40) as pool:
+        responses = list(pool.map(one, range(40)))
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503}, codes
+    rejected = [r for r in responses if r.status_code == 503]
+    assert rejected, "no request was rejected under overload"
+    assert all(r.headers.get("retry-after") for r in rejected), [
+        (r.text, dict(r.headers)) for r in rejected[:2]
+    ]
+    assert 200 in codes
+
+
+def test_edge_replica_killed_mid_traffic_is_replaced_and_nothing_is_lost(http, serve_url):
+    import ray
+
+    def edge_replicas() -> list[str]:
+        return [
+            a["name"]
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if "EdgePreviewer" in a["name"] and a["name"].startswith("SERVE_REPLICA")
+        ]
+
+    [victim] = edge_replicas()
+    outcomes: list[int | str] = []
+
+    def one(i: int) -> None:
+        try:
+            response = httpx.post(
+                f"{serve_url}/v1/preview",
+                json={"prompt": "a tree", "seed": i, "num_inference_steps": 10},
+                timeout=120,
+            )
+            outcomes.append(response.status_code)
+        except httpx.HTTPError as error:  # an error is acceptable; silence or a hang is not
+            outcomes.append(type(error).__name__)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    for thread in threads:
+        thread.join(timeout=150)
+    assert not any(t.is_alive() for t in threads), "a request hung after the replica died"
+    assert len(outcomes) == 6  # every request came back, as a success or an error
+    assert all(o == 200 or (isinstance(o, int) and o >= 500) or isinstance(o, str) for o in outcomes), (
+        outcomes
+    )
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        response = http.post("/v1/preview", json={"prompt": "a tree", "seed": 99})
+        if response.status_code == 200:
+            break
+        time.sleep(2)
+    assert response.status_code == 200, response.text
+    assert edge_replicas() and edge_replicas() != [victim]
