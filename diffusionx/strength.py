@@ -41,8 +41,8 @@ def residual_noise(image: Image.Image) -> float:
     if min(grey.shape) < 3:
         return 0.0
     laplacian = 4 * grey[1:-1, 1:-1] - grey[:-2, 1:-1] - grey[2:, 1:-1] - grey[1:-1, :-2] - grey[1:-1, 2:]
-    # uniform noise in [0, 1] has E|laplacian| ~ 0.9; normalise so that maps to ~1
-    return float(min(1.0, np.abs(laplacian).mean() / 0.9))
+    # the grey of uniform RGB noise has E|laplacian| ~ 0.75; normalise so that maps to ~1
+    return float(min(1.0, np.abs(laplacian).mean() / 0.75))
 
 
 def prompt_detail(prompt: str, detail_words: int = 12) -> float:

@@ -1,0 +1,86 @@
+"""The Ray-free parts of serving: strength heuristic, tier monitor, preview cache, image codec, schemas."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydantic import ValidationError
+
+from diffusionx.api import GenerateBody, PreviewBody, RefineBody
+from diffusionx.imaging import decode_png_base64, encode_png_base64
+from diffusionx.preview_cache import PreviewCache
+from diffusionx.requests import InvalidRequestError
+from diffusionx.strength import HeuristicStrengthConfig, predict_strength, residual_noise
+from diffusionx.tier_monitor import TierMonitor, merge_snapshots, snapshot_dict
+
+
+def test_noisier_previews_and_richer_prompts_get_more_strength():
+    flat = Image.new("RGB", (32, 32), (40, 90, 200))
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    assert residual_noise(flat) == pytest.approx(0.0, abs=1e-6) and residual_noise(noise) > 0.8
+    config = HeuristicStrengthConfig()
+    assert predict_strength("a circle", flat) == pytest.approx(max(config.s_min, config.base + 0.2 / 12), abs=1e-6)
+    assert predict_strength("a circle", noise) > predict_strength("a circle", flat)
+    rich = "a large red circle on the left and a small green square at the top, blue background"
+    assert predict_strength(rich, flat) > predict_strength("a circle", flat)
+    assert config.s_min <= predict_strength(rich * 3, noise) <= config.s_max
+
+
+def test_tier_monitor_tracks_queue_batches_and_step_time():
+    monitor = TierMonitor()
+    for steps in (10, 10, 20):
+        monitor.enqueue(steps)
+    assert (monitor.queued, monitor.queued_steps) == (3, 40)
+    monitor.start_batch(2)
+    assert (monitor.queued, monitor.in_flight) == (1, 2)
+    monitor.finish_batch(2, [10, 10], elapsed_s=1.0)
+    snap = snapshot_dict(monitor.snapshot())
+    assert snap["queued_steps"] == 20 and snap["recent_batch_sizes"] == [2]
+    assert snap["seconds_per_step"] == pytest.approx(0.1) and snap["requests_served"] == 2
+    merged = merge_snapshots([snap, {**snap, "seconds_per_step": 0.3, "recent_batch_sizes": [5]}])
+    assert merged["replicas"] == 2 and merged["queued_steps"] == 40
+    assert merged["recent_batch_sizes"] == [2, 5] and merged["seconds_per_step"] == pytest.approx(0.2)
+
+
+def test_preview_cache_is_bounded_lru():
+    cache = PreviewCache(capacity=2)
+    a, b = cache.put(b"a"), cache.put(b"b")
+    assert cache.get(a) == b"a"  # a is now most recent
+    c = cache.put(b"c")  # evicts b
+    assert cache.get(b) is None and cache.get(a) == b"a" and cache.get(c) == b"c"
+    assert cache.stats()["evictions"] == 1 and cache.stats()["size"] == 2
+    with pytest.raises(ValueError, match="capacity=0"):
+        PreviewCache(0)
+
+
+def test_png_round_trip_and_clear_decode_errors():
+    image = Image.new("RGB", (16, 24), (1, 2, 3))
+    assert np.array_equal(np.asarray(decode_png_base64(encode_png_base64(image))), np.asarray(image))
+    with pytest.raises(InvalidRequestError, match="not valid base64"):
+        decode_png_base64("@@@")
+    with pytest.raises(InvalidRequestError, match="does not decode as an image"):
+        decode_png_base64(base64.b64encode(b"hello").decode())
+    buffer = io.BytesIO()
+    Image.new("RGB", (20, 16)).save(buffer, format="PNG")
+    with pytest.raises(InvalidRequestError, match="image width=20 is not allowed"):
+        decode_png_base64(base64.b64encode(buffer.getvalue()).decode())
+
+
+def test_schemas_say_what_is_allowed():
+    assert PreviewBody(prompt="a").width is None
+    with pytest.raises(ValidationError, match="multiple of 8"):
+        PreviewBody(prompt="a", width=12)
+    with pytest.raises(ValidationError, match="needs strength"):
+        PreviewBody(prompt="a", preview_id="x")
+    with pytest.raises(ValidationError, match="exactly one of image or preview_id"):
+        RefineBody(prompt="a", image="x", preview_id="y")
+    with pytest.raises(ValidationError, match="switch_step only applies"):
+        GenerateBody(prompt="a", mode="cloud", switch_step=3)
+    assert (
+        GenerateBody(prompt="a", mode="ec-diff", warmup_steps=7, approx_interval=2, smoothing=0.3).mode
+        == "ec-diff"
+    )
