@@ -41,7 +41,7 @@ RETRY_AFTER_S = 1
 app = FastAPI(
     title="DiffusionX",
     version="0.1.0",
-    description="Interactive text-to-image: fast edge previews, predicted-strength cloud refinement, EC-Diff.",
+    description="Interactive text-to-image: edge previews, predicted-strength cloud refinement, EC-Diff.",
 )
 
 

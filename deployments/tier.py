@@ -4,6 +4,7 @@ library's blocking batch functions off the event loop so the next batch can fill
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -36,10 +37,9 @@ class BatchedTier:
         snapshot = snapshot_dict(self._monitor.snapshot())
 
         async def send() -> None:
-            try:
+            # stats are best effort; the request path must not fail on them
+            with contextlib.suppress(Exception):
                 await self._state.report.remote(self.tier, self._replica_id, snapshot)
-            except Exception:  # stats are best effort; the request path must not fail on them
-                pass
 
         task = asyncio.get_running_loop().create_task(send())
         self._pending_reports.add(task)

@@ -46,7 +46,8 @@ class _Body(BaseModel):
 def _check_side(name: str, value: int | None) -> int | None:
     if value is not None and (value % 8 or not MIN_IMAGE_SIDE <= value <= MAX_IMAGE_SIDE):
         raise ValueError(
-            f"{name}={value} is not allowed: use a multiple of 8 between {MIN_IMAGE_SIDE} and {MAX_IMAGE_SIDE}"
+            f"{name}={value} is not allowed: use a multiple of 8 "
+            f"between {MIN_IMAGE_SIDE} and {MAX_IMAGE_SIDE}"
         )
     return value
 

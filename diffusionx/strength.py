@@ -4,7 +4,8 @@ The img2img strength `s` sets how far back into the noise schedule the cloud sta
 from scratch (N cloud steps), `s = 0` keeps the preview (no cloud step). This first predictor is a
 documented heuristic (the learned predictor replaces it later, behind the same function):
 
-    s = clip(base + w_noise * residual_noise(image) + w_detail * prompt_detail(prompt), s_min, s_max)
+    s = clip(base + w_noise * residual_noise(image) + w_detail * prompt_detail(prompt),
+             s_min, s_max)
 
 * `residual_noise` is the mean absolute Laplacian of the grey image, scaled to [0, 1]: a preview that
   still carries high-frequency noise from few edge steps needs more cloud denoising;
@@ -22,7 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-STOP_WORDS = frozenset(["a", "an", "the", "of", "on", "in", "at", "and", "with", "to", "is", "are", "by", "for", "from"])
+STOP_WORDS = frozenset(
+    ["a", "an", "the", "of", "on", "in", "at", "and", "with", "to", "is", "are", "by", "for", "from"]
+)
 
 
 @dataclass(frozen=True)

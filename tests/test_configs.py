@@ -12,7 +12,7 @@ from deployments.app import build_app
 from diffusionx.app_config import AppArgs
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(ROOT.glob("serve_config*.yaml")) + [ROOT / "tests" / "serve_config_test.yaml"]
+CONFIGS = [*sorted(ROOT.glob("serve_config*.yaml")), ROOT / "tests" / "serve_config_test.yaml"]
 DEPLOYMENTS = {"DiffusionXIngress", "EdgePreviewer", "CloudRefiner", "StrengthPredictor", "SharedState"}
 
 

@@ -59,7 +59,7 @@ def test_more_replicas_shorten_the_wait():
 
 
 def test_bad_inputs_are_refused():
-    with pytest.raises(ValueError, match="strength_predicted=1.2"):
+    with pytest.raises(ValueError, match=r"strength_predicted=1\.2"):
         decide_route(1.2, 50, CloudLoad(), None)
     with pytest.raises(ValueError, match="num_inference_steps=0"):
         decide_route(0.5, 0, CloudLoad(), None)

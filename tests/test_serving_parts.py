@@ -23,7 +23,8 @@ def test_noisier_previews_and_richer_prompts_get_more_strength():
     noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
     assert residual_noise(flat) == pytest.approx(0.0, abs=1e-6) and residual_noise(noise) > 0.8
     config = HeuristicStrengthConfig()
-    assert predict_strength("a circle", flat) == pytest.approx(max(config.s_min, config.base + 0.2 / 12), abs=1e-6)
+    expected = max(config.s_min, config.base + 0.2 / 12)
+    assert predict_strength("a circle", flat) == pytest.approx(expected, abs=1e-6)
     assert predict_strength("a circle", noise) > predict_strength("a circle", flat)
     rich = "a large red circle on the left and a small green square at the top, blue background"
     assert predict_strength(rich, flat) > predict_strength("a circle", flat)
