@@ -31,7 +31,7 @@ class CloudRefiner(BatchedTier):
         batch_wait_timeout_s: float = 0.05,
         torch_threads: int | None = None,
     ) -> None:
-        self._init_tier("cloud", state, torch_threads)
+        self._init_tier("cloud", state, torch_threads, max_batch_size)
         self.model = load_model(model, device=device)
         for method in (self._refine_batch, self._generate_batch):
             method.set_max_batch_size(max_batch_size)
@@ -56,8 +56,10 @@ class CloudRefiner(BatchedTier):
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
     async def _refine_batch(self, items: list[tuple]) -> list[GenerationResult]:
-        return await self._compute(lambda requests: refine(self.model, requests), items)
+        return await self._compute("refine", lambda requests: refine(self.model, requests), items)
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
     async def _generate_batch(self, items: list[tuple]) -> list[GenerationResult]:
-        return await self._compute(lambda requests: text_to_image(self.model, requests, tier="cloud"), items)
+        return await self._compute(
+            "generate", lambda requests: text_to_image(self.model, requests, tier="cloud"), items
+        )

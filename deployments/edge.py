@@ -31,7 +31,7 @@ class EdgePreviewer(BatchedTier):
         torch_threads: int | None = None,
         edit_steps: int | None = None,
     ) -> None:
-        self._init_tier("edge", state, torch_threads)
+        self._init_tier("edge", state, torch_threads, max_batch_size)
         self.model = load_model(model, device=device)
         self.edit_steps = edit_steps or self.model.spec.default_steps
         for method in (self._preview_batch, self._edit_batch):
@@ -57,8 +57,8 @@ class EdgePreviewer(BatchedTier):
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def _preview_batch(self, items: list[tuple]) -> list[GenerationResult]:
-        return await self._compute(lambda requests: preview(self.model, requests), items)
+        return await self._compute("preview", lambda requests: preview(self.model, requests), items)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def _edit_batch(self, items: list[tuple]) -> list[GenerationResult]:
-        return await self._compute(lambda requests: edit(self.model, requests), items)
+        return await self._compute("edit", lambda requests: edit(self.model, requests), items)

@@ -78,7 +78,9 @@ async def _validation_error(_: Request, error: RequestValidationError) -> JSONRe
 
 @app.exception_handler(InvalidRequestError)
 async def _invalid_request(_: Request, error: InvalidRequestError) -> JSONResponse:
-    return _error(422, str(error).splitlines()[-1] if "\n" in str(error) else str(error))
+    # raised in a tier replica it arrives wrapped (RayTaskError); answer with the original message
+    cause = getattr(error, "cause", None)
+    return _error(422, str(cause if isinstance(cause, InvalidRequestError) else error))
 
 
 @app.exception_handler(PreviewNotFound)

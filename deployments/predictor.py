@@ -23,7 +23,7 @@ class StrengthPredictor(BatchedTier):
     def __init__(
         self, state: Any = None, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.01
     ) -> None:
-        self._init_tier("predictor", state, torch_threads=1)
+        self._init_tier("predictor", state, torch_threads=1, max_batch_size=max_batch_size)
         self._predict_batch.set_max_batch_size(max_batch_size)
         self._predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -35,4 +35,6 @@ class StrengthPredictor(BatchedTier):
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _predict_batch(self, items: list[tuple]) -> list[float]:
-        return await self._compute(lambda pairs: [predict_strength(p, image) for p, image in pairs], items)
+        return await self._compute(
+            "predict", lambda pairs: [predict_strength(p, image) for p, image in pairs], items
+        )

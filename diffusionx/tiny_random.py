@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-TINY_RANDOM_VERSION = "v1"
-TOKENIZER_MAX_LENGTH = 16
+TINY_RANDOM_VERSION = "v2"
+TOKENIZER_MAX_LENGTH = 32
 WORDS = (
     "a an the of on in at and with photo picture painting drawing cat dog house tree car red green blue "
     "yellow white black purple orange small large big circle square triangle left right top bottom center "

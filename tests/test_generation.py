@@ -113,6 +113,6 @@ def test_img2img_request_validation():
 def test_prompt_longer_than_the_text_encoder_reads_is_refused(tiny_edge):
     long_prompt = " ".join(["cat"] * 40)
     with pytest.raises(
-        InvalidRequestError, match=r"prompt is \d+ tokens long; model 'tiny-random-edge' reads at most 16"
+        InvalidRequestError, match=r"prompt is \d+ tokens long; model 'tiny-random-edge' reads at most 32"
     ):
         preview(tiny_edge, [PreviewRequest(long_prompt)])

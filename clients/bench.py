@@ -1,0 +1,381 @@
+"""`diffusionx bench preview`: latency, throughput and batching of preview requests under concurrency.
+
+For each concurrency level N (default 1, 4, 16), N async workers each keep one request in flight until
+`--requests` previews have been answered. Per request it records the client's end-to-end HTTP latency and
+what the server reports in `timings_ms`: `model_total` (time inside the model), `queue` (waiting for a batch
+slot), `batch_size` and `server_total`. Per level it reports median and p95 of each, the serving overhead
+(end-to-end minus model time: HTTP, proxy, handles, batching wait, PNG encoding), throughput, the batch sizes
+seen in the responses (per request: the batch each request was in) and in GET /v1/stats (per batch: the
+batches of `tiers.edge.recent_batch_sizes` that served the level), and errors by type.
+
+Targets `--url`, or starts the local application (`deployments.local.start_local_app`) and stops it after.
+Writes preview.json (everything), preview_levels.csv, preview_requests.csv and preview.md under `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from clients.client import AsyncDiffusionXClient, DiffusionXClient
+from clients.errors import DiffusionXError
+from clients.results import TierStats
+
+DEFAULT_OUT = "bench_results"
+DEFAULT_LEVELS = (1, 4, 16)
+DEFAULT_REQUESTS = 100  # per level
+STATS_SETTLE_S = 0.5  # tier replicas report their stats asynchronously after each batch
+DEFAULT_WARMUP = 4  # requests before the first level, not recorded (first batches load kernels, caches)
+
+
+@dataclass
+class RequestRecord:
+    """One preview request as measured (times in ms; server fields None when it did not report them)."""
+
+    concurrency: int
+    index: int
+    ok: bool
+    error: str | None
+    started_ms: float  # since the level started
+    e2e_ms: float
+    model_ms: float | None = None
+    queue_ms: float | None = None
+    server_ms: float | None = None
+    batch_size: float | None = None
+
+    @property
+    def overhead_ms(self) -> float | None:
+        return None if self.model_ms is None else self.e2e_ms - self.model_ms
+
+
+def distribution(values: list[float | None]) -> dict[str, float | None]:
+    """median, p95, mean and max of the non-None values (all None when there are none)."""
+    present = np.array([v for v in values if v is not None], dtype=np.float64)
+    if present.size == 0:
+        return {"median": None, "p95": None, "mean": None, "max": None}
+    return {
+        "median": round(float(np.median(present)), 3),
+        "p95": round(float(np.percentile(present, 95)), 3),
+        "mean": round(float(present.mean()), 3),
+        "max": round(float(present.max()), 3),
+    }
+
+
+def summarize_level(
+    records: list[RequestRecord], concurrency: int, wall_s: float, stats_batch_sizes: list[int]
+) -> dict[str, Any]:
+    """The per-level row: counts, throughput and distributions of the measured times and batch sizes."""
+    ok = [r for r in records if r.ok]
+    errors: dict[str, int] = {}
+    error_examples: dict[str, str] = {}  # the first message of each kind, to say what went wrong
+    for r in records:
+        if not r.ok:
+            kind = (r.error or "error").split(":")[0]
+            errors[kind] = errors.get(kind, 0) + 1
+            error_examples.setdefault(kind, r.error or "")
+    return {
+        "concurrency": concurrency,
+        "requests": len(records),
+        "ok": len(ok),
+        "errors": errors,
+        "error_examples": error_examples,
+        "wall_s": round(wall_s, 3),
+        "throughput_rps": round(len(ok) / wall_s, 3) if wall_s > 0 else None,
+        "e2e_ms": distribution([r.e2e_ms for r in ok]),
+        "model_ms": distribution([r.model_ms for r in ok]),
+        "overhead_ms": distribution([r.overhead_ms for r in ok]),
+        "queue_ms": distribution([r.queue_ms for r in ok]),
+        "server_ms": distribution([r.server_ms for r in ok]),
+        "batch_size": distribution([r.batch_size for r in ok]),
+        "stats_batch_sizes": distribution([float(b) for b in stats_batch_sizes]),
+    }
+
+
+async def run_level(
+    url: str,
+    concurrency: int,
+    prompts: list[str],
+    timeout_s: float,
+    preview_kwargs: dict[str, Any] | None = None,
+    progress: bool = True,
+    transport: Any = None,
+) -> tuple[list[RequestRecord], float]:
+    """Sends one preview per prompt from `concurrency` workers; returns the records and the wall time (s).
+
+    `transport` replaces the network (tests pass an `httpx.MockTransport`).
+    """
+    records: list[RequestRecord] = []
+    indices = iter(range(len(prompts)))  # shared by the workers; asyncio is single-threaded
+    bar = tqdm(total=len(prompts), desc=f"concurrency {concurrency:>3}", unit="req", disable=not progress)
+
+    async with AsyncDiffusionXClient(
+        url, timeout_s, max_connections=concurrency, transport=transport
+    ) as client:
+
+        async def worker() -> None:
+            for index in indices:
+                sent = time.perf_counter()
+                try:
+                    result = await client.preview(prompts[index], seed=index, **(preview_kwargs or {}))
+                except DiffusionXError as error:
+                    e2e_ms = (time.perf_counter() - sent) * 1000.0
+                    record = RequestRecord(
+                        concurrency, index, False, f"{type(error).__name__}: {error}", 0.0, e2e_ms
+                    )
+                else:
+                    t = result.timings_ms
+                    record = RequestRecord(
+                        concurrency,
+                        index,
+                        True,
+                        None,
+                        0.0,
+                        result.latency_ms,
+                        t.get("model_total"),
+                        t.get("queue"),
+                        t.get("server_total"),
+                        t.get("batch_size"),
+                    )
+                record.started_ms = round((sent - start) * 1000.0, 3)
+                records.append(record)
+                bar.update(1)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall_s = time.perf_counter() - start
+    bar.close()
+    records.sort(key=lambda r: r.index)
+    return records, wall_s
+
+
+def _cell(dist: dict[str, float | None], digits: int = 0) -> str:
+    if dist["median"] is None:
+        return "-"
+    return f"{dist['median']:.{digits}f} / {dist['p95']:.{digits}f}"
+
+
+def format_table(levels: list[dict[str, Any]]) -> str:
+    """Markdown table of the level summaries (times in ms as median / p95)."""
+    lines = [
+        "| concurrency | ok / sent | errors | throughput (req/s) | e2e ms | model ms | overhead ms "
+        "| queue ms | batch size (responses) | batch size (/v1/stats) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for level in levels:
+        errors = ", ".join(f"{k} {v}" for k, v in level["errors"].items()) or "-"
+        batch, stats = level["batch_size"], level["stats_batch_sizes"]
+        batch_cell = "-" if batch["mean"] is None else f"mean {batch['mean']:.1f}, max {batch['max']:.0f}"
+        stats_cell = "-" if stats["mean"] is None else f"mean {stats['mean']:.1f}, max {stats['max']:.0f}"
+        throughput = "-" if level["throughput_rps"] is None else f"{level['throughput_rps']:.2f}"
+        lines.append(
+            f"| {level['concurrency']} | {level['ok']} / {level['requests']} | {errors} | {throughput} "
+            f"| {_cell(level['e2e_ms'])} | {_cell(level['model_ms'])} | {_cell(level['overhead_ms'])} "
+            f"| {_cell(level['queue_ms'])} | {batch_cell} | {stats_cell} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_results(report: dict[str, Any], records: list[RequestRecord], out_dir: Path) -> list[Path]:
+    """preview.json, preview_levels.csv, preview_requests.csv and preview.md under `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [
+        out_dir / name
+        for name in ("preview.json", "preview_levels.csv", "preview_requests.csv", "preview.md")
+    ]
+    json_path, levels_path, requests_path, md_path = paths
+    json_path.write_text(json.dumps({**report, "requests": [asdict(r) for r in records]}, indent=2) + "\n")
+
+    with levels_path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        metrics = (
+            "e2e_ms",
+            "model_ms",
+            "overhead_ms",
+            "queue_ms",
+            "server_ms",
+            "batch_size",
+            "stats_batch_sizes",
+        )
+        writer.writerow(
+            ["concurrency", "requests", "ok", "errors", "wall_s", "throughput_rps"]
+            + [f"{m}_{s}" for m in metrics for s in ("median", "p95", "mean", "max")]
+        )
+        for level in report["levels"]:
+            errors = ";".join(f"{k}={v}" for k, v in level["errors"].items())
+            writer.writerow(
+                [level[k] for k in ("concurrency", "requests", "ok")]
+                + [errors, level["wall_s"], level["throughput_rps"]]
+                + [level[m][s] for m in metrics for s in ("median", "p95", "mean", "max")]
+            )
+
+    with requests_path.open("w", newline="") as handle:
+        fields = [*RequestRecord.__dataclass_fields__, "overhead_ms"]
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        for record in records:
+            writer.writerow({**asdict(record), "overhead_ms": record.overhead_ms})
+
+    setup = report["setup"]
+    origin = "started by the bench" if setup["started_local_app"] else "already running"
+    models = setup["models"]
+    md_path.write_text(
+        "# Preview benchmark\n\n"
+        f"Server {setup['url']} ({origin}); models: edge `{models.get('edge', '?')}`, "
+        f"cloud `{models.get('cloud', '?')}`; {setup['requests_per_level']} requests per level; "
+        f"client on {setup['machine']}.\n\n"
+        "Times in ms as median / p95. `model` is the server's `timings_ms.model_total` (the batch's model "
+        "time); `overhead` = end-to-end − model (HTTP, proxy, handles, batch wait, encoding); `queue` is "
+        "the wait for a batch slot as the tier reports it. Batch size from the responses is per request (the "
+        "batch each request was in); from /v1/stats it is per batch.\n\n" + format_table(report["levels"])
+    )
+    return paths
+
+
+def bench_prompts(n: int, seed: int) -> list[str]:
+    """`n` varied shapes-world captions (held-out prompts), deterministic in `seed`."""
+    from diffusionx.shapes.data import heldout_prompts
+
+    return heldout_prompts(n, seed)
+
+
+def batches_since(recent_batch_sizes: list[int], requests_served: int) -> list[int]:
+    """The batches that served the last `requests_served` requests: the shortest tail of the stats window
+    that adds up to them (all of the window when it is shorter; stats report a bounded window)."""
+    tail: list[int] = []
+    for size in reversed(recent_batch_sizes):
+        if sum(tail) >= requests_served:
+            break
+        tail.append(size)
+    return tail[::-1]
+
+
+async def _edge_stats(client: AsyncDiffusionXClient) -> TierStats:
+    stats = await client.stats()
+    return stats.tiers.get("edge") or TierStats()
+
+
+async def _bench(
+    url: str, args: argparse.Namespace, edge_model: str
+) -> tuple[list[dict[str, Any]], list[RequestRecord]]:
+    preview_kwargs = {"num_inference_steps": args.steps, "width": args.size, "height": args.size}
+    preview_kwargs = {k: v for k, v in preview_kwargs.items() if v is not None}
+    prompts = bench_prompts(args.requests, args.seed)
+    if args.warmup:
+        await run_level(
+            url, min(args.warmup, 4), prompts[: args.warmup], args.timeout_s, preview_kwargs, False
+        )
+    levels, records = [], []
+    async with AsyncDiffusionXClient(url, args.timeout_s) as stats_client:
+        for concurrency in args.concurrency:
+            before = await _edge_stats(stats_client)
+            level_records, wall_s = await run_level(url, concurrency, prompts, args.timeout_s, preview_kwargs)
+            await asyncio.sleep(STATS_SETTLE_S)
+            after = await _edge_stats(stats_client)
+            served = after.requests_served - before.requests_served
+            batches = batches_since(after.recent_batch_sizes, served)
+            level = summarize_level(level_records, concurrency, wall_s, batches)
+            levels.append(level)
+            records += level_records
+            print(format_table([level]).splitlines()[-1], flush=True)
+            for example in level["error_examples"].values():
+                print(f"  e.g. {example}", flush=True)
+    return levels, records
+
+
+def _levels(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--concurrency {text!r}: use comma-separated integers") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"--concurrency {text!r}: every level must be at least 1")
+    return values
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="diffusionx bench", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="benchmark", required=True)
+    p = sub.add_parser("preview", help="latency / throughput / batching of POST /v1/preview")
+    p.add_argument("--url", help="benchmark this running server (default: start the local app)")
+    p.add_argument("--concurrency", type=_levels, default=list(DEFAULT_LEVELS), help="levels, e.g. 1,4,16")
+    p.add_argument("--requests", type=int, default=DEFAULT_REQUESTS, help="requests per level (default 100)")
+    p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help="unrecorded requests first (default 4)")
+    p.add_argument("--steps", type=int, help="num_inference_steps per preview (default: the model's)")
+    p.add_argument("--size", type=int, help="width and height (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompt set (request i uses seed i)")
+    p.add_argument("--timeout-s", type=float, default=300.0, help="client timeout per request")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT}/)")
+    p.add_argument("--config", help="serve config for the local app (default: the embedded CPU application)")
+    p.add_argument("--port", type=int, default=8000, help="port of the local app (default 8000)")
+    p.add_argument("--edge-model", help="edge model override for the local app")
+    p.add_argument("--cloud-model", help="cloud model override for the local app")
+    args = parser.parse_args(argv)
+    if args.requests < 1:
+        parser.error(f"--requests {args.requests}: at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    stop = None
+    try:
+        if args.url:
+            url = args.url
+        else:
+            from deployments.local import start_local_app, stop_local_app
+
+            overrides = {"edge_model": args.edge_model, "cloud_model": args.cloud_model}
+            overrides = {k: v for k, v in overrides.items() if v}
+            print("starting Ray Serve ...", flush=True)
+            stop = stop_local_app
+            url = start_local_app(args.config, port=args.port, overrides=overrides or None)
+        with DiffusionXClient(url, args.timeout_s) as client:
+            health = client.health().details
+        models = {tier: (health.get(tier) or {}).get("model", "?") for tier in ("edge", "cloud")}
+        print(f"benchmarking {url} (edge {models['edge']}): {args.requests} previews per level", flush=True)
+        print(format_table([]).rstrip(), flush=True)
+        levels, records = asyncio.run(_bench(url, args, models["edge"]))
+        report = {
+            "benchmark": "preview",
+            "setup": {
+                "url": url,
+                "started_local_app": stop is not None,
+                "models": models,
+                "requests_per_level": args.requests,
+                "concurrency": args.concurrency,
+                "warmup": args.warmup,
+                "num_inference_steps": args.steps,
+                "size": args.size,
+                "machine": f"{platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}",
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            },
+            "levels": levels,
+        }
+        paths = write_results(report, records, Path(args.out))
+        print("wrote " + ", ".join(str(p) for p in paths))
+        return 0
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except DiffusionXError as error:
+        print(f"bench failed: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if stop is not None:
+            stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

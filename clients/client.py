@@ -1,0 +1,610 @@
+"""Python client of the DiffusionX HTTP API: sync and async clients, and multi-round sessions.
+
+    with DiffusionXClient("http://127.0.0.1:8000") as client:
+        session = client.session(seed=7, width=32, height=32)
+        session.preview("a red circle on the left, blue background")
+        session.preview("a red circle on the right, blue background", edit_strength=0.6)  # edits round 1
+        final = session.finalize()  # refines the last preview with its prompt on the cloud tier
+        final.image.save("final.png"); print(final.route, final.strength_used)
+
+Every method returns a typed result (`clients.results`) whose images are PIL images; every failure is a
+`DiffusionXError` (`clients.errors`). On 503 the client can retry a bounded number of times, waiting what
+the server's Retry-After says (`retries_on_overload`, off by default).
+
+The server keeps no session state it cannot lose: a `Session` holds the rounds, sends the previous round's
+`preview_id` for an edit or for the final refinement, and when the server answers 404 because the id has
+left its cache, resends the image it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import httpx
+from PIL import Image
+
+from clients.errors import (
+    ConnectionFailed,
+    DiffusionXError,
+    Overloaded,
+    PreviewExpired,
+    RequestTimeout,
+    error_from_response,
+)
+from clients.results import (
+    GenerateResult,
+    HealthResult,
+    PreviewResult,
+    RefineResult,
+    StatsResult,
+    encode_image,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+DEFAULT_TIMEOUT_S = 120.0  # CPU replicas under load answer in seconds, not milliseconds
+FIRST_BACKOFF_S = 0.25  # wait before the first retry when a 503 carries no Retry-After; doubles per retry
+
+ResultT = TypeVar("ResultT", PreviewResult, RefineResult, GenerateResult, StatsResult, HealthResult)
+ImageLike = Image.Image | str  # a PIL image or a base64 PNG string
+
+
+def _drop_none(**fields: Any) -> dict[str, Any]:
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+class _ClientBase:
+    """Configuration, request bodies and response handling shared by the sync and async clients."""
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        timeout_s: float | httpx.Timeout = DEFAULT_TIMEOUT_S,
+        retries_on_overload: int = 0,
+        max_retry_wait_s: float = 30.0,
+    ) -> None:
+        if retries_on_overload < 0:
+            raise ValueError(f"retries_on_overload={retries_on_overload} is not allowed: use 0 or more")
+        self.base_url = base_url.rstrip("/")
+        self.timeout_s = timeout_s
+        self.retries_on_overload = retries_on_overload
+        self.max_retry_wait_s = max_retry_wait_s
+
+    # -- request bodies (field names are the server's, see diffusionx.api) --------------------------------
+
+    @staticmethod
+    def _preview_body(
+        prompt: str,
+        seed: int,
+        width: int | None,
+        height: int | None,
+        num_inference_steps: int | None,
+        guidance_scale: float | None,
+        image: ImageLike | None,
+        preview_id: str | None,
+        strength: float | None,
+    ) -> dict[str, Any]:
+        return _drop_none(
+            prompt=prompt,
+            seed=seed,
+            width=width,
+            height=height,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            image=None if image is None else encode_image(image),
+            preview_id=preview_id,
+            strength=strength,
+        )
+
+    @staticmethod
+    def _refine_body(
+        prompt: str,
+        seed: int,
+        image: ImageLike | None,
+        preview_id: str | None,
+        strength: float | None,
+        num_inference_steps: int | None,
+        latency_target_ms: float | None,
+        guidance_scale: float | None,
+    ) -> dict[str, Any]:
+        return _drop_none(
+            prompt=prompt,
+            seed=seed,
+            image=None if image is None else encode_image(image),
+            preview_id=preview_id,
+            strength=strength,
+            num_inference_steps=num_inference_steps,
+            latency_target_ms=latency_target_ms,
+            guidance_scale=guidance_scale,
+        )
+
+    # -- responses ----------------------------------------------------------------------------------------
+
+    def _connection_error(self, exc: httpx.TransportError) -> ConnectionFailed:
+        if isinstance(exc, httpx.TimeoutException):
+            return RequestTimeout(
+                f"no answer from the DiffusionX server at {self.base_url} within the client timeout "
+                f"({self.timeout_s} s): {type(exc).__name__}"
+            )
+        return ConnectionFailed(
+            f"cannot reach the DiffusionX server at {self.base_url} ({type(exc).__name__}: {exc}); "
+            "is it running? Start one with `diffusionx serve`."
+        )
+
+    @staticmethod
+    def _json(response: httpx.Response) -> Any:
+        try:
+            return response.json()
+        except ValueError:
+            raise DiffusionXError(
+                f"server answered {response.status_code} with a body that is not JSON: "
+                f"{response.text[:200]!r}",
+                response.status_code,
+            ) from None
+
+    def _retry_delay_s(self, error: DiffusionXError, attempt: int) -> float | None:
+        """Seconds to wait before retrying after `error`, or None to give up and raise it."""
+        if not isinstance(error, Overloaded) or attempt >= self.retries_on_overload:
+            return None
+        delay_s = error.retry_after_s if error.retry_after_s is not None else FIRST_BACKOFF_S * 2**attempt
+        if delay_s > self.max_retry_wait_s:
+            return None  # the server asks for a longer wait than the caller allows
+        logger.info("server overloaded (%s); retry %d in %.2f s", error.message, attempt + 1, delay_s)
+        return delay_s
+
+
+class DiffusionXClient(_ClientBase):
+    """Synchronous client. Use as a context manager, or call `close()`.
+
+    `retries_on_overload` retries a request that got 503 up to that many times, waiting the server's
+    Retry-After (or a doubling backoff from 0.25 s without one), but never longer than `max_retry_wait_s`.
+    `transport` replaces the network (tests pass an `httpx.MockTransport`).
+    """
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        timeout_s: float | httpx.Timeout = DEFAULT_TIMEOUT_S,
+        *,
+        retries_on_overload: int = 0,
+        max_retry_wait_s: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        super().__init__(base_url, timeout_s, retries_on_overload, max_retry_wait_s)
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s, transport=transport)
+
+    def __enter__(self) -> DiffusionXClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _call(
+        self, method: str, path: str, parse: type[ResultT], body: dict[str, Any] | None = None
+    ) -> ResultT:
+        for attempt in range(self.retries_on_overload + 1):
+            start = time.perf_counter()
+            try:
+                response = self._http.request(method, path, json=body)
+            except httpx.TransportError as exc:
+                raise self._connection_error(exc) from exc
+            latency_ms = (time.perf_counter() - start) * 1000.0
+            if response.is_success:
+                return parse.from_json(self._json(response), latency_ms=latency_ms)
+            error = error_from_response(response, preview_id=(body or {}).get("preview_id"))
+            delay_s = self._retry_delay_s(error, attempt)
+            if delay_s is None:
+                raise error
+            time.sleep(delay_s)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def preview(
+        self,
+        prompt: str,
+        *,
+        seed: int = 0,
+        width: int | None = None,
+        height: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        image: ImageLike | None = None,
+        preview_id: str | None = None,
+        strength: float | None = None,
+    ) -> PreviewResult:
+        """POST /v1/preview: a fast edge-tier image; with `image` or `preview_id` and `strength`, an edit."""
+        body = self._preview_body(
+            prompt, seed, width, height, num_inference_steps, guidance_scale, image, preview_id, strength
+        )
+        return self._call("POST", "/v1/preview", PreviewResult, body)
+
+    def refine(
+        self,
+        prompt: str,
+        *,
+        seed: int = 0,
+        preview_id: str | None = None,
+        image: ImageLike | None = None,
+        strength: float | None = None,
+        num_inference_steps: int | None = None,
+        latency_target_ms: float | None = None,
+        guidance_scale: float | None = None,
+    ) -> RefineResult:
+        """POST /v1/refine: the cloud tier refines a preview at the predicted (or given) strength."""
+        body = self._refine_body(
+            prompt, seed, image, preview_id, strength, num_inference_steps, latency_target_ms, guidance_scale
+        )
+        return self._call("POST", "/v1/refine", RefineResult, body)
+
+    def generate(
+        self, prompt: str, *, seed: int = 0, mode: str = "diffusionx", **params: Any
+    ) -> GenerateResult:
+        """POST /v1/generate: one-shot text-to-image in `mode` (diffusionx | cloud | edge | hybrid | ec-diff).
+
+        `params` are the mode's fields: width, height, num_inference_steps, guidance_scale, switch_step,
+        warmup_steps, approx_interval, smoothing, latency_target_ms (unset ones are not sent).
+        """
+        body = _drop_none(prompt=prompt, seed=seed, mode=mode, **params)
+        return self._call("POST", "/v1/generate", GenerateResult, body)
+
+    def health(self) -> HealthResult:
+        """GET /v1/health; raises if the server does not answer 2xx."""
+        return self._call("GET", "/v1/health", HealthResult)
+
+    def stats(self) -> StatsResult:
+        """GET /v1/stats: per-tier queue, in-flight work, replicas and recent batch sizes."""
+        return self._call("GET", "/v1/stats", StatsResult)
+
+    def session(
+        self,
+        seed: int = 0,
+        width: int | None = None,
+        height: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+    ) -> Session:
+        """A multi-round session: previews share the seed and size; see `Session`."""
+        return Session(self, seed, width, height, num_inference_steps, guidance_scale)
+
+
+class AsyncDiffusionXClient(_ClientBase):
+    """Asynchronous client with the same methods as `DiffusionXClient`, as coroutines."""
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        timeout_s: float | httpx.Timeout = DEFAULT_TIMEOUT_S,
+        *,
+        retries_on_overload: int = 0,
+        max_retry_wait_s: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+        max_connections: int = 100,
+    ) -> None:
+        super().__init__(base_url, timeout_s, retries_on_overload, max_retry_wait_s)
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, timeout=timeout_s, transport=transport, limits=limits
+        )
+
+    async def __aenter__(self) -> AsyncDiffusionXClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _call(
+        self, method: str, path: str, parse: type[ResultT], body: dict[str, Any] | None = None
+    ) -> ResultT:
+        for attempt in range(self.retries_on_overload + 1):
+            start = time.perf_counter()
+            try:
+                response = await self._http.request(method, path, json=body)
+            except httpx.TransportError as exc:
+                raise self._connection_error(exc) from exc
+            latency_ms = (time.perf_counter() - start) * 1000.0
+            if response.is_success:
+                return parse.from_json(self._json(response), latency_ms=latency_ms)
+            error = error_from_response(response, preview_id=(body or {}).get("preview_id"))
+            delay_s = self._retry_delay_s(error, attempt)
+            if delay_s is None:
+                raise error
+            await asyncio.sleep(delay_s)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def preview(
+        self,
+        prompt: str,
+        *,
+        seed: int = 0,
+        width: int | None = None,
+        height: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        image: ImageLike | None = None,
+        preview_id: str | None = None,
+        strength: float | None = None,
+    ) -> PreviewResult:
+        """POST /v1/preview (see `DiffusionXClient.preview`)."""
+        body = self._preview_body(
+            prompt, seed, width, height, num_inference_steps, guidance_scale, image, preview_id, strength
+        )
+        return await self._call("POST", "/v1/preview", PreviewResult, body)
+
+    async def refine(
+        self,
+        prompt: str,
+        *,
+        seed: int = 0,
+        preview_id: str | None = None,
+        image: ImageLike | None = None,
+        strength: float | None = None,
+        num_inference_steps: int | None = None,
+        latency_target_ms: float | None = None,
+        guidance_scale: float | None = None,
+    ) -> RefineResult:
+        """POST /v1/refine (see `DiffusionXClient.refine`)."""
+        body = self._refine_body(
+            prompt, seed, image, preview_id, strength, num_inference_steps, latency_target_ms, guidance_scale
+        )
+        return await self._call("POST", "/v1/refine", RefineResult, body)
+
+    async def generate(
+        self, prompt: str, *, seed: int = 0, mode: str = "diffusionx", **params: Any
+    ) -> GenerateResult:
+        """POST /v1/generate (see `DiffusionXClient.generate`)."""
+        body = _drop_none(prompt=prompt, seed=seed, mode=mode, **params)
+        return await self._call("POST", "/v1/generate", GenerateResult, body)
+
+    async def health(self) -> HealthResult:
+        """GET /v1/health."""
+        return await self._call("GET", "/v1/health", HealthResult)
+
+    async def stats(self) -> StatsResult:
+        """GET /v1/stats."""
+        return await self._call("GET", "/v1/stats", StatsResult)
+
+    def session(
+        self,
+        seed: int = 0,
+        width: int | None = None,
+        height: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+    ) -> AsyncSession:
+        """A multi-round session whose methods are coroutines; see `Session`."""
+        return AsyncSession(self, seed, width, height, num_inference_steps, guidance_scale)
+
+
+# -- sessions ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Round:
+    """One preview round of a session."""
+
+    index: int  # 0-based
+    prompt: str
+    edit_strength: float | None  # None: text-to-image; else an edit of the previous round's image
+    result: PreviewResult
+    resent_image: bool = False  # the preview id had expired, so the image itself was sent
+
+    @property
+    def preview_id(self) -> str:
+        return self.result.preview_id
+
+    @property
+    def image(self) -> Image.Image:
+        return self.result.image
+
+    @property
+    def timings_ms(self) -> dict[str, float]:
+        return self.result.timings_ms
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready description of the round (no image)."""
+        r = self.result
+        return {
+            "round": self.index + 1,
+            "prompt": self.prompt,
+            "edit_strength": self.edit_strength,
+            "preview_id": r.preview_id,
+            "seed": r.seed,
+            "width": r.width,
+            "height": r.height,
+            "num_inference_steps": r.num_inference_steps,
+            "unet_calls": r.unet_calls,
+            "timings_ms": r.timings_ms,
+            "latency_ms": round(r.latency_ms, 2),
+            "resent_image": self.resent_image,
+        }
+
+
+class _SessionBase:
+    """State and request shaping shared by `Session` and `AsyncSession`."""
+
+    def __init__(
+        self,
+        seed: int = 0,
+        width: int | None = None,
+        height: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+    ) -> None:
+        self.seed = seed
+        self.width = width
+        self.height = height
+        self.num_inference_steps = num_inference_steps
+        self.guidance_scale = guidance_scale
+        self.rounds: list[Round] = []
+        self.final: RefineResult | None = None
+
+    @property
+    def last(self) -> Round:
+        """The latest round; ValueError before the first preview."""
+        if not self.rounds:
+            raise ValueError("the session has no preview yet: call preview(prompt) first")
+        return self.rounds[-1]
+
+    @property
+    def fallbacks(self) -> int:
+        """How many rounds had to resend the image because the server no longer knew the preview id."""
+        return sum(r.resent_image for r in self.rounds)
+
+    def _preview_kwargs(
+        self, prompt: str, edit_strength: float | None, num_inference_steps: int | None
+    ) -> dict[str, Any]:
+        steps = self.num_inference_steps if num_inference_steps is None else num_inference_steps
+        kwargs: dict[str, Any] = {
+            "seed": self.seed,
+            "num_inference_steps": steps,
+            "guidance_scale": self.guidance_scale,
+        }
+        if edit_strength is None:
+            kwargs.update(width=self.width, height=self.height)
+        else:  # an edit keeps the size of the image it edits
+            kwargs["strength"] = edit_strength
+        return kwargs
+
+    def _record(self, prompt: str, edit_strength: float | None, result: PreviewResult, resent: bool) -> Round:
+        round_ = Round(len(self.rounds), prompt, edit_strength, result, resent)
+        self.rounds.append(round_)
+        self.final = None  # a new round makes any earlier final image stale
+        return round_
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready description of the whole session (rounds and final), without images."""
+        final = None
+        if self.final is not None:
+            f = self.final
+            final = {
+                "prompt": self.last.prompt,
+                "route": f.route,
+                "reason": f.reason,
+                "strength_predicted": f.strength_predicted,
+                "strength_used": f.strength_used,
+                "num_inference_steps": f.num_inference_steps,
+                "unet_calls": f.unet_calls,
+                "load": f.load,
+                "timings_ms": f.timings_ms,
+                "latency_ms": round(f.latency_ms, 2),
+            }
+        return {"seed": self.seed, "rounds": [r.summary() for r in self.rounds], "final": final}
+
+
+class Session(_SessionBase):
+    """Multi-round prompt evolution over a `DiffusionXClient`.
+
+    `preview(prompt)` starts a fresh image; `preview(prompt, edit_strength=s)` edits the previous round's
+    image toward the new prompt (sent by preview id; resent as an image if the id has expired).
+    `finalize()` refines the last preview with its prompt on the cloud tier.
+    """
+
+    def __init__(self, client: DiffusionXClient, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.client = client
+
+    def preview(
+        self, prompt: str, edit_strength: float | None = None, *, num_inference_steps: int | None = None
+    ) -> Round:
+        """Runs one round and returns it (its `result` is the `PreviewResult`)."""
+        kwargs = self._preview_kwargs(prompt, edit_strength, num_inference_steps)
+        if edit_strength is None:
+            return self._record(prompt, None, self.client.preview(prompt, **kwargs), False)
+        previous = self.last
+        try:
+            result = self.client.preview(prompt, preview_id=previous.preview_id, **kwargs)
+            resent = False
+        except PreviewExpired:
+            logger.info("preview %s expired on the server; resending its image", previous.preview_id)
+            result = self.client.preview(
+                prompt, image=previous.result.image_base64 or previous.image, **kwargs
+            )
+            resent = True
+        return self._record(prompt, edit_strength, result, resent)
+
+    def finalize(
+        self,
+        strength: float | None = None,
+        latency_target_ms: float | None = None,
+        *,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+    ) -> RefineResult:
+        """Refines the last preview with its prompt; `strength` overrides the predicted one."""
+        last = self.last
+        kwargs: dict[str, Any] = {
+            "seed": self.seed,
+            "strength": strength,
+            "latency_target_ms": latency_target_ms,
+            "num_inference_steps": num_inference_steps,
+            "guidance_scale": guidance_scale,
+        }
+        try:
+            self.final = self.client.refine(last.prompt, preview_id=last.preview_id, **kwargs)
+        except PreviewExpired:
+            logger.info("preview %s expired on the server; resending its image", last.preview_id)
+            self.final = self.client.refine(
+                last.prompt, image=last.result.image_base64 or last.image, **kwargs
+            )
+        return self.final
+
+
+class AsyncSession(_SessionBase):
+    """`Session` over an `AsyncDiffusionXClient`: the same methods, as coroutines."""
+
+    def __init__(self, client: AsyncDiffusionXClient, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.client = client
+
+    async def preview(
+        self, prompt: str, edit_strength: float | None = None, *, num_inference_steps: int | None = None
+    ) -> Round:
+        """Runs one round and returns it (see `Session.preview`)."""
+        kwargs = self._preview_kwargs(prompt, edit_strength, num_inference_steps)
+        if edit_strength is None:
+            return self._record(prompt, None, await self.client.preview(prompt, **kwargs), False)
+        previous = self.last
+        try:
+            result = await self.client.preview(prompt, preview_id=previous.preview_id, **kwargs)
+            resent = False
+        except PreviewExpired:
+            logger.info("preview %s expired on the server; resending its image", previous.preview_id)
+            image = previous.result.image_base64 or previous.image
+            result = await self.client.preview(prompt, image=image, **kwargs)
+            resent = True
+        return self._record(prompt, edit_strength, result, resent)
+
+    async def finalize(
+        self,
+        strength: float | None = None,
+        latency_target_ms: float | None = None,
+        *,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+    ) -> RefineResult:
+        """Refines the last preview with its prompt (see `Session.finalize`)."""
+        last = self.last
+        kwargs: dict[str, Any] = {
+            "seed": self.seed,
+            "strength": strength,
+            "latency_target_ms": latency_target_ms,
+            "num_inference_steps": num_inference_steps,
+            "guidance_scale": guidance_scale,
+        }
+        try:
+            self.final = await self.client.refine(last.prompt, preview_id=last.preview_id, **kwargs)
+        except PreviewExpired:
+            logger.info("preview %s expired on the server; resending its image", last.preview_id)
+            image = last.result.image_base64 or last.image
+            self.final = await self.client.refine(last.prompt, image=image, **kwargs)
+        return self.final

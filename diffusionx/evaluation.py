@@ -1,0 +1,220 @@
+"""`diffusionx eval`: quality and cost of one collaboration mode on held-out shapes prompts.
+
+Algorithm: draw `n` held-out captions (`shapes.data.heldout_prompts`, a seed stream disjoint from
+training), generate one image per caption with `modes.generate` (image seed = `--seed` + index, batches of
+`--batch-size`), and score each image against its caption with the deterministic judge
+(`shapes.judge.score`). Quality is the mean judge accuracy (the role CLIP score / FID play for real models);
+cost is the mean `unet_calls` per image and the wall-clock seconds per image of generation (model loading
+and judging excluded).
+
+    diffusionx eval --mode ec-diff --n 64 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from PIL import Image
+from tqdm import tqdm
+
+from diffusionx.loading import LoadedModel, ModelNotAvailableError, load_model
+from diffusionx.modes import DEFAULT_STRENGTH, MODES, GenerateRequest, generate
+from diffusionx.registry import get_spec
+from diffusionx.requests import InvalidRequestError
+from diffusionx.shapes.data import heldout_prompts
+from diffusionx.shapes.judge import score
+
+DEFAULT_CLOUD = "shapes-cloud"
+DEFAULT_EDGE = "shapes-edge"
+DEFAULT_N = 64
+DEFAULT_BATCH_SIZE = 16
+
+# (image, caption) -> {"accuracy": ..., <attribute>: ...}
+ScoreFn = Callable[[Image.Image, str], dict[str, float]]
+
+
+@dataclass
+class EvalReport:
+    mode: str
+    n: int
+    quality: float  # mean judge accuracy
+    per_attribute: dict[str, float]  # mean judge score per attribute
+    unet_calls: dict[str, float]  # mean per image: cloud, edge, approximated
+    seconds_per_image: float
+    settings: dict[str, object] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "mode": self.mode,
+            "n": self.n,
+            "quality": self.quality,
+            "per_attribute": self.per_attribute,
+            "unet_calls": self.unet_calls,
+            "seconds_per_image": self.seconds_per_image,
+            "settings": self.settings,
+        }
+
+    def to_table(self) -> str:
+        rows = [
+            ("mode", self.mode),
+            ("images", str(self.n)),
+            ("quality (judge accuracy)", f"{self.quality:.4f}"),
+            *((f"  {name}", f"{value:.4f}") for name, value in self.per_attribute.items()),
+            *((f"unet calls / image: {tier}", f"{calls:.2f}") for tier, calls in self.unet_calls.items()),
+            ("seconds / image", f"{self.seconds_per_image:.4f}"),
+            *((f"setting: {name}", str(value)) for name, value in self.settings.items() if value is not None),
+        ]
+        width = max(len(name) for name, _ in rows)
+        return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def evaluate_mode(
+    mode: str,
+    cloud: LoadedModel | None,
+    edge: LoadedModel | None,
+    prompts: Sequence[str],
+    *,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    request_fields: dict[str, object] | None = None,
+    strength: float = DEFAULT_STRENGTH,
+    score_fn: ScoreFn | None = None,
+    progress: bool = True,
+) -> EvalReport:
+    """Generates one image per prompt in `mode` and scores it with the judge (or `score_fn`)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} is not allowed: use an integer >= 1")
+    score_fn = score_fn or score
+    fields = {key: value for key, value in (request_fields or {}).items() if value is not None}
+    requests = [GenerateRequest(prompt, seed + index, **fields) for index, prompt in enumerate(prompts)]
+    scores: list[dict[str, float]] = []
+    totals = {"cloud": 0, "edge": 0, "approximated": 0}
+    generation_s = 0.0
+    with tqdm(
+        total=len(requests), desc=f"eval {mode}", unit="img", file=sys.stderr, disable=not progress
+    ) as bar:
+        for begin in range(0, len(requests), batch_size):
+            batch = requests[begin : begin + batch_size]
+            start = time.perf_counter()
+            results = generate(mode, cloud, edge, batch, strength=strength)
+            generation_s += time.perf_counter() - start
+            for request, result in zip(batch, results, strict=True):
+                scores.append(score_fn(result.image, request.prompt))
+                for tier, calls in result.unet_calls.to_dict().items():
+                    totals[tier] += calls
+            bar.update(len(batch))
+    n = len(requests)
+    attributes = [key for key in scores[0] if key != "accuracy"] if scores else []
+    return EvalReport(
+        mode=mode,
+        n=n,
+        quality=_mean([s["accuracy"] for s in scores]),
+        per_attribute={name: _mean([s[name] for s in scores]) for name in attributes},
+        unet_calls={tier: calls / n if n else 0.0 for tier, calls in totals.items()},
+        seconds_per_image=generation_s / n if n else 0.0,
+        settings=dict(fields),
+    )
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(sum(values) / len(values)) if values else math.nan
+
+
+def load_pair(
+    mode: str, cloud_name: str, edge_name: str, device: str | None = None
+) -> tuple[LoadedModel | None, LoadedModel | None]:
+    """Loads only the models `mode` uses; an edge of the cloud's family shares its VAE and text encoder."""
+    cloud = load_model(cloud_name, device=device) if mode != "edge" else None
+    edge = None
+    if mode != "cloud":
+        share = cloud if cloud is not None and get_spec(edge_name).family == cloud.spec.family else None
+        edge = load_model(edge_name, device=device, share_with=share)
+    return cloud, edge
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffusionx eval",
+        description="Quality (judge accuracy on held-out shapes prompts) and cost (UNet calls, seconds per "
+        "image) of one collaboration mode.",
+    )
+    parser.add_argument("--mode", required=True, choices=MODES, help="collaboration mode to evaluate")
+    parser.add_argument("--n", type=int, default=DEFAULT_N, help=f"number of prompts (default {DEFAULT_N})")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--seed", type=int, default=0, help="prompt-set seed; image i uses seed + i")
+    parser.add_argument("--steps", type=int, default=None, help="num_inference_steps N (default: the mode's)")
+    parser.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help=f"diffusionx refine strength (default {DEFAULT_STRENGTH})",
+    )
+    parser.add_argument("--preview-steps", type=int, default=None, help="diffusionx edge preview steps")
+    parser.add_argument("--switch-step", type=int, default=None, help="s: first edge step (hybrid, ec-diff)")
+    parser.add_argument("--warmup-steps", type=int, default=None, help="p: EC-Diff warm-up cloud steps")
+    parser.add_argument("--approx-interval", type=int, default=None, help="k: EC-Diff extrapolated steps")
+    parser.add_argument("--smoothing", type=float, default=None, help="a: EC-Diff gradient smoothing")
+    parser.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance weight")
+    parser.add_argument("--cloud", default=DEFAULT_CLOUD, help=f"cloud model (default {DEFAULT_CLOUD})")
+    parser.add_argument("--edge", default=DEFAULT_EDGE, help=f"edge model (default {DEFAULT_EDGE})")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="requests per batch")
+    parser.add_argument("--device", default=None, help="torch device (default: CUDA if available, else CPU)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.n < 1:
+        parser.error(f"--n={args.n} is not allowed: use an integer >= 1")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size={args.batch_size} is not allowed: use an integer >= 1")
+    request_fields = {
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "strength": args.strength,
+        "preview_steps": args.preview_steps,
+        "switch_step": args.switch_step,
+        "warmup_steps": args.warmup_steps,
+        "approx_interval": args.approx_interval,
+        "smoothing": args.smoothing,
+    }
+    try:
+        cloud, edge = load_pair(args.mode, args.cloud, args.edge, args.device)
+    except ModelNotAvailableError as error:
+        print(f"diffusionx eval: error: {error}", file=sys.stderr)
+        return 1
+    try:
+        report = evaluate_mode(
+            args.mode,
+            cloud,
+            edge,
+            heldout_prompts(args.n, seed=args.seed),
+            seed=args.seed,
+            batch_size=args.batch_size,
+            request_fields=request_fields,
+            progress=not args.no_progress,
+        )
+    except InvalidRequestError as error:
+        parser.error(str(error))
+    report.settings = {
+        "cloud": args.cloud if cloud else None,
+        "edge": args.edge if edge else None,
+        **report.settings,
+    }
+    if args.json:
+        print(json.dumps(report.to_dict()))
+    else:
+        print(report.to_table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

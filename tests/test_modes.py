@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffusionx.collaborative import CollaborationParams, expected_unet_calls
+from diffusionx.generation import text_to_image
+from diffusionx.modes import MODES, GenerateRequest, collaboration_params, generate
+from diffusionx.requests import InvalidRequestError, PreviewRequest
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image).astype(np.int16)
+
+
+def test_modes_are_the_designed_ones():
+    assert MODES == ("diffusionx", "cloud", "edge", "hybrid", "ec-diff")
+
+
+def test_cloud_mode_is_text_to_image_on_the_cloud(tiny_cloud, tiny_edge):
+    [result] = generate("cloud", tiny_cloud, tiny_edge, [PreviewRequest("a cat", seed=4)])
+    [reference] = text_to_image(tiny_cloud, [PreviewRequest("a cat", seed=4)], "cloud")
+    assert result.unet_calls.to_dict() == {
+        "cloud": tiny_cloud.spec.default_steps,
+        "edge": 0,
+        "approximated": 0,
+    }
+    assert np.array_equal(pixels(result.image), pixels(reference.image))
+
+
+def test_edge_mode_uses_the_edge_default_steps_not_preview_steps(tiny_edge):
+    assert tiny_edge.spec.default_steps != tiny_edge.spec.preview_steps
+    [result] = generate("edge", None, tiny_edge, [GenerateRequest("a cat", seed=4)])
+    assert result.unet_calls.to_dict() == {
+        "cloud": 0,
+        "edge": tiny_edge.spec.default_steps,
+        "approximated": 0,
+    }
+    [explicit] = generate("edge", None, tiny_edge, [GenerateRequest("a cat", seed=4, num_inference_steps=3)])
+    assert explicit.unet_calls.edge == 3
+
+
+def test_hybrid_and_ec_diff_counts(tiny_cloud, tiny_edge):
+    [hybrid] = generate("hybrid", tiny_cloud, tiny_edge, [GenerateRequest("a cat", num_inference_steps=8)])
+    assert hybrid.unet_calls.to_dict() == {"cloud": 6, "edge": 2, "approximated": 0}  # s = round(0.74 * 8)
+    [switched] = generate(
+        "hybrid", tiny_cloud, tiny_edge, [GenerateRequest("a cat", num_inference_steps=8, switch_step=2)]
+    )
+    assert switched.unet_calls.to_dict() == {"cloud": 2, "edge": 6, "approximated": 0}
+    [ec] = generate("ec-diff", tiny_cloud, tiny_edge, [GenerateRequest("a cat", num_inference_steps=8)])
+    assert ec.unet_calls == expected_unet_calls(CollaborationParams.ec_diff(8))
+    assert ec.unet_calls.to_dict() == {"cloud": 3, "edge": 2, "approximated": 3}
+
+
+def test_ec_diff_request_fields_reach_the_sampler(tiny_cloud):
+    request = GenerateRequest(
+        "a cat", num_inference_steps=50, switch_step=40, warmup_steps=5, approx_interval=3, smoothing=0.5
+    )
+    params = collaboration_params("ec-diff", request, tiny_cloud)
+    assert params == CollaborationParams(50, 40, 5, 3, 0.5)
+    default = collaboration_params("ec-diff", GenerateRequest("a cat"), tiny_cloud)
+    assert default.num_inference_steps == tiny_cloud.spec.default_steps
+
+
+def test_diffusionx_mode_previews_then_refines(tiny_cloud, tiny_edge):
+    requests = [GenerateRequest("a cat", seed=1), GenerateRequest("a dog", seed=2, strength=1.0)]
+    results = generate("diffusionx", tiny_cloud, tiny_edge, requests, strength=0.5)
+    preview_steps, cloud_steps = tiny_edge.spec.preview_steps, tiny_cloud.spec.default_steps
+    assert results[0].unet_calls.to_dict() == {
+        "cloud": cloud_steps // 2,
+        "edge": preview_steps,
+        "approximated": 0,
+    }
+    assert results[0].strength == 0.5
+    assert results[1].unet_calls.cloud == cloud_steps and results[1].strength == 1.0
+    assert {"preview_unet", "refine_unet"} <= set(results[0].timings_ms)
+
+
+def test_diffusionx_strength_predictor(tiny_cloud, tiny_edge):
+    seen = []
+
+    def predictor(images, prompts):
+        seen.append((len(images), list(prompts)))
+        return [0.25 for _ in images]
+
+    requests = [
+        GenerateRequest("a cat", num_inference_steps=8),
+        GenerateRequest("a dog", num_inference_steps=8),
+    ]
+    results = generate("diffusionx", tiny_cloud, tiny_edge, requests, strength_predictor=predictor)
+    assert seen == [(2, ["a cat", "a dog"])]
+    assert [r.unet_calls.cloud for r in results] == [2, 2]
+    with pytest.raises(InvalidRequestError, match=r"predicted strength=1\.5"):
+        generate("diffusionx", tiny_cloud, tiny_edge, requests[:1], strength_predictor=lambda i, p: [1.5])
+
+
+@pytest.mark.parametrize(
+    ("mode", "request_kwargs", "message"),
+    [
+        (
+            "cloud",
+            {"strength": 0.5},
+            "strength does not apply to mode 'cloud': it is a parameter of diffusionx",
+        ),
+        ("hybrid", {"warmup_steps": 3}, "warmup_steps does not apply to mode 'hybrid'"),
+        ("edge", {"switch_step": 3}, "switch_step does not apply to mode 'edge'"),
+        ("ec-diff", {"num_inference_steps": 10, "warmup_steps": 9, "switch_step": 5}, "warmup_steps=9"),
+        ("hybrid", {"num_inference_steps": 10, "switch_step": 11}, "switch_step=11"),
+    ],
+)
+def test_bad_mode_parameters_are_refused(tiny_cloud, tiny_edge, mode, request_kwargs, message):
+    with pytest.raises(InvalidRequestError) as error:
+        generate(mode, tiny_cloud, tiny_edge, [GenerateRequest("a cat", **request_kwargs)])
+    assert message in str(error.value)
+
+
+def test_unknown_mode_and_missing_model():
+    with pytest.raises(InvalidRequestError, match="use one of diffusionx, cloud, edge, hybrid, ec-diff"):
+        generate("fast", None, None, [PreviewRequest("a cat")])
+    with pytest.raises(ValueError, match="needs the cloud model"):
+        generate("cloud", None, None, [PreviewRequest("a cat")])
+    with pytest.raises(InvalidRequestError, match="strength=2"):
+        GenerateRequest("a cat", strength=2)
