@@ -1,5 +1,5 @@
-"""CloudRefiner: the heavy model. Batched refinements (img2img at the routed strength) and cloud-only
-text-to-image. Refinements are bucketed by strength inside a batch by the library."""
+"""CloudRefiner: the heavy model. Batched refinements (img2img at the routed strength), cloud-only
+text-to-image, and the cloud part of EC-Diff / Hybrid SD (`plan`). Refinements are bucketed by strength inside a batch by the library."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 from ray import serve
 
 from deployments.tier import BatchedTier
+from diffusionx.collaborative import CollaborativeRequest, PlanState, cloud_phase, expected_unet_calls
 from diffusionx.generation import check_prompt_fits, refine, text_to_image
 from diffusionx.loading import load_model
 from diffusionx.requests import GenerationResult, Img2ImgRequest, PreviewRequest
@@ -33,7 +34,7 @@ class CloudRefiner(BatchedTier):
     ) -> None:
         self._init_tier("cloud", state, torch_threads, max_batch_size)
         self.model = load_model(model, device=device)
-        for method in (self._refine_batch, self._generate_batch):
+        for method in (self._refine_batch, self._generate_batch, self._plan_batch):
             method.set_max_batch_size(max_batch_size)
             method.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -53,6 +54,15 @@ class CloudRefiner(BatchedTier):
         check_prompt_fits(self.model, [request.prompt])
         steps = request.num_inference_steps or self.model.spec.default_steps
         return await self._submit(self._generate_batch, request, steps)
+
+    async def plan(self, request: CollaborativeRequest) -> PlanState:
+        """EC-Diff / Hybrid SD, cloud part: steps 0..s-1 (with noise approximation); the edge finishes."""
+        check_prompt_fits(self.model, [request.prompt])
+        return await self._submit(self._plan_batch, request, expected_unet_calls(request.params).cloud)
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    async def _plan_batch(self, items: list[tuple]) -> list[PlanState]:
+        return await self._compute("plan", lambda requests: cloud_phase(self.model, requests), items)
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
     async def _refine_batch(self, items: list[tuple]) -> list[GenerationResult]:

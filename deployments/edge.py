@@ -1,4 +1,5 @@
-"""EdgePreviewer: the light model. Batched previews (text-to-image) and round-to-round edits (img2img)."""
+"""EdgePreviewer: the light model. Batched previews (text-to-image), round-to-round edits (img2img) and
+the edge part of EC-Diff / Hybrid SD (`finish`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 from ray import serve
 
 from deployments.tier import BatchedTier
+from diffusionx.collaborative import PlanState, edge_phase
 from diffusionx.generation import check_prompt_fits, edit, preview
 from diffusionx.loading import load_model
 from diffusionx.requests import GenerationResult, Img2ImgRequest, PreviewRequest
@@ -34,7 +36,7 @@ class EdgePreviewer(BatchedTier):
         self._init_tier("edge", state, torch_threads, max_batch_size)
         self.model = load_model(model, device=device)
         self.edit_steps = edit_steps or self.model.spec.default_steps
-        for method in (self._preview_batch, self._edit_batch):
+        for method in (self._preview_batch, self._edit_batch, self._finish_batch):
             method.set_max_batch_size(max_batch_size)
             method.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -54,6 +56,15 @@ class EdgePreviewer(BatchedTier):
         return await self._submit(
             self._edit_batch, request, int(request.num_inference_steps * request.strength)
         )
+
+    async def finish(self, state: PlanState) -> GenerationResult:
+        """EC-Diff / Hybrid SD, edge part: steps s..N-1 from the cloud's latents, then decode."""
+        steps = state.params.num_inference_steps - state.step_index
+        return await self._submit(self._finish_batch, state, steps)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def _finish_batch(self, items: list[tuple]) -> list[GenerationResult]:
+        return await self._compute("finish", lambda states: edge_phase(self.model, states), items)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def _preview_batch(self, items: list[tuple]) -> list[GenerationResult]:

@@ -26,6 +26,7 @@ from diffusionx.api import (
     StatsResponse,
 )
 from diffusionx.app_config import AppArgs
+from diffusionx.collaborative import CollaborationParams, CollaborativeRequest
 from diffusionx.imaging import decode_png_base64, encode_png_base64
 from diffusionx.requests import (
     GenerationResult,
@@ -310,4 +311,31 @@ class DiffusionXIngress:
         }
 
     async def _collaborative(self, body: GenerateBody, text_request: PreviewRequest) -> tuple:
-        raise InvalidRequestError(f"mode '{body.mode}' is not served yet; use diffusionx, cloud or edge")
+        """hybrid / ec-diff: the cloud tier plans steps 0..s-1, the latents travel to the edge tier, which
+        runs s..N-1 and decodes. Each tier batches its part with other requests."""
+        steps = body.num_inference_steps or (await ask(self.cloud.info))["default_steps"]
+        if body.mode == "hybrid":
+            params = CollaborationParams.hybrid(
+                steps, switch_step=body.switch_step, guidance_scale=body.guidance_scale
+            )
+        else:
+            params = CollaborationParams.ec_diff(
+                steps,
+                switch_step=body.switch_step,
+                warmup_steps=body.warmup_steps,
+                approx_interval=body.approx_interval,
+                smoothing=body.smoothing,
+                guidance_scale=body.guidance_scale,
+            )
+        request = CollaborativeRequest(
+            body.prompt, seed=body.seed, width=body.width, height=body.height, params=params
+        )
+        state = await ask(self.cloud.plan, request)
+        result: GenerationResult = await ask(self.edge.finish, state)
+        parameters = {
+            "switch_step": state.params.switch_step,
+            "warmup_steps": state.params.warmup_steps,
+            "approx_interval": state.params.approx_interval if state.params.approximates else None,
+            "smoothing": state.params.smoothing if state.params.approximates else None,
+        }
+        return result, result.unet_calls, dict(result.timings_ms), parameters

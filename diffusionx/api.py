@@ -133,7 +133,7 @@ class GenerateBody(_Sized):
 
     mode: Mode = "diffusionx"
     switch_step: int | None = Field(None, ge=0, le=MAX_INFERENCE_STEPS, description="hybrid/ec-diff: s")
-    warmup_steps: int | None = Field(None, ge=0, le=MAX_INFERENCE_STEPS, description="ec-diff: p")
+    warmup_steps: int | None = Field(None, ge=2, le=MAX_INFERENCE_STEPS, description="ec-diff: p")
     approx_interval: int | None = Field(None, ge=0, le=MAX_INFERENCE_STEPS, description="ec-diff: k")
     smoothing: float | None = Field(None, ge=0.0, le=1.0, description="ec-diff: a")
     latency_target_ms: float | None = Field(None, gt=0, le=600_000, description="diffusionx: router target")

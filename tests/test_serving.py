@@ -105,6 +105,56 @@ def test_generate_modes(http, mode):
     assert (calls["cloud"] > 0) == (mode != "edge") and (calls["edge"] > 0) == (mode != "cloud")
 
 
+def test_ec_diff_and_hybrid_pass_latents_from_the_cloud_tier_to_the_edge_tier(http):
+    body = {"prompt": "a red circle", "seed": 5, "num_inference_steps": 50}
+    ec = http.post(
+        "/v1/generate",
+        json={
+            **body,
+            "mode": "ec-diff",
+            "warmup_steps": 7,
+            "approx_interval": 2,
+            "smoothing": 0.3,
+            "switch_step": 37,
+        },
+    )
+    assert ec.status_code == 200, ec.text
+    ec = ec.json()
+    assert ec["unet_calls"] == {"cloud": 17, "edge": 13, "approximated": 20}
+    assert ec["parameters"] == {"switch_step": 37, "warmup_steps": 7, "approx_interval": 2, "smoothing": 0.3}
+    hybrid = http.post("/v1/generate", json={**body, "mode": "hybrid", "switch_step": 30}).json()
+    assert hybrid["unet_calls"] == {"cloud": 30, "edge": 20, "approximated": 0}
+    # the served split equals the in-process sampler (same seed, same models)
+    from diffusionx.collaborative import CollaborationParams, CollaborativeRequest, generate_collaborative
+    from diffusionx.loading import load_model
+
+    cloud = load_model("tiny-random", device="cpu")
+    edge = load_model("tiny-random-edge", device="cpu")
+    params = CollaborationParams(
+        num_inference_steps=50, switch_step=37, warmup_steps=7, approx_interval=2, smoothing=0.3
+    )
+    [local] = generate_collaborative(
+        cloud, edge, [CollaborativeRequest("a red circle", seed=5, params=params)]
+    )
+    assert decode(ec["image"]).tobytes() == local.image.tobytes()
+    stats = http.get("/v1/stats").json()["tiers"]
+    assert stats["cloud"]["requests_served"] >= 2 and stats["edge"]["requests_served"] >= 2
+
+
+def test_ec_diff_parameters_are_checked(http):
+    response = http.post(
+        "/v1/generate",
+        json={
+            "prompt": "a",
+            "mode": "ec-diff",
+            "warmup_steps": 9,
+            "switch_step": 5,
+            "num_inference_steps": 20,
+        },
+    )
+    assert response.status_code == 422 and "warmup_steps" in response.json()["error"]
+
+
 def test_concurrent_previews_form_batches(http, serve_url):
     def one(i: int) -> int:
         return httpx.post(
