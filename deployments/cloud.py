@@ -1,5 +1,6 @@
 """CloudRefiner: the heavy model. Batched refinements (img2img at the routed strength), cloud-only
-text-to-image, and the cloud part of EC-Diff / Hybrid SD (`plan`). Refinements are bucketed by strength inside a batch by the library."""
+text-to-image, and the cloud part of EC-Diff / Hybrid SD (`plan`). The library buckets refinements by
+strength inside a batch."""
 
 from __future__ import annotations
 

@@ -8,10 +8,10 @@ import tempfile
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DIFFUSIONX_HOME", tempfile.mkdtemp(prefix="diffusionx-test-home-"))
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from diffusionx.loading import LoadedModel, load_model  # noqa: E402
+from diffusionx.loading import LoadedModel, load_model
 
 # Two cores shared by the test process and the Ray workers: one torch thread each avoids oversubscription.
 torch.set_num_threads(1)
