@@ -283,3 +283,33 @@ def test_edge_replica_killed_mid_traffic_is_replaced_and_nothing_is_lost(http, s
         time.sleep(2)
     assert response.status_code == 200, response.text
     assert edge_replicas() and edge_replicas() != [victim]
+
+
+def test_client_session_against_the_real_app(serve_url):
+    from clients import DiffusionXClient
+
+    with DiffusionXClient(serve_url) as client:
+        session = client.session(seed=11)
+        session.preview("a red circle on the left, blue background")
+        session.preview("a green circle on the left, blue background", edit_strength=0.5)
+        final = session.finalize()
+    assert len(session.rounds) == 2 and final.route == "cloud"
+    assert final.image.size == (32, 32) and final.unet_calls["cloud"] >= 1
+    assert final.strength_used == final.strength_predicted
+
+
+def test_demo_runs_end_to_end_through_the_http_client(serve_url, tmp_path):
+    import json
+
+    from clients.demo import main as demo_main
+
+    assert demo_main(["--url", serve_url, "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert len(summary["rounds"]) >= 3 and summary["final"]["route"] in (
+        "cloud",
+        "cloud-reduced",
+        "edge-fallback",
+    )
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert "final.png" in pngs and sum(name.startswith("round_") for name in pngs) == len(summary["rounds"])
+    assert (tmp_path / "summary.md").read_text().strip()
