@@ -29,6 +29,7 @@ from diffusionx.registry import get_spec
 from diffusionx.requests import InvalidRequestError
 from diffusionx.shapes.data import heldout_prompts
 from diffusionx.shapes.judge import score
+from diffusionx.strength import predict_strength
 
 DEFAULT_CLOUD = "shapes-cloud"
 DEFAULT_EDGE = "shapes-edge"
@@ -37,6 +38,7 @@ DEFAULT_BATCH_SIZE = 16
 
 # (image, caption) -> {"accuracy": ..., <attribute>: ...}
 ScoreFn = Callable[[Image.Image, str], dict[str, float]]
+StrengthPredictorFn = Callable[[Sequence[Image.Image], Sequence[str]], Sequence[float]]
 
 
 @dataclass
@@ -84,6 +86,7 @@ def evaluate_mode(
     batch_size: int = DEFAULT_BATCH_SIZE,
     request_fields: dict[str, object] | None = None,
     strength: float = DEFAULT_STRENGTH,
+    strength_predictor: StrengthPredictorFn | None = None,
     score_fn: ScoreFn | None = None,
     progress: bool = True,
 ) -> EvalReport:
@@ -102,7 +105,9 @@ def evaluate_mode(
         for begin in range(0, len(requests), batch_size):
             batch = requests[begin : begin + batch_size]
             start = time.perf_counter()
-            results = generate(mode, cloud, edge, batch, strength=strength)
+            results = generate(
+                mode, cloud, edge, batch, strength=strength, strength_predictor=strength_predictor
+            )
             generation_s += time.perf_counter() - start
             for request, result in zip(batch, results, strict=True):
                 scores.append(score_fn(result.image, request.prompt))
@@ -120,6 +125,11 @@ def evaluate_mode(
         seconds_per_image=generation_s / n if n else 0.0,
         settings=dict(fields),
     )
+
+
+def heuristic_strengths(images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
+    """The strength predictor the served application uses (diffusionx.strength)."""
+    return [predict_strength(prompt, image) for image, prompt in zip(images, prompts, strict=True)]
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -153,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--strength",
         type=float,
         default=None,
-        help=f"diffusionx refine strength (default {DEFAULT_STRENGTH})",
+        help="diffusionx: refine at this strength (default: predicted per preview, as the server does)",
     )
     parser.add_argument("--preview-steps", type=int, default=None, help="diffusionx edge preview steps")
     parser.add_argument("--switch-step", type=int, default=None, help="s: first edge step (hybrid, ec-diff)")
@@ -200,6 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             batch_size=args.batch_size,
             request_fields=request_fields,
+            strength_predictor=heuristic_strengths if args.strength is None else None,
             progress=not args.no_progress,
         )
     except InvalidRequestError as error:
@@ -209,6 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "edge": args.edge if edge else None,
         **report.settings,
     }
+    if args.mode == "diffusionx" and args.strength is None:
+        report.settings["strength"] = "predicted (diffusionx.strength heuristic)"
     if args.json:
         print(json.dumps(report.to_dict()))
     else:
