@@ -1,0 +1,93 @@
+"""Smoke tests of the shapes training script: a 2-step run with tiny models, the export contract, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+from diffusionx.shapes import train
+
+TINY = [
+    "--num-scenes", "64",
+    "--vae-steps", "2", "--vae-batch-size", "4", "--vae-channels", "8", "16", "16",
+    "--batch-size", "4", "--export-every", "2",
+    "--cloud-channels", "32", "64", "--edge-channels", "16", "32", "--text-hidden", "32",
+    "--eval-prompts", "2", "--eval-steps", "2", "--eval-edge-steps", "1",
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    out, run_dir = root / "out", root / "run"
+    train.main(["--out", str(out), "--run-dir", str(run_dir), "--steps", "2", *TINY])
+    return out, run_dir
+
+
+def test_export_follows_the_loading_contract(tiny_run):
+    out, _ = tiny_run
+    for sub in ("model_index.json", "scheduler", "tokenizer", "text_encoder", "vae", "unet", "unet_edge"):
+        assert (out / sub).exists(), sub
+    assert list(out.rglob("*.safetensors")) and not list(out.rglob("*.bin"))
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert index["safety_checker"] == [None, None]
+
+    cloud = StableDiffusionPipeline.from_pretrained(out)
+    edge = StableDiffusionPipeline.from_pretrained(
+        out, unet=UNet2DConditionModel.from_pretrained(out, subfolder="unet_edge")
+    )
+    assert isinstance(cloud.scheduler, DDIMScheduler)
+    assert cloud.scheduler.config.beta_schedule == "scaled_linear"
+    assert cloud.vae.config.scaling_factor != 0.18215  # computed from the latents, not SD's constant
+    n_cloud = sum(p.numel() for p in cloud.unet.parameters())
+    n_edge = sum(p.numel() for p in edge.unet.parameters())
+    assert n_edge * 3 < n_cloud
+    for pipe in (cloud, edge):
+        image = pipe(
+            "a large red circle on the left, blue background",
+            num_inference_steps=2,
+            generator=torch.Generator().manual_seed(0),
+        ).images[0]
+        assert image.size == (32, 32)
+
+
+def test_run_writes_metrics_and_resumes_from_checkpoint(tiny_run):
+    out, run_dir = tiny_run
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    assert [int(r["step"]) for r in rows] == [2]
+    assert 0.0 <= float(rows[0]["cloud_accuracy"]) <= 1.0
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert state["phase"] == "unet" and state["step"] == 2
+
+    train.main(["--out", str(out), "--run-dir", str(run_dir), "--steps", "4", *TINY])
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 4  # continued from step 2, did not restart
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    assert [int(r["step"]) for r in rows] == [2, 4]
+
+
+def test_time_budget_stops_training_early(tmp_path):
+    out, run_dir = tmp_path / "out", tmp_path / "run"
+    train.main(["--out", str(out), "--run-dir", str(run_dir), "--steps", "1000", "--minutes", "1e-6", *TINY])
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert state["step"] < 1000
+    assert (out / "unet_edge").exists()
+
+
+def test_parser_defaults_match_the_config():
+    args = train.build_parser().parse_args([])
+    assert args.threads == 1
+    assert args.steps == train.TrainConfig.steps
+    assert tuple(args.cloud_channels) == train.TrainConfig.cloud_channels
