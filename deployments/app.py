@@ -35,6 +35,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         max_batch_size=config.cloud_max_batch_size,
         batch_wait_timeout_s=config.cloud_batch_wait_timeout_s,
         torch_threads=config.torch_threads,
+        step_batching=config.cloud_step_batching,
     )
     predictor = StrengthPredictor.bind(
         state,

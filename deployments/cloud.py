@@ -13,6 +13,7 @@ from diffusionx.collaborative import CollaborativeRequest, PlanState, cloud_phas
 from diffusionx.generation import check_prompt_fits, refine, text_to_image
 from diffusionx.loading import load_model
 from diffusionx.requests import GenerationResult, Img2ImgRequest, PreviewRequest
+from diffusionx.step_batching import StepBatcher
 
 
 @serve.deployment(
@@ -32,9 +33,12 @@ class CloudRefiner(BatchedTier):
         max_batch_size: int = 4,
         batch_wait_timeout_s: float = 0.05,
         torch_threads: int | None = None,
+        step_batching: bool = True,
     ) -> None:
         self._init_tier("cloud", state, torch_threads, max_batch_size)
         self.model = load_model(model, device=device)
+        if step_batching:  # refinements of any strength share UNet batches, joining between steps
+            self._enable_step_batching("refine", StepBatcher(self.model, max_batch_size, tier="cloud"))
         for method in (self._refine_batch, self._generate_batch, self._plan_batch):
             method.set_max_batch_size(max_batch_size)
             method.set_batch_wait_timeout_s(batch_wait_timeout_s)

@@ -23,6 +23,10 @@ class AppArgs(BaseModel):
     edge_batch_wait_timeout_s: float = Field(0.05, ge=0.0, le=10.0, description="Batch wait, edge tier.")
     cloud_max_batch_size: int = Field(4, ge=1, le=256, description="@serve.batch max_batch_size, cloud tier.")
     cloud_batch_wait_timeout_s: float = Field(0.05, ge=0.0, le=10.0, description="Batch wait, cloud tier.")
+    cloud_step_batching: bool = Field(
+        True,
+        description="Step-level batching of refinements: any strengths share a batch, join between steps.",
+    )
     predictor_max_batch_size: int = Field(16, ge=1, le=1024, description="Batch size, strength predictor.")
     predictor_batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=10.0, description="Batch wait, predictor.")
     preview_cache_size: int = Field(1024, ge=1, le=1_000_000, description="Preview ids kept (LRU).")

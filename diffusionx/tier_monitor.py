@@ -39,28 +39,39 @@ class TierMonitor:
         self.queued += 1
         self.queued_steps += steps
 
-    def start_batch(self, size: int) -> None:
-        self.queued -= size
-        self.in_flight += size
-        self.batch_sizes.append(size)
+    # -- primitives (step-level batching uses them directly) ---------------------------------------------
+    def admit(self, count: int) -> None:
+        """`count` queued requests start running."""
+        self.queued -= count
+        self.in_flight += count
 
-    def finish_batch(self, size: int, steps: list[int], elapsed_s: float) -> None:
-        """`steps`: UNet steps of each request in the batch (they may differ when buckets are mixed)."""
-        self.in_flight -= size
-        self.queued_steps -= sum(steps)
-        self.requests_served += size
-        longest = max(steps, default=0)
-        if longest > 0:
-            measured = elapsed_s / longest
+    def ran(self, batch_size: int, steps: int, elapsed_s: float) -> None:
+        """A model call ran `steps` denoising steps for `batch_size` requests in `elapsed_s`."""
+        self.batch_sizes.append(batch_size)
+        if steps > 0:
+            measured = elapsed_s / steps
             previous = self.seconds_per_step
             self.seconds_per_step = (
                 measured if previous is None else (1 - self._ema) * previous + self._ema * measured
             )
 
-    def abandon(self, steps: int) -> None:
-        """A queued request that failed before its batch started (e.g. rejected)."""
-        self.queued -= 1
+    def progressed(self, steps: int) -> None:
+        """`steps` request-steps of queued work are done."""
         self.queued_steps -= steps
+
+    def completed(self, count: int) -> None:
+        self.in_flight -= count
+        self.requests_served += count
+
+    # -- whole batches -----------------------------------------------------------------------------------
+    def start_batch(self, size: int) -> None:
+        self.admit(size)
+
+    def finish_batch(self, size: int, steps: list[int], elapsed_s: float) -> None:
+        """`steps`: UNet steps of each request in the batch (they may differ when buckets are mixed)."""
+        self.ran(size, max(steps, default=0), elapsed_s)
+        self.progressed(sum(steps))
+        self.completed(size)
 
     def snapshot(self) -> TierSnapshot:
         return TierSnapshot(
