@@ -91,3 +91,13 @@ def test_parser_defaults_match_the_config():
     assert args.threads == 1
     assert args.steps == train.TrainConfig.steps
     assert tuple(args.cloud_channels) == train.TrainConfig.cloud_channels
+
+
+def test_metrics_csv_keeps_its_header_when_columns_change(tmp_path):
+    path = tmp_path / "metrics.csv"
+    train.append_metrics(path, {"step": 1, "cloud_accuracy": 0.2})
+    train.append_metrics(path, {"step": 2, "vae_accuracy": 0.9, "cloud_accuracy": 0.5})
+    rows = list(csv.DictReader(path.open()))
+    assert list(rows[0]) == ["step", "cloud_accuracy", "vae_accuracy"]
+    assert rows[0]["cloud_accuracy"] == "0.2" and rows[0]["vae_accuracy"] == ""
+    assert rows[1]["cloud_accuracy"] == "0.5" and rows[1]["vae_accuracy"] == "0.9"

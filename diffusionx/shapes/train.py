@@ -322,6 +322,23 @@ def decoder_step(
     return loss.item()
 
 
+def append_metrics(path: Path, metrics: dict[str, float]) -> None:
+    """Appends a row; rewrites the file when the columns changed (e.g. resumed with a newer version)."""
+    rows = list(csv.DictReader(path.open())) if path.exists() else []
+    columns = list(dict.fromkeys([*(rows[0].keys() if rows else []), *metrics]))
+    if rows and list(rows[0].keys()) != columns:
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+    new_file = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        if new_file:
+            writer.writeheader()
+        writer.writerow(metrics)
+
+
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters(), strict=False):
@@ -438,13 +455,7 @@ def train(config: TrainConfig) -> None:
         metrics.update(evaluate_export(config, out))
         metrics["eval_s"] = time.perf_counter() - started
         print("eval " + json.dumps({k: round(v, 4) for k, v in metrics.items()}), flush=True)
-        metrics_path = run_dir / "metrics.csv"
-        new_file = not metrics_path.exists()
-        with metrics_path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(metrics))
-            if new_file:
-                writer.writeheader()
-            writer.writerow(metrics)
+        append_metrics(run_dir / "metrics.csv", metrics)
 
     if start_step == 0:
         checkpoint(0)  # the VAE phase is never redone after this point
