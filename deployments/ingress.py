@@ -116,6 +116,7 @@ class DiffusionXIngress:
     def __init__(self, edge: Any, predictor: Any, cloud: Any, state: Any, args: dict | None = None) -> None:
         self.edge, self.predictor, self.cloud, self.state = edge, predictor, cloud, state
         self.args = AppArgs(**(args or {}))
+        self._cloud_info: dict | None = None  # the cloud tier's model facts; fixed for a deployment
         self.router_config = RouterConfig(
             min_steps=self.args.router_min_steps, strength_floor=self.args.router_strength_floor
         )
@@ -131,6 +132,11 @@ class DiffusionXIngress:
                 "send the image itself instead"
             )
         return Image.open(io.BytesIO(png)).convert("RGB")
+
+    async def _cloud_default_steps(self) -> int:
+        if self._cloud_info is None:
+            self._cloud_info = await ask(self.cloud.info)
+        return int(self._cloud_info["default_steps"])
 
     async def _cloud_load(self) -> CloudLoad:
         tier = await ask(self.state.tier, "cloud")
@@ -157,7 +163,7 @@ class DiffusionXIngress:
             ask(self.predictor.predict, prompt, image), self._cloud_load()
         )
         timings["predict"] = _ms(start)
-        steps = num_inference_steps or (await ask(self.cloud.info))["default_steps"]
+        steps = num_inference_steps or await self._cloud_default_steps()
         target = latency_target_ms if latency_target_ms is not None else self.args.default_latency_target_ms
         decision = decide_route(
             strength if strength is not None else strength_predicted, steps, load, target, self.router_config
@@ -313,7 +319,7 @@ class DiffusionXIngress:
     async def _collaborative(self, body: GenerateBody, text_request: PreviewRequest) -> tuple:
         """hybrid / ec-diff: the cloud tier plans steps 0..s-1, the latents travel to the edge tier, which
         runs s..N-1 and decodes. Each tier batches its part with other requests."""
-        steps = body.num_inference_steps or (await ask(self.cloud.info))["default_steps"]
+        steps = body.num_inference_steps or await self._cloud_default_steps()
         if body.mode == "hybrid":
             params = CollaborationParams.hybrid(
                 steps, switch_step=body.switch_step, guidance_scale=body.guidance_scale

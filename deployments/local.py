@@ -7,6 +7,7 @@ config so per-deployment options apply) and then waits until `/v1/health` answer
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,19 @@ import httpx
 import yaml
 
 REPO_DIR = Path(__file__).resolve().parents[1]
-CPU_CONFIG = REPO_DIR / "serve_config_cpu.yaml"
-PRODUCTION_CONFIG = REPO_DIR / "serve_config.yaml"
+
+
+def shipped_config(name: str) -> Path:
+    """A config that ships with the project: beside the sources (checkout, editable install), else where a
+    wheel install puts it (<prefix>/share/diffusionx)."""
+    for directory in (REPO_DIR, Path(sys.prefix) / "share" / "diffusionx"):
+        if (directory / name).exists():
+            return directory / name
+    return REPO_DIR / name
+
+
+CPU_CONFIG = shipped_config("serve_config_cpu.yaml")
+PRODUCTION_CONFIG = shipped_config("serve_config.yaml")
 
 
 def embedded_models_available() -> bool:
