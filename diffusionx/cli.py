@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("deployments.serve_local", "serve an application on http://127.0.0.1:8000 until interrupted"),
     "eval": ("diffusionx.evaluation", "quality and cost of a mode on the embedded shapes models"),
     "search": ("diffusionx.search", "EC-Diff two-stage greedy search of (p, k, a) then s"),
+    "compare": ("diffusionx.compare_modes", "every mode on the same prompts: UNet calls, seconds, quality"),
     "train-shapes": (
         "diffusionx.shapes.train",
         "train the embedded shapes models (VAE, text encoder, UNets)",
