@@ -82,8 +82,8 @@ REGISTRY: dict[str, ModelSpec] = {
             family="shapes",
             tier="cloud",
             unet_subfolder="unet",
-            default_steps=20,
-            guidance_scale=3.0,
+            default_steps=20,  # judge accuracy 0.938 on 128 held-out prompts (model card)
+            guidance_scale=4.0,
             default_size=32,
             description="Embedded cloud model of the shapes world (ships inside the package).",
         ),
@@ -94,8 +94,8 @@ REGISTRY: dict[str, ModelSpec] = {
             tier="edge",
             unet_subfolder="unet_edge",
             default_steps=8,
-            preview_steps=8,
-            guidance_scale=3.0,
+            preview_steps=8,  # judge accuracy 0.786, ~6x cheaper per image than the cloud at 20 steps
+            guidance_scale=4.0,
             default_size=32,
             description="Embedded edge model of the shapes world: small UNet, shared VAE/text encoder.",
         ),
