@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from diffusionx.collaborative import CollaborationParams, CollaborativeRequest, generate_collaborative
-from diffusionx.generation import preview, refine, text_to_image
+from diffusionx.generation import preview, text_to_image
 from diffusionx.loading import LoadedModel
 from diffusionx.requests import (
     GenerationResult,
@@ -33,6 +33,7 @@ from diffusionx.requests import (
     check_steps,
     check_strength,
 )
+from diffusionx.step_batching import refine_step_batched
 
 MODES: tuple[str, ...] = ("diffusionx", "cloud", "edge", "hybrid", "ec-diff")
 DEFAULT_MODE = "diffusionx"
@@ -192,7 +193,8 @@ def generate(
         )
         for r, p, s in zip(requests, previews, strengths, strict=True)
     ]
-    refined = refine(cloud, refine_requests)
+    # predicted strengths differ per preview: step-level batching lets them share UNet calls
+    refined = refine_step_batched(cloud, refine_requests, max_batch_size=max(1, len(refine_requests)))
     results = []
     for prev, final in zip(previews, refined, strict=True):
         timings = {f"preview_{key}": value for key, value in prev.timings_ms.items()}
