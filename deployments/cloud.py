@@ -8,7 +8,7 @@ from typing import Any
 
 from ray import serve
 
-from deployments.tier import BatchedTier
+from deployments.tier import MAX_CONCURRENT_BATCHES, BatchedTier
 from diffusionx.collaborative import CollaborativeRequest, PlanState, cloud_phase, expected_unet_calls
 from diffusionx.generation import check_prompt_fits, refine, text_to_image
 from diffusionx.loading import load_model
@@ -65,15 +65,15 @@ class CloudRefiner(BatchedTier):
         check_prompt_fits(self.model, [request.prompt])
         return await self._submit(self._plan_batch, request, expected_unet_calls(request.params).cloud)
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05, max_concurrent_batches=MAX_CONCURRENT_BATCHES)
     async def _plan_batch(self, items: list[tuple]) -> list[PlanState]:
         return await self._compute("plan", lambda requests: cloud_phase(self.model, requests), items)
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05, max_concurrent_batches=MAX_CONCURRENT_BATCHES)
     async def _refine_batch(self, items: list[tuple]) -> list[GenerationResult]:
         return await self._compute("refine", lambda requests: refine(self.model, requests), items)
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05, max_concurrent_batches=MAX_CONCURRENT_BATCHES)
     async def _generate_batch(self, items: list[tuple]) -> list[GenerationResult]:
         return await self._compute(
             "generate", lambda requests: text_to_image(self.model, requests, tier="cloud"), items

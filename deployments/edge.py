@@ -7,7 +7,7 @@ from typing import Any
 
 from ray import serve
 
-from deployments.tier import BatchedTier
+from deployments.tier import MAX_CONCURRENT_BATCHES, BatchedTier
 from diffusionx.collaborative import PlanState, edge_phase
 from diffusionx.generation import check_prompt_fits, edit, preview
 from diffusionx.loading import load_model
@@ -62,14 +62,14 @@ class EdgePreviewer(BatchedTier):
         steps = state.params.num_inference_steps - state.step_index
         return await self._submit(self._finish_batch, state, steps)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05, max_concurrent_batches=MAX_CONCURRENT_BATCHES)
     async def _finish_batch(self, items: list[tuple]) -> list[GenerationResult]:
         return await self._compute("finish", lambda states: edge_phase(self.model, states), items)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05, max_concurrent_batches=MAX_CONCURRENT_BATCHES)
     async def _preview_batch(self, items: list[tuple]) -> list[GenerationResult]:
         return await self._compute("preview", lambda requests: preview(self.model, requests), items)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05, max_concurrent_batches=MAX_CONCURRENT_BATCHES)
     async def _edit_batch(self, items: list[tuple]) -> list[GenerationResult]:
         return await self._compute("edit", lambda requests: edit(self.model, requests), items)

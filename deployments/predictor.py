@@ -7,7 +7,7 @@ from typing import Any
 from PIL import Image
 from ray import serve
 
-from deployments.tier import BatchedTier
+from deployments.tier import MAX_CONCURRENT_BATCHES, BatchedTier
 from diffusionx.strength import predict_strength
 
 
@@ -33,7 +33,7 @@ class StrengthPredictor(BatchedTier):
     async def predict(self, prompt: str, image: Image.Image) -> float:
         return await self._submit(self._predict_batch, (prompt, image), 0)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=MAX_CONCURRENT_BATCHES)
     async def _predict_batch(self, items: list[tuple]) -> list[float]:
         return await self._compute(
             "predict", lambda pairs: [predict_strength(p, image) for p, image in pairs], items

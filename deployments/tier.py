@@ -28,6 +28,10 @@ from ray import serve
 from diffusionx.step_batching import StepBatcher, Ticket
 from diffusionx.tier_monitor import TierMonitor, snapshot_dict
 
+# Serve batches handed on to the model loop at once. With the default 1, Serve holds back the next batch
+# until the model loop finished the previous one, so nothing could be merged.
+MAX_CONCURRENT_BATCHES = 4
+
 
 @dataclass
 class _PendingBatch:
