@@ -52,10 +52,8 @@ from diffusionx.requests import (
     InvalidRequestError,
     UnetCalls,
     check_guidance,
-    check_prompt,
-    check_seed,
-    check_side,
     check_steps,
+    check_text_request,
 )
 
 StepRole = Literal["cloud", "approximated", "edge"]
@@ -211,12 +209,7 @@ class CollaborativeRequest:
     params: CollaborationParams = field(default_factory=CollaborationParams)
 
     def __post_init__(self) -> None:
-        check_prompt(self.prompt)
-        check_seed(self.seed)
-        if self.width is not None:
-            check_side("width", self.width)
-        if self.height is not None:
-            check_side("height", self.height)
+        check_text_request(self.prompt, self.seed, self.width, self.height)
         if not isinstance(self.params, CollaborationParams):
             raise InvalidRequestError(f"params must be CollaborationParams, got {type(self.params).__name__}")
 

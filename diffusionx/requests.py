@@ -107,6 +107,16 @@ def check_seed(value: int) -> int:
     return value
 
 
+def check_text_request(prompt: str, seed: int, width: int | None, height: int | None) -> None:
+    """The fields every text-to-image request has; unset sizes take the model's default."""
+    check_prompt(prompt)
+    check_seed(seed)
+    if width is not None:
+        check_side("width", width)
+    if height is not None:
+        check_side("height", height)
+
+
 @dataclass
 class PreviewRequest:
     """Text-to-image on the edge model. Unset fields take the model's defaults."""
@@ -119,12 +129,7 @@ class PreviewRequest:
     guidance_scale: float | None = None
 
     def __post_init__(self) -> None:
-        check_prompt(self.prompt)
-        check_seed(self.seed)
-        if self.width is not None:
-            check_side("width", self.width)
-        if self.height is not None:
-            check_side("height", self.height)
+        check_text_request(self.prompt, self.seed, self.width, self.height)
         if self.num_inference_steps is not None:
             check_steps(self.num_inference_steps)
         if self.guidance_scale is not None:
