@@ -94,6 +94,18 @@ async def _overloaded(_: Request, error: TierOverloaded) -> JSONResponse:
     return _error(503, f"overloaded, retry later: {error}", headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
+def to_text_request(body: PreviewBody | GenerateBody) -> PreviewRequest:
+    """The library's text-to-image request for an HTTP body (unset fields: the model's defaults)."""
+    return PreviewRequest(
+        body.prompt,
+        seed=body.seed,
+        width=body.width,
+        height=body.height,
+        num_inference_steps=body.num_inference_steps,
+        guidance_scale=body.guidance_scale,
+    )
+
+
 def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000.0, 3)
 
@@ -212,15 +224,7 @@ class DiffusionXIngress:
             )
             result: GenerationResult = await ask(self.edge.edit, request)
         else:
-            request = PreviewRequest(
-                body.prompt,
-                seed=body.seed,
-                width=body.width,
-                height=body.height,
-                num_inference_steps=body.num_inference_steps,
-                guidance_scale=body.guidance_scale,
-            )
-            result = await ask(self.edge.preview, request)
+            result = await ask(self.edge.preview, to_text_request(body))
         png = _png_bytes(result.image)
         preview_id = await ask(self.state.put_preview, png)
         return {
@@ -265,14 +269,7 @@ class DiffusionXIngress:
     @app.post("/v1/generate", response_model=GenerateResponse)
     async def generate(self, body: GenerateBody) -> dict:
         start = time.perf_counter()
-        text_request = PreviewRequest(
-            body.prompt,
-            seed=body.seed,
-            width=body.width,
-            height=body.height,
-            num_inference_steps=body.num_inference_steps,
-            guidance_scale=body.guidance_scale,
-        )
+        text_request = to_text_request(body)
         parameters: dict[str, Any] = {}
         if body.mode == "cloud":
             result: GenerationResult = await ask(self.cloud.generate, text_request)
