@@ -9,11 +9,16 @@ from typing import Any
 from ray import serve
 
 from deployments.tier import MAX_CONCURRENT_BATCHES, BatchedTier
-from diffusionx.collaborative import CollaborativeRequest, PlanState, cloud_phase, expected_unet_calls
-from diffusionx.generation import check_prompt_fits, refine, text_to_image
-from diffusionx.loading import load_model
+from diffusionx.models.loading import load_model
 from diffusionx.requests import GenerationResult, Img2ImgRequest, PreviewRequest
-from diffusionx.step_batching import StepBatcher
+from diffusionx.sampling.collaborative import (
+    CollaborativeRequest,
+    PlanState,
+    cloud_phase,
+    expected_unet_calls,
+)
+from diffusionx.sampling.generation import check_prompt_fits, refine, text_to_image
+from diffusionx.sampling.step_batching import StepBatcher
 
 
 @serve.deployment(

@@ -8,10 +8,10 @@ from typing import Any
 from ray import serve
 
 from deployments.tier import MAX_CONCURRENT_BATCHES, BatchedTier
-from diffusionx.collaborative import PlanState, edge_phase
-from diffusionx.generation import check_prompt_fits, edit, preview
-from diffusionx.loading import load_model
+from diffusionx.models.loading import load_model
 from diffusionx.requests import GenerationResult, Img2ImgRequest, PreviewRequest
+from diffusionx.sampling.collaborative import PlanState, edge_phase
+from diffusionx.sampling.generation import check_prompt_fits, edit, preview
 
 
 @serve.deployment(

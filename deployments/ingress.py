@@ -26,8 +26,8 @@ from diffusionx.api import (
     StatsResponse,
 )
 from diffusionx.app_config import AppArgs
-from diffusionx.collaborative import CollaborationParams, CollaborativeRequest
 from diffusionx.imaging import decode_png_base64, encode_png_base64
+from diffusionx.policy.router import CloudLoad, RouterConfig, decide_route
 from diffusionx.requests import (
     GenerationResult,
     Img2ImgRequest,
@@ -35,7 +35,7 @@ from diffusionx.requests import (
     PreviewRequest,
     UnetCalls,
 )
-from diffusionx.router import CloudLoad, RouterConfig, decide_route
+from diffusionx.sampling.collaborative import CollaborationParams, CollaborativeRequest
 
 RETRY_AFTER_S = 1
 

@@ -32,7 +32,7 @@ PRODUCTION_CONFIG = shipped_config("serve_config.yaml")
 
 
 def embedded_models_available() -> bool:
-    from diffusionx.registry import EMBEDDED_SHAPES_DIR
+    from diffusionx.models.registry import EMBEDDED_SHAPES_DIR
 
     return (EMBEDDED_SHAPES_DIR / "model_index.json").exists() and (
         EMBEDDED_SHAPES_DIR / "unet_edge"

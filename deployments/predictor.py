@@ -8,7 +8,7 @@ from PIL import Image
 from ray import serve
 
 from deployments.tier import MAX_CONCURRENT_BATCHES, BatchedTier
-from diffusionx.strength import predict_strength
+from diffusionx.policy.strength import predict_strength
 
 
 @serve.deployment(
@@ -28,7 +28,7 @@ class StrengthPredictor(BatchedTier):
         self._predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     async def info(self) -> dict:
-        return {"predictor": "heuristic", "module": "diffusionx.strength"}
+        return {"predictor": "heuristic", "module": "diffusionx.policy.strength"}
 
     async def predict(self, prompt: str, image: Image.Image) -> float:
         return await self._submit(self._predict_batch, (prompt, image), 0)

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from ray import serve
 
-from diffusionx.step_batching import StepBatcher, Ticket
-from diffusionx.tier_monitor import TierMonitor, snapshot_dict
+from diffusionx.engine.monitor import TierMonitor, snapshot_dict
+from diffusionx.sampling.step_batching import StepBatcher, Ticket
 
 # Serve batches handed on to the model loop at once. With the default 1, Serve holds back the next batch
 # until the model loop finished the previous one, so nothing could be merged.

@@ -3,9 +3,8 @@
 The library holds the model math and policies and never imports Ray; `deployments/` binds it to Ray Serve.
 """
 
-from diffusionx.generation import edit, preview, refine, text_to_image
-from diffusionx.loading import LoadedModel, ModelNotAvailableError, load_model
-from diffusionx.registry import REGISTRY, ModelSpec, get_spec
+from diffusionx.models.loading import LoadedModel, ModelNotAvailableError, load_model
+from diffusionx.models.registry import REGISTRY, ModelSpec, get_spec
 from diffusionx.requests import (
     GenerationResult,
     Img2ImgRequest,
@@ -13,6 +12,7 @@ from diffusionx.requests import (
     PreviewRequest,
     UnetCalls,
 )
+from diffusionx.sampling.generation import edit, preview, refine, text_to_image
 
 __version__ = "0.1.0"
 

@@ -35,8 +35,8 @@ from clients.demo import (
     write_summary,
 )
 from clients.errors import InvalidRequest
-from diffusionx.generation import check_prompt_fits
-from diffusionx.loading import LoadedModel
+from diffusionx.models.loading import LoadedModel
+from diffusionx.sampling.generation import check_prompt_fits
 from diffusionx.shapes import data
 
 

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusionx.collaborative import CollaborationParams, expected_unet_calls
-from diffusionx.generation import text_to_image
-from diffusionx.modes import MODES, GenerateRequest, collaboration_params, generate
 from diffusionx.requests import InvalidRequestError, PreviewRequest
+from diffusionx.sampling.collaborative import CollaborationParams, expected_unet_calls
+from diffusionx.sampling.generation import text_to_image
+from diffusionx.workflows.modes import MODES, GenerateRequest, collaboration_params, generate
 
 
 def pixels(image: Image.Image) -> np.ndarray:

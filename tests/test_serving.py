@@ -125,8 +125,12 @@ def test_ec_diff_and_hybrid_pass_latents_from_the_cloud_tier_to_the_edge_tier(ht
     hybrid = http.post("/v1/generate", json={**body, "mode": "hybrid", "switch_step": 30}).json()
     assert hybrid["unet_calls"] == {"cloud": 30, "edge": 20, "approximated": 0}
     # the served split equals the in-process sampler (same seed, same models)
-    from diffusionx.collaborative import CollaborationParams, CollaborativeRequest, generate_collaborative
-    from diffusionx.loading import load_model
+    from diffusionx.models.loading import load_model
+    from diffusionx.sampling.collaborative import (
+        CollaborationParams,
+        CollaborativeRequest,
+        generate_collaborative,
+    )
 
     cloud = load_model("tiny-random", device="cpu")
     edge = load_model("tiny-random-edge", device="cpu")
@@ -320,9 +324,9 @@ def test_refinements_of_different_strengths_share_cloud_batches(http, serve_url)
     still gets the image it would get alone."""
     import numpy as np
 
-    from diffusionx.generation import refine
-    from diffusionx.loading import load_model
+    from diffusionx.models.loading import load_model
     from diffusionx.requests import Img2ImgRequest
+    from diffusionx.sampling.generation import refine
 
     image = Image.new("RGB", (32, 32), (200, 40, 40))
     before = http.get("/v1/stats").json()["tiers"]["cloud"]["requests_served"]

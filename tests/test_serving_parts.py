@@ -11,11 +11,11 @@ from PIL import Image
 from pydantic import ValidationError
 
 from diffusionx.api import GenerateBody, PreviewBody, RefineBody
+from diffusionx.engine.monitor import TierMonitor, merge_snapshots, snapshot_dict
+from diffusionx.engine.preview_cache import PreviewCache
 from diffusionx.imaging import decode_png_base64, encode_png_base64
-from diffusionx.preview_cache import PreviewCache
+from diffusionx.policy.strength import HeuristicStrengthConfig, predict_strength, residual_noise
 from diffusionx.requests import InvalidRequestError
-from diffusionx.strength import HeuristicStrengthConfig, predict_strength, residual_noise
-from diffusionx.tier_monitor import TierMonitor, merge_snapshots, snapshot_dict
 
 
 def test_noisier_previews_and_richer_prompts_get_more_strength():

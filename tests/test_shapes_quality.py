@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from diffusionx.generation import preview, text_to_image
-from diffusionx.loading import load_model
-from diffusionx.modes import generate
-from diffusionx.registry import EMBEDDED_SHAPES_DIR
+from diffusionx.models.loading import load_model
+from diffusionx.models.registry import EMBEDDED_SHAPES_DIR
 from diffusionx.requests import PreviewRequest
+from diffusionx.sampling.generation import preview, text_to_image
 from diffusionx.shapes.data import heldout_prompts
 from diffusionx.shapes.judge import mean_scores
+from diffusionx.workflows.modes import generate
 
 pytestmark = pytest.mark.skipif(
     not (EMBEDDED_SHAPES_DIR / "unet_edge").exists(), reason="embedded shapes weights not built"

@@ -10,10 +10,10 @@ import torch
 from diffusers import DDIMScheduler
 from PIL import Image
 
-from diffusionx import generation, step_batching
-from diffusionx.generation import refine
 from diffusionx.requests import GenerationResult, Img2ImgRequest, InvalidRequestError
-from diffusionx.step_batching import StepBatcher, refine_step_batched
+from diffusionx.sampling import generation, step_batching
+from diffusionx.sampling.generation import refine
+from diffusionx.sampling.step_batching import StepBatcher, refine_step_batched
 
 torch.set_num_threads(1)
 

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import DDIMScheduler
 
-from diffusionx.generation import (
+from diffusionx.models.loading import LoadedModel
+from diffusionx.requests import GenerationResult, Img2ImgRequest, UnetCalls
+from diffusionx.sampling.generation import (
     check_prompt_fits,
     decode_latents,
     encode_images,
@@ -30,8 +32,6 @@ from diffusionx.generation import (
     predict_noise,
     seeded_noise,
 )
-from diffusionx.loading import LoadedModel
-from diffusionx.requests import GenerationResult, Img2ImgRequest, UnetCalls
 
 TIERS = ("cloud", "edge")
 BATCH_SIZE_HISTORY = 4096  # steps of `recent_batch_sizes` kept (a bounded log for a long-running replica)

@@ -53,7 +53,7 @@ def build_tiny_random(directory: Path) -> None:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from diffusionx.tokenizer import write_clip_tokenizer
+    from diffusionx.models.tokenizer import write_clip_tokenizer
 
     tokenizer = write_clip_tokenizer(directory / "tokenizer", WORDS, model_max_length=TOKENIZER_MAX_LENGTH)
     torch.manual_seed(0)

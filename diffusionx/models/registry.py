@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
 EMBEDDED_SHAPES_DIR = PACKAGE_DIR / "models" / "shapes"
 
 
@@ -101,7 +101,7 @@ REGISTRY: dict[str, ModelSpec] = {
         ),
         ModelSpec(
             name="tiny-random",
-            source="",  # built on first use, see diffusionx.tiny_random
+            source="",  # built on first use, see diffusionx.models.tiny_random
             family="tiny-random",
             tier="test",
             default_steps=4,
@@ -133,7 +133,7 @@ def get_spec(name_or_path: str) -> ModelSpec:
     if name_or_path in REGISTRY:
         spec = REGISTRY[name_or_path]
         if spec.family == "tiny-random":
-            from diffusionx.tiny_random import ensure_tiny_random
+            from diffusionx.models.tiny_random import ensure_tiny_random
 
             spec = replace(spec, source=str(ensure_tiny_random()))
         return spec

@@ -42,7 +42,9 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from diffusionx.collaborative import (
+from diffusionx.models.loading import LoadedModel, ModelNotAvailableError, load_model
+from diffusionx.models.registry import get_spec
+from diffusionx.sampling.collaborative import (
     REFERENCE_SMOOTHING,
     CollaborationParams,
     CollaborativeRequest,
@@ -51,8 +53,6 @@ from diffusionx.collaborative import (
     generate_collaborative,
     plan_steps,
 )
-from diffusionx.loading import LoadedModel, ModelNotAvailableError, load_model
-from diffusionx.registry import get_spec
 from diffusionx.shapes.data import heldout_prompts
 from diffusionx.shapes.judge import score
 

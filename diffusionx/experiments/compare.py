@@ -14,14 +14,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from diffusionx.evaluation import (
+from diffusionx.experiments.evaluation import (
     DEFAULT_BATCH_SIZE,
     EvalReport,
     evaluate_mode,
     heuristic_strengths,
     load_pair,
 )
-from diffusionx.loading import ModelNotAvailableError
+from diffusionx.models.loading import ModelNotAvailableError
 from diffusionx.shapes.data import heldout_prompts
 
 COLUMNS = ("mode", "cloud_calls", "edge_calls", "approximated", "seconds_per_image", "quality", "settings")

@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 from PIL import Image
 from tqdm import tqdm
 
-from diffusionx.loading import LoadedModel, ModelNotAvailableError, load_model
-from diffusionx.modes import DEFAULT_STRENGTH, MODES, GenerateRequest, generate
-from diffusionx.registry import get_spec
+from diffusionx.models.loading import LoadedModel, ModelNotAvailableError, load_model
+from diffusionx.models.registry import get_spec
+from diffusionx.policy.strength import predict_strength
 from diffusionx.requests import InvalidRequestError
 from diffusionx.shapes.data import heldout_prompts
 from diffusionx.shapes.judge import score
-from diffusionx.strength import predict_strength
+from diffusionx.workflows.modes import DEFAULT_STRENGTH, MODES, GenerateRequest, generate
 
 DEFAULT_CLOUD = "shapes-cloud"
 DEFAULT_EDGE = "shapes-edge"
@@ -128,7 +128,7 @@ def evaluate_mode(
 
 
 def heuristic_strengths(images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
-    """The strength predictor the served application uses (diffusionx.strength)."""
+    """The strength predictor the served application uses (diffusionx.policy.strength)."""
     return [predict_strength(prompt, image) for image, prompt in zip(images, prompts, strict=True)]
 
 
@@ -221,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         **report.settings,
     }
     if args.mode == "diffusionx" and args.strength is None:
-        report.settings["strength"] = "predicted (diffusionx.strength heuristic)"
+        report.settings["strength"] = "predicted (diffusionx.policy.strength heuristic)"
     if args.json:
         print(json.dumps(report.to_dict()))
     else:

@@ -22,9 +22,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from diffusionx.collaborative import CollaborationParams, CollaborativeRequest, generate_collaborative
-from diffusionx.generation import preview, text_to_image
-from diffusionx.loading import LoadedModel
+from diffusionx.models.loading import LoadedModel
 from diffusionx.requests import (
     GenerationResult,
     Img2ImgRequest,
@@ -33,7 +31,13 @@ from diffusionx.requests import (
     check_steps,
     check_strength,
 )
-from diffusionx.step_batching import refine_step_batched
+from diffusionx.sampling.collaborative import (
+    CollaborationParams,
+    CollaborativeRequest,
+    generate_collaborative,
+)
+from diffusionx.sampling.generation import preview, text_to_image
+from diffusionx.sampling.step_batching import refine_step_batched
 
 MODES: tuple[str, ...] = ("diffusionx", "cloud", "edge", "hybrid", "ec-diff")
 DEFAULT_MODE = "diffusionx"
