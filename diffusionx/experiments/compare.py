@@ -18,7 +18,6 @@ from diffusionx.experiments.evaluation import (
     DEFAULT_BATCH_SIZE,
     EvalReport,
     evaluate_mode,
-    heuristic_strengths,
     load_pair,
 )
 from diffusionx.models.loading import ModelNotAvailableError
@@ -109,7 +108,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             batch_size=args.batch_size,
             request_fields=fields,
-            strength_predictor=heuristic_strengths if mode == "diffusionx" else None,
             progress=not args.no_progress,
         )
         rows.append(row(report))
