@@ -65,7 +65,7 @@ def _drop_none(**fields: Any) -> dict[str, Any]:
 
 
 class _ClientBase:
-    """Configuration, request bodies and response handling shared by the sync and async clients."""
+    """Configuration, request bodies and response handling of the client."""
 
     def __init__(
         self,
@@ -81,53 +81,14 @@ class _ClientBase:
         self.retries_on_overload = retries_on_overload
         self.max_retry_wait_s = max_retry_wait_s
 
-    # -- request bodies (field names are the server's, see diffusionx.api) --------------------------------
-
     @staticmethod
-    def _preview_body(
-        prompt: str,
-        seed: int,
-        width: int | None,
-        height: int | None,
-        num_inference_steps: int | None,
-        guidance_scale: float | None,
-        image: ImageLike | None,
-        preview_id: str | None,
-        strength: float | None,
-    ) -> dict[str, Any]:
-        return _drop_none(
-            prompt=prompt,
-            seed=seed,
-            width=width,
-            height=height,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            image=None if image is None else encode_image(image),
-            preview_id=preview_id,
-            strength=strength,
-        )
-
-    @staticmethod
-    def _refine_body(
-        prompt: str,
-        seed: int,
-        image: ImageLike | None,
-        preview_id: str | None,
-        strength: float | None,
-        num_inference_steps: int | None,
-        latency_target_ms: float | None,
-        guidance_scale: float | None,
-    ) -> dict[str, Any]:
-        return _drop_none(
-            prompt=prompt,
-            seed=seed,
-            image=None if image is None else encode_image(image),
-            preview_id=preview_id,
-            strength=strength,
-            num_inference_steps=num_inference_steps,
-            latency_target_ms=latency_target_ms,
-            guidance_scale=guidance_scale,
-        )
+    def _body(arguments: dict[str, Any]) -> dict[str, Any]:
+        """The JSON body from a method's arguments (field names are the server's, see diffusionx.api):
+        unset fields are not sent, an image goes as base64 PNG."""
+        fields = {name: value for name, value in arguments.items() if name != "self"}
+        if fields.get("image") is not None:
+            fields["image"] = encode_image(fields["image"])
+        return _drop_none(**fields)
 
     # -- responses ----------------------------------------------------------------------------------------
 
@@ -230,28 +191,22 @@ class AsyncDiffusionXClient(_ClientBase):
         strength: float | None = None,
     ) -> PreviewResult:
         """POST /v1/preview: a fast edge-tier image; with `image` or `preview_id` and `strength`, an edit."""
-        body = self._preview_body(
-            prompt, seed, width, height, num_inference_steps, guidance_scale, image, preview_id, strength
-        )
-        return await self._call("POST", "/v1/preview", PreviewResult, body)
+        return await self._call("POST", "/v1/preview", PreviewResult, self._body(locals()))
 
     async def refine(
         self,
         prompt: str,
         *,
-        seed: int = 0,
         preview_id: str | None = None,
         image: ImageLike | None = None,
+        seed: int = 0,
         strength: float | None = None,
         num_inference_steps: int | None = None,
         latency_target_ms: float | None = None,
         guidance_scale: float | None = None,
     ) -> RefineResult:
         """POST /v1/refine: the cloud tier refines a preview; `strength` overrides the predicted strength."""
-        body = self._refine_body(
-            prompt, seed, image, preview_id, strength, num_inference_steps, latency_target_ms, guidance_scale
-        )
-        return await self._call("POST", "/v1/refine", RefineResult, body)
+        return await self._call("POST", "/v1/refine", RefineResult, self._body(locals()))
 
     async def generate(
         self, prompt: str, *, seed: int = 0, mode: str = "diffusionx", **params: Any

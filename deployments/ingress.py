@@ -129,32 +129,20 @@ async def _overloaded(_: Request, error: TierOverloaded) -> JSONResponse:
     return _error(503, f"overloaded, retry later: {error}", headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
-def to_text_request(body: PreviewBody) -> PreviewRequest:
-    """The library's text-to-image request for a preview body (unset fields: the model's defaults)."""
-    return PreviewRequest(
-        body.prompt,
-        seed=body.seed,
-        width=body.width,
-        height=body.height,
-        num_inference_steps=body.num_inference_steps,
-        guidance_scale=body.guidance_scale,
-    )
-
-
-def to_generate_request(body: GenerateBody) -> GenerateRequest:
-    return GenerateRequest(
-        body.prompt,
-        seed=body.seed,
-        width=body.width,
-        height=body.height,
-        num_inference_steps=body.num_inference_steps,
-        guidance_scale=body.guidance_scale,
-        switch_step=body.switch_step,
-        warmup_steps=body.warmup_steps,
-        approx_interval=body.approx_interval,
-        smoothing=body.smoothing,
-        latency_target_ms=body.latency_target_ms,
-    )
+def to_request(body: PreviewBody | GenerateBody) -> PreviewRequest:
+    """The library's request for an HTTP body (unset fields: the model's or the mode's defaults): a
+    text-to-image request for a preview, a GenerateRequest with the mode's parameters for a generate."""
+    common = {
+        "seed": body.seed,
+        "width": body.width,
+        "height": body.height,
+        "num_inference_steps": body.num_inference_steps,
+        "guidance_scale": body.guidance_scale,
+    }
+    if not isinstance(body, GenerateBody):
+        return PreviewRequest(body.prompt, **common)
+    mode_fields = ("switch_step", "warmup_steps", "approx_interval", "smoothing", "latency_target_ms")
+    return GenerateRequest(body.prompt, **common, **{name: getattr(body, name) for name in mode_fields})
 
 
 def _ms(start: float) -> float:
@@ -229,7 +217,7 @@ class DiffusionXIngress:
             )
             result = await modes.edit(self.tiers, request)
         else:
-            result = await modes.preview(self.tiers, to_text_request(body))
+            result = await modes.preview(self.tiers, to_request(body))
         png = await asyncio.to_thread(imaging.encode_png, result.image)
         preview_id = await ask(self.state.put_preview, png)
         return {
@@ -275,7 +263,7 @@ class DiffusionXIngress:
     @app.post("/v1/generate", response_model=GenerateResponse)
     async def generate(self, body: GenerateBody) -> dict:
         start = time.perf_counter()
-        generated = await modes.generate(self.tiers, body.mode, to_generate_request(body))
+        generated = await modes.generate(self.tiers, body.mode, to_request(body))
         result = generated.result
         return {
             "image": await asyncio.to_thread(imaging.encode_png_base64, result.image),

@@ -148,6 +148,12 @@ def load_pair(
     return cloud, edge
 
 
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Options every in-process experiment takes: the torch device and the progress bar."""
+    parser.add_argument("--device", default=None, help="torch device (default: CUDA if available, else CPU)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffusionx eval",
@@ -174,8 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cloud", default=DEFAULT_CLOUD, help=f"cloud model (default {DEFAULT_CLOUD})")
     parser.add_argument("--edge", default=DEFAULT_EDGE, help=f"edge model (default {DEFAULT_EDGE})")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="requests per batch")
-    parser.add_argument("--device", default=None, help="torch device (default: CUDA if available, else CPU)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_run_options(parser)
     return parser
 
 

@@ -42,6 +42,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from diffusionx.experiments.evaluation import add_run_options
 from diffusionx.models.loading import LoadedModel, ModelNotAvailableError, load_model
 from diffusionx.models.registry import get_spec
 from diffusionx.sampling.collaborative import (
@@ -391,8 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--quality", choices=sorted(QUALITY_FUNCTIONS), default="judge", help="quality measure"
     )
     parser.add_argument("--batch-size", type=int, default=DEFAULT_N, help="requests per sampler batch")
-    parser.add_argument("--device", default=None, help="torch device (default: CUDA if available, else CPU)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_run_options(parser)
     return parser
 
 
