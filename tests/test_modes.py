@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusionx.requests import InvalidRequestError, PreviewRequest
+from diffusionx.requests import GenerationResult, InvalidRequestError, PreviewRequest, UnetCalls
 from diffusionx.sampling.collaborative import CollaborationParams, expected_unet_calls
 from diffusionx.sampling.generation import text_to_image
+from diffusionx.workflows import modes
 from diffusionx.workflows.local import generate_all, local_tiers
-from diffusionx.workflows.modes import MODES, GenerateRequest, collaboration_params
+from diffusionx.workflows.modes import MODES, GenerateRequest, Tiers, collaboration_params
 
 
 def pixels(image: Image.Image) -> np.ndarray:
@@ -131,3 +132,39 @@ def test_unknown_mode_and_missing_model():
         generate("cloud", None, None, [PreviewRequest("a cat")])
     with pytest.raises(InvalidRequestError, match="strength=2"):
         GenerateRequest("a cat", strength=2)
+
+
+class FakeTiers:
+    """Tiers without models, counting calls: what the workflows ask of each tier."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def info(self) -> dict:
+        self.calls.append("info")
+        return {"default_steps": 8, "preview_steps": 2}
+
+    async def plan(self, request):
+        self.calls.append("plan")
+        return "planned"
+
+    async def finish(self, state):
+        # the cloud's plan arrives unresolved (an awaitable), so Serve can pass it replica to replica
+        self.calls.append(f"finish({type(state).__name__})")
+        assert await state == "planned"
+        return GenerationResult(Image.new("RGB", (8, 8)), 0, UnetCalls(cloud=6, edge=2), 8)
+
+
+def test_tier_info_is_fetched_once_and_the_plan_goes_to_the_edge_unresolved():
+    import asyncio
+
+    fake = FakeTiers()
+    tiers = Tiers(edge=fake, cloud=fake)
+
+    async def run():
+        for _ in range(3):
+            await modes.generate(tiers, "hybrid", GenerateRequest("a cat"))
+
+    asyncio.run(run())
+    assert fake.calls.count("info") == 1
+    assert fake.calls.count("finish(coroutine)") == 3 and fake.calls.count("plan") == 3

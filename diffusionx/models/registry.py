@@ -1,7 +1,7 @@
 """Named model specs: which checkpoint a short name means and how it is used.
 
 A name resolves to a `ModelSpec`. Anything that is not a registered name is treated as a hub id or a local
-path, so `load_pipeline("runwayml/stable-diffusion-v1-5")` and `load_pipeline("/models/my-sd")` also work.
+path, so `load_model("runwayml/stable-diffusion-v1-5")` and `load_model("/models/my-sd")` also work.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ REGISTRY: dict[str, ModelSpec] = {
             family="shapes",
             tier="cloud",
             unet_subfolder="unet",
-            default_steps=20,  # judge accuracy 0.938 on 128 held-out prompts (model card)
+            default_steps=20,  # quality by step count: README and the model card
             guidance_scale=4.0,
             default_size=32,
             description="Embedded cloud model of the shapes world (ships inside the package).",
@@ -94,7 +94,7 @@ REGISTRY: dict[str, ModelSpec] = {
             tier="edge",
             unet_subfolder="unet_edge",
             default_steps=8,
-            preview_steps=8,  # judge accuracy 0.786, ~6x cheaper per image than the cloud at 20 steps
+            preview_steps=8,  # a cheap preview; quality and cost: README and the model card
             guidance_scale=4.0,
             default_size=32,
             description="Embedded edge model of the shapes world: small UNet, shared VAE/text encoder.",
