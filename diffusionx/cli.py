@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "bench": ("clients.bench", "serving benchmarks against a local application"),
     "models": ("diffusionx.models_cli", "list the model registry"),
+    "gpu-bench": ("diffusionx.gpu_bench", "per-tier step time, images/s, step batching, GPU memory (fp16)"),
 }
 
 

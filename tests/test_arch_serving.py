@@ -11,6 +11,8 @@ import base64
 import io
 import json
 import os
+import shutil
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,11 +31,16 @@ PROMPT = "a photo of a cat in a garden"
 @pytest.fixture(scope="module")
 def arch_url():
     from deployments.local import start_local_app, stop_local_app
+    from diffusionx.arch_models import arch_dir
 
+    built_here = not arch_dir().exists()
     try:
         yield start_local_app(CONFIG, port=8124, num_cpus=2, timeout_s=900)
     finally:
         stop_local_app()
+        # 2.5 GB: keep it only where a person put it (DIFFUSIONX_HOME set), not in the per-run test home
+        if built_here and arch_dir().is_relative_to(tempfile.gettempdir()):
+            shutil.rmtree(arch_dir(), ignore_errors=True)
 
 
 def size_of(body: dict) -> tuple[int, int]:
