@@ -2,7 +2,7 @@
 
 `/proc/PID/status` gives the resident set now (VmRSS) and its peak (VmHWM); writing "5" to
 `/proc/PID/clear_refs` resets the peak to the current size (Linux >= 4.0), so the peak of one piece of
-work is read exactly, without sampling. Replica processes are found through Ray's state API. Linux only.
+work is read exactly, without sampling. Replica processes are found in Ray's actor table. Linux only.
 """
 
 from __future__ import annotations
@@ -13,11 +13,18 @@ MIB = 1024 * 1024
 
 
 def replica_pids(deployment: str, app: str = "diffusionx") -> list[int]:
-    """PIDs of the live replicas of `deployment` (actor class `ServeReplica:<app>:<deployment>`)."""
-    from ray.util.state import list_actors
+    """PIDs of the live replicas of `deployment` (actor class `ServeReplica:<app>:<deployment>`).
 
-    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
-    return sorted(a.pid for a in actors if a.class_name == f"ServeReplica:{app}:{deployment}")
+    Read from the GCS actor table: the public `ray.util.state.list_actors` needs the dashboard, which the
+    local starter leaves off.
+    """
+    from ray._private.state import actors
+
+    return sorted(
+        int(info["Pid"])
+        for info in actors().values()
+        if info["State"] == "ALIVE" and info["ActorClassName"] == f"ServeReplica:{app}:{deployment}"
+    )
 
 
 def memory_mib(pid: int) -> dict[str, float]:
