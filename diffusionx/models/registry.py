@@ -100,6 +100,24 @@ REGISTRY: dict[str, ModelSpec] = {
             description="Embedded edge model of the shapes world: small UNet, shared VAE/text encoder.",
         ),
         ModelSpec(
+            name="sd15-arch",
+            source="",  # built on first use, see diffusionx.models.arch
+            family="sd15-arch",
+            tier="cloud",
+            default_steps=50,
+            description="SD v1.5's architecture (860M UNet, VAE, CLIP ViT-L/14) with random weights: noise.",
+        ),
+        ModelSpec(
+            name="tiny-sd-arch",
+            source="",
+            family="sd15-arch",
+            tier="edge",
+            unet_subfolder="unet_tiny_sd",
+            default_steps=25,
+            preview_steps=10,
+            description="Segmind Tiny-SD's architecture (323M UNet), random weights, sd15-arch's VAE/CLIP.",
+        ),
+        ModelSpec(
             name="tiny-random",
             source="",  # built on first use, see diffusionx.models.tiny_random
             family="tiny-random",
@@ -136,5 +154,9 @@ def get_spec(name_or_path: str) -> ModelSpec:
             from diffusionx.models.tiny_random import ensure_tiny_random
 
             spec = replace(spec, source=str(ensure_tiny_random()))
+        elif spec.family == "sd15-arch":
+            from diffusionx.models.arch import ensure_arch_pair
+
+            spec = replace(spec, source=str(ensure_arch_pair()))
         return spec
     return ModelSpec(name=name_or_path, source=name_or_path, family="custom", tier="custom")
