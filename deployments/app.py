@@ -41,5 +41,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         state,
         max_batch_size=config.predictor_max_batch_size,
         batch_wait_timeout_s=config.predictor_batch_wait_timeout_s,
+        refine_predictor=config.refine_predictor,
+        edit_predictor=config.edit_predictor,
     )
     return DiffusionXIngress.bind(edge, predictor, cloud, state, config.model_dump())

@@ -97,6 +97,9 @@ class PredictorHandle(_HandleTier):
     async def predict(self, prompt: str, image: Image.Image) -> float:
         return await ask(self.handle.predict, prompt, image)
 
+    async def predict_edit(self, prompt: str, image: Image.Image, previous_prompt: str | None) -> float:
+        return await ask(self.handle.predict_edit, prompt, image, previous_prompt)
+
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(ErrorResponse(error=message, status=status).model_dump(), status, headers=headers)
@@ -205,17 +208,30 @@ class DiffusionXIngress:
     @app.post("/v1/preview", response_model=PreviewResponse, responses={422: {"model": ErrorResponse}})
     async def preview(self, body: PreviewBody) -> dict:
         start = time.perf_counter()
-        if body.strength is not None:
+        predicted = None
+        if body.image is not None or body.preview_id is not None:
             image = await self._resolve_image(body.image, body.preview_id)
-            request = Img2ImgRequest(
-                body.prompt,
-                image,
-                body.strength,
-                seed=body.seed,
-                num_inference_steps=body.num_inference_steps,
-                guidance_scale=body.guidance_scale,
-            )
-            result = await modes.edit(self.tiers, request)
+            if body.strength is not None:
+                request = Img2ImgRequest(
+                    body.prompt,
+                    image,
+                    body.strength,
+                    seed=body.seed,
+                    num_inference_steps=body.num_inference_steps,
+                    guidance_scale=body.guidance_scale,
+                )
+                result = await modes.edit(self.tiers, request)
+            else:  # the edit predictor picks the strength
+                result = await modes.edit_predicted(
+                    self.tiers,
+                    body.prompt,
+                    image,
+                    body.previous_prompt,
+                    seed=body.seed,
+                    num_inference_steps=body.num_inference_steps,
+                    guidance_scale=body.guidance_scale,
+                )
+                predicted = result.strength
         else:
             result = await modes.preview(self.tiers, to_request(body))
         png = await asyncio.to_thread(imaging.encode_png, result.image)
@@ -228,6 +244,7 @@ class DiffusionXIngress:
             "height": result.image.height,
             "num_inference_steps": result.num_inference_steps,
             "strength": result.strength,
+            "strength_predicted": predicted,
             "unet_calls": result.unet_calls.to_dict(),
             "timings_ms": {**result.timings_ms, "server_total": _ms(start)},
         }

@@ -1,5 +1,7 @@
-"""StrengthPredictor: predicts the img2img strength a preview needs before cloud refinement, batched by
-the library's `PredictorModel`."""
+"""StrengthPredictor: predicts the img2img strength a preview needs before cloud refinement (`predict`) and
+the strength of a round-to-round edit (`predict_edit`), batched by the library's `PredictorModel`. Which
+predictors it serves is configured by name: a shipped learned predictor (`shapes-refine`, `shapes-edit`)
+or `heuristic`."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ from PIL import Image
 from ray import serve
 
 from deployments.tier import ServedTier, set_torch_threads
-from diffusionx.engine.tiers import PredictorModel
+from diffusionx.engine.tiers import PredictorModel, heuristic_edit_strength
+from diffusionx.policy.learned import load_predictor, strength_function
 
 
 @serve.deployment(
@@ -22,12 +25,23 @@ from diffusionx.engine.tiers import PredictorModel
 )
 class StrengthPredictor(ServedTier):
     def __init__(
-        self, state: Any = None, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.0
+        self,
+        state: Any = None,
+        max_batch_size: int = 16,
+        batch_wait_timeout_s: float = 0.0,
+        refine_predictor: str = "shapes-refine",
+        edit_predictor: str = "shapes-edit",
     ) -> None:
         set_torch_threads(1)
-        self._serve(
-            PredictorModel(max_batch_size=max_batch_size), state, max_batch_size, batch_wait_timeout_s
-        )
+        refine = strength_function(refine_predictor)
+        edit = heuristic_edit_strength if edit_predictor == "heuristic" else load_predictor(edit_predictor)
+        engine = PredictorModel(refine, max_batch_size, predict_edit=edit)
+        self._serve(engine, state, max_batch_size, batch_wait_timeout_s)
 
     async def predict(self, prompt: str, image: Image.Image) -> float:
         return await self._submit("predict", prompt, image)
+
+    async def predict_edit(
+        self, prompt: str, image: Image.Image, previous_prompt: str | None = None
+    ) -> float:
+        return await self._submit("predict_edit", prompt, image, previous_prompt)

@@ -66,20 +66,31 @@ class _Sized(_Body):
 
 
 class PreviewBody(_Sized):
-    """A preview round. With `image` or `preview_id` and `strength` it edits that image toward the prompt."""
+    """A preview round. With `image` or `preview_id` it edits that image toward the prompt, at `strength`
+    or, without one, at the strength the edit predictor picks (from the image, the prompt and
+    `previous_prompt`, the prompt the image was made for)."""
 
     image: str | None = Field(None, description="Previous image (base64 PNG) to edit.")
     preview_id: str | None = Field(None, max_length=64, description="Previous preview to edit, by id.")
-    strength: float | None = Field(None, ge=0.0, le=1.0, description="Edit strength, required with an image.")
+    strength: float | None = Field(
+        None, ge=0.0, le=1.0, description="Edit strength; predicted by the edit predictor if unset."
+    )
+    previous_prompt: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_PROMPT_CHARS,
+        description="Prompt of the image being edited (what changed informs the edit predictor).",
+    )
 
     @model_validator(mode="after")
     def _edit_fields(self) -> PreviewBody:
         if self.image is not None and self.preview_id is not None:
             raise ValueError("give either image or preview_id, not both")
-        if (self.image is not None or self.preview_id is not None) and self.strength is None:
-            raise ValueError("an edit (image or preview_id) needs strength in [0, 1]")
-        if self.strength is not None and self.image is None and self.preview_id is None:
+        is_edit = self.image is not None or self.preview_id is not None
+        if self.strength is not None and not is_edit:
             raise ValueError("strength applies to an edit: also give image or preview_id")
+        if self.previous_prompt is not None and not is_edit:
+            raise ValueError("previous_prompt applies to an edit: also give image or preview_id")
         return self
 
 
@@ -90,7 +101,10 @@ class PreviewResponse(BaseModel):
     width: int
     height: int
     num_inference_steps: int
-    strength: float | None = None
+    strength: float | None = Field(None, description="The edit strength used (None for text-to-image).")
+    strength_predicted: float | None = Field(
+        None, description="The edit predictor's strength when the request gave none (then also `strength`)."
+    )
     unet_calls: dict[str, int]
     timings_ms: dict[str, float]
 

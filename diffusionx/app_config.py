@@ -34,6 +34,16 @@ class AppArgs(BaseModel):
     )
     predictor_max_batch_size: int = Field(16, ge=1, le=1024, description="Batch size, strength predictor.")
     predictor_batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=10.0, description=_WAIT)
+    refine_predictor: str = Field(
+        "shapes-refine",
+        description="Strength predictor at finalize: a learned predictor's shipped name or .safetensors path "
+        "(trained for the model family), or 'heuristic'.",
+    )
+    edit_predictor: str = Field(
+        "shapes-edit",
+        description="Edit strength predictor for previews of a previous image without a strength: a learned "
+        "predictor's name or path, or 'heuristic'.",
+    )
     preview_cache_size: int = Field(1024, ge=1, le=1_000_000, description="Preview ids kept (LRU).")
     router_min_steps: int = Field(10, ge=1, le=200, description="Fewest steps the router may cut to.")
     router_strength_floor: float = Field(

@@ -26,6 +26,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "bench": ("clients.bench", "serving benchmarks against a local application"),
     "models": ("diffusionx.models.cli", "list the model registry"),
+    "predictor": (
+        "diffusionx.experiments.predictor.cli",
+        "learned strength predictors: label | train | eval",
+    ),
     "gpu-bench": (
         "diffusionx.experiments.gpu_bench",
         "per-tier step time, images/s, step batching, GPU memory (fp16)",

@@ -44,6 +44,20 @@ def decode(data: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(data)))
 
 
+def test_edit_without_strength_uses_the_served_edit_predictor(http):
+    from diffusionx.experiments.predictor.targets import EDIT_GRID
+
+    first = http.post("/v1/preview", json={"prompt": "a red circle", "seed": 7}).json()
+    assert first["strength_predicted"] is None and first["strength"] is None
+    body = {"prompt": "a blue circle", "seed": 7, "preview_id": first["preview_id"]}
+    edited = http.post("/v1/preview", json={**body, "previous_prompt": "a red circle"})
+    assert edited.status_code == 200, edited.text
+    edited = edited.json()
+    assert edited["strength_predicted"] in EDIT_GRID and edited["strength"] == edited["strength_predicted"]
+    assert edited["unet_calls"]["edge"] == int(4 * edited["strength"])  # tiny-random: 4 edit steps
+    assert "predict" in edited["timings_ms"]
+
+
 def test_health_names_the_models(http):
     body = http.get("/v1/health").json()
     assert body["status"] == "ok"
@@ -188,7 +202,8 @@ def test_concurrent_previews_form_batches(http, serve_url):
             "does not decode",
         ),
         ("/v1/preview", {"prompt": "a", "image": "@@@", "strength": 0.5}, 422, "not valid base64"),
-        ("/v1/preview", {"prompt": "a", "preview_id": "abc"}, 422, "needs strength"),
+        ("/v1/preview", {"prompt": "a", "preview_id": "abc"}, 404, "unknown or has expired"),
+        ("/v1/preview", {"prompt": "a", "previous_prompt": "b"}, 422, "previous_prompt applies to an edit"),
         ("/v1/preview", {"prompt": "a", "prompt2": "b"}, 422, "Extra inputs"),
         ("/v1/preview", {"prompt": " ".join(["cat"] * 40)}, 422, "reads at most 32"),
         ("/v1/refine", {"prompt": "a", "preview_id": "missing"}, 404, "unknown or has expired"),

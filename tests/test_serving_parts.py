@@ -77,8 +77,9 @@ def test_schemas_say_what_is_allowed():
     assert PreviewBody(prompt="a").width is None
     with pytest.raises(ValidationError, match="multiple of 8"):
         PreviewBody(prompt="a", width=12)
-    with pytest.raises(ValidationError, match="needs strength"):
-        PreviewBody(prompt="a", preview_id="x")
+    assert PreviewBody(prompt="a", preview_id="x").strength is None  # the edit predictor picks it
+    with pytest.raises(ValidationError, match="strength applies to an edit"):
+        PreviewBody(prompt="a", strength=0.5)
     with pytest.raises(ValidationError, match="exactly one of image or preview_id"):
         RefineBody(prompt="a", image="x", preview_id="y")
     with pytest.raises(ValidationError, match="switch_step only applies"):

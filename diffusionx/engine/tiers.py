@@ -154,30 +154,58 @@ class CloudModel(_Tier):
         return CloudLoad(monitor.queued_steps, 1, monitor.seconds_per_step)
 
 
-StrengthFunction = Callable[[str, Image.Image], float]
+StrengthFunction = Callable[[str, Image.Image], float]  # (prompt, preview) -> refine strength
+# (prompt, previous image, previous prompt or None) -> edit strength
+EditStrengthFunction = Callable[[str, Image.Image, str | None], float]
+
+
+def heuristic_edit_strength(prompt: str, image: Image.Image, previous_prompt: str | None = None) -> float:
+    """The heuristic's twin for edits: the same formula on the image to edit and the new prompt."""
+    return predict_strength(prompt, image)
 
 
 class PredictorModel(_Tier):
-    """The strength predictor: how much noise a preview needs before the cloud refines it."""
+    """The strength predictors: how much noise a preview needs before the cloud refines it (`predict`), and
+    how strongly a round-to-round edit changes the previous image (`predict_edit`). A predictor with a
+    batch method `predict(prompts, images[, previous_prompts])` (the learned ones) runs a batch at once."""
 
     tier = "predictor"
 
-    def __init__(self, predict: StrengthFunction = predict_strength, max_batch_size: int = 16, **loop):
+    def __init__(
+        self,
+        predict: StrengthFunction = predict_strength,
+        max_batch_size: int = 16,
+        predict_edit: EditStrengthFunction = heuristic_edit_strength,
+        **loop,
+    ):
         super().__init__(max_batch_size, **loop)
-        self.name = getattr(predict, "__module__", "custom")
+        self.names = {"refine": _name(predict), "edit": _name(predict_edit)}
         self.loop.register("predict", lambda pairs: _predict_all(predict, pairs))
+        self.loop.register("predict_edit", lambda triples: _predict_all(predict_edit, triples))
 
     async def info(self) -> dict:
-        return {"predictor": self.name}
+        return {"predictor": self.names["refine"], "edit_predictor": self.names["edit"]}
 
-    def job(self, method: str, prompt: str, image: Image.Image) -> Job:
-        if method != "predict":
+    def job(self, method: str, *args: Any) -> Job:
+        if method not in ("predict", "predict_edit"):
             raise ValueError(f"predictor tier has no method {method!r}")
-        return "predict", (prompt, image), 0
+        return method, args, 0
 
     async def predict(self, prompt: str, image: Image.Image) -> float:
         return await self.call("predict", prompt, image)
 
+    async def predict_edit(
+        self, prompt: str, image: Image.Image, previous_prompt: str | None = None
+    ) -> float:
+        return await self.call("predict_edit", prompt, image, previous_prompt)
 
-def _predict_all(predict: StrengthFunction, pairs: Sequence[tuple[str, Image.Image]]) -> list[float]:
-    return [predict(prompt, image) for prompt, image in pairs]
+
+def _name(predict: Callable[..., float]) -> str:
+    return getattr(predict, "name", None) or getattr(predict, "__module__", None) or "custom"
+
+
+def _predict_all(predict: Callable[..., float], calls: Sequence[tuple]) -> list[float]:
+    batched = getattr(predict, "predict", None)
+    if batched is not None:  # one forward pass for the whole batch
+        return list(batched(*(list(column) for column in zip(*calls, strict=True))))
+    return [predict(*call) for call in calls]

@@ -10,10 +10,11 @@ Symbols: x_t -> `latents`, eps -> `noise_pred`, alpha-bar schedule -> the DDIM s
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -40,10 +41,21 @@ def make_scheduler(model: LoadedModel, num_inference_steps: int) -> DDIMSchedule
     return scheduler
 
 
+# A fast (Rust) tokenizer keeps its padding settings as mutable state, so two threads tokenizing at once
+# (the edge and cloud tiers in one process share one tokenizer) can pad with each other's settings.
+_TOKENIZER_LOCK = threading.Lock()
+
+
+def tokenize(tokenizer: Any, texts: str | Sequence[str], **kwargs: Any) -> Any:
+    """`tokenizer(texts, **kwargs)`, one thread at a time."""
+    with _TOKENIZER_LOCK:
+        return tokenizer(texts if isinstance(texts, str) else list(texts), **kwargs)
+
+
 def check_prompt_fits(model: LoadedModel, prompts: Sequence[str]) -> None:
     limit = model.tokenizer.model_max_length
     for prompt in prompts:
-        n_tokens = len(model.tokenizer(prompt).input_ids)
+        n_tokens = len(tokenize(model.tokenizer, prompt).input_ids)
         if n_tokens > limit:
             raise InvalidRequestError(
                 f"prompt is {n_tokens} tokens long; model '{model.spec.name}' reads at most {limit} "
@@ -56,8 +68,9 @@ def encode_prompt(model: LoadedModel, prompts: Sequence[str], guidance_scale: fl
     """Text embeddings, (B, L, D); with guidance, (2B, L, D) as [unconditional; conditional]."""
 
     def embed(texts: Sequence[str]) -> torch.Tensor:
-        ids = model.tokenizer(
-            list(texts),
+        ids = tokenize(
+            model.tokenizer,
+            texts,
             padding="max_length",
             max_length=model.tokenizer.model_max_length,
             truncation=True,

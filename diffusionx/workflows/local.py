@@ -9,7 +9,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from diffusionx.engine.tiers import CloudModel, EdgeModel, PredictorModel, StrengthFunction
+from diffusionx.engine.tiers import (
+    CloudModel,
+    EdgeModel,
+    EditStrengthFunction,
+    PredictorModel,
+    StrengthFunction,
+    heuristic_edit_strength,
+)
 from diffusionx.models.loading import LoadedModel
 from diffusionx.policy.router import RouterConfig
 from diffusionx.policy.strength import predict_strength
@@ -23,6 +30,7 @@ def local_tiers(
     *,
     max_batch_size: int = 16,
     predict: StrengthFunction = predict_strength,
+    predict_edit: EditStrengthFunction = heuristic_edit_strength,
     router: RouterConfig | None = None,
 ) -> Tiers:
     """Tiers over in-process models; each model loop merges up to `max_batch_size` concurrent requests."""
@@ -30,7 +38,7 @@ def local_tiers(
     return Tiers(
         edge=EdgeModel(edge, max_batch_size) if edge is not None else None,
         cloud=cloud_tier,
-        predictor=PredictorModel(predict, max_batch_size),
+        predictor=PredictorModel(predict, max_batch_size, predict_edit=predict_edit),
         cloud_load=cloud_tier.load if cloud_tier is not None else None,
         router=router or RouterConfig(),
     )

@@ -5,7 +5,8 @@ DeploymentHandles, `diffusionx eval`, `compare`, `search` and the tests hand the
 (`diffusionx.engine.tiers`). So what the experiments measure is what is served.
 
 - `preview`: text-to-image on the edge tier (its preview step count unless the request sets one).
-- `edit`: img2img of a previous image on the edge tier (a round-to-round edit).
+- `edit`: img2img of a previous image on the edge tier (a round-to-round edit); `edit_predicted` first asks
+  the edit predictor for the strength (from the previous image, the new prompt and the previous prompt).
 - `finalize` (DiffusionX): 1. strength: the request's if given (the predictor is then not called), else the
   predictor's; 2. route: the router trades strength and steps against the cloud load and the latency
   target; 3. refine on the cloud tier (or, on `edge-fallback`, img2img on the edge tier).
@@ -74,6 +75,7 @@ class CloudTier(Protocol):
 
 class PredictorTier(Protocol):
     async def predict(self, prompt: str, image: Image.Image) -> float: ...
+    async def predict_edit(self, prompt: str, image: Image.Image, previous_prompt: str | None) -> float: ...
 
 
 @dataclass
@@ -182,6 +184,36 @@ async def preview(tiers: Tiers, request: PreviewRequest) -> GenerationResult:
 async def edit(tiers: Tiers, request: Img2ImgRequest) -> GenerationResult:
     """A round-to-round edit of a previous image on the edge tier."""
     return await tiers.need("edge", "edit").edit(request)
+
+
+async def edit_predicted(
+    tiers: Tiers,
+    prompt: str,
+    image: Image.Image,
+    previous_prompt: str | None = None,
+    *,
+    seed: int = 0,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+) -> GenerationResult:
+    """An edit at the strength the edit predictor gives (the result's `strength` is the one it used)."""
+    start = time.perf_counter()
+    predictor = tiers.need("predictor", "edit")
+    strength = check_strength(
+        float(await predictor.predict_edit(prompt, image, previous_prompt)), "predicted edit strength"
+    )
+    predict_ms = _ms(start)
+    request = Img2ImgRequest(
+        prompt,
+        image,
+        strength,
+        seed=seed,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+    )
+    result = await edit(tiers, request)
+    result.timings_ms = {"predict": predict_ms, **result.timings_ms}
+    return result
 
 
 @dataclass

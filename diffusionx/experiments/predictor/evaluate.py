@@ -1,0 +1,358 @@
+"""`diffusionx predictor eval`: the learned predictors against fixed strengths and the heuristic, on held-out
+sessions.
+
+Held-out sessions come from a session seed and image seeds that `predictor label` never uses. Each session
+runs as served, through the workflows on in-process tiers:
+1. round 0: an edge preview; every later round: from the previous image, an edit by every edit method
+   (`learned`: the served edit predictor, `heuristic`, `fixed-s`), each judged with `targets.edit_ok`;
+   the session carries the learned edit on (the image the server would have shown);
+2. finalize the final preview with every refine method: `learned` and `heuristic` through the predictor
+   tier (the strength is predicted inside `workflows.modes.finalize`), `fixed-s` with the strength given;
+   a full cloud generation of the same prompt and seed is the reference.
+Quality is the mean judge accuracy (and exact-match rate) on the final prompt, cost the mean cloud UNet
+calls per session. The target is the reference's mean accuracy minus `TARGET_MARGIN`. The edit methods'
+quality is their ok-rate, their cost edge UNet calls. Also measured: CPU milliseconds of one prediction
+and of one edge preview (single requests, process CPU time).
+
+    diffusionx predictor eval --sessions 64 --json --plot runs/predictor/pareto.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from diffusionx.engine.tiers import heuristic_edit_strength
+from diffusionx.experiments.evaluation import add_run_options, load_pair
+from diffusionx.experiments.predictor.targets import FIXED_STRENGTHS, TARGET_MARGIN, edit_ok
+from diffusionx.experiments.predictor.train import EDIT_TARGET_MARGIN
+from diffusionx.models.loading import LoadedModel
+from diffusionx.policy.learned import load_predictor
+from diffusionx.policy.strength import predict_strength
+from diffusionx.requests import Img2ImgRequest, PreviewRequest
+from diffusionx.shapes.data import SessionStep, make_session_steps
+from diffusionx.shapes.judge import score
+from diffusionx.workflows import modes
+from diffusionx.workflows.local import local_tiers
+from diffusionx.workflows.modes import Tiers
+
+EVAL_SESSION_SEED = 1  # labels use session seed 0: disjoint session streams
+EVAL_IMAGE_SEED = 50_000  # labels use 10_000 + index (< 50_000 for any label run below 40k sessions)
+DEFAULT_SESSIONS = 64
+
+
+async def eval_session(
+    learned: Tiers, heuristic: Tiers, steps: Sequence[SessionStep], seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(edit rows, refine rows) of one session, one row per method (and round for edits)."""
+    image = (await modes.preview(learned, PreviewRequest(steps[0].prompt, seed))).image
+    previous_prompt = steps[0].prompt
+    edit_rows = []
+    # 1. edits: every method from the same previous image; the learned edit carries on
+    for step in steps[1:]:
+        previous_scores = score(image, previous_prompt)
+        jobs = {
+            "learned": modes.edit_predicted(learned, step.prompt, image, previous_prompt, seed=seed),
+            "heuristic": modes.edit_predicted(heuristic, step.prompt, image, previous_prompt, seed=seed),
+        }
+        for s in FIXED_STRENGTHS:
+            jobs[f"fixed-{s}"] = modes.edit(learned, Img2ImgRequest(step.prompt, image, s, seed=seed))
+        results = dict(zip(jobs, await asyncio.gather(*jobs.values()), strict=True))
+        for method, result in results.items():
+            scores = score(result.image, step.prompt)
+            edit_rows.append(
+                {
+                    "method": method,
+                    "ok": float(edit_ok(scores, previous_scores, step.change or "")),
+                    "accuracy": scores["accuracy"],
+                    "edge_unet_calls": result.unet_calls.edge,
+                    "strength": result.strength,
+                }
+            )
+        image, previous_prompt = results["learned"].image, step.prompt
+    # 2. finalize the final preview with every refine method; the full cloud generation as reference
+    prompt = steps[-1].prompt
+    jobs = {
+        "cloud (full generation)": modes.generate(learned, "cloud", PreviewRequest(prompt, seed)),
+        "learned": modes.finalize(learned, prompt, image, seed=seed),
+        "heuristic": modes.finalize(heuristic, prompt, image, seed=seed),
+    }
+    for s in FIXED_STRENGTHS:
+        jobs[f"fixed-{s}"] = modes.finalize(learned, prompt, image, seed=seed, strength=s)
+    refine_rows = []
+    for method, done in zip(jobs, await asyncio.gather(*jobs.values()), strict=True):
+        result = done.result
+        scores = score(result.image, prompt)
+        refine_rows.append(
+            {
+                "method": method,
+                "quality": scores["accuracy"],
+                "exact_match": float(scores["accuracy"] == 1.0),
+                "cloud_unet_calls": result.unet_calls.cloud,
+                "strength": 1.0 if result.strength is None else result.strength,  # text-to-image: 1
+            }
+        )
+    return edit_rows, refine_rows
+
+
+def _means(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[str, dict[str, float]]:
+    by_method: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_method[row["method"]].append(row)
+    return {
+        method: {key: float(statistics.fmean(r[key] for r in group)) for key in keys}
+        for method, group in by_method.items()
+    }
+
+
+def cpu_ms(function: Callable[[], Any], repeats: int = 10) -> float:
+    """Median process CPU milliseconds of one call (after one warm-up call)."""
+    function()
+    times = []
+    for _ in range(repeats):
+        start = time.process_time()
+        function()
+        times.append((time.process_time() - start) * 1000.0)
+    return float(statistics.median(times))
+
+
+def evaluate(
+    cloud: LoadedModel,
+    edge: LoadedModel,
+    refine_predictor: Callable[..., float],
+    edit_predictor: Callable[..., float],
+    n_sessions: int,
+    rounds: int,
+    *,
+    session_seed: int = EVAL_SESSION_SEED,
+    image_seed: int = EVAL_IMAGE_SEED,
+    concurrency: int = 32,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Runs the held-out sessions (see the module docstring) and returns the report (the `--json` object)."""
+    learned = local_tiers(
+        cloud, edge, max_batch_size=64, predict=refine_predictor, predict_edit=edit_predictor
+    )
+    heuristic = local_tiers(
+        cloud, edge, max_batch_size=64, predict=predict_strength, predict_edit=heuristic_edit_strength
+    )
+    sessions = make_session_steps(n_sessions, rounds, seed=session_seed)
+    edit_rows: list[dict[str, Any]] = []
+    refine_rows: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    with tqdm(total=n_sessions, desc="eval", unit="session", file=sys.stderr, disable=not progress) as bar:
+        for begin in range(0, n_sessions, concurrency):
+            chunk = range(begin, min(n_sessions, begin + concurrency))
+
+            async def run(chunk: range = chunk) -> list[tuple[list, list]]:
+                return list(
+                    await asyncio.gather(
+                        *(eval_session(learned, heuristic, sessions[i], image_seed + i) for i in chunk)
+                    )
+                )
+
+            for edits, refines in asyncio.run(run()):
+                edit_rows += edits
+                refine_rows += refines
+            bar.update(len(chunk))
+    seconds = time.perf_counter() - start
+    refine = _means(refine_rows, ("quality", "cloud_unet_calls", "exact_match", "strength"))
+    reference = refine.pop("cloud (full generation)")
+    edits = _means(edit_rows, ("ok", "edge_unet_calls", "accuracy", "strength"))
+    edit_target = max(v["ok"] for k, v in edits.items() if k.startswith("fixed-")) - EDIT_TARGET_MARGIN
+    # CPU cost of one prediction against one edge preview (single requests)
+    probe = sessions[0][0].prompt
+    image = asyncio.run(modes.preview(learned, PreviewRequest(probe, image_seed))).image
+    timing = {
+        "refine_predict_cpu_ms": cpu_ms(lambda: refine_predictor(probe, image)),
+        "edit_predict_cpu_ms": cpu_ms(lambda: edit_predictor(probe, image, probe)),
+        "edge_preview_cpu_ms": cpu_ms(
+            lambda: asyncio.run(modes.preview(learned, PreviewRequest(probe, image_seed))), repeats=5
+        ),
+    }
+    return {
+        "target": reference["quality"] - TARGET_MARGIN,
+        "methods": {
+            m: {"quality": v["quality"], "cloud_unet_calls": v["cloud_unet_calls"]} for m, v in refine.items()
+        },
+        "edit": {
+            "target": edit_target,
+            "methods": {
+                m: {"quality": v["ok"], "edge_unet_calls": v["edge_unet_calls"], "accuracy": v["accuracy"]}
+                for m, v in edits.items()
+            },
+        },
+        "reference": {"method": "cloud (full generation)", **reference},
+        "exact_match": {m: v["exact_match"] for m, v in refine.items()},
+        "mean_strength": {m: v["strength"] for m, v in refine.items()},
+        "edit_mean_strength": {m: v["strength"] for m, v in edits.items()},
+        "sessions": n_sessions,
+        "rounds": rounds,
+        "seconds": round(seconds, 1),
+        "timing": timing,
+        "predictors": {
+            "refine": getattr(refine_predictor, "name", "heuristic"),
+            "edit": getattr(edit_predictor, "name", "heuristic"),
+        },
+    }
+
+
+def cheapest_reaching(
+    methods: dict[str, dict[str, float]], target: float, prefix: str = "fixed-"
+) -> str | None:
+    reaching = [m for m, v in methods.items() if m.startswith(prefix) and v["quality"] >= target - 1e-9]
+    return min(reaching, key=lambda m: methods[m]["cloud_unet_calls"]) if reaching else None
+
+
+def to_table(report: dict[str, Any]) -> str:
+    target = report["target"]
+    lines = [
+        f"refine, {report['sessions']} held-out sessions (target: judge accuracy >= {target:.4f}, the full "
+        f"cloud generation's {report['reference']['quality']:.4f} - {TARGET_MARGIN})",
+        f"{'method':<26}{'quality':>9}{'exact':>8}{'cloud calls':>13}{'strength':>10}  reaches target",
+    ]
+    rows = {**report["methods"], "cloud (full generation)": report["reference"]}
+    for method, v in rows.items():
+        exact = report["exact_match"].get(method, report["reference"]["exact_match"])
+        strength = (
+            report["mean_strength"].get(method, 1.0) if method in report["mean_strength"] else float("nan")
+        )
+        lines.append(
+            f"{method:<26}{v['quality']:>9.4f}{exact:>8.3f}{v['cloud_unet_calls']:>13.2f}{strength:>10.3f}  "
+            f"{'yes' if v['quality'] >= target - 1e-9 else 'no'}"
+        )
+    edit = report["edit"]
+    lines += [
+        "",
+        f"edit (ok: new prompt satisfied, unchanged attributes kept; target ok-rate >= {edit['target']:.4f})",
+        f"{'method':<26}{'ok-rate':>9}{'accuracy':>10}{'edge calls':>12}{'strength':>10}",
+    ]
+    for method, v in edit["methods"].items():
+        lines.append(
+            f"{method:<26}{v['quality']:>9.4f}{v['accuracy']:>10.4f}{v['edge_unet_calls']:>12.2f}"
+            f"{report['edit_mean_strength'][method]:>10.3f}"
+        )
+    timing = report["timing"]
+    lines += [
+        "",
+        f"CPU ms per single request: refine prediction {timing['refine_predict_cpu_ms']:.1f}, "
+        f"edit prediction {timing['edit_predict_cpu_ms']:.1f}, "
+        f"edge preview {timing['edge_preview_cpu_ms']:.1f}",
+    ]
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: str | Path) -> Path:
+    """Quality against cost per method (refine: cloud calls; edit: edge calls), with the targets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for axis, methods, cost, target, title in (
+        (
+            left,
+            {**report["methods"], "cloud (full)": report["reference"]},
+            "cloud_unet_calls",
+            report["target"],
+            "refine at finalize",
+        ),
+        (
+            right,
+            report["edit"]["methods"],
+            "edge_unet_calls",
+            report["edit"]["target"],
+            "round-to-round edit",
+        ),
+    ):
+        for method, v in methods.items():
+            colour = (
+                "tab:red" if method == "learned" else "tab:green" if method == "heuristic" else "tab:blue"
+            )
+            axis.scatter(v[cost], v["quality"], color=colour, s=40, zorder=3)
+            axis.annotate(
+                method, (v[cost], v["quality"]), textcoords="offset points", xytext=(5, 4), fontsize=8
+            )
+        axis.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.3f}")
+        axis.set_xlabel(f"mean {cost.replace('_', ' ')} per session")
+        axis.set_ylabel("judge accuracy" if cost == "cloud_unet_calls" else "edit ok-rate")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+        axis.legend(loc="lower right", fontsize=8)
+    figure.suptitle(
+        f"learned strength predictors vs fixed strengths and the heuristic "
+        f"({report['sessions']} held-out sessions)",
+        fontsize=10,
+    )
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffusionx predictor eval",
+        description="Learned strength predictors vs fixed strengths and the heuristic on held-out sessions.",
+    )
+    parser.add_argument(
+        "--sessions",
+        type=int,
+        default=DEFAULT_SESSIONS,
+        help=f"held-out sessions (default {DEFAULT_SESSIONS})",
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="prompts per session (default 2)")
+    parser.add_argument(
+        "--refine-predictor", default="shapes-refine", help="shipped name or .safetensors path"
+    )
+    parser.add_argument("--edit-predictor", default="shapes-edit", help="shipped name or .safetensors path")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--plot", default="runs/predictor/pareto.png", help="Pareto plot (PNG) path")
+    parser.add_argument("--concurrency", type=int, default=32, help="sessions in flight at once")
+    parser.add_argument("--cloud", default="shapes-cloud", help="cloud model (default shapes-cloud)")
+    parser.add_argument("--edge", default="shapes-edge", help="edge model (default shapes-edge)")
+    add_run_options(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("sessions", "concurrency"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name}={getattr(args, name)} is not allowed: use an integer >= 1")
+    if args.rounds < 2:
+        parser.error(f"--rounds={args.rounds} is not allowed: a session needs >= 2 rounds to have an edit")
+    try:
+        refine_predictor = load_predictor(args.refine_predictor)
+        edit_predictor = load_predictor(args.edit_predictor, embedder=refine_predictor.embedder)
+    except FileNotFoundError as error:
+        parser.error(str(error))
+    cloud, edge = load_pair("diffusionx", args.cloud, args.edge, args.device)
+    report = evaluate(
+        cloud,
+        edge,
+        refine_predictor,
+        edit_predictor,
+        args.sessions,
+        args.rounds,
+        concurrency=args.concurrency,
+        progress=not args.no_progress,
+    )
+    if args.plot:
+        report["plot"] = str(plot(report, args.plot))
+    print(json.dumps(report) if args.json else to_table(report))
+    return 0

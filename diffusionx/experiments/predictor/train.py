@@ -1,0 +1,284 @@
+"""`diffusionx predictor train`: fit the refine and edit predictors on a label file and ship them.
+
+Algorithm, for each predictor (`refine`: final preview + final prompt; `edit`: previous image + new prompt
++ previous prompt):
+1. features (`policy.features`) of every labelled example; targets 1[label <= s_k] over the grid;
+2. split by session: every fifth session is validation, the rest training;
+3. train the MLP of `policy.learned` (full-batch AdamW, binary cross-entropy, seeded), keeping the epoch with
+   the lowest validation loss (early stopping);
+4. pick the decision threshold on the validation sessions from what was measured there: the threshold with
+   the fewest UNet calls whose estimated quality meets the target (refine: mean judge accuracy within
+   `TARGET_MARGIN` of the full cloud generations'; edit: ok-rate within `EDIT_TARGET_MARGIN` of the best
+   fixed grid strength's). A refine strength at or above a session's label is counted at the label's
+   measured accuracy (labelling stops at the first strength that reaches the bar), one below it at its own;
+5. save `<prefix>-refine.safetensors` and `<prefix>-edit.safetensors` (settings and provenance in the
+   metadata) where `load_predictor` finds them by name.
+
+    diffusionx predictor train --data runs/predictor/labels.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffusionx import imaging
+from diffusionx.experiments.predictor.label import DEFAULT_OUT, read_records
+from diffusionx.experiments.predictor.targets import EDIT_GRID, REFINE_GRID, TARGET_MARGIN
+from diffusionx.policy.features import TextEmbedder, build_features, feature_dim
+from diffusionx.policy.learned import WEIGHTS_DIR, LearnedStrengthPredictor, PredictorConfig, StrengthNet
+
+EDIT_TARGET_MARGIN = 0.02  # edit ok-rate the learned edit predictor may give up against the best fixed
+WEIGHT_DECAY = 0.1
+THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))
+VALIDATION_EVERY = 5  # session index % 5 == 0: validation
+
+
+@dataclass
+class Examples:
+    """One predictor's examples: inputs, label index per example, and what was measured per grid strength
+    (quality, or NaN where not measured, and UNet calls)."""
+
+    sessions: list[int]
+    prompts: list[str]
+    images: list[Any]
+    previous_prompts: list[str | None]
+    labels: np.ndarray  # (E,) grid index of the label
+    quality: np.ndarray  # (E, K) measured quality per grid strength (NaN: not run)
+    calls: np.ndarray  # (E, K) UNet calls per grid strength
+    reference: np.ndarray  # (E,) refine: the full cloud generation's accuracy; edit: unused (NaN)
+
+
+def refine_examples(records: Sequence[dict[str, Any]]) -> Examples:
+    rows = [r["refine"] for r in records]
+    quality = np.full((len(rows), len(REFINE_GRID)), np.nan)
+    calls = np.zeros((len(rows), len(REFINE_GRID)))
+    for i, row in enumerate(rows):
+        full_calls = row["cloud"]["cloud_calls"]
+        calls[i] = [int(full_calls * s) for s in REFINE_GRID]
+        for trial in row["trials"]:
+            quality[i, REFINE_GRID.index(trial["strength"])] = trial["accuracy"]
+    return Examples(
+        sessions=[r["session"] for r in records],
+        prompts=[row["prompt"] for row in rows],
+        images=[imaging.decode_png_base64(row["image"]) for row in rows],
+        previous_prompts=[None] * len(rows),  # a finalize carries no history
+        labels=np.array([REFINE_GRID.index(row["label"]) for row in rows]),
+        quality=quality,
+        calls=calls,
+        reference=np.array([row["cloud"]["accuracy"] for row in rows]),
+    )
+
+
+def edit_examples(records: Sequence[dict[str, Any]]) -> Examples:
+    rows = [(r["session"], e) for r in records for e in r["edits"]]
+    return Examples(
+        sessions=[session for session, _ in rows],
+        prompts=[e["prompt"] for _, e in rows],
+        images=[imaging.decode_png_base64(e["image"]) for _, e in rows],
+        previous_prompts=[e["previous_prompt"] for _, e in rows],
+        labels=np.array([EDIT_GRID.index(e["label"]) for _, e in rows]),
+        quality=np.array([[float(t["ok"]) for t in e["trials"]] for _, e in rows]),
+        calls=np.array([[t["edge_calls"] for t in e["trials"]] for _, e in rows], dtype=float),
+        reference=np.full(len(rows), np.nan),
+    )
+
+
+def estimated_quality(kind: str, examples: Examples, picks: np.ndarray) -> np.ndarray:
+    """(E,) quality of picking grid index `picks` per example, from what was measured (see step 4)."""
+    rows = np.arange(len(picks))
+    if kind == "refine":
+        at_label = examples.quality[rows, examples.labels]
+        measured = examples.quality[rows, picks]
+        return np.where(picks >= examples.labels, at_label, measured)
+    return examples.quality[rows, picks]
+
+
+def cumulative_targets(labels: np.ndarray, k: int) -> torch.Tensor:
+    """(E, K) 1[label <= s_k]."""
+    return (torch.from_numpy(labels)[:, None] <= torch.arange(k)[None, :]).float()
+
+
+def fit(
+    features: np.ndarray,
+    labels: np.ndarray,
+    config: PredictorConfig,
+    epochs: int,
+    seed: int,
+    validation: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[StrengthNet, dict[str, float]]:
+    """Full-batch AdamW on binary cross-entropy; with `validation` (features, labels), the weights of the
+    epoch with the lowest validation loss are kept (early stopping: a few hundred examples overfit fast)."""
+    torch.manual_seed(seed)
+    net = StrengthNet(config)
+    x = torch.from_numpy(features)
+    net.feature_mean.copy_(x.mean(0))
+    net.feature_std.copy_(x.std(0).clamp(min=1e-3))
+    y = cumulative_targets(labels, len(config.grid))
+    optimiser = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=WEIGHT_DECAY)
+    loss_fn = torch.nn.functional.binary_cross_entropy_with_logits
+    best = {"epoch": -1, "validation_loss": float("inf"), "train_loss": float("nan")}
+    best_state = None
+    for epoch in range(epochs):
+        net.train()
+        optimiser.zero_grad()
+        loss = loss_fn(net(x), y)
+        loss.backward()
+        optimiser.step()
+        if validation is None:
+            continue
+        net.eval()
+        with torch.no_grad():
+            val_x = torch.from_numpy(validation[0])
+            val_loss = float(loss_fn(net(val_x), cumulative_targets(validation[1], len(config.grid))))
+        if val_loss < best["validation_loss"]:
+            best = {"epoch": epoch, "validation_loss": val_loss, "train_loss": float(loss.detach())}
+            best_state = {key: value.clone() for key, value in net.state_dict().items()}
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    # the constant predictor's loss, to show what the features add
+    prior = y.mean(0).clamp(1e-4, 1 - 1e-4)
+    if validation is not None:
+        val_y = cumulative_targets(validation[1], len(config.grid))
+        best["prior_validation_loss"] = float(
+            torch.nn.functional.binary_cross_entropy(prior.expand_as(val_y), val_y)
+        )
+    return net.eval(), best
+
+
+def choose_threshold(
+    kind: str, predictor: LearnedStrengthPredictor, features: np.ndarray, examples: Examples
+) -> tuple[float, dict[str, float]]:
+    """The validation threshold with the fewest calls whose estimated quality meets the target."""
+    grid = predictor.config.grid
+    if kind == "refine":
+        target = float(examples.reference.mean() - TARGET_MARGIN)
+    else:
+        target = float(examples.quality.mean(0).max() - EDIT_TARGET_MARGIN)
+    probs = predictor.probabilities(features)
+    rows = np.arange(len(examples.labels))
+    candidates = []
+    for threshold in THRESHOLDS:
+        picks = np.array([grid.index(s) for s in predictor.choose(probs, threshold)])
+        quality = float(estimated_quality(kind, examples, picks).mean())
+        calls = float(examples.calls[rows, picks].mean())
+        candidates.append((threshold, quality, calls))
+    meeting = [c for c in candidates if c[1] >= target - 1e-9]
+    threshold, quality, calls = (
+        min(meeting, key=lambda c: (c[2], -c[1])) if meeting else max(candidates, key=lambda c: c[1])
+    )
+    return threshold, {"target": target, "quality": quality, "calls": calls, "met": bool(meeting)}
+
+
+def train_predictor(
+    kind: str,
+    examples: Examples,
+    embedder: TextEmbedder,
+    *,
+    epochs: int = 600,
+    hidden: int = 8,
+    seed: int = 0,
+    provenance: dict[str, Any] | None = None,
+) -> LearnedStrengthPredictor:
+    grid = list(REFINE_GRID if kind == "refine" else EDIT_GRID)
+    features = build_features(embedder, examples.prompts, examples.images, examples.previous_prompts)
+    validation = np.array([s % VALIDATION_EVERY == 0 for s in examples.sessions])
+    if validation.all() or not validation.any():
+        validation = np.arange(len(validation)) % VALIDATION_EVERY == 0  # tiny data sets: split by example
+    config = PredictorConfig(kind, grid, embedder.source, feature_dim(embedder.dim), hidden=hidden)
+    net, fitted = fit(
+        features[~validation],
+        examples.labels[~validation],
+        config,
+        epochs,
+        seed,
+        validation=(features[validation], examples.labels[validation]),
+    )
+    predictor = LearnedStrengthPredictor(config, net, embedder)
+    subset = Examples(
+        *(
+            [v for v, keep in zip(value, validation, strict=True) if keep]
+            if isinstance(value, list)
+            else value[validation]
+            for value in (
+                examples.sessions,
+                examples.prompts,
+                examples.images,
+                examples.previous_prompts,
+                examples.labels,
+                examples.quality,
+                examples.calls,
+                examples.reference,
+            )
+        )
+    )
+    threshold, metrics = choose_threshold(kind, predictor, features[validation], subset)
+    config.threshold = threshold
+    config.trained = {
+        **(provenance or {}),
+        "examples": len(examples.labels),
+        "train_examples": int((~validation).sum()),
+        "validation_examples": int(validation.sum()),
+        "epochs": epochs,
+        "validation": {**metrics, **fitted},
+    }
+    return predictor
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffusionx predictor train", description="Train the refine and edit strength predictors."
+    )
+    parser.add_argument("--data", default=DEFAULT_OUT, help=f"label file (default {DEFAULT_OUT})")
+    parser.add_argument(
+        "--out-dir", default=str(WEIGHTS_DIR), help="where the .safetensors go (default: shipped)"
+    )
+    parser.add_argument("--prefix", default="shapes", help="names: <prefix>-refine, <prefix>-edit")
+    parser.add_argument(
+        "--epochs", type=int, default=600, help="full-batch training epochs, at most (default 600)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="torch seed of the initial weights")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    records = read_records(args.data)
+    if len(records) < 2:
+        print(
+            f"diffusionx predictor train: error: {args.data} holds {len(records)} labelled sessions; "
+            "run `diffusionx predictor label` first",
+            file=sys.stderr,
+        )
+        return 1
+    settings = records[0]["settings"]
+    embedder = TextEmbedder.load(settings["cloud"])
+    report: dict[str, Any] = {"sessions": len(records)}
+    for kind, examples in (("refine", refine_examples(records)), ("edit", edit_examples(records))):
+        predictor = train_predictor(
+            kind,
+            examples,
+            embedder,
+            epochs=args.epochs,
+            seed=args.seed,
+            provenance={"data": str(args.data), "sessions": len(records), **settings},
+        )
+        path = predictor.save(Path(args.out_dir) / f"{args.prefix}-{kind}.safetensors")
+        report[kind] = {
+            "path": str(path),
+            "threshold": predictor.config.threshold,
+            **predictor.config.trained["validation"],
+        }
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    print(json.dumps(report))
+    return 0

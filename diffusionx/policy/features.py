@@ -1,0 +1,134 @@
+"""Inputs of the learned strength predictors: features of an image, of its prompt and of the prompt's history.
+
+One feature vector per (prompt, image, previous_prompt), concatenated in this order:
+
+* pixels: the image box-filtered to 4x4 RGB in [0, 1] (48: coarse layout), its colour histogram over 3 bins
+  per channel (27: which colours are present, and how much of each) and its residual noise (1, the
+  heuristic's mean |Laplacian|: how far the preview still is from a clean image);
+* prompt: the mean over real tokens of the shipped text encoder's last hidden state (D);
+* change: the text encoder's states of the new prompt at the token positions where it differs from the
+  previous prompt, averaged (D: what changed, in context: "blue" before "background" is not "blue" before
+  "circle"), and the share of words that differ (1); for a request without history (a finalize) the
+  previous prompt is the prompt itself, so both are 0.
+
+The text encoder is the one a model family ships (`TextEmbedder.load("shapes-cloud")`), so a predictor
+reads prompts exactly as the diffusion models of that family do.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from diffusionx.policy.strength import residual_noise
+from diffusionx.sampling.generation import tokenize
+
+IMAGE_GRID = 4  # layout features: IMAGE_GRID x IMAGE_GRID RGB
+COLOUR_BINS = 3  # colour histogram: COLOUR_BINS per channel
+IMAGE_FEATURES = 3 * IMAGE_GRID**2 + COLOUR_BINS**3 + 1
+
+
+def image_features(image: Image.Image) -> np.ndarray:
+    """(IMAGE_FEATURES,) float32: the RGB thumbnail, the colour histogram and the residual noise."""
+    rgb = image.convert("RGB")
+    thumbnail = rgb.resize((IMAGE_GRID, IMAGE_GRID), Image.Resampling.BOX)
+    pixels = np.asarray(thumbnail, dtype=np.float32).reshape(-1) / 255.0
+    bins = np.minimum(np.asarray(rgb, dtype=np.int32) * COLOUR_BINS // 256, COLOUR_BINS - 1)  # (H, W, 3)
+    codes = (bins[..., 0] * COLOUR_BINS + bins[..., 1]) * COLOUR_BINS + bins[..., 2]
+    histogram = np.bincount(codes.reshape(-1), minlength=COLOUR_BINS**3).astype(np.float32) / codes.size
+    return np.concatenate([pixels, histogram, np.array([residual_noise(rgb)], np.float32)])
+
+
+def word_change(previous_prompt: str, prompt: str) -> float:
+    """Share of words that differ between two prompts (symmetric difference of word multisets / total)."""
+    before = re.findall(r"[a-z0-9]+", previous_prompt.lower())
+    after = re.findall(r"[a-z0-9]+", prompt.lower())
+    if not before and not after:
+        return 0.0
+    removed = sum(max(0, before.count(w) - after.count(w)) for w in set(before))
+    added = sum(max(0, after.count(w) - before.count(w)) for w in set(after))
+    return (removed + added) / (len(before) + len(after))
+
+
+@dataclass
+class TextEmbedder:
+    """Mean-pooled text embeddings from a model family's tokenizer and text encoder."""
+
+    tokenizer: Any
+    text_encoder: Any
+    source: str  # the registry name the encoder was loaded from
+
+    @classmethod
+    def load(cls, name: str) -> TextEmbedder:
+        """The tokenizer and text encoder of registry model `name` (on the CPU, float32)."""
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        from diffusionx.models.loading import _load_component
+        from diffusionx.models.registry import get_spec
+
+        spec = get_spec(name)
+        device = torch.device("cpu")
+        tokenizer = _load_component(CLIPTokenizer, spec, "tokenizer", device, torch.float32)
+        text_encoder = _load_component(CLIPTextModel, spec, "text_encoder", device, torch.float32)
+        return cls(tokenizer, text_encoder, name)
+
+    @property
+    def dim(self) -> int:
+        return int(self.text_encoder.config.hidden_size)
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(hidden (B, L, D), token ids (B, L), attention mask (B, L)) of padded prompts."""
+        batch = tokenize(
+            self.tokenizer,
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        hidden = self.text_encoder(batch.input_ids).last_hidden_state.float()
+        return hidden.numpy(), batch.input_ids.numpy(), batch.attention_mask.numpy()
+
+    def embed(self, prompts: Sequence[str]) -> np.ndarray:
+        """(B, D) float32: the last hidden state averaged over each prompt's real (non-padding) tokens."""
+        hidden, _, mask = self.encode(prompts)
+        return _masked_mean(hidden, mask)
+
+
+def _masked_mean(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    weights = mask[..., None].astype(np.float32)  # (B, L, 1)
+    return ((hidden * weights).sum(1) / np.maximum(weights.sum(1), 1.0)).astype(np.float32)
+
+
+def feature_dim(text_dim: int) -> int:
+    return IMAGE_FEATURES + 2 * text_dim + 1
+
+
+def build_features(
+    embedder: TextEmbedder,
+    prompts: Sequence[str],
+    images: Sequence[Image.Image],
+    previous_prompts: Sequence[str | None] | None = None,
+) -> np.ndarray:
+    """(B, feature_dim) float32 feature matrix (see the module docstring)."""
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
+    previous = [
+        p if p is not None else prompt
+        for p, prompt in zip(previous_prompts or [None] * len(prompts), prompts, strict=True)
+    ]
+    hidden, ids, mask = embedder.encode(list(prompts))
+    _, previous_ids, _ = embedder.encode(previous)
+    changed_positions = (ids != previous_ids) & (mask > 0)  # (B, L): tokens that differ, position by position
+    pixels = np.stack([image_features(image) for image in images])
+    changed = np.array([[word_change(b, a)] for b, a in zip(previous, prompts, strict=True)], np.float32)
+    return np.concatenate(
+        [pixels, _masked_mean(hidden, mask), _masked_mean(hidden, changed_positions), changed], axis=1
+    ).astype(np.float32)

@@ -1,0 +1,158 @@
+"""Learned strength predictors: a small MLP that reads a preview, its prompt and the prompt's history and
+picks a strength from a grid.
+
+Model: features (`policy.features`, standardised with the training set's mean and std) -> Linear(F, H) ->
+ReLU -> Dropout -> Linear(H, K), one logit per grid strength s_k. Output k is the probability that s_k is
+enough, P(label <= s_k), where the label is the smallest measured grid strength that reached the quality
+target (`diffusionx predictor label`); it is trained with binary cross-entropy on the cumulative targets
+1[label <= s_k] (an ordinal regression, so "enough" is monotone in s). The prediction is the smallest s_k
+whose probability, made monotone by a running maximum, reaches `threshold`; the threshold is chosen on
+validation sessions to meet the quality target with the fewest UNet calls (`predictor train`).
+
+Two predictors share this code: `refine` (the strength of the cloud refinement at finalize, from the final
+preview and its prompt) and `edit` (the strength of a round-to-round edit on the edge, from the previous
+image, the new prompt and the previous prompt). They ship as safetensors with their settings in the
+file's metadata, and load by name (`load_predictor("shapes-refine")`) or path.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from diffusionx.policy.features import TextEmbedder, build_features
+from diffusionx.policy.strength import predict_strength
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+KINDS = ("refine", "edit")
+
+
+@dataclass
+class PredictorConfig:
+    kind: str  # "refine" | "edit"
+    grid: list[float]  # candidate strengths, ascending
+    text_model: str  # registry model whose tokenizer and text encoder embed prompts
+    input_dim: int
+    hidden: int = 8
+    dropout: float = 0.5
+    threshold: float = 0.5  # P(enough) a grid strength must reach to be picked
+    trained: dict = field(default_factory=dict)  # provenance: label file, sessions, weights, metrics
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"predictor kind={self.kind!r} is not one of {list(KINDS)}")
+        if (
+            not self.grid
+            or sorted(self.grid) != list(self.grid)
+            or not 0 < self.grid[0] <= self.grid[-1] <= 1
+        ):
+            raise ValueError(f"grid={self.grid} must be ascending strengths in (0, 1]")
+
+
+class StrengthNet(torch.nn.Module):
+    def __init__(self, config: PredictorConfig) -> None:
+        super().__init__()
+        self.register_buffer("feature_mean", torch.zeros(config.input_dim))
+        self.register_buffer("feature_std", torch.ones(config.input_dim))
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(config.input_dim, config.hidden),
+            torch.nn.ReLU(),
+            torch.nn.Dropout(config.dropout),
+            torch.nn.Linear(config.hidden, len(config.grid)),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, F) features -> (B, K) logits of P(label <= s_k)."""
+        return self.mlp((features - self.feature_mean) / self.feature_std)
+
+
+class LearnedStrengthPredictor:
+    """Callable like the heuristic: `predictor(prompt, image) -> strength`; `predict` takes batches."""
+
+    def __init__(self, config: PredictorConfig, net: StrengthNet, embedder: TextEmbedder) -> None:
+        self.config = config
+        self.net = net.eval()
+        self.embedder = embedder
+
+    @property
+    def name(self) -> str:
+        return f"learned-{self.config.kind} ({self.config.text_model})"
+
+    @torch.no_grad()
+    def probabilities(self, features: np.ndarray) -> np.ndarray:
+        """(B, K) monotone P(label <= s_k)."""
+        probs = torch.sigmoid(self.net(torch.from_numpy(features))).numpy()
+        return np.maximum.accumulate(probs, axis=1)
+
+    def choose(self, probs: np.ndarray, threshold: float | None = None) -> list[float]:
+        """The smallest grid strength whose probability reaches the threshold (the largest if none does)."""
+        threshold = self.config.threshold if threshold is None else threshold
+        grid = self.config.grid
+        return [
+            float(grid[int(np.argmax(row >= threshold))] if (row >= threshold).any() else grid[-1])
+            for row in probs
+        ]
+
+    def predict(
+        self,
+        prompts: Sequence[str],
+        images: Sequence[Image.Image],
+        previous_prompts: Sequence[str | None] | None = None,
+    ) -> list[float]:
+        features = build_features(self.embedder, prompts, images, previous_prompts)
+        return self.choose(self.probabilities(features))
+
+    def __call__(self, prompt: str, image: Image.Image, previous_prompt: str | None = None) -> float:
+        return self.predict([prompt], [image], [previous_prompt])[0]
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {key: value.contiguous() for key, value in self.net.state_dict().items()}
+        save_file(tensors, str(path), metadata={"config": json.dumps(asdict(self.config))})
+        return path
+
+
+def predictor_path(name_or_path: str) -> Path:
+    """A shipped predictor's file (`shapes-refine` -> policy/weights/shapes-refine.safetensors) or a path."""
+    path = Path(name_or_path)
+    if path.suffix == ".safetensors":
+        return path
+    return WEIGHTS_DIR / f"{name_or_path}.safetensors"
+
+
+def shipped_predictors() -> list[str]:
+    return sorted(p.stem for p in WEIGHTS_DIR.glob("*.safetensors"))
+
+
+def strength_function(name: str) -> Callable[..., float]:
+    """What a config names: "heuristic" (`policy.strength.predict_strength`) or a learned predictor."""
+    if name == "heuristic":
+        return predict_strength
+    return load_predictor(name)
+
+
+def load_predictor(name_or_path: str, embedder: TextEmbedder | None = None) -> LearnedStrengthPredictor:
+    """Loads a learned predictor by shipped name or .safetensors path; a missing one is a clear error."""
+    path = predictor_path(name_or_path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"strength predictor '{name_or_path}' not found at {path}; shipped: {shipped_predictors()} "
+            "(or give a .safetensors path written by `diffusionx predictor train`)"
+        )
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        config = PredictorConfig(**json.loads(handle.metadata()["config"]))
+    net = StrengthNet(config)
+    net.load_state_dict(load_file(str(path)))
+    if embedder is None or embedder.source != config.text_model:
+        embedder = TextEmbedder.load(config.text_model)
+    return LearnedStrengthPredictor(config, net, embedder)

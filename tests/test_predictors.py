@@ -1,0 +1,145 @@
+"""Learned strength predictors: the shipped ones load and answer on their grids; label, train and eval run
+end to end on a handful of tiny-random sessions; the edit workflow uses the edit predictor's strength."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffusionx.experiments.predictor import evaluate, label, train
+from diffusionx.experiments.predictor.targets import EDIT_GRID, REFINE_GRID, edit_ok, smallest
+from diffusionx.policy.features import TextEmbedder, build_features, feature_dim, word_change
+from diffusionx.policy.learned import load_predictor, shipped_predictors, strength_function
+from diffusionx.policy.strength import predict_strength
+from diffusionx.shapes.data import Scene, Shape, render
+
+PROMPT = "a large red circle on the left, blue background"
+EDITED = "a large red circle on the right, blue background"
+
+
+@pytest.fixture(scope="module")
+def picture() -> Image.Image:
+    return render(Scene((Shape("circle", "red", "large", "left"),), "blue"))
+
+
+def test_shipped_predictors_load_by_name_and_pick_grid_strengths(picture):
+    assert {"shapes-refine", "shapes-edit"} <= set(shipped_predictors())
+    refine = load_predictor("shapes-refine")
+    edit = load_predictor("shapes-edit", embedder=refine.embedder)
+    assert refine.config.kind == "refine" and edit.config.kind == "edit"
+    assert refine.config.grid == list(REFINE_GRID) and edit.config.grid == list(EDIT_GRID)
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    for image in (picture, noise):
+        assert refine(PROMPT, image) in REFINE_GRID
+        assert edit(EDITED, image, PROMPT) in EDIT_GRID
+    # a batch gives what single calls give
+    assert refine.predict([PROMPT, PROMPT], [picture, noise]) == [
+        refine(PROMPT, picture),
+        refine(PROMPT, noise),
+    ]
+    # what it was trained on is recorded with the weights
+    assert refine.config.trained["sessions"] >= 100 and 0 < refine.config.threshold < 1
+
+
+def test_predictor_names_select_heuristic_or_learned_and_a_missing_one_is_a_clear_error():
+    assert strength_function("heuristic") is predict_strength
+    assert strength_function("shapes-refine").config.kind == "refine"
+    with pytest.raises(FileNotFoundError, match=r"shipped: .*shapes-edit"):
+        load_predictor("no-such-predictor")
+
+
+def test_features_see_the_image_the_prompt_and_what_changed(picture):
+    embedder = TextEmbedder.load("shapes-cloud")
+    features = build_features(embedder, [PROMPT, EDITED], [picture, picture], [None, PROMPT])
+    assert features.shape == (2, feature_dim(embedder.dim))
+    change = features[:, -(embedder.dim + 1) :]
+    assert np.all(change[0] == 0)  # no history: nothing changed
+    assert np.abs(change[1, :-1]).sum() > 0 and change[1, -1] == pytest.approx(word_change(PROMPT, EDITED))
+    assert word_change(PROMPT, EDITED) == pytest.approx(2 / 18)  # "left" -> "right" of 9 + 9 words
+
+
+def test_targets_define_edit_ok_and_the_smallest_good_strength():
+    previous = {"kind": 1.0, "colour": 1.0, "size": 0.0, "position": 1.0, "background": 1.0}
+    moved = {**previous, "position": 1.0}
+    assert edit_ok(moved, previous, "move")
+    assert not edit_ok({**moved, "position": 0.0}, previous, "move")  # the change did not happen
+    assert not edit_ok({**moved, "kind": 0.0}, previous, "move")  # an unchanged attribute broke
+    assert edit_ok({**moved, "size": 0.0}, previous, "move")  # was wrong before: may stay wrong
+    assert smallest((0.25, 0.5, 1.0), [False, True, True]) == (0.5, True)
+    assert smallest((0.25, 0.5, 1.0), [False, False, False]) == (1.0, False)
+
+
+def test_label_train_eval_end_to_end_on_tiny_random_sessions(tmp_path, capsys):
+    models = ["--cloud", "tiny-random", "--edge", "tiny-random-edge", "--no-progress"]
+    data = tmp_path / "labels.jsonl"
+    assert label.main(["--sessions", "3", "--rounds", "2", "--out", str(data), *models]) == 0
+    records = label.read_records(data)
+    assert [r["session"] for r in records] == [0, 1, 2]
+    first = records[0]
+    assert first["refine"]["label"] in REFINE_GRID and len(first["edits"]) == 1
+    assert [t["strength"] for t in first["edits"][0]["trials"]] == list(EDIT_GRID)
+    trials = first["refine"]["trials"]
+    assert [t["strength"] for t in trials] == list(REFINE_GRID[: len(trials)])  # ascending until reached
+    assert all(t["cloud_calls"] == int(4 * t["strength"]) for t in trials)  # tiny-random: N = 4
+    # resumable: a rerun with more sessions labels only the new one
+    assert label.main(["--sessions", "4", "--rounds", "2", "--out", str(data), *models]) == 0
+    assert [r["session"] for r in label.read_records(data)] == [0, 1, 2, 3]
+    with pytest.raises(SystemExit):
+        label.main(["--sessions", "4", "--rounds", "3", "--out", str(data), *models])
+    assert "labels made with" in capsys.readouterr().err
+
+    weights = tmp_path / "weights"
+    assert train.main(["--data", str(data), "--out-dir", str(weights), "--prefix", "t", "--epochs", "5"]) == 0
+    trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert trained["sessions"] == 4 and trained["refine"]["threshold"] in train.THRESHOLDS
+    refine = load_predictor(str(weights / "t-refine.safetensors"))
+    assert refine.config.text_model == "tiny-random" and refine.config.trained["examples"] == 4
+
+    plot = tmp_path / "pareto.png"
+    args = ["--sessions", "2", "--json", "--plot", str(plot), *models]
+    args += ["--refine-predictor", str(weights / "t-refine.safetensors")]
+    args += ["--edit-predictor", str(weights / "t-edit.safetensors")]
+    assert evaluate.main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["methods"]) == {
+        "learned",
+        "heuristic",
+        "fixed-0.3",
+        "fixed-0.5",
+        "fixed-0.7",
+        "fixed-1.0",
+    }
+    for values in report["methods"].values():
+        assert set(values) == {"quality", "cloud_unet_calls"}
+    assert report["methods"]["fixed-0.5"]["cloud_unet_calls"] == 2.0  # int(4 * 0.5)
+    assert report["methods"]["fixed-1.0"]["cloud_unet_calls"] == 4.0
+    assert report["target"] == pytest.approx(report["reference"]["quality"] - 0.01)
+    assert set(report["edit"]["methods"]) == set(report["methods"])
+    assert report["timing"]["refine_predict_cpu_ms"] > 0
+    assert plot.exists() and Image.open(plot).size[0] > 500
+
+
+def test_edit_without_strength_uses_the_edit_predictor(picture):
+    from diffusionx.models.loading import load_model
+    from diffusionx.workflows import modes
+    from diffusionx.workflows.local import local_tiers
+
+    edge = load_model("tiny-random-edge")
+    asked = []
+
+    def predict_edit(prompt: str, image: Image.Image, previous_prompt: str | None) -> float:
+        asked.append((prompt, previous_prompt))
+        return 0.75
+
+    tiers = local_tiers(None, edge, predict_edit=predict_edit)
+    result = asyncio.run(modes.edit_predicted(tiers, EDITED, picture, PROMPT, seed=3))
+    assert asked == [(EDITED, PROMPT)]
+    assert result.strength == 0.75 and result.unet_calls.edge == int(4 * 0.75)
+    # the shipped edit predictor through the same workflow: its strength is one of its grid's
+    tiers = local_tiers(None, edge, predict_edit=load_predictor("shapes-edit"))
+    result = asyncio.run(modes.edit_predicted(tiers, EDITED, picture, PROMPT, seed=3))
+    assert result.strength in EDIT_GRID and "predict" in result.timings_ms
