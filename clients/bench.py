@@ -4,11 +4,12 @@ refinement requests at a given strength (cloud tier) under concurrency.
 For each concurrency level N (default 1, 4, 16), N async workers each keep one request in flight until
 `--requests` requests have been answered (`refine`: each refines one preview made before the levels, by its
 `preview_id`, at `--strength`; the predictor is then not called). Per request it records the client's
-end-to-end HTTP latency and what the server reports in `timings_ms`: `model_total` (time inside the
-model), `queue` (waiting for a batch slot), `batch_size` and `server_total`. Per level it reports median and p95 of each, the serving overhead
-(end-to-end minus model time: HTTP, proxy, handles, batching wait, PNG encoding), throughput, the batch sizes
-seen in the responses (per request: the batch each request was in) and in GET /v1/stats (per batch: the
-batches of the tier's `recent_batch_sizes` that served the level), and errors by type.
+end-to-end HTTP latency and what the server reports in `timings_ms`: `model_total` (time inside the model),
+`queue` (waiting for a batch slot), `batch_size` and `server_total`. Per level it reports median and p95 of
+each, the serving overhead (end-to-end minus model time: HTTP, proxy, handles, batching wait, PNG encoding),
+throughput, the batch sizes seen in the responses (per request: the batch each request was in) and in GET
+/v1/stats (per batch: the batches of the tier's `recent_batch_sizes` that served the level), and errors by
+type.
 
 Targets `--url`, or starts the local application (`deployments.local.start_local_app`) and stops it after.
 Writes <benchmark>.json (everything), <benchmark>_levels.csv, <benchmark>_requests.csv and <benchmark>.md
