@@ -14,6 +14,7 @@ from diffusionx.generation import check_prompt_fits, refine, text_to_image
 from diffusionx.loading import load_model
 from diffusionx.requests import GenerationResult, Img2ImgRequest, PreviewRequest
 from diffusionx.step_batching import StepBatcher
+from diffusionx.step_warmup import measure_step_time
 
 
 @serve.deployment(
@@ -39,6 +40,8 @@ class CloudRefiner(BatchedTier):
         self.model = load_model(model, device=device)
         if step_batching:  # refinements of any strength share UNet batches, joining between steps
             self._enable_step_batching("refine", StepBatcher(self.model, max_batch_size, tier="cloud"))
+        # the router's service model has a step time before the first refinement
+        self._monitor.step_time.seed(measure_step_time(self.model, max_batch_size))
         for method in (self._refine_batch, self._generate_batch, self._plan_batch):
             method.set_max_batch_size(max_batch_size)
             method.set_batch_wait_timeout_s(batch_wait_timeout_s)

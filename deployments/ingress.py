@@ -36,6 +36,7 @@ from diffusionx.requests import (
     UnetCalls,
 )
 from diffusionx.router import CloudLoad, RouterConfig, decide_route
+from diffusionx.service_model import ReplicaLoad
 
 RETRY_AFTER_S = 1
 
@@ -152,11 +153,7 @@ class DiffusionXIngress:
 
     async def _cloud_load(self) -> CloudLoad:
         tier = await ask(self.state.tier, "cloud")
-        return CloudLoad(
-            queued_steps=int(tier["queued_steps"]),
-            replicas=max(1, int(tier["replicas"])),
-            seconds_per_step=tier["seconds_per_step"],
-        )
+        return CloudLoad(tuple(ReplicaLoad.from_snapshot(s) for s in tier.get("per_replica", ())))
 
     async def _finalize(
         self,
@@ -262,6 +259,7 @@ class DiffusionXIngress:
             "route": decision.route,
             "reason": decision.reason,
             "load": out["load"],
+            "expected_latency_ms": decision.expected_latency_ms,
             "unet_calls": result.unet_calls.to_dict(),
             "timings_ms": {**out["timings_ms"], "server_total": _ms(start)},
         }
@@ -300,6 +298,7 @@ class DiffusionXIngress:
                 "route": decision.route,
                 "strength_predicted": out["strength_predicted"],
                 "strength_used": decision.strength,
+                "expected_latency_ms": decision.expected_latency_ms,
             }
         else:
             result, calls, timings, parameters = await self._collaborative(body, text_request)

@@ -51,6 +51,7 @@ class BatchedTier:
         self.max_batch_size = max_batch_size
         self._state = state
         self._monitor = TierMonitor()
+        self._monitor.max_batch_size = max_batch_size
         self._pending: list[_PendingBatch] = []
         self._model_loop: asyncio.Task | None = None
         self._step_kind: str | None = None
@@ -150,6 +151,7 @@ class BatchedTier:
 
         added = await asyncio.to_thread(add_all)
         admitted = time.perf_counter()
+        self._monitor.pool = engine.priorities()
         for pending, row in zip(joining, added, strict=True):
             self._monitor.admit(len(row))
             self._results[id(pending)] = [None] * len(row)
@@ -170,6 +172,7 @@ class BatchedTier:
         batch_size = engine.recent_batch_sizes[-1] if engine.recent_batch_sizes else 0
         self._monitor.ran(batch_size, 1, time.perf_counter() - started)
         self._monitor.progressed(batch_size)
+        self._monitor.pool = engine.priorities()
         for ticket in finished:
             pending, index, queue_ms = self._tickets.pop(id(ticket))
             result = ticket.result
