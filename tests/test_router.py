@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from diffusionx.router import CloudLoad, RouterConfig, decide_route, expected_latency_ms
-from diffusionx.service_model import ReplicaLoad
+from diffusionx.policy.router import CloudLoad, RouterConfig, decide_route, expected_latency_ms
+from diffusionx.policy.service_model import ReplicaLoad
 
 CONFIG = RouterConfig(min_steps=10, strength_floor=0.2, overhead_ms=50.0)
 STEP_S = (0.05, 0.0)  # t(b) = 50 ms whatever the batch size

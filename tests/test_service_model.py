@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from diffusionx.service_model import (
+from diffusionx.policy.service_model import (
     ReplicaLoad,
     StepTimeModel,
     choose_replica,

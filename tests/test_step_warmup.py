@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from diffusionx.engine.monitor import TierMonitor, merge_snapshots, snapshot_dict
+from diffusionx.engine.step_warmup import measure_step_time
+from diffusionx.policy.service_model import ReplicaLoad, StepTimeModel, expected_finish_s
 from diffusionx.requests import Img2ImgRequest
-from diffusionx.service_model import ReplicaLoad, StepTimeModel, expected_finish_s
-from diffusionx.step_batching import StepBatcher
-from diffusionx.step_warmup import measure_step_time
-from diffusionx.tier_monitor import TierMonitor, merge_snapshots, snapshot_dict
+from diffusionx.sampling.step_batching import StepBatcher
 
 
 def refinement(seed: int, steps: int, strength: float = 1.0) -> Img2ImgRequest:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from diffusionx.service_model import ReplicaLoad, choose_replica, predict_tier
+from diffusionx.policy.service_model import ReplicaLoad, choose_replica, predict_tier
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,9 @@ import time
 
 from PIL import Image
 
-from diffusionx.loading import LoadedModel
+from diffusionx.models.loading import LoadedModel
 from diffusionx.requests import Img2ImgRequest
-from diffusionx.step_batching import StepBatcher
+from diffusionx.sampling.step_batching import StepBatcher
 
 WARMUP_PROMPT = "warm up"
 
