@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 from diffusionx.shapes import train
 
@@ -76,6 +76,31 @@ def test_run_writes_metrics_and_resumes_from_checkpoint(tiny_run):
     assert state["step"] == 4  # continued from step 2, did not restart
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
     assert [int(r["step"]) for r in rows] == [2, 4]
+
+
+def test_warm_start_initialises_every_model_from_an_export(tiny_run, tmp_path):
+    source, _ = tiny_run
+    out, run_dir = tmp_path / "out", tmp_path / "run"
+    argv = ["--out", str(out), "--run-dir", str(run_dir), "--steps", "0", *TINY, "--vae-steps", "0"]
+    train.main([*argv, "--init-from", str(source)])
+    for sub in ("unet", "unet_edge", "vae"):
+        cls = AutoencoderKL if sub == "vae" else UNet2DConditionModel
+        before = cls.from_pretrained(source, subfolder=sub).state_dict()
+        after = cls.from_pretrained(out, subfolder=sub).state_dict()
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before), sub
+    old = StableDiffusionPipeline.from_pretrained(source)
+    new = StableDiffusionPipeline.from_pretrained(out)
+    ids = [new.tokenizer.convert_tokens_to_ids(w + "</w>") for w in ("red", "triangle", "left")]
+    old_ids = [old.tokenizer.convert_tokens_to_ids(w + "</w>") for w in ("red", "triangle", "left")]
+    new_rows = new.text_encoder.get_input_embeddings().weight[ids]
+    assert torch.equal(new_rows, old.text_encoder.get_input_embeddings().weight[old_ids])
+
+
+def test_warm_start_refuses_a_different_architecture(tiny_run, tmp_path):
+    source, _ = tiny_run
+    argv = ["--out", str(tmp_path / "out"), "--run-dir", str(tmp_path / "run"), "--steps", "0", *TINY]
+    with pytest.raises(ValueError, match="--init-from unet does not match"):
+        train.main([*argv, "--cloud-channels", "32", "32", "--init-from", str(source)])
 
 
 def test_time_budget_stops_training_early(tmp_path):

@@ -54,12 +54,20 @@ SCHEDULER_CONFIG = dict(
 
 @dataclass
 class TrainConfig:
-    out: str = "diffusionx/models/shapes"  # final (and intermediate) diffusers export
-    run_dir: str = "runs/shapes"  # checkpoints, log-side metrics, sample grids
+    out: str = "runs/shapes-v2/export"  # final (and intermediate) diffusers export; copy it to
+    # diffusionx/models/shapes only once its figures are checked, so the shipped weights stay intact
+    run_dir: str = "runs/shapes-v2"  # checkpoints, metrics.csv, config.json
+    # Warm start: a diffusers export (e.g. diffusionx/models/shapes) whose VAE, UNets and text encoder
+    # initialise this run (same architecture); token embeddings are remapped onto the new tokenizer. The VAE
+    # phase then fine-tunes the export's VAE for --vae-steps (0 keeps it, and so the UNets' latent space).
+    init_from: str = ""
     seed: int = 0  # seeds data, initialisation, noise, batches
     threads: int = 1  # torch threads; 1 keeps the machine's other core free
     num_scenes: int = 60000  # training scenes rendered once and cached as latents
-    model_max_length: int = 32  # tokens; longest caption is 30 ("triangle" is 6 BPE tokens, see README)
+    model_max_length: int = 24  # tokens; the longest caption is 20 (one token per word, BOS, EOS)
+    # Share of two-shape training scenes. Held-out prompts keep data.TWO_SHAPE_PROBABILITY (0.4); v1 trained
+    # on 0.4 and never learned which shape a place phrase belongs to (two-shape position 0.49 = chance).
+    two_shape_probability: float = 0.7
     # VAE phase
     vae_steps: int = 1500
     vae_batch_size: int = 32
@@ -85,7 +93,7 @@ class TrainConfig:
     edge_channels: tuple[int, ...] = (32, 64)
     # Exports / evaluation / checkpoints
     export_every: int = 1000  # diffusion steps between EMA exports + judge evaluation
-    eval_prompts: int = 48
+    eval_prompts: int = 128  # the held-out set the quality targets are defined on
     eval_steps: int = 20  # cloud DDIM steps at evaluation
     eval_edge_steps: int = 8  # edge preview DDIM steps at evaluation
     eval_guidance: float = 4.0
@@ -153,6 +161,48 @@ def make_unet(channels: tuple[int, ...], layers_per_block: int, cross_attention_
         attention_head_dim=4 if not edge else 2,  # diffusers: number of heads
         norm_num_groups=min(channels[0], 32),
     )
+
+
+def load_weights(model: torch.nn.Module, source: torch.nn.Module, name: str) -> None:
+    """Copies `source`'s weights into `model`; the configs must describe the same architecture."""
+    try:
+        model.load_state_dict(source.state_dict())
+    except RuntimeError as error:
+        raise ValueError(f"--init-from {name} does not match this run's {name} config: {error}") from None
+
+
+@torch.no_grad()
+def warm_start(root: str, tokenizer: CLIPTokenizer, models: dict[str, torch.nn.Module]) -> None:
+    """Initialises the text encoder and both UNets from the export at `root`.
+
+    The export's tokenizer may split words differently, so each token embedding of the new tokenizer is
+    the mean of the old embeddings of the same text (identical for words that were already one token);
+    position embeddings are copied for the positions both have."""
+    load_weights(models["unet"], UNet2DConditionModel.from_pretrained(root, subfolder="unet"), "unet")
+    edge = UNet2DConditionModel.from_pretrained(root, subfolder="unet_edge")
+    load_weights(models["unet_edge"], edge, "unet_edge")
+    old_tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
+    old = CLIPTextModel.from_pretrained(root, subfolder="text_encoder")
+    new = models["text_encoder"]
+    skip = ("token_embedding.weight", "position_embedding.weight")  # sizes follow the tokenizer
+    old_state = {k: v for k, v in old.state_dict().items() if not k.endswith(skip)}
+    missing, unexpected = new.load_state_dict(old_state, strict=False)
+    if unexpected or [k for k in missing if not k.endswith(skip)]:
+        raise ValueError(f"--init-from text_encoder does not match: missing {missing}, extra {unexpected}")
+    old_tokens = old.get_input_embeddings().weight
+    new_tokens = new.get_input_embeddings().weight
+    for token, index in tokenizer.get_vocab().items():
+        if token in (tokenizer.bos_token, tokenizer.eos_token):
+            new_tokens[index] = old_tokens[old_tokenizer.convert_tokens_to_ids(token)]
+            continue
+        old_ids = old_tokenizer(token.replace("</w>", " "), add_special_tokens=False).input_ids
+        if old_ids:
+            new_tokens[index] = old_tokens[old_ids].mean(dim=0)
+    old_positions = old.embeddings.position_embedding.weight
+    new_positions = new.embeddings.position_embedding.weight
+    n = min(len(old_positions), len(new_positions))
+    new_positions[:n] = old_positions[:n]
+    print(f"warm start from {root}: text encoder, unet, unet_edge", flush=True)
 
 
 def count_params(module: torch.nn.Module) -> int:
@@ -375,7 +425,7 @@ def train(config: TrainConfig) -> None:
         print(f"resuming from {checkpoint_path}: phase {state['phase']} step {state['step']}", flush=True)
 
     tokenizer = write_clip_tokenizer(run_dir / "tokenizer", data.vocabulary(), config.model_max_length)
-    scenes = data.training_scenes(config.num_scenes, config.seed)
+    scenes = data.training_scenes(config.num_scenes, config.seed, config.two_shape_probability)
     captions = [data.caption(s) for s in scenes]
     longest = max(len(tokenizer(c).input_ids) for c in captions[:2000])
     if longest > config.model_max_length:
@@ -383,14 +433,29 @@ def train(config: TrainConfig) -> None:
 
     # 1. VAE
     vae = make_vae(config)
-    if state.get("phase") != "unet":
-        train_vae(config, vae, state, run_dir, scenes)
-    else:
+    if state.get("phase") == "unet":
         vae.load_state_dict(state["vae"])
+    else:
+        if config.init_from:  # then --vae-steps fine-tune it (0 keeps it as it is)
+            load_weights(vae, AutoencoderKL.from_pretrained(config.init_from, subfolder="vae"), "vae")
+        train_vae(config, vae, state, run_dir, scenes)
     vae.eval().requires_grad_(False)
     print(f"vae reconstruction judge scores: {json.dumps(vae_reconstruction_scores(vae))}", flush=True)
 
-    # 2. Cache latents and compute the scaling factor.
+    # 2. Models (first, so that a bad --init-from fails before the slow encoding)
+    text_encoder = make_text_encoder(config, tokenizer)
+    unet = make_unet(config.cloud_channels, config.cloud_layers_per_block, config.text_hidden, edge=False)
+    unet_edge = make_unet(config.edge_channels, 1, config.text_hidden, edge=True)
+    models = {"text_encoder": text_encoder, "unet": unet, "unet_edge": unet_edge}
+    if config.init_from and state.get("phase") != "unet":
+        warm_start(config.init_from, tokenizer, models)
+    print(
+        "params: "
+        + ", ".join(f"{k} {count_params(m) / 1e6:.2f}M" for k, m in models.items())
+        + f", vae {count_params(vae) / 1e6:.2f}M",
+        flush=True,
+    )
+    # 3. Cache latents and compute the scaling factor.
     latent_mean, latent_std = encode_scenes(vae, scenes)  # (N, 4, 8, 8) each
     scaling_factor = float(1.0 / latent_mean.std())
     vae.register_to_config(scaling_factor=scaling_factor)
@@ -398,17 +463,6 @@ def train(config: TrainConfig) -> None:
     token_ids = tokenize(tokenizer, captions, config.model_max_length)  # (N, L)
     empty_ids = tokenize(tokenizer, [""], config.model_max_length)[0]  # (L,)
 
-    # 3. Models
-    text_encoder = make_text_encoder(config, tokenizer)
-    unet = make_unet(config.cloud_channels, config.cloud_layers_per_block, config.text_hidden, edge=False)
-    unet_edge = make_unet(config.edge_channels, 1, config.text_hidden, edge=True)
-    models = {"text_encoder": text_encoder, "unet": unet, "unet_edge": unet_edge}
-    print(
-        "params: "
-        + ", ".join(f"{k} {count_params(m) / 1e6:.2f}M" for k, m in models.items())
-        + f", vae {count_params(vae) / 1e6:.2f}M",
-        flush=True,
-    )
     emas = {k: copy.deepcopy(m).requires_grad_(False) for k, m in models.items()}
     optimizer = torch.optim.AdamW(
         [p for m in models.values() for p in m.parameters()], lr=config.lr, weight_decay=0.01
@@ -451,7 +505,8 @@ def train(config: TrainConfig) -> None:
         export_pipeline(out, vae, emas["text_encoder"], tokenizer, emas["unet"], emas["unet_edge"])
         started = time.perf_counter()
         vae_scores = vae_reconstruction_scores(vae)
-        metrics = {"step": step, "vae_accuracy": vae_scores["accuracy"], "vae_kind": vae_scores["kind"]}
+        metrics = {"step": step, "vae_accuracy": vae_scores["accuracy"], "vae_exact": vae_scores["exact"]}
+        metrics["vae_kind"] = vae_scores["kind"]
         metrics.update(evaluate_export(config, out))
         metrics["eval_s"] = time.perf_counter() - started
         print("eval " + json.dumps({k: round(v, 4) for k, v in metrics.items()}), flush=True)
