@@ -126,3 +126,15 @@ def test_metrics_csv_keeps_its_header_when_columns_change(tmp_path):
     assert list(rows[0]) == ["step", "cloud_accuracy", "vae_accuracy"]
     assert rows[0]["cloud_accuracy"] == "0.2" and rows[0]["vae_accuracy"] == ""
     assert rows[1]["cloud_accuracy"] == "0.5" and rows[1]["vae_accuracy"] == "0.9"
+
+
+def test_snr_weights_clamp_the_x0_weight_from_above_and_below():
+    alphas_cumprod = DDIMScheduler(**train.SCHEDULER_CONFIG).alphas_cumprod
+    timesteps = torch.tensor([10, 999])
+    snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
+    assert snr[0] > 5 and snr[1] < 0.01
+    plain = train.snr_weights(alphas_cumprod, timesteps, gamma=5.0)
+    assert plain[0] == pytest.approx(5 / snr[0]) and plain[1] == pytest.approx(1.0)
+    floored = train.snr_weights(alphas_cumprod, timesteps, gamma=5.0, min_x0_weight=0.5)
+    assert floored[0] == pytest.approx(plain[0]) and floored[1] == pytest.approx(0.5 / snr[1])
+    assert torch.equal(train.snr_weights(alphas_cumprod, timesteps, gamma=0.0), torch.ones(2))
