@@ -96,6 +96,8 @@ def summarize_level(
         "e2e_ms": distribution([r.e2e_ms for r in ok]),
         "model_ms": distribution([r.model_ms for r in ok]),
         "overhead_ms": distribution([r.overhead_ms for r in ok]),
+        # serving overhead as a share of model time, per request (the target: at most 5% at production size)
+        "overhead_share": distribution([r.overhead_ms / r.model_ms for r in ok if r.model_ms]),
         "queue_ms": distribution([r.queue_ms for r in ok]),
         "server_ms": distribution([r.server_ms for r in ok]),
         "batch_size": distribution([r.batch_size for r in ok]),
@@ -170,8 +172,8 @@ def format_table(levels: list[dict[str, Any]]) -> str:
     """Markdown table of the level summaries (times in ms as median / p95)."""
     lines = [
         "| concurrency | ok / sent | errors | throughput (req/s) | e2e ms | model ms | overhead ms "
-        "| queue ms | batch size (responses) | batch size (/v1/stats) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| overhead / model | queue ms | batch size (responses) | batch size (/v1/stats) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for level in levels:
         errors = ", ".join(f"{k} {v}" for k, v in level["errors"].items()) or "-"
@@ -179,10 +181,12 @@ def format_table(levels: list[dict[str, Any]]) -> str:
         batch_cell = "-" if batch["mean"] is None else f"mean {batch['mean']:.1f}, max {batch['max']:.0f}"
         stats_cell = "-" if stats["mean"] is None else f"mean {stats['mean']:.1f}, max {stats['max']:.0f}"
         throughput = "-" if level["throughput_rps"] is None else f"{level['throughput_rps']:.2f}"
+        share = level["overhead_share"]
+        share_cell = "-" if share["median"] is None else f"{share['median']:.1%} / {share['p95']:.1%}"
         lines.append(
             f"| {level['concurrency']} | {level['ok']} / {level['requests']} | {errors} | {throughput} "
             f"| {_cell(level['e2e_ms'])} | {_cell(level['model_ms'])} | {_cell(level['overhead_ms'])} "
-            f"| {_cell(level['queue_ms'])} | {batch_cell} | {stats_cell} |"
+            f"| {share_cell} | {_cell(level['queue_ms'])} | {batch_cell} | {stats_cell} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -203,6 +207,7 @@ def write_results(report: dict[str, Any], records: list[RequestRecord], out_dir:
             "e2e_ms",
             "model_ms",
             "overhead_ms",
+            "overhead_share",
             "queue_ms",
             "server_ms",
             "batch_size",
@@ -236,7 +241,8 @@ def write_results(report: dict[str, Any], records: list[RequestRecord], out_dir:
         f"cloud `{models.get('cloud', '?')}`; {setup['requests_per_level']} requests per level; "
         f"client on {setup['machine']}.\n\n"
         "Times in ms as median / p95. `model` is the server's `timings_ms.model_total` (the batch's model "
-        "time); `overhead` = end-to-end − model (HTTP, proxy, handles, batch wait, encoding); `queue` is "
+        "time); `overhead` = end-to-end − model (HTTP, proxy, handles, batch wait, encoding), also as a "
+        "share of model time per request; `queue` is "
         "the wait for a batch slot as the tier reports it. Batch size from the responses is per request (the "
         "batch each request was in); from /v1/stats it is per batch.\n\n" + format_table(report["levels"])
     )

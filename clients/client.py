@@ -14,13 +14,19 @@ the server's Retry-After says (`retries_on_overload`, off by default).
 The server keeps no session state it cannot lose: a `Session` holds the rounds, sends the previous round's
 `preview_id` for an edit or for the final refinement, and when the server answers 404 because the id has
 left its cache, resends the image it holds.
+
+One implementation: `AsyncDiffusionXClient` and `AsyncSession` do the work; `DiffusionXClient` and
+`Session` run them on a private event loop in a background thread, method for method.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import threading
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -59,7 +65,7 @@ def _drop_none(**fields: Any) -> dict[str, Any]:
 
 
 class _ClientBase:
-    """Configuration, request bodies and response handling shared by the sync and async clients."""
+    """Configuration, request bodies and response handling of the client."""
 
     def __init__(
         self,
@@ -75,53 +81,14 @@ class _ClientBase:
         self.retries_on_overload = retries_on_overload
         self.max_retry_wait_s = max_retry_wait_s
 
-    # -- request bodies (field names are the server's, see diffusionx.api) --------------------------------
-
     @staticmethod
-    def _preview_body(
-        prompt: str,
-        seed: int,
-        width: int | None,
-        height: int | None,
-        num_inference_steps: int | None,
-        guidance_scale: float | None,
-        image: ImageLike | None,
-        preview_id: str | None,
-        strength: float | None,
-    ) -> dict[str, Any]:
-        return _drop_none(
-            prompt=prompt,
-            seed=seed,
-            width=width,
-            height=height,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            image=None if image is None else encode_image(image),
-            preview_id=preview_id,
-            strength=strength,
-        )
-
-    @staticmethod
-    def _refine_body(
-        prompt: str,
-        seed: int,
-        image: ImageLike | None,
-        preview_id: str | None,
-        strength: float | None,
-        num_inference_steps: int | None,
-        latency_target_ms: float | None,
-        guidance_scale: float | None,
-    ) -> dict[str, Any]:
-        return _drop_none(
-            prompt=prompt,
-            seed=seed,
-            image=None if image is None else encode_image(image),
-            preview_id=preview_id,
-            strength=strength,
-            num_inference_steps=num_inference_steps,
-            latency_target_ms=latency_target_ms,
-            guidance_scale=guidance_scale,
-        )
+    def _body(arguments: dict[str, Any]) -> dict[str, Any]:
+        """The JSON body from a method's arguments (field names are the server's, see diffusionx.api):
+        unset fields are not sent, an image goes as base64 PNG."""
+        fields = {name: value for name, value in arguments.items() if name != "self"}
+        if fields.get("image") is not None:
+            fields["image"] = encode_image(fields["image"])
+        return _drop_none(**fields)
 
     # -- responses ----------------------------------------------------------------------------------------
 
@@ -158,124 +125,13 @@ class _ClientBase:
         return delay_s
 
 
-class DiffusionXClient(_ClientBase):
-    """Synchronous client. Use as a context manager, or call `close()`.
+class AsyncDiffusionXClient(_ClientBase):
+    """Asynchronous client. Use as an async context manager, or call `aclose()`.
 
     `retries_on_overload` retries a request that got 503 up to that many times, waiting the server's
     Retry-After (or a doubling backoff from 0.25 s without one), but never longer than `max_retry_wait_s`.
     `transport` replaces the network (tests pass an `httpx.MockTransport`).
     """
-
-    def __init__(
-        self,
-        base_url: str = DEFAULT_URL,
-        timeout_s: float | httpx.Timeout = DEFAULT_TIMEOUT_S,
-        *,
-        retries_on_overload: int = 0,
-        max_retry_wait_s: float = 30.0,
-        transport: httpx.BaseTransport | None = None,
-    ) -> None:
-        super().__init__(base_url, timeout_s, retries_on_overload, max_retry_wait_s)
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s, transport=transport)
-
-    def __enter__(self) -> DiffusionXClient:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._http.close()
-
-    def _call(
-        self, method: str, path: str, parse: type[ResultT], body: dict[str, Any] | None = None
-    ) -> ResultT:
-        for attempt in range(self.retries_on_overload + 1):
-            start = time.perf_counter()
-            try:
-                response = self._http.request(method, path, json=body)
-            except httpx.TransportError as exc:
-                raise self._connection_error(exc) from exc
-            latency_ms = (time.perf_counter() - start) * 1000.0
-            if response.is_success:
-                return parse.from_json(self._json(response), latency_ms=latency_ms)
-            error = error_from_response(response, preview_id=(body or {}).get("preview_id"))
-            delay_s = self._retry_delay_s(error, attempt)
-            if delay_s is None:
-                raise error
-            time.sleep(delay_s)
-        raise AssertionError("unreachable: the last attempt returns or raises")
-
-    def preview(
-        self,
-        prompt: str,
-        *,
-        seed: int = 0,
-        width: int | None = None,
-        height: int | None = None,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        image: ImageLike | None = None,
-        preview_id: str | None = None,
-        strength: float | None = None,
-    ) -> PreviewResult:
-        """POST /v1/preview: a fast edge-tier image; with `image` or `preview_id` and `strength`, an edit."""
-        body = self._preview_body(
-            prompt, seed, width, height, num_inference_steps, guidance_scale, image, preview_id, strength
-        )
-        return self._call("POST", "/v1/preview", PreviewResult, body)
-
-    def refine(
-        self,
-        prompt: str,
-        *,
-        seed: int = 0,
-        preview_id: str | None = None,
-        image: ImageLike | None = None,
-        strength: float | None = None,
-        num_inference_steps: int | None = None,
-        latency_target_ms: float | None = None,
-        guidance_scale: float | None = None,
-    ) -> RefineResult:
-        """POST /v1/refine: the cloud tier refines a preview at the predicted (or given) strength."""
-        body = self._refine_body(
-            prompt, seed, image, preview_id, strength, num_inference_steps, latency_target_ms, guidance_scale
-        )
-        return self._call("POST", "/v1/refine", RefineResult, body)
-
-    def generate(
-        self, prompt: str, *, seed: int = 0, mode: str = "diffusionx", **params: Any
-    ) -> GenerateResult:
-        """POST /v1/generate: one-shot text-to-image in `mode` (diffusionx | cloud | edge | hybrid | ec-diff).
-
-        `params` are the mode's fields: width, height, num_inference_steps, guidance_scale, switch_step,
-        warmup_steps, approx_interval, smoothing, latency_target_ms (unset ones are not sent).
-        """
-        body = _drop_none(prompt=prompt, seed=seed, mode=mode, **params)
-        return self._call("POST", "/v1/generate", GenerateResult, body)
-
-    def health(self) -> HealthResult:
-        """GET /v1/health; raises if the server does not answer 2xx."""
-        return self._call("GET", "/v1/health", HealthResult)
-
-    def stats(self) -> StatsResult:
-        """GET /v1/stats: per-tier queue, in-flight work, replicas and recent batch sizes."""
-        return self._call("GET", "/v1/stats", StatsResult)
-
-    def session(
-        self,
-        seed: int = 0,
-        width: int | None = None,
-        height: int | None = None,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-    ) -> Session:
-        """A multi-round session: previews share the seed and size; see `Session`."""
-        return Session(self, seed, width, height, num_inference_steps, guidance_scale)
-
-
-class AsyncDiffusionXClient(_ClientBase):
-    """Asynchronous client with the same methods as `DiffusionXClient`, as coroutines."""
 
     def __init__(
         self,
@@ -334,43 +190,41 @@ class AsyncDiffusionXClient(_ClientBase):
         preview_id: str | None = None,
         strength: float | None = None,
     ) -> PreviewResult:
-        """POST /v1/preview (see `DiffusionXClient.preview`)."""
-        body = self._preview_body(
-            prompt, seed, width, height, num_inference_steps, guidance_scale, image, preview_id, strength
-        )
-        return await self._call("POST", "/v1/preview", PreviewResult, body)
+        """POST /v1/preview: a fast edge-tier image; with `image` or `preview_id` and `strength`, an edit."""
+        return await self._call("POST", "/v1/preview", PreviewResult, self._body(locals()))
 
     async def refine(
         self,
         prompt: str,
         *,
-        seed: int = 0,
         preview_id: str | None = None,
         image: ImageLike | None = None,
+        seed: int = 0,
         strength: float | None = None,
         num_inference_steps: int | None = None,
         latency_target_ms: float | None = None,
         guidance_scale: float | None = None,
     ) -> RefineResult:
-        """POST /v1/refine (see `DiffusionXClient.refine`)."""
-        body = self._refine_body(
-            prompt, seed, image, preview_id, strength, num_inference_steps, latency_target_ms, guidance_scale
-        )
-        return await self._call("POST", "/v1/refine", RefineResult, body)
+        """POST /v1/refine: the cloud tier refines a preview; `strength` overrides the predicted strength."""
+        return await self._call("POST", "/v1/refine", RefineResult, self._body(locals()))
 
     async def generate(
         self, prompt: str, *, seed: int = 0, mode: str = "diffusionx", **params: Any
     ) -> GenerateResult:
-        """POST /v1/generate (see `DiffusionXClient.generate`)."""
+        """POST /v1/generate: one-shot text-to-image in `mode` (diffusionx | cloud | edge | hybrid | ec-diff).
+
+        `params` are the mode's fields: width, height, num_inference_steps, guidance_scale, switch_step,
+        warmup_steps, approx_interval, smoothing, latency_target_ms (unset ones are not sent).
+        """
         body = _drop_none(prompt=prompt, seed=seed, mode=mode, **params)
         return await self._call("POST", "/v1/generate", GenerateResult, body)
 
     async def health(self) -> HealthResult:
-        """GET /v1/health."""
+        """GET /v1/health; raises if the server does not answer 2xx."""
         return await self._call("GET", "/v1/health", HealthResult)
 
     async def stats(self) -> StatsResult:
-        """GET /v1/stats."""
+        """GET /v1/stats: per-tier queue, in-flight work, replicas and recent batch sizes."""
         return await self._call("GET", "/v1/stats", StatsResult)
 
     def session(
@@ -381,7 +235,7 @@ class AsyncDiffusionXClient(_ClientBase):
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
     ) -> AsyncSession:
-        """A multi-round session whose methods are coroutines; see `Session`."""
+        """A multi-round session whose methods are coroutines; previews share the seed and size."""
         return AsyncSession(self, seed, width, height, num_inference_steps, guidance_scale)
 
 
@@ -501,66 +355,13 @@ class _SessionBase:
         return {"seed": self.seed, "rounds": [r.summary() for r in self.rounds], "final": final}
 
 
-class Session(_SessionBase):
-    """Multi-round prompt evolution over a `DiffusionXClient`.
+class AsyncSession(_SessionBase):
+    """Multi-round prompt evolution over an `AsyncDiffusionXClient`.
 
     `preview(prompt)` starts a fresh image; `preview(prompt, edit_strength=s)` edits the previous round's
     image toward the new prompt (sent by preview id; resent as an image if the id has expired).
     `finalize()` refines the last preview with its prompt on the cloud tier.
     """
-
-    def __init__(self, client: DiffusionXClient, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.client = client
-
-    def preview(
-        self, prompt: str, edit_strength: float | None = None, *, num_inference_steps: int | None = None
-    ) -> Round:
-        """Runs one round and returns it (its `result` is the `PreviewResult`)."""
-        kwargs = self._preview_kwargs(prompt, edit_strength, num_inference_steps)
-        if edit_strength is None:
-            return self._record(prompt, None, self.client.preview(prompt, **kwargs), False)
-        previous = self.last
-        try:
-            result = self.client.preview(prompt, preview_id=previous.preview_id, **kwargs)
-            resent = False
-        except PreviewExpired:
-            logger.info("preview %s expired on the server; resending its image", previous.preview_id)
-            result = self.client.preview(
-                prompt, image=previous.result.image_base64 or previous.image, **kwargs
-            )
-            resent = True
-        return self._record(prompt, edit_strength, result, resent)
-
-    def finalize(
-        self,
-        strength: float | None = None,
-        latency_target_ms: float | None = None,
-        *,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-    ) -> RefineResult:
-        """Refines the last preview with its prompt; `strength` overrides the predicted one."""
-        last = self.last
-        kwargs: dict[str, Any] = {
-            "seed": self.seed,
-            "strength": strength,
-            "latency_target_ms": latency_target_ms,
-            "num_inference_steps": num_inference_steps,
-            "guidance_scale": guidance_scale,
-        }
-        try:
-            self.final = self.client.refine(last.prompt, preview_id=last.preview_id, **kwargs)
-        except PreviewExpired:
-            logger.info("preview %s expired on the server; resending its image", last.preview_id)
-            self.final = self.client.refine(
-                last.prompt, image=last.result.image_base64 or last.image, **kwargs
-            )
-        return self.final
-
-
-class AsyncSession(_SessionBase):
-    """`Session` over an `AsyncDiffusionXClient`: the same methods, as coroutines."""
 
     def __init__(self, client: AsyncDiffusionXClient, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -569,7 +370,7 @@ class AsyncSession(_SessionBase):
     async def preview(
         self, prompt: str, edit_strength: float | None = None, *, num_inference_steps: int | None = None
     ) -> Round:
-        """Runs one round and returns it (see `Session.preview`)."""
+        """Runs one round and returns it (its `result` is the `PreviewResult`)."""
         kwargs = self._preview_kwargs(prompt, edit_strength, num_inference_steps)
         if edit_strength is None:
             return self._record(prompt, None, await self.client.preview(prompt, **kwargs), False)
@@ -592,7 +393,7 @@ class AsyncSession(_SessionBase):
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
     ) -> RefineResult:
-        """Refines the last preview with its prompt (see `Session.finalize`)."""
+        """Refines the last preview with its prompt; `strength` overrides the predicted one."""
         last = self.last
         kwargs: dict[str, Any] = {
             "seed": self.seed,
@@ -608,3 +409,92 @@ class AsyncSession(_SessionBase):
             image = last.result.image_base64 or last.image
             self.final = await self.client.refine(last.prompt, image=image, **kwargs)
         return self.final
+
+
+# -- the blocking layer ------------------------------------------------------------------------------------
+T = TypeVar("T")
+
+
+class _Runner:
+    """A private event loop in a daemon thread; `run` blocks until a coroutine finished there."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="diffusionx-client", daemon=True)
+        self._thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def stop(self) -> None:
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join()
+        if not self.loop.is_closed():
+            self.loop.close()
+
+
+def _blocking(method: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
+    """The blocking version of an async method of the wrapped object (same signature and docstring)."""
+
+    @functools.wraps(method)
+    def call(self: Any, *args: Any, **kwargs: Any) -> T:
+        return self._runner.run(method(self._async, *args, **kwargs))
+
+    return call
+
+
+class DiffusionXClient:
+    """Synchronous client: `AsyncDiffusionXClient` run on a private event loop. Use as a context manager,
+    or call `close()`. Arguments are `AsyncDiffusionXClient`'s (`transport` may be an `httpx.MockTransport`).
+    """
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        timeout_s: float | httpx.Timeout = DEFAULT_TIMEOUT_S,
+        **options: Any,
+    ):
+        self._runner = _Runner()
+        self._async = self._runner.run(_make_async_client(base_url, timeout_s, options))
+        self.base_url = self._async.base_url
+
+    def __enter__(self) -> DiffusionXClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if not self._runner.loop.is_closed():
+            self._runner.run(self._async.aclose())
+            self._runner.stop()
+
+    preview = _blocking(AsyncDiffusionXClient.preview)
+    refine = _blocking(AsyncDiffusionXClient.refine)
+    generate = _blocking(AsyncDiffusionXClient.generate)
+    health = _blocking(AsyncDiffusionXClient.health)
+    stats = _blocking(AsyncDiffusionXClient.stats)
+
+    def session(self, *args: Any, **kwargs: Any) -> Session:
+        """A multi-round session (see `AsyncDiffusionXClient.session` for the arguments)."""
+        return Session(self, *args, **kwargs)
+
+
+async def _make_async_client(base_url: str, timeout_s: Any, options: dict[str, Any]) -> AsyncDiffusionXClient:
+    return AsyncDiffusionXClient(base_url, timeout_s, **options)  # its httpx client binds to this loop
+
+
+class Session:
+    """Blocking `AsyncSession` (same methods and state: `rounds`, `final`, `last`, `summary()`, ...)."""
+
+    def __init__(self, client: DiffusionXClient, *args: Any, **kwargs: Any) -> None:
+        self.client = client
+        self._runner = client._runner
+        self._async = AsyncSession(client._async, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # state and plain methods of the async session
+        return getattr(self._async, name)
+
+    preview = _blocking(AsyncSession.preview)
+    finalize = _blocking(AsyncSession.finalize)

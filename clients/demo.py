@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out_dir = Path(args.out)
     started = time.perf_counter()
-    from diffusionx.registry import EMBEDDED_SHAPES_DIR
+    from diffusionx.models.registry import EMBEDDED_SHAPES_DIR
 
     embedded = (EMBEDDED_SHAPES_DIR / "model_index.json").exists()
     overrides: dict[str, str] = {}

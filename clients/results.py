@@ -1,22 +1,20 @@
 """Typed results of the HTTP API, with images decoded to PIL.
 
 Field names follow the server's JSON (see `diffusionx.api`); `latency_ms` is added by the client: the
-end-to-end time of the HTTP exchange as the client saw it. The client decodes images itself rather than
-through `diffusionx.imaging`, because importing the `diffusionx` package loads torch and diffusers, which a
-client does not need.
+end-to-end time of the HTTP exchange as the client saw it. Images go through the project's one codec,
+`diffusionx.imaging`, which imports Pillow only (importing `diffusionx` loads nothing heavy).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from clients.errors import DiffusionXError
+from diffusionx.imaging import decode_png_base64, encode_png_base64
+from diffusionx.requests import InvalidRequestError
 
 
 def encode_image(image: Image.Image | str) -> str:
@@ -25,21 +23,19 @@ def encode_image(image: Image.Image | str) -> str:
         return image
     if not isinstance(image, Image.Image):
         raise TypeError(f"image must be a PIL image or a base64 PNG string, got {type(image).__name__}")
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return encode_png_base64(image)
 
 
 def decode_image(data: Any, field_name: str = "image") -> Image.Image:
     """The server's base64 PNG as an RGB PIL image; a DiffusionXError if it does not decode."""
-    if not isinstance(data, str) or not data:
-        raise DiffusionXError(f"server response has no {field_name} (expected a base64 PNG string)")
     try:
-        image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
-        image.load()
-    except (binascii.Error, ValueError, UnidentifiedImageError, OSError) as exc:
-        raise DiffusionXError(f"server response {field_name} does not decode as a PNG: {exc}") from None
-    return image.convert("RGB")
+        return decode_png_base64(data, field_name)
+    except InvalidRequestError as error:
+        raise DiffusionXError(f"server response: {error}") from None
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _require(payload: dict[str, Any], kind: str, *names: str) -> None:
@@ -89,7 +85,7 @@ class RefineResult:
 
     image: Image.Image
     seed: int
-    strength_predicted: float
+    strength_predicted: float | None  # None when the request gave the strength (nothing was predicted)
     strength_used: float
     num_inference_steps: int
     route: str  # "cloud" | "cloud-reduced" | "edge-fallback"
@@ -105,7 +101,7 @@ class RefineResult:
         return cls(
             image=decode_image(payload["image"]),
             seed=int(payload.get("seed", 0)),
-            strength_predicted=float(payload["strength_predicted"]),
+            strength_predicted=_optional_float(payload["strength_predicted"]),
             strength_used=float(payload["strength_used"]),
             num_inference_steps=int(payload.get("num_inference_steps", 0)),
             route=str(payload["route"]),

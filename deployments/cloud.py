@@ -1,6 +1,6 @@
-"""CloudRefiner: the heavy model. Batched refinements (img2img at the routed strength), cloud-only
-text-to-image, and the cloud part of EC-Diff / Hybrid SD (`plan`). The library buckets refinements by
-strength inside a batch."""
+"""CloudRefiner: the heavy model. Refinements (img2img at the routed strength, step-level batched),
+cloud-only text-to-image and the cloud part of EC-Diff / Hybrid SD (`plan`), batched by the library's
+`CloudModel`."""
 
 from __future__ import annotations
 
@@ -8,12 +8,11 @@ from typing import Any
 
 from ray import serve
 
-from deployments.tier import MAX_CONCURRENT_BATCHES, BatchedTier
-from diffusionx.collaborative import CollaborativeRequest, PlanState, cloud_phase, expected_unet_calls
-from diffusionx.generation import check_prompt_fits, refine, text_to_image
-from diffusionx.loading import load_model
+from deployments.tier import ServedTier, set_torch_threads
+from diffusionx.engine.tiers import CloudModel
+from diffusionx.models.loading import load_model
 from diffusionx.requests import GenerationResult, Img2ImgRequest, PreviewRequest
-from diffusionx.step_batching import StepBatcher
+from diffusionx.sampling.collaborative import CollaborativeRequest, PlanState
 
 
 @serve.deployment(
@@ -24,57 +23,27 @@ from diffusionx.step_batching import StepBatcher
     health_check_period_s=2,
     autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4},
 )
-class CloudRefiner(BatchedTier):
+class CloudRefiner(ServedTier):
     def __init__(
         self,
         model: str,
         state: Any = None,
         device: str | None = None,
         max_batch_size: int = 4,
-        batch_wait_timeout_s: float = 0.05,
+        batch_wait_timeout_s: float = 0.0,
         torch_threads: int | None = None,
         step_batching: bool = True,
     ) -> None:
-        self._init_tier("cloud", state, torch_threads, max_batch_size)
-        self.model = load_model(model, device=device)
-        if step_batching:  # refinements of any strength share UNet batches, joining between steps
-            self._enable_step_batching("refine", StepBatcher(self.model, max_batch_size, tier="cloud"))
-        for method in (self._refine_batch, self._generate_batch, self._plan_batch):
-            method.set_max_batch_size(max_batch_size)
-            method.set_batch_wait_timeout_s(batch_wait_timeout_s)
-
-    async def info(self) -> dict:
-        spec = self.model.spec
-        return {"model": spec.name, "default_steps": spec.default_steps, "family": spec.family}
+        set_torch_threads(torch_threads)
+        engine = CloudModel(load_model(model, device=device), max_batch_size, step_batching)
+        self._serve(engine, state, max_batch_size, batch_wait_timeout_s)
 
     async def refine(self, request: Img2ImgRequest) -> GenerationResult:
-        check_prompt_fits(self.model, [request.prompt])
-        if request.num_inference_steps is None:
-            request.num_inference_steps = self.model.spec.default_steps
-        return await self._submit(
-            self._refine_batch, request, int(request.num_inference_steps * request.strength)
-        )
+        return await self._submit("refine", request)
 
     async def generate(self, request: PreviewRequest) -> GenerationResult:
-        check_prompt_fits(self.model, [request.prompt])
-        steps = request.num_inference_steps or self.model.spec.default_steps
-        return await self._submit(self._generate_batch, request, steps)
+        return await self._submit("generate", request)
 
     async def plan(self, request: CollaborativeRequest) -> PlanState:
         """EC-Diff / Hybrid SD, cloud part: steps 0..s-1 (with noise approximation); the edge finishes."""
-        check_prompt_fits(self.model, [request.prompt])
-        return await self._submit(self._plan_batch, request, expected_unet_calls(request.params).cloud)
-
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05, max_concurrent_batches=MAX_CONCURRENT_BATCHES)
-    async def _plan_batch(self, items: list[tuple]) -> list[PlanState]:
-        return await self._compute("plan", lambda requests: cloud_phase(self.model, requests), items)
-
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05, max_concurrent_batches=MAX_CONCURRENT_BATCHES)
-    async def _refine_batch(self, items: list[tuple]) -> list[GenerationResult]:
-        return await self._compute("refine", lambda requests: refine(self.model, requests), items)
-
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05, max_concurrent_batches=MAX_CONCURRENT_BATCHES)
-    async def _generate_batch(self, items: list[tuple]) -> list[GenerationResult]:
-        return await self._compute(
-            "generate", lambda requests: text_to_image(self.model, requests, tier="cloud"), items
-        )
+        return await self._submit("plan", request)

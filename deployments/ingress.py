@@ -1,10 +1,11 @@
 """DiffusionXIngress: the HTTP API. (No `from __future__ import annotations` here: FastAPI must see real
-body types on the route methods.) Validates, composes the tiers through DeploymentHandles, and maps
-errors: bad input -> 4xx with the reason, unknown preview id -> 404, overload -> 503 with Retry-After."""
+body types on the route methods.) HTTP concerns only: schemas, PNG work off the event loop, and errors
+(bad input -> 4xx with the reason, unknown preview id -> 404, overload -> 503 with Retry-After). What a
+request does is the library's workflow (`diffusionx.workflows.modes`), handed tiers that call the tier
+deployments through their DeploymentHandles."""
 
 import asyncio
 import base64
-import io
 import time
 from typing import Any
 
@@ -15,6 +16,7 @@ from PIL import Image
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
+from diffusionx import imaging
 from diffusionx.api import (
     ErrorResponse,
     GenerateBody,
@@ -26,16 +28,10 @@ from diffusionx.api import (
     StatsResponse,
 )
 from diffusionx.app_config import AppArgs
-from diffusionx.collaborative import CollaborationParams, CollaborativeRequest
-from diffusionx.imaging import decode_png_base64, encode_png_base64
-from diffusionx.requests import (
-    GenerationResult,
-    Img2ImgRequest,
-    InvalidRequestError,
-    PreviewRequest,
-    UnetCalls,
-)
-from diffusionx.router import CloudLoad, RouterConfig, decide_route
+from diffusionx.policy.router import CloudLoad, RouterConfig
+from diffusionx.requests import GenerationResult, Img2ImgRequest, InvalidRequestError, PreviewRequest
+from diffusionx.workflows import modes
+from diffusionx.workflows.modes import GenerateRequest, Tiers
 
 RETRY_AFTER_S = 1
 
@@ -61,6 +57,45 @@ async def ask(method: Any, *args: Any) -> Any:
         return await method.remote(*args)
     except BackPressureError as error:
         raise TierOverloaded(str(error)) from None
+
+
+class _HandleTier:
+    """A tier deployment as the workflows call it: every method awaits the handle's method."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    async def info(self) -> dict:
+        return await ask(self.handle.info)
+
+
+class EdgeHandle(_HandleTier):
+    async def preview(self, request: PreviewRequest) -> GenerationResult:
+        return await ask(self.handle.preview, request)
+
+    async def edit(self, request: Img2ImgRequest) -> GenerationResult:
+        return await ask(self.handle.edit, request)
+
+    async def finish(self, state: Any) -> GenerationResult:
+        # `state` may be the cloud's unresolved DeploymentResponse: Serve resolves it for the edge replica,
+        # so the latents go from the cloud replica to the edge replica without passing through here
+        return await ask(self.handle.finish, state)
+
+
+class CloudHandle(_HandleTier):
+    async def refine(self, request: Img2ImgRequest) -> GenerationResult:
+        return await ask(self.handle.refine, request)
+
+    async def generate(self, request: PreviewRequest) -> GenerationResult:
+        return await ask(self.handle.generate, request)
+
+    def plan(self, request: Any) -> Any:
+        return self.handle.plan.remote(request)  # not awaited: handed to the edge tier as it is
+
+
+class PredictorHandle(_HandleTier):
+    async def predict(self, prompt: str, image: Image.Image) -> float:
+        return await ask(self.handle.predict, prompt, image)
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -94,26 +129,24 @@ async def _overloaded(_: Request, error: TierOverloaded) -> JSONResponse:
     return _error(503, f"overloaded, retry later: {error}", headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
-def to_text_request(body: PreviewBody | GenerateBody) -> PreviewRequest:
-    """The library's text-to-image request for an HTTP body (unset fields: the model's defaults)."""
-    return PreviewRequest(
-        body.prompt,
-        seed=body.seed,
-        width=body.width,
-        height=body.height,
-        num_inference_steps=body.num_inference_steps,
-        guidance_scale=body.guidance_scale,
-    )
+def to_request(body: PreviewBody | GenerateBody) -> PreviewRequest:
+    """The library's request for an HTTP body (unset fields: the model's or the mode's defaults): a
+    text-to-image request for a preview, a GenerateRequest with the mode's parameters for a generate."""
+    common = {
+        "seed": body.seed,
+        "width": body.width,
+        "height": body.height,
+        "num_inference_steps": body.num_inference_steps,
+        "guidance_scale": body.guidance_scale,
+    }
+    if not isinstance(body, GenerateBody):
+        return PreviewRequest(body.prompt, **common)
+    mode_fields = ("switch_step", "warmup_steps", "approx_interval", "smoothing", "latency_target_ms")
+    return GenerateRequest(body.prompt, **common, **{name: getattr(body, name) for name in mode_fields})
 
 
 def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000.0, 3)
-
-
-def _png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @serve.deployment(
@@ -126,29 +159,30 @@ def _png_bytes(image: Image.Image) -> bytes:
 @serve.ingress(app)
 class DiffusionXIngress:
     def __init__(self, edge: Any, predictor: Any, cloud: Any, state: Any, args: dict | None = None) -> None:
-        self.edge, self.predictor, self.cloud, self.state = edge, predictor, cloud, state
+        self.state = state
         self.args = AppArgs(**(args or {}))
-        self._cloud_info: dict | None = None  # the cloud tier's model facts; fixed for a deployment
-        self.router_config = RouterConfig(
-            min_steps=self.args.router_min_steps, strength_floor=self.args.router_strength_floor
+        self.tiers = Tiers(
+            edge=EdgeHandle(edge),
+            cloud=CloudHandle(cloud),
+            predictor=PredictorHandle(predictor),
+            cloud_load=self._cloud_load,
+            router=RouterConfig(
+                min_steps=self.args.router_min_steps, strength_floor=self.args.router_strength_floor
+            ),
+            default_latency_target_ms=self.args.default_latency_target_ms,
         )
 
     # -- helpers -----------------------------------------------------------------------------------------
     async def _resolve_image(self, image: str | None, preview_id: str | None) -> Image.Image:
         if image is not None:
-            return decode_png_base64(image)
+            return await asyncio.to_thread(imaging.decode_png_base64, image)
         png = await ask(self.state.get_preview, preview_id)
         if png is None:
             raise PreviewNotFound(
                 f"preview_id '{preview_id}' is unknown or has expired (the server keeps a bounded cache); "
                 "send the image itself instead"
             )
-        return Image.open(io.BytesIO(png)).convert("RGB")
-
-    async def _cloud_default_steps(self) -> int:
-        if self._cloud_info is None:
-            self._cloud_info = await ask(self.cloud.info)
-        return int(self._cloud_info["default_steps"])
+        return await asyncio.to_thread(imaging.decode_png, png)
 
     async def _cloud_load(self) -> CloudLoad:
         tier = await ask(self.state.tier, "cloud")
@@ -158,51 +192,10 @@ class DiffusionXIngress:
             seconds_per_step=tier["seconds_per_step"],
         )
 
-    async def _finalize(
-        self,
-        prompt: str,
-        image: Image.Image,
-        seed: int,
-        guidance_scale: float | None,
-        strength: float | None,
-        num_inference_steps: int | None,
-        latency_target_ms: float | None,
-    ) -> dict:
-        """Predict strength, route against the cloud load, refine: the DiffusionX finalize step."""
-        timings: dict[str, float] = {}
-        start = time.perf_counter()
-        strength_predicted, load = await asyncio.gather(
-            ask(self.predictor.predict, prompt, image), self._cloud_load()
-        )
-        timings["predict"] = _ms(start)
-        steps = num_inference_steps or await self._cloud_default_steps()
-        target = latency_target_ms if latency_target_ms is not None else self.args.default_latency_target_ms
-        decision = decide_route(
-            strength if strength is not None else strength_predicted, steps, load, target, self.router_config
-        )
-        request = Img2ImgRequest(
-            prompt,
-            image,
-            decision.strength,
-            seed=seed,
-            num_inference_steps=decision.num_inference_steps,
-            guidance_scale=guidance_scale,
-        )
-        tier = self.edge.edit if decision.route == "edge-fallback" else self.cloud.refine
-        result: GenerationResult = await ask(tier, request)
-        timings.update(result.timings_ms)
-        return {
-            "result": result,
-            "strength_predicted": float(strength_predicted),
-            "decision": decision,
-            "load": load.to_dict(),
-            "timings_ms": timings,
-        }
-
     # -- routes --------------------------------------------------------------------------------------------
     @app.get("/v1/health")
     async def health(self) -> dict:
-        edge, cloud = await asyncio.gather(ask(self.edge.info), ask(self.cloud.info))
+        edge, cloud = await asyncio.gather(self.tiers.info("edge"), self.tiers.info("cloud"))
         return {"status": "ok", "edge": edge, "cloud": cloud}
 
     @app.get("/v1/stats", response_model=StatsResponse)
@@ -222,10 +215,10 @@ class DiffusionXIngress:
                 num_inference_steps=body.num_inference_steps,
                 guidance_scale=body.guidance_scale,
             )
-            result: GenerationResult = await ask(self.edge.edit, request)
+            result = await modes.edit(self.tiers, request)
         else:
-            result = await ask(self.edge.preview, to_text_request(body))
-        png = _png_bytes(result.image)
+            result = await modes.preview(self.tiers, to_request(body))
+        png = await asyncio.to_thread(imaging.encode_png, result.image)
         preview_id = await ask(self.state.put_preview, png)
         return {
             "preview_id": preview_id,
@@ -243,102 +236,41 @@ class DiffusionXIngress:
     async def refine(self, body: RefineBody) -> dict:
         start = time.perf_counter()
         image = await self._resolve_image(body.image, body.preview_id)
-        out = await self._finalize(
+        final = await modes.finalize(
+            self.tiers,
             body.prompt,
             image,
-            body.seed,
-            body.guidance_scale,
-            body.strength,
-            body.num_inference_steps,
-            body.latency_target_ms,
+            seed=body.seed,
+            guidance_scale=body.guidance_scale,
+            strength=body.strength,
+            num_inference_steps=body.num_inference_steps,
+            latency_target_ms=body.latency_target_ms,
         )
-        result, decision = out["result"], out["decision"]
+        result, decision = final.result, final.decision
         return {
-            "image": encode_png_base64(result.image),
+            "image": await asyncio.to_thread(imaging.encode_png_base64, result.image),
             "seed": result.seed,
-            "strength_predicted": out["strength_predicted"],
+            "strength_predicted": final.strength_predicted,
             "strength_used": decision.strength,
             "num_inference_steps": decision.num_inference_steps,
             "route": decision.route,
             "reason": decision.reason,
-            "load": out["load"],
+            "load": final.load.to_dict(),
             "unet_calls": result.unet_calls.to_dict(),
-            "timings_ms": {**out["timings_ms"], "server_total": _ms(start)},
+            "timings_ms": {**final.timings_ms, "server_total": _ms(start)},
         }
 
     @app.post("/v1/generate", response_model=GenerateResponse)
     async def generate(self, body: GenerateBody) -> dict:
         start = time.perf_counter()
-        text_request = to_text_request(body)
-        parameters: dict[str, Any] = {}
-        if body.mode == "cloud":
-            result: GenerationResult = await ask(self.cloud.generate, text_request)
-            calls, timings = result.unet_calls, dict(result.timings_ms)
-        elif body.mode == "edge":
-            edge_info = await ask(self.edge.info)
-            if text_request.num_inference_steps is None:
-                text_request.num_inference_steps = edge_info["preview_steps"]
-            result = await ask(self.edge.preview, text_request)
-            calls, timings = result.unet_calls, dict(result.timings_ms)
-        elif body.mode == "diffusionx":
-            # the full schedule of the refinement is the request's steps; the preview uses edge defaults
-            text_request.num_inference_steps = None
-            preview: GenerationResult = await ask(self.edge.preview, text_request)
-            out = await self._finalize(
-                body.prompt,
-                preview.image,
-                body.seed,
-                body.guidance_scale,
-                None,
-                body.num_inference_steps,
-                body.latency_target_ms,
-            )
-            result, decision = out["result"], out["decision"]
-            calls = preview.unet_calls + result.unet_calls
-            timings = {**{f"preview_{k}": v for k, v in preview.timings_ms.items()}, **out["timings_ms"]}
-            parameters = {
-                "route": decision.route,
-                "strength_predicted": out["strength_predicted"],
-                "strength_used": decision.strength,
-            }
-        else:
-            result, calls, timings, parameters = await self._collaborative(body, text_request)
+        generated = await modes.generate(self.tiers, body.mode, to_request(body))
+        result = generated.result
         return {
-            "image": encode_png_base64(result.image),
+            "image": await asyncio.to_thread(imaging.encode_png_base64, result.image),
             "mode": body.mode,
             "seed": result.seed,
             "num_inference_steps": result.num_inference_steps,
-            "unet_calls": UnetCalls(**calls.to_dict()).to_dict(),
-            "timings_ms": {**timings, "server_total": _ms(start)},
-            "parameters": parameters,
+            "unet_calls": result.unet_calls.to_dict(),
+            "timings_ms": {**result.timings_ms, "server_total": _ms(start)},
+            "parameters": generated.parameters,
         }
-
-    async def _collaborative(self, body: GenerateBody, text_request: PreviewRequest) -> tuple:
-        """hybrid / ec-diff: the cloud tier plans steps 0..s-1, the latents travel to the edge tier, which
-        runs s..N-1 and decodes. Each tier batches its part with other requests."""
-        steps = body.num_inference_steps or await self._cloud_default_steps()
-        if body.mode == "hybrid":
-            params = CollaborationParams.hybrid(
-                steps, switch_step=body.switch_step, guidance_scale=body.guidance_scale
-            )
-        else:
-            params = CollaborationParams.ec_diff(
-                steps,
-                switch_step=body.switch_step,
-                warmup_steps=body.warmup_steps,
-                approx_interval=body.approx_interval,
-                smoothing=body.smoothing,
-                guidance_scale=body.guidance_scale,
-            )
-        request = CollaborativeRequest(
-            body.prompt, seed=body.seed, width=body.width, height=body.height, params=params
-        )
-        state = await ask(self.cloud.plan, request)
-        result: GenerationResult = await ask(self.edge.finish, state)
-        parameters = {
-            "switch_step": state.params.switch_step,
-            "warmup_steps": state.params.warmup_steps,
-            "approx_interval": state.params.approx_interval if state.params.approximates else None,
-            "smoothing": state.params.smoothing if state.params.approximates else None,
-        }
-        return result, result.unet_calls, dict(result.timings_ms), parameters

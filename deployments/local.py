@@ -32,7 +32,7 @@ PRODUCTION_CONFIG = shipped_config("serve_config.yaml")
 
 
 def embedded_models_available() -> bool:
-    from diffusionx.registry import EMBEDDED_SHAPES_DIR
+    from diffusionx.models.registry import EMBEDDED_SHAPES_DIR
 
     return (EMBEDDED_SHAPES_DIR / "model_index.json").exists() and (
         EMBEDDED_SHAPES_DIR / "unet_edge"
@@ -74,6 +74,7 @@ def start_local_app(
     from ray.serve._private import api as serve_api
 
     config = load_config(config_path, overrides, port)
+    prepare_models(config.applications[0].args)
     if not ray.is_initialized():
         env = {k: v for k, v in os.environ.items() if k.startswith(("HF_", "DIFFUSIONX_", "OMP_"))}
         ray.init(
@@ -89,6 +90,16 @@ def start_local_app(
     url = f"http://{host}:{port}"
     wait_until_healthy(url, timeout_s)
     return url
+
+
+def prepare_models(args: dict[str, Any]) -> None:
+    """Builds models that are built on first use (tiny-random, the *-arch pair) here, once, before the
+    replicas start, instead of in every replica at once."""
+    from diffusionx.models.registry import get_spec
+
+    for key in ("edge_model", "cloud_model"):
+        if args.get(key):
+            get_spec(args[key])
 
 
 def wait_until_healthy(url: str, timeout_s: float) -> None:

@@ -1,4 +1,5 @@
-"""StrengthPredictor: predicts the img2img strength a preview needs before cloud refinement (batched)."""
+"""StrengthPredictor: predicts the img2img strength a preview needs before cloud refinement, batched by
+the library's `PredictorModel`."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from typing import Any
 from PIL import Image
 from ray import serve
 
-from deployments.tier import MAX_CONCURRENT_BATCHES, BatchedTier
-from diffusionx.strength import predict_strength
+from deployments.tier import ServedTier, set_torch_threads
+from diffusionx.engine.tiers import PredictorModel
 
 
 @serve.deployment(
@@ -19,22 +20,14 @@ from diffusionx.strength import predict_strength
     health_check_period_s=2,
     autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16},
 )
-class StrengthPredictor(BatchedTier):
+class StrengthPredictor(ServedTier):
     def __init__(
-        self, state: Any = None, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.01
+        self, state: Any = None, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.0
     ) -> None:
-        self._init_tier("predictor", state, torch_threads=1, max_batch_size=max_batch_size)
-        self._predict_batch.set_max_batch_size(max_batch_size)
-        self._predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
-
-    async def info(self) -> dict:
-        return {"predictor": "heuristic", "module": "diffusionx.strength"}
+        set_torch_threads(1)
+        self._serve(
+            PredictorModel(max_batch_size=max_batch_size), state, max_batch_size, batch_wait_timeout_s
+        )
 
     async def predict(self, prompt: str, image: Image.Image) -> float:
-        return await self._submit(self._predict_batch, (prompt, image), 0)
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, max_concurrent_batches=MAX_CONCURRENT_BATCHES)
-    async def _predict_batch(self, items: list[tuple]) -> list[float]:
-        return await self._compute(
-            "predict", lambda pairs: [predict_strength(p, image) for p, image in pairs], items
-        )
+        return await self._submit("predict", prompt, image)

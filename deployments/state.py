@@ -7,8 +7,8 @@ import time
 
 from ray import serve
 
-from diffusionx.preview_cache import PreviewCache
-from diffusionx.tier_monitor import merge_snapshots
+from diffusionx.engine.monitor import merge_snapshots
+from diffusionx.engine.preview_cache import PreviewCache
 
 STALE_AFTER_S = 30.0  # a replica that has not reported for this long is gone (replicas report every ~2 s)
 TIERS = ("edge", "predictor", "cloud")

@@ -118,7 +118,7 @@ class RefineBody(_Body):
 class RefineResponse(BaseModel):
     image: str = Field(description="base64 PNG")
     seed: int
-    strength_predicted: float
+    strength_predicted: float | None = Field(description="None when the request gave the strength")
     strength_used: float
     num_inference_steps: int
     route: Route

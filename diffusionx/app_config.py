@@ -5,6 +5,11 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+_WAIT = (
+    "@serve.batch window before requests are handed to the model loop; 0: none (a lone request runs at "
+    "once, and requests that arrive while the model is busy are merged into the next batch)"
+)
+
 
 class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -20,15 +25,15 @@ class AppArgs(BaseModel):
         None, ge=1, le=256, description="torch.set_num_threads per CPU replica."
     )
     edge_max_batch_size: int = Field(8, ge=1, le=256, description="@serve.batch max_batch_size, edge tier.")
-    edge_batch_wait_timeout_s: float = Field(0.05, ge=0.0, le=10.0, description="Batch wait, edge tier.")
+    edge_batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=10.0, description=_WAIT)
     cloud_max_batch_size: int = Field(4, ge=1, le=256, description="@serve.batch max_batch_size, cloud tier.")
-    cloud_batch_wait_timeout_s: float = Field(0.05, ge=0.0, le=10.0, description="Batch wait, cloud tier.")
+    cloud_batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=10.0, description=_WAIT)
     cloud_step_batching: bool = Field(
         True,
         description="Step-level batching of refinements: any strengths share a batch, join between steps.",
     )
     predictor_max_batch_size: int = Field(16, ge=1, le=1024, description="Batch size, strength predictor.")
-    predictor_batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=10.0, description="Batch wait, predictor.")
+    predictor_batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=10.0, description=_WAIT)
     preview_cache_size: int = Field(1024, ge=1, le=1_000_000, description="Preview ids kept (LRU).")
     router_min_steps: int = Field(10, ge=1, le=200, description="Fewest steps the router may cut to.")
     router_strength_floor: float = Field(

@@ -14,15 +14,22 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("clients.demo", "start the embedded application, run a multi-round session, write results"),
     "serve": ("deployments.serve_local", "serve an application on http://127.0.0.1:8000 until interrupted"),
-    "eval": ("diffusionx.evaluation", "quality and cost of a mode on the embedded shapes models"),
-    "search": ("diffusionx.search", "EC-Diff two-stage greedy search of (p, k, a) then s"),
-    "compare": ("diffusionx.compare_modes", "every mode on the same prompts: UNet calls, seconds, quality"),
+    "eval": ("diffusionx.experiments.evaluation", "quality and cost of a mode on the embedded shapes models"),
+    "search": ("diffusionx.experiments.search", "EC-Diff two-stage greedy search of (p, k, a) then s"),
+    "compare": (
+        "diffusionx.experiments.compare",
+        "every mode on the same prompts: UNet calls, s, quality",
+    ),
     "train-shapes": (
         "diffusionx.shapes.train",
         "train the embedded shapes models (VAE, text encoder, UNets)",
     ),
     "bench": ("clients.bench", "serving benchmarks against a local application"),
-    "models": ("diffusionx.models_cli", "list the model registry"),
+    "models": ("diffusionx.models.cli", "list the model registry"),
+    "gpu-bench": (
+        "diffusionx.experiments.gpu_bench",
+        "per-tier step time, images/s, step batching, GPU memory (fp16)",
+    ),
 }
 
 

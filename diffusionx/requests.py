@@ -160,7 +160,3 @@ class Img2ImgRequest:
             check_steps(self.num_inference_steps)
         if self.guidance_scale is not None:
             check_guidance(self.guidance_scale)
-
-
-EditRequest = Img2ImgRequest
-RefineRequest = Img2ImgRequest

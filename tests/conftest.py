@@ -11,7 +11,7 @@ os.environ.setdefault("DIFFUSIONX_HOME", tempfile.mkdtemp(prefix="diffusionx-tes
 import pytest
 import torch
 
-from diffusionx.loading import LoadedModel, load_model
+from diffusionx.models.loading import LoadedModel, load_model
 
 # Two cores shared by the test process and the Ray workers: one torch thread each avoids oversubscription.
 torch.set_num_threads(1)

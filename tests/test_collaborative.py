@@ -9,7 +9,8 @@ import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 from PIL import Image
 
-from diffusionx.collaborative import (
+from diffusionx.requests import InvalidRequestError, PreviewRequest
+from diffusionx.sampling.collaborative import (
     CollaborationParams,
     CollaborativeRequest,
     IncompatibleModelsError,
@@ -21,8 +22,7 @@ from diffusionx.collaborative import (
     generate_collaborative,
     plan_steps,
 )
-from diffusionx.generation import text_to_image
-from diffusionx.requests import InvalidRequestError, PreviewRequest
+from diffusionx.sampling.generation import text_to_image
 
 
 def pixels(image: Image.Image) -> np.ndarray:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import json
 
-from diffusionx.compare_modes import main, mode_fields
+from diffusionx.experiments.compare import main, mode_fields
 
 
 def test_mode_fields_use_the_searched_parameters():

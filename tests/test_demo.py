@@ -35,8 +35,8 @@ from clients.demo import (
     write_summary,
 )
 from clients.errors import InvalidRequest
-from diffusionx.generation import check_prompt_fits
-from diffusionx.loading import LoadedModel
+from diffusionx.models.loading import LoadedModel
+from diffusionx.sampling.generation import check_prompt_fits
 from diffusionx.shapes import data
 
 
@@ -199,9 +199,12 @@ def test_distribution_and_level_summary() -> None:
     level = summarize_level(records, 4, wall_s=0.5, stats_batch_sizes=[4, 2])
     assert (level["ok"], level["errors"], level["throughput_rps"]) == (2, {"Overloaded": 1}, 4.0)
     assert level["overhead_ms"]["median"] == 50.0 and level["e2e_ms"]["max"] == 120.0
+    assert level["overhead_share"]["median"] == 0.833  # 40/60 and 60/60
     assert level["stats_batch_sizes"]["mean"] == 3.0
     row = format_table([level]).splitlines()[-1]
-    assert row.startswith("| 4 | 2 / 3 | Overloaded 1 | 4.00 | 110 / 119 | 60 / 60 | 50 / 59 |")
+    assert row.startswith(
+        "| 4 | 2 / 3 | Overloaded 1 | 4.00 | 110 / 119 | 60 / 60 | 50 / 59 | 83.3% / 98.3% |"
+    )
 
 
 def test_batches_since_takes_the_tail_that_served_the_level() -> None:

@@ -6,9 +6,9 @@ import re
 import pytest
 from PIL import Image
 
-from diffusionx import evaluation
-from diffusionx.collaborative import CollaborationParams, expected_unet_calls
-from diffusionx.registry import EMBEDDED_SHAPES_DIR
+from diffusionx.experiments import evaluation
+from diffusionx.models.registry import EMBEDDED_SHAPES_DIR
+from diffusionx.sampling.collaborative import CollaborationParams, expected_unet_calls
 
 # tiny-random reads at most 16 tokens, so it gets short prompts instead of shapes captions
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]

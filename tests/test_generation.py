@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusionx.generation import edit, preview, refine, text_to_image
 from diffusionx.requests import Img2ImgRequest, InvalidRequestError, PreviewRequest
+from diffusionx.sampling.generation import edit, preview, refine, text_to_image
 
 
 def pixels(image: Image.Image) -> np.ndarray:

@@ -4,14 +4,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusionx.collaborative import CollaborationParams, expected_unet_calls
-from diffusionx.generation import text_to_image
-from diffusionx.modes import MODES, GenerateRequest, collaboration_params, generate
-from diffusionx.requests import InvalidRequestError, PreviewRequest
+from diffusionx.requests import GenerationResult, InvalidRequestError, PreviewRequest, UnetCalls
+from diffusionx.sampling.collaborative import CollaborationParams, expected_unet_calls
+from diffusionx.sampling.generation import text_to_image
+from diffusionx.workflows import modes
+from diffusionx.workflows.local import generate_all, local_tiers
+from diffusionx.workflows.modes import MODES, GenerateRequest, Tiers, collaboration_params
 
 
 def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image).astype(np.int16)
+
+
+def generate(mode, cloud, edge, requests, **tier_options):
+    """The served workflow on in-process tiers; the results' GenerationResults in request order."""
+    generated = generate_all(local_tiers(cloud, edge, **tier_options), mode, requests)
+    return [g.result for g in generated]
 
 
 def test_modes_are_the_designed_ones():
@@ -57,15 +65,28 @@ def test_ec_diff_request_fields_reach_the_sampler(tiny_cloud):
     request = GenerateRequest(
         "a cat", num_inference_steps=50, switch_step=40, warmup_steps=5, approx_interval=3, smoothing=0.5
     )
-    params = collaboration_params("ec-diff", request, tiny_cloud)
+    params = collaboration_params("ec-diff", request, tiny_cloud.spec.default_steps)
     assert params == CollaborationParams(50, 40, 5, 3, 0.5)
-    default = collaboration_params("ec-diff", GenerateRequest("a cat"), tiny_cloud)
+    default = collaboration_params("ec-diff", GenerateRequest("a cat"), tiny_cloud.spec.default_steps)
     assert default.num_inference_steps == tiny_cloud.spec.default_steps
 
 
-def test_diffusionx_mode_previews_then_refines(tiny_cloud, tiny_edge):
-    requests = [GenerateRequest("a cat", seed=1), GenerateRequest("a dog", seed=2, strength=1.0)]
-    results = generate("diffusionx", tiny_cloud, tiny_edge, requests, strength=0.5)
+def test_diffusionx_mode_previews_then_refines_without_asking_the_predictor_for_given_strengths(
+    tiny_cloud, tiny_edge
+):
+    asked = []
+
+    def predict(prompt, image):
+        asked.append(prompt)
+        return 0.25
+
+    requests = [
+        GenerateRequest("a cat", seed=1, strength=0.5),
+        GenerateRequest("a dog", seed=2, strength=1.0),
+        GenerateRequest("a cow", seed=3),
+    ]
+    results = generate("diffusionx", tiny_cloud, tiny_edge, requests, predict=predict)
+    assert asked == ["a cow"]  # only the request without a strength was predicted
     preview_steps, cloud_steps = tiny_edge.spec.preview_steps, tiny_cloud.spec.default_steps
     assert results[0].unet_calls.to_dict() == {
         "cloud": cloud_steps // 2,
@@ -74,25 +95,14 @@ def test_diffusionx_mode_previews_then_refines(tiny_cloud, tiny_edge):
     }
     assert results[0].strength == 0.5
     assert results[1].unet_calls.cloud == cloud_steps and results[1].strength == 1.0
-    assert {"preview_unet", "refine_unet"} <= set(results[0].timings_ms)
+    assert results[2].unet_calls.cloud == int(cloud_steps * 0.25) and results[2].strength == 0.25
+    assert {"preview_unet", "unet", "queue"} <= set(results[0].timings_ms)
+    assert "predict" in results[2].timings_ms and "predict" not in results[0].timings_ms
 
 
-def test_diffusionx_strength_predictor(tiny_cloud, tiny_edge):
-    seen = []
-
-    def predictor(images, prompts):
-        seen.append((len(images), list(prompts)))
-        return [0.25 for _ in images]
-
-    requests = [
-        GenerateRequest("a cat", num_inference_steps=8),
-        GenerateRequest("a dog", num_inference_steps=8),
-    ]
-    results = generate("diffusionx", tiny_cloud, tiny_edge, requests, strength_predictor=predictor)
-    assert seen == [(2, ["a cat", "a dog"])]
-    assert [r.unet_calls.cloud for r in results] == [2, 2]
+def test_diffusionx_refuses_a_predicted_strength_out_of_range(tiny_cloud, tiny_edge):
     with pytest.raises(InvalidRequestError, match=r"predicted strength=1\.5"):
-        generate("diffusionx", tiny_cloud, tiny_edge, requests[:1], strength_predictor=lambda i, p: [1.5])
+        generate("diffusionx", tiny_cloud, tiny_edge, [GenerateRequest("a cat")], predict=lambda p, i: 1.5)
 
 
 @pytest.mark.parametrize(
@@ -118,7 +128,43 @@ def test_bad_mode_parameters_are_refused(tiny_cloud, tiny_edge, mode, request_kw
 def test_unknown_mode_and_missing_model():
     with pytest.raises(InvalidRequestError, match="use one of diffusionx, cloud, edge, hybrid, ec-diff"):
         generate("fast", None, None, [PreviewRequest("a cat")])
-    with pytest.raises(ValueError, match="needs the cloud model"):
+    with pytest.raises(ValueError, match="needs the cloud tier"):
         generate("cloud", None, None, [PreviewRequest("a cat")])
     with pytest.raises(InvalidRequestError, match="strength=2"):
         GenerateRequest("a cat", strength=2)
+
+
+class FakeTiers:
+    """Tiers without models, counting calls: what the workflows ask of each tier."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def info(self) -> dict:
+        self.calls.append("info")
+        return {"default_steps": 8, "preview_steps": 2}
+
+    async def plan(self, request):
+        self.calls.append("plan")
+        return "planned"
+
+    async def finish(self, state):
+        # the cloud's plan arrives unresolved (an awaitable), so Serve can pass it replica to replica
+        self.calls.append(f"finish({type(state).__name__})")
+        assert await state == "planned"
+        return GenerationResult(Image.new("RGB", (8, 8)), 0, UnetCalls(cloud=6, edge=2), 8)
+
+
+def test_tier_info_is_fetched_once_and_the_plan_goes_to_the_edge_unresolved():
+    import asyncio
+
+    fake = FakeTiers()
+    tiers = Tiers(edge=fake, cloud=fake)
+
+    async def run():
+        for _ in range(3):
+            await modes.generate(tiers, "hybrid", GenerateRequest("a cat"))
+
+    asyncio.run(run())
+    assert fake.calls.count("info") == 1
+    assert fake.calls.count("finish(coroutine)") == 3 and fake.calls.count("plan") == 3

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from diffusionx.loading import ModelNotAvailableError, load_model, load_pipeline, select_dtype
-from diffusionx.registry import EMBEDDED_SHAPES_DIR, REGISTRY, get_spec
-from diffusionx.tiny_random import ensure_tiny_random
+from diffusionx.models.loading import ModelNotAvailableError, load_model, load_pipeline, select_dtype
+from diffusionx.models.registry import EMBEDDED_SHAPES_DIR, REGISTRY, get_spec
+from diffusionx.models.tiny_random import ensure_tiny_random
 
 
 def test_registry_names_the_design_models():

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from diffusionx.router import CloudLoad, RouterConfig, decide_route, expected_latency_ms
+from diffusionx.policy.router import CloudLoad, RouterConfig, decide_route, expected_latency_ms
 
 CONFIG = RouterConfig(min_steps=10, strength_floor=0.2, overhead_ms=50.0)
 

@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from diffusionx import search
-from diffusionx.collaborative import CollaborationParams, expected_unet_calls
-from diffusionx.search import LOG_COLUMNS, Measurement, switch_candidates, two_stage_search
+from diffusionx.experiments import search
+from diffusionx.experiments.search import LOG_COLUMNS, Measurement, switch_candidates, two_stage_search
+from diffusionx.sampling.collaborative import CollaborationParams, expected_unet_calls
 
 
 def cloud_share_quality(params: CollaborationParams) -> Measurement:

@@ -125,8 +125,12 @@ def test_ec_diff_and_hybrid_pass_latents_from_the_cloud_tier_to_the_edge_tier(ht
     hybrid = http.post("/v1/generate", json={**body, "mode": "hybrid", "switch_step": 30}).json()
     assert hybrid["unet_calls"] == {"cloud": 30, "edge": 20, "approximated": 0}
     # the served split equals the in-process sampler (same seed, same models)
-    from diffusionx.collaborative import CollaborationParams, CollaborativeRequest, generate_collaborative
-    from diffusionx.loading import load_model
+    from diffusionx.models.loading import load_model
+    from diffusionx.sampling.collaborative import (
+        CollaborationParams,
+        CollaborativeRequest,
+        generate_collaborative,
+    )
 
     cloud = load_model("tiny-random", device="cpu")
     edge = load_model("tiny-random-edge", device="cpu")
@@ -320,9 +324,9 @@ def test_refinements_of_different_strengths_share_cloud_batches(http, serve_url)
     still gets the image it would get alone."""
     import numpy as np
 
-    from diffusionx.generation import refine
-    from diffusionx.loading import load_model
+    from diffusionx.models.loading import load_model
     from diffusionx.requests import Img2ImgRequest
+    from diffusionx.sampling.generation import refine
 
     image = Image.new("RGB", (32, 32), (200, 40, 40))
     before = http.get("/v1/stats").json()["tiers"]["cloud"]["requests_served"]
@@ -356,3 +360,54 @@ def test_refinements_of_different_strengths_share_cloud_batches(http, serve_url)
         )
         served = np.asarray(decode(answer["image"]), dtype=np.int16)
         assert np.abs(served - np.asarray(alone.image, dtype=np.int16)).max() <= 1
+
+
+def test_the_same_workflows_in_process_and_served_give_the_same_images_and_costs(http):
+    """Every mode runs the library's workflow both ways: on in-process tiers and through the live Serve
+    application (DeploymentHandle-backed tiers). Same seed, same models: same pixels, same unet_calls."""
+    import asyncio
+
+    import numpy as np
+
+    from diffusionx.models.loading import load_model
+    from diffusionx.requests import Img2ImgRequest, PreviewRequest
+    from diffusionx.workflows import modes
+    from diffusionx.workflows.local import local_tiers
+
+    cloud = load_model("tiny-random", device="cpu")
+    edge = load_model("tiny-random-edge", device="cpu", share_with=cloud)
+    tiers = local_tiers(cloud, edge)
+    base = {"prompt": "a red circle", "seed": 11}
+    edited_from = Image.new("RGB", (32, 32), (30, 160, 90))
+
+    async def in_process() -> dict[str, tuple]:
+        out = {}
+        for mode in ("cloud", "edge", "hybrid", "ec-diff", "diffusionx"):
+            request = modes.GenerateRequest(base["prompt"], base["seed"], num_inference_steps=8)
+            result = (await modes.generate(tiers, mode, request)).result
+            out[mode] = (result.image, result.unet_calls.to_dict())
+        result = await modes.preview(tiers, PreviewRequest(base["prompt"], base["seed"]))
+        out["preview"] = (result.image, result.unet_calls.to_dict())
+        result = await modes.edit(tiers, Img2ImgRequest(base["prompt"], edited_from, 0.5, base["seed"]))
+        out["edit"] = (result.image, result.unet_calls.to_dict())
+        final = await modes.finalize(tiers, base["prompt"], edited_from, seed=base["seed"], strength=0.7)
+        out["refine"] = (final.result.image, final.result.unet_calls.to_dict())
+        return out
+
+    local = asyncio.run(in_process())
+    served = {}
+    for mode in ("cloud", "edge", "hybrid", "ec-diff", "diffusionx"):
+        answer = http.post("/v1/generate", json={**base, "mode": mode, "num_inference_steps": 8}).json()
+        served[mode] = (decode(answer["image"]), answer["unet_calls"])
+    answer = http.post("/v1/preview", json=base).json()
+    served["preview"] = (decode(answer["image"]), answer["unet_calls"])
+    edit_body = {**base, "image": png_b64(edited_from), "strength": 0.5}
+    answer = http.post("/v1/preview", json=edit_body).json()
+    served["edit"] = (decode(answer["image"]), answer["unet_calls"])
+    answer = http.post("/v1/refine", json={**base, "image": png_b64(edited_from), "strength": 0.7}).json()
+    assert answer["strength_predicted"] is None  # the request gave the strength: nothing was predicted
+    served["refine"] = (decode(answer["image"]), answer["unet_calls"])
+    for name, (image, calls) in local.items():
+        served_image, served_calls = served[name]
+        assert served_calls == calls, name
+        assert np.array_equal(np.asarray(served_image.convert("RGB")), np.asarray(image)), name

@@ -11,11 +11,11 @@ from PIL import Image
 from pydantic import ValidationError
 
 from diffusionx.api import GenerateBody, PreviewBody, RefineBody
+from diffusionx.engine.monitor import TierMonitor, merge_snapshots, snapshot_dict
+from diffusionx.engine.preview_cache import PreviewCache
 from diffusionx.imaging import decode_png_base64, encode_png_base64
-from diffusionx.preview_cache import PreviewCache
+from diffusionx.policy.strength import HeuristicStrengthConfig, predict_strength, residual_noise
 from diffusionx.requests import InvalidRequestError
-from diffusionx.strength import HeuristicStrengthConfig, predict_strength, residual_noise
-from diffusionx.tier_monitor import TierMonitor, merge_snapshots, snapshot_dict
 
 
 def test_noisier_previews_and_richer_prompts_get_more_strength():
@@ -36,9 +36,11 @@ def test_tier_monitor_tracks_queue_batches_and_step_time():
     for steps in (10, 10, 20):
         monitor.enqueue(steps)
     assert (monitor.queued, monitor.queued_steps) == (3, 40)
-    monitor.start_batch(2)
+    monitor.admit(2)
     assert (monitor.queued, monitor.in_flight) == (1, 2)
-    monitor.finish_batch(2, [10, 10], elapsed_s=1.0)
+    monitor.ran(2, 10, elapsed_s=1.0)
+    monitor.progressed(20)
+    monitor.completed(2)
     snap = snapshot_dict(monitor.snapshot())
     assert snap["queued_steps"] == 20 and snap["recent_batch_sizes"] == [2]
     assert snap["seconds_per_step"] == pytest.approx(0.1) and snap["requests_served"] == 2

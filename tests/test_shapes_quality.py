@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from diffusionx.generation import preview, text_to_image
-from diffusionx.loading import load_model
-from diffusionx.modes import generate
-from diffusionx.registry import EMBEDDED_SHAPES_DIR
+from diffusionx.models.loading import load_model
+from diffusionx.models.registry import EMBEDDED_SHAPES_DIR
 from diffusionx.requests import PreviewRequest
+from diffusionx.sampling.generation import preview, text_to_image
 from diffusionx.shapes.data import heldout_prompts
 from diffusionx.shapes.judge import mean_scores
+from diffusionx.workflows.local import generate_all, local_tiers
+from diffusionx.workflows.modes import GenerateRequest
 
 pytestmark = pytest.mark.skipif(
     not (EMBEDDED_SHAPES_DIR / "unet_edge").exists(), reason="embedded shapes weights not built"
@@ -51,7 +52,8 @@ def test_edge_preview_is_worse_and_refining_it_closes_the_gap(shapes_pair, promp
     requests = [PreviewRequest(p, seed=i) for i, p in enumerate(prompts)]
     edge_quality = accuracy([r.image for r in preview(edge, requests)], prompts)
     cloud_quality = accuracy([r.image for r in text_to_image(cloud, requests, tier="cloud")], prompts)
-    refined = generate("diffusionx", cloud, edge, requests, strength=0.8)
-    refined_quality = accuracy([r.image for r in refined], prompts)
+    finals = [GenerateRequest(p, seed=i, strength=0.8) for i, p in enumerate(prompts)]
+    refined = generate_all(local_tiers(cloud, edge), "diffusionx", finals)
+    refined_quality = accuracy([g.result.image for g in refined], prompts)
     assert edge_quality < cloud_quality - 0.05
     assert refined_quality > edge_quality + 0.05

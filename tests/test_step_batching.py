@@ -10,10 +10,10 @@ import torch
 from diffusers import DDIMScheduler
 from PIL import Image
 
-from diffusionx import generation, step_batching
-from diffusionx.generation import refine
 from diffusionx.requests import GenerationResult, Img2ImgRequest, InvalidRequestError
-from diffusionx.step_batching import StepBatcher, refine_step_batched
+from diffusionx.sampling import generation, step_batching
+from diffusionx.sampling.generation import refine
+from diffusionx.sampling.step_batching import StepBatcher, refine_step_batched
 
 torch.set_num_threads(1)
 
@@ -278,3 +278,57 @@ def test_fewer_unet_invocations_than_bucketed_refine(tiny_cloud, unet_forwards):
     assert [r.unet_calls for r in stepped] == [r.unet_calls for r in bucketed]  # same cost per request
     for a, b in zip(bucketed, stepped, strict=True):
         assert np.array_equal(pixels(a.image), pixels(b.image))
+
+
+def test_a_failing_unet_step_fails_only_the_samples_in_that_step(tiny_cloud, monkeypatch):
+    """Fault injection: the UNet raises for one group (guidance 1.0); the other group finishes unharmed."""
+    real = step_batching.predict_noise
+
+    def flaky(unet, latents, t, embeddings, guidance_scale):
+        if guidance_scale == 1.0:
+            raise RuntimeError("CUDA error: injected")
+        return real(unet, latents, t, embeddings, guidance_scale)
+
+    monkeypatch.setattr(step_batching, "predict_noise", flaky)
+    batcher = StepBatcher(tiny_cloud, max_batch_size=8)
+    healthy = Img2ImgRequest("a cat", picture(1), 0.5, seed=1, num_inference_steps=4)
+    doomed = Img2ImgRequest("a dog", picture(2), 1.0, seed=2, num_inference_steps=4, guidance_scale=1.0)
+    tickets = [batcher.add(healthy), batcher.add(doomed)]
+    left: list = []
+    while not batcher.idle:
+        left += batcher.step()  # never raises
+    assert set(left) == set(tickets)
+    assert tickets[0].result is not None and tickets[0].error is None
+    assert isinstance(tickets[1].error, RuntimeError) and tickets[1].result is None
+    [alone] = refine(tiny_cloud, [healthy])
+    assert np.abs(pixels(tickets[0].result.image) - pixels(alone.image)).max() <= 1
+
+
+def test_finished_samples_are_decoded_before_they_leave_and_a_failed_decode_fails_only_them(
+    tiny_cloud, monkeypatch
+):
+    real = step_batching.decode_latents
+    failures = iter([True])
+
+    def decode_once_failing(model, latents):
+        if next(failures, False):
+            raise MemoryError("VAE decode: injected")
+        return real(model, latents)
+
+    monkeypatch.setattr(step_batching, "decode_latents", decode_once_failing)
+    batcher = StepBatcher(tiny_cloud, max_batch_size=8)
+    short = batcher.add(Img2ImgRequest("a cat", picture(1), 0.25, seed=1, num_inference_steps=4))
+    long = batcher.add(Img2ImgRequest("a dog", picture(2), 1.0, seed=2, num_inference_steps=4))
+    assert batcher.step() == [short]  # short's only step; its decode fails
+    assert isinstance(short.error, MemoryError) and short.result is None
+    assert batcher.active == 1 and not long.done  # the other sample stays in the pool
+    batcher.run_until_idle()
+    assert long.result is not None and long.result.unet_calls.cloud == 4
+
+
+def test_cancel_takes_a_sample_out_of_the_pool(tiny_cloud):
+    batcher = StepBatcher(tiny_cloud, max_batch_size=8)
+    ticket = batcher.add(Img2ImgRequest("a cat", picture(1), 1.0, seed=1, num_inference_steps=4))
+    batcher.step()
+    assert ticket.steps_run == 1 and batcher.cancel(ticket) and batcher.idle
+    assert not batcher.cancel(ticket) and batcher.step() == []

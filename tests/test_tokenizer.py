@@ -6,7 +6,7 @@ import pytest
 from transformers import CLIPTokenizer
 
 from diffusionx.shapes import data
-from diffusionx.tokenizer import EOS_TOKEN, write_clip_tokenizer
+from diffusionx.models.tokenizer import EOS_TOKEN, write_clip_tokenizer
 
 
 @pytest.fixture(scope="module")

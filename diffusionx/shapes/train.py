@@ -40,8 +40,8 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from diffusionx.models.tokenizer import write_clip_tokenizer
 from diffusionx.shapes import data, judge, sample
-from diffusionx.tokenizer import write_clip_tokenizer
 
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000,

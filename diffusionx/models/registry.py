@@ -1,7 +1,7 @@
 """Named model specs: which checkpoint a short name means and how it is used.
 
 A name resolves to a `ModelSpec`. Anything that is not a registered name is treated as a hub id or a local
-path, so `load_pipeline("runwayml/stable-diffusion-v1-5")` and `load_pipeline("/models/my-sd")` also work.
+path, so `load_model("runwayml/stable-diffusion-v1-5")` and `load_model("/models/my-sd")` also work.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
 EMBEDDED_SHAPES_DIR = PACKAGE_DIR / "models" / "shapes"
 
 
@@ -82,7 +82,7 @@ REGISTRY: dict[str, ModelSpec] = {
             family="shapes",
             tier="cloud",
             unet_subfolder="unet",
-            default_steps=20,  # judge accuracy 0.938 on 128 held-out prompts (model card)
+            default_steps=20,  # quality by step count: README and the model card
             guidance_scale=4.0,
             default_size=32,
             description="Embedded cloud model of the shapes world (ships inside the package).",
@@ -94,14 +94,32 @@ REGISTRY: dict[str, ModelSpec] = {
             tier="edge",
             unet_subfolder="unet_edge",
             default_steps=8,
-            preview_steps=8,  # judge accuracy 0.786, ~6x cheaper per image than the cloud at 20 steps
+            preview_steps=8,  # a cheap preview; quality and cost: README and the model card
             guidance_scale=4.0,
             default_size=32,
             description="Embedded edge model of the shapes world: small UNet, shared VAE/text encoder.",
         ),
         ModelSpec(
+            name="sd15-arch",
+            source="",  # built on first use, see diffusionx.models.arch
+            family="sd15-arch",
+            tier="cloud",
+            default_steps=50,
+            description="SD v1.5's architecture (860M UNet, VAE, CLIP ViT-L/14) with random weights: noise.",
+        ),
+        ModelSpec(
+            name="tiny-sd-arch",
+            source="",
+            family="sd15-arch",
+            tier="edge",
+            unet_subfolder="unet_tiny_sd",
+            default_steps=25,
+            preview_steps=10,
+            description="Segmind Tiny-SD's architecture (323M UNet), random weights, sd15-arch's VAE/CLIP.",
+        ),
+        ModelSpec(
             name="tiny-random",
-            source="",  # built on first use, see diffusionx.tiny_random
+            source="",  # built on first use, see diffusionx.models.tiny_random
             family="tiny-random",
             tier="test",
             default_steps=4,
@@ -133,8 +151,12 @@ def get_spec(name_or_path: str) -> ModelSpec:
     if name_or_path in REGISTRY:
         spec = REGISTRY[name_or_path]
         if spec.family == "tiny-random":
-            from diffusionx.tiny_random import ensure_tiny_random
+            from diffusionx.models.tiny_random import ensure_tiny_random
 
             spec = replace(spec, source=str(ensure_tiny_random()))
+        elif spec.family == "sd15-arch":
+            from diffusionx.models.arch import ensure_arch_pair
+
+            spec = replace(spec, source=str(ensure_arch_pair()))
         return spec
     return ModelSpec(name=name_or_path, source=name_or_path, family="custom", tier="custom")

@@ -50,38 +50,15 @@ def ensure_tiny_random() -> Path:
 
 def build_tiny_random(directory: Path) -> None:
     """Builds and saves the pipeline (cloud UNet in `unet/`, edge UNet in `unet_edge/`)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from diffusionx.tokenizer import write_clip_tokenizer
+    from diffusionx.models.tokenizer import write_clip_tokenizer
+    from diffusionx.shapes.train import SCHEDULER_CONFIG  # one DDIM schedule for every model built here
 
     tokenizer = write_clip_tokenizer(directory / "tokenizer", WORDS, model_max_length=TOKENIZER_MAX_LENGTH)
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=4,
-    )
-    torch.manual_seed(1)
-    unet_edge = UNet2DConditionModel(
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=2,
-        norm_num_groups=2,
-    )
+    unet = _unet(channels=(8, 16), heads=4, seed=0)
+    unet_edge = _unet(channels=(4, 8), heads=2, seed=1)
     torch.manual_seed(0)
     vae = AutoencoderKL(
         block_out_channels=(8, 16),
@@ -108,14 +85,7 @@ def build_tiny_random(directory: Path) -> None:
             max_position_embeddings=TOKENIZER_MAX_LENGTH,
         )
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = DDIMScheduler(**SCHEDULER_CONFIG)
     pipeline = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -128,3 +98,22 @@ def build_tiny_random(directory: Path) -> None:
     )
     pipeline.save_pretrained(directory, safe_serialization=True)
     unet_edge.save_pretrained(directory / "unet_edge", safe_serialization=True)
+
+
+def _unet(channels: tuple[int, int], heads: int, seed: int):
+    """A two-level UNet of the tiny-random pair (the edge one is narrower), seeded."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=channels,
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=heads,
+        norm_num_groups=channels[0] // 2,
+    )

@@ -14,14 +14,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from diffusionx.evaluation import (
+from diffusionx.experiments.evaluation import (
     DEFAULT_BATCH_SIZE,
     EvalReport,
     evaluate_mode,
-    heuristic_strengths,
     load_pair,
 )
-from diffusionx.loading import ModelNotAvailableError
+from diffusionx.models.loading import ModelNotAvailableError
 from diffusionx.shapes.data import heldout_prompts
 
 COLUMNS = ("mode", "cloud_calls", "edge_calls", "approximated", "seconds_per_image", "quality", "settings")
@@ -109,7 +108,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             batch_size=args.batch_size,
             request_fields=fields,
-            strength_predictor=heuristic_strengths if mode == "diffusionx" else None,
             progress=not args.no_progress,
         )
         rows.append(row(report))

@@ -1,11 +1,12 @@
 """`diffusionx eval`: quality and cost of one collaboration mode on held-out shapes prompts.
 
 Algorithm: draw `n` held-out captions (`shapes.data.heldout_prompts`, a seed stream disjoint from
-training), generate one image per caption with `modes.generate` (image seed = `--seed` + index, batches of
-`--batch-size`), and score each image against its caption with the deterministic judge
-(`shapes.judge.score`). Quality is the mean judge accuracy (the role CLIP score / FID play for real models);
-cost is the mean `unet_calls` per image and the wall-clock seconds per image of generation (model loading
-and judging excluded).
+training), generate one image per caption with the served workflow `workflows.modes.generate` on
+in-process tiers (image seed = `--seed` + index, `--batch-size` requests in flight at once, merged into
+batches by the tiers' model loops as the server does), and score each image against its caption with the
+deterministic judge (`shapes.judge.score`). Quality is the mean judge accuracy (the role CLIP score / FID
+play for real models); cost is the mean `unet_calls` per image and the wall-clock seconds per image of
+generation (model loading and judging excluded).
 
     diffusionx eval --mode ec-diff --n 64 --json
 """
@@ -23,13 +24,15 @@ from dataclasses import dataclass, field
 from PIL import Image
 from tqdm import tqdm
 
-from diffusionx.loading import LoadedModel, ModelNotAvailableError, load_model
-from diffusionx.modes import DEFAULT_STRENGTH, MODES, GenerateRequest, generate
-from diffusionx.registry import get_spec
+from diffusionx.engine.tiers import StrengthFunction
+from diffusionx.models.loading import LoadedModel, ModelNotAvailableError, load_model
+from diffusionx.models.registry import get_spec
+from diffusionx.policy.strength import predict_strength
 from diffusionx.requests import InvalidRequestError
 from diffusionx.shapes.data import heldout_prompts
 from diffusionx.shapes.judge import score
-from diffusionx.strength import predict_strength
+from diffusionx.workflows.local import generate_all, local_tiers
+from diffusionx.workflows.modes import MODES, GenerateRequest, check_fields
 
 DEFAULT_CLOUD = "shapes-cloud"
 DEFAULT_EDGE = "shapes-edge"
@@ -38,7 +41,6 @@ DEFAULT_BATCH_SIZE = 16
 
 # (image, caption) -> {"accuracy": ..., <attribute>: ...}
 ScoreFn = Callable[[Image.Image, str], dict[str, float]]
-StrengthPredictorFn = Callable[[Sequence[Image.Image], Sequence[str]], Sequence[float]]
 
 
 @dataclass
@@ -88,17 +90,22 @@ def evaluate_mode(
     seed: int = 0,
     batch_size: int = DEFAULT_BATCH_SIZE,
     request_fields: dict[str, object] | None = None,
-    strength: float = DEFAULT_STRENGTH,
-    strength_predictor: StrengthPredictorFn | None = None,
+    predict: StrengthFunction = predict_strength,
     score_fn: ScoreFn | None = None,
     progress: bool = True,
 ) -> EvalReport:
-    """Generates one image per prompt in `mode` and scores it with the judge (or `score_fn`)."""
+    """Generates one image per prompt in `mode` and scores it with the judge (or `score_fn`).
+
+    In `diffusionx` mode a request without `strength` is refined at the strength `predict` gives its
+    preview (the served predictor by default)."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} is not allowed: use an integer >= 1")
     score_fn = score_fn or score
     fields = {key: value for key, value in (request_fields or {}).items() if value is not None}
     requests = [GenerateRequest(prompt, seed + index, **fields) for index, prompt in enumerate(prompts)]
+    for request in requests[:1]:
+        check_fields(mode, request)
+    tiers = local_tiers(cloud, edge, max_batch_size=batch_size, predict=predict)
     scores: list[dict[str, float]] = []
     totals = {"cloud": 0, "edge": 0, "approximated": 0}
     generation_s = 0.0
@@ -108,9 +115,7 @@ def evaluate_mode(
         for begin in range(0, len(requests), batch_size):
             batch = requests[begin : begin + batch_size]
             start = time.perf_counter()
-            results = generate(
-                mode, cloud, edge, batch, strength=strength, strength_predictor=strength_predictor
-            )
+            results = [generated.result for generated in generate_all(tiers, mode, batch)]
             generation_s += time.perf_counter() - start
             for request, result in zip(batch, results, strict=True):
                 scores.append(score_fn(result.image, request.prompt))
@@ -131,11 +136,6 @@ def evaluate_mode(
     )
 
 
-def heuristic_strengths(images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
-    """The strength predictor the served application uses (diffusionx.strength)."""
-    return [predict_strength(prompt, image) for image, prompt in zip(images, prompts, strict=True)]
-
-
 def _mean(values: Sequence[float]) -> float:
     return float(sum(values) / len(values)) if values else math.nan
 
@@ -150,6 +150,12 @@ def load_pair(
         share = cloud if cloud is not None and get_spec(edge_name).family == cloud.spec.family else None
         edge = load_model(edge_name, device=device, share_with=share)
     return cloud, edge
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Options every in-process experiment takes: the torch device and the progress bar."""
+    parser.add_argument("--device", default=None, help="torch device (default: CUDA if available, else CPU)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,8 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cloud", default=DEFAULT_CLOUD, help=f"cloud model (default {DEFAULT_CLOUD})")
     parser.add_argument("--edge", default=DEFAULT_EDGE, help=f"edge model (default {DEFAULT_EDGE})")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="requests per batch")
-    parser.add_argument("--device", default=None, help="torch device (default: CUDA if available, else CPU)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_run_options(parser)
     return parser
 
 
@@ -214,7 +219,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             batch_size=args.batch_size,
             request_fields=request_fields,
-            strength_predictor=heuristic_strengths if args.strength is None else None,
             progress=not args.no_progress,
         )
     except InvalidRequestError as error:
@@ -225,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         **report.settings,
     }
     if args.mode == "diffusionx" and args.strength is None:
-        report.settings["strength"] = "predicted (diffusionx.strength heuristic)"
+        report.settings["strength"] = "predicted (diffusionx.policy.strength heuristic)"
     if args.json:
         print(json.dumps(report.to_dict()))
     else:

@@ -39,7 +39,11 @@ class TierMonitor:
         self.queued += 1
         self.queued_steps += steps
 
-    # -- primitives (step-level batching uses them directly) ---------------------------------------------
+    def withdraw(self, steps: int) -> None:
+        """A queued request left before it ran (cancelled, or failed before joining a batch)."""
+        self.queued -= 1
+        self.queued_steps -= steps
+
     def admit(self, count: int) -> None:
         """`count` queued requests start running."""
         self.queued -= count
@@ -63,15 +67,10 @@ class TierMonitor:
         self.in_flight -= count
         self.requests_served += count
 
-    # -- whole batches -----------------------------------------------------------------------------------
-    def start_batch(self, size: int) -> None:
-        self.admit(size)
-
-    def finish_batch(self, size: int, steps: list[int], elapsed_s: float) -> None:
-        """`steps`: UNet steps of each request in the batch (they may differ when buckets are mixed)."""
-        self.ran(size, max(steps, default=0), elapsed_s)
-        self.progressed(sum(steps))
-        self.completed(size)
+    def abandon(self, remaining_steps: int) -> None:
+        """A running request was cancelled with `remaining_steps` not run."""
+        self.in_flight -= 1
+        self.queued_steps -= remaining_steps
 
     def snapshot(self) -> TierSnapshot:
         return TierSnapshot(

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from diffusionx.registry import REGISTRY, ModelSpec, get_spec
+from diffusionx.models.registry import REGISTRY, ModelSpec, get_spec
 
 
 class ModelNotAvailableError(RuntimeError):

@@ -24,8 +24,15 @@ EOS_TOKEN = "<|endoftext|>"
 BASE_CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789,.-'"
 
 
-def build_vocab_and_merges(words: Iterable[str]) -> tuple[dict[str, int], list[str]]:
-    """Returns a CLIP-style vocab (token -> id) and merge list that make each word one token."""
+def build_vocab_and_merges(
+    words: Iterable[str], vocab_size: int | None = None
+) -> tuple[dict[str, int], list[str]]:
+    """Returns a CLIP-style vocab (token -> id) and merge list that make each word one token.
+
+    With `vocab_size`, the vocab is filled up to exactly that many tokens with merges of letter n-grams
+    (bigrams, then trigrams, ..., each as word-inside and word-final token), so that an embedding table
+    sized like a real tokenizer's (CLIP: 49408) is indexed by it; start/end tokens stay the last two ids.
+    """
     known = sorted({w.lower() for w in words if len(w) >= 2 and all(c in BASE_CHARACTERS for c in w.lower())})
     trainer = trainers.BpeTrainer(
         vocab_size=1_000_000,  # no cap: merge until every word is one token
@@ -46,16 +53,46 @@ def build_vocab_and_merges(words: Iterable[str]) -> tuple[dict[str, int], list[s
         vocab.setdefault(char + "</w>", len(vocab))
     for merge in merges:
         vocab.setdefault(merge.replace(" ", ""), len(vocab))
+    if vocab_size is not None:
+        _fill_vocab(vocab, merges, set(merges), vocab_size - 2)
     vocab[BOS_TOKEN] = len(vocab)
     vocab[EOS_TOKEN] = len(vocab)
     return vocab, merges
 
 
-def write_clip_tokenizer(directory: str | Path, words: Iterable[str], model_max_length: int) -> CLIPTokenizer:
-    """Writes vocab.json / merges.txt for `words`, then saves a loadable CLIPTokenizer into `directory`."""
+def _fill_vocab(vocab: dict[str, int], merges: list[str], seen_merges: set[str], size: int) -> None:
+    """Adds letter n-gram merges (left to right, as `build_vocab_and_merges` spells words) up to `size`."""
+    if len(vocab) > size:
+        raise ValueError(
+            f"the words already need {len(vocab) + 2} tokens; vocab_size={size + 2} is too small"
+        )
+    letters = [c for c in BASE_CHARACTERS if c.isalpha()]
+    prefixes = letters
+    while len(vocab) < size:
+        longer = []
+        for prefix in prefixes:
+            for char in letters:
+                for part in (char, char + "</w>"):
+                    merge = f"{prefix} {part}"
+                    if merge in seen_merges or prefix + part in vocab:
+                        continue
+                    seen_merges.add(merge)
+                    merges.append(merge)
+                    vocab[prefix + part] = len(vocab)
+                    if len(vocab) == size:
+                        return
+                longer.append(prefix + char)
+        prefixes = longer
+
+
+def write_clip_tokenizer(
+    directory: str | Path, words: Iterable[str], model_max_length: int, vocab_size: int | None = None
+) -> CLIPTokenizer:
+    """Writes vocab.json / merges.txt for `words` (filled up to `vocab_size` tokens if given), then saves a
+    loadable CLIPTokenizer into `directory`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    vocab, merges = build_vocab_and_merges(words)
+    vocab, merges = build_vocab_and_merges(words, vocab_size)
     vocab_file = directory / "vocab.json"
     merges_file = directory / "merges.txt"
     vocab_file.write_text(json.dumps(vocab, indent=0))

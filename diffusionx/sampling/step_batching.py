@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import DDIMScheduler
 
-from diffusionx.generation import (
+from diffusionx.models.loading import LoadedModel
+from diffusionx.requests import GenerationResult, Img2ImgRequest, UnetCalls
+from diffusionx.sampling.generation import (
     check_prompt_fits,
     decode_latents,
     encode_images,
@@ -30,8 +32,6 @@ from diffusionx.generation import (
     predict_noise,
     seeded_noise,
 )
-from diffusionx.loading import LoadedModel
-from diffusionx.requests import GenerationResult, Img2ImgRequest, UnetCalls
 
 TIERS = ("cloud", "edge")
 BATCH_SIZE_HISTORY = 4096  # steps of `recent_batch_sizes` kept (a bounded log for a long-running replica)
@@ -49,15 +49,17 @@ class StepBatchedResult(GenerationResult):
 
 @dataclass(eq=False)
 class Ticket:
-    """Handle of one added request; `result` is set when the request leaves the batcher."""
+    """Handle of one added request; `result` (or `error`) is set when the request leaves the batcher."""
 
     request: Img2ImgRequest
     arrival: int  # 0, 1, 2, ... in order of `add`; breaks ties in the schedule
     result: StepBatchedResult | None = None
+    error: BaseException | None = None  # the UNet step or the VAE decode failed for this sample
+    steps_run: int = 0  # denoising steps this sample has taken so far
 
     @property
     def done(self) -> bool:
-        return self.result is not None
+        return self.result is not None or self.error is not None
 
 
 @dataclass(eq=False)
@@ -244,12 +246,44 @@ class StepBatcher:
         key = ranked[0].batch_key
         return [sample for sample in ranked if sample.batch_key == key][: self.max_batch_size]
 
-    @torch.no_grad()
+    def cancel(self, ticket: Ticket) -> bool:
+        """Takes the ticket's sample out of the pool (its client is gone); False if it is not in the pool."""
+        kept = [sample for sample in self._pool if sample.ticket is not ticket]
+        removed = len(kept) < len(self._pool)
+        self._pool = kept
+        return removed
+
     def step(self) -> list[Ticket]:
-        """Runs one denoising step for the selected samples; returns the tickets that finished in it."""
+        """Runs one denoising step for the selected samples; returns the tickets that finished in it.
+
+        A failure concerns only the samples it touched: if the UNet call or the update raises, the samples
+        of this step leave with `error` set; if the VAE decode of the finished samples raises, those leave
+        with `error` set. Every other sample stays in the pool, and `step` itself does not raise.
+        """
         batch = self._select()
         if not batch:
             return []
+        try:
+            finished = self._advance(batch)
+        except Exception as error:
+            for sample in batch:
+                sample.ticket.error = error
+            finished = batch
+        else:
+            # 4. samples whose schedule is done are decoded, and only then leave the pool
+            if finished:
+                try:
+                    self._finish(finished)
+                except Exception as error:
+                    for sample in finished:
+                        sample.ticket.error = error
+        leaving = {id(sample) for sample in finished}
+        self._pool = [sample for sample in self._pool if id(sample) not in leaving]
+        return [sample.ticket for sample in finished]
+
+    @torch.no_grad()
+    def _advance(self, batch: list[_Sample]) -> list[_Sample]:
+        """One UNet call and DDIM update for `batch`; returns the samples whose schedule is done."""
         model = self.model
         start = time.perf_counter()
         guidance = batch[0].guidance_scale
@@ -280,14 +314,10 @@ class StepBatcher:
         for row, sample in enumerate(batch):
             sample.latents = latents[row : row + 1]
             sample.position += 1
+            sample.ticket.steps_run = sample.position
             sample.unet_ms += step_ms
             sample.step_batch_sizes.append(len(batch))
-        # 4. samples whose schedule is done leave: decode them together
-        finished = [sample for sample in batch if sample.remaining == 0]
-        if finished:
-            self._pool = [sample for sample in self._pool if sample.remaining > 0]
-            self._finish(finished)
-        return [sample.ticket for sample in finished]
+        return [sample for sample in batch if sample.remaining == 0]
 
     def run_until_idle(self) -> int:
         """Steps until the pool is empty; returns the number of steps run."""
@@ -363,4 +393,7 @@ def refine_step_batched(
     batcher = StepBatcher(model, max_batch_size, tier="cloud")
     tickets = [batcher.add(request) for request in requests]
     batcher.run_until_idle()
+    for ticket in tickets:
+        if ticket.error is not None:
+            raise ticket.error
     return [ticket.result for ticket in tickets]  # type: ignore[misc]

@@ -42,19 +42,20 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from diffusionx.collaborative import (
+from diffusionx.experiments.evaluation import add_run_options
+from diffusionx.models.loading import LoadedModel, ModelNotAvailableError, load_model
+from diffusionx.models.registry import get_spec
+from diffusionx.sampling.collaborative import (
     REFERENCE_SMOOTHING,
     CollaborationParams,
-    CollaborativeRequest,
     check_pair,
     expected_unet_calls,
-    generate_collaborative,
     plan_steps,
 )
-from diffusionx.loading import LoadedModel, ModelNotAvailableError, load_model
-from diffusionx.registry import get_spec
 from diffusionx.shapes.data import heldout_prompts
 from diffusionx.shapes.judge import score
+from diffusionx.workflows.local import generate_all, local_tiers
+from diffusionx.workflows.modes import GenerateRequest
 
 DEFAULT_CLOUD = "shapes-cloud"
 DEFAULT_EDGE = "shapes-edge"
@@ -307,14 +308,33 @@ def make_measure(
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} is not allowed: use an integer >= 1")
 
+    tiers = local_tiers(cloud, edge, max_batch_size=batch_size)
+
     def measure(params: CollaborationParams) -> Measurement:
-        requests = [CollaborativeRequest(prompt, seed + i, params=params) for i, prompt in enumerate(prompts)]
+        # the served workflow: hybrid when nothing is extrapolated, else ec-diff with (p, k, a, s)
+        mode = "ec-diff" if params.approximates else "hybrid"
+        fields: dict[str, object] = {"switch_step": params.switch_step}
+        if params.approximates:
+            fields.update(
+                warmup_steps=params.warmup_steps,
+                approx_interval=params.approx_interval,
+                smoothing=params.smoothing,
+            )
+        requests = [
+            GenerateRequest(
+                prompt,
+                seed + i,
+                num_inference_steps=params.num_inference_steps,
+                guidance_scale=params.guidance_scale,
+                **fields,  # type: ignore[arg-type]
+            )
+            for i, prompt in enumerate(prompts)
+        ]
         images: list[Image.Image] = []
         start = time.perf_counter()
         for begin in range(0, len(requests), batch_size):
-            images += [
-                r.image for r in generate_collaborative(cloud, edge, requests[begin : begin + batch_size])
-            ]
+            batch = requests[begin : begin + batch_size]
+            images += [generated.result.image for generated in generate_all(tiers, mode, batch)]
         seconds = (time.perf_counter() - start) / len(requests)
         return Measurement(quality_fn(images, prompts), seconds)
 
@@ -372,8 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--quality", choices=sorted(QUALITY_FUNCTIONS), default="judge", help="quality measure"
     )
     parser.add_argument("--batch-size", type=int, default=DEFAULT_N, help="requests per sampler batch")
-    parser.add_argument("--device", default=None, help="torch device (default: CUDA if available, else CPU)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_run_options(parser)
     return parser
 
 

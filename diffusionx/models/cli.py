@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from diffusionx.registry import REGISTRY
+from diffusionx.models.registry import REGISTRY
 
 
 def main(argv: list[str] | None = None) -> int:

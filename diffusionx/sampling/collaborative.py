@@ -36,7 +36,16 @@ from typing import Literal
 import numpy as np
 import torch
 
-from diffusionx.generation import (
+from diffusionx.models.loading import LoadedModel
+from diffusionx.requests import (
+    GenerationResult,
+    InvalidRequestError,
+    UnetCalls,
+    check_guidance,
+    check_steps,
+    check_text_request,
+)
+from diffusionx.sampling.generation import (
     check_prompt_fits,
     decode_latents,
     encode_prompt,
@@ -45,15 +54,6 @@ from diffusionx.generation import (
     predict_noise,
     run_in_groups,
     seeded_noise,
-)
-from diffusionx.loading import LoadedModel
-from diffusionx.requests import (
-    GenerationResult,
-    InvalidRequestError,
-    UnetCalls,
-    check_guidance,
-    check_steps,
-    check_text_request,
 )
 
 StepRole = Literal["cloud", "approximated", "edge"]

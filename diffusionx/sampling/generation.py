@@ -20,7 +20,7 @@ import torch
 from diffusers import DDIMScheduler
 from PIL import Image
 
-from diffusionx.loading import LoadedModel
+from diffusionx.models.loading import LoadedModel
 from diffusionx.requests import (
     GenerationResult,
     Img2ImgRequest,

@@ -1,0 +1,324 @@
+"""The model loop of one tier replica: forms batches from whatever waits, runs them off the event loop,
+and never loses a request.
+
+Algorithm. A request becomes a `Job` (`submit`: it counts as queued load from then on) and is handed to
+the loop (`release`; Ray Serve's `@serve.batch` does this in the deployments, in-process callers do it at
+once). Whenever the model is free the loop takes the oldest waiting job and every later waiting job of the
+same kind, up to `max_batch_size`, and runs them as one blocking model call (in a worker thread). So a lone
+request runs at once, with no batch window, and under load the jobs that arrived while the model was busy
+form the next, fuller batch.
+
+A kind registered with `enable_step_batching` (the cloud tier's refinements) goes to a `StepBatcher`
+instead: each sample carries its own timestep, new samples join between denoising steps and finished ones
+leave. The loop alternates one step of the batcher with one whole batch of any other kind, so neither
+starves.
+
+Never losing a request:
+- a model call that raises fails the jobs it concerns with that error: a merged batch that fails is re-run
+  one job at a time, so one bad request does not take its batch-mates down; a failed step or VAE decode
+  fails the samples it touched (the `StepBatcher` reports them); the loop keeps serving the rest;
+- results are only set on futures that are not done (a caller may have gone);
+- `cancel` (the caller is gone) takes a job out of the queue or the step pool and undoes its load;
+- nothing is keyed by `id()`; the only maps hold live jobs and shrink as they finish.
+
+`clock` (seconds, monotonic) and `run_blocking` (how a blocking call is run; default: a worker thread) are
+injected, so tests drive the loop with fake models and a fake clock. Not thread-safe: one event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from diffusionx.engine.monitor import TierMonitor
+
+logger = logging.getLogger(__name__)
+
+BatchFunction = Callable[[list[Any]], list[Any]]  # requests -> one result per request, in order
+RunBlocking = Callable[..., Awaitable[Any]]  # (function, *args) -> awaitable of function(*args)
+
+SUBMITTED, WAITING, RUNNING, DONE, CANCELLED = "submitted", "waiting", "running", "done", "cancelled"
+
+
+class SteppedTicket(Protocol):
+    result: Any
+    error: BaseException | None
+    steps_run: int
+
+    @property
+    def done(self) -> bool: ...
+
+
+class StepEngine(Protocol):
+    """What the loop needs of a step-level batcher (`diffusionx.sampling.step_batching.StepBatcher`)."""
+
+    def add(self, request: Any) -> SteppedTicket: ...
+
+    def step(self) -> list[SteppedTicket]: ...
+
+    def cancel(self, ticket: SteppedTicket) -> bool: ...
+
+    @property
+    def idle(self) -> bool: ...
+
+
+@dataclass(eq=False)
+class Job:
+    """One request inside the loop. `steps` is its denoising work, the unit of the tier's load."""
+
+    kind: str
+    request: Any
+    steps: int
+    submitted_at: float
+    future: asyncio.Future = field(repr=False)
+    state: str = SUBMITTED
+    ticket: SteppedTicket | None = field(default=None, repr=False)  # step-batched jobs, once admitted
+    steps_done: int = 0  # steps already taken off the monitor's queued_steps
+    queued_s: float = 0.0  # step-batched jobs: seconds from submit to joining the step batcher
+
+
+async def _in_thread(function: Callable[..., Any], *args: Any) -> Any:
+    return await asyncio.to_thread(function, *args)
+
+
+class ModelLoop:
+    def __init__(
+        self,
+        max_batch_size: int,
+        *,
+        monitor: TierMonitor | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+        run_blocking: RunBlocking = _in_thread,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size={max_batch_size!r} is not allowed: use an integer >= 1")
+        self.max_batch_size = max_batch_size
+        self.monitor = monitor or TierMonitor()
+        self._clock = clock
+        self._run_blocking = run_blocking
+        self.on_change: Callable[[], None] = on_change or (lambda: None)  # e.g. report the new load
+        self._functions: dict[str, BatchFunction] = {}
+        self._step_kind: str | None = None
+        self._stepper: StepEngine | None = None
+        self._waiting: list[Job] = []
+        self._stepping: dict[SteppedTicket, Job] = {}  # admitted step-batched jobs; bounded by the pool
+        self._task: asyncio.Task | None = None
+
+    # -- configuration -----------------------------------------------------------------------------------
+    def register(self, kind: str, function: BatchFunction) -> None:
+        """Jobs of `kind` run in whole batches: `function(requests)` returns one result per request."""
+        self._functions[kind] = function
+
+    def enable_step_batching(self, kind: str, stepper: StepEngine) -> None:
+        """Jobs of `kind` (img2img requests) join `stepper` and run step by step instead of whole."""
+        self._step_kind, self._stepper = kind, stepper
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return (*self._functions, *([self._step_kind] if self._step_kind else []))
+
+    # -- requests ------------------------------------------------------------------------------------------
+    def submit(self, kind: str, request: Any, steps: int) -> Job:
+        """A job for `request`, counted as queued load; it runs once `release`d."""
+        if kind not in self._functions and kind != self._step_kind:
+            raise ValueError(f"kind={kind!r} is not registered: use one of {', '.join(self.kinds)}")
+        job = Job(kind, request, steps, self._clock(), asyncio.get_running_loop().create_future())
+        self.monitor.enqueue(steps)
+        self.on_change()
+        return job
+
+    def release(self, jobs: Sequence[Job]) -> None:
+        """Hands submitted jobs to the loop (cancelled ones are skipped) and wakes it."""
+        for job in jobs:
+            if job.state == SUBMITTED:
+                job.state = WAITING
+                self._waiting.append(job)
+        if self._waiting and (self._task is None or self._task.done()):
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def wait(self, job: Job) -> Any:
+        """The job's result (or its error raised); if the caller is cancelled, so is the job."""
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            self.cancel(job)
+            raise
+
+    async def run(self, kind: str, request: Any, steps: int) -> Any:
+        """submit + release + wait: what an in-process caller does."""
+        job = self.submit(kind, request, steps)
+        self.release([job])
+        return await self.wait(job)
+
+    def cancel(self, job: Job) -> None:
+        """The caller is gone: drop the job from the queue or the step pool and undo its load.
+
+        A job inside a running whole batch cannot be stopped; its result is dropped when the batch ends
+        (its load is released then, since the model really works on it until then)."""
+        if job.state in (SUBMITTED, WAITING):
+            if job.state == WAITING:
+                self._waiting.remove(job)
+            self.monitor.withdraw(job.steps)
+        elif job.state == RUNNING and job.ticket is not None and self._stepper is not None:
+            self._stepper.cancel(job.ticket)
+            self._stepping.pop(job.ticket, None)
+            self.monitor.abandon(job.steps - job.steps_done)
+        elif job.state == RUNNING:  # whole batch in flight, or being admitted to the step batcher
+            if not job.future.done():
+                job.future.cancel()
+            return
+        else:
+            return
+        job.state = CANCELLED
+        if not job.future.done():
+            job.future.cancel()
+        self.on_change()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._waiting) or bool(self._stepping)
+
+    # -- the loop ----------------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        while self._waiting or self._stepping:
+            try:
+                if self._stepper is not None:
+                    await self._admit_stepped()
+                    if self._stepping:
+                        await self._step_once()
+                if any(job.kind != self._step_kind for job in self._waiting):
+                    await self._run_whole_batch()
+            except Exception as error:
+                logger.exception("model loop failed; failing the jobs it held")
+                for job in [*self._stepping.values(), *self._waiting]:
+                    self._finish(job, error)
+                self._stepping.clear()
+                self._waiting.clear()
+
+    def _finish(self, job: Job, outcome: Any) -> None:
+        """Ends a running or waiting job with a result or an exception; releases its remaining load."""
+        if job.state in (DONE, CANCELLED):
+            return
+        if job.state == WAITING:
+            self.monitor.withdraw(job.steps)
+        else:
+            self.monitor.progressed(job.steps - job.steps_done)
+            self.monitor.completed(1)
+        job.steps_done = job.steps
+        job.state = DONE
+        if job.future.done():  # the caller is gone
+            return
+        if isinstance(outcome, BaseException):
+            job.future.set_exception(outcome)
+        else:
+            job.future.set_result(outcome)
+
+    def _take_batch(self) -> list[Job]:
+        """The oldest waiting whole-batch job plus later ones of its kind, up to max_batch_size."""
+        first = next(job for job in self._waiting if job.kind != self._step_kind)
+        taken = [job for job in self._waiting if job.kind == first.kind][: self.max_batch_size]
+        chosen = set(taken)
+        self._waiting = [job for job in self._waiting if job not in chosen]
+        return taken
+
+    async def _run_whole_batch(self) -> None:
+        jobs = self._take_batch()
+        for job in jobs:
+            job.state = RUNNING
+        self.monitor.admit(len(jobs))
+        function = self._functions[jobs[0].kind]
+        started = self._clock()
+        outcomes = await self._call(function, jobs)
+        elapsed = self._clock() - started
+        self.monitor.ran(len(jobs), max(job.steps for job in jobs), elapsed)
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            if hasattr(outcome, "timings_ms"):
+                outcome.timings_ms["queue"] = round((started - job.submitted_at) * 1000.0, 3)
+                outcome.timings_ms["batch_size"] = float(len(jobs))
+            self._finish(job, outcome)
+        self.on_change()
+
+    async def _call(self, function: BatchFunction, jobs: list[Job]) -> list[Any]:
+        """One model call for `jobs`; if it fails, each job alone, so an error reaches only its own job."""
+        requests = [job.request for job in jobs]
+        try:
+            results = await self._run_blocking(function, requests)
+            if len(results) != len(jobs):
+                raise RuntimeError(f"the model gave {len(results)} results for {len(jobs)} requests")
+            return list(results)
+        except Exception as error:
+            if len(jobs) == 1:
+                return [error]
+        outcomes: list[Any] = []
+        for job in jobs:
+            outcomes.extend(await self._call(function, [job]))
+        return outcomes
+
+    async def _admit_stepped(self) -> None:
+        joining = [job for job in self._waiting if job.kind == self._step_kind]
+        if not joining:
+            return
+        self._waiting = [job for job in self._waiting if job.kind != self._step_kind]
+        stepper = self._stepper
+        assert stepper is not None
+        for job in joining:
+            job.state = RUNNING
+        self.monitor.admit(len(joining))
+
+        def add_all() -> list[Any]:
+            added: list[Any] = []
+            for job in joining:
+                try:
+                    added.append(stepper.add(job.request))
+                except Exception as error:
+                    added.append(error)
+            return added
+
+        admitted_at = self._clock()
+        added = await self._run_blocking(add_all)
+        for job, entry in zip(joining, added, strict=True):
+            if isinstance(entry, BaseException):
+                self._finish(job, entry)
+            elif job.future.cancelled():  # the caller left while its request was being prepared
+                stepper.cancel(entry)
+                job.state = CANCELLED
+                self.monitor.abandon(job.steps)
+            elif entry.done:  # strength 0: nothing to run
+                self._finish(job, entry.result)
+            else:
+                job.ticket = entry
+                job.queued_s = admitted_at - job.submitted_at
+                self._stepping[entry] = job
+
+    async def _step_once(self) -> None:
+        stepper = self._stepper
+        assert stepper is not None
+        started = self._clock()
+        finished = await self._run_blocking(stepper.step)
+        elapsed = self._clock() - started
+        advanced = 0
+        for ticket, job in list(self._stepping.items()):
+            delta = ticket.steps_run - job.steps_done
+            if delta > 0:
+                advanced += 1
+                job.steps_done = ticket.steps_run
+                self.monitor.progressed(delta)
+        if advanced:
+            self.monitor.ran(advanced, 1, elapsed)
+        for ticket in finished:
+            job = self._stepping.pop(ticket, None)
+            if job is None:  # cancelled while the step ran
+                continue
+            if ticket.error is not None:
+                self._finish(job, ticket.error)
+                continue
+            result = ticket.result
+            result.timings_ms["queue"] = round(job.queued_s * 1000.0, 3)
+            result.timings_ms["batch_size"] = float(result.batch_size)
+            self._finish(job, result)
+        self.on_change()

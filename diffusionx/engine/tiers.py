@@ -1,0 +1,183 @@
+"""The three model tiers as in-process objects: a loaded model (or the predictor) behind one `ModelLoop`.
+
+Each tier says, for every request it takes, which kind of batch it joins and how many denoising steps it
+costs (`job`), checks what can be checked before the request joins a batch (a prompt too long for the
+tokenizer fails alone, at once), and runs it through its model loop. The workflows call these objects
+directly in process (eval, compare, search, tests); the Ray Serve deployments wrap the same objects, so
+the batching that is measured is the batching that is served.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from PIL import Image
+
+from diffusionx.engine.model_loop import ModelLoop, RunBlocking, _in_thread
+from diffusionx.models.loading import LoadedModel
+from diffusionx.policy.router import CloudLoad
+from diffusionx.policy.strength import predict_strength
+from diffusionx.requests import GenerationResult, Img2ImgRequest, PreviewRequest
+from diffusionx.sampling.collaborative import (
+    CollaborativeRequest,
+    PlanState,
+    cloud_phase,
+    edge_phase,
+    expected_unet_calls,
+)
+from diffusionx.sampling.generation import check_prompt_fits, edit, preview, refine, text_to_image
+from diffusionx.sampling.step_batching import StepBatcher
+
+Job = tuple[str, Any, int]  # (kind, request, steps)
+
+
+class _Tier:
+    tier = ""
+
+    def __init__(
+        self,
+        max_batch_size: int,
+        clock: Callable[[], float] = time.perf_counter,
+        run_blocking: RunBlocking = _in_thread,
+    ) -> None:
+        self.loop = ModelLoop(max_batch_size, clock=clock, run_blocking=run_blocking)
+
+    def job(self, method: str, *args: Any) -> Job:  # pragma: no cover - each tier defines it
+        raise NotImplementedError
+
+    async def call(self, method: str, *args: Any) -> Any:
+        return await self.loop.run(*self.job(method, *args))
+
+
+class EdgeModel(_Tier):
+    """The light model: previews (text-to-image), edits (img2img) and the edge part of EC-Diff / Hybrid."""
+
+    tier = "edge"
+
+    def __init__(self, model: LoadedModel, max_batch_size: int = 8, edit_steps: int | None = None, **loop):
+        super().__init__(max_batch_size, **loop)
+        self.model = model
+        self.edit_steps = edit_steps or model.spec.default_steps
+        self.loop.register("preview", lambda requests: preview(model, requests))
+        self.loop.register("edit", lambda requests: edit(model, requests))
+        self.loop.register("finish", lambda states: edge_phase(model, states))
+
+    async def info(self) -> dict:
+        spec = self.model.spec
+        return {
+            "model": spec.name,
+            "default_size": spec.default_size,
+            "preview_steps": spec.preview_steps,
+            "default_steps": spec.default_steps,
+        }
+
+    def job(self, method: str, request: Any) -> Job:
+        spec = self.model.spec
+        if method == "preview":
+            check_prompt_fits(self.model, [request.prompt])  # reject before joining a batch
+            return "preview", request, request.num_inference_steps or spec.preview_steps
+        if method == "edit":
+            check_prompt_fits(self.model, [request.prompt])
+            if request.num_inference_steps is None:
+                request.num_inference_steps = self.edit_steps
+            return "edit", request, int(request.num_inference_steps * request.strength)
+        if method == "finish":
+            return "finish", request, request.params.num_inference_steps - request.step_index
+        raise ValueError(f"edge tier has no method {method!r}")
+
+    async def preview(self, request: PreviewRequest) -> GenerationResult:
+        return await self.call("preview", request)
+
+    async def edit(self, request: Img2ImgRequest) -> GenerationResult:
+        return await self.call("edit", request)
+
+    async def finish(self, state: PlanState | Awaitable[PlanState]) -> GenerationResult:
+        """EC-Diff / Hybrid SD, edge part: steps s..N-1 from the cloud's latents, then decode."""
+        if inspect.isawaitable(state):
+            state = await state
+        return await self.call("finish", state)
+
+
+class CloudModel(_Tier):
+    """The heavy model: refinements (step-level batched by default), cloud-only text-to-image and the
+    cloud part of EC-Diff / Hybrid SD (`plan`)."""
+
+    tier = "cloud"
+
+    def __init__(self, model: LoadedModel, max_batch_size: int = 4, step_batching: bool = True, **loop):
+        super().__init__(max_batch_size, **loop)
+        self.model = model
+        if step_batching:  # refinements of any strength share UNet batches, joining between steps
+            self.loop.enable_step_batching("refine", StepBatcher(model, max_batch_size, tier="cloud"))
+        else:
+            self.loop.register("refine", lambda requests: refine(model, requests))
+        self.loop.register("generate", lambda requests: text_to_image(model, requests, tier="cloud"))
+        self.loop.register("plan", lambda requests: cloud_phase(model, requests))
+
+    async def info(self) -> dict:
+        spec = self.model.spec
+        return {
+            "model": spec.name,
+            "default_steps": spec.default_steps,
+            "default_size": spec.default_size,
+            "family": spec.family,
+        }
+
+    def job(self, method: str, request: Any) -> Job:
+        check_prompt_fits(self.model, [request.prompt])
+        if method == "refine":
+            if request.num_inference_steps is None:
+                request.num_inference_steps = self.model.spec.default_steps
+            return "refine", request, int(request.num_inference_steps * request.strength)
+        if method == "generate":
+            return "generate", request, request.num_inference_steps or self.model.spec.default_steps
+        if method == "plan":
+            return "plan", request, expected_unet_calls(request.params).cloud
+        raise ValueError(f"cloud tier has no method {method!r}")
+
+    async def refine(self, request: Img2ImgRequest) -> GenerationResult:
+        return await self.call("refine", request)
+
+    async def generate(self, request: PreviewRequest) -> GenerationResult:
+        return await self.call("generate", request)
+
+    async def plan(self, request: CollaborativeRequest) -> PlanState:
+        """EC-Diff / Hybrid SD, cloud part: steps 0..s-1 (with noise approximation); the edge finishes."""
+        return await self.call("plan", request)
+
+    async def load(self) -> CloudLoad:
+        """This replica's load, as the router reads it."""
+        monitor = self.loop.monitor
+        return CloudLoad(monitor.queued_steps, 1, monitor.seconds_per_step)
+
+
+StrengthFunction = Callable[[str, Image.Image], float]
+
+
+class PredictorModel(_Tier):
+    """The strength predictor: how much noise a preview needs before the cloud refines it."""
+
+    tier = "predictor"
+
+    def __init__(self, predict: StrengthFunction = predict_strength, max_batch_size: int = 16, **loop):
+        super().__init__(max_batch_size, **loop)
+        self.name = getattr(predict, "__module__", "custom")
+        self.loop.register("predict", lambda pairs: _predict_all(predict, pairs))
+
+    async def info(self) -> dict:
+        return {"predictor": self.name}
+
+    def job(self, method: str, prompt: str, image: Image.Image) -> Job:
+        if method != "predict":
+            raise ValueError(f"predictor tier has no method {method!r}")
+        return "predict", (prompt, image), 0
+
+    async def predict(self, prompt: str, image: Image.Image) -> float:
+        return await self.call("predict", prompt, image)
+
+
+def _predict_all(predict: StrengthFunction, pairs: Sequence[tuple[str, Image.Image]]) -> list[float]:
+    return [predict(prompt, image) for prompt, image in pairs]

@@ -1,0 +1,310 @@
+"""Every mode, written once, as an async workflow over tier callables.
+
+The same functions run in the server and in process: the HTTP ingress hands them tiers backed by Ray Serve
+DeploymentHandles, `diffusionx eval`, `compare`, `search` and the tests hand them in-process tiers
+(`diffusionx.engine.tiers`). So what the experiments measure is what is served.
+
+- `preview`: text-to-image on the edge tier (its preview step count unless the request sets one).
+- `edit`: img2img of a previous image on the edge tier (a round-to-round edit).
+- `finalize` (DiffusionX): 1. strength: the request's if given (the predictor is then not called), else the
+  predictor's; 2. route: the router trades strength and steps against the cloud load and the latency
+  target; 3. refine on the cloud tier (or, on `edge-fallback`, img2img on the edge tier).
+- `generate` by mode:
+  - `diffusionx` (default): `preview` at the preview step count, then `finalize` of that preview;
+  - `cloud`: text-to-image on the cloud tier (its default step count);
+  - `edge`: text-to-image on the edge tier (its default step count, not the preview count);
+  - `hybrid`: Hybrid SD, cloud for the first `switch_step` steps, edge for the rest;
+  - `ec-diff`: EC-Diff, Hybrid SD plus the K-step noise approximation (p, k, a), defaults scaled from the
+    reference `p=7, k=2, a=0.3, s=37` at 50 steps. The cloud's plan goes to the edge tier as it is (not
+    awaited here), so a DeploymentResponse travels replica to replica without passing the ingress.
+
+Every result's `unet_calls` sums all tiers' work for that image. A parameter that the chosen mode does not
+use is refused, not ignored. Tier facts (`info`: default step counts) are fetched once per `Tiers`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from PIL import Image
+
+from diffusionx.policy.router import CloudLoad, RouteDecision, RouterConfig, decide_route
+from diffusionx.requests import (
+    GenerationResult,
+    Img2ImgRequest,
+    InvalidRequestError,
+    PreviewRequest,
+    check_steps,
+    check_strength,
+)
+from diffusionx.sampling.collaborative import CollaborationParams, CollaborativeRequest, PlanState
+
+MODES: tuple[str, ...] = ("diffusionx", "cloud", "edge", "hybrid", "ec-diff")
+DEFAULT_MODE = "diffusionx"
+
+# which optional request fields each mode reads
+_MODE_FIELDS: dict[str, frozenset[str]] = {
+    "diffusionx": frozenset({"strength", "preview_steps", "latency_target_ms"}),
+    "cloud": frozenset(),
+    "edge": frozenset(),
+    "hybrid": frozenset({"switch_step"}),
+    "ec-diff": frozenset({"switch_step", "warmup_steps", "approx_interval", "smoothing"}),
+}
+_OPTIONAL_FIELDS = tuple(sorted(set().union(*_MODE_FIELDS.values())))
+
+
+# -- tiers -------------------------------------------------------------------------------------------------
+class EdgeTier(Protocol):
+    async def info(self) -> dict: ...
+    async def preview(self, request: PreviewRequest) -> GenerationResult: ...
+    async def edit(self, request: Img2ImgRequest) -> GenerationResult: ...
+    async def finish(self, state: Any) -> GenerationResult: ...  # a PlanState, or the plan's awaitable
+
+
+class CloudTier(Protocol):
+    async def info(self) -> dict: ...
+    async def refine(self, request: Img2ImgRequest) -> GenerationResult: ...
+    async def generate(self, request: PreviewRequest) -> GenerationResult: ...
+    def plan(self, request: CollaborativeRequest) -> Awaitable[PlanState]: ...
+
+
+class PredictorTier(Protocol):
+    async def predict(self, prompt: str, image: Image.Image) -> float: ...
+
+
+@dataclass
+class Tiers:
+    """The tiers a workflow may call, and the router's settings. Unused tiers may be None."""
+
+    edge: EdgeTier | None = None
+    cloud: CloudTier | None = None
+    predictor: PredictorTier | None = None
+    cloud_load: Callable[[], Awaitable[CloudLoad]] | None = None  # None: an idle cloud (no wait)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    default_latency_target_ms: float | None = None
+    _info: dict[str, dict] = field(default_factory=dict, repr=False)
+
+    def need(self, tier: str, mode: str) -> Any:
+        value = getattr(self, tier)
+        if value is None:
+            raise ValueError(f"mode '{mode}' needs the {tier} tier, but none was given")
+        return value
+
+    async def info(self, tier: str) -> dict:
+        """The tier's model facts, fetched once (they are fixed for a deployment)."""
+        if tier not in self._info:
+            self._info[tier] = await self.need(tier, "info").info()
+        return self._info[tier]
+
+
+# -- requests ------------------------------------------------------------------------------------------------
+@dataclass
+class GenerateRequest(PreviewRequest):
+    """A one-shot text-to-image request; fields left None take the mode's defaults.
+
+    `num_inference_steps` is N of the final image (the cloud refine's N in `diffusionx` mode).
+    A plain `PreviewRequest` is accepted wherever a GenerateRequest is, with every mode default.
+    """
+
+    switch_step: int | None = None  # s (hybrid, ec-diff)
+    warmup_steps: int | None = None  # p (ec-diff)
+    approx_interval: int | None = None  # k (ec-diff)
+    smoothing: float | None = None  # a (ec-diff)
+    strength: float | None = None  # refine strength (diffusionx); None: predicted
+    preview_steps: int | None = None  # edge preview steps (diffusionx)
+    latency_target_ms: float | None = None  # router target (diffusionx)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.strength is not None:
+            check_strength(self.strength)
+        if self.preview_steps is not None:
+            check_steps(self.preview_steps, "preview_steps")
+        # p, k, a and s are checked against N by CollaborationParams when the mode is known
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise InvalidRequestError(f"mode={mode!r} is not allowed: use one of {', '.join(MODES)}")
+    return mode
+
+
+def check_fields(mode: str, request: PreviewRequest) -> None:
+    """Refuses a field the mode does not use, naming the modes that do."""
+    check_mode(mode)
+    for name in _OPTIONAL_FIELDS:
+        if getattr(request, name, None) is not None and name not in _MODE_FIELDS[mode]:
+            users = [m for m, fields in _MODE_FIELDS.items() if name in fields]
+            raise InvalidRequestError(
+                f"{name} does not apply to mode '{mode}': it is a parameter of {' and '.join(users)}"
+            )
+
+
+def collaboration_params(mode: str, request: PreviewRequest, default_steps: int) -> CollaborationParams:
+    """The sampler parameters of a `hybrid` or `ec-diff` request (N defaults to the cloud's step count)."""
+    steps = request.num_inference_steps or default_steps
+    if mode == "hybrid":
+        return CollaborationParams.hybrid(
+            steps, switch_step=getattr(request, "switch_step", None), guidance_scale=request.guidance_scale
+        )
+    if mode == "ec-diff":
+        return CollaborationParams.ec_diff(
+            steps,
+            switch_step=getattr(request, "switch_step", None),
+            warmup_steps=getattr(request, "warmup_steps", None),
+            approx_interval=getattr(request, "approx_interval", None),
+            smoothing=getattr(request, "smoothing", None),
+            guidance_scale=request.guidance_scale,
+        )
+    raise InvalidRequestError(f"mode '{mode}' has no collaboration parameters; only hybrid and ec-diff do")
+
+
+def _plain(request: PreviewRequest, steps: int | None) -> PreviewRequest:
+    return PreviewRequest(
+        request.prompt, request.seed, request.width, request.height, steps, request.guidance_scale
+    )
+
+
+def _ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000.0, 3)
+
+
+# -- workflows -----------------------------------------------------------------------------------------------
+async def preview(tiers: Tiers, request: PreviewRequest) -> GenerationResult:
+    """A fast preview on the edge tier."""
+    return await tiers.need("edge", "preview").preview(request)
+
+
+async def edit(tiers: Tiers, request: Img2ImgRequest) -> GenerationResult:
+    """A round-to-round edit of a previous image on the edge tier."""
+    return await tiers.need("edge", "edit").edit(request)
+
+
+@dataclass
+class Finalized:
+    result: GenerationResult
+    strength_predicted: float | None  # None when the request gave the strength (no prediction made)
+    decision: RouteDecision
+    load: CloudLoad
+    timings_ms: dict[str, float]
+
+
+async def finalize(
+    tiers: Tiers,
+    prompt: str,
+    image: Image.Image,
+    *,
+    seed: int = 0,
+    guidance_scale: float | None = None,
+    strength: float | None = None,
+    num_inference_steps: int | None = None,
+    latency_target_ms: float | None = None,
+) -> Finalized:
+    """DiffusionX's finalize: predict the strength (unless given), route against the cloud load, refine."""
+    cloud = tiers.need("cloud", "diffusionx")
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    # 1. strength and cloud load, concurrently; the predictor only when the request gave no strength
+    load_task = tiers.cloud_load() if tiers.cloud_load is not None else _idle_load()
+    if strength is None:
+        predictor = tiers.need("predictor", "diffusionx")
+        strength_predicted, load = await asyncio.gather(predictor.predict(prompt, image), load_task)
+        strength_predicted = check_strength(float(strength_predicted), "predicted strength")
+        timings["predict"] = _ms(start)
+    else:
+        strength_predicted, load = None, await load_task
+    # 2. route: strength and steps against the load and the latency target
+    steps = num_inference_steps or int((await tiers.info("cloud"))["default_steps"])
+    target = latency_target_ms if latency_target_ms is not None else tiers.default_latency_target_ms
+    wanted = strength if strength is not None else strength_predicted
+    decision = decide_route(wanted, steps, load, target, tiers.router)  # type: ignore[arg-type]
+    # 3. refine on the cloud tier, or on the edge tier when the cloud cannot make the target
+    request = Img2ImgRequest(
+        prompt,
+        image,
+        decision.strength,
+        seed=seed,
+        num_inference_steps=decision.num_inference_steps,
+        guidance_scale=guidance_scale,
+    )
+    if decision.route == "edge-fallback":
+        result = await tiers.need("edge", "edge-fallback").edit(request)
+    else:
+        result = await cloud.refine(request)
+    timings.update(result.timings_ms)
+    return Finalized(result, strength_predicted, decision, load, timings)
+
+
+async def _idle_load() -> CloudLoad:
+    return CloudLoad()
+
+
+@dataclass
+class Generated:
+    result: GenerationResult  # unet_calls: every tier's work for the image
+    parameters: dict[str, Any] = field(default_factory=dict)  # what the mode resolved (route, p, k, a, s)
+
+
+async def generate(tiers: Tiers, mode: str, request: PreviewRequest) -> Generated:
+    """One-shot text-to-image in `mode` (see the module docstring)."""
+    check_fields(mode, request)
+    # 1. single-model baselines
+    if mode == "cloud":
+        cloud = tiers.need("cloud", mode)
+        return Generated(await cloud.generate(_plain(request, request.num_inference_steps)))
+    if mode == "edge":
+        edge = tiers.need("edge", mode)
+        steps = request.num_inference_steps or int((await tiers.info("edge"))["default_steps"])
+        return Generated(await edge.preview(_plain(request, steps)))
+    # 2. EC-Diff / Hybrid SD: the cloud plans steps 0..s-1, its latents go to the edge, which finishes
+    if mode in ("hybrid", "ec-diff"):
+        cloud, edge = tiers.need("cloud", mode), tiers.need("edge", mode)
+        default_steps = int((await tiers.info("cloud"))["default_steps"])
+        params = collaboration_params(mode, request, default_steps)
+        plan = cloud.plan(
+            CollaborativeRequest(request.prompt, request.seed, request.width, request.height, params)
+        )
+        result = await edge.finish(plan)  # the plan is handed over as it is, not fetched here
+        return Generated(
+            result,
+            {
+                "switch_step": params.switch_step,
+                "warmup_steps": params.warmup_steps,
+                "approx_interval": params.approx_interval if params.approximates else None,
+                "smoothing": params.smoothing if params.approximates else None,
+            },
+        )
+    # 3. DiffusionX: edge preview, then predicted-strength cloud refine of the preview
+    previewed = await preview(tiers, _plain(request, getattr(request, "preview_steps", None)))
+    final = await finalize(
+        tiers,
+        request.prompt,
+        previewed.image,
+        seed=request.seed,
+        guidance_scale=request.guidance_scale,
+        strength=getattr(request, "strength", None),
+        num_inference_steps=request.num_inference_steps,
+        latency_target_ms=getattr(request, "latency_target_ms", None),
+    )
+    refined = final.result
+    timings = {f"preview_{key}": value for key, value in previewed.timings_ms.items()}
+    timings.update(final.timings_ms)
+    result = GenerationResult(
+        refined.image,
+        refined.seed,
+        previewed.unet_calls + refined.unet_calls,
+        refined.num_inference_steps,
+        refined.strength,
+        timings,
+        refined.batch_size,
+    )
+    parameters = {
+        "route": final.decision.route,
+        "strength_predicted": final.strength_predicted,
+        "strength_used": final.decision.strength,
+    }
+    return Generated(result, parameters)
