@@ -33,6 +33,11 @@ from diffusionx.requests import (
 
 Request = TypeVar("Request")
 
+# A fast (Rust) tokenizer keeps its padding/truncation settings in shared state that each call rewrites, so
+# two threads tokenizing at once (in process, the edge and cloud loops share one tokenizer; prompts are also
+# checked on the event loop) can get each other's padding. Every call goes through this lock.
+_TOKENIZER_LOCK = threading.Lock()
+
 
 def make_scheduler(model: LoadedModel, num_inference_steps: int) -> DDIMScheduler:
     """A fresh DDIM scheduler per call: no state is shared between requests."""
@@ -41,13 +46,8 @@ def make_scheduler(model: LoadedModel, num_inference_steps: int) -> DDIMSchedule
     return scheduler
 
 
-# A fast (Rust) tokenizer keeps its padding settings as mutable state, so two threads tokenizing at once
-# (the edge and cloud tiers in one process share one tokenizer) can pad with each other's settings.
-_TOKENIZER_LOCK = threading.Lock()
-
-
 def tokenize(tokenizer: Any, texts: str | Sequence[str], **kwargs: Any) -> Any:
-    """`tokenizer(texts, **kwargs)`, one thread at a time."""
+    """`tokenizer(texts, **kwargs)` under `_TOKENIZER_LOCK` (the text predictors' features use it too)."""
     with _TOKENIZER_LOCK:
         return tokenizer(texts if isinstance(texts, str) else list(texts), **kwargs)
 
