@@ -12,7 +12,7 @@ runs as served, through the workflows on in-process tiers:
 Quality is the mean judge accuracy (and exact-match rate) on the final prompt, cost the mean cloud UNet
 calls per session. The target is the reference's mean accuracy minus `TARGET_MARGIN`. The edit methods'
 quality is their ok-rate, their cost edge UNet calls. Also measured: CPU milliseconds of one prediction
-and of one edge preview (single requests, process CPU time).
+and of one edge preview (single requests, process CPU time, one torch thread).
 
     diffusionx predictor eval --sessions 64 --json --plot runs/predictor/pareto.png
 """
@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from diffusionx.engine.tiers import heuristic_edit_strength
@@ -170,16 +171,22 @@ def evaluate(
     reference = refine.pop("cloud (full generation)")
     edits = _means(edit_rows, ("ok", "edge_unet_calls", "accuracy", "strength"))
     edit_target = max(v["ok"] for k, v in edits.items() if k.startswith("fixed-")) - EDIT_TARGET_MARGIN
-    # CPU cost of one prediction against one edge preview (single requests)
+    # CPU cost of one prediction against one edge preview (single requests, one torch thread as the
+    # predictor replica runs: with more threads, process CPU time counts their spin-waits)
     probe = sessions[0][0].prompt
     image = asyncio.run(modes.preview(learned, PreviewRequest(probe, image_seed))).image
-    timing = {
-        "refine_predict_cpu_ms": cpu_ms(lambda: refine_predictor(probe, image)),
-        "edit_predict_cpu_ms": cpu_ms(lambda: edit_predictor(probe, image, probe)),
-        "edge_preview_cpu_ms": cpu_ms(
-            lambda: asyncio.run(modes.preview(learned, PreviewRequest(probe, image_seed))), repeats=5
-        ),
-    }
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        timing = {
+            "refine_predict_cpu_ms": cpu_ms(lambda: refine_predictor(probe, image)),
+            "edit_predict_cpu_ms": cpu_ms(lambda: edit_predictor(probe, image, probe)),
+            "edge_preview_cpu_ms": cpu_ms(
+                lambda: asyncio.run(modes.preview(learned, PreviewRequest(probe, image_seed))), repeats=5
+            ),
+        }
+    finally:
+        torch.set_num_threads(threads)
     return {
         "target": reference["quality"] - TARGET_MARGIN,
         "methods": {
