@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT_S = 120.0  # CPU replicas under load answer in seconds, not milliseconds
 FIRST_BACKOFF_S = 0.25  # wait before the first retry when a 503 carries no Retry-After; doubles per retry
+ATTEMPT_HEADER = "X-DiffusionX-Attempt"  # 2, 3, ... on retries (the server's diffusionx_retries_total)
 
 ResultT = TypeVar("ResultT", PreviewResult, RefineResult, GenerateResult, StatsResult, HealthResult)
 ImageLike = Image.Image | str  # a PIL image or a base64 PNG string
@@ -163,8 +164,9 @@ class AsyncDiffusionXClient(_ClientBase):
     ) -> ResultT:
         for attempt in range(self.retries_on_overload + 1):
             start = time.perf_counter()
+            headers = {ATTEMPT_HEADER: str(attempt + 1)} if attempt else None  # counted by the server
             try:
-                response = await self._http.request(method, path, json=body)
+                response = await self._http.request(method, path, json=body, headers=headers)
             except httpx.TransportError as exc:
                 raise self._connection_error(exc) from exc
             latency_ms = (time.perf_counter() - start) * 1000.0

@@ -172,13 +172,19 @@ class StatsResult:
 
     tiers: dict[str, TierStats]
     preview_cache: dict[str, int] = field(default_factory=dict)
+    metrics_url: str | None = None  # where Prometheus scrapes the server's metrics
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_json(cls, payload: dict[str, Any], latency_ms: float = 0.0) -> StatsResult:
         _require(payload, "stats", "tiers")
         tiers = {name: TierStats.from_json(tier) for name, tier in payload["tiers"].items()}
-        return cls(tiers=tiers, preview_cache=dict(payload.get("preview_cache", {})), raw=payload)
+        return cls(
+            tiers=tiers,
+            preview_cache=dict(payload.get("preview_cache", {})),
+            metrics_url=payload.get("metrics_url"),
+            raw=payload,
+        )
 
 
 @dataclass

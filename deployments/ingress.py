@@ -16,6 +16,7 @@ from PIL import Image
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
+from deployments.metrics import RETRY_HEADER, ingress_metrics, metrics_url
 from diffusionx import imaging
 from diffusionx.api import (
     ErrorResponse,
@@ -125,7 +126,8 @@ async def _preview_not_found(_: Request, error: PreviewNotFound) -> JSONResponse
 
 
 @app.exception_handler(TierOverloaded)
-async def _overloaded(_: Request, error: TierOverloaded) -> JSONResponse:
+async def _overloaded(request: Request, error: TierOverloaded) -> JSONResponse:
+    ingress_metrics().request_shed(request.url.path)
     return _error(503, f"overloaded, retry later: {error}", headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
@@ -147,6 +149,10 @@ def to_request(body: PreviewBody | GenerateBody) -> PreviewRequest:
 
 def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000.0, 3)
+
+
+def _s(start: float) -> float:
+    return time.perf_counter() - start
 
 
 @serve.deployment(
@@ -171,8 +177,13 @@ class DiffusionXIngress:
             ),
             default_latency_target_ms=self.args.default_latency_target_ms,
         )
+        self.metrics = ingress_metrics()
+        self._metrics_url: str | None = None
 
     # -- helpers -----------------------------------------------------------------------------------------
+    def _seen(self, endpoint: str, request: Request) -> None:
+        self.metrics.request_seen(endpoint, request.headers.get(RETRY_HEADER))
+
     async def _resolve_image(self, image: str | None, preview_id: str | None) -> Image.Image:
         if image is not None:
             return await asyncio.to_thread(imaging.decode_png_base64, image)
@@ -200,11 +211,14 @@ class DiffusionXIngress:
 
     @app.get("/v1/stats", response_model=StatsResponse)
     async def stats(self) -> dict:
-        return await ask(self.state.stats)
+        if self._metrics_url is None:
+            self._metrics_url = await asyncio.to_thread(metrics_url)
+        return {**await ask(self.state.stats), "metrics_url": self._metrics_url}
 
     @app.post("/v1/preview", response_model=PreviewResponse, responses={422: {"model": ErrorResponse}})
-    async def preview(self, body: PreviewBody) -> dict:
+    async def preview(self, body: PreviewBody, http_request: Request) -> dict:
         start = time.perf_counter()
+        self._seen("/v1/preview", http_request)
         if body.strength is not None:
             image = await self._resolve_image(body.image, body.preview_id)
             request = Img2ImgRequest(
@@ -220,6 +234,7 @@ class DiffusionXIngress:
             result = await modes.preview(self.tiers, to_request(body))
         png = await asyncio.to_thread(imaging.encode_png, result.image)
         preview_id = await ask(self.state.put_preview, png)
+        self.metrics.request_done("preview", "edge" if body.strength is None else "edit", _s(start))
         return {
             "preview_id": preview_id,
             "image": base64.b64encode(png).decode("ascii"),
@@ -233,8 +248,9 @@ class DiffusionXIngress:
         }
 
     @app.post("/v1/refine", response_model=RefineResponse, responses={404: {"model": ErrorResponse}})
-    async def refine(self, body: RefineBody) -> dict:
+    async def refine(self, body: RefineBody, http_request: Request) -> dict:
         start = time.perf_counter()
+        self._seen("/v1/refine", http_request)
         image = await self._resolve_image(body.image, body.preview_id)
         final = await modes.finalize(
             self.tiers,
@@ -247,8 +263,11 @@ class DiffusionXIngress:
             latency_target_ms=body.latency_target_ms,
         )
         result, decision = final.result, final.decision
+        image = await asyncio.to_thread(imaging.encode_png_base64, result.image)
+        self.metrics.routed(decision.route, final.strength_predicted, decision.strength)
+        self.metrics.request_done("refine", decision.route, _s(start))
         return {
-            "image": await asyncio.to_thread(imaging.encode_png_base64, result.image),
+            "image": image,
             "seed": result.seed,
             "strength_predicted": final.strength_predicted,
             "strength_used": decision.strength,
@@ -261,12 +280,15 @@ class DiffusionXIngress:
         }
 
     @app.post("/v1/generate", response_model=GenerateResponse)
-    async def generate(self, body: GenerateBody) -> dict:
+    async def generate(self, body: GenerateBody, http_request: Request) -> dict:
         start = time.perf_counter()
+        self._seen("/v1/generate", http_request)
         generated = await modes.generate(self.tiers, body.mode, to_request(body))
         result = generated.result
+        image = await asyncio.to_thread(imaging.encode_png_base64, result.image)
+        self.metrics.request_done("generate", body.mode, _s(start))
         return {
-            "image": await asyncio.to_thread(imaging.encode_png_base64, result.image),
+            "image": image,
             "mode": body.mode,
             "seed": result.seed,
             "num_inference_steps": result.num_inference_steps,

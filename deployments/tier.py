@@ -6,7 +6,8 @@ window by default: `batch_wait_timeout_s=0`) and hands them to the model loop at
 immediately so that the next arrivals are handed over too; each caller then waits for its own job. The
 model loop forms the model batches: a lone request runs at once, and requests that arrive while the model
 is busy are merged into the next batch (see `diffusionx.engine.model_loop`). A caller that goes away
-(client disconnected) cancels its job, which leaves the queue and gives its load back.
+(client disconnected) cancels its job, which leaves the queue and gives its load back. The replica's
+Prometheus metrics (`deployments.metrics.TierMetrics`) follow the model loop.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from ray import serve
 
+from deployments.metrics import TierMetrics
 from diffusionx.engine.model_loop import Job
 from diffusionx.engine.monitor import snapshot_dict
 from diffusionx.engine.reporter import CoalescingReporter
@@ -34,9 +36,17 @@ class ServedTier:
         except Exception:  # outside a replica
             self._replica_id = f"{self.tier}-local"
         self._reporter = CoalescingReporter(self._send_report)
-        engine.loop.on_change = self._reporter.request
+        self._metrics = TierMetrics(self.tier)
+        engine.loop.observer = self._metrics
+        engine.loop.on_change = self._on_change
+        self._metrics.update(engine.loop.work())
         self._hand_over.set_max_batch_size(max_batch_size)
         self._hand_over.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    def _on_change(self) -> None:
+        """The load changed: report it to SharedState (coalesced) and set the load gauges."""
+        self._reporter.request()
+        self._metrics.update(self.engine.loop.work())
 
     async def _send_report(self) -> None:
         if self._state is not None:

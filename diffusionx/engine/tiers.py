@@ -16,7 +16,7 @@ from typing import Any
 
 from PIL import Image
 
-from diffusionx.engine.model_loop import ModelLoop, RunBlocking, _in_thread
+from diffusionx.engine.model_loop import ModelLoop, ProgressCallback, RunBlocking, _in_thread
 from diffusionx.models.loading import LoadedModel
 from diffusionx.policy.router import CloudLoad
 from diffusionx.policy.strength import predict_strength
@@ -48,8 +48,8 @@ class _Tier:
     def job(self, method: str, *args: Any) -> Job:  # pragma: no cover - each tier defines it
         raise NotImplementedError
 
-    async def call(self, method: str, *args: Any) -> Any:
-        return await self.loop.run(*self.job(method, *args))
+    async def call(self, method: str, *args: Any, on_progress: ProgressCallback | None = None) -> Any:
+        return await self.loop.run(*self.job(method, *args), on_progress=on_progress)
 
 
 class EdgeModel(_Tier):
@@ -61,8 +61,8 @@ class EdgeModel(_Tier):
         super().__init__(max_batch_size, **loop)
         self.model = model
         self.edit_steps = edit_steps or model.spec.default_steps
-        self.loop.register("preview", lambda requests: preview(model, requests))
-        self.loop.register("edit", lambda requests: edit(model, requests))
+        self.loop.register("preview", lambda requests, on_step=None: preview(model, requests, on_step))
+        self.loop.register("edit", lambda requests, on_step=None: edit(model, requests, on_step))
         self.loop.register("finish", lambda states: edge_phase(model, states))
 
     async def info(self) -> dict:
@@ -88,11 +88,15 @@ class EdgeModel(_Tier):
             return "finish", request, request.params.num_inference_steps - request.step_index
         raise ValueError(f"edge tier has no method {method!r}")
 
-    async def preview(self, request: PreviewRequest) -> GenerationResult:
-        return await self.call("preview", request)
+    async def preview(
+        self, request: PreviewRequest, on_progress: ProgressCallback | None = None
+    ) -> GenerationResult:
+        return await self.call("preview", request, on_progress=on_progress)
 
-    async def edit(self, request: Img2ImgRequest) -> GenerationResult:
-        return await self.call("edit", request)
+    async def edit(
+        self, request: Img2ImgRequest, on_progress: ProgressCallback | None = None
+    ) -> GenerationResult:
+        return await self.call("edit", request, on_progress=on_progress)
 
     async def finish(self, state: PlanState | Awaitable[PlanState]) -> GenerationResult:
         """EC-Diff / Hybrid SD, edge part: steps s..N-1 from the cloud's latents, then decode."""
@@ -113,7 +117,7 @@ class CloudModel(_Tier):
         if step_batching:  # refinements of any strength share UNet batches, joining between steps
             self.loop.enable_step_batching("refine", StepBatcher(model, max_batch_size, tier="cloud"))
         else:
-            self.loop.register("refine", lambda requests: refine(model, requests))
+            self.loop.register("refine", lambda requests, on_step=None: refine(model, requests, on_step))
         self.loop.register("generate", lambda requests: text_to_image(model, requests, tier="cloud"))
         self.loop.register("plan", lambda requests: cloud_phase(model, requests))
 
@@ -138,8 +142,10 @@ class CloudModel(_Tier):
             return "plan", request, expected_unet_calls(request.params).cloud
         raise ValueError(f"cloud tier has no method {method!r}")
 
-    async def refine(self, request: Img2ImgRequest) -> GenerationResult:
-        return await self.call("refine", request)
+    async def refine(
+        self, request: Img2ImgRequest, on_progress: ProgressCallback | None = None
+    ) -> GenerationResult:
+        return await self.call("refine", request, on_progress=on_progress)
 
     async def generate(self, request: PreviewRequest) -> GenerationResult:
         return await self.call("generate", request)
