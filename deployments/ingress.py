@@ -30,6 +30,7 @@ from diffusionx.api import (
 )
 from diffusionx.app_config import AppArgs
 from diffusionx.policy.router import CloudLoad, RouterConfig
+from diffusionx.policy.service_model import ReplicaLoad
 from diffusionx.requests import GenerationResult, Img2ImgRequest, InvalidRequestError, PreviewRequest
 from diffusionx.workflows import modes
 from diffusionx.workflows.modes import GenerateRequest, Tiers
@@ -197,11 +198,7 @@ class DiffusionXIngress:
 
     async def _cloud_load(self) -> CloudLoad:
         tier = await ask(self.state.tier, "cloud")
-        return CloudLoad(
-            queued_steps=int(tier["queued_steps"]),
-            replicas=max(1, int(tier["replicas"])),
-            seconds_per_step=tier["seconds_per_step"],
-        )
+        return CloudLoad(tuple(ReplicaLoad.from_snapshot(s) for s in tier.get("per_replica", ())))
 
     # -- routes --------------------------------------------------------------------------------------------
     @app.get("/v1/health")
@@ -275,6 +272,7 @@ class DiffusionXIngress:
             "route": decision.route,
             "reason": decision.reason,
             "load": final.load.to_dict(),
+            "expected_latency_ms": decision.expected_latency_ms,
             "unet_calls": result.unet_calls.to_dict(),
             "timings_ms": {**final.timings_ms, "server_total": _ms(start)},
         }
