@@ -189,6 +189,30 @@ class StatsResult:
         )
 
 
+@dataclass(frozen=True)
+class ProgressEvent:
+    """One denoising step of a streamed preview or refine (`on_progress`)."""
+
+    step: int  # 1-based
+    total_steps: int
+    tier: str  # edge | cloud
+    elapsed_ms: float  # since the server took the request
+
+    @property
+    def fraction(self) -> float:
+        return self.step / self.total_steps if self.total_steps else 1.0
+
+    @classmethod
+    def from_json(cls, payload: dict[str, Any]) -> ProgressEvent:
+        _require(payload, "progress event", "step", "total_steps", "tier", "elapsed_ms")
+        return cls(
+            int(payload["step"]),
+            int(payload["total_steps"]),
+            str(payload["tier"]),
+            float(payload["elapsed_ms"]),
+        )
+
+
 @dataclass
 class HealthResult:
     """GET /v1/health answered 2xx. `details` is the server's JSON body (empty if it sent none)."""

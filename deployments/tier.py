@@ -13,14 +13,16 @@ Prometheus metrics (`deployments.metrics.TierMetrics`) follow the model loop.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import torch
 from ray import serve
 
 from deployments.metrics import TierMetrics
-from diffusionx.engine.model_loop import Job
+from diffusionx.engine.model_loop import Job, ProgressCallback
 from diffusionx.engine.monitor import snapshot_dict
+from diffusionx.engine.progress import Report, stream_progress
 from diffusionx.engine.reporter import CoalescingReporter
 
 
@@ -53,16 +55,27 @@ class ServedTier:
             snapshot = snapshot_dict(self.engine.loop.monitor.snapshot())
             await self._state.report.remote(self.tier, self._replica_id, snapshot)
 
-    async def _submit(self, method: str, *args: Any) -> Any:
+    async def _submit(self, method: str, *args: Any, on_progress: ProgressCallback | None = None) -> Any:
         """Runs `method` of the tier object through the admission queue and the model loop."""
         loop = self.engine.loop
-        job = loop.submit(*self.engine.job(method, *args))  # a bad request fails here, alone
+        job = loop.submit(*self.engine.job(method, *args), on_progress)  # a bad request fails here, alone
         try:
             await self._hand_over(job)
         except asyncio.CancelledError:
             loop.cancel(job)
             raise
         return await loop.wait(job)
+
+    async def _stream(self, method: str, *args: Any) -> AsyncIterator[tuple[str, Any]]:
+        """`_submit` as a stream for `handle.options(stream=True)`: `("progress", (step, total, tier))` after
+        each denoising step, then `("result", result)`. When the caller goes away Serve cancels this
+        generator, which cancels the job (it leaves the queue or the step batcher, its load is released)."""
+
+        def run(report: Report) -> Awaitable[Any]:
+            return self._submit(method, *args, on_progress=lambda step, total: report(step, total, self.tier))
+
+        async for item in stream_progress(run):
+            yield item
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _hand_over(self, jobs: list[Job]) -> list[None]:

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from PIL import Image
 
 from diffusionx.engine.model_loop import LoopObserver, LoopWork, ModelLoop
+from diffusionx.engine.progress import stream_progress
 from diffusionx.engine.tiers import CloudModel, EdgeModel
 from diffusionx.requests import Img2ImgRequest, PreviewRequest
 from diffusionx.workflows import modes
@@ -103,24 +105,63 @@ def test_a_failed_job_is_reported_as_an_error():
 def test_workflows_stream_every_denoising_step_of_previews_edits_and_refinements(tiny_edge, tiny_cloud):
     async def scenario():
         tiers = modes.Tiers(edge=EdgeModel(tiny_edge, 4), cloud=CloudModel(tiny_cloud, 4))
-        steps: list[tuple[int, int]] = []
-        record = lambda step, total: steps.append((step, total))  # noqa: E731
+        steps: list[tuple[int, int, str]] = []
+        record = lambda step, total, tier: steps.append((step, total, tier))  # noqa: E731
         preview = await modes.preview(tiers, PreviewRequest("a red circle", seed=1), on_progress=record)
-        assert steps == [(1, 2), (2, 2)] and preview.unet_calls.edge == 2
+        assert steps == [(1, 2, "edge"), (2, 2, "edge")] and preview.unet_calls.edge == 2
         steps.clear()
         edit = Img2ImgRequest("a blue circle", preview.image, 0.5, num_inference_steps=6)
         await modes.edit(tiers, edit, on_progress=record)
-        assert steps == [(1, 3), (2, 3), (3, 3)]
+        assert steps == [(1, 3, "edge"), (2, 3, "edge"), (3, 3, "edge")]
         steps.clear()
         final = await modes.finalize(
             tiers, "a blue circle", preview.image, strength=0.4, num_inference_steps=10, on_progress=record
         )
-        assert steps == [(i, 4) for i in range(1, 5)] and final.result.unet_calls.cloud == 4
+        assert steps == [(i, 4, "cloud") for i in range(1, 5)] and final.result.unet_calls.cloud == 4
         # without a listener the same image comes back
         again = await modes.finalize(
             tiers, "a blue circle", preview.image, strength=0.4, num_inference_steps=10
         )
         assert list(again.result.image.getdata()) == list(final.result.image.getdata())
         assert isinstance(again.result.image, Image.Image)
+
+    asyncio.run(scenario())
+
+
+def test_stream_progress_yields_reports_then_the_result_and_closing_it_cancels_the_run():
+    async def scenario():
+        async def work(report):
+            for step in (1, 2, 3):
+                await asyncio.sleep(0)
+                report(step, 3)
+            return "done"
+
+        items = [item async for item in stream_progress(work)]
+        assert items == [("progress", (1, 3)), ("progress", (2, 3)), ("progress", (3, 3)), ("result", "done")]
+
+        async def failing(report):
+            report(1, 2)
+            raise ValueError("bad")
+
+        stream = stream_progress(failing)
+        assert await anext(stream) == ("progress", (1, 2))
+        with pytest.raises(ValueError, match="bad"):
+            await anext(stream)
+
+        cancelled = asyncio.Event()
+
+        async def endless(report):
+            try:
+                while True:
+                    report(0, 1)
+                    await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        stream = stream_progress(endless)
+        await anext(stream)
+        await stream.aclose()  # the consumer went away
+        await asyncio.wait_for(cancelled.wait(), 1.0)
 
     asyncio.run(scenario())

@@ -9,6 +9,7 @@ the batching that is measured is the batching that is served.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -35,6 +36,11 @@ from diffusionx.sampling.generation import check_prompt_fits, edit, preview, ref
 from diffusionx.sampling.step_batching import StepBatcher
 
 Job = tuple[str, Any, int]  # (kind, request, steps)
+TierProgress = Callable[[int, int, str], None]  # (step, total steps, tier)
+
+
+def _with_tier(on_progress: TierProgress, tier: str, step: int, total: int) -> None:
+    on_progress(step, total, tier)
 
 
 class _Tier:
@@ -51,8 +57,12 @@ class _Tier:
     def job(self, method: str, *args: Any) -> Job:  # pragma: no cover - each tier defines it
         raise NotImplementedError
 
-    async def call(self, method: str, *args: Any, on_progress: ProgressCallback | None = None) -> Any:
-        return await self.loop.run(*self.job(method, *args), on_progress=on_progress)
+    async def call(self, method: str, *args: Any, on_progress: TierProgress | None = None) -> Any:
+        """Runs one request; `on_progress(step, total, tier)` hears of each of its denoising steps."""
+        report: ProgressCallback | None = None
+        if on_progress is not None:
+            report = functools.partial(_with_tier, on_progress, self.tier)
+        return await self.loop.run(*self.job(method, *args), on_progress=report)
 
 
 class EdgeModel(_Tier):
@@ -92,12 +102,12 @@ class EdgeModel(_Tier):
         raise ValueError(f"edge tier has no method {method!r}")
 
     async def preview(
-        self, request: PreviewRequest, on_progress: ProgressCallback | None = None
+        self, request: PreviewRequest, on_progress: TierProgress | None = None
     ) -> GenerationResult:
         return await self.call("preview", request, on_progress=on_progress)
 
     async def edit(
-        self, request: Img2ImgRequest, on_progress: ProgressCallback | None = None
+        self, request: Img2ImgRequest, on_progress: TierProgress | None = None
     ) -> GenerationResult:
         return await self.call("edit", request, on_progress=on_progress)
 
@@ -158,7 +168,7 @@ class CloudModel(_Tier):
         raise ValueError(f"cloud tier has no method {method!r}")
 
     async def refine(
-        self, request: Img2ImgRequest, on_progress: ProgressCallback | None = None
+        self, request: Img2ImgRequest, on_progress: TierProgress | None = None
     ) -> GenerationResult:
         return await self.call("refine", request, on_progress=on_progress)
 

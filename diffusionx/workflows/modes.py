@@ -58,8 +58,8 @@ _OPTIONAL_FIELDS = tuple(sorted(set().union(*_MODE_FIELDS.values())))
 
 
 # -- tiers -------------------------------------------------------------------------------------------------
-# `on_progress(step, total)`: called after each denoising step of that request (streamed progress)
-Progress = Callable[[int, int], None]
+# `on_progress(step, total, tier)`: called after each denoising step of that request (streamed progress)
+Progress = Callable[[int, int, str], None]
 
 
 class EdgeTier(Protocol):
