@@ -20,6 +20,7 @@ from ray.serve.exceptions import BackPressureError
 
 from deployments.metrics import RETRY_HEADER, ingress_metrics, metrics_url
 from deployments.sse import event_stream, wants_events
+from deployments.web import add_web_page
 from diffusionx import imaging
 from diffusionx.api import (
     ErrorResponse,
@@ -46,6 +47,7 @@ app = FastAPI(
     version="0.1.0",
     description="Interactive text-to-image: edge previews, predicted-strength cloud refinement, EC-Diff.",
 )
+add_web_page(app)  # GET /: the session page (deployments/static)
 
 
 class PreviewNotFound(LookupError):
