@@ -5,6 +5,7 @@ mid-stream cancelling its work."""
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import httpx
@@ -32,16 +33,18 @@ def read_events(response: httpx.Response, limit: int | None = None) -> list[tupl
     return events
 
 
-def stream(serve_url: str, path: str, body: dict) -> list[tuple[str, dict]]:
+def stream(serve_url: str, path: str, body: dict) -> tuple[list[tuple[str, dict]], str]:
+    """The events of a streamed request, and the raw text of the stream."""
     with httpx.stream("POST", f"{serve_url}{path}", json=body, headers=SSE, timeout=120) as response:
         assert response.status_code == 200, response.read()
         assert response.headers["content-type"].startswith("text/event-stream")
-        return read_events(response)
+        raw = response.read().decode()
+    return read_events(httpx.Response(200, text=raw)), raw
 
 
-def test_preview_and_refine_stream_one_event_per_step_then_the_normal_response(http, serve_url):
+def test_preview_and_refine_stream_one_event_per_step_then_the_normal_response(http, serve_url, capsys):
     body = {"prompt": "a red circle", "seed": 4, "num_inference_steps": 6}
-    events = stream(serve_url, "/v1/preview", body)
+    events, _ = stream(serve_url, "/v1/preview", body)
     progress, (last_name, result) = events[:-1], events[-1]
     assert [(e["step"], e["total_steps"], e["tier"]) for _, e in progress] == [
         (i, 6, "edge") for i in range(1, 7)
@@ -54,7 +57,12 @@ def test_preview_and_refine_stream_one_event_per_step_then_the_normal_response(h
     assert result["unet_calls"] == plain["unet_calls"] == {"cloud": 0, "edge": 6, "approximated": 0}
 
     refine = {"prompt": "a red circle", "seed": 4, "preview_id": result["preview_id"], "strength": 0.5}
-    events = stream(serve_url, "/v1/refine", {**refine, "num_inference_steps": 20})
+    events, raw = stream(serve_url, "/v1/refine", {**refine, "num_inference_steps": 20})
+    with capsys.disabled():  # a sample of the stream in the test output (the base64 image shortened)
+        print(
+            "\nSSE sample (POST /v1/refine, strength 0.5 of 20 steps):\n"
+            + re.sub(r'"image":"(.{24})[^"]*"', r'"image":"\1..."', raw)
+        )
     assert [(e["step"], e["total_steps"], e["tier"]) for _, e in events[:-1]] == [
         (i, 10, "cloud") for i in range(1, 11)
     ]
