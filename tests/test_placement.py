@@ -35,6 +35,7 @@ def test_cloud_replicas_land_on_cloud_nodes_and_edge_replicas_on_edge_nodes():
     for deployment in app.deployments:  # two replicas per tier, so each could have gone anywhere
         if deployment.name in ("EdgePreviewer", "CloudRefiner"):
             deployment.autoscaling_config = {**deployment.autoscaling_config, "min_replicas": 2}
+    stop_local_app()  # one Ray per process: end a local app an earlier test left running
     cluster = Cluster()
     try:
         # every node has CPUs to spare: only the tier resources keep replicas apart
