@@ -69,8 +69,7 @@ class ServedTier:
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's custom autoscaling metrics hook: the work this replica holds in batched steps, read by
         `diffusionx.policy.autoscaling.QueuedStepsPolicy` where a tier's config selects it."""
-        snapshot = snapshot_dict(self.engine.loop.monitor.snapshot())
-        return autoscaling_stats(snapshot, self.engine.loop.max_batch_size)
+        return autoscaling_stats(snapshot_dict(self.engine.loop.monitor.snapshot()))
 
     async def check_health(self) -> None:
         """Called by Serve every health_check_period_s; doubles as the stats heartbeat."""

@@ -80,10 +80,11 @@ def context(
 
 def replica(requests: int, steps_each: int, step_s: float = 0.1, batch: int = 8) -> dict[str, float]:
     monitor = TierMonitor()
+    monitor.max_batch_size = batch
     for _ in range(requests):
         monitor.enqueue(steps_each)
     monitor.seconds_per_step = step_s
-    return autoscaling_stats(snapshot_dict(monitor.snapshot()), batch)
+    return autoscaling_stats(snapshot_dict(monitor.snapshot()))
 
 
 def test_batched_steps_counts_model_calls_not_request_steps():
@@ -104,8 +105,21 @@ def test_replica_stats_come_from_the_monitor_snapshot():
         STEPS_PER_REQUEST: 30.0,
         MAX_BATCH_SIZE: 8.0,
     }
-    idle = autoscaling_stats(snapshot_dict(TierMonitor().snapshot()), 8)
+    idle = autoscaling_stats(snapshot_dict(TierMonitor().snapshot()))
     assert idle[QUEUED_BATCHED_STEPS] == 0.0 and idle[BATCHED_STEP_S] == 0.0  # not measured yet
+
+
+def test_replica_step_time_is_the_fitted_t_of_b_at_the_batch_its_work_runs_in():
+    monitor = TierMonitor()
+    monitor.max_batch_size = 8
+    monitor.seconds_per_step = 1.0  # the mean over all batch sizes: only a fallback
+    monitor.step_time.seed([(1, 0.10), (8, 0.24)])  # t(b) = 0.08 + 0.02 b
+    for _ in range(3):
+        monitor.enqueue(10)
+    assert autoscaling_stats(snapshot_dict(monitor.snapshot()))[BATCHED_STEP_S] == pytest.approx(0.14)
+    for _ in range(20):
+        monitor.enqueue(10)
+    assert autoscaling_stats(snapshot_dict(monitor.snapshot()))[BATCHED_STEP_S] == pytest.approx(0.24)
 
 
 def test_policy_scales_on_steps_where_the_default_sees_equal_request_counts():

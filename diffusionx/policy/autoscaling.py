@@ -9,7 +9,8 @@ Signal. Each replica reports, through Ray Serve's custom autoscaling metrics (`r
 see `autoscaling_stats`), the work it holds in *batched steps*, i.e. the model calls it needs to finish
 everything queued and running: `S / min(n, B)` for `n` requests with `S` denoising steps left in all,
 which is exact when requests share batches (step-level batching; whole batches of equal steps) and never
-counts a step twice; and the seconds one batched step takes there, measured. Work in seconds is their
+counts a step twice; and the seconds one batched step takes there, measured (`t(b)` of the service model's
+fitted step time at the batch size the work runs in). Work in seconds is their
 product: how long the replica needs to finish what it holds, about what a new request waits.
 
 Decision (`QueuedStepsPolicy`, a Serve custom policy: `AutoscalingConfig.policy.policy_function`). The
@@ -35,6 +36,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from diffusionx.policy.service_model import MIN_STEP_S
+
 # names of the custom metrics a replica reports (`record_autoscaling_stats`) and the policy reads
 QUEUED_BATCHED_STEPS = "queued_batched_steps"  # model calls needed to finish the replica's work
 BATCHED_STEP_S = "batched_step_s"  # seconds of one batched step on the replica (0: not measured yet)
@@ -52,15 +55,20 @@ def batched_steps(queued_steps: int, requests: int, max_batch_size: int) -> floa
     return queued_steps / min(requests, max_batch_size)
 
 
-def autoscaling_stats(snapshot: Mapping[str, Any], max_batch_size: int) -> dict[str, float]:
-    """What a replica returns from `record_autoscaling_stats`, from its `TierMonitor` snapshot
-    (`queued`, `in_flight`, `queued_steps`, `seconds_per_step`)."""
+def autoscaling_stats(snapshot: Mapping[str, Any]) -> dict[str, float]:
+    """What a replica returns from `record_autoscaling_stats`, from its `TierMonitor` snapshot (`queued`,
+    `in_flight`, `queued_steps`, `max_batch_size`, and the step time: `t(b)` of the fitted `step_time_s`
+    at the batch its work runs in, else the mean `seconds_per_step`, else 0 for not measured)."""
     requests = int(snapshot["queued"]) + int(snapshot["in_flight"])
     steps = max(0, int(snapshot["queued_steps"]))
-    step_s = snapshot.get("seconds_per_step")
+    max_batch_size = max(1, int(snapshot.get("max_batch_size") or 1))
+    step_s = snapshot.get("seconds_per_step") or 0.0
+    if snapshot.get("step_time_s"):
+        t0, t1 = snapshot["step_time_s"]
+        step_s = max(MIN_STEP_S, t0 + t1 * min(max(requests, 1), max_batch_size))
     return {
         QUEUED_BATCHED_STEPS: batched_steps(steps, requests, max_batch_size),
-        BATCHED_STEP_S: float(step_s) if step_s else 0.0,
+        BATCHED_STEP_S: float(step_s),
         STEPS_PER_REQUEST: steps / requests if requests > 0 else 0.0,
         MAX_BATCH_SIZE: float(max_batch_size),
     }
