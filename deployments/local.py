@@ -29,6 +29,7 @@ def shipped_config(name: str) -> Path:
 
 CPU_CONFIG = shipped_config("serve_config_cpu.yaml")
 PRODUCTION_CONFIG = shipped_config("serve_config.yaml")
+AUTOSCALE_CONFIG = shipped_config("serve_config_autoscale.yaml")  # tier resources for fake node types
 
 
 def embedded_models_available() -> bool:

@@ -20,6 +20,7 @@ from ray import serve
 from diffusionx.engine.model_loop import Job
 from diffusionx.engine.monitor import snapshot_dict
 from diffusionx.engine.reporter import CoalescingReporter
+from diffusionx.policy.autoscaling import autoscaling_stats
 
 
 class ServedTier:
@@ -64,6 +65,11 @@ class ServedTier:
 
     async def stats(self) -> dict:
         return snapshot_dict(self.engine.loop.monitor.snapshot())
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metrics hook: the work this replica holds in batched steps, read by
+        `diffusionx.policy.autoscaling.QueuedStepsPolicy` where a tier's config selects it."""
+        return autoscaling_stats(snapshot_dict(self.engine.loop.monitor.snapshot()))
 
     async def check_health(self) -> None:
         """Called by Serve every health_check_period_s; doubles as the stats heartbeat."""
