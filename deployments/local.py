@@ -16,6 +16,9 @@ import httpx
 import yaml
 
 REPO_DIR = Path(__file__).resolve().parents[1]
+# Ray exports its metrics, the application's diffusionx_* ones among them, in Prometheus format on this
+# local port: http://127.0.0.1:9464/metrics (9464: the usual port of a Prometheus exporter)
+METRICS_PORT = 9464
 
 
 def shipped_config(name: str) -> Path:
@@ -29,6 +32,7 @@ def shipped_config(name: str) -> Path:
 
 CPU_CONFIG = shipped_config("serve_config_cpu.yaml")
 PRODUCTION_CONFIG = shipped_config("serve_config.yaml")
+AUTOSCALE_CONFIG = shipped_config("serve_config_autoscale.yaml")  # tier resources for fake node types
 
 
 def embedded_models_available() -> bool:
@@ -68,8 +72,13 @@ def start_local_app(
     overrides: dict[str, Any] | None = None,
     timeout_s: float = 300.0,
     num_cpus: int | None = None,
+    metrics_port: int = METRICS_PORT,
+    metrics_report_interval_ms: int | None = None,
 ) -> str:
-    """Starts Ray + Serve locally, deploys the config and returns the base URL once /v1/health is OK."""
+    """Starts Ray + Serve locally, deploys the config and returns the base URL once /v1/health is OK.
+
+    Ray's metrics (with the application's) are served for Prometheus on 127.0.0.1:`metrics_port`; every
+    process reports them each `metrics_report_interval_ms` (Ray's default, 10 s, when None)."""
     import ray
     from ray.serve._private import api as serve_api
 
@@ -83,6 +92,12 @@ def start_local_app(
             num_cpus=num_cpus,
             runtime_env={"env_vars": env} if env else None,
             logging_level="WARNING",
+            _metrics_export_port=metrics_port,
+            _system_config=(
+                {"metrics_report_interval_ms": metrics_report_interval_ms}
+                if metrics_report_interval_ms
+                else None
+            ),
         )
     client = serve_api.serve_start(http_options=config.http_options.model_dump())
     client.deploy_apps(config, _blocking=False)

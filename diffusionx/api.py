@@ -124,6 +124,9 @@ class RefineResponse(BaseModel):
     route: Route
     reason: str
     load: dict[str, float]
+    expected_latency_ms: float | None = Field(
+        None, description="The router's predicted latency of this refinement (None: not measured yet)."
+    )
     unet_calls: dict[str, int]
     timings_ms: dict[str, float]
 
@@ -176,6 +179,9 @@ class TierStats(BaseModel):
 class StatsResponse(BaseModel):
     tiers: dict[str, TierStats]
     preview_cache: dict[str, int]
+    metrics_url: str | None = Field(
+        None, description="Where Prometheus scrapes this node's metrics (Ray's, with the diffusionx_* ones)"
+    )
 
 
 class ErrorResponse(BaseModel):

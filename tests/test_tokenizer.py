@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from transformers import CLIPTokenizer
 
-from diffusionx.shapes import data
 from diffusionx.models.tokenizer import EOS_TOKEN, write_clip_tokenizer
+from diffusionx.shapes import data
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ the batching that is measured is the batching that is served.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -16,9 +17,12 @@ from typing import Any
 
 from PIL import Image
 
-from diffusionx.engine.model_loop import ModelLoop, RunBlocking, _in_thread
+from diffusionx.engine.model_loop import ModelLoop, ProgressCallback, RunBlocking, _in_thread
+from diffusionx.engine.monitor import snapshot_dict
+from diffusionx.engine.step_warmup import measure_step_time
 from diffusionx.models.loading import LoadedModel
 from diffusionx.policy.router import CloudLoad
+from diffusionx.policy.service_model import ReplicaLoad
 from diffusionx.policy.strength import predict_strength
 from diffusionx.requests import GenerationResult, Img2ImgRequest, PreviewRequest
 from diffusionx.sampling.collaborative import (
@@ -32,6 +36,11 @@ from diffusionx.sampling.generation import check_prompt_fits, edit, preview, ref
 from diffusionx.sampling.step_batching import StepBatcher
 
 Job = tuple[str, Any, int]  # (kind, request, steps)
+TierProgress = Callable[[int, int, str], None]  # (step, total steps, tier)
+
+
+def _with_tier(on_progress: TierProgress, tier: str, step: int, total: int) -> None:
+    on_progress(step, total, tier)
 
 
 class _Tier:
@@ -48,8 +57,12 @@ class _Tier:
     def job(self, method: str, *args: Any) -> Job:  # pragma: no cover - each tier defines it
         raise NotImplementedError
 
-    async def call(self, method: str, *args: Any) -> Any:
-        return await self.loop.run(*self.job(method, *args))
+    async def call(self, method: str, *args: Any, on_progress: TierProgress | None = None) -> Any:
+        """Runs one request; `on_progress(step, total, tier)` hears of each of its denoising steps."""
+        report: ProgressCallback | None = None
+        if on_progress is not None:
+            report = functools.partial(_with_tier, on_progress, self.tier)
+        return await self.loop.run(*self.job(method, *args), on_progress=report)
 
 
 class EdgeModel(_Tier):
@@ -61,8 +74,8 @@ class EdgeModel(_Tier):
         super().__init__(max_batch_size, **loop)
         self.model = model
         self.edit_steps = edit_steps or model.spec.default_steps
-        self.loop.register("preview", lambda requests: preview(model, requests))
-        self.loop.register("edit", lambda requests: edit(model, requests))
+        self.loop.register("preview", lambda requests, on_step=None: preview(model, requests, on_step))
+        self.loop.register("edit", lambda requests, on_step=None: edit(model, requests, on_step))
         self.loop.register("finish", lambda states: edge_phase(model, states))
 
     async def info(self) -> dict:
@@ -88,11 +101,15 @@ class EdgeModel(_Tier):
             return "finish", request, request.params.num_inference_steps - request.step_index
         raise ValueError(f"edge tier has no method {method!r}")
 
-    async def preview(self, request: PreviewRequest) -> GenerationResult:
-        return await self.call("preview", request)
+    async def preview(
+        self, request: PreviewRequest, on_progress: TierProgress | None = None
+    ) -> GenerationResult:
+        return await self.call("preview", request, on_progress=on_progress)
 
-    async def edit(self, request: Img2ImgRequest) -> GenerationResult:
-        return await self.call("edit", request)
+    async def edit(
+        self, request: Img2ImgRequest, on_progress: TierProgress | None = None
+    ) -> GenerationResult:
+        return await self.call("edit", request, on_progress=on_progress)
 
     async def finish(self, state: PlanState | Awaitable[PlanState]) -> GenerationResult:
         """EC-Diff / Hybrid SD, edge part: steps s..N-1 from the cloud's latents, then decode."""
@@ -103,17 +120,29 @@ class EdgeModel(_Tier):
 
 class CloudModel(_Tier):
     """The heavy model: refinements (step-level batched by default), cloud-only text-to-image and the
-    cloud part of EC-Diff / Hybrid SD (`plan`)."""
+    cloud part of EC-Diff / Hybrid SD (`plan`).
+
+    With `warm_up` (the default) a step-batching replica times a few batched steps at start-up
+    (`step_warmup`), so the router's service model has a step time before the first refinement."""
 
     tier = "cloud"
 
-    def __init__(self, model: LoadedModel, max_batch_size: int = 4, step_batching: bool = True, **loop):
+    def __init__(
+        self,
+        model: LoadedModel,
+        max_batch_size: int = 4,
+        step_batching: bool = True,
+        warm_up: bool = True,
+        **loop,
+    ):
         super().__init__(max_batch_size, **loop)
         self.model = model
         if step_batching:  # refinements of any strength share UNet batches, joining between steps
             self.loop.enable_step_batching("refine", StepBatcher(model, max_batch_size, tier="cloud"))
+            if warm_up:
+                self.loop.monitor.step_time.seed(measure_step_time(model, max_batch_size))
         else:
-            self.loop.register("refine", lambda requests: refine(model, requests))
+            self.loop.register("refine", lambda requests, on_step=None: refine(model, requests, on_step))
         self.loop.register("generate", lambda requests: text_to_image(model, requests, tier="cloud"))
         self.loop.register("plan", lambda requests: cloud_phase(model, requests))
 
@@ -138,8 +167,10 @@ class CloudModel(_Tier):
             return "plan", request, expected_unet_calls(request.params).cloud
         raise ValueError(f"cloud tier has no method {method!r}")
 
-    async def refine(self, request: Img2ImgRequest) -> GenerationResult:
-        return await self.call("refine", request)
+    async def refine(
+        self, request: Img2ImgRequest, on_progress: TierProgress | None = None
+    ) -> GenerationResult:
+        return await self.call("refine", request, on_progress=on_progress)
 
     async def generate(self, request: PreviewRequest) -> GenerationResult:
         return await self.call("generate", request)
@@ -148,10 +179,14 @@ class CloudModel(_Tier):
         """EC-Diff / Hybrid SD, cloud part: steps 0..s-1 (with noise approximation); the edge finishes."""
         return await self.call("plan", request)
 
+    def load_snapshot(self) -> dict:
+        """This replica's load report (`engine.monitor.TierSnapshot` as a dict): what the deployment
+        publishes and what the router's service model reads (`ReplicaLoad.from_snapshot`)."""
+        return snapshot_dict(self.loop.monitor.snapshot())
+
     async def load(self) -> CloudLoad:
-        """This replica's load, as the router reads it."""
-        monitor = self.loop.monitor
-        return CloudLoad(monitor.queued_steps, 1, monitor.seconds_per_step)
+        """This replica's load, as the router reads it (in process: the tier is this one replica)."""
+        return CloudLoad((ReplicaLoad.from_snapshot(self.load_snapshot()),))
 
 
 StrengthFunction = Callable[[str, Image.Image], float]
