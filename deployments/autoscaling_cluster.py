@@ -13,6 +13,7 @@ updaters) in code; everything else is Ray's own class.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -95,7 +96,11 @@ def start_cluster() -> LocalAutoscalingCluster:
         worker_node_types=NODE_TYPES,
         idle_timeout_minutes=IDLE_TIMEOUT_MINUTES,
     )
-    cluster.start()
+    # `start` passes custom head resources as --resources='{...}' with shell quotes but runs no shell, so
+    # `ray start` cannot parse them; give them through Ray's RAY_OVERRIDE_RESOURCES instead
+    custom = {k: v for k, v in HEAD_RESOURCES.items() if k != "CPU"}
+    cluster._head_resources = {"CPU": HEAD_RESOURCES["CPU"]}
+    cluster.start(override_env={"RAY_OVERRIDE_RESOURCES": json.dumps(custom)})
     ray.init(address="auto", namespace="diffusionx", logging_level="WARNING")
     return cluster
 
