@@ -16,6 +16,9 @@ import httpx
 import yaml
 
 REPO_DIR = Path(__file__).resolve().parents[1]
+# Ray exports its metrics, the application's diffusionx_* ones among them, in Prometheus format on this
+# local port: http://127.0.0.1:9464/metrics (9464: the usual port of a Prometheus exporter)
+METRICS_PORT = 9464
 
 
 def shipped_config(name: str) -> Path:
@@ -80,9 +83,14 @@ def start_local_app(
     timeout_s: float = 300.0,
     num_cpus: int | None = None,
     deployment_options: dict[str, dict[str, Any]] | None = None,
+    metrics_port: int = METRICS_PORT,
+    metrics_report_interval_ms: int | None = None,
 ) -> str:
     """Starts Ray + Serve locally (or uses the Ray this process is connected to), deploys the config and
-    returns the base URL once /v1/health is OK."""
+    returns the base URL once /v1/health is OK.
+
+    Ray's metrics (with the application's) are served for Prometheus on 127.0.0.1:`metrics_port`; every
+    process reports them each `metrics_report_interval_ms` (Ray's default, 10 s, when None)."""
     import ray
     from ray.serve._private import api as serve_api
 
@@ -96,6 +104,12 @@ def start_local_app(
             num_cpus=num_cpus,
             runtime_env={"env_vars": env} if env else None,
             logging_level="WARNING",
+            _metrics_export_port=metrics_port,
+            _system_config=(
+                {"metrics_report_interval_ms": metrics_report_interval_ms}
+                if metrics_report_interval_ms
+                else None
+            ),
         )
     client = serve_api.serve_start(http_options=config.http_options.model_dump())
     client.deploy_apps(config, _blocking=False)
