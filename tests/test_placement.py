@@ -28,13 +28,13 @@ def test_cloud_replicas_land_on_cloud_nodes_and_edge_replicas_on_edge_nodes():
 
     from deployments.local import AUTOSCALE_CONFIG, load_config, stop_local_app, wait_until_healthy
 
+    two = {"num_replicas": 2, "autoscaling_config": None}  # two per tier, so each could go anywhere
     config = load_config(
-        AUTOSCALE_CONFIG, {"edge_model": "tiny-random-edge", "cloud_model": "tiny-random"}, port=PORT
+        AUTOSCALE_CONFIG,
+        {"edge_model": "tiny-random-edge", "cloud_model": "tiny-random"},
+        port=PORT,
+        deployment_options={"EdgePreviewer": two, "CloudRefiner": two},
     )
-    [app] = config.applications
-    for deployment in app.deployments:  # two replicas per tier, so each could have gone anywhere
-        if deployment.name in ("EdgePreviewer", "CloudRefiner"):
-            deployment.autoscaling_config = {**deployment.autoscaling_config, "min_replicas": 2}
     stop_local_app()  # one Ray per process: end a local app an earlier test left running
     cluster = Cluster()
     try:
