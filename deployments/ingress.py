@@ -2,7 +2,9 @@
 body types on the route methods.) HTTP concerns only: schemas, PNG work off the event loop, and errors
 (bad input -> 4xx with the reason, unknown preview id -> 404, overload -> 503 with Retry-After). What a
 request does is the library's workflow (`diffusionx.workflows.modes`), handed tiers that call the tier
-deployments through their DeploymentHandles."""
+deployments through their DeploymentHandles. Preview and refine stream their progress as server-sent events
+when asked (`deployments.sse`; the tiers' `*_stream` methods through `handle.options(stream=True)`); the
+web page at `/` is `deployments.web`; metrics are `deployments.metrics`."""
 
 import asyncio
 import base64
@@ -18,6 +20,9 @@ from PIL import Image
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
+from deployments.metrics import RETRY_HEADER, ingress_metrics, metrics_url
+from deployments.sse import event_stream, wants_events
+from deployments.web import add_web_page
 from diffusionx import imaging
 from diffusionx.api import (
     ErrorResponse,
@@ -30,6 +35,7 @@ from diffusionx.api import (
     StatsResponse,
 )
 from diffusionx.app_config import AppArgs
+from diffusionx.engine.progress import PROGRESS
 from diffusionx.policy.router import CloudLoad, RouterConfig
 from diffusionx.policy.service_model import ReplicaLoad
 from diffusionx.requests import GenerationResult, Img2ImgRequest, InvalidRequestError, PreviewRequest
@@ -49,6 +55,7 @@ app = FastAPI(
     version="0.1.0",
     description="Interactive text-to-image: edge previews, predicted-strength cloud refinement, EC-Diff.",
 )
+add_web_page(app)  # GET /: the session page (deployments/static)
 
 
 class PreviewNotFound(LookupError):
@@ -68,6 +75,25 @@ async def ask(method: Any, *args: Any) -> Any:
         raise TierOverloaded(str(error)) from None
 
 
+async def ask_stream(method: Any, *args: Any, on_progress: Any) -> Any:
+    """Calls a tier's generator method (`preview_stream`, ...) as a Ray Serve stream: hands each progress
+    report to `on_progress(step, total, tier)` and returns the result. Cancelled (the HTTP client went
+    away), it cancels the stream, and the tier replica cancels the job."""
+    stream = method.options(stream=True).remote(*args)
+    try:
+        async for kind, value in stream:
+            if kind == PROGRESS:
+                on_progress(*value)
+            else:
+                return value
+    except BackPressureError as error:
+        raise TierOverloaded(str(error)) from None
+    except asyncio.CancelledError:
+        stream.cancel()
+        raise
+    raise RuntimeError("the tier's stream ended without a result")
+
+
 class _HandleTier:
     """A tier deployment as the workflows call it: every method awaits the handle's method."""
 
@@ -79,10 +105,14 @@ class _HandleTier:
 
 
 class EdgeHandle(_HandleTier):
-    async def preview(self, request: PreviewRequest) -> GenerationResult:
+    async def preview(self, request: PreviewRequest, on_progress: Any = None) -> GenerationResult:
+        if on_progress is not None:
+            return await ask_stream(self.handle.preview_stream, request, on_progress=on_progress)
         return await ask(self.handle.preview, request)
 
-    async def edit(self, request: Img2ImgRequest) -> GenerationResult:
+    async def edit(self, request: Img2ImgRequest, on_progress: Any = None) -> GenerationResult:
+        if on_progress is not None:
+            return await ask_stream(self.handle.edit_stream, request, on_progress=on_progress)
         return await ask(self.handle.edit, request)
 
     async def finish(self, state: Any) -> GenerationResult:
@@ -92,7 +122,9 @@ class EdgeHandle(_HandleTier):
 
 
 class CloudHandle(_HandleTier):
-    async def refine(self, request: Img2ImgRequest) -> GenerationResult:
+    async def refine(self, request: Img2ImgRequest, on_progress: Any = None) -> GenerationResult:
+        if on_progress is not None:
+            return await ask_stream(self.handle.refine_stream, request, on_progress=on_progress)
         return await ask(self.handle.refine, request)
 
     async def generate(self, request: PreviewRequest) -> GenerationResult:
@@ -137,8 +169,20 @@ async def _preview_not_found(_: Request, error: PreviewNotFound) -> JSONResponse
 
 
 @app.exception_handler(TierOverloaded)
-async def _overloaded(_: Request, error: TierOverloaded) -> JSONResponse:
+async def _overloaded(request: Request, error: TierOverloaded) -> JSONResponse:
+    ingress_metrics().request_shed(request.url.path)
     return _error(503, f"overloaded, retry later: {error}", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def _status_of(error: Exception) -> int:
+    """The HTTP status of an error that ends an event stream (the exception handlers' mapping)."""
+    if isinstance(error, InvalidRequestError):
+        return 422
+    if isinstance(error, PreviewNotFound):
+        return 404
+    if isinstance(error, TierOverloaded):
+        return 503
+    return 500
 
 
 def to_request(body: PreviewBody | GenerateBody) -> PreviewRequest:
@@ -167,6 +211,10 @@ def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000.0, 3)
 
 
+def _s(start: float) -> float:
+    return time.perf_counter() - start
+
+
 @serve.deployment(
     name="DiffusionXIngress",
     ray_actor_options={"num_cpus": 0.1},
@@ -190,8 +238,13 @@ class DiffusionXIngress:
             ),
             default_latency_target_ms=self.args.default_latency_target_ms,
         )
+        self.metrics = ingress_metrics()
+        self._metrics_url: str | None = None
 
     # -- helpers -----------------------------------------------------------------------------------------
+    def _seen(self, endpoint: str, request: Request) -> None:
+        self.metrics.request_seen(endpoint, request.headers.get(RETRY_HEADER))
+
     async def _resolve_image(self, image: str | None, preview_id: str | None) -> Image.Image:
         if image is not None:
             return await asyncio.to_thread(imaging.decode_png_base64, image)
@@ -232,10 +285,20 @@ class DiffusionXIngress:
 
     @app.get("/v1/stats", response_model=StatsResponse)
     async def stats(self) -> dict:
-        return await ask(self.state.stats)
+        if self._metrics_url is None:
+            self._metrics_url = await asyncio.to_thread(metrics_url)
+        return {**await ask(self.state.stats), "metrics_url": self._metrics_url}
 
     @app.post("/v1/preview", response_model=PreviewResponse, responses={422: {"model": ErrorResponse}})
-    async def preview(self, body: PreviewBody) -> dict:
+    async def preview(self, body: PreviewBody, http_request: Request) -> Any:
+        self._seen("/v1/preview", http_request)
+        if wants_events(http_request):
+            return await event_stream(
+                lambda on_progress: self._preview(body, on_progress), PreviewResponse, _status_of
+            )
+        return await self._preview(body)
+
+    async def _preview(self, body: PreviewBody, on_progress: Any = None) -> dict:
         start = time.perf_counter()
         predicted = None
         if body.image is not None or body.preview_id is not None:
@@ -249,7 +312,7 @@ class DiffusionXIngress:
                     num_inference_steps=body.num_inference_steps,
                     guidance_scale=body.guidance_scale,
                 )
-                result = await modes.edit(self.tiers, request)
+                result = await modes.edit(self.tiers, request, on_progress)
             else:  # the edit predictor picks the strength
                 result = await modes.edit_predicted(
                     self.tiers,
@@ -259,12 +322,14 @@ class DiffusionXIngress:
                     seed=body.seed,
                     num_inference_steps=body.num_inference_steps,
                     guidance_scale=body.guidance_scale,
+                    on_progress=on_progress,
                 )
                 predicted = result.strength
         else:
-            result = await modes.preview(self.tiers, to_request(body))
+            result = await modes.preview(self.tiers, to_request(body), on_progress)
         png = await encode_png(result.image)
         preview_id = self._store_preview(png)
+        self.metrics.request_done("preview", "edit" if body.image or body.preview_id else "edge", _s(start))
         return {
             "preview_id": preview_id,
             "image": base64.b64encode(png).decode("ascii"),
@@ -279,7 +344,15 @@ class DiffusionXIngress:
         }
 
     @app.post("/v1/refine", response_model=RefineResponse, responses={404: {"model": ErrorResponse}})
-    async def refine(self, body: RefineBody) -> dict:
+    async def refine(self, body: RefineBody, http_request: Request) -> Any:
+        self._seen("/v1/refine", http_request)
+        if wants_events(http_request):
+            return await event_stream(
+                lambda on_progress: self._refine(body, on_progress), RefineResponse, _status_of
+            )
+        return await self._refine(body)
+
+    async def _refine(self, body: RefineBody, on_progress: Any = None) -> dict:
         start = time.perf_counter()
         image = await self._resolve_image(body.image, body.preview_id)
         final = await modes.finalize(
@@ -291,10 +364,14 @@ class DiffusionXIngress:
             strength=body.strength,
             num_inference_steps=body.num_inference_steps,
             latency_target_ms=body.latency_target_ms,
+            on_progress=on_progress,
         )
         result, decision = final.result, final.decision
+        image = base64.b64encode(await encode_png(result.image)).decode("ascii")
+        self.metrics.routed(decision.route, final.strength_predicted, decision.strength)
+        self.metrics.request_done("refine", decision.route, _s(start))
         return {
-            "image": base64.b64encode(await encode_png(result.image)).decode("ascii"),
+            "image": image,
             "seed": result.seed,
             "strength_predicted": final.strength_predicted,
             "strength_used": decision.strength,
@@ -308,12 +385,15 @@ class DiffusionXIngress:
         }
 
     @app.post("/v1/generate", response_model=GenerateResponse)
-    async def generate(self, body: GenerateBody) -> dict:
+    async def generate(self, body: GenerateBody, http_request: Request) -> dict:
         start = time.perf_counter()
+        self._seen("/v1/generate", http_request)
         generated = await modes.generate(self.tiers, body.mode, to_request(body))
         result = generated.result
+        image = base64.b64encode(await encode_png(result.image)).decode("ascii")
+        self.metrics.request_done("generate", body.mode, _s(start))
         return {
-            "image": base64.b64encode(await encode_png(result.image)).decode("ascii"),
+            "image": image,
             "mode": body.mode,
             "seed": result.seed,
             "num_inference_steps": result.num_inference_steps,
