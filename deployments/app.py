@@ -18,7 +18,7 @@ from diffusionx.app_config import AppArgs
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
     config = AppArgs(**(args or {}))
-    state = SharedState.bind(config.preview_cache_size)
+    state = SharedState.bind(config.preview_cache_bytes, config.preview_cache_ttl_s)
     edge = EdgePreviewer.bind(
         config.edge_model,
         state,

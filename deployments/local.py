@@ -7,8 +7,11 @@ config so per-deployment options apply) and then waits until `/v1/health` answer
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -123,11 +126,36 @@ def wait_until_healthy(url: str, timeout_s: float) -> None:
 
 
 def stop_local_app() -> None:
+    """Shuts Serve and the local Ray instance down (every Ray process this process started goes with it).
+    SIGINT and SIGTERM are ignored meanwhile, so a second Ctrl-C cannot leave a half-stopped cluster."""
     import ray
     from ray import serve
 
-    if ray.is_initialized():
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+    if not ray.is_initialized():
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM arrived: handled like Ctrl-C, so the same clean-up runs."""
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Within the block SIGTERM raises `Stopped` (a KeyboardInterrupt) in the main thread, as SIGINT
+    raises KeyboardInterrupt, so `diffusionx serve` and `demo` stop Ray in their `finally` on either."""
+
+    def stop(signum: int, _frame: object) -> None:
+        raise Stopped(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

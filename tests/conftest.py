@@ -8,6 +8,9 @@ import tempfile
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DIFFUSIONX_HOME", tempfile.mkdtemp(prefix="diffusionx-test-home-"))
 
+from pathlib import Path
+
+import httpx
 import pytest
 import torch
 
@@ -25,3 +28,23 @@ def tiny_cloud() -> LoadedModel:
 @pytest.fixture(scope="session")
 def tiny_edge() -> LoadedModel:
     return load_model("tiny-random-edge", device="cpu")
+
+
+# -- the live local application (one per test session; tests marked `ray` use it) --------------------------
+TEST_CONFIG = Path(__file__).with_name("serve_config_test.yaml")
+
+
+@pytest.fixture(scope="session")
+def serve_url():
+    from deployments.local import start_local_app, stop_local_app
+
+    try:
+        yield start_local_app(TEST_CONFIG, port=8123, num_cpus=2, timeout_s=240)
+    finally:
+        stop_local_app()
+
+
+@pytest.fixture
+def http(serve_url):
+    with httpx.Client(base_url=serve_url, timeout=120.0) as client:
+        yield client
