@@ -80,6 +80,7 @@ def start_local_app(
     prepare_models(config.applications[0].args)
     if not ray.is_initialized():
         env = {k: v for k, v in os.environ.items() if k.startswith(("HF_", "DIFFUSIONX_", "OMP_"))}
+        sigterm = signal.getsignal(signal.SIGTERM)
         ray.init(
             namespace="diffusionx",
             include_dashboard=False,
@@ -87,6 +88,8 @@ def start_local_app(
             runtime_env={"env_vars": env} if env else None,
             logging_level="WARNING",
         )
+        if sigterm is _raise_stopped:  # ray.init installs its own SIGTERM handler (sys.exit); keep ours
+            signal.signal(signal.SIGTERM, _raise_stopped)
     client = serve_api.serve_start(http_options=config.http_options.model_dump())
     client.deploy_apps(config, _blocking=False)
     host = config.http_options.host if config.http_options.host not in ("0.0.0.0", "::") else "127.0.0.1"
@@ -146,15 +149,16 @@ class Stopped(KeyboardInterrupt):
     """SIGTERM arrived: handled like Ctrl-C, so the same clean-up runs."""
 
 
+def _raise_stopped(signum: int, _frame: object) -> None:
+    raise Stopped(f"signal {signal.Signals(signum).name}")
+
+
 @contextmanager
 def stop_on_signals() -> Iterator[None]:
     """Within the block SIGTERM raises `Stopped` (a KeyboardInterrupt) in the main thread, as SIGINT
     raises KeyboardInterrupt, so `diffusionx serve` and `demo` stop Ray in their `finally` on either."""
 
-    def stop(signum: int, _frame: object) -> None:
-        raise Stopped(f"signal {signal.Signals(signum).name}")
-
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = signal.signal(signal.SIGTERM, _raise_stopped)
     try:
         yield
     finally:

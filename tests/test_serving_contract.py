@@ -42,6 +42,29 @@ def _small(case: Any) -> None:
                 case.body[key] = cap
 
 
+def _run_cases(operation: Any, mode: Any, url: str, cases: Counter[str], failures: list[str]) -> None:
+    label = f"{operation.label} [{mode}]"
+
+    @given(case=operation.as_strategy(generation_mode=mode))
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+        phases=[Phase.generate],
+    )
+    def check(case: Any) -> None:
+        _small(case)
+        cases[label] += 1
+        try:
+            case.call_and_validate(base_url=url, checks=CHECKS, timeout=120)
+        except Exception as error:  # collect every failure, not only the first
+            failures.append(f"{label}: {str(error)[:300]}")
+
+    check()
+
+
 def test_every_answer_matches_the_openapi_document(serve_url):
     # schemathesis' own pytest plugin does not load under this pytest (9.x); its strategies and checks are
     # driven by Hypothesis directly instead
@@ -54,25 +77,7 @@ def test_every_answer_matches_the_openapi_document(serve_url):
         if operation.method.upper() == "POST":
             modes.append(GenerationMode.NEGATIVE)
         for mode in modes:
-
-            @given(case=operation.as_strategy(generation_mode=mode))
-            @settings(
-                max_examples=EXAMPLES,
-                deadline=None,
-                derandomize=True,
-                database=None,
-                suppress_health_check=list(HealthCheck),
-                phases=[Phase.generate],
-            )
-            def check(case: Any, label: str = f"{operation.label} [{mode}]") -> None:
-                _small(case)
-                cases[label] += 1
-                try:
-                    case.call_and_validate(base_url=serve_url, checks=CHECKS, timeout=120)
-                except Exception as error:  # collect every failure, not only the first
-                    failures.append(f"{label}: {str(error)[:300]}")
-
-            check()
+            _run_cases(operation, mode, serve_url, cases, failures)
     total = sum(cases.values())
     print(f"schemathesis: {total} cases, {len(failures)} failures; per operation: {dict(cases)}")
     assert total >= 200, cases
