@@ -94,6 +94,7 @@ class RefineResult:
     unet_calls: dict[str, int]
     timings_ms: dict[str, float]
     latency_ms: float = 0.0
+    expected_latency_ms: float | None = None  # the router's prediction (None: not measured yet)
 
     @classmethod
     def from_json(cls, payload: dict[str, Any], latency_ms: float = 0.0) -> RefineResult:
@@ -110,6 +111,7 @@ class RefineResult:
             unet_calls=dict(payload["unet_calls"]),
             timings_ms=dict(payload.get("timings_ms", {})),
             latency_ms=latency_ms,
+            expected_latency_ms=payload.get("expected_latency_ms"),
         )
 
 

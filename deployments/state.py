@@ -29,8 +29,8 @@ class SharedState:
         self._cache = PreviewCache(preview_cache_bytes, preview_cache_ttl_s)
         self._snapshots: dict[str, dict[str, dict]] = {tier: {} for tier in TIERS}
 
-    async def put_preview(self, png: bytes, owner: str = "") -> str:
-        return self._cache.put(png, owner)
+    async def put_preview(self, png: bytes, preview_id: str | None = None, owner: str = "") -> str:
+        return self._cache.put(png, preview_id, owner)
 
     async def get_preview(self, preview_id: str, owner: str = "") -> bytes | None:
         return self._cache.get(preview_id, owner)

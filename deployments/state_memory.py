@@ -44,7 +44,7 @@ async def measure(previews: int, side: int, cache_bytes: int, ttl_s: float) -> d
     state = SharedState.func_or_class(cache_bytes, ttl_s)
     started = time.perf_counter()
     # a fresh copy of each PNG, as one that arrived from an ingress replica would be (and so traced here)
-    ids = [await state.put_preview(bytes(bytearray(png)), "") for png in pngs]
+    ids = [await state.put_preview(bytes(bytearray(png))) for png in pngs]
     put_s = time.perf_counter() - started
     del pngs  # the cache now holds the only references to the kept PNGs
     current, peak = tracemalloc.get_traced_memory()

@@ -124,6 +124,9 @@ class RefineResponse(BaseModel):
     route: Route
     reason: str
     load: dict[str, float]
+    expected_latency_ms: float | None = Field(
+        None, description="The router's predicted latency of this refinement (None: not measured yet)."
+    )
     unet_calls: dict[str, int]
     timings_ms: dict[str, float]
 

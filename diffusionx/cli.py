@@ -25,6 +25,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "train the embedded shapes models (VAE, text encoder, UNets)",
     ),
     "bench": ("clients.bench", "serving benchmarks against a local application"),
+    "loadgen": (
+        "clients.loadgen",
+        "replay a workload (sessions, finalizes, previews) against a server, as CSV",
+    ),
     "models": ("diffusionx.models.cli", "list the model registry"),
     "gpu-bench": (
         "diffusionx.experiments.gpu_bench",

@@ -31,6 +31,7 @@ def fake_judge(monkeypatch):
             "position": value,
             "background": 1.0,
             "accuracy": value,
+            "exact": float(value > 0.6),
         }
 
     monkeypatch.setattr(evaluation, "heldout_prompts", lambda n, seed=0: PROMPTS[:n])
@@ -42,9 +43,11 @@ def test_eval_json_reports_quality_and_cost(fake_judge, capsys):
     argv = ["--mode", "ec-diff", "--n", "3", "--json", "--steps", "8", "--batch-size", "2", *TINY]
     assert evaluation.main(argv) == 0
     report = json.loads(capsys.readouterr().out)
-    assert {"mode", "n", "quality", "per_attribute", "unet_calls", "seconds_per_image"} <= set(report)
+    keys = {"mode", "n", "quality", "exact", "per_attribute", "unet_calls", "seconds_per_image"}
+    assert keys <= set(report)
     assert report["mode"] == "ec-diff" and report["n"] == 3
     assert report["quality"] == pytest.approx(0.5)
+    assert report["exact"] == pytest.approx(1 / 3)  # only "a green triangle" is all right
     assert report["per_attribute"] == pytest.approx(
         {"kind": 0.5, "colour": 1.0, "size": 0.0, "position": 0.5, "background": 1.0}
     )

@@ -246,6 +246,10 @@ class FakeStepper:
         self.pool = [t for t in self.pool if t not in finished]
         return finished
 
+    def priorities(self) -> list[tuple[int, int]]:
+        left = [ticket.request[1] - ticket.steps_run for ticket in self.pool]
+        return [(remaining, remaining) for remaining in sorted(left)]
+
     def cancel(self, ticket: FakeTicket) -> bool:
         kept = [t for t in self.pool if t is not ticket]
         removed, self.pool = len(kept) < len(self.pool), kept

@@ -343,6 +343,26 @@ def test_refinements_of_different_strengths_share_cloud_batches(http, serve_url)
         assert np.abs(served - np.asarray(alone.image, dtype=np.int16)).max() <= 1
 
 
+def test_loadgen_records_finalizes_with_the_routers_prediction(serve_url, tmp_path):
+    import csv
+
+    from clients.loadgen import COLUMNS, main
+
+    argv = ["--url", serve_url, "--workload", "finalize", "--rate", "3", "--duration-s", "2"]
+    argv += ["--preview-pool", "2", "--latency-target-ms", "20000", "--num-inference-steps", "10"]
+    assert main([*argv, "--out", str(tmp_path), "--no-progress", "--seed", "3"]) == 0
+    with (tmp_path / "requests.csv").open() as handle:
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+    assert tuple(reader.fieldnames) == COLUMNS and rows
+    assert len(list(csv.DictReader((tmp_path / "setup_requests.csv").open()))) == 2
+    for row in rows:
+        assert row["kind"] == "finalize" and row["status"] == "200", row
+        # the warm-up seeded the step time: even the first finalize has a prediction
+        assert row["route"] == "cloud" and float(row["expected_latency_ms"]) > 0
+        assert int(row["cloud_unet_calls"]) > 0 and float(row["e2e_ms"]) > 0
+
+
 def test_the_same_workflows_in_process_and_served_give_the_same_images_and_costs(http):
     """Every mode runs the library's workflow both ways: on in-process tiers and through the live Serve
     application (DeploymentHandle-backed tiers). Same seed, same models: same pixels, same unet_calls."""

@@ -59,6 +59,9 @@ def test_preview_cache_is_bounded_by_bytes_and_age_and_scoped_to_its_owner():
     assert cache.get(b) is None and cache.get(a) == b"a" * 1000 and cache.get(c) == b"c" * 1000
     stats = cache.stats()
     assert stats["evictions"] == 1 and stats["size"] == 2 and stats["bytes"] == 2 * entry
+    # the caller may make the id (the ingress does, before the put lands)
+    assert cache.put(b"d", "made-by-the-ingress") == "made-by-the-ingress"
+    assert cache.get("made-by-the-ingress") == b"d"
     # another owner's id reads as unknown
     mine = cache.put(b"m", owner="k1")
     assert cache.get(mine, owner="k2") is None and cache.get(mine) is None and cache.get(mine, "k1") == b"m"

@@ -36,6 +36,15 @@ def test_scenes_are_well_formed_and_mix_one_and_two_shapes():
     assert 300 < n_two < 500  # TWO_SHAPE_PROBABILITY = 0.4
 
 
+def test_training_mix_of_two_shape_scenes_is_configurable():
+    assert {len(s.shapes) for s in data.training_scenes(50, two_shape_probability=1.0)} == {2}
+    assert {len(s.shapes) for s in data.training_scenes(50, two_shape_probability=0.0)} == {1}
+    default_mix = data.training_scenes(20, two_shape_probability=data.TWO_SHAPE_PROBABILITY)
+    assert data.training_scenes(20) == default_mix
+    with pytest.raises(ValueError, match=r"two_shape_probability=1\.5"):
+        data.training_scenes(1, two_shape_probability=1.5)
+
+
 def test_caption_round_trip_and_examples():
     for scene in data.training_scenes(500) + data.heldout_scenes(500):
         assert data.parse_caption(data.caption(scene)) == scene

@@ -62,12 +62,18 @@ def test_judge_scores_each_attribute():
         "position": 1.0,
         "background": 1.0,
         "accuracy": 1.0,
+        "exact": 1.0,
     }
     # Wrong kind for the first shape and wrong background: half the kind score, background 0.
     caption = "a large red triangle on the left and a small blue square on the right, black background"
     result = judge.score(image, caption)
     assert result["kind"] == 0.5 and result["background"] == 0.0 and result["colour"] == 1.0
     assert result["accuracy"] == pytest.approx((0.5 + 1 + 1 + 1 + 0) / 5)
+    assert result["exact"] == 0.0
+    # Only the positions swapped: accuracy stays high, but the image does not match its caption.
+    swapped = "a large red circle on the right and a small blue square on the left, white background"
+    result = judge.score(image, swapped)
+    assert result["position"] == 0.0 and result["accuracy"] == pytest.approx(0.8) and result["exact"] == 0.0
     # An absent colour scores 0 for all of that shape's attributes.
     result = judge.score(image, "a large green circle on the left, white background")
     assert result["colour"] == result["kind"] == result["size"] == result["position"] == 0.0

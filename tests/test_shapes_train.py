@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 from diffusionx.shapes import train
 
@@ -78,6 +78,31 @@ def test_run_writes_metrics_and_resumes_from_checkpoint(tiny_run):
     assert [int(r["step"]) for r in rows] == [2, 4]
 
 
+def test_warm_start_initialises_every_model_from_an_export(tiny_run, tmp_path):
+    source, _ = tiny_run
+    out, run_dir = tmp_path / "out", tmp_path / "run"
+    argv = ["--out", str(out), "--run-dir", str(run_dir), "--steps", "0", *TINY, "--vae-steps", "0"]
+    train.main([*argv, "--init-from", str(source)])
+    for sub in ("unet", "unet_edge", "vae"):
+        cls = AutoencoderKL if sub == "vae" else UNet2DConditionModel
+        before = cls.from_pretrained(source, subfolder=sub).state_dict()
+        after = cls.from_pretrained(out, subfolder=sub).state_dict()
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before), sub
+    old = StableDiffusionPipeline.from_pretrained(source)
+    new = StableDiffusionPipeline.from_pretrained(out)
+    ids = [new.tokenizer.convert_tokens_to_ids(w + "</w>") for w in ("red", "triangle", "left")]
+    old_ids = [old.tokenizer.convert_tokens_to_ids(w + "</w>") for w in ("red", "triangle", "left")]
+    new_rows = new.text_encoder.get_input_embeddings().weight[ids]
+    assert torch.equal(new_rows, old.text_encoder.get_input_embeddings().weight[old_ids])
+
+
+def test_warm_start_refuses_a_different_architecture(tiny_run, tmp_path):
+    source, _ = tiny_run
+    argv = ["--out", str(tmp_path / "out"), "--run-dir", str(tmp_path / "run"), "--steps", "0", *TINY]
+    with pytest.raises(ValueError, match="--init-from unet does not match"):
+        train.main([*argv, "--cloud-channels", "32", "32", "--init-from", str(source)])
+
+
 def test_time_budget_stops_training_early(tmp_path):
     out, run_dir = tmp_path / "out", tmp_path / "run"
     train.main(["--out", str(out), "--run-dir", str(run_dir), "--steps", "1000", "--minutes", "1e-6", *TINY])
@@ -101,3 +126,15 @@ def test_metrics_csv_keeps_its_header_when_columns_change(tmp_path):
     assert list(rows[0]) == ["step", "cloud_accuracy", "vae_accuracy"]
     assert rows[0]["cloud_accuracy"] == "0.2" and rows[0]["vae_accuracy"] == ""
     assert rows[1]["cloud_accuracy"] == "0.5" and rows[1]["vae_accuracy"] == "0.9"
+
+
+def test_snr_weights_clamp_the_x0_weight_from_above_and_below():
+    alphas_cumprod = DDIMScheduler(**train.SCHEDULER_CONFIG).alphas_cumprod
+    timesteps = torch.tensor([10, 999])
+    snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
+    assert snr[0] > 5 and snr[1] < 0.01
+    plain = train.snr_weights(alphas_cumprod, timesteps, gamma=5.0)
+    assert plain[0] == pytest.approx(5 / snr[0]) and plain[1] == pytest.approx(1.0)
+    floored = train.snr_weights(alphas_cumprod, timesteps, gamma=5.0, min_x0_weight=0.5)
+    assert floored[0] == pytest.approx(plain[0]) and floored[1] == pytest.approx(0.5 / snr[1])
+    assert torch.equal(train.snr_weights(alphas_cumprod, timesteps, gamma=0.0), torch.ones(2))

@@ -62,6 +62,8 @@ class StepEngine(Protocol):
 
     def cancel(self, ticket: SteppedTicket) -> bool: ...
 
+    def priorities(self) -> list[tuple[int, int]]: ...  # (key, remaining steps) in the order it steps
+
     @property
     def idle(self) -> bool: ...
 
@@ -99,6 +101,7 @@ class ModelLoop:
             raise ValueError(f"max_batch_size={max_batch_size!r} is not allowed: use an integer >= 1")
         self.max_batch_size = max_batch_size
         self.monitor = monitor or TierMonitor()
+        self.monitor.max_batch_size = max_batch_size
         self._clock = clock
         self._run_blocking = run_blocking
         self.on_change: Callable[[], None] = on_change or (lambda: None)  # e.g. report the new load
@@ -167,6 +170,7 @@ class ModelLoop:
         elif job.state == RUNNING and job.ticket is not None and self._stepper is not None:
             self._stepper.cancel(job.ticket)
             self._stepping.pop(job.ticket, None)
+            self.monitor.pool = self._stepper.priorities()
             self.monitor.abandon(job.steps - job.steps_done)
         elif job.state == RUNNING:  # whole batch in flight, or being admitted to the step batcher
             if not job.future.done():
@@ -281,6 +285,7 @@ class ModelLoop:
 
         admitted_at = self._clock()
         added = await self._run_blocking(add_all)
+        self.monitor.pool = stepper.priorities()
         for job, entry in zip(joining, added, strict=True):
             if isinstance(entry, BaseException):
                 self._finish(job, entry)
@@ -310,6 +315,7 @@ class ModelLoop:
                 self.monitor.progressed(delta)
         if advanced:
             self.monitor.ran(advanced, 1, elapsed)
+        self.monitor.pool = stepper.priorities()
         for ticket in finished:
             job = self._stepping.pop(ticket, None)
             if job is None:  # cancelled while the step ran

@@ -10,6 +10,8 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 
+from diffusionx.policy.service_model import StepTimeModel
+
 
 @dataclass
 class TierSnapshot:
@@ -20,6 +22,10 @@ class TierSnapshot:
     seconds_per_step: float | None = None
     requests_served: int = 0
     taken_at: float = 0.0
+    # what the router's service model reads (service_model.ReplicaLoad.from_snapshot)
+    pool: list[tuple[int, int]] = field(default_factory=list)  # step batcher: (key, remaining steps)
+    max_batch_size: int = 1
+    step_time_s: list[float] | None = None  # (t0, t1) of t(b) = t0 + t1 * b
 
 
 class TierMonitor:
@@ -34,6 +40,9 @@ class TierMonitor:
         self.seconds_per_step: float | None = None
         self.requests_served = 0
         self._ema = ema
+        self.step_time = StepTimeModel()  # seconds per batched step against batch size
+        self.pool: list[tuple[int, int]] = []  # set by a step-batching tier after each step
+        self.max_batch_size = 1
 
     def enqueue(self, steps: int) -> None:
         self.queued += 1
@@ -54,6 +63,7 @@ class TierMonitor:
         self.batch_sizes.append(batch_size)
         if steps > 0:
             measured = elapsed_s / steps
+            self.step_time.observe(batch_size, measured)
             previous = self.seconds_per_step
             self.seconds_per_step = (
                 measured if previous is None else (1 - self._ema) * previous + self._ema * measured
@@ -81,6 +91,9 @@ class TierMonitor:
             seconds_per_step=self.seconds_per_step,
             requests_served=self.requests_served,
             taken_at=time.time(),
+            pool=list(self.pool),
+            max_batch_size=self.max_batch_size,
+            step_time_s=self.step_time.to_pair(),
         )
 
 
@@ -95,6 +108,7 @@ def merge_snapshots(snapshots: list[dict]) -> dict:
         "recent_batch_sizes": [size for s in snapshots for size in s["recent_batch_sizes"]],
         "seconds_per_step": (sum(step_times) / len(step_times)) if step_times else None,
         "requests_served": sum(s["requests_served"] for s in snapshots),
+        "per_replica": snapshots,  # the router's service model needs each replica's own load
     }
 
 

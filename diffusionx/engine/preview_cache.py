@@ -51,10 +51,11 @@ class PreviewCache:
         self.misses = 0
         self.too_large = 0
 
-    def put(self, png: bytes, owner: str = "") -> str:
-        """Stores `png` for `owner` and returns its new id (an id is returned even for a PNG larger than
-        the whole cache, which is not kept: using that id answers 404 and the client resends the image)."""
-        preview_id = uuid.uuid4().hex
+    def put(self, png: bytes, preview_id: str | None = None, owner: str = "") -> str:
+        """Stores `png` for `owner` under `preview_id` (the caller's, e.g. made before the put; default: a
+        new one) and returns the id. A PNG larger than the whole cache is not kept: its id answers 404 and
+        the client resends the image."""
+        preview_id = preview_id or uuid.uuid4().hex
         if _entry_bytes((owner, png)) > self.max_bytes:
             self.too_large += 1
         else:

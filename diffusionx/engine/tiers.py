@@ -17,8 +17,11 @@ from typing import Any
 from PIL import Image
 
 from diffusionx.engine.model_loop import ModelLoop, RunBlocking, _in_thread
+from diffusionx.engine.monitor import snapshot_dict
+from diffusionx.engine.step_warmup import measure_step_time
 from diffusionx.models.loading import LoadedModel
 from diffusionx.policy.router import CloudLoad
+from diffusionx.policy.service_model import ReplicaLoad
 from diffusionx.policy.strength import predict_strength
 from diffusionx.requests import GenerationResult, Img2ImgRequest, PreviewRequest
 from diffusionx.sampling.collaborative import (
@@ -103,15 +106,27 @@ class EdgeModel(_Tier):
 
 class CloudModel(_Tier):
     """The heavy model: refinements (step-level batched by default), cloud-only text-to-image and the
-    cloud part of EC-Diff / Hybrid SD (`plan`)."""
+    cloud part of EC-Diff / Hybrid SD (`plan`).
+
+    With `warm_up` (the default) a step-batching replica times a few batched steps at start-up
+    (`step_warmup`), so the router's service model has a step time before the first refinement."""
 
     tier = "cloud"
 
-    def __init__(self, model: LoadedModel, max_batch_size: int = 4, step_batching: bool = True, **loop):
+    def __init__(
+        self,
+        model: LoadedModel,
+        max_batch_size: int = 4,
+        step_batching: bool = True,
+        warm_up: bool = True,
+        **loop,
+    ):
         super().__init__(max_batch_size, **loop)
         self.model = model
         if step_batching:  # refinements of any strength share UNet batches, joining between steps
             self.loop.enable_step_batching("refine", StepBatcher(model, max_batch_size, tier="cloud"))
+            if warm_up:
+                self.loop.monitor.step_time.seed(measure_step_time(model, max_batch_size))
         else:
             self.loop.register("refine", lambda requests: refine(model, requests))
         self.loop.register("generate", lambda requests: text_to_image(model, requests, tier="cloud"))
@@ -148,10 +163,14 @@ class CloudModel(_Tier):
         """EC-Diff / Hybrid SD, cloud part: steps 0..s-1 (with noise approximation); the edge finishes."""
         return await self.call("plan", request)
 
+    def load_snapshot(self) -> dict:
+        """This replica's load report (`engine.monitor.TierSnapshot` as a dict): what the deployment
+        publishes and what the router's service model reads (`ReplicaLoad.from_snapshot`)."""
+        return snapshot_dict(self.loop.monitor.snapshot())
+
     async def load(self) -> CloudLoad:
-        """This replica's load, as the router reads it."""
-        monitor = self.loop.monitor
-        return CloudLoad(monitor.queued_steps, 1, monitor.seconds_per_step)
+        """This replica's load, as the router reads it (in process: the tier is this one replica)."""
+        return CloudLoad((ReplicaLoad.from_snapshot(self.load_snapshot()),))
 
 
 StrengthFunction = Callable[[str, Image.Image], float]

@@ -48,6 +48,7 @@ class EvalReport:
     mode: str
     n: int
     quality: float  # mean judge accuracy
+    exact: float  # share of images with every attribute right
     per_attribute: dict[str, float]  # mean judge score per attribute
     unet_calls: dict[str, float]  # mean per image: cloud, edge, approximated
     seconds_per_image: float
@@ -58,6 +59,7 @@ class EvalReport:
             "mode": self.mode,
             "n": self.n,
             "quality": self.quality,
+            "exact": self.exact,
             "per_attribute": self.per_attribute,
             "unet_calls": self.unet_calls,
             "seconds_per_image": self.seconds_per_image,
@@ -69,6 +71,7 @@ class EvalReport:
             ("mode", self.mode),
             ("images", str(self.n)),
             ("quality (judge accuracy)", f"{self.quality:.4f}"),
+            ("exact match", f"{self.exact:.4f}"),
             *((f"  {name}", f"{value:.4f}") for name, value in self.per_attribute.items()),
             *((f"unet calls / image: {tier}", f"{calls:.2f}") for tier, calls in self.unet_calls.items()),
             ("seconds / image", f"{self.seconds_per_image:.4f}"),
@@ -120,11 +123,12 @@ def evaluate_mode(
                     totals[tier] += calls
             bar.update(len(batch))
     n = len(requests)
-    attributes = [key for key in scores[0] if key != "accuracy"] if scores else []
+    attributes = [key for key in scores[0] if key not in ("accuracy", "exact")] if scores else []
     return EvalReport(
         mode=mode,
         n=n,
         quality=_mean([s["accuracy"] for s in scores]),
+        exact=_mean([s["exact"] for s in scores]),
         per_attribute={name: _mean([s[name] for s in scores]) for name in attributes},
         unet_calls={tier: calls / n if n else 0.0 for tier, calls in totals.items()},
         seconds_per_image=generation_s / n if n else 0.0,

@@ -1,8 +1,13 @@
 """Offline CLIP tokenizers written by the project (no hub download).
 
-A CLIP BPE tokenizer is a vocabulary plus a merge list. We write one whose merges spell out a given word
-list, so every known word is a single token and anything else falls back to characters. The tiny random
-test pipeline and the embedded shapes models both use it.
+A CLIP BPE tokenizer is a vocabulary plus a merge list. We learn the merges with the `tokenizers` library's
+BPE trainer on the word list itself, so every known word ends as a single token and anything else falls
+back to characters. The tiny random test pipeline and the embedded shapes models both use it.
+
+BPE applies merges by rank, so a hand-written chain per word breaks as soon as an earlier word's merge
+fires inside a later word (the first version split "triangle" into 6 tokens after "an" and "ri" from
+"and" and "right"). The trainer learns merges by applying each one to the whole corpus as it goes, so the
+segmentation it ends with is the one encoding produces.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import CLIPTokenizer
 
 BOS_TOKEN = "<|startoftext|>"
@@ -27,28 +33,28 @@ def build_vocab_and_merges(
     (bigrams, then trigrams, ..., each as word-inside and word-final token), so that an embedding table
     sized like a real tokenizer's (CLIP: 49408) is indexed by it; start/end tokens stay the last two ids.
     """
+    known = sorted({w.lower() for w in words if len(w) >= 2 and all(c in BASE_CHARACTERS for c in w.lower())})
+    trainer = trainers.BpeTrainer(
+        vocab_size=1_000_000,  # no cap: merge until every word is one token
+        min_frequency=1,
+        show_progress=False,
+        initial_alphabet=list(BASE_CHARACTERS),
+        end_of_word_suffix="</w>",  # CLIP marks word ends this way
+    )
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    bpe.train_from_iterator(known, trainer)
+    merges = [" ".join(pair) for pair in json.loads(bpe.to_str())["model"]["merges"]]
+
     vocab: dict[str, int] = {}
     for char in BASE_CHARACTERS:
         vocab.setdefault(char, len(vocab))
     for char in BASE_CHARACTERS:
         vocab.setdefault(char + "</w>", len(vocab))
-    merges: list[str] = []
-    seen_merges: set[str] = set()
-    for word in sorted({w.lower() for w in words}):
-        if len(word) < 2 or any(c not in BASE_CHARACTERS for c in word):
-            continue
-        parts = list(word)
-        parts[-1] += "</w>"
-        current = parts[0]
-        for part in parts[1:]:
-            merge = f"{current} {part}"
-            current += part
-            if merge not in seen_merges:
-                seen_merges.add(merge)
-                merges.append(merge)
-            vocab.setdefault(current, len(vocab))
+    for merge in merges:
+        vocab.setdefault(merge.replace(" ", ""), len(vocab))
     if vocab_size is not None:
-        _fill_vocab(vocab, merges, seen_merges, vocab_size - 2)
+        _fill_vocab(vocab, merges, set(merges), vocab_size - 2)
     vocab[BOS_TOKEN] = len(vocab)
     vocab[EOS_TOKEN] = len(vocab)
     return vocab, merges

@@ -1,12 +1,11 @@
 """Router policy: trade the predicted strength and the step count against the cloud tier's load.
 
-Inputs are the predicted strength, the request's latency target and a `CloudLoad` snapshot (denoising steps
-queued or running on the cloud tier, its replicas and measured seconds per step). The expected latency of
-a refinement with `n` cloud steps is
-
-    wait = queued_steps / replicas * seconds_per_step      (work ahead of us, spread over replicas)
-    run  = n * seconds_per_step
-    expected = wait + run + overhead
+Inputs are the predicted strength, the request's latency target and a `CloudLoad` snapshot (per cloud
+replica: the samples in its step batcher and their remaining steps, its queue, its batch capacity and the
+fitted time of a batched step, `t(b) = t0 + t1 * b`). The expected latency of a refinement with `n` cloud
+steps is the service model's (`service_model.predict_tier`): when the request would finish if it joined
+the replica it is expected to land on, replaying the step batcher's fewest-remaining-steps-first
+schedule, plus a fixed overhead (encode, batch wait, transport).
 
 The policy, in order, until the expected latency fits the target:
 1. refine fully: `strength_predicted` over the full schedule (route `cloud`);
@@ -19,17 +18,38 @@ Without a latency target, or with an unmeasured step time, it refines fully. Eve
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+
+from diffusionx.policy.service_model import ReplicaLoad, choose_replica, predict_tier
 
 
 @dataclass(frozen=True)
 class CloudLoad:
-    queued_steps: int = 0  # denoising steps queued or in flight on the cloud tier
-    replicas: int = 1
-    seconds_per_step: float | None = None  # measured; None before the first cloud batch
+    replicas: tuple[ReplicaLoad, ...] = ()  # one per live cloud replica
+
+    @property
+    def measured(self) -> bool:
+        """The replica a request is expected on has a step time (from its warm-up or its batches)."""
+        return bool(self.replicas) and self.replicas[choose_replica(self.replicas)].step_time_s is not None
 
     def to_dict(self) -> dict[str, float]:
-        return {k: (-1.0 if v is None else float(v)) for k, v in asdict(self).items()}
+        """What a decision used (-1 where unknown): the expected replica's work, capacity and step time."""
+        if not self.replicas:
+            return {"replicas": 0.0}
+        index = choose_replica(self.replicas)
+        replica = self.replicas[index]
+        t0, t1 = replica.step_time_s or (-1e-3, -1e-3)
+        return {
+            "replicas": float(len(self.replicas)),
+            "replica": float(index),
+            "samples": float(len(replica.pool)),
+            "queued": float(len(replica.queued_steps)),
+            "remaining_steps": float(replica.remaining_steps),
+            "tier_remaining_steps": float(sum(r.remaining_steps for r in self.replicas)),
+            "max_batch_size": float(replica.max_batch_size),
+            "step_t0_ms": round(t0 * 1000.0, 3),
+            "step_t1_ms": round(t1 * 1000.0, 3),
+        }
 
 
 @dataclass(frozen=True)
@@ -44,7 +64,7 @@ class RouteDecision:
     route: str  # "cloud" | "cloud-reduced" | "edge-fallback"
     strength: float
     num_inference_steps: int
-    expected_latency_ms: float
+    expected_latency_ms: float | None  # None: the cloud step time is not measured yet
     reason: str
 
     @property
@@ -53,9 +73,8 @@ class RouteDecision:
 
 
 def expected_latency_ms(load: CloudLoad, cloud_steps: int, config: RouterConfig) -> float:
-    step_s = load.seconds_per_step or 0.0
-    wait_s = load.queued_steps / max(1, load.replicas) * step_s
-    return (wait_s + cloud_steps * step_s) * 1000.0 + config.overhead_ms
+    """Service-model finish time of `cloud_steps` on the tier, plus the overhead (needs `load.measured`)."""
+    return predict_tier(load.replicas, cloud_steps).finish_s * 1000.0 + config.overhead_ms
 
 
 def decide_route(
@@ -74,11 +93,14 @@ def decide_route(
     def latency(steps: int, strength: float) -> float:
         return expected_latency_ms(load, int(steps * strength), config)
 
+    if not load.measured:
+        why = "no latency target" if latency_target_ms is None else "cloud step time not measured yet"
+        return RouteDecision(
+            "cloud", strength_predicted, num_inference_steps, None, f"full refinement: {why}"
+        )
     full = latency(num_inference_steps, strength_predicted)
-    if latency_target_ms is None or load.seconds_per_step is None or full <= latency_target_ms:
+    if latency_target_ms is None or full <= latency_target_ms:
         why = "no latency target" if latency_target_ms is None else "fits the latency target"
-        if latency_target_ms is not None and load.seconds_per_step is None:
-            why = "cloud step time not measured yet"
         return RouteDecision(
             "cloud", strength_predicted, num_inference_steps, full, f"full refinement: {why}"
         )
@@ -113,11 +135,13 @@ def decide_route(
                 f"to meet {latency_target_ms:.0f} ms",
             )
     # 4. the cloud cannot meet the target within the quality floor
+    used = load.to_dict()
     return RouteDecision(
         "edge-fallback",
         strength_predicted,
         num_inference_steps,
         config.overhead_ms,
-        f"cloud expected {full:.0f} ms (queue {load.queued_steps} steps on {load.replicas} replica(s)) "
+        f"cloud expected {full:.0f} ms ({used['samples']:.0f} samples and {used['queued']:.0f} queued, "
+        f"{used['remaining_steps']:.0f} steps, on replica {used['replica']:.0f} of {len(load.replicas)}) "
         f"exceeds {latency_target_ms:.0f} ms even at {min_steps} steps and strength {floor:.2f}",
     )

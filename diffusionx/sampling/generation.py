@@ -10,6 +10,7 @@ Symbols: x_t -> `latents`, eps -> `noise_pred`, alpha-bar schedule -> the DDIM s
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Sequence
@@ -32,6 +33,11 @@ from diffusionx.requests import (
 
 Request = TypeVar("Request")
 
+# A fast (Rust) tokenizer keeps its padding/truncation settings in shared state that each call rewrites, so
+# two threads tokenizing at once (in process, the edge and cloud loops share one tokenizer; prompts are also
+# checked on the event loop) can get each other's padding. Every call goes through this lock.
+_TOKENIZER_LOCK = threading.Lock()
+
 
 def make_scheduler(model: LoadedModel, num_inference_steps: int) -> DDIMScheduler:
     """A fresh DDIM scheduler per call: no state is shared between requests."""
@@ -43,7 +49,8 @@ def make_scheduler(model: LoadedModel, num_inference_steps: int) -> DDIMSchedule
 def check_prompt_fits(model: LoadedModel, prompts: Sequence[str]) -> None:
     limit = model.tokenizer.model_max_length
     for prompt in prompts:
-        n_tokens = len(model.tokenizer(prompt).input_ids)
+        with _TOKENIZER_LOCK:
+            n_tokens = len(model.tokenizer(prompt).input_ids)
         if n_tokens > limit:
             raise InvalidRequestError(
                 f"prompt is {n_tokens} tokens long; model '{model.spec.name}' reads at most {limit} "
@@ -56,13 +63,14 @@ def encode_prompt(model: LoadedModel, prompts: Sequence[str], guidance_scale: fl
     """Text embeddings, (B, L, D); with guidance, (2B, L, D) as [unconditional; conditional]."""
 
     def embed(texts: Sequence[str]) -> torch.Tensor:
-        ids = model.tokenizer(
-            list(texts),
-            padding="max_length",
-            max_length=model.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(model.device)
+        with _TOKENIZER_LOCK:
+            ids = model.tokenizer(
+                list(texts),
+                padding="max_length",
+                max_length=model.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(model.device)
         return model.text_encoder(ids)[0].to(model.dtype)
 
     conditional = embed(prompts)

@@ -189,6 +189,10 @@ class StepBatcher:
     def idle(self) -> bool:
         return not self._pool
 
+    def priorities(self) -> list[tuple[int, int]]:
+        """`(key, remaining steps)` of every pooled sample, in the order `step` picks them."""
+        return [(s.priority[0], s.remaining) for s in sorted(self._pool, key=lambda s: s.priority)]
+
     # -- joining -------------------------------------------------------------------------------------
 
     @torch.no_grad()

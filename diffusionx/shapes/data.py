@@ -225,9 +225,15 @@ def scene_rng(seed: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([stream, seed])
 
 
-def training_scenes(n: int, seed: int = 0) -> list[Scene]:
+def training_scenes(
+    n: int, seed: int = 0, two_shape_probability: float = TWO_SHAPE_PROBABILITY
+) -> list[Scene]:
+    """Training scenes; a higher `two_shape_probability` than the held-out mix gives the model more
+    examples of binding each place phrase to its own shape (held-out prompts keep TWO_SHAPE_PROBABILITY)."""
+    if not 0.0 <= two_shape_probability <= 1.0:
+        raise ValueError(f"two_shape_probability={two_shape_probability} must be in [0, 1]")
     rng = scene_rng(seed, TRAIN_STREAM)
-    return [random_scene(rng) for _ in range(n)]
+    return [random_scene(rng, two_shape_probability) for _ in range(n)]
 
 
 def heldout_scenes(n: int, seed: int = 0) -> list[Scene]:

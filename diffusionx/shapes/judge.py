@@ -11,7 +11,8 @@ Algorithm, on the image resized to 32x32:
    Position: the centroid's nearest anchor in `data.POSITION_CENTERS`. Kind: the nearest of three
    prototypes in (fill ratio of the bounding box, share of the area in the box's upper half) space
    (`KIND_PROTOTYPES`).
-5. Per-attribute scores average over the caption's shapes; "accuracy" is the mean of the five attributes.
+5. Per-attribute scores average over the caption's shapes; "accuracy" is the mean of the five attributes
+   and "exact" is 1 only when every attribute of every shape is right (the image matches the caption).
 """
 
 from __future__ import annotations
@@ -138,7 +139,8 @@ def describe(image: Image.Image) -> dict:
 
 
 def score(image: Image.Image, caption: str) -> dict[str, float]:
-    """Per-attribute scores in [0, 1] (kind, colour, size, position, background) and their mean, "accuracy".
+    """Per-attribute scores in [0, 1] (kind, colour, size, position, background), their mean "accuracy",
+    and "exact" (1.0 when every attribute is right, else 0.0).
 
     Raises ValueError when `caption` is not a grammar caption (see data.parse_caption)."""
     scene = data.parse_caption(caption)
@@ -155,6 +157,7 @@ def score(image: Image.Image, caption: str) -> dict[str, float]:
     result = {name: value / len(scene.shapes) for name, value in totals.items()}
     result["background"] = float(seen["background"] == scene.background)
     result["accuracy"] = float(np.mean([result[a] for a in ATTRIBUTES]))
+    result["exact"] = float(all(result[a] == 1.0 for a in ATTRIBUTES))
     return result
 
 
@@ -163,4 +166,4 @@ def mean_scores(images: list[Image.Image], captions: list[str]) -> dict[str, flo
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
     scores = [score(image, text) for image, text in zip(images, captions, strict=False)]
-    return {key: float(np.mean([s[key] for s in scores])) for key in (*ATTRIBUTES, "accuracy")}
+    return {key: float(np.mean([s[key] for s in scores])) for key in (*ATTRIBUTES, "accuracy", "exact")}

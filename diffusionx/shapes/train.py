@@ -1,19 +1,22 @@
 """Train the embedded shapes text-to-image models on CPU and save them in diffusers format.
 
 Two phases, one process, resumable from `<run-dir>/checkpoint.pt`:
-1. VAE: a small AutoencoderKL (32x32x3 -> 8x8x4) on rendered scenes, MSE + a small KL term. Then every
+1. VAE: a small AutoencoderKL (32x32x3 -> 8x8x4) on rendered scenes, MSE + a small KL term (from scratch,
+   or fine-tuning the `--init-from` export's VAE). Then every
    training scene is encoded once (posterior mean and std are cached) and `scaling_factor` = 1 / std of
    the latents is written into the VAE config.
 2. Diffusion: the cloud UNet and the much smaller edge UNet are trained in the same loop on the same
-   latents, noise and timesteps (DDPM epsilon prediction, SD's scaled_linear betas, min-SNR-5 weighting).
+   latents, noise and timesteps (DDPM epsilon prediction, SD's scaled_linear betas, min-SNR-5 weighting,
+   optionally with a floor on the x0 weight of the high-noise steps, `--min-x0-weight`).
    The tiny CLIP text encoder is trained by the cloud loss only; the edge UNet sees detached text
    embeddings. Captions are dropped to the empty prompt with probability `--drop-caption` so that
    classifier-free guidance works. EMA copies of the weights are what gets exported.
 
 Every `--export-every` steps the EMA pipeline is exported to `--out` (so something usable exists early) and
-scored by the judge on held-out prompts; the figures go to `<run-dir>/metrics.csv`.
+scored by the judge on held-out prompts (accuracy, per attribute, exact match); the figures go to
+`<run-dir>/metrics.csv`. Rerunning the same command resumes from the checkpoint.
 
-    python -m diffusionx.shapes.train --out diffusionx/models/shapes --run-dir runs/shapes
+    python -m diffusionx.shapes.train --run-dir runs/shapes-v2 --out runs/shapes-v2/export
 """
 
 from __future__ import annotations
@@ -54,12 +57,20 @@ SCHEDULER_CONFIG = dict(
 
 @dataclass
 class TrainConfig:
-    out: str = "diffusionx/models/shapes"  # final (and intermediate) diffusers export
-    run_dir: str = "runs/shapes"  # checkpoints, log-side metrics, sample grids
+    out: str = "runs/shapes-v2/export"  # final (and intermediate) diffusers export; copy it to
+    # diffusionx/models/shapes only once its figures are checked, so the shipped weights stay intact
+    run_dir: str = "runs/shapes-v2"  # checkpoints, metrics.csv, config.json
+    # Warm start: a diffusers export (e.g. diffusionx/models/shapes) whose VAE, UNets and text encoder
+    # initialise this run (same architecture); token embeddings are remapped onto the new tokenizer. The VAE
+    # phase then fine-tunes the export's VAE for --vae-steps (0 keeps it, and so the UNets' latent space).
+    init_from: str = ""
     seed: int = 0  # seeds data, initialisation, noise, batches
     threads: int = 1  # torch threads; 1 keeps the machine's other core free
     num_scenes: int = 60000  # training scenes rendered once and cached as latents
-    model_max_length: int = 32  # tokens; longest caption is 30 ("triangle" is 6 BPE tokens, see README)
+    model_max_length: int = 24  # tokens; the longest caption is 20 (one token per word, BOS, EOS)
+    # Share of two-shape training scenes. Held-out prompts keep data.TWO_SHAPE_PROBABILITY (0.4); v1 trained
+    # on 0.4 and never learned which shape a place phrase belongs to (two-shape position 0.49 = chance).
+    two_shape_probability: float = 0.7
     # VAE phase
     vae_steps: int = 1500
     vae_batch_size: int = 32
@@ -78,6 +89,10 @@ class TrainConfig:
     decoder_lr: float = 2e-4
     drop_caption: float = 0.1  # probability of training on the empty prompt (for CFG)
     min_snr_gamma: float = 5.0  # 0 disables min-SNR loss weighting
+    # Lower bound of the loss weight in x0 terms (0 = plain min-SNR). An epsilon loss weighs x0 errors by
+    # SNR, which is ~0.005-0.1 at t >= 700: exactly the steps where the layout, and which shape goes to
+    # which place, is decided (later the noisy latent shows it). v1 never learned that binding.
+    min_x0_weight: float = 0.0
     text_hidden: int = 64
     text_layers: int = 2
     cloud_channels: tuple[int, ...] = (64, 128)
@@ -85,7 +100,7 @@ class TrainConfig:
     edge_channels: tuple[int, ...] = (32, 64)
     # Exports / evaluation / checkpoints
     export_every: int = 1000  # diffusion steps between EMA exports + judge evaluation
-    eval_prompts: int = 48
+    eval_prompts: int = 128  # the held-out set the quality targets are defined on
     eval_steps: int = 20  # cloud DDIM steps at evaluation
     eval_edge_steps: int = 8  # edge preview DDIM steps at evaluation
     eval_guidance: float = 4.0
@@ -153,6 +168,48 @@ def make_unet(channels: tuple[int, ...], layers_per_block: int, cross_attention_
         attention_head_dim=4 if not edge else 2,  # diffusers: number of heads
         norm_num_groups=min(channels[0], 32),
     )
+
+
+def load_weights(model: torch.nn.Module, source: torch.nn.Module, name: str) -> None:
+    """Copies `source`'s weights into `model`; the configs must describe the same architecture."""
+    try:
+        model.load_state_dict(source.state_dict())
+    except RuntimeError as error:
+        raise ValueError(f"--init-from {name} does not match this run's {name} config: {error}") from None
+
+
+@torch.no_grad()
+def warm_start(root: str, tokenizer: CLIPTokenizer, models: dict[str, torch.nn.Module]) -> None:
+    """Initialises the text encoder and both UNets from the export at `root`.
+
+    The export's tokenizer may split words differently, so each token embedding of the new tokenizer is
+    the mean of the old embeddings of the same text (identical for words that were already one token);
+    position embeddings are copied for the positions both have."""
+    load_weights(models["unet"], UNet2DConditionModel.from_pretrained(root, subfolder="unet"), "unet")
+    edge = UNet2DConditionModel.from_pretrained(root, subfolder="unet_edge")
+    load_weights(models["unet_edge"], edge, "unet_edge")
+    old_tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
+    old = CLIPTextModel.from_pretrained(root, subfolder="text_encoder")
+    new = models["text_encoder"]
+    skip = ("token_embedding.weight", "position_embedding.weight")  # sizes follow the tokenizer
+    old_state = {k: v for k, v in old.state_dict().items() if not k.endswith(skip)}
+    missing, unexpected = new.load_state_dict(old_state, strict=False)
+    if unexpected or [k for k in missing if not k.endswith(skip)]:
+        raise ValueError(f"--init-from text_encoder does not match: missing {missing}, extra {unexpected}")
+    old_tokens = old.get_input_embeddings().weight
+    new_tokens = new.get_input_embeddings().weight
+    for token, index in tokenizer.get_vocab().items():
+        if token in (tokenizer.bos_token, tokenizer.eos_token):
+            new_tokens[index] = old_tokens[old_tokenizer.convert_tokens_to_ids(token)]
+            continue
+        old_ids = old_tokenizer(token.replace("</w>", " "), add_special_tokens=False).input_ids
+        if old_ids:
+            new_tokens[index] = old_tokens[old_ids].mean(dim=0)
+    old_positions = old.embeddings.position_embedding.weight
+    new_positions = new.embeddings.position_embedding.weight
+    n = min(len(old_positions), len(new_positions))
+    new_positions[:n] = old_positions[:n]
+    print(f"warm start from {root}: text encoder, unet, unet_edge", flush=True)
 
 
 def count_params(module: torch.nn.Module) -> int:
@@ -345,13 +402,19 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
             e.lerp_(p, 1 - decay)
 
 
-def snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """min-SNR-gamma weights for epsilon prediction: min(SNR, gamma) / SNR (Hang et al. 2023)."""
-    if gamma <= 0:
-        return torch.ones_like(timesteps, dtype=torch.float32)
+def snr_weights(
+    alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float, min_x0_weight: float = 0.0
+) -> torch.Tensor:
+    """Epsilon-loss weights min(max(SNR, min_x0_weight), gamma) / SNR: min-SNR-gamma (Hang et al. 2023)
+    with an optional floor on the implied x0 weight (an epsilon error e is an x0 error e / sqrt(SNR))."""
     alpha_bar = alphas_cumprod[timesteps]
     snr = alpha_bar / (1 - alpha_bar)
-    return torch.clamp(snr, max=gamma) / snr
+    x0_weight = snr.clone()
+    if gamma > 0:
+        x0_weight = torch.clamp(x0_weight, max=gamma)
+    if min_x0_weight > 0:
+        x0_weight = torch.clamp(x0_weight, min=min_x0_weight)
+    return x0_weight / snr
 
 
 def evaluate_export(config: TrainConfig, out: Path) -> dict[str, float]:
@@ -375,7 +438,7 @@ def train(config: TrainConfig) -> None:
         print(f"resuming from {checkpoint_path}: phase {state['phase']} step {state['step']}", flush=True)
 
     tokenizer = write_clip_tokenizer(run_dir / "tokenizer", data.vocabulary(), config.model_max_length)
-    scenes = data.training_scenes(config.num_scenes, config.seed)
+    scenes = data.training_scenes(config.num_scenes, config.seed, config.two_shape_probability)
     captions = [data.caption(s) for s in scenes]
     longest = max(len(tokenizer(c).input_ids) for c in captions[:2000])
     if longest > config.model_max_length:
@@ -383,14 +446,29 @@ def train(config: TrainConfig) -> None:
 
     # 1. VAE
     vae = make_vae(config)
-    if state.get("phase") != "unet":
-        train_vae(config, vae, state, run_dir, scenes)
-    else:
+    if state.get("phase") == "unet":
         vae.load_state_dict(state["vae"])
+    else:
+        if config.init_from:  # then --vae-steps fine-tune it (0 keeps it as it is)
+            load_weights(vae, AutoencoderKL.from_pretrained(config.init_from, subfolder="vae"), "vae")
+        train_vae(config, vae, state, run_dir, scenes)
     vae.eval().requires_grad_(False)
     print(f"vae reconstruction judge scores: {json.dumps(vae_reconstruction_scores(vae))}", flush=True)
 
-    # 2. Cache latents and compute the scaling factor.
+    # 2. Models (first, so that a bad --init-from fails before the slow encoding)
+    text_encoder = make_text_encoder(config, tokenizer)
+    unet = make_unet(config.cloud_channels, config.cloud_layers_per_block, config.text_hidden, edge=False)
+    unet_edge = make_unet(config.edge_channels, 1, config.text_hidden, edge=True)
+    models = {"text_encoder": text_encoder, "unet": unet, "unet_edge": unet_edge}
+    if config.init_from and state.get("phase") != "unet":
+        warm_start(config.init_from, tokenizer, models)
+    print(
+        "params: "
+        + ", ".join(f"{k} {count_params(m) / 1e6:.2f}M" for k, m in models.items())
+        + f", vae {count_params(vae) / 1e6:.2f}M",
+        flush=True,
+    )
+    # 3. Cache latents and compute the scaling factor.
     latent_mean, latent_std = encode_scenes(vae, scenes)  # (N, 4, 8, 8) each
     scaling_factor = float(1.0 / latent_mean.std())
     vae.register_to_config(scaling_factor=scaling_factor)
@@ -398,17 +476,6 @@ def train(config: TrainConfig) -> None:
     token_ids = tokenize(tokenizer, captions, config.model_max_length)  # (N, L)
     empty_ids = tokenize(tokenizer, [""], config.model_max_length)[0]  # (L,)
 
-    # 3. Models
-    text_encoder = make_text_encoder(config, tokenizer)
-    unet = make_unet(config.cloud_channels, config.cloud_layers_per_block, config.text_hidden, edge=False)
-    unet_edge = make_unet(config.edge_channels, 1, config.text_hidden, edge=True)
-    models = {"text_encoder": text_encoder, "unet": unet, "unet_edge": unet_edge}
-    print(
-        "params: "
-        + ", ".join(f"{k} {count_params(m) / 1e6:.2f}M" for k, m in models.items())
-        + f", vae {count_params(vae) / 1e6:.2f}M",
-        flush=True,
-    )
     emas = {k: copy.deepcopy(m).requires_grad_(False) for k, m in models.items()}
     optimizer = torch.optim.AdamW(
         [p for m in models.values() for p in m.parameters()], lr=config.lr, weight_decay=0.01
@@ -451,7 +518,8 @@ def train(config: TrainConfig) -> None:
         export_pipeline(out, vae, emas["text_encoder"], tokenizer, emas["unet"], emas["unet_edge"])
         started = time.perf_counter()
         vae_scores = vae_reconstruction_scores(vae)
-        metrics = {"step": step, "vae_accuracy": vae_scores["accuracy"], "vae_kind": vae_scores["kind"]}
+        metrics = {"step": step, "vae_accuracy": vae_scores["accuracy"], "vae_exact": vae_scores["exact"]}
+        metrics["vae_kind"] = vae_scores["kind"]
         metrics.update(evaluate_export(config, out))
         metrics["eval_s"] = time.perf_counter() - started
         print("eval " + json.dumps({k: round(v, 4) for k, v in metrics.items()}), flush=True)
@@ -485,7 +553,7 @@ def train(config: TrainConfig) -> None:
             0, scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator
         )
         zt = scheduler.add_noise(z0, noise, timesteps)  # q_sample: sqrt(a_bar) z0 + sqrt(1 - a_bar) eps
-        weights = snr_weights(alphas_cumprod, timesteps, config.min_snr_gamma)
+        weights = snr_weights(alphas_cumprod, timesteps, config.min_snr_gamma, config.min_x0_weight)
 
         context = text_encoder(ids)[0]  # (B, L, text_hidden)
         eps_cloud = unet(zt, timesteps, context).sample

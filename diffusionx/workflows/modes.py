@@ -306,5 +306,6 @@ async def generate(tiers: Tiers, mode: str, request: PreviewRequest) -> Generate
         "route": final.decision.route,
         "strength_predicted": final.strength_predicted,
         "strength_used": final.decision.strength,
+        "expected_latency_ms": final.decision.expected_latency_ms,
     }
     return Generated(result, parameters)

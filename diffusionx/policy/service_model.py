@@ -1,0 +1,223 @@
+"""Service model of the cloud tier: when would a new refinement of `k` steps finish on a replica?
+
+A cloud replica runs refinements through `step_batching.StepBatcher`: one UNet call per step for up to
+`B` samples, samples join between steps and leave when their schedule is done. Which samples advance is
+decided by a key, `remaining steps - steps waited` (lower first; ties to the earlier arrival). Every step
+lowers every pooled sample's key by exactly one: a sample in the batch loses a remaining step, a sample
+left out gains a waited step. So the order of the samples in the pool never changes after they join; it
+is a fixed priority order (earliest deadline first, the deadline being "the step I would finish at had I
+run every step"). A new request joins with key `k` behind every sample whose key is `<= k`.
+
+That makes the prediction exact for a replica with no further arrivals, and cheap (`expected_finish_s`):
+walk the samples in priority order, the batch is the first `B` still alive, it runs until its shortest
+member finishes (`m` steps of `t(b)` seconds each, `b` the batch size), the finished ones leave, repeat
+until the new sample has finished. Requests queued in front of the engine (Serve's batch queue, not yet
+admitted) join at the next step with key = their steps, in arrival order, before the new one.
+
+Step time. `StepTimeModel` fits `t(b) = t0 + t1 * b`, the time of one batched step (UNet call, DDIM update,
+and the decode of samples that finish in it) as a function of the batch size, by least squares over
+exponentially forgotten observations once they spread over batch sizes. Before that it scales a seed line
+(a start-up warm-up at two batch sizes) to what was observed, so the first request has an estimate and a
+replica that only ever runs one batch size keeps a sensible slope; without a seed, `t(b)` is then that
+size's mean time.
+
+What it leaves out (it is a model): arrivals after the prediction (a later shorter request passes a
+longer waiting one; aging bounds by how much), whole batches of other kinds (cloud-only text-to-image,
+EC-Diff plans) that the model loop interleaves with engine steps, and samples of another image size or
+guidance scale (which cannot share a batch; the tier serves one size in practice). The router adds a
+fixed overhead (encode, batch wait, transport) on top.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+FORGET = 0.97  # weight kept per observation: about the last 1 / (1 - 0.97) = 33 steps count
+MIN_SPREAD = 0.5  # weighted std of observed batch sizes above which the slope is fitted from them
+MIN_STEP_S = 1e-4  # floor of t(b): a fit never predicts a free or negative step
+
+
+@dataclass
+class StepTimeModel:
+    """`t(b) = t0 + t1 * b` seconds per batched step, fitted online (see the module docstring)."""
+
+    forget: float = FORGET
+    # weighted sums over observations (b, t): sum w, sum w b, sum w b^2, sum w t, sum w b t
+    _sums: list[float] = field(default_factory=lambda: [0.0] * 5)
+    _seed: list[float] = field(default_factory=lambda: [0.0] * 5)
+    observations: int = 0
+
+    def seed(self, points: Sequence[tuple[int, float]]) -> None:
+        """Seeds the fit with measured `(batch_size, seconds per step)` points (e.g. a warm-up at 1 and B)."""
+        self._seed = [0.0] * 5
+        for batch_size, seconds in points:
+            self._add(self._seed, 1.0, batch_size, seconds)
+
+    def observe(self, batch_size: int, seconds: float) -> None:
+        """One measured step of `batch_size` samples that took `seconds`."""
+        if batch_size < 1 or not math.isfinite(seconds) or seconds <= 0:
+            return
+        self._sums = [value * self.forget for value in self._sums]
+        self._add(self._sums, 1.0, batch_size, seconds)
+        self.observations += 1
+
+    @staticmethod
+    def _add(sums: list[float], weight: float, b: float, t: float) -> None:
+        for i, value in enumerate((1.0, b, b * b, t, b * t)):
+            sums[i] += weight * value
+
+    @property
+    def measured(self) -> bool:
+        return self._seed[0] > 0 or self._sums[0] > 0
+
+    def coefficients(self) -> tuple[float, float] | None:
+        """(t0, t1) in seconds, or None before any seed or observation.
+
+        Observations that spread over batch sizes (weighted std of b >= MIN_SPREAD) are fitted by least
+        squares. Otherwise the slope is not identified: the seed's line is scaled to the observations'
+        weighted mean (or, without a seed, t(b) is that mean); with no observation, the seed itself.
+        """
+        seed = self._line(self._seed)
+        if seed is None and self._seed[0] > 0:  # a seed at one batch size: a constant step time
+            seed = self._seed[3] / self._seed[0], 0.0
+        w, sb, sbb, st, _ = self._sums
+        if w <= 0:
+            return seed
+        spread = math.sqrt(max(0.0, sbb / w - (sb / w) ** 2))
+        if spread >= MIN_SPREAD:
+            return self._line(self._sums)
+        if seed is None:
+            return st / w, 0.0
+        seeded_mean = seed[0] * w + seed[1] * sb  # sum of w * seed(b)
+        scale = st / seeded_mean if seeded_mean > 0 else 1.0
+        return seed[0] * scale, seed[1] * scale
+
+    @staticmethod
+    def _line(sums: list[float]) -> tuple[float, float] | None:
+        """Weighted least-squares (t0, t1) of the sums; None when empty or when b does not vary."""
+        w, sb, sbb, st, sbt = sums
+        variance = w * sbb - sb * sb
+        if w <= 0 or variance <= 1e-12 * max(1.0, w * sbb):
+            return None
+        t1 = (w * sbt - sb * st) / variance
+        return (st - t1 * sb) / w, t1
+
+    def predict(self, batch_size: int) -> float | None:
+        coefficients = self.coefficients()
+        if coefficients is None:
+            return None
+        t0, t1 = coefficients
+        return max(MIN_STEP_S, t0 + t1 * batch_size)
+
+    def to_pair(self) -> list[float] | None:
+        coefficients = self.coefficients()
+        return None if coefficients is None else [coefficients[0], coefficients[1]]
+
+
+@dataclass(frozen=True)
+class ReplicaLoad:
+    """What one cloud replica reports: its pool, its queue, its batch capacity and step time.
+
+    `pool` holds `(key, remaining_steps)` of the samples in the step batcher (waiting and running) in
+    priority order; `queued_steps` the steps of each request queued in front of it, oldest first;
+    `step_time_s` is `(t0, t1)` of `StepTimeModel`, None when not measured yet.
+    """
+
+    pool: tuple[tuple[int, int], ...] = ()
+    queued_steps: tuple[int, ...] = ()
+    max_batch_size: int = 1
+    step_time_s: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size={self.max_batch_size} must be >= 1")
+
+    @property
+    def requests(self) -> int:
+        return len(self.pool) + len(self.queued_steps)
+
+    @property
+    def remaining_steps(self) -> int:
+        return sum(remaining for _, remaining in self.pool) + sum(self.queued_steps)
+
+    def step_s(self, batch_size: int) -> float:
+        if self.step_time_s is None:
+            raise ValueError("step time not measured: step_time_s is None")
+        t0, t1 = self.step_time_s
+        return max(MIN_STEP_S, t0 + t1 * batch_size)
+
+    @classmethod
+    def from_snapshot(cls, snapshot: dict) -> ReplicaLoad:
+        """From a `TierMonitor` snapshot dict (`pool`, `queued`, `queued_steps`, `max_batch_size`,
+        `step_time_s`). Requests still queued are only counted there, with their steps summed: each gets
+        the mean of what the pool does not account for."""
+        pool = tuple((int(key), int(remaining)) for key, remaining in snapshot.get("pool") or ())
+        queued = max(0, int(snapshot.get("queued", 0)))
+        unaccounted = int(snapshot.get("queued_steps", 0)) - sum(r for _, r in pool)
+        each = max(1, round(unaccounted / queued)) if queued else 0
+        step_time = snapshot.get("step_time_s")
+        return cls(
+            pool=pool,
+            queued_steps=(each,) * queued,
+            max_batch_size=max(1, int(snapshot.get("max_batch_size", 1))),
+            step_time_s=None if step_time is None else (float(step_time[0]), float(step_time[1])),
+        )
+
+
+def expected_finish_s(replica: ReplicaLoad, steps: int, step_in_flight_s: float | None = None) -> float:
+    """Seconds until a refinement of `steps` denoising steps that joins `replica` now would finish.
+
+    Replays the step batcher's fixed-priority schedule (module docstring). `step_in_flight_s` is what is
+    left of the step running now; by default, with a busy pool, half a step (a request arrives at a
+    uniformly random point of it). Raises ValueError when the step time is not measured.
+    """
+    if steps < 0:
+        raise ValueError(f"steps={steps} must be >= 0")
+    if steps == 0:
+        return 0.0
+    # 1. everyone in priority order: the pool as it is, then the queued ones and the new one by key
+    #    (stable sort: at equal keys the earlier arrival goes first, the new request last)
+    joining = [(s, s, False) for s in replica.queued_steps] + [(steps, steps, True)]
+    order = [(key, remaining, False) for key, remaining in replica.pool] + joining
+    order.sort(key=lambda entry: entry[0])
+    alive = [[remaining, is_new] for _, remaining, is_new in order]
+    capacity = replica.max_batch_size
+    # 2. the step running now (if any) finishes first; then batches of the first `capacity` alive
+    if step_in_flight_s is None:
+        busy = min(capacity, len(replica.pool))
+        step_in_flight_s = 0.5 * replica.step_s(busy) if busy else 0.0
+    elapsed = step_in_flight_s
+    while True:
+        batch = alive[:capacity]
+        run = min(remaining for remaining, _ in batch)
+        elapsed += run * replica.step_s(len(batch))
+        for entry in batch:
+            entry[0] -= run
+        if any(is_new and remaining == 0 for remaining, is_new in batch):
+            return elapsed
+        alive = [entry for entry in alive if entry[0] > 0]
+
+
+@dataclass(frozen=True)
+class TierPrediction:
+    """The replica a refinement is expected to run on and when it would finish there."""
+
+    replica: int  # index into the tier's replicas
+    finish_s: float
+
+
+def choose_replica(replicas: Sequence[ReplicaLoad]) -> int:
+    """The replica a new request is expected to land on: the one with the fewest requests (what Ray
+    Serve's power-of-two-choices router picks among the two it samples; with two replicas, always).
+    Ties go to the lower index."""
+    if not replicas:
+        raise ValueError("no cloud replica reported its load")
+    return min(range(len(replicas)), key=lambda i: replicas[i].requests)
+
+
+def predict_tier(replicas: Sequence[ReplicaLoad], steps: int) -> TierPrediction:
+    """When a refinement of `steps` would finish on the tier, on the replica `choose_replica` picks."""
+    index = choose_replica(replicas)
+    return TierPrediction(index, expected_finish_s(replicas[index], steps))

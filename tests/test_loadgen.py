@@ -1,0 +1,215 @@
+"""`diffusionx loadgen` and its arrival processes against an in-process fake server (no Ray, no models)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import csv
+import io
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from clients.loadgen import (
+    COLUMNS,
+    LoadgenConfig,
+    check_loopback,
+    parse_args,
+    run_loadgen,
+    shapes_judge,
+    write_rows,
+)
+from clients.workload import poisson_arrivals, ramp_arrivals, think_time_s, trace_arrivals
+
+URL = "http://127.0.0.1:8000"
+
+
+def png_base64(color: tuple[int, int, int]) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), color).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class FlakyServer:
+    """Answers like the ingress, except: every 4th refine 503 (Retry-After), every 5th 500, and every
+    7th request of any kind never gets an answer (connection refused)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, dict]] = []
+        self.refines = 0
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content) if request.content else {}
+        self.seen.append((request.url.path, body))
+        if len(self.seen) % 7 == 0:
+            raise httpx.ConnectError("connection refused", request=request)
+        if request.url.path == "/v1/preview":
+            return httpx.Response(
+                200,
+                json={
+                    "preview_id": f"p{len(self.seen)}",
+                    "image": png_base64((200, 0, 0)),
+                    "seed": body["seed"],
+                    "num_inference_steps": 8,
+                    "strength": body.get("strength"),
+                    "unet_calls": {"cloud": 0, "edge": 8, "approximated": 0},
+                    "timings_ms": {},
+                },
+            )
+        self.refines += 1
+        if self.refines % 4 == 0:
+            return httpx.Response(
+                503, json={"error": "overloaded", "status": 503}, headers={"Retry-After": "1"}
+            )
+        if self.refines % 5 == 0:
+            return httpx.Response(500, json={"error": "boom", "status": 500})
+        return httpx.Response(
+            200,
+            json={
+                "image": png_base64((0, 0, 200)),
+                "seed": body["seed"],
+                "strength_predicted": 0.5,
+                "strength_used": 0.4,
+                "num_inference_steps": 15,
+                "route": "cloud-reduced",
+                "reason": "cut steps",
+                "load": {"replicas": 1.0},
+                "expected_latency_ms": 812.5,
+                "unet_calls": {"cloud": 6, "edge": 0, "approximated": 0},
+                "timings_ms": {},
+            },
+        )
+
+
+def config(workload: str, arrivals: list[float], **overrides) -> LoadgenConfig:
+    fields = dict(duration_s=5.0, rounds=3, think_s=0.001, progress=False, timeout_s=5.0)
+    return LoadgenConfig(URL, workload, arrivals, **{**fields, **overrides})
+
+
+# -- arrivals ----------------------------------------------------------------------------------------------
+
+
+def test_poisson_arrivals_have_the_rate_and_respect_the_bounds():
+    times = poisson_arrivals(20.0, 50.0, 10_000, random.Random(0))
+    assert 1000 - 130 <= len(times) <= 1000 + 130  # 4 sigma of a Poisson count of mean 1000
+    assert times == sorted(times) and times[0] > 0 and times[-1] < 50.0
+    assert len(poisson_arrivals(20.0, 50.0, 10, random.Random(0))) == 10
+    with pytest.raises(ValueError, match="rate=0"):
+        poisson_arrivals(0.0, 1.0, 10, random.Random(0))
+
+
+def test_a_ramp_rises_linearly():
+    times = ramp_arrivals(0.0, 40.0, 50.0, 10_000, random.Random(1))
+    first_half = sum(t < 25.0 for t in times)
+    # expected 250 in the first half and 750 in the second
+    assert 1000 - 130 <= len(times) <= 1000 + 130
+    assert 2.4 <= (len(times) - first_half) / first_half <= 3.7
+    with pytest.raises(ValueError, match="not both 0"):
+        ramp_arrivals(0.0, 0.0, 1.0, 10, random.Random(0))
+
+
+def test_trace_arrivals_are_relative_scaled_and_checked(tmp_path: Path):
+    trace = tmp_path / "trace.csv"
+    trace.write_text("timestamp_ms,prompt_tokens\n1000,12\n1500,7\n\n3000\n9000,1\n")
+    assert trace_arrivals(trace, 2.0, 10.0, 100) == [0.0, 1.0, 4.0]  # 9000 ms -> 16 s, past the duration
+    assert trace_arrivals(trace, 1.0, 100.0, 2) == [0.0, 0.5]
+    trace.write_text("1000\nsoon\n")
+    with pytest.raises(ValueError, match=r"trace.csv:2: .* milliseconds, got 'soon'"):
+        trace_arrivals(trace, 1.0, 10.0, 10)
+    trace.write_text("1000\n500\n")
+    with pytest.raises(ValueError, match="must not decrease"):
+        trace_arrivals(trace, 1.0, 10.0, 10)
+
+
+def test_think_times_are_lognormal_with_the_given_mean():
+    rng = random.Random(2)
+    samples = sorted(think_time_s(2.0, rng) for _ in range(20_000))
+    assert sum(samples) / len(samples) == pytest.approx(2.0, rel=0.03)
+    assert samples[len(samples) // 2] == pytest.approx(2.0 * 0.835, rel=0.04)  # median below the mean
+    assert think_time_s(0.0, rng) == 0.0
+
+
+def test_only_loopback_unless_allowed():
+    for url in ("http://127.0.0.1:8000", "http://localhost:8000", "http://[::1]:8000", "http://127.0.0.2"):
+        check_loopback(url)
+    for url in ("http://example.com", "http://10.0.0.1:8000", "https://8.8.8.8"):
+        with pytest.raises(ValueError, match="--allow-remote"):
+            check_loopback(url)
+    with pytest.raises(SystemExit):
+        parse_args(["--url", "http://example.com", "--rate", "1"])
+    assert parse_args(["--url", "http://example.com", "--rate", "1", "--allow-remote"]).rate == 1.0
+
+
+# -- every request sent gets a row -----------------------------------------------------------------------
+
+
+def test_sessions_record_every_request_whatever_happened(tmp_path: Path):
+    server = FlakyServer()
+    arrivals = [0.005 * i for i in range(12)]
+    rows, setup = asyncio.run(
+        run_loadgen(config("sessions", arrivals), httpx.MockTransport(server), judge=shapes_judge())
+    )
+    assert setup == [] and len(rows) == len(server.seen)
+    statuses = {row["status"] for row in rows}
+    assert {200, 503, 500, "ConnectionFailed"} <= statuses
+    kinds = [row["kind"] for row in rows]
+    assert kinds.count("preview") == 12 and set(kinds) == {"preview", "edit", "finalize"}
+    # a failed round ends its session: never more edits than the previews that succeeded allow
+    ok_previews = sum(r["status"] == 200 and r["kind"] == "preview" for r in rows)
+    assert kinds.count("finalize") <= ok_previews
+    for row in rows:
+        assert row["e2e_ms"] >= 0 and row["arrival_s"] >= 0
+        if row["status"] == 200:
+            assert 0.0 <= row["quality"] <= 1.0
+            assert row["edge_unet_calls"] == (8 if row["kind"] != "finalize" else 0)
+        else:
+            assert row["quality"] == "" and row["route"] == ""
+    finals = [r for r in rows if r["kind"] == "finalize" and r["status"] == 200]
+    assert finals and all(
+        (r["route"], r["strength_used"], r["expected_latency_ms"], r["cloud_unet_calls"])
+        == ("cloud-reduced", 0.4, 812.5, 6)
+        for r in finals
+    )
+    edits = [r for r in rows if r["kind"] == "edit" and r["status"] == 200]
+    assert edits and all(r["strength_used"] == 0.6 for r in edits)
+
+    path = write_rows(rows, tmp_path / "requests.csv")
+    with path.open() as handle:
+        reader = csv.DictReader(handle)
+        assert tuple(reader.fieldnames) == COLUMNS
+        assert len(list(reader)) == len(rows)
+
+
+def test_finalize_workload_makes_previews_first_and_caps_requests():
+    server = FlakyServer()
+    rows, setup = asyncio.run(
+        run_loadgen(
+            config("finalize", [0.001 * i for i in range(10)], max_requests=6, preview_pool=3),
+            httpx.MockTransport(server),
+        )
+    )
+    assert [row["kind"] for row in setup] == ["preview"] * 3
+    assert len(rows) == 6 and all(row["kind"] == "finalize" for row in rows)
+    assert len(rows) + len(setup) == len(server.seen)
+    assert all(row["quality"] == "" for row in rows)  # no judge given
+
+
+def test_preview_workload_stops_sending_after_the_time_limit():
+    server = FlakyServer()
+    rows, _ = asyncio.run(
+        run_loadgen(
+            config("preview", [0.0, 0.01, 0.3], duration_s=0.1, drain_s=0.05), httpx.MockTransport(server)
+        )
+    )
+    assert len(rows) == len(server.seen) == 2
+
+
+def test_importing_the_load_generator_does_not_import_torch():
+    code = "import sys, clients.loadgen; sys.exit('torch' in sys.modules or 'diffusers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
