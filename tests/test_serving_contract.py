@@ -29,7 +29,7 @@ from tests.test_boundary import png_claiming
 
 pytestmark = pytest.mark.ray
 
-EXAMPLES = 30  # per operation and mode: 3 POST x (valid + invalid) + 2 GET x valid = 240 cases
+EXAMPLES = 40  # per operation and mode: 3 POST x (valid + invalid) x 40 + the 2 GETs (one case each)
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
