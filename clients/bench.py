@@ -332,6 +332,7 @@ def _levels(text: str) -> list[int]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="diffusionx bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="benchmark", required=True)
+    sub.add_parser("autoscale", help="tiers scaling on Ray's local autoscaling cluster (see its --help)")
     preview = sub.add_parser("preview", help="latency / throughput / batching of POST /v1/preview")
     refine = sub.add_parser("refine", help="the same for POST /v1/refine at a given strength (cloud tier)")
     refine.add_argument(
@@ -369,6 +370,11 @@ def _add_common_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["autoscale"]:  # its own options and cluster: clients/bench_autoscale.py
+        from clients.bench_autoscale import main as autoscale_main
+
+        return autoscale_main(argv[1:])
     args = parse_args(argv)
     stop = None
     try:

@@ -2,7 +2,9 @@
 body types on the route methods.) HTTP concerns only: schemas, PNG work off the event loop, and errors
 (bad input -> 4xx with the reason, unknown preview id -> 404, overload -> 503 with Retry-After). What a
 request does is the library's workflow (`diffusionx.workflows.modes`), handed tiers that call the tier
-deployments through their DeploymentHandles.
+deployments through their DeploymentHandles. Preview and refine stream their progress as server-sent events
+when asked (`deployments.sse`; the tiers' `*_stream` methods through `handle.options(stream=True)`); the
+web page at `/` is `deployments.web`; metrics are `deployments.metrics`.
 
 Reliability (DESIGN.md, "Reliability contract"): the guard (`diffusionx.guard`) refuses bad bodies and
 keys before a route runs; admission control (`diffusionx.policy.admission`) refuses work at once when the
@@ -25,6 +27,9 @@ from ray import serve
 from ray.exceptions import ObjectLostError, RayActorError, WorkerCrashedError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
+from deployments.metrics import RETRY_HEADER, ingress_metrics, metrics_url
+from deployments.sse import event_stream, wants_events
+from deployments.web import add_web_page
 from diffusionx import imaging
 from diffusionx.api import (
     ErrorResponse,
@@ -37,6 +42,7 @@ from diffusionx.api import (
     StatsResponse,
 )
 from diffusionx.app_config import AppArgs
+from diffusionx.engine.progress import PROGRESS
 from diffusionx.guard import Guard, GuardConfig, load_api_keys
 from diffusionx.policy.admission import AdmissionControl
 from diffusionx.policy.router import CloudLoad, RouterConfig
@@ -71,6 +77,7 @@ app = FastAPI(
     "Errors answer `{error, status}`; 401 without a valid API key (when keys are on), 413 for a body over "
     "the byte limit, 422 for bad input, 404 for an unknown preview id, 503 with Retry-After on overload.",
 )
+add_web_page(app)  # GET /: the session page (deployments/static)
 
 # The guard's settings of this replica: the app (and so the middleware) is built before the replica's
 # constructor runs, which sets them from the application's args.
@@ -116,6 +123,25 @@ async def ask(method: Any, *args: Any, retries: int = 1) -> Any:
     raise AssertionError("unreachable")
 
 
+async def ask_stream(method: Any, *args: Any, on_progress: Any) -> Any:
+    """Calls a tier's generator method (`preview_stream`, ...) as a Ray Serve stream: hands each progress
+    report to `on_progress(step, total, tier)` and returns the result. Cancelled (the HTTP client went
+    away), it cancels the stream, and the tier replica cancels the job."""
+    stream = method.options(stream=True).remote(*args)
+    try:
+        async for kind, value in stream:
+            if kind == PROGRESS:
+                on_progress(*value)
+            else:
+                return value
+    except BackPressureError as error:
+        raise TierOverloaded(str(error)) from None
+    except asyncio.CancelledError:
+        stream.cancel()
+        raise
+    raise RuntimeError("the tier's stream ended without a result")
+
+
 class _HandleTier:
     """A tier deployment as the workflows call it: every method awaits the handle's method."""
 
@@ -127,10 +153,14 @@ class _HandleTier:
 
 
 class EdgeHandle(_HandleTier):
-    async def preview(self, request: PreviewRequest) -> GenerationResult:
+    async def preview(self, request: PreviewRequest, on_progress: Any = None) -> GenerationResult:
+        if on_progress is not None:
+            return await ask_stream(self.handle.preview_stream, request, on_progress=on_progress)
         return await ask(self.handle.preview, request)
 
-    async def edit(self, request: Img2ImgRequest) -> GenerationResult:
+    async def edit(self, request: Img2ImgRequest, on_progress: Any = None) -> GenerationResult:
+        if on_progress is not None:
+            return await ask_stream(self.handle.edit_stream, request, on_progress=on_progress)
         return await ask(self.handle.edit, request)
 
     async def finish(self, plan: "Plan") -> GenerationResult:
@@ -160,7 +190,9 @@ class Plan:
 
 
 class CloudHandle(_HandleTier):
-    async def refine(self, request: Img2ImgRequest) -> GenerationResult:
+    async def refine(self, request: Img2ImgRequest, on_progress: Any = None) -> GenerationResult:
+        if on_progress is not None:
+            return await ask_stream(self.handle.refine_stream, request, on_progress=on_progress)
         return await ask(self.handle.refine, request)
 
     async def generate(self, request: PreviewRequest) -> GenerationResult:
@@ -202,7 +234,8 @@ async def _preview_not_found(_: Request, error: PreviewNotFound) -> JSONResponse
 
 
 @app.exception_handler(TierOverloaded)
-async def _overloaded(_: Request, error: TierOverloaded) -> JSONResponse:
+async def _overloaded(request: Request, error: TierOverloaded) -> JSONResponse:
+    ingress_metrics().request_shed(request.url.path)
     return _error(503, f"overloaded, retry later: {error}", headers={"Retry-After": str(error.retry_after_s)})
 
 
@@ -224,6 +257,17 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         }
         for status in statuses
     }
+
+
+def _status_of(error: Exception) -> int:
+    """The HTTP status of an error that ends an event stream (the exception handlers' mapping)."""
+    if isinstance(error, InvalidRequestError):
+        return 422
+    if isinstance(error, PreviewNotFound):
+        return 404
+    if isinstance(error, TierOverloaded):
+        return 503
+    return 500
 
 
 def to_request(body: PreviewBody | GenerateBody) -> PreviewRequest:
@@ -250,6 +294,10 @@ async def encode_png(image: Image.Image) -> bytes:
 
 def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000.0, 3)
+
+
+def _s(start: float) -> float:
+    return time.perf_counter() - start
 
 
 @serve.deployment(
@@ -285,8 +333,13 @@ class DiffusionXIngress:
             max_wait_s=self.args.admission_max_wait_s,
         )
         self._load_watcher: asyncio.Task | None = None
+        self.metrics = ingress_metrics()
+        self._metrics_url: str | None = None
 
     # -- helpers -----------------------------------------------------------------------------------------
+    def _seen(self, endpoint: str, request: Request) -> None:
+        self.metrics.request_seen(endpoint, request.headers.get(RETRY_HEADER))
+
     async def _resolve_image(self, image: str | None, preview_id: str | None, owner: str) -> Image.Image:
         if image is not None:
             return await asyncio.to_thread(imaging.decode_png_base64, image)
@@ -356,18 +409,32 @@ class DiffusionXIngress:
 
     @app.get("/v1/stats", response_model=StatsResponse, responses=_errors(401, 503))
     async def stats(self) -> dict:
-        return await ask(self.state.stats)
+        if self._metrics_url is None:
+            self._metrics_url = await asyncio.to_thread(metrics_url)
+        return {**await ask(self.state.stats), "metrics_url": self._metrics_url}
 
     @app.post("/v1/preview", response_model=PreviewResponse, responses=_errors(401, 404, 413, 422, 503))
-    async def preview(self, body: PreviewBody, request: Request) -> dict:
-        start = time.perf_counter()
-        owner = request.state.owner
+    async def preview(self, body: PreviewBody, http_request: Request) -> Any:
+        self._seen("/v1/preview", http_request)
+        owner = http_request.state.owner
         if body.strength is not None:
             steps = await self._steps("edge", "default_steps", body.num_inference_steps)
             needs = {"edge": int(steps * body.strength)}
         else:
             needs = {"edge": await self._steps("edge", "preview_steps", body.num_inference_steps)}
-        await self._admit(needs)
+        await self._admit(needs)  # before a stream starts: a refusal is a plain 503
+        if wants_events(http_request):
+            return await event_stream(
+                lambda on_progress: self._preview(body, owner, needs, on_progress),
+                PreviewResponse,
+                _status_of,
+            )
+        return await self._preview(body, owner, needs)
+
+    async def _preview(
+        self, body: PreviewBody, owner: str, needs: dict[str, int], on_progress: Any = None
+    ) -> dict:
+        start = time.perf_counter()
         with self.admission.admit(needs):
             if body.strength is not None:
                 image = await self._resolve_image(body.image, body.preview_id, owner)
@@ -379,11 +446,12 @@ class DiffusionXIngress:
                     num_inference_steps=body.num_inference_steps,
                     guidance_scale=body.guidance_scale,
                 )
-                result = await modes.edit(self.tiers, edit_request)
+                result = await modes.edit(self.tiers, edit_request, on_progress)
             else:
-                result = await modes.preview(self.tiers, to_request(body))
+                result = await modes.preview(self.tiers, to_request(body), on_progress)
         png = await encode_png(result.image)
         preview_id = self._store_preview(png, owner)
+        self.metrics.request_done("preview", "edge" if body.strength is None else "edit", _s(start))
         return {
             "preview_id": preview_id,
             "image": base64.b64encode(png).decode("ascii"),
@@ -397,13 +465,24 @@ class DiffusionXIngress:
         }
 
     @app.post("/v1/refine", response_model=RefineResponse, responses=_errors(401, 404, 413, 422, 503))
-    async def refine(self, body: RefineBody, request: Request) -> dict:
-        start = time.perf_counter()
+    async def refine(self, body: RefineBody, http_request: Request) -> Any:
+        self._seen("/v1/refine", http_request)
+        owner = http_request.state.owner
         steps = await self._steps("cloud", "default_steps", body.num_inference_steps)
         needs = {"cloud": int(steps * (body.strength if body.strength is not None else 1.0))}
-        await self._admit(needs)
+        await self._admit(needs)  # before a stream starts: a refusal is a plain 503
+        if wants_events(http_request):
+            return await event_stream(
+                lambda on_progress: self._refine(body, owner, needs, on_progress), RefineResponse, _status_of
+            )
+        return await self._refine(body, owner, needs)
+
+    async def _refine(
+        self, body: RefineBody, owner: str, needs: dict[str, int], on_progress: Any = None
+    ) -> dict:
+        start = time.perf_counter()
         with self.admission.admit(needs):
-            image = await self._resolve_image(body.image, body.preview_id, request.state.owner)
+            image = await self._resolve_image(body.image, body.preview_id, owner)
             final = await modes.finalize(
                 self.tiers,
                 body.prompt,
@@ -413,10 +492,14 @@ class DiffusionXIngress:
                 strength=body.strength,
                 num_inference_steps=body.num_inference_steps,
                 latency_target_ms=body.latency_target_ms,
+                on_progress=on_progress,
             )
         result, decision = final.result, final.decision
+        image = base64.b64encode(await encode_png(result.image)).decode("ascii")
+        self.metrics.routed(decision.route, final.strength_predicted, decision.strength)
+        self.metrics.request_done("refine", decision.route, _s(start))
         return {
-            "image": base64.b64encode(await encode_png(result.image)).decode("ascii"),
+            "image": image,
             "seed": result.seed,
             "strength_predicted": final.strength_predicted,
             "strength_used": decision.strength,
@@ -430,8 +513,9 @@ class DiffusionXIngress:
         }
 
     @app.post("/v1/generate", response_model=GenerateResponse, responses=_errors(401, 413, 422, 503))
-    async def generate(self, body: GenerateBody) -> dict:
+    async def generate(self, body: GenerateBody, http_request: Request) -> dict:
         start = time.perf_counter()
+        self._seen("/v1/generate", http_request)
         needs = {}
         if body.mode != "cloud":
             needs["edge"] = await self._steps("edge", "default_steps", body.num_inference_steps)
@@ -441,8 +525,10 @@ class DiffusionXIngress:
         with self.admission.admit(needs):
             generated = await modes.generate(self.tiers, body.mode, to_request(body))
         result = generated.result
+        image = base64.b64encode(await encode_png(result.image)).decode("ascii")
+        self.metrics.request_done("generate", body.mode, _s(start))
         return {
-            "image": base64.b64encode(await encode_png(result.image)).decode("ascii"),
+            "image": image,
             "mode": body.mode,
             "seed": result.seed,
             "num_inference_steps": result.num_inference_steps,

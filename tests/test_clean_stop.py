@@ -40,7 +40,18 @@ def test_serve_stops_ray_on_a_signal_and_leaves_no_process(sig):
     assert not ray.is_initialized(), "run before the session's application (one Ray instance at a time)"
     temp_dir = tempfile.mkdtemp(prefix="dx-stop-", dir="/tmp")  # short: Ray's socket paths must fit
     env = {**os.environ, "RAY_TMPDIR": temp_dir, "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "diffusionx.cli", "serve", "--config", str(CONFIG), "--port", "8125"]
+    command = [
+        sys.executable,
+        "-m",
+        "diffusionx.cli",
+        "serve",
+        "--config",
+        str(CONFIG),
+        "--port",
+        "8125",
+        "--metrics-port",
+        "9466",
+    ]
     server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 240

@@ -14,6 +14,8 @@ from PIL import Image
 
 pytestmark = pytest.mark.ray
 
+# the application: the session-scoped `serve_url` and `http` fixtures in conftest.py
+
 
 def png_b64(image: Image.Image) -> str:
     buffer = io.BytesIO()
