@@ -23,7 +23,16 @@ from diffusionx.experiments.evaluation import (
 from diffusionx.models.loading import ModelNotAvailableError
 from diffusionx.shapes.data import heldout_prompts
 
-COLUMNS = ("mode", "cloud_calls", "edge_calls", "approximated", "seconds_per_image", "quality", "exact", "settings")
+COLUMNS = (
+    "mode",
+    "cloud_calls",
+    "edge_calls",
+    "approximated",
+    "seconds_per_image",
+    "quality",
+    "exact",
+    "settings",
+)
 
 
 def mode_fields(params: dict | None, steps: int | None) -> dict[str, dict[str, object]]:
@@ -65,7 +74,8 @@ def row(report: EvalReport) -> dict[str, object]:
 
 def to_markdown(rows: Sequence[dict[str, object]]) -> str:
     lines = [
-        "| mode | cloud UNet calls | edge UNet calls | approximated steps | seconds / image | quality | exact match |",
+        "| mode | cloud UNet calls | edge UNet calls | approximated steps | seconds / image | quality "
+        "| exact match |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
