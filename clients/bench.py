@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from clients import compare_bench
 from clients.client import AsyncDiffusionXClient, DiffusionXClient
 from clients.errors import DiffusionXError
 from clients.results import TierStats
@@ -327,7 +328,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8000, help="port of the local app (default 8000)")
     p.add_argument("--edge-model", help="edge model override for the local app")
     p.add_argument("--cloud-model", help="cloud model override for the local app")
+    c = sub.add_parser("compare", help="every mode, and the router against a fixed policy (summary.json)")
+    compare_bench.add_arguments(c)
     args = parser.parse_args(argv)
+    if args.benchmark == "compare":
+        return args
     if args.requests < 1:
         parser.error(f"--requests {args.requests}: at least 1")
     return args
@@ -335,6 +340,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.benchmark == "compare":
+        return compare_bench.main(args)
     stop = None
     try:
         if args.url:
