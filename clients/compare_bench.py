@@ -198,7 +198,9 @@ def run_compare(url: str, settings: argparse.Namespace, restart=None) -> dict[st
         flush=True,
     )
     # 3. router against fixed on the same arrivals
-    arrivals = poisson_arrivals(rate, settings.load_s, 10_000, random.Random(settings.seed + 1))
+    arrivals = poisson_arrivals(
+        rate, settings.load_s, settings.max_finalizes, random.Random(settings.seed + 1)
+    )
     runs["policy-router"] = _loadgen(url, "finalize", arrivals, settings, latency_target_ms=target_ms)
     runs["policy-fixed"] = _loadgen(url, "finalize", arrivals, settings)
     # 4. ordering: the fixed run again with the step batcher in arrival order
@@ -328,6 +330,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="num_inference_steps of final images (model default)")
     parser.add_argument("--load-x", type=float, default=2.0, help="finalize load, times capacity (default 2)")
     parser.add_argument("--load-s", type=float, help="seconds of finalize arrivals (default 60, quick 20)")
+    parser.add_argument("--max-finalizes", type=int, default=400, help="cap on finalize arrivals per run")
     parser.add_argument("--target-x", type=float, default=2.5, help="target = this x unloaded finalize p50")
     parser.add_argument("--preview-pool", type=int, default=8, help="previews made before finalize runs")
     parser.add_argument("--drain-s", type=float, default=120.0, help="no request sent after arrivals + this")
