@@ -1,15 +1,19 @@
-"""`diffusionx bench preview`: latency, throughput and batching of preview requests under concurrency.
+"""`diffusionx bench preview|refine`: latency, throughput and batching of preview requests (edge tier) or
+refinement requests at a given strength (cloud tier) under concurrency.
 
 For each concurrency level N (default 1, 4, 16), N async workers each keep one request in flight until
-`--requests` previews have been answered. Per request it records the client's end-to-end HTTP latency and
-what the server reports in `timings_ms`: `model_total` (time inside the model), `queue` (waiting for a batch
-slot), `batch_size` and `server_total`. Per level it reports median and p95 of each, the serving overhead
-(end-to-end minus model time: HTTP, proxy, handles, batching wait, PNG encoding), throughput, the batch sizes
-seen in the responses (per request: the batch each request was in) and in GET /v1/stats (per batch: the
-batches of `tiers.edge.recent_batch_sizes` that served the level), and errors by type.
+`--requests` requests have been answered (`refine`: each refines one preview made before the levels, by its
+`preview_id`, at `--strength`; the predictor is then not called). Per request it records the client's
+end-to-end HTTP latency and what the server reports in `timings_ms`: `model_total` (time inside the model),
+`queue` (waiting for a batch slot), `batch_size` and `server_total`. Per level it reports median and p95 of
+each, the serving overhead (end-to-end minus model time: HTTP, proxy, handles, batching wait, PNG encoding),
+throughput, the batch sizes seen in the responses (per request: the batch each request was in) and in GET
+/v1/stats (per batch: the batches of the tier's `recent_batch_sizes` that served the level), and errors by
+type.
 
 Targets `--url`, or starts the local application (`deployments.local.start_local_app`) and stops it after.
-Writes preview.json (everything), preview_levels.csv, preview_requests.csv and preview.md under `--out`.
+Writes <benchmark>.json (everything), <benchmark>_levels.csv, <benchmark>_requests.csv and <benchmark>.md
+(e.g. preview.json) under `--out`.
 """
 
 from __future__ import annotations
@@ -39,11 +43,13 @@ DEFAULT_LEVELS = (1, 4, 16)
 DEFAULT_REQUESTS = 100  # per level
 STATS_SETTLE_S = 0.5  # tier replicas report their stats asynchronously after each batch
 DEFAULT_WARMUP = 4  # requests before the first level, not recorded (first batches load kernels, caches)
+DEFAULT_STRENGTH = 0.5  # bench refine
+TIER = {"preview": "edge", "refine": "cloud"}  # the tier each benchmark loads
 
 
 @dataclass
 class RequestRecord:
-    """One preview request as measured (times in ms; server fields None when it did not report them)."""
+    """One request as measured (times in ms; server fields None when it did not report them)."""
 
     concurrency: int
     index: int
@@ -111,11 +117,13 @@ async def run_level(
     concurrency: int,
     prompts: list[str],
     timeout_s: float,
-    preview_kwargs: dict[str, Any] | None = None,
+    request_kwargs: dict[str, Any] | None = None,
     progress: bool = True,
     transport: Any = None,
+    benchmark: str = "preview",
 ) -> tuple[list[RequestRecord], float]:
-    """Sends one preview per prompt from `concurrency` workers; returns the records and the wall time (s).
+    """Sends one request per prompt (POST /v1/<benchmark>, with `request_kwargs`) from `concurrency`
+    workers; returns the records and the wall time (s).
 
     `transport` replaces the network (tests pass an `httpx.MockTransport`).
     """
@@ -126,12 +134,13 @@ async def run_level(
     async with AsyncDiffusionXClient(
         url, timeout_s, max_connections=concurrency, transport=transport
     ) as client:
+        send = client.refine if benchmark == "refine" else client.preview
 
         async def worker() -> None:
             for index in indices:
                 sent = time.perf_counter()
                 try:
-                    result = await client.preview(prompts[index], seed=index, **(preview_kwargs or {}))
+                    result = await send(prompts[index], seed=index, **(request_kwargs or {}))
                 except DiffusionXError as error:
                     e2e_ms = (time.perf_counter() - sent) * 1000.0
                     record = RequestRecord(
@@ -193,12 +202,11 @@ def format_table(levels: list[dict[str, Any]]) -> str:
 
 
 def write_results(report: dict[str, Any], records: list[RequestRecord], out_dir: Path) -> list[Path]:
-    """preview.json, preview_levels.csv, preview_requests.csv and preview.md under `out_dir`."""
+    """<benchmark>.json, <benchmark>_levels.csv, <benchmark>_requests.csv and <benchmark>.md under
+    `out_dir` (benchmark: the report's, default preview)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [
-        out_dir / name
-        for name in ("preview.json", "preview_levels.csv", "preview_requests.csv", "preview.md")
-    ]
+    name = report.get("benchmark", "preview")
+    paths = [out_dir / f"{name}{suffix}" for suffix in (".json", "_levels.csv", "_requests.csv", ".md")]
     json_path, levels_path, requests_path, md_path = paths
     json_path.write_text(json.dumps({**report, "requests": [asdict(r) for r in records]}, indent=2) + "\n")
 
@@ -237,7 +245,7 @@ def write_results(report: dict[str, Any], records: list[RequestRecord], out_dir:
     origin = "started by the bench" if setup["started_local_app"] else "already running"
     models = setup["models"]
     md_path.write_text(
-        "# Preview benchmark\n\n"
+        f"# {name.capitalize()} benchmark\n\n"
         f"Server {setup['url']} ({origin}); models: edge `{models.get('edge', '?')}`, "
         f"cloud `{models.get('cloud', '?')}`; {setup['requests_per_level']} requests per level; "
         f"client on {setup['machine']}.\n\n"
@@ -268,28 +276,38 @@ def batches_since(recent_batch_sizes: list[int], requests_served: int) -> list[i
     return tail[::-1]
 
 
-async def _edge_stats(client: AsyncDiffusionXClient) -> TierStats:
+async def _tier_stats(client: AsyncDiffusionXClient, tier: str) -> TierStats:
     stats = await client.stats()
-    return stats.tiers.get("edge") or TierStats()
+    return stats.tiers.get(tier) or TierStats()
 
 
-async def _bench(
-    url: str, args: argparse.Namespace, edge_model: str
-) -> tuple[list[dict[str, Any]], list[RequestRecord]]:
-    preview_kwargs = {"num_inference_steps": args.steps, "width": args.size, "height": args.size}
-    preview_kwargs = {k: v for k, v in preview_kwargs.items() if v is not None}
+async def request_kwargs(url: str, args: argparse.Namespace, prompt: str) -> dict[str, Any]:
+    """What every request of the benchmark sends besides prompt and seed; `refine` makes its preview."""
+    size = {"width": args.size, "height": args.size} if args.size else {}
+    steps = {"num_inference_steps": args.steps} if args.steps else {}
+    if args.benchmark == "preview":
+        return {**steps, **size}
+    async with AsyncDiffusionXClient(url, args.timeout_s) as client:
+        preview = await client.preview(prompt, **size)
+    return {"preview_id": preview.preview_id, "strength": args.strength, **steps}
+
+
+async def _bench(url: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[RequestRecord]]:
     prompts = bench_prompts(args.requests, args.seed)
+    kwargs = await request_kwargs(url, args, prompts[0])
+    tier = TIER[args.benchmark]
     if args.warmup:
-        await run_level(
-            url, min(args.warmup, 4), prompts[: args.warmup], args.timeout_s, preview_kwargs, False
-        )
+        warmup = prompts[: args.warmup]
+        await run_level(url, min(args.warmup, 4), warmup, args.timeout_s, kwargs, False, None, args.benchmark)
     levels, records = [], []
     async with AsyncDiffusionXClient(url, args.timeout_s) as stats_client:
         for concurrency in args.concurrency:
-            before = await _edge_stats(stats_client)
-            level_records, wall_s = await run_level(url, concurrency, prompts, args.timeout_s, preview_kwargs)
+            before = await _tier_stats(stats_client, tier)
+            level_records, wall_s = await run_level(
+                url, concurrency, prompts, args.timeout_s, kwargs, benchmark=args.benchmark
+            )
             await asyncio.sleep(STATS_SETTLE_S)
-            after = await _edge_stats(stats_client)
+            after = await _tier_stats(stats_client, tier)
             served = after.requests_served - before.requests_served
             batches = batches_since(after.recent_batch_sizes, served)
             level = summarize_level(level_records, concurrency, wall_s, batches)
@@ -314,13 +332,40 @@ def _levels(text: str) -> list[int]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="diffusionx bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="benchmark", required=True)
-    p = sub.add_parser("preview", help="latency / throughput / batching of POST /v1/preview")
+    sub.add_parser("autoscale", help="tiers scaling on Ray's local autoscaling cluster (see its --help)")
+    preview = sub.add_parser("preview", help="latency / throughput / batching of POST /v1/preview")
+    refine = sub.add_parser("refine", help="the same for POST /v1/refine at a given strength (cloud tier)")
+    refine.add_argument(
+        "--strength",
+        type=float,
+        default=DEFAULT_STRENGTH,
+        help=f"refine strength (default {DEFAULT_STRENGTH})",
+    )
+    for p in (preview, refine):
+        _add_common_args(p)
+    compare = sub.add_parser(
+        "compare", help="every mode, and the router against a fixed policy (summary.json)"
+    )
+    compare_bench.add_arguments(compare)
+    args = parser.parse_args(argv)
+    if args.benchmark == "compare":
+        return args
+    if args.requests < 1:
+        parser.error(f"--requests {args.requests}: at least 1")
+    if args.benchmark == "refine" and not 0.0 < args.strength <= 1.0:
+        parser.error(f"--strength {args.strength}: use a value in (0, 1]")
+    return args
+
+
+def _add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", help="benchmark this running server (default: start the local app)")
     p.add_argument("--concurrency", type=_levels, default=list(DEFAULT_LEVELS), help="levels, e.g. 1,4,16")
     p.add_argument("--requests", type=int, default=DEFAULT_REQUESTS, help="requests per level (default 100)")
     p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help="unrecorded requests first (default 4)")
-    p.add_argument("--steps", type=int, help="num_inference_steps per preview (default: the model's)")
-    p.add_argument("--size", type=int, help="width and height (default: the model's)")
+    p.add_argument("--steps", type=int, help="num_inference_steps per request (default: the model's)")
+    p.add_argument(
+        "--size", type=int, help="width and height of the (refined) preview (default: the model's)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt set (request i uses seed i)")
     p.add_argument("--timeout-s", type=float, default=300.0, help="client timeout per request")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT}/)")
@@ -328,17 +373,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8000, help="port of the local app (default 8000)")
     p.add_argument("--edge-model", help="edge model override for the local app")
     p.add_argument("--cloud-model", help="cloud model override for the local app")
-    c = sub.add_parser("compare", help="every mode, and the router against a fixed policy (summary.json)")
-    compare_bench.add_arguments(c)
-    args = parser.parse_args(argv)
-    if args.benchmark == "compare":
-        return args
-    if args.requests < 1:
-        parser.error(f"--requests {args.requests}: at least 1")
-    return args
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["autoscale"]:  # its own options and cluster: clients/bench_autoscale.py
+        from clients.bench_autoscale import main as autoscale_main
+
+        return autoscale_main(argv[1:])
     args = parse_args(argv)
     if args.benchmark == "compare":
         return compare_bench.main(args)
@@ -357,11 +399,15 @@ def main(argv: list[str] | None = None) -> int:
         with DiffusionXClient(url, args.timeout_s) as client:
             health = client.health().details
         models = {tier: (health.get(tier) or {}).get("model", "?") for tier in ("edge", "cloud")}
-        print(f"benchmarking {url} (edge {models['edge']}): {args.requests} previews per level", flush=True)
+        tier = TIER[args.benchmark]
+        print(
+            f"benchmarking {url} ({tier} {models[tier]}): {args.requests} {args.benchmark} per level",
+            flush=True,
+        )
         print(format_table([]).rstrip(), flush=True)
-        levels, records = asyncio.run(_bench(url, args, models["edge"]))
+        levels, records = asyncio.run(_bench(url, args))
         report = {
-            "benchmark": "preview",
+            "benchmark": args.benchmark,
             "setup": {
                 "url": url,
                 "started_local_app": stop is not None,
@@ -370,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
                 "concurrency": args.concurrency,
                 "warmup": args.warmup,
                 "num_inference_steps": args.steps,
+                "strength": getattr(args, "strength", None),
                 "size": args.size,
                 "machine": f"{platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}",
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S"),

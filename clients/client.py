@@ -7,6 +7,10 @@
         final = session.finalize()  # refines the last preview with its prompt on the cloud tier
         final.image.save("final.png"); print(final.route, final.strength_used)
 
+`preview` and `refine` (and the session's `preview` and `finalize`) take `on_progress`: a callable that
+gets a `ProgressEvent` per denoising step while the server works (server-sent events); with the async
+client it may be a coroutine function; with the blocking client it is called from the client's thread.
+
 Every method returns a typed result (`clients.results`) whose images are PIL images; every failure is a
 `DiffusionXError` (`clients.errors`). On 503 the client can retry a bounded number of times, waiting what
 the server's Retry-After says (`retries_on_overload`, off by default).
@@ -23,10 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
+import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -45,6 +51,7 @@ from clients.results import (
     GenerateResult,
     HealthResult,
     PreviewResult,
+    ProgressEvent,
     RefineResult,
     StatsResult,
     encode_image,
@@ -55,9 +62,12 @@ logger = logging.getLogger(__name__)
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT_S = 120.0  # CPU replicas under load answer in seconds, not milliseconds
 FIRST_BACKOFF_S = 0.25  # wait before the first retry when a 503 carries no Retry-After; doubles per retry
+ATTEMPT_HEADER = "X-DiffusionX-Attempt"  # 2, 3, ... on retries (the server's diffusionx_retries_total)
 
 ResultT = TypeVar("ResultT", PreviewResult, RefineResult, GenerateResult, StatsResult, HealthResult)
 ImageLike = Image.Image | str  # a PIL image or a base64 PNG string
+OnProgress = Callable[[ProgressEvent], Any]  # may return an awaitable (async client)
+EVENT_STREAM = "text/event-stream"
 
 
 def _drop_none(**fields: Any) -> dict[str, Any]:
@@ -88,6 +98,7 @@ class _ClientBase:
         fields = {name: value for name, value in arguments.items() if name != "self"}
         if fields.get("image") is not None:
             fields["image"] = encode_image(fields["image"])
+        fields.pop("on_progress", None)
         return _drop_none(**fields)
 
     # -- responses ----------------------------------------------------------------------------------------
@@ -159,23 +170,55 @@ class AsyncDiffusionXClient(_ClientBase):
         await self._http.aclose()
 
     async def _call(
-        self, method: str, path: str, parse: type[ResultT], body: dict[str, Any] | None = None
+        self,
+        method: str,
+        path: str,
+        parse: type[ResultT],
+        body: dict[str, Any] | None = None,
+        on_progress: OnProgress | None = None,
     ) -> ResultT:
         for attempt in range(self.retries_on_overload + 1):
             start = time.perf_counter()
+            headers = {ATTEMPT_HEADER: str(attempt + 1)} if attempt else {}  # counted by the server
             try:
-                response = await self._http.request(method, path, json=body)
+                if on_progress is None:
+                    response = await self._http.request(method, path, json=body, headers=headers)
+                    payload = self._json(response) if response.is_success else None
+                else:
+                    response, payload = await self._events(method, path, body, headers, on_progress)
             except httpx.TransportError as exc:
                 raise self._connection_error(exc) from exc
             latency_ms = (time.perf_counter() - start) * 1000.0
             if response.is_success:
-                return parse.from_json(self._json(response), latency_ms=latency_ms)
+                return parse.from_json(payload, latency_ms=latency_ms)
             error = error_from_response(response, preview_id=(body or {}).get("preview_id"))
             delay_s = self._retry_delay_s(error, attempt)
             if delay_s is None:
                 raise error
             await asyncio.sleep(delay_s)
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _events(
+        self, method: str, path: str, body: Any, headers: dict[str, str], on_progress: OnProgress
+    ) -> tuple[httpx.Response, Any]:
+        """The request as server-sent events: `on_progress` per step; returns the response and the final
+        JSON (None for an error response, whose body is read for the usual error mapping)."""
+        headers = {**headers, "Accept": EVENT_STREAM}
+        async with self._http.stream(method, path, json=body, headers=headers) as response:
+            if not response.is_success:
+                await response.aread()
+                return response, None
+            async for event, data in _server_sent_events(response.aiter_lines()):
+                if event == "progress":
+                    outcome = on_progress(ProgressEvent.from_json(data))
+                    if inspect.isawaitable(outcome):
+                        await outcome
+                elif event == "result":
+                    return response, data
+                elif event == "error":
+                    status = data.get("status")
+                    raise DiffusionXError(data.get("error", "the server failed mid-stream"), status, data)
+        raise DiffusionXError(f"the event stream of {path} ended without a result", response.status_code)
 
     async def preview(
         self,
@@ -189,9 +232,11 @@ class AsyncDiffusionXClient(_ClientBase):
         image: ImageLike | None = None,
         preview_id: str | None = None,
         strength: float | None = None,
+        on_progress: OnProgress | None = None,
     ) -> PreviewResult:
-        """POST /v1/preview: a fast edge-tier image; with `image` or `preview_id` and `strength`, an edit."""
-        return await self._call("POST", "/v1/preview", PreviewResult, self._body(locals()))
+        """POST /v1/preview: a fast edge-tier image; with `image` or `preview_id` and `strength`, an edit.
+        `on_progress(ProgressEvent)` is called after each denoising step."""
+        return await self._call("POST", "/v1/preview", PreviewResult, self._body(locals()), on_progress)
 
     async def refine(
         self,
@@ -204,9 +249,11 @@ class AsyncDiffusionXClient(_ClientBase):
         num_inference_steps: int | None = None,
         latency_target_ms: float | None = None,
         guidance_scale: float | None = None,
+        on_progress: OnProgress | None = None,
     ) -> RefineResult:
-        """POST /v1/refine: the cloud tier refines a preview; `strength` overrides the predicted strength."""
-        return await self._call("POST", "/v1/refine", RefineResult, self._body(locals()))
+        """POST /v1/refine: the cloud tier refines a preview; `strength` overrides the predicted strength.
+        `on_progress(ProgressEvent)` is called after each denoising step."""
+        return await self._call("POST", "/v1/refine", RefineResult, self._body(locals()), on_progress)
 
     async def generate(
         self, prompt: str, *, seed: int = 0, mode: str = "diffusionx", **params: Any
@@ -237,6 +284,23 @@ class AsyncDiffusionXClient(_ClientBase):
     ) -> AsyncSession:
         """A multi-round session whose methods are coroutines; previews share the seed and size."""
         return AsyncSession(self, seed, width, height, num_inference_steps, guidance_scale)
+
+
+async def _server_sent_events(lines: AsyncIterator[str]) -> AsyncIterator[tuple[str, Any]]:
+    """(event name, JSON data) of each server-sent event (the `event:` and `data:` fields, blank-line
+    separated; the name defaults to "message")."""
+    event, data = "message", []
+    async for line in lines:
+        if not line:
+            if data:
+                yield event, json.loads("\n".join(data))
+            event, data = "message", []
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].lstrip())
+    if data:
+        yield event, json.loads("\n".join(data))
 
 
 # -- sessions ---------------------------------------------------------------------------------------------
@@ -368,10 +432,16 @@ class AsyncSession(_SessionBase):
         self.client = client
 
     async def preview(
-        self, prompt: str, edit_strength: float | None = None, *, num_inference_steps: int | None = None
+        self,
+        prompt: str,
+        edit_strength: float | None = None,
+        *,
+        num_inference_steps: int | None = None,
+        on_progress: OnProgress | None = None,
     ) -> Round:
         """Runs one round and returns it (its `result` is the `PreviewResult`)."""
         kwargs = self._preview_kwargs(prompt, edit_strength, num_inference_steps)
+        kwargs["on_progress"] = on_progress
         if edit_strength is None:
             return self._record(prompt, None, await self.client.preview(prompt, **kwargs), False)
         previous = self.last
@@ -392,10 +462,12 @@ class AsyncSession(_SessionBase):
         *,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
+        on_progress: OnProgress | None = None,
     ) -> RefineResult:
         """Refines the last preview with its prompt; `strength` overrides the predicted one."""
         last = self.last
         kwargs: dict[str, Any] = {
+            "on_progress": on_progress,
             "seed": self.seed,
             "strength": strength,
             "latency_target_ms": latency_target_ms,

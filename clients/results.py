@@ -174,13 +174,43 @@ class StatsResult:
 
     tiers: dict[str, TierStats]
     preview_cache: dict[str, int] = field(default_factory=dict)
+    metrics_url: str | None = None  # where Prometheus scrapes the server's metrics
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_json(cls, payload: dict[str, Any], latency_ms: float = 0.0) -> StatsResult:
         _require(payload, "stats", "tiers")
         tiers = {name: TierStats.from_json(tier) for name, tier in payload["tiers"].items()}
-        return cls(tiers=tiers, preview_cache=dict(payload.get("preview_cache", {})), raw=payload)
+        return cls(
+            tiers=tiers,
+            preview_cache=dict(payload.get("preview_cache", {})),
+            metrics_url=payload.get("metrics_url"),
+            raw=payload,
+        )
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """One denoising step of a streamed preview or refine (`on_progress`)."""
+
+    step: int  # 1-based
+    total_steps: int
+    tier: str  # edge | cloud
+    elapsed_ms: float  # since the server took the request
+
+    @property
+    def fraction(self) -> float:
+        return self.step / self.total_steps if self.total_steps else 1.0
+
+    @classmethod
+    def from_json(cls, payload: dict[str, Any]) -> ProgressEvent:
+        _require(payload, "progress event", "step", "total_steps", "tier", "elapsed_ms")
+        return cls(
+            int(payload["step"]),
+            int(payload["total_steps"]),
+            str(payload["tier"]),
+            float(payload["elapsed_ms"]),
+        )
 
 
 @dataclass

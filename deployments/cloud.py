@@ -6,6 +6,7 @@ to finish first."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
@@ -55,6 +56,11 @@ class CloudRefiner(ServedTier):
 
     async def refine(self, request: Img2ImgRequest) -> GenerationResult:
         return await self._submit("refine", request)
+
+    async def refine_stream(self, request: Img2ImgRequest) -> AsyncIterator[tuple[str, Any]]:
+        """`refine` with its progress, for `handle.options(stream=True)` (see `ServedTier._stream`)."""
+        async for item in self._stream("refine", request):
+            yield item
 
     async def generate(self, request: PreviewRequest) -> GenerationResult:
         return await self._submit("generate", request)

@@ -3,6 +3,7 @@ part of EC-Diff / Hybrid SD (`finish`), batched by the library's `EdgeModel`."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
@@ -42,6 +43,15 @@ class EdgePreviewer(ServedTier):
 
     async def edit(self, request: Img2ImgRequest) -> GenerationResult:
         return await self._submit("edit", request)
+
+    async def preview_stream(self, request: PreviewRequest) -> AsyncIterator[tuple[str, Any]]:
+        """`preview` with its progress, for `handle.options(stream=True)` (see `ServedTier._stream`)."""
+        async for item in self._stream("preview", request):
+            yield item
+
+    async def edit_stream(self, request: Img2ImgRequest) -> AsyncIterator[tuple[str, Any]]:
+        async for item in self._stream("edit", request):
+            yield item
 
     async def finish(self, state: PlanState) -> GenerationResult:
         """EC-Diff / Hybrid SD, edge part: steps s..N-1 from the cloud's latents, then decode."""

@@ -2,11 +2,15 @@
 body types on the route methods.) HTTP concerns only: schemas, PNG work off the event loop, and errors
 (bad input -> 4xx with the reason, unknown preview id -> 404, overload -> 503 with Retry-After). What a
 request does is the library's workflow (`diffusionx.workflows.modes`), handed tiers that call the tier
-deployments through their DeploymentHandles."""
+deployments through their DeploymentHandles. Preview and refine stream their progress as server-sent events
+when asked (`deployments.sse`; the tiers' `*_stream` methods through `handle.options(stream=True)`); the
+web page at `/` is `deployments.web`; metrics are `deployments.metrics`."""
 
 import asyncio
 import base64
+import logging
 import time
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -16,6 +20,9 @@ from PIL import Image
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
+from deployments.metrics import RETRY_HEADER, ingress_metrics, metrics_url
+from deployments.sse import event_stream, wants_events
+from deployments.web import add_web_page
 from diffusionx import imaging
 from diffusionx.api import (
     ErrorResponse,
@@ -28,19 +35,27 @@ from diffusionx.api import (
     StatsResponse,
 )
 from diffusionx.app_config import AppArgs
+from diffusionx.engine.progress import PROGRESS
 from diffusionx.policy.router import CloudLoad, RouterConfig
 from diffusionx.policy.service_model import ReplicaLoad
 from diffusionx.requests import GenerationResult, Img2ImgRequest, InvalidRequestError, PreviewRequest
 from diffusionx.workflows import modes
 from diffusionx.workflows.modes import GenerateRequest, Tiers
 
+logger = logging.getLogger(__name__)
+
 RETRY_AFTER_S = 1
+# a PNG of at most this many pixels encodes in well under a millisecond (0.25 ms for the 32x32 previews
+# measured on the 2-core CPU machine): inline it is cheaper than the thread hop (~1.4 ms there), larger
+# images go to a worker thread so the event loop stays free
+INLINE_PNG_PIXELS = 128 * 128
 
 app = FastAPI(
     title="DiffusionX",
     version="0.1.0",
     description="Interactive text-to-image: edge previews, predicted-strength cloud refinement, EC-Diff.",
 )
+add_web_page(app)  # GET /: the session page (deployments/static)
 
 
 class PreviewNotFound(LookupError):
@@ -60,6 +75,25 @@ async def ask(method: Any, *args: Any) -> Any:
         raise TierOverloaded(str(error)) from None
 
 
+async def ask_stream(method: Any, *args: Any, on_progress: Any) -> Any:
+    """Calls a tier's generator method (`preview_stream`, ...) as a Ray Serve stream: hands each progress
+    report to `on_progress(step, total, tier)` and returns the result. Cancelled (the HTTP client went
+    away), it cancels the stream, and the tier replica cancels the job."""
+    stream = method.options(stream=True).remote(*args)
+    try:
+        async for kind, value in stream:
+            if kind == PROGRESS:
+                on_progress(*value)
+            else:
+                return value
+    except BackPressureError as error:
+        raise TierOverloaded(str(error)) from None
+    except asyncio.CancelledError:
+        stream.cancel()
+        raise
+    raise RuntimeError("the tier's stream ended without a result")
+
+
 class _HandleTier:
     """A tier deployment as the workflows call it: every method awaits the handle's method."""
 
@@ -71,10 +105,14 @@ class _HandleTier:
 
 
 class EdgeHandle(_HandleTier):
-    async def preview(self, request: PreviewRequest) -> GenerationResult:
+    async def preview(self, request: PreviewRequest, on_progress: Any = None) -> GenerationResult:
+        if on_progress is not None:
+            return await ask_stream(self.handle.preview_stream, request, on_progress=on_progress)
         return await ask(self.handle.preview, request)
 
-    async def edit(self, request: Img2ImgRequest) -> GenerationResult:
+    async def edit(self, request: Img2ImgRequest, on_progress: Any = None) -> GenerationResult:
+        if on_progress is not None:
+            return await ask_stream(self.handle.edit_stream, request, on_progress=on_progress)
         return await ask(self.handle.edit, request)
 
     async def finish(self, state: Any) -> GenerationResult:
@@ -84,7 +122,9 @@ class EdgeHandle(_HandleTier):
 
 
 class CloudHandle(_HandleTier):
-    async def refine(self, request: Img2ImgRequest) -> GenerationResult:
+    async def refine(self, request: Img2ImgRequest, on_progress: Any = None) -> GenerationResult:
+        if on_progress is not None:
+            return await ask_stream(self.handle.refine_stream, request, on_progress=on_progress)
         return await ask(self.handle.refine, request)
 
     async def generate(self, request: PreviewRequest) -> GenerationResult:
@@ -126,8 +166,20 @@ async def _preview_not_found(_: Request, error: PreviewNotFound) -> JSONResponse
 
 
 @app.exception_handler(TierOverloaded)
-async def _overloaded(_: Request, error: TierOverloaded) -> JSONResponse:
+async def _overloaded(request: Request, error: TierOverloaded) -> JSONResponse:
+    ingress_metrics().request_shed(request.url.path)
     return _error(503, f"overloaded, retry later: {error}", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def _status_of(error: Exception) -> int:
+    """The HTTP status of an error that ends an event stream (the exception handlers' mapping)."""
+    if isinstance(error, InvalidRequestError):
+        return 422
+    if isinstance(error, PreviewNotFound):
+        return 404
+    if isinstance(error, TierOverloaded):
+        return 503
+    return 500
 
 
 def to_request(body: PreviewBody | GenerateBody) -> PreviewRequest:
@@ -146,8 +198,18 @@ def to_request(body: PreviewBody | GenerateBody) -> PreviewRequest:
     return GenerateRequest(body.prompt, **common, **{name: getattr(body, name) for name in mode_fields})
 
 
+async def encode_png(image: Image.Image) -> bytes:
+    if image.width * image.height <= INLINE_PNG_PIXELS:
+        return imaging.encode_png(image)
+    return await asyncio.to_thread(imaging.encode_png, image)
+
+
 def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000.0, 3)
+
+
+def _s(start: float) -> float:
+    return time.perf_counter() - start
 
 
 @serve.deployment(
@@ -162,6 +224,7 @@ class DiffusionXIngress:
     def __init__(self, edge: Any, predictor: Any, cloud: Any, state: Any, args: dict | None = None) -> None:
         self.state = state
         self.args = AppArgs(**(args or {}))
+        self._storing: dict[str, tuple[bytes, asyncio.Task]] = {}  # previews on their way to SharedState
         self.tiers = Tiers(
             edge=EdgeHandle(edge),
             cloud=CloudHandle(cloud),
@@ -172,18 +235,40 @@ class DiffusionXIngress:
             ),
             default_latency_target_ms=self.args.default_latency_target_ms,
         )
+        self.metrics = ingress_metrics()
+        self._metrics_url: str | None = None
 
     # -- helpers -----------------------------------------------------------------------------------------
+    def _seen(self, endpoint: str, request: Request) -> None:
+        self.metrics.request_seen(endpoint, request.headers.get(RETRY_HEADER))
+
     async def _resolve_image(self, image: str | None, preview_id: str | None) -> Image.Image:
         if image is not None:
             return await asyncio.to_thread(imaging.decode_png_base64, image)
-        png = await ask(self.state.get_preview, preview_id)
+        storing = self._storing.get(preview_id)
+        png = storing[0] if storing else await ask(self.state.get_preview, preview_id)
         if png is None:
             raise PreviewNotFound(
                 f"preview_id '{preview_id}' is unknown or has expired (the server keeps a bounded cache); "
                 "send the image itself instead"
             )
         return await asyncio.to_thread(imaging.decode_png, png)
+
+    def _store_preview(self, png: bytes) -> str:
+        """Puts a preview into the shared cache without holding its response for the round trip to
+        SharedState (it was ~10 ms of the ~45 ms overhead at one client): until the put lands, this replica
+        answers the id from `_storing`; another ingress replica asked within those milliseconds answers 404
+        like after an eviction, and the client resends the image. The map holds only puts in flight."""
+        preview_id = uuid.uuid4().hex
+        task = asyncio.get_running_loop().create_task(ask(self.state.put_preview, png, preview_id))
+        self._storing[preview_id] = (png, task)
+        task.add_done_callback(lambda done: self._stored(preview_id, done))
+        return preview_id
+
+    def _stored(self, preview_id: str, task: asyncio.Task) -> None:
+        self._storing.pop(preview_id, None)
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("preview %s was not cached: %r", preview_id, task.exception())
 
     async def _cloud_load(self) -> CloudLoad:
         tier = await ask(self.state.tier, "cloud")
@@ -197,10 +282,20 @@ class DiffusionXIngress:
 
     @app.get("/v1/stats", response_model=StatsResponse)
     async def stats(self) -> dict:
-        return await ask(self.state.stats)
+        if self._metrics_url is None:
+            self._metrics_url = await asyncio.to_thread(metrics_url)
+        return {**await ask(self.state.stats), "metrics_url": self._metrics_url}
 
     @app.post("/v1/preview", response_model=PreviewResponse, responses={422: {"model": ErrorResponse}})
-    async def preview(self, body: PreviewBody) -> dict:
+    async def preview(self, body: PreviewBody, http_request: Request) -> Any:
+        self._seen("/v1/preview", http_request)
+        if wants_events(http_request):
+            return await event_stream(
+                lambda on_progress: self._preview(body, on_progress), PreviewResponse, _status_of
+            )
+        return await self._preview(body)
+
+    async def _preview(self, body: PreviewBody, on_progress: Any = None) -> dict:
         start = time.perf_counter()
         if body.strength is not None:
             image = await self._resolve_image(body.image, body.preview_id)
@@ -212,11 +307,12 @@ class DiffusionXIngress:
                 num_inference_steps=body.num_inference_steps,
                 guidance_scale=body.guidance_scale,
             )
-            result = await modes.edit(self.tiers, request)
+            result = await modes.edit(self.tiers, request, on_progress)
         else:
-            result = await modes.preview(self.tiers, to_request(body))
-        png = await asyncio.to_thread(imaging.encode_png, result.image)
-        preview_id = await ask(self.state.put_preview, png)
+            result = await modes.preview(self.tiers, to_request(body), on_progress)
+        png = await encode_png(result.image)
+        preview_id = self._store_preview(png)
+        self.metrics.request_done("preview", "edge" if body.strength is None else "edit", _s(start))
         return {
             "preview_id": preview_id,
             "image": base64.b64encode(png).decode("ascii"),
@@ -230,7 +326,15 @@ class DiffusionXIngress:
         }
 
     @app.post("/v1/refine", response_model=RefineResponse, responses={404: {"model": ErrorResponse}})
-    async def refine(self, body: RefineBody) -> dict:
+    async def refine(self, body: RefineBody, http_request: Request) -> Any:
+        self._seen("/v1/refine", http_request)
+        if wants_events(http_request):
+            return await event_stream(
+                lambda on_progress: self._refine(body, on_progress), RefineResponse, _status_of
+            )
+        return await self._refine(body)
+
+    async def _refine(self, body: RefineBody, on_progress: Any = None) -> dict:
         start = time.perf_counter()
         image = await self._resolve_image(body.image, body.preview_id)
         final = await modes.finalize(
@@ -242,10 +346,14 @@ class DiffusionXIngress:
             strength=body.strength,
             num_inference_steps=body.num_inference_steps,
             latency_target_ms=body.latency_target_ms,
+            on_progress=on_progress,
         )
         result, decision = final.result, final.decision
+        image = base64.b64encode(await encode_png(result.image)).decode("ascii")
+        self.metrics.routed(decision.route, final.strength_predicted, decision.strength)
+        self.metrics.request_done("refine", decision.route, _s(start))
         return {
-            "image": await asyncio.to_thread(imaging.encode_png_base64, result.image),
+            "image": image,
             "seed": result.seed,
             "strength_predicted": final.strength_predicted,
             "strength_used": decision.strength,
@@ -259,12 +367,15 @@ class DiffusionXIngress:
         }
 
     @app.post("/v1/generate", response_model=GenerateResponse)
-    async def generate(self, body: GenerateBody) -> dict:
+    async def generate(self, body: GenerateBody, http_request: Request) -> dict:
         start = time.perf_counter()
+        self._seen("/v1/generate", http_request)
         generated = await modes.generate(self.tiers, body.mode, to_request(body))
         result = generated.result
+        image = base64.b64encode(await encode_png(result.image)).decode("ascii")
+        self.metrics.request_done("generate", body.mode, _s(start))
         return {
-            "image": await asyncio.to_thread(imaging.encode_png_base64, result.image),
+            "image": image,
             "mode": body.mode,
             "seed": result.seed,
             "num_inference_steps": result.num_inference_steps,

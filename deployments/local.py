@@ -16,6 +16,9 @@ import httpx
 import yaml
 
 REPO_DIR = Path(__file__).resolve().parents[1]
+# Ray exports its metrics, the application's diffusionx_* ones among them, in Prometheus format on this
+# local port: http://127.0.0.1:9464/metrics (9464: the usual port of a Prometheus exporter)
+METRICS_PORT = 9464
 
 
 def shipped_config(name: str) -> Path:
@@ -29,6 +32,7 @@ def shipped_config(name: str) -> Path:
 
 CPU_CONFIG = shipped_config("serve_config_cpu.yaml")
 PRODUCTION_CONFIG = shipped_config("serve_config.yaml")
+AUTOSCALE_CONFIG = shipped_config("serve_config_autoscale.yaml")  # tier resources for fake node types
 
 
 def embedded_models_available() -> bool:
@@ -40,9 +44,14 @@ def embedded_models_available() -> bool:
 
 
 def load_config(
-    config_path: str | Path | None = None, overrides: dict[str, Any] | None = None, port: int = 8000
+    config_path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    port: int = 8000,
+    deployment_options: dict[str, dict[str, Any]] | None = None,
 ):
-    """Reads a serve config, applies `overrides` to the first application's args, returns ServeDeploySchema.
+    """Reads a serve config, applies `overrides` to the first application's args and `deployment_options`
+    (deployment name -> fields that replace the config's, e.g. an `autoscaling_config`) to its
+    deployments, returns ServeDeploySchema.
 
     Without a path it is the embedded CPU config; if the embedded shapes weights are missing it swaps in
     tiny-random (and says so through the returned args).
@@ -58,6 +67,11 @@ def load_config(
     if config_path is None and not embedded_models_available():
         app["args"].update({"edge_model": "tiny-random-edge", "cloud_model": "tiny-random"})
     app["args"].update(overrides or {})
+    for name, options in (deployment_options or {}).items():
+        deployment = next((d for d in app.get("deployments", []) if d["name"] == name), None)
+        if deployment is None:
+            raise ValueError(f"deployment {name!r} is not in {path}")
+        deployment.update(options)
     raw.setdefault("http_options", {})["port"] = port
     return ServeDeploySchema.model_validate(raw)
 
@@ -68,12 +82,19 @@ def start_local_app(
     overrides: dict[str, Any] | None = None,
     timeout_s: float = 300.0,
     num_cpus: int | None = None,
+    deployment_options: dict[str, dict[str, Any]] | None = None,
+    metrics_port: int = METRICS_PORT,
+    metrics_report_interval_ms: int | None = None,
 ) -> str:
-    """Starts Ray + Serve locally, deploys the config and returns the base URL once /v1/health is OK."""
+    """Starts Ray + Serve locally (or uses the Ray this process is connected to), deploys the config and
+    returns the base URL once /v1/health is OK.
+
+    Ray's metrics (with the application's) are served for Prometheus on 127.0.0.1:`metrics_port`; every
+    process reports them each `metrics_report_interval_ms` (Ray's default, 10 s, when None)."""
     import ray
     from ray.serve._private import api as serve_api
 
-    config = load_config(config_path, overrides, port)
+    config = load_config(config_path, overrides, port, deployment_options)
     prepare_models(config.applications[0].args)
     if not ray.is_initialized():
         env = {k: v for k, v in os.environ.items() if k.startswith(("HF_", "DIFFUSIONX_", "OMP_"))}
@@ -83,6 +104,12 @@ def start_local_app(
             num_cpus=num_cpus,
             runtime_env={"env_vars": env} if env else None,
             logging_level="WARNING",
+            _metrics_export_port=metrics_port,
+            _system_config=(
+                {"metrics_report_interval_ms": metrics_report_interval_ms}
+                if metrics_report_interval_ms
+                else None
+            ),
         )
     client = serve_api.serve_start(http_options=config.http_options.model_dump())
     client.deploy_apps(config, _blocking=False)

@@ -25,8 +25,8 @@ class SharedState:
         self._cache = PreviewCache(preview_cache_size)
         self._snapshots: dict[str, dict[str, dict]] = {tier: {} for tier in TIERS}
 
-    async def put_preview(self, png: bytes) -> str:
-        return self._cache.put(png)
+    async def put_preview(self, png: bytes, preview_id: str | None = None) -> str:
+        return self._cache.put(png, preview_id)
 
     async def get_preview(self, preview_id: str) -> bytes | None:
         return self._cache.get(preview_id)

@@ -6,20 +6,25 @@ window by default: `batch_wait_timeout_s=0`) and hands them to the model loop at
 immediately so that the next arrivals are handed over too; each caller then waits for its own job. The
 model loop forms the model batches: a lone request runs at once, and requests that arrive while the model
 is busy are merged into the next batch (see `diffusionx.engine.model_loop`). A caller that goes away
-(client disconnected) cancels its job, which leaves the queue and gives its load back.
+(client disconnected) cancels its job, which leaves the queue and gives its load back. The replica's
+Prometheus metrics (`deployments.metrics.TierMetrics`) follow the model loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import torch
 from ray import serve
 
-from diffusionx.engine.model_loop import Job
+from deployments.metrics import TierMetrics
+from diffusionx.engine.model_loop import Job, ProgressCallback
 from diffusionx.engine.monitor import snapshot_dict
+from diffusionx.engine.progress import Report, stream_progress
 from diffusionx.engine.reporter import CoalescingReporter
+from diffusionx.policy.autoscaling import autoscaling_stats
 
 
 class ServedTier:
@@ -34,25 +39,44 @@ class ServedTier:
         except Exception:  # outside a replica
             self._replica_id = f"{self.tier}-local"
         self._reporter = CoalescingReporter(self._send_report)
-        engine.loop.on_change = self._reporter.request
+        self._metrics = TierMetrics(self.tier)
+        engine.loop.observer = self._metrics
+        engine.loop.on_change = self._on_change
+        self._metrics.update(engine.loop.work())
         self._hand_over.set_max_batch_size(max_batch_size)
         self._hand_over.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    def _on_change(self) -> None:
+        """The load changed: report it to SharedState (coalesced) and set the load gauges."""
+        self._reporter.request()
+        self._metrics.update(self.engine.loop.work())
 
     async def _send_report(self) -> None:
         if self._state is not None:
             snapshot = snapshot_dict(self.engine.loop.monitor.snapshot())
             await self._state.report.remote(self.tier, self._replica_id, snapshot)
 
-    async def _submit(self, method: str, *args: Any) -> Any:
+    async def _submit(self, method: str, *args: Any, on_progress: ProgressCallback | None = None) -> Any:
         """Runs `method` of the tier object through the admission queue and the model loop."""
         loop = self.engine.loop
-        job = loop.submit(*self.engine.job(method, *args))  # a bad request fails here, alone
+        job = loop.submit(*self.engine.job(method, *args), on_progress)  # a bad request fails here, alone
         try:
             await self._hand_over(job)
         except asyncio.CancelledError:
             loop.cancel(job)
             raise
         return await loop.wait(job)
+
+    async def _stream(self, method: str, *args: Any) -> AsyncIterator[tuple[str, Any]]:
+        """`_submit` as a stream for `handle.options(stream=True)`: `("progress", (step, total, tier))` after
+        each denoising step, then `("result", result)`. When the caller goes away Serve cancels this
+        generator, which cancels the job (it leaves the queue or the step batcher, its load is released)."""
+
+        def run(report: Report) -> Awaitable[Any]:
+            return self._submit(method, *args, on_progress=lambda step, total: report(step, total, self.tier))
+
+        async for item in stream_progress(run):
+            yield item
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _hand_over(self, jobs: list[Job]) -> list[None]:
@@ -64,6 +88,11 @@ class ServedTier:
 
     async def stats(self) -> dict:
         return snapshot_dict(self.engine.loop.monitor.snapshot())
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metrics hook: the work this replica holds in batched steps, read by
+        `diffusionx.policy.autoscaling.QueuedStepsPolicy` where a tier's config selects it."""
+        return autoscaling_stats(snapshot_dict(self.engine.loop.monitor.snapshot()))
 
     async def check_health(self) -> None:
         """Called by Serve every health_check_period_s; doubles as the stats heartbeat."""

@@ -184,6 +184,9 @@ class TierStats(BaseModel):
 class StatsResponse(BaseModel):
     tiers: dict[str, TierStats]
     preview_cache: dict[str, int]
+    metrics_url: str | None = Field(
+        None, description="Where Prometheus scrapes this node's metrics (Ray's, with the diffusionx_* ones)"
+    )
 
 
 class ErrorResponse(BaseModel):

@@ -22,6 +22,7 @@ from clients.bench import (
     bench_prompts,
     distribution,
     format_table,
+    parse_args,
     run_level,
     summarize_level,
     write_results,
@@ -279,3 +280,57 @@ def test_run_level_keeps_concurrency_in_flight_and_records_server_timings(tmp_pa
     assert len(rows) == 12 and rows[5]["ok"] == "False"
     assert json.loads(paths[0].read_text())["levels"][0]["ok"] == 11
     assert "| 4 | 11 / 12 | Overloaded 1 |" in paths[3].read_text()
+
+
+def test_bench_refine_reuses_the_level_runner_and_writes_its_own_files(tmp_path: Path) -> None:
+    """`bench refine`: the same runner and summaries, POST /v1/refine with the preview id and strength."""
+    args = parse_args(["refine", "--strength", "0.3", "--requests", "6", "--concurrency", "1,2"])
+    assert (args.benchmark, args.strength, args.concurrency) == ("refine", 0.3, [1, 2])
+    with pytest.raises(SystemExit):
+        parse_args(["refine", "--strength", "1.5"])
+    bodies = []
+
+    async def server(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/v1/refine"
+        body = json.loads(request.content)
+        bodies.append(body)
+        timings = {"model_total": 40.0, "queue": 2.0, "server_total": 45.0, "batch_size": 1.0}
+        return httpx.Response(
+            200,
+            json={
+                "image": _png((0, 0, 0)),
+                "seed": body["seed"],
+                "strength_predicted": None,
+                "strength_used": body["strength"],
+                "num_inference_steps": 10,
+                "route": "cloud",
+                "reason": "strength given",
+                "load": {},
+                "unet_calls": {"cloud": 3, "edge": 0, "approximated": 0},
+                "timings_ms": timings,
+            },
+        )
+
+    kwargs = {"preview_id": "p0", "strength": 0.3}
+    records, wall_s = asyncio.run(
+        run_level(
+            "http://bench.test", 2, ["a", "b", "c"], 5.0, kwargs, False, httpx.MockTransport(server), "refine"
+        )
+    )
+    assert all(r.ok for r in records) and [r.model_ms for r in records] == [40.0] * 3
+    assert {(b["preview_id"], b["strength"]) for b in bodies} == {("p0", 0.3)}
+    level = summarize_level(records, 2, wall_s, [])
+    report = {
+        "benchmark": "refine",
+        "setup": {
+            "url": "u",
+            "started_local_app": False,
+            "models": {},
+            "requests_per_level": 3,
+            "machine": "test",
+        },
+        "levels": [level],
+    }
+    paths = write_results(report, records, tmp_path)
+    assert [p.name for p in paths] == ["refine.json", "refine_levels.csv", "refine_requests.csv", "refine.md"]
+    assert paths[3].read_text().startswith("# Refine benchmark")

@@ -7,7 +7,6 @@ import io
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
@@ -15,23 +14,7 @@ from PIL import Image
 
 pytestmark = pytest.mark.ray
 
-TEST_CONFIG = Path(__file__).with_name("serve_config_test.yaml")
-
-
-@pytest.fixture(scope="session")
-def serve_url():
-    from deployments.local import start_local_app, stop_local_app
-
-    try:
-        yield start_local_app(TEST_CONFIG, port=8123, num_cpus=2, timeout_s=240)
-    finally:
-        stop_local_app()
-
-
-@pytest.fixture
-def http(serve_url):
-    with httpx.Client(base_url=serve_url, timeout=120.0) as client:
-        yield client
+# the application: the session-scoped `serve_url` and `http` fixtures in conftest.py
 
 
 def png_b64(image: Image.Image) -> str:

@@ -56,6 +56,8 @@ def test_preview_cache_is_bounded_lru():
     c = cache.put(b"c")  # evicts b
     assert cache.get(b) is None and cache.get(a) == b"a" and cache.get(c) == b"c"
     assert cache.stats()["evictions"] == 1 and cache.stats()["size"] == 2
+    assert cache.put(b"d", "made-by-the-ingress") == "made-by-the-ingress"  # evicts a
+    assert cache.get("made-by-the-ingress") == b"d" and cache.get(a) is None
     with pytest.raises(ValueError, match="capacity=0"):
         PreviewCache(0)
 

@@ -21,6 +21,13 @@ Never losing a request:
 - `cancel` (the caller is gone) takes a job out of the queue or the step pool and undoes its load;
 - nothing is keyed by `id()`; the only maps hold live jobs and shrink as they finish.
 
+Observing: `observer` (a `LoopObserver`) hears of every model call (batch size, steps, seconds) and every
+finished job (seconds queued, seconds running), and `work()` splits the load into queued and running
+requests and steps: the deployment turns both into Prometheus metrics, the library stays Ray-free. A job
+submitted with `on_progress(step, total)` hears of each of its denoising steps: step-batched jobs after
+each batcher step, whole-batch jobs from the model's step callback (in the worker thread, handed back to the
+event loop), which is what streamed progress is made of.
+
 `clock` (seconds, monotonic) and `run_blocking` (how a blocking call is run; default: a worker thread) are
 injected, so tests drive the loop with fake models and a fake clock. Not thread-safe: one event loop.
 """
@@ -28,6 +35,7 @@ injected, so tests drive the loop with fake models and a fake clock. Not thread-
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -38,7 +46,8 @@ from diffusionx.engine.monitor import TierMonitor
 
 logger = logging.getLogger(__name__)
 
-BatchFunction = Callable[[list[Any]], list[Any]]  # requests -> one result per request, in order
+BatchFunction = Callable[..., list[Any]]  # (requests[, on_step=]) -> one result per request, in order
+ProgressCallback = Callable[[int, int], None]  # (step, total steps) of one job
 RunBlocking = Callable[..., Awaitable[Any]]  # (function, *args) -> awaitable of function(*args)
 
 SUBMITTED, WAITING, RUNNING, DONE, CANCELLED = "submitted", "waiting", "running", "done", "cancelled"
@@ -68,6 +77,26 @@ class StepEngine(Protocol):
     def idle(self) -> bool: ...
 
 
+class LoopObserver:
+    """Hears what the loop does (default: nothing). A deployment subclasses it to export metrics."""
+
+    def batch_ran(self, kind: str, batch_size: int, steps: int, elapsed_s: float) -> None:
+        """One model call ran `steps` denoising steps (1 for a step-batcher step) for `batch_size` jobs."""
+
+    def job_finished(self, kind: str, queue_s: float, run_s: float, ok: bool) -> None:
+        """A job that ran ended: `queue_s` from submit to running, `run_s` from then to its result."""
+
+
+@dataclass
+class LoopWork:
+    """A replica's load split into work waiting for the model and work the model is on."""
+
+    queued_requests: int = 0
+    queued_steps: int = 0
+    running_requests: int = 0
+    running_steps: int = 0
+
+
 @dataclass(eq=False)
 class Job:
     """One request inside the loop. `steps` is its denoising work, the unit of the tier's load."""
@@ -81,6 +110,8 @@ class Job:
     ticket: SteppedTicket | None = field(default=None, repr=False)  # step-batched jobs, once admitted
     steps_done: int = 0  # steps already taken off the monitor's queued_steps
     queued_s: float = 0.0  # step-batched jobs: seconds from submit to joining the step batcher
+    on_progress: ProgressCallback | None = field(default=None, repr=False)  # (step, total) per step
+    started_at: float | None = None  # clock when it started running
 
 
 async def _in_thread(function: Callable[..., Any], *args: Any) -> Any:
@@ -96,6 +127,7 @@ class ModelLoop:
         clock: Callable[[], float] = time.perf_counter,
         run_blocking: RunBlocking = _in_thread,
         on_change: Callable[[], None] | None = None,
+        observer: LoopObserver | None = None,
     ) -> None:
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size!r} is not allowed: use an integer >= 1")
@@ -105,6 +137,8 @@ class ModelLoop:
         self._clock = clock
         self._run_blocking = run_blocking
         self.on_change: Callable[[], None] = on_change or (lambda: None)  # e.g. report the new load
+        self.observer = observer or LoopObserver()
+        self._running: list[Job] = []  # the whole batch in the model right now
         self._functions: dict[str, BatchFunction] = {}
         self._step_kind: str | None = None
         self._stepper: StepEngine | None = None
@@ -126,11 +160,13 @@ class ModelLoop:
         return (*self._functions, *([self._step_kind] if self._step_kind else []))
 
     # -- requests ------------------------------------------------------------------------------------------
-    def submit(self, kind: str, request: Any, steps: int) -> Job:
-        """A job for `request`, counted as queued load; it runs once `release`d."""
+    def submit(self, kind: str, request: Any, steps: int, on_progress: ProgressCallback | None = None) -> Job:
+        """A job for `request`, counted as queued load; it runs once `release`d. `on_progress(step, total)`
+        is called on the event loop after each of its denoising steps."""
         if kind not in self._functions and kind != self._step_kind:
             raise ValueError(f"kind={kind!r} is not registered: use one of {', '.join(self.kinds)}")
         job = Job(kind, request, steps, self._clock(), asyncio.get_running_loop().create_future())
+        job.on_progress = on_progress
         self.monitor.enqueue(steps)
         self.on_change()
         return job
@@ -152,9 +188,11 @@ class ModelLoop:
             self.cancel(job)
             raise
 
-    async def run(self, kind: str, request: Any, steps: int) -> Any:
+    async def run(
+        self, kind: str, request: Any, steps: int, on_progress: ProgressCallback | None = None
+    ) -> Any:
         """submit + release + wait: what an in-process caller does."""
-        job = self.submit(kind, request, steps)
+        job = self.submit(kind, request, steps, on_progress)
         self.release([job])
         return await self.wait(job)
 
@@ -182,6 +220,17 @@ class ModelLoop:
         if not job.future.done():
             job.future.cancel()
         self.on_change()
+
+    def work(self) -> LoopWork:
+        """Queued and running requests and denoising steps (steps still to run) of this replica."""
+        running = [*self._running, *self._stepping.values()]
+        running_steps = sum(job.steps - job.steps_done for job in running)
+        return LoopWork(
+            queued_requests=self.monitor.queued,
+            queued_steps=self.monitor.queued_steps - running_steps,
+            running_requests=self.monitor.in_flight,
+            running_steps=running_steps,
+        )
 
     @property
     def busy(self) -> bool:
@@ -213,6 +262,10 @@ class ModelLoop:
         else:
             self.monitor.progressed(job.steps - job.steps_done)
             self.monitor.completed(1)
+            now = self._clock()
+            started = job.started_at if job.started_at is not None else now
+            ok = not isinstance(outcome, BaseException)
+            self.observer.job_finished(job.kind, started - job.submitted_at, now - started, ok)
         job.steps_done = job.steps
         job.state = DONE
         if job.future.done():  # the caller is gone
@@ -232,14 +285,20 @@ class ModelLoop:
 
     async def _run_whole_batch(self) -> None:
         jobs = self._take_batch()
+        started = self._clock()
         for job in jobs:
             job.state = RUNNING
+            job.started_at = started
         self.monitor.admit(len(jobs))
+        self._running = jobs
         function = self._functions[jobs[0].kind]
-        started = self._clock()
-        outcomes = await self._call(function, jobs)
+        try:
+            outcomes = await self._call(function, jobs)
+        finally:
+            self._running = []
         elapsed = self._clock() - started
         self.monitor.ran(len(jobs), max(job.steps for job in jobs), elapsed)
+        self.observer.batch_ran(jobs[0].kind, len(jobs), max(job.steps for job in jobs), elapsed)
         for job, outcome in zip(jobs, outcomes, strict=True):
             if hasattr(outcome, "timings_ms"):
                 outcome.timings_ms["queue"] = round((started - job.submitted_at) * 1000.0, 3)
@@ -250,8 +309,12 @@ class ModelLoop:
     async def _call(self, function: BatchFunction, jobs: list[Job]) -> list[Any]:
         """One model call for `jobs`; if it fails, each job alone, so an error reaches only its own job."""
         requests = [job.request for job in jobs]
+        on_step = self._step_reporter(jobs)
         try:
-            results = await self._run_blocking(function, requests)
+            if on_step is None:
+                results = await self._run_blocking(function, requests)
+            else:
+                results = await self._run_blocking(functools.partial(function, on_step=on_step), requests)
             if len(results) != len(jobs):
                 raise RuntimeError(f"the model gave {len(results)} results for {len(jobs)} requests")
             return list(results)
@@ -262,6 +325,23 @@ class ModelLoop:
         for job in jobs:
             outcomes.extend(await self._call(function, [job]))
         return outcomes
+
+    def _step_reporter(self, jobs: list[Job]) -> Callable[[Sequence[Any], int, int], None] | None:
+        """The model's step callback for a whole batch whose jobs want progress (None if none does).
+
+        The model calls it from the worker thread with the requests of the group that stepped (a batch may
+        run as several groups); each job hears of its own steps, on the event loop."""
+        listening = [job for job in jobs if job.on_progress is not None]
+        if not listening:
+            return None
+        loop = asyncio.get_running_loop()
+
+        def on_step(group: Sequence[Any], step: int, total: int) -> None:
+            for job in listening:
+                if any(job.request is request for request in group):
+                    loop.call_soon_threadsafe(job.on_progress, step, total)  # type: ignore[arg-type]
+
+        return on_step
 
     async def _admit_stepped(self) -> None:
         joining = [job for job in self._waiting if job.kind == self._step_kind]
@@ -284,6 +364,8 @@ class ModelLoop:
             return added
 
         admitted_at = self._clock()
+        for job in joining:
+            job.started_at = admitted_at
         added = await self._run_blocking(add_all)
         self.monitor.pool = stepper.priorities()
         for job, entry in zip(joining, added, strict=True):
@@ -313,8 +395,11 @@ class ModelLoop:
                 advanced += 1
                 job.steps_done = ticket.steps_run
                 self.monitor.progressed(delta)
+                if job.on_progress is not None:
+                    job.on_progress(ticket.steps_run, job.steps)
         if advanced:
             self.monitor.ran(advanced, 1, elapsed)
+            self.observer.batch_ran(self._step_kind or "", advanced, 1, elapsed)
         self.monitor.pool = stepper.priorities()
         for ticket in finished:
             job = self._stepping.pop(ticket, None)

@@ -17,9 +17,11 @@ class PreviewCache:
         self.misses = 0
         self.evictions = 0
 
-    def put(self, png: bytes) -> str:
-        preview_id = uuid.uuid4().hex
+    def put(self, png: bytes, preview_id: str | None = None) -> str:
+        """Stores `png` under `preview_id` (the caller's, e.g. made before the put; default: a new one)."""
+        preview_id = preview_id or uuid.uuid4().hex
         self._items[preview_id] = png
+        self._items.move_to_end(preview_id)
         if len(self._items) > self.capacity:
             self._items.popitem(last=False)
             self.evictions += 1

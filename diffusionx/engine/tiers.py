@@ -9,6 +9,7 @@ the batching that is measured is the batching that is served.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -16,7 +17,7 @@ from typing import Any
 
 from PIL import Image
 
-from diffusionx.engine.model_loop import ModelLoop, RunBlocking, _in_thread
+from diffusionx.engine.model_loop import ModelLoop, ProgressCallback, RunBlocking, _in_thread
 from diffusionx.engine.monitor import snapshot_dict
 from diffusionx.engine.step_warmup import measure_step_time
 from diffusionx.models.loading import LoadedModel
@@ -35,6 +36,11 @@ from diffusionx.sampling.generation import check_prompt_fits, edit, preview, ref
 from diffusionx.sampling.step_batching import StepBatcher
 
 Job = tuple[str, Any, int]  # (kind, request, steps)
+TierProgress = Callable[[int, int, str], None]  # (step, total steps, tier)
+
+
+def _with_tier(on_progress: TierProgress, tier: str, step: int, total: int) -> None:
+    on_progress(step, total, tier)
 
 
 class _Tier:
@@ -51,8 +57,12 @@ class _Tier:
     def job(self, method: str, *args: Any) -> Job:  # pragma: no cover - each tier defines it
         raise NotImplementedError
 
-    async def call(self, method: str, *args: Any) -> Any:
-        return await self.loop.run(*self.job(method, *args))
+    async def call(self, method: str, *args: Any, on_progress: TierProgress | None = None) -> Any:
+        """Runs one request; `on_progress(step, total, tier)` hears of each of its denoising steps."""
+        report: ProgressCallback | None = None
+        if on_progress is not None:
+            report = functools.partial(_with_tier, on_progress, self.tier)
+        return await self.loop.run(*self.job(method, *args), on_progress=report)
 
 
 class EdgeModel(_Tier):
@@ -64,8 +74,8 @@ class EdgeModel(_Tier):
         super().__init__(max_batch_size, **loop)
         self.model = model
         self.edit_steps = edit_steps or model.spec.default_steps
-        self.loop.register("preview", lambda requests: preview(model, requests))
-        self.loop.register("edit", lambda requests: edit(model, requests))
+        self.loop.register("preview", lambda requests, on_step=None: preview(model, requests, on_step))
+        self.loop.register("edit", lambda requests, on_step=None: edit(model, requests, on_step))
         self.loop.register("finish", lambda states: edge_phase(model, states))
 
     async def info(self) -> dict:
@@ -91,11 +101,15 @@ class EdgeModel(_Tier):
             return "finish", request, request.params.num_inference_steps - request.step_index
         raise ValueError(f"edge tier has no method {method!r}")
 
-    async def preview(self, request: PreviewRequest) -> GenerationResult:
-        return await self.call("preview", request)
+    async def preview(
+        self, request: PreviewRequest, on_progress: TierProgress | None = None
+    ) -> GenerationResult:
+        return await self.call("preview", request, on_progress=on_progress)
 
-    async def edit(self, request: Img2ImgRequest) -> GenerationResult:
-        return await self.call("edit", request)
+    async def edit(
+        self, request: Img2ImgRequest, on_progress: TierProgress | None = None
+    ) -> GenerationResult:
+        return await self.call("edit", request, on_progress=on_progress)
 
     async def finish(self, state: PlanState | Awaitable[PlanState]) -> GenerationResult:
         """EC-Diff / Hybrid SD, edge part: steps s..N-1 from the cloud's latents, then decode."""
@@ -129,7 +143,7 @@ class CloudModel(_Tier):
             if warm_up:
                 self.loop.monitor.step_time.seed(measure_step_time(model, max_batch_size))
         else:
-            self.loop.register("refine", lambda requests: refine(model, requests))
+            self.loop.register("refine", lambda requests, on_step=None: refine(model, requests, on_step))
         self.loop.register("generate", lambda requests: text_to_image(model, requests, tier="cloud"))
         self.loop.register("plan", lambda requests: cloud_phase(model, requests))
 
@@ -154,8 +168,10 @@ class CloudModel(_Tier):
             return "plan", request, expected_unet_calls(request.params).cloud
         raise ValueError(f"cloud tier has no method {method!r}")
 
-    async def refine(self, request: Img2ImgRequest) -> GenerationResult:
-        return await self.call("refine", request)
+    async def refine(
+        self, request: Img2ImgRequest, on_progress: TierProgress | None = None
+    ) -> GenerationResult:
+        return await self.call("refine", request, on_progress=on_progress)
 
     async def generate(self, request: PreviewRequest) -> GenerationResult:
         return await self.call("generate", request)

@@ -14,7 +14,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -133,12 +133,26 @@ def denoise(
     timesteps: torch.Tensor,
     text_embeddings: torch.Tensor,
     guidance_scale: float,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    """The DDIM loop x_T -> x_0 over `timesteps`; one UNet call per step."""
-    for t in timesteps:
+    """The DDIM loop x_T -> x_0 over `timesteps`; one UNet call per step. `on_step(step, total)` is called
+    after each step (1-based), as diffusers' `callback_on_step_end` is (here it feeds streamed progress)."""
+    total = len(timesteps)
+    for index, t in enumerate(timesteps):
         noise_pred = predict_noise(model.unet, latents, t, text_embeddings, guidance_scale)
         latents = scheduler.step(noise_pred, t, latents).prev_sample
+        if on_step is not None:
+            on_step(index + 1, total)
     return latents
+
+
+StepCallback = Callable[[Sequence[Any], int, int], None]  # (the requests of a batch, step, total steps)
+
+
+def _group_callback(on_step: StepCallback | None, group: Sequence[Any]) -> Callable[[int, int], None] | None:
+    if on_step is None:
+        return None
+    return lambda step, total: on_step(group, step, total)
 
 
 def run_in_groups(
@@ -162,9 +176,10 @@ def _ms(start: float) -> float:
 
 
 def text_to_image(
-    model: LoadedModel, requests: Sequence[PreviewRequest], tier: str
+    model: LoadedModel, requests: Sequence[PreviewRequest], tier: str, on_step: StepCallback | None = None
 ) -> list[GenerationResult]:
-    """Text-to-image for each request; `tier` ("edge" or "cloud") is where its UNet calls are counted."""
+    """Text-to-image for each request; `tier` ("edge" or "cloud") is where its UNet calls are counted.
+    `on_step(group, step, total)` reports each denoising step of each batch it runs."""
     spec = model.spec
 
     def resolved(request: PreviewRequest) -> tuple[int, int, int, float]:
@@ -188,7 +203,15 @@ def text_to_image(
         latents = latents * scheduler.init_noise_sigma
         # 3. denoising loop
         unet_start = time.perf_counter()
-        latents = denoise(model, scheduler, latents, scheduler.timesteps, embeddings, guidance)
+        latents = denoise(
+            model,
+            scheduler,
+            latents,
+            scheduler.timesteps,
+            embeddings,
+            guidance,
+            _group_callback(on_step, group),
+        )
         unet_ms = _ms(unet_start)
         # 4. decode
         vae_start = time.perf_counter()
@@ -203,8 +226,11 @@ def text_to_image(
     return run_in_groups(requests, resolved, run_group)
 
 
-def img2img(model: LoadedModel, requests: Sequence[Img2ImgRequest], tier: str) -> list[GenerationResult]:
-    """Img2img at each request's strength: int(steps * strength) UNet calls, counted on `tier`.
+def img2img(
+    model: LoadedModel, requests: Sequence[Img2ImgRequest], tier: str, on_step: StepCallback | None = None
+) -> list[GenerationResult]:
+    """Img2img at each request's strength: int(steps * strength) UNet calls, counted on `tier`; `on_step`
+    as in `text_to_image`.
 
     Requests are bucketed by (size, steps, strength, guidance) so that every sample in a batch starts at the
     same timestep. Strength 0 returns the input image unchanged at no cost.
@@ -242,7 +268,9 @@ def img2img(model: LoadedModel, requests: Sequence[Img2ImgRequest], tier: str) -
         encode_ms = _ms(start)
         # 3. denoising loop
         unet_start = time.perf_counter()
-        latents = denoise(model, scheduler, latents, timesteps, embeddings, guidance)
+        latents = denoise(
+            model, scheduler, latents, timesteps, embeddings, guidance, _group_callback(on_step, group)
+        )
         unet_ms = _ms(unet_start)
         # 4. decode
         vae_start = time.perf_counter()
@@ -257,16 +285,22 @@ def img2img(model: LoadedModel, requests: Sequence[Img2ImgRequest], tier: str) -
     return run_in_groups(requests, resolved, run_group)
 
 
-def preview(edge: LoadedModel, requests: Sequence[PreviewRequest]) -> list[GenerationResult]:
+def preview(
+    edge: LoadedModel, requests: Sequence[PreviewRequest], on_step: StepCallback | None = None
+) -> list[GenerationResult]:
     """Fast previews on the edge model (its preview step count unless a request sets one)."""
-    return text_to_image(edge, requests, tier="edge")
+    return text_to_image(edge, requests, tier="edge", on_step=on_step)
 
 
-def edit(edge: LoadedModel, requests: Sequence[Img2ImgRequest]) -> list[GenerationResult]:
+def edit(
+    edge: LoadedModel, requests: Sequence[Img2ImgRequest], on_step: StepCallback | None = None
+) -> list[GenerationResult]:
     """Round-to-round edit: move a previous preview toward a new prompt at an edit strength, on the edge."""
-    return img2img(edge, requests, tier="edge")
+    return img2img(edge, requests, tier="edge", on_step=on_step)
 
 
-def refine(cloud: LoadedModel, requests: Sequence[Img2ImgRequest]) -> list[GenerationResult]:
+def refine(
+    cloud: LoadedModel, requests: Sequence[Img2ImgRequest], on_step: StepCallback | None = None
+) -> list[GenerationResult]:
     """Cloud refinement of previews: img2img at the (predicted) strength and step count."""
-    return img2img(cloud, requests, tier="cloud")
+    return img2img(cloud, requests, tier="cloud", on_step=on_step)

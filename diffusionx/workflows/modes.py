@@ -58,16 +58,26 @@ _OPTIONAL_FIELDS = tuple(sorted(set().union(*_MODE_FIELDS.values())))
 
 
 # -- tiers -------------------------------------------------------------------------------------------------
+# `on_progress(step, total, tier)`: called after each denoising step of that request (streamed progress)
+Progress = Callable[[int, int, str], None]
+
+
 class EdgeTier(Protocol):
     async def info(self) -> dict: ...
-    async def preview(self, request: PreviewRequest) -> GenerationResult: ...
-    async def edit(self, request: Img2ImgRequest) -> GenerationResult: ...
+    async def preview(
+        self, request: PreviewRequest, on_progress: Progress | None = None
+    ) -> GenerationResult: ...
+    async def edit(
+        self, request: Img2ImgRequest, on_progress: Progress | None = None
+    ) -> GenerationResult: ...
     async def finish(self, state: Any) -> GenerationResult: ...  # a PlanState, or the plan's awaitable
 
 
 class CloudTier(Protocol):
     async def info(self) -> dict: ...
-    async def refine(self, request: Img2ImgRequest) -> GenerationResult: ...
+    async def refine(
+        self, request: Img2ImgRequest, on_progress: Progress | None = None
+    ) -> GenerationResult: ...
     async def generate(self, request: PreviewRequest) -> GenerationResult: ...
     def plan(self, request: CollaborativeRequest) -> Awaitable[PlanState]: ...
 
@@ -169,19 +179,29 @@ def _plain(request: PreviewRequest, steps: int | None) -> PreviewRequest:
     )
 
 
+def _progress(on_progress: Progress | None) -> dict[str, Progress]:
+    """The keyword for a tier call: none without a listener, so tiers that stream nothing need no such
+    parameter."""
+    return {} if on_progress is None else {"on_progress": on_progress}
+
+
 def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000.0, 3)
 
 
 # -- workflows -----------------------------------------------------------------------------------------------
-async def preview(tiers: Tiers, request: PreviewRequest) -> GenerationResult:
+async def preview(
+    tiers: Tiers, request: PreviewRequest, on_progress: Progress | None = None
+) -> GenerationResult:
     """A fast preview on the edge tier."""
-    return await tiers.need("edge", "preview").preview(request)
+    return await tiers.need("edge", "preview").preview(request, **_progress(on_progress))
 
 
-async def edit(tiers: Tiers, request: Img2ImgRequest) -> GenerationResult:
+async def edit(
+    tiers: Tiers, request: Img2ImgRequest, on_progress: Progress | None = None
+) -> GenerationResult:
     """A round-to-round edit of a previous image on the edge tier."""
-    return await tiers.need("edge", "edit").edit(request)
+    return await tiers.need("edge", "edit").edit(request, **_progress(on_progress))
 
 
 @dataclass
@@ -203,8 +223,10 @@ async def finalize(
     strength: float | None = None,
     num_inference_steps: int | None = None,
     latency_target_ms: float | None = None,
+    on_progress: Progress | None = None,
 ) -> Finalized:
-    """DiffusionX's finalize: predict the strength (unless given), route against the cloud load, refine."""
+    """DiffusionX's finalize: predict the strength (unless given), route against the cloud load, refine.
+    `on_progress` hears of each denoising step of the refinement (on whichever tier runs it)."""
     cloud = tiers.need("cloud", "diffusionx")
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -231,10 +253,11 @@ async def finalize(
         num_inference_steps=decision.num_inference_steps,
         guidance_scale=guidance_scale,
     )
+    progress = _progress(on_progress)
     if decision.route == "edge-fallback":
-        result = await tiers.need("edge", "edge-fallback").edit(request)
+        result = await tiers.need("edge", "edge-fallback").edit(request, **progress)
     else:
-        result = await cloud.refine(request)
+        result = await cloud.refine(request, **progress)
     timings.update(result.timings_ms)
     return Finalized(result, strength_predicted, decision, load, timings)
 

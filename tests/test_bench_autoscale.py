@@ -1,0 +1,96 @@
+"""The autoscaling bench's ramp, timeline and figures, from hand-made samples and request rows (no cluster);
+the fake node types carry the tier resources the autoscaling config asks for."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from clients.bench_autoscale import Ramp, build_timeline, cloud_autoscaling, summarize
+from deployments.autoscaling_cluster import NODE_TYPES, LocalAutoscalingCluster
+from deployments.local import AUTOSCALE_CONFIG
+
+RAMP = Ramp(peak_rate=2.0, up_s=20.0, hold_s=20.0, down_s=20.0)
+
+
+def sample(t: float, cloud: int, nodes: int, queued: int = 0) -> dict:
+    return {"t_s": t, "replicas": {"edge": 1, "cloud": cloud, "predictor": 1}, "nodes": nodes,
+            "queued_steps": queued}  # fmt: skip
+
+
+def row(arrival_s: float, kind: str, e2e_ms: float, status: int | str = 200) -> dict:
+    return {"arrival_s": arrival_s, "kind": kind, "status": status, "e2e_ms": e2e_ms}
+
+
+def test_ramp_rises_holds_and_falls():
+    arrivals = Ramp(peak_rate=5.0, up_s=40.0, hold_s=40.0, down_s=40.0).arrivals(seed=1)
+    counts = [sum(1 for t in arrivals if 20 * i <= t < 20 * (i + 1)) for i in range(6)]
+    # expected 25, 75, 100, 100, 75, 25 sessions per 20 s
+    assert counts[0] < counts[1] < counts[2] and counts[3] > counts[4] > counts[5]
+    assert abs(counts[2] - 100) < 35 and abs(counts[3] - 100) < 35
+    assert arrivals == sorted(arrivals) and arrivals[-1] < 120.0
+    assert arrivals == Ramp(5.0, 40.0, 40.0, 40.0).arrivals(seed=1)  # deterministic in the seed
+
+
+def test_timeline_has_the_issue_fields_rates_and_windowed_p95():
+    rows = [row(1.0 + 0.5 * i, "preview", 100.0) for i in range(10)]  # 10 requests in (0, 6]
+    rows += [row(2.0, "finalize", 2000.0), row(3.0, "finalize", 4000.0), row(4.0, "finalize", 1, 503)]
+    timeline = build_timeline([sample(5.0, 1, 3, 40), sample(10.0, 2, 4, 80)], rows, window_s=5.0)
+    assert set(timeline[0]) == {
+        "t_s", "offered_rps", "replicas", "nodes", "queued_steps", "finalize_latency_s_p95"
+    }  # fmt: skip
+    assert set(timeline[0]["replicas"]) == {"edge", "cloud", "predictor"}
+    # (0, 5]: previews at 1.0 ... 5.0 (9) and the three finalizes: 12 in 5 s
+    assert timeline[0]["offered_rps"] == pytest.approx(12 / 5)
+    assert timeline[0]["finalize_latency_s_p95"] == pytest.approx(2.0)  # ended at 4.0; the 7.0 not yet
+    assert timeline[1]["finalize_latency_s_p95"] == pytest.approx(4.0)  # the 503 never counts
+    assert timeline[1]["queued_steps"] == 80 and timeline[1]["nodes"] == 4
+
+
+def test_summary_figures_up_down_and_replica_seconds():
+    clouds = [1, 1, 2, 3, 4, 4, 4, 4, 3, 2, 1, 1]  # samples every 5 s, load falls from t = 40
+    nodes = [3, 3, 4, 4, 5, 5, 5, 5, 5, 4, 3, 3]
+    samples = [sample(5.0 * i, c, n) for i, (c, n) in enumerate(zip(clouds, nodes, strict=True))]
+    rows = [row(1.0, "finalize", 1000.0 * (i + 1)) for i in range(20)]
+    summary = summarize(build_timeline(samples, rows, window_s=5.0), rows, RAMP)
+    assert summary["cloud_replicas"] == {"min": 1, "max": 4, "end": 1}
+    assert summary["nodes"] == {"min": 3, "max": 5, "end": 3}
+    assert summary["scale_up_s"] == {"first_cloud_replica": 10.0, "cloud_at_peak": 20.0}
+    assert summary["scale_down_s"] == {"cloud_back_to_min": 10.0, "nodes_back_to_min": 10.0}
+    assert summary["cloud_replica_s"] == pytest.approx(5.0 * sum(clouds[:-1]))
+    assert summary["finalize_latency_s"]["p95"] == pytest.approx(19.05)
+    assert summary["errors"] == 0
+
+
+def test_a_tier_that_never_scaled_has_no_scale_times():
+    samples = [sample(5.0 * i, 1, 3) for i in range(4)]
+    summary = summarize(build_timeline(samples, [], window_s=5.0), [], RAMP)
+    assert summary["scale_down_s"] == {"cloud_back_to_min": None, "nodes_back_to_min": None}
+    assert summary["scale_up_s"]["first_cloud_replica"] is None
+
+
+def test_default_policy_variant_drops_only_the_custom_policy():
+    work, default = cloud_autoscaling("work"), cloud_autoscaling("default")
+    assert work["policy"]["policy_function"].endswith(":QueuedStepsPolicy")
+    assert "policy" not in default
+    assert {k: v for k, v in work.items() if k != "policy"} == default
+
+
+def test_node_types_carry_the_tier_resources_the_config_asks_for():
+    raw = yaml.safe_load(AUTOSCALE_CONFIG.read_text())
+    deployments = {d["name"]: d for d in raw["applications"][0]["deployments"]}
+    for tier, name in (("cloud", "CloudRefiner"), ("edge", "EdgePreviewer")):
+        options = deployments[name]["ray_actor_options"]
+        node = NODE_TYPES[tier]["resources"]
+        [(resource, need)] = options["resources"].items()
+        per_node = int(min(node[resource] / need, node["CPU"] / options["num_cpus"]))
+        assert per_node >= 1, tier
+        other = "edge_node" if tier == "cloud" else "cloud_node"
+        assert other not in node
+        assert (
+            per_node * NODE_TYPES[tier]["max_workers"]
+            >= deployments[name]["autoscaling_config"]["max_replicas"]
+        ), f"{tier}: the node types must hold max_replicas"
+    config = LocalAutoscalingCluster({"CPU": 2}, NODE_TYPES)._config
+    assert config["provider"]["type"] == "fake_multinode"
+    assert set(config["available_node_types"]) == {"cloud", "edge", "ray.head.default"}
