@@ -506,7 +506,7 @@ class DiffusionXIngress:
             "num_inference_steps": decision.num_inference_steps,
             "route": decision.route,
             "reason": decision.reason,
-            "load": final.load.to_dict(),
+            "load": final.load.to_dict(decision.cloud_steps),
             "expected_latency_ms": decision.expected_latency_ms,
             "unet_calls": result.unet_calls.to_dict(),
             "timings_ms": {**final.timings_ms, "server_total": _ms(start)},

@@ -3,6 +3,8 @@ configs are validated in-process and the same defaults feed the code, the YAML a
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 _WAIT = (
@@ -28,6 +30,10 @@ class AppArgs(BaseModel):
     edge_batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=10.0, description=_WAIT)
     cloud_max_batch_size: int = Field(4, ge=1, le=256, description="@serve.batch max_batch_size, cloud tier.")
     cloud_batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=10.0, description=_WAIT)
+    cloud_step_order: Literal["sjf", "fifo"] = Field(
+        "sjf",
+        description="Step batcher order: sjf (fewest remaining steps first, with aging) or fifo (arrival).",
+    )
     cloud_step_batching: bool = Field(
         True,
         description="Step-level batching of refinements: any strengths share a batch, join between steps.",
