@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from clients import compare_bench
 from clients.client import AsyncDiffusionXClient, DiffusionXClient
 from clients.errors import DiffusionXError
 from clients.results import TierStats
@@ -130,8 +131,9 @@ async def run_level(
     indices = iter(range(len(prompts)))  # shared by the workers; asyncio is single-threaded
     bar = tqdm(total=len(prompts), desc=f"concurrency {concurrency:>3}", unit="req", disable=not progress)
 
+    # no client retries: the server's own answers (a 503 included) are what is measured
     async with AsyncDiffusionXClient(
-        url, timeout_s, max_connections=concurrency, transport=transport
+        url, timeout_s, max_retries=0, max_connections=concurrency, transport=transport
     ) as client:
         send = client.refine if benchmark == "refine" else client.preview
 
@@ -342,7 +344,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     for p in (preview, refine):
         _add_common_args(p)
+    compare = sub.add_parser(
+        "compare", help="every mode, and the router against a fixed policy (summary.json)"
+    )
+    compare_bench.add_arguments(compare)
     args = parser.parse_args(argv)
+    if args.benchmark == "compare":
+        return args
     if args.requests < 1:
         parser.error(f"--requests {args.requests}: at least 1")
     if args.benchmark == "refine" and not 0.0 < args.strength <= 1.0:
@@ -375,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return autoscale_main(argv[1:])
     args = parse_args(argv)
+    if args.benchmark == "compare":
+        return compare_bench.main(args)
     stop = None
     try:
         if args.url:

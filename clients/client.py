@@ -12,8 +12,13 @@ gets a `ProgressEvent` per denoising step while the server works (server-sent ev
 client it may be a coroutine function; with the blocking client it is called from the client's thread.
 
 Every method returns a typed result (`clients.results`) whose images are PIL images; every failure is a
-`DiffusionXError` (`clients.errors`). On 503 the client can retry a bounded number of times, waiting what
-the server's Retry-After says (`retries_on_overload`, off by default).
+`DiffusionXError` (`clients.errors`).
+
+Every call is retried on what a retry can fix: 5xx answers (a replica died, the server restarted), 503
+(overload: after the server's Retry-After) and connection failures, with exponential backoff and full
+jitter (`tenacity`), at most `max_retries` times and never past `deadline_s` (the caller's total budget
+for the call, retries included; a Retry-After that would end past it is not waited for). Generation is
+idempotent (the seed fixes the image), so a retried request gives the same answer. 4xx is never retried.
 
 The server keeps no session state it cannot lose: a `Session` holds the rounds, sends the previous round's
 `preview_id` for an edit or for the final refinement, and when the server answers 404 because the id has
@@ -30,6 +35,7 @@ import functools
 import inspect
 import json
 import logging
+import random
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -38,6 +44,14 @@ from typing import Any, TypeVar
 
 import httpx
 from PIL import Image
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_before_delay,
+    wait_random_exponential,
+)
 
 from clients.errors import (
     ConnectionFailed,
@@ -45,6 +59,7 @@ from clients.errors import (
     Overloaded,
     PreviewExpired,
     RequestTimeout,
+    ServerError,
     error_from_response,
 )
 from clients.results import (
@@ -60,8 +75,11 @@ from clients.results import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-DEFAULT_TIMEOUT_S = 120.0  # CPU replicas under load answer in seconds, not milliseconds
-FIRST_BACKOFF_S = 0.25  # wait before the first retry when a 503 carries no Retry-After; doubles per retry
+DEFAULT_TIMEOUT_S = 120.0  # one attempt; CPU replicas under load answer in seconds, not milliseconds
+DEFAULT_MAX_RETRIES = 5
+DEFAULT_DEADLINE_S = 600.0  # one call, retries included
+FIRST_BACKOFF_S = 0.25  # backoff scale without a Retry-After: a random wait in [0, 0.25 * 2**attempt]
+MAX_BACKOFF_S = 10.0
 ATTEMPT_HEADER = "X-DiffusionX-Attempt"  # 2, 3, ... on retries (the server's diffusionx_retries_total)
 
 ResultT = TypeVar("ResultT", PreviewResult, RefineResult, GenerateResult, StatsResult, HealthResult)
@@ -81,15 +99,21 @@ class _ClientBase:
         self,
         base_url: str = DEFAULT_URL,
         timeout_s: float | httpx.Timeout = DEFAULT_TIMEOUT_S,
-        retries_on_overload: int = 0,
-        max_retry_wait_s: float = 30.0,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        deadline_s: float | None = DEFAULT_DEADLINE_S,
+        max_backoff_s: float = MAX_BACKOFF_S,
+        api_key: str | None = None,
     ) -> None:
-        if retries_on_overload < 0:
-            raise ValueError(f"retries_on_overload={retries_on_overload} is not allowed: use 0 or more")
+        if max_retries < 0:
+            raise ValueError(f"max_retries={max_retries} is not allowed: use 0 or more")
+        if deadline_s is not None and deadline_s <= 0:
+            raise ValueError(f"deadline_s={deadline_s} is not allowed: use a positive number or None")
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
-        self.retries_on_overload = retries_on_overload
-        self.max_retry_wait_s = max_retry_wait_s
+        self.max_retries = max_retries
+        self.deadline_s = deadline_s
+        self.max_backoff_s = max_backoff_s
+        self.api_key = api_key
 
     @staticmethod
     def _body(arguments: dict[str, Any]) -> dict[str, Any]:
@@ -125,23 +149,47 @@ class _ClientBase:
                 response.status_code,
             ) from None
 
-    def _retry_delay_s(self, error: DiffusionXError, attempt: int) -> float | None:
-        """Seconds to wait before retrying after `error`, or None to give up and raise it."""
-        if not isinstance(error, Overloaded) or attempt >= self.retries_on_overload:
-            return None
-        delay_s = error.retry_after_s if error.retry_after_s is not None else FIRST_BACKOFF_S * 2**attempt
-        if delay_s > self.max_retry_wait_s:
-            return None  # the server asks for a longer wait than the caller allows
-        logger.info("server overloaded (%s); retry %d in %.2f s", error.message, attempt + 1, delay_s)
-        return delay_s
+    def _retrying(self) -> AsyncRetrying:
+        """The retry policy of one call (see the module docstring)."""
+        stop = stop_after_attempt(self.max_retries + 1)
+        if self.deadline_s is not None:
+            stop = stop | stop_before_delay(self.deadline_s)
+        return AsyncRetrying(
+            retry=retry_if_exception_type((ServerError, ConnectionFailed)),
+            stop=stop,
+            wait=self._wait_s,
+            reraise=True,
+            before_sleep=_log_retry,
+        )
+
+    def _wait_s(self, state: RetryCallState) -> float:
+        """The server's Retry-After plus a little jitter (so shed clients do not return in step), else
+        exponential backoff with full jitter."""
+        error = state.outcome.exception() if state.outcome else None
+        if isinstance(error, Overloaded) and error.retry_after_s is not None:
+            return error.retry_after_s + random.uniform(0.0, min(1.0, 0.25 * error.retry_after_s))
+        return wait_random_exponential(multiplier=FIRST_BACKOFF_S, max=self.max_backoff_s)(state)
+
+    def _attempt_timeout(self, started: float) -> float | httpx.Timeout:
+        """One attempt's timeout: the client timeout, cut to what is left of the call's deadline."""
+        if self.deadline_s is None or not isinstance(self.timeout_s, int | float):
+            return self.timeout_s
+        return max(0.001, min(self.timeout_s, self.deadline_s - (time.monotonic() - started)))
+
+
+def _log_retry(state: RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome else None
+    wait_s = state.next_action.sleep if state.next_action else 0.0
+    logger.info("attempt %d failed (%s); retrying in %.2f s", state.attempt_number, error, wait_s)
 
 
 class AsyncDiffusionXClient(_ClientBase):
     """Asynchronous client. Use as an async context manager, or call `aclose()`.
 
-    `retries_on_overload` retries a request that got 503 up to that many times, waiting the server's
-    Retry-After (or a doubling backoff from 0.25 s without one), but never longer than `max_retry_wait_s`.
-    `transport` replaces the network (tests pass an `httpx.MockTransport`).
+    `timeout_s` bounds one attempt; `max_retries` and `deadline_s` bound the retries of a call (0 / None:
+    no retries / no total deadline); `max_backoff_s` caps one backoff wait. `api_key` is sent as
+    `Authorization: Bearer <key>` (servers with API keys on). `transport` replaces the network (tests pass
+    an `httpx.MockTransport`).
     """
 
     def __init__(
@@ -149,15 +197,18 @@ class AsyncDiffusionXClient(_ClientBase):
         base_url: str = DEFAULT_URL,
         timeout_s: float | httpx.Timeout = DEFAULT_TIMEOUT_S,
         *,
-        retries_on_overload: int = 0,
-        max_retry_wait_s: float = 30.0,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        deadline_s: float | None = DEFAULT_DEADLINE_S,
+        max_backoff_s: float = MAX_BACKOFF_S,
+        api_key: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         max_connections: int = 100,
     ) -> None:
-        super().__init__(base_url, timeout_s, retries_on_overload, max_retry_wait_s)
+        super().__init__(base_url, timeout_s, max_retries, deadline_s, max_backoff_s, api_key)
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
         self._http = httpx.AsyncClient(
-            base_url=self.base_url, timeout=timeout_s, transport=transport, limits=limits
+            base_url=self.base_url, timeout=timeout_s, transport=transport, limits=limits, headers=headers
         )
 
     async def __aenter__(self) -> AsyncDiffusionXClient:
@@ -177,34 +228,59 @@ class AsyncDiffusionXClient(_ClientBase):
         body: dict[str, Any] | None = None,
         on_progress: OnProgress | None = None,
     ) -> ResultT:
-        for attempt in range(self.retries_on_overload + 1):
-            start = time.perf_counter()
-            headers = {ATTEMPT_HEADER: str(attempt + 1)} if attempt else {}  # counted by the server
-            try:
-                if on_progress is None:
-                    response = await self._http.request(method, path, json=body, headers=headers)
-                    payload = self._json(response) if response.is_success else None
-                else:
-                    response, payload = await self._events(method, path, body, headers, on_progress)
-            except httpx.TransportError as exc:
-                raise self._connection_error(exc) from exc
-            latency_ms = (time.perf_counter() - start) * 1000.0
-            if response.is_success:
-                return parse.from_json(payload, latency_ms=latency_ms)
-            error = error_from_response(response, preview_id=(body or {}).get("preview_id"))
-            delay_s = self._retry_delay_s(error, attempt)
-            if delay_s is None:
-                raise error
-            await asyncio.sleep(delay_s)
+        started = time.monotonic()
+        async for attempt in self._retrying():
+            with attempt:
+                return await self._send(
+                    method,
+                    path,
+                    parse,
+                    body,
+                    on_progress,
+                    attempt.retry_state.attempt_number,
+                    self._attempt_timeout(started),
+                )
         raise AssertionError("unreachable: the last attempt returns or raises")
 
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        parse: type[ResultT],
+        body: dict[str, Any] | None,
+        on_progress: OnProgress | None,
+        attempt: int,
+        timeout: float | httpx.Timeout,
+    ) -> ResultT:
+        """One attempt: the parsed result, or the typed error of the answer."""
+        start = time.perf_counter()
+        headers = {ATTEMPT_HEADER: str(attempt)} if attempt > 1 else {}  # counted by the server
+        try:
+            if on_progress is None:
+                response = await self._http.request(method, path, json=body, headers=headers, timeout=timeout)
+                payload = self._json(response) if response.is_success else None
+            else:
+                response, payload = await self._events(method, path, body, headers, on_progress, timeout)
+        except httpx.TransportError as exc:
+            raise self._connection_error(exc) from exc
+        latency_ms = (time.perf_counter() - start) * 1000.0
+        if response.is_success:
+            return parse.from_json(payload, latency_ms=latency_ms)
+        raise error_from_response(response, preview_id=(body or {}).get("preview_id"))
+
     async def _events(
-        self, method: str, path: str, body: Any, headers: dict[str, str], on_progress: OnProgress
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        headers: dict[str, str],
+        on_progress: OnProgress,
+        timeout: float | httpx.Timeout,
     ) -> tuple[httpx.Response, Any]:
         """The request as server-sent events: `on_progress` per step; returns the response and the final
         JSON (None for an error response, whose body is read for the usual error mapping)."""
         headers = {**headers, "Accept": EVENT_STREAM}
-        async with self._http.stream(method, path, json=body, headers=headers) as response:
+        async with self._http.stream(method, path, json=body, headers=headers, timeout=timeout) as response:
             if not response.is_success:
                 await response.aread()
                 return response, None

@@ -265,6 +265,22 @@ def main(argv: list[str] | None = None) -> int:
         {k: v for k, v in (("edge_model", args.edge_model), ("cloud_model", args.cloud_model)) if v}
     )
     summary: dict[str, Any] = {"url": args.url}
+    if args.url is None:  # SIGTERM stops like Ctrl-C, so the started application is shut down
+        from deployments.local import stop_on_signals
+
+        with stop_on_signals():
+            return _run(args, out_dir, started, embedded, overrides, summary)
+    return _run(args, out_dir, started, embedded, overrides, summary)
+
+
+def _run(
+    args: argparse.Namespace,
+    out_dir: Path,
+    started: float,
+    embedded: bool,
+    overrides: dict[str, str],
+    summary: dict[str, Any],
+) -> int:
     stop = None
     try:
         # 1. the application

@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from clients.client import AsyncDiffusionXClient, AsyncSession, Round
 from clients.errors import DiffusionXError
-from clients.results import PreviewResult, RefineResult
+from clients.results import GenerateResult, PreviewResult, RefineResult
 from clients.workload import poisson_arrivals, ramp_arrivals, think_time_s, trace_arrivals
 
 COLUMNS = (
@@ -65,6 +65,7 @@ COLUMNS = (
     "expected_latency_ms",
     "e2e_ms",
     "quality",
+    "session",  # sessions workload: the session's index (its rounds share it); empty otherwise
 )
 WORKLOADS = ("sessions", "finalize", "preview")
 DEFAULT_OUT = "loadgen_results"
@@ -87,6 +88,7 @@ class LoadgenConfig:
     seed: int = 0
     timeout_s: float = 300.0
     progress: bool = True
+    mode: str = "diffusionx"  # sessions: how each round is made (see `_session`)
 
 
 @dataclass
@@ -101,14 +103,16 @@ class Recorder:
     bar: Any = None
     sent: int = 0
 
-    async def send(self, kind: str, prompt: str, call: Callable[[], Awaitable[Any]]) -> Any:
+    async def send(
+        self, kind: str, prompt: str, call: Callable[[], Awaitable[Any]], session: int | str = ""
+    ) -> Any:
         """Sends `call()` and records it; None when it failed or was not sent (cap or time reached)."""
         arrival_s = time.perf_counter() - self.start
         if self.sent >= self.max_requests or arrival_s >= self.stop_at_s:
             return None
         self.sent += 1
         row: dict[str, Any] = dict.fromkeys(COLUMNS, "")
-        row.update(arrival_s=round(arrival_s, 4), kind=kind)
+        row.update(arrival_s=round(arrival_s, 4), kind=kind, session=session)
         result = None
         try:
             result = await call()
@@ -137,6 +141,8 @@ def describe(result: Any) -> dict[str, Any]:
         "cloud_unet_calls": calls.get("cloud", 0),
         "edge_unet_calls": calls.get("edge", 0),
     }
+    if isinstance(result, GenerateResult):
+        fields["route"] = result.parameters.get("route") or result.mode
     if isinstance(result, PreviewResult):
         fields["strength_used"] = "" if result.strength is None else result.strength
     if isinstance(result, RefineResult):
@@ -200,16 +206,34 @@ async def _session(
     prompts: list[str],
 ) -> None:
     rng = random.Random(config.seed * 1_000_003 + index)
+    if config.mode != "diffusionx":  # every round is the mode's one-shot image; the last one is kept
+        for number, prompt in enumerate(prompts):
+            if number:
+                await asyncio.sleep(think_time_s(config.think_s, rng))
+            kind = "finalize" if number == len(prompts) - 1 else "preview"
+            seed = config.seed + index
+
+            def call(p: str = prompt, s: int = seed) -> Awaitable[Any]:
+                return client.generate(
+                    p, seed=s, mode=config.mode, num_inference_steps=config.num_inference_steps
+                )
+
+            if await recorder.send(kind, prompt, call, index) is None:
+                return
+        return
     session = client.session(seed=config.seed + index)
     for number, prompt in enumerate(prompts):
         if number:
             await asyncio.sleep(think_time_s(config.think_s, rng))
         strength = None if number == 0 else config.edit_strength
         kind = "preview" if number == 0 else "edit"
-        if await recorder.send(kind, prompt, lambda p=prompt, s=strength: session.preview(p, s)) is None:
+        if (
+            await recorder.send(kind, prompt, lambda p=prompt, s=strength: session.preview(p, s), index)
+            is None
+        ):
             return  # a failed round ends the session, as it would for a person
     await asyncio.sleep(think_time_s(config.think_s, rng))
-    await recorder.send("finalize", prompts[-1], lambda: _finalize(session, config))
+    await recorder.send("finalize", prompts[-1], lambda: _finalize(session, config), index)
 
 
 def _finalize(session: AsyncSession, config: LoadgenConfig) -> Awaitable[RefineResult]:
@@ -247,8 +271,9 @@ async def run_loadgen(
     prompt_sets = workload_prompts(
         config.workload, pool if config.workload == "finalize" else n, config.rounds, config.seed
     )
+    # no client retries: each arrival's own answer (a 503 included) is what is recorded
     async with AsyncDiffusionXClient(
-        config.url, config.timeout_s, transport=transport, max_connections=1000
+        config.url, config.timeout_s, max_retries=0, transport=transport, max_connections=1000
     ) as client:
         setup_rows: list[dict[str, Any]] = []
         previews: list[tuple[AsyncSession, str]] = []
@@ -335,6 +360,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-target-ms", type=float, help="finalize: the router's latency target")
     parser.add_argument("--num-inference-steps", type=int, help="finalize: full-schedule steps")
     parser.add_argument("--preview-pool", type=int, default=16, help="finalize: previews made beforehand")
+    parser.add_argument(
+        "--mode",
+        choices=("diffusionx", "cloud", "edge", "hybrid", "ec-diff"),
+        default="diffusionx",
+        help="sessions: diffusionx previews on the edge then finalizes; any other mode makes every round "
+        "with POST /v1/generate in that mode (the last round is the kept image, kind finalize)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="arrivals, prompts, image seeds")
     parser.add_argument("--timeout-s", type=float, default=300.0, help="client timeout per request")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT}/)")
@@ -392,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             timeout_s=args.timeout_s,
             progress=not args.no_progress,
+            mode=args.mode,
         )
         print(
             f"loadgen: {len(arrivals)} {args.workload} arrivals over {args.duration_s:g} s against {args.url}"

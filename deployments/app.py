@@ -18,7 +18,7 @@ from diffusionx.app_config import AppArgs
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
     config = AppArgs(**(args or {}))
-    state = SharedState.bind(config.preview_cache_size)
+    state = SharedState.bind(config.preview_cache_bytes, config.preview_cache_ttl_s)
     edge = EdgePreviewer.bind(
         config.edge_model,
         state,
@@ -36,6 +36,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         batch_wait_timeout_s=config.cloud_batch_wait_timeout_s,
         torch_threads=config.torch_threads,
         step_batching=config.cloud_step_batching,
+        step_order=config.cloud_step_order,
     )
     predictor = StrengthPredictor.bind(
         state,

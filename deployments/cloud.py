@@ -1,6 +1,8 @@
 """CloudRefiner: the heavy model. Refinements (img2img at the routed strength, step-level batched),
 cloud-only text-to-image and the cloud part of EC-Diff / Hybrid SD (`plan`), batched by the library's
-`CloudModel`."""
+`CloudModel`. Each replica publishes its load with `record_routing_stats`, and the deployment's request
+router (`deployments.cloud_router.StepAwareRouter`) sends a request to the replica where it is expected
+to finish first."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
 from deployments.tier import ServedTier, set_torch_threads
 from diffusionx.engine.tiers import CloudModel
@@ -23,6 +26,11 @@ from diffusionx.sampling.collaborative import CollaborativeRequest, PlanState
     max_queued_requests=64,
     health_check_period_s=2,
     autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4},
+    request_router_config=RequestRouterConfig(
+        request_router_class="deployments.cloud_router.StepAwareRouter",
+        request_routing_stats_period_s=0.5,  # the router adds what it sent since (see cloud_router)
+        request_routing_stats_timeout_s=5.0,
+    ),
 )
 class CloudRefiner(ServedTier):
     def __init__(
@@ -34,10 +42,17 @@ class CloudRefiner(ServedTier):
         batch_wait_timeout_s: float = 0.0,
         torch_threads: int | None = None,
         step_batching: bool = True,
+        step_order: str = "sjf",
     ) -> None:
         set_torch_threads(torch_threads)
-        engine = CloudModel(load_model(model, device=device), max_batch_size, step_batching)
+        engine = CloudModel(
+            load_model(model, device=device), max_batch_size, step_batching, step_order=step_order
+        )
         self._serve(engine, state, max_batch_size, batch_wait_timeout_s)
+
+    async def record_routing_stats(self) -> dict:
+        """This replica's load for the request router; Serve calls it every request_routing_stats_period_s."""
+        return self.engine.load_snapshot()
 
     async def refine(self, request: Img2ImgRequest) -> GenerationResult:
         return await self._submit("refine", request)

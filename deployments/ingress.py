@@ -4,7 +4,13 @@ body types on the route methods.) HTTP concerns only: schemas, PNG work off the 
 request does is the library's workflow (`diffusionx.workflows.modes`), handed tiers that call the tier
 deployments through their DeploymentHandles. Preview and refine stream their progress as server-sent events
 when asked (`deployments.sse`; the tiers' `*_stream` methods through `handle.options(stream=True)`); the
-web page at `/` is `deployments.web`; metrics are `deployments.metrics`."""
+web page at `/` is `deployments.web`; metrics are `deployments.metrics`.
+
+Reliability (DESIGN.md, "Reliability contract"): the guard (`diffusionx.guard`) refuses bad bodies and
+keys before a route runs; admission control (`diffusionx.policy.admission`) refuses work at once when the
+tier it needs cannot start it within `admission_max_wait_s`; a tier call whose replica died is retried
+once (Serve routes the retry to a live replica, waiting for the replacement if there is none), and an EC-Diff
+plan lost with its cloud replica is planned again."""
 
 import asyncio
 import base64
@@ -18,7 +24,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from PIL import Image
 from ray import serve
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import ObjectLostError, RayActorError, WorkerCrashedError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 from deployments.metrics import RETRY_HEADER, ingress_metrics, metrics_url
 from deployments.sse import event_stream, wants_events
@@ -36,15 +43,28 @@ from diffusionx.api import (
 )
 from diffusionx.app_config import AppArgs
 from diffusionx.engine.progress import PROGRESS
+from diffusionx.guard import Guard, GuardConfig, load_api_keys
+from diffusionx.policy.admission import AdmissionControl
 from diffusionx.policy.router import CloudLoad, RouterConfig
 from diffusionx.policy.service_model import ReplicaLoad
 from diffusionx.requests import GenerationResult, Img2ImgRequest, InvalidRequestError, PreviewRequest
 from diffusionx.workflows import modes
 from diffusionx.workflows.modes import GenerateRequest, Tiers
 
-logger = logging.getLogger(__name__)
+RETRY_AFTER_S = 1  # a tier's own full queue (the backstop behind admission control)
+REPLACEMENT_RETRY_AFTER_S = 2  # a replica died and its retry failed too: the replacement is starting
+LOAD_REFRESH_S = 0.25  # how often admission control reads the tiers' reported load
+# a tier call failed because its replica (or the worker holding its result) is gone; Ray raises these
+# directly, or as the cause of the task error of a replica that consumed the lost result
+REPLICA_GONE = (
+    RayActorError,  # ActorDiedError, ActorUnavailableError
+    WorkerCrashedError,
+    ObjectLostError,  # OwnerDiedError: e.g. an EC-Diff plan whose cloud replica died
+    ReplicaUnavailableError,
+    DeploymentUnavailableError,
+)
 
-RETRY_AFTER_S = 1
+logger = logging.getLogger(__name__)
 # a PNG of at most this many pixels encodes in well under a millisecond (0.25 ms for the 32x32 previews
 # measured on the 2-core CPU machine): inline it is cheaper than the thread hop (~1.4 ms there), larger
 # images go to a worker thread so the event loop stays free
@@ -53,9 +73,22 @@ INLINE_PNG_PIXELS = 128 * 128
 app = FastAPI(
     title="DiffusionX",
     version="0.1.0",
-    description="Interactive text-to-image: edge previews, predicted-strength cloud refinement, EC-Diff.",
+    description="Interactive text-to-image: edge previews, predicted-strength cloud refinement, EC-Diff. "
+    "Errors answer `{error, status}`; 401 without a valid API key (when keys are on), 413 for a body over "
+    "the byte limit, 422 for bad input, 404 for an unknown preview id, 503 with Retry-After on overload.",
 )
 add_web_page(app)  # GET /: the session page (deployments/static)
+
+# The guard's settings of this replica: the app (and so the middleware) is built before the replica's
+# constructor runs, which sets them from the application's args.
+_guard_config = GuardConfig()
+
+
+def guard_config() -> GuardConfig:
+    return _guard_config
+
+
+app.add_middleware(Guard, config=guard_config)
 
 
 class PreviewNotFound(LookupError):
@@ -63,16 +96,31 @@ class PreviewNotFound(LookupError):
 
 
 class TierOverloaded(RuntimeError):
-    """A tier's queue is full (its max_queued_requests): answered as 503 with Retry-After."""
+    """Answered as 503 with Retry-After: a tier's queue is full, admission control refused the work, or
+    a replica died and its replacement is not up yet."""
+
+    def __init__(self, message: str, retry_after_s: int = RETRY_AFTER_S) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
-async def ask(method: Any, *args: Any) -> Any:
-    """Calls a tier through its DeploymentHandle method; a full queue becomes TierOverloaded (Serve would
-    otherwise answer a bare 503 without Retry-After)."""
-    try:
-        return await method.remote(*args)
-    except BackPressureError as error:
-        raise TierOverloaded(str(error)) from None
+async def ask(method: Any, *args: Any, retries: int = 1) -> Any:
+    """Calls a tier through its DeploymentHandle method. A call whose replica died is sent again (Serve
+    routes it to a live replica); a full queue becomes TierOverloaded (Serve would otherwise answer a bare
+    503 without Retry-After)."""
+    for attempt in range(retries + 1):
+        try:
+            return await method.remote(*args)
+        except BackPressureError as error:
+            raise TierOverloaded(str(error)) from None
+        except REPLICA_GONE as error:
+            if attempt == retries:
+                raise TierOverloaded(
+                    f"a replica died and its replacement is starting ({type(error).__name__})",
+                    REPLACEMENT_RETRY_AFTER_S,
+                ) from None
+            logger.warning("replica gone (%s); retrying the call", type(error).__name__)
+    raise AssertionError("unreachable")
 
 
 async def ask_stream(method: Any, *args: Any, on_progress: Any) -> Any:
@@ -115,10 +163,30 @@ class EdgeHandle(_HandleTier):
             return await ask_stream(self.handle.edit_stream, request, on_progress=on_progress)
         return await ask(self.handle.edit, request)
 
-    async def finish(self, state: Any) -> GenerationResult:
-        # `state` may be the cloud's unresolved DeploymentResponse: Serve resolves it for the edge replica,
-        # so the latents go from the cloud replica to the edge replica without passing through here
-        return await ask(self.handle.finish, state)
+    async def finish(self, plan: "Plan") -> GenerationResult:
+        # the plan's unresolved DeploymentResponse: Serve resolves it for the edge replica, so the latents
+        # go from the cloud replica to the edge replica without passing through here. If a replica died
+        # (the edge's, or the cloud's with the latents), plan again and finish once more.
+        try:
+            return await ask(self.handle.finish, plan.response, retries=0)
+        except TierOverloaded as error:
+            if error.retry_after_s != REPLACEMENT_RETRY_AFTER_S:
+                raise
+            logger.warning("EC-Diff plan or finish lost with its replica; planning again")
+            return await ask(self.handle.finish, plan.again(), retries=0)
+
+
+class Plan:
+    """An EC-Diff / Hybrid cloud plan in flight (a DeploymentResponse), and how to make it again."""
+
+    def __init__(self, handle: Any, request: Any) -> None:
+        self.handle = handle
+        self.request = request
+        self.response = handle.plan.remote(request)
+
+    def again(self) -> Any:
+        self.response = self.handle.plan.remote(self.request)
+        return self.response
 
 
 class CloudHandle(_HandleTier):
@@ -130,8 +198,8 @@ class CloudHandle(_HandleTier):
     async def generate(self, request: PreviewRequest) -> GenerationResult:
         return await ask(self.handle.generate, request)
 
-    def plan(self, request: Any) -> Any:
-        return self.handle.plan.remote(request)  # not awaited: handed to the edge tier as it is
+    def plan(self, request: Any) -> Plan:
+        return Plan(self.handle, request)  # not awaited: handed to the edge tier as it is
 
 
 class PredictorHandle(_HandleTier):
@@ -168,7 +236,27 @@ async def _preview_not_found(_: Request, error: PreviewNotFound) -> JSONResponse
 @app.exception_handler(TierOverloaded)
 async def _overloaded(request: Request, error: TierOverloaded) -> JSONResponse:
     ingress_metrics().request_shed(request.url.path)
-    return _error(503, f"overloaded, retry later: {error}", headers={"Retry-After": str(RETRY_AFTER_S)})
+    return _error(503, f"overloaded, retry later: {error}", headers={"Retry-After": str(error.retry_after_s)})
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries of the error statuses a route answers, all with the API's error body."""
+    what = {
+        401: "Missing or wrong API key (only when the server has API keys).",
+        404: "The preview_id is unknown, has expired, or belongs to another API key.",
+        413: "The request body is larger than the server's byte limit.",
+        422: "The request is not valid: the message names the field and what is allowed.",
+        503: "Overloaded or a replica is restarting: retry after the Retry-After header's seconds.",
+    }
+    retry_after = {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}}
+    return {
+        status: {
+            "model": ErrorResponse,
+            "description": what[status],
+            **({"headers": retry_after} if status == 503 else {}),
+        }
+        for status in statuses
+    }
 
 
 def _status_of(error: Exception) -> int:
@@ -215,16 +303,21 @@ def _s(start: float) -> float:
 @serve.deployment(
     name="DiffusionXIngress",
     ray_actor_options={"num_cpus": 0.1},
-    max_ongoing_requests=64,
-    max_queued_requests=256,
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 32},
+    # Admission control decides here, at once; Serve's own queue in front of the ingress must not fill
+    # first (its 503 carries no Retry-After), so the ingress takes every request (a refusal is cheap).
+    max_ongoing_requests=1024,
+    max_queued_requests=-1,
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 256},
 )
 @serve.ingress(app)
 class DiffusionXIngress:
     def __init__(self, edge: Any, predictor: Any, cloud: Any, state: Any, args: dict | None = None) -> None:
+        global _guard_config
         self.state = state
         self.args = AppArgs(**(args or {}))
-        self._storing: dict[str, tuple[bytes, asyncio.Task]] = {}  # previews on their way to SharedState
+        _guard_config = GuardConfig(load_api_keys(self.args.api_keys), self.args.max_body_bytes)
+        # previews on their way to SharedState (only puts in flight): id -> (owner, png, task)
+        self._storing: dict[str, tuple[str, bytes, asyncio.Task]] = {}
         self.tiers = Tiers(
             edge=EdgeHandle(edge),
             cloud=CloudHandle(cloud),
@@ -235,6 +328,11 @@ class DiffusionXIngress:
             ),
             default_latency_target_ms=self.args.default_latency_target_ms,
         )
+        self.admission = AdmissionControl(
+            {"edge": self.args.edge_max_batch_size, "cloud": self.args.cloud_max_batch_size},
+            max_wait_s=self.args.admission_max_wait_s,
+        )
+        self._load_watcher: asyncio.Task | None = None
         self.metrics = ingress_metrics()
         self._metrics_url: str | None = None
 
@@ -242,11 +340,14 @@ class DiffusionXIngress:
     def _seen(self, endpoint: str, request: Request) -> None:
         self.metrics.request_seen(endpoint, request.headers.get(RETRY_HEADER))
 
-    async def _resolve_image(self, image: str | None, preview_id: str | None) -> Image.Image:
+    async def _resolve_image(self, image: str | None, preview_id: str | None, owner: str) -> Image.Image:
         if image is not None:
             return await asyncio.to_thread(imaging.decode_png_base64, image)
         storing = self._storing.get(preview_id)
-        png = storing[0] if storing else await ask(self.state.get_preview, preview_id)
+        if storing is not None and storing[0] == owner:
+            png = storing[1]
+        else:
+            png = await ask(self.state.get_preview, preview_id, owner)
         if png is None:
             raise PreviewNotFound(
                 f"preview_id '{preview_id}' is unknown or has expired (the server keeps a bounded cache); "
@@ -254,14 +355,14 @@ class DiffusionXIngress:
             )
         return await asyncio.to_thread(imaging.decode_png, png)
 
-    def _store_preview(self, png: bytes) -> str:
+    def _store_preview(self, png: bytes, owner: str) -> str:
         """Puts a preview into the shared cache without holding its response for the round trip to
         SharedState (it was ~10 ms of the ~45 ms overhead at one client): until the put lands, this replica
         answers the id from `_storing`; another ingress replica asked within those milliseconds answers 404
         like after an eviction, and the client resends the image. The map holds only puts in flight."""
         preview_id = uuid.uuid4().hex
-        task = asyncio.get_running_loop().create_task(ask(self.state.put_preview, png, preview_id))
-        self._storing[preview_id] = (png, task)
+        task = asyncio.get_running_loop().create_task(ask(self.state.put_preview, png, preview_id, owner))
+        self._storing[preview_id] = (owner, png, task)
         task.add_done_callback(lambda done: self._stored(preview_id, done))
         return preview_id
 
@@ -274,44 +375,82 @@ class DiffusionXIngress:
         tier = await ask(self.state.tier, "cloud")
         return CloudLoad(tuple(ReplicaLoad.from_snapshot(s) for s in tier.get("per_replica", ())))
 
+    async def _watch_load(self) -> None:
+        """Keeps admission control's view of the tiers fresh (one small call every LOAD_REFRESH_S)."""
+        while True:
+            try:
+                self.admission.update(await self.state.tiers.remote())
+            except Exception as error:  # the shared state restarting: the view ages out meanwhile
+                logger.debug("tier load unavailable: %s", error)
+            await asyncio.sleep(LOAD_REFRESH_S)
+
+    async def _admit(self, needs: dict[str, int]) -> None:
+        """Refuses the request at once (503 + Retry-After) when a tier it needs cannot start it in time."""
+        if self._load_watcher is None or self._load_watcher.done():
+            self._load_watcher = asyncio.get_running_loop().create_task(self._watch_load())
+        refusal = self.admission.decide(needs)
+        if refusal is not None:
+            raise TierOverloaded(refusal.message, refusal.retry_after_s)
+
+    async def _steps(self, tier: str, key: str, given: int | None) -> int:
+        """A request's steps on `tier` (for admission control's count): as given, else the tier's default."""
+        if given is not None:
+            return given
+        try:
+            return int((await self.tiers.info(tier))[key])
+        except (TierOverloaded, KeyError):
+            return 1
+
     # -- routes --------------------------------------------------------------------------------------------
-    @app.get("/v1/health")
+    @app.get("/v1/health", responses=_errors(503))
     async def health(self) -> dict:
         edge, cloud = await asyncio.gather(self.tiers.info("edge"), self.tiers.info("cloud"))
         return {"status": "ok", "edge": edge, "cloud": cloud}
 
-    @app.get("/v1/stats", response_model=StatsResponse)
+    @app.get("/v1/stats", response_model=StatsResponse, responses=_errors(401, 503))
     async def stats(self) -> dict:
         if self._metrics_url is None:
             self._metrics_url = await asyncio.to_thread(metrics_url)
         return {**await ask(self.state.stats), "metrics_url": self._metrics_url}
 
-    @app.post("/v1/preview", response_model=PreviewResponse, responses={422: {"model": ErrorResponse}})
+    @app.post("/v1/preview", response_model=PreviewResponse, responses=_errors(401, 404, 413, 422, 503))
     async def preview(self, body: PreviewBody, http_request: Request) -> Any:
         self._seen("/v1/preview", http_request)
+        owner = http_request.state.owner
+        if body.strength is not None:
+            steps = await self._steps("edge", "default_steps", body.num_inference_steps)
+            needs = {"edge": int(steps * body.strength)}
+        else:
+            needs = {"edge": await self._steps("edge", "preview_steps", body.num_inference_steps)}
+        await self._admit(needs)  # before a stream starts: a refusal is a plain 503
         if wants_events(http_request):
             return await event_stream(
-                lambda on_progress: self._preview(body, on_progress), PreviewResponse, _status_of
+                lambda on_progress: self._preview(body, owner, needs, on_progress),
+                PreviewResponse,
+                _status_of,
             )
-        return await self._preview(body)
+        return await self._preview(body, owner, needs)
 
-    async def _preview(self, body: PreviewBody, on_progress: Any = None) -> dict:
+    async def _preview(
+        self, body: PreviewBody, owner: str, needs: dict[str, int], on_progress: Any = None
+    ) -> dict:
         start = time.perf_counter()
-        if body.strength is not None:
-            image = await self._resolve_image(body.image, body.preview_id)
-            request = Img2ImgRequest(
-                body.prompt,
-                image,
-                body.strength,
-                seed=body.seed,
-                num_inference_steps=body.num_inference_steps,
-                guidance_scale=body.guidance_scale,
-            )
-            result = await modes.edit(self.tiers, request, on_progress)
-        else:
-            result = await modes.preview(self.tiers, to_request(body), on_progress)
+        with self.admission.admit(needs):
+            if body.strength is not None:
+                image = await self._resolve_image(body.image, body.preview_id, owner)
+                edit_request = Img2ImgRequest(
+                    body.prompt,
+                    image,
+                    body.strength,
+                    seed=body.seed,
+                    num_inference_steps=body.num_inference_steps,
+                    guidance_scale=body.guidance_scale,
+                )
+                result = await modes.edit(self.tiers, edit_request, on_progress)
+            else:
+                result = await modes.preview(self.tiers, to_request(body), on_progress)
         png = await encode_png(result.image)
-        preview_id = self._store_preview(png)
+        preview_id = self._store_preview(png, owner)
         self.metrics.request_done("preview", "edge" if body.strength is None else "edit", _s(start))
         return {
             "preview_id": preview_id,
@@ -325,29 +464,36 @@ class DiffusionXIngress:
             "timings_ms": {**result.timings_ms, "server_total": _ms(start)},
         }
 
-    @app.post("/v1/refine", response_model=RefineResponse, responses={404: {"model": ErrorResponse}})
+    @app.post("/v1/refine", response_model=RefineResponse, responses=_errors(401, 404, 413, 422, 503))
     async def refine(self, body: RefineBody, http_request: Request) -> Any:
         self._seen("/v1/refine", http_request)
+        owner = http_request.state.owner
+        steps = await self._steps("cloud", "default_steps", body.num_inference_steps)
+        needs = {"cloud": int(steps * (body.strength if body.strength is not None else 1.0))}
+        await self._admit(needs)  # before a stream starts: a refusal is a plain 503
         if wants_events(http_request):
             return await event_stream(
-                lambda on_progress: self._refine(body, on_progress), RefineResponse, _status_of
+                lambda on_progress: self._refine(body, owner, needs, on_progress), RefineResponse, _status_of
             )
-        return await self._refine(body)
+        return await self._refine(body, owner, needs)
 
-    async def _refine(self, body: RefineBody, on_progress: Any = None) -> dict:
+    async def _refine(
+        self, body: RefineBody, owner: str, needs: dict[str, int], on_progress: Any = None
+    ) -> dict:
         start = time.perf_counter()
-        image = await self._resolve_image(body.image, body.preview_id)
-        final = await modes.finalize(
-            self.tiers,
-            body.prompt,
-            image,
-            seed=body.seed,
-            guidance_scale=body.guidance_scale,
-            strength=body.strength,
-            num_inference_steps=body.num_inference_steps,
-            latency_target_ms=body.latency_target_ms,
-            on_progress=on_progress,
-        )
+        with self.admission.admit(needs):
+            image = await self._resolve_image(body.image, body.preview_id, owner)
+            final = await modes.finalize(
+                self.tiers,
+                body.prompt,
+                image,
+                seed=body.seed,
+                guidance_scale=body.guidance_scale,
+                strength=body.strength,
+                num_inference_steps=body.num_inference_steps,
+                latency_target_ms=body.latency_target_ms,
+                on_progress=on_progress,
+            )
         result, decision = final.result, final.decision
         image = base64.b64encode(await encode_png(result.image)).decode("ascii")
         self.metrics.routed(decision.route, final.strength_predicted, decision.strength)
@@ -360,17 +506,24 @@ class DiffusionXIngress:
             "num_inference_steps": decision.num_inference_steps,
             "route": decision.route,
             "reason": decision.reason,
-            "load": final.load.to_dict(),
+            "load": final.load.to_dict(decision.cloud_steps),
             "expected_latency_ms": decision.expected_latency_ms,
             "unet_calls": result.unet_calls.to_dict(),
             "timings_ms": {**final.timings_ms, "server_total": _ms(start)},
         }
 
-    @app.post("/v1/generate", response_model=GenerateResponse)
+    @app.post("/v1/generate", response_model=GenerateResponse, responses=_errors(401, 413, 422, 503))
     async def generate(self, body: GenerateBody, http_request: Request) -> dict:
         start = time.perf_counter()
         self._seen("/v1/generate", http_request)
-        generated = await modes.generate(self.tiers, body.mode, to_request(body))
+        needs = {}
+        if body.mode != "cloud":
+            needs["edge"] = await self._steps("edge", "default_steps", body.num_inference_steps)
+        if body.mode != "edge":
+            needs["cloud"] = await self._steps("cloud", "default_steps", body.num_inference_steps)
+        await self._admit(needs)
+        with self.admission.admit(needs):
+            generated = await modes.generate(self.tiers, body.mode, to_request(body))
         result = generated.result
         image = base64.b64encode(await encode_png(result.image)).decode("ascii")
         self.metrics.request_done("generate", body.mode, _s(start))

@@ -7,8 +7,11 @@ config so per-deployment options apply) and then waits until `/v1/health` answer
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +101,7 @@ def start_local_app(
     prepare_models(config.applications[0].args)
     if not ray.is_initialized():
         env = {k: v for k, v in os.environ.items() if k.startswith(("HF_", "DIFFUSIONX_", "OMP_"))}
+        sigterm = signal.getsignal(signal.SIGTERM)
         ray.init(
             namespace="diffusionx",
             include_dashboard=False,
@@ -111,6 +115,8 @@ def start_local_app(
                 else None
             ),
         )
+        if sigterm is _raise_stopped:  # ray.init installs its own SIGTERM handler (sys.exit); keep ours
+            signal.signal(signal.SIGTERM, _raise_stopped)
     client = serve_api.serve_start(http_options=config.http_options.model_dump())
     client.deploy_apps(config, _blocking=False)
     host = config.http_options.host if config.http_options.host not in ("0.0.0.0", "::") else "127.0.0.1"
@@ -150,11 +156,37 @@ def wait_until_healthy(url: str, timeout_s: float) -> None:
 
 
 def stop_local_app() -> None:
+    """Shuts Serve and the local Ray instance down (every Ray process this process started goes with it).
+    SIGINT and SIGTERM are ignored meanwhile, so a second Ctrl-C cannot leave a half-stopped cluster."""
     import ray
     from ray import serve
 
-    if ray.is_initialized():
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+    if not ray.is_initialized():
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM arrived: handled like Ctrl-C, so the same clean-up runs."""
+
+
+def _raise_stopped(signum: int, _frame: object) -> None:
+    raise Stopped(f"signal {signal.Signals(signum).name}")
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Within the block SIGTERM raises `Stopped` (a KeyboardInterrupt) in the main thread, as SIGINT
+    raises KeyboardInterrupt, so `diffusionx serve` and `demo` stop Ray in their `finally` on either."""
+
+    previous = signal.signal(signal.SIGTERM, _raise_stopped)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

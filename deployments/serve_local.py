@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import time
 
-from deployments.local import METRICS_PORT, embedded_models_available, start_local_app, stop_local_app
+from deployments.local import (
+    METRICS_PORT,
+    embedded_models_available,
+    start_local_app,
+    stop_local_app,
+    stop_on_signals,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,14 +28,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.config is None and not embedded_models_available():
         print("embedded shapes weights not found: serving tiny-random (noise images) instead")
     print("starting Ray Serve ...", flush=True)
-    try:
-        url = start_local_app(args.config, port=args.port, metrics_port=args.metrics_port)
-        print(f"serving on {url}  (OpenAPI: {url}/docs, stats: {url}/v1/stats); Ctrl-C to stop", flush=True)
-        print(f"Prometheus metrics: http://127.0.0.1:{args.metrics_port}/metrics", flush=True)
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("\nstopping ...")
-    finally:
-        stop_local_app()
+    with stop_on_signals():  # SIGTERM stops like Ctrl-C: Ray is shut down, no process remains
+        try:
+            url = start_local_app(args.config, port=args.port, metrics_port=args.metrics_port)
+            print(
+                f"serving on {url}  (OpenAPI: {url}/docs, stats: {url}/v1/stats); Ctrl-C to stop", flush=True
+            )
+            print(f"Prometheus metrics: http://127.0.0.1:{args.metrics_port}/metrics", flush=True)
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt as stop:
+            print(f"\nstopping ({stop or 'SIGINT'}) ...", flush=True)
+        finally:
+            stop_local_app()
     return 0

@@ -1,5 +1,7 @@
 """SharedState: the one place ingress replicas share. Holds the preview cache (so a preview id resolves on
-any ingress replica) and the latest stats snapshot of every tier replica."""
+any ingress replica) and the latest stats snapshot of every tier replica. Its memory is bounded: the cache
+by bytes and age (`preview_cache_bytes`, `preview_cache_ttl_s`), the snapshots by the live replicas; the
+actor reserves `memory` (a config setting) for both."""
 
 from __future__ import annotations
 
@@ -18,18 +20,20 @@ TIERS = ("edge", "predictor", "cloud")
     name="SharedState",
     num_replicas=1,
     max_ongoing_requests=1000,
-    ray_actor_options={"num_cpus": 0},
+    ray_actor_options={"num_cpus": 0, "memory": 256 * 1024 * 1024},
 )
 class SharedState:
-    def __init__(self, preview_cache_size: int = 1024) -> None:
-        self._cache = PreviewCache(preview_cache_size)
+    def __init__(
+        self, preview_cache_bytes: int = 64 * 1024 * 1024, preview_cache_ttl_s: float = 3600.0
+    ) -> None:
+        self._cache = PreviewCache(preview_cache_bytes, preview_cache_ttl_s)
         self._snapshots: dict[str, dict[str, dict]] = {tier: {} for tier in TIERS}
 
-    async def put_preview(self, png: bytes, preview_id: str | None = None) -> str:
-        return self._cache.put(png, preview_id)
+    async def put_preview(self, png: bytes, preview_id: str | None = None, owner: str = "") -> str:
+        return self._cache.put(png, preview_id, owner)
 
-    async def get_preview(self, preview_id: str) -> bytes | None:
-        return self._cache.get(preview_id)
+    async def get_preview(self, preview_id: str, owner: str = "") -> bytes | None:
+        return self._cache.get(preview_id, owner)
 
     async def report(self, tier: str, replica_id: str, snapshot: dict) -> None:
         self._snapshots.setdefault(tier, {})[replica_id] = snapshot
@@ -44,8 +48,12 @@ class SharedState:
     async def tier(self, tier: str) -> dict:
         return merge_snapshots(self._live(tier))
 
+    async def tiers(self) -> dict[str, dict]:
+        """Every tier's merged view (what admission control reads)."""
+        return {tier: merge_snapshots(self._live(tier)) for tier in TIERS}
+
     async def stats(self) -> dict:
         return {
-            "tiers": {tier: merge_snapshots(self._live(tier)) for tier in TIERS},
+            "tiers": await self.tiers(),
             "preview_cache": self._cache.stats(),
         }

@@ -6,7 +6,7 @@ field, the value and what is allowed.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -174,6 +174,11 @@ class TierStats(BaseModel):
     recent_batch_sizes: list[int]
     seconds_per_step: float | None
     requests_served: int
+    per_replica: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Each replica's load report: step batcher pool (key, remaining steps), max_batch_size, "
+        "step_time_s (t0, t1 of the batched step time t(b) = t0 + t1 * b)",
+    )
 
 
 class StatsResponse(BaseModel):

@@ -3,6 +3,8 @@ configs are validated in-process and the same defaults feed the code, the YAML a
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 _WAIT = (
@@ -28,13 +30,26 @@ class AppArgs(BaseModel):
     edge_batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=10.0, description=_WAIT)
     cloud_max_batch_size: int = Field(4, ge=1, le=256, description="@serve.batch max_batch_size, cloud tier.")
     cloud_batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=10.0, description=_WAIT)
+    cloud_step_order: Literal["sjf", "fifo"] = Field(
+        "sjf",
+        description="Step batcher order: sjf (fewest remaining steps first, with aging) or fifo (arrival).",
+    )
     cloud_step_batching: bool = Field(
         True,
         description="Step-level batching of refinements: any strengths share a batch, join between steps.",
     )
     predictor_max_batch_size: int = Field(16, ge=1, le=1024, description="Batch size, strength predictor.")
     predictor_batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=10.0, description=_WAIT)
-    preview_cache_size: int = Field(1024, ge=1, le=1_000_000, description="Preview ids kept (LRU).")
+    preview_cache_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024,
+        le=64 * 1024**3,
+        description="Bytes of preview PNGs the shared state keeps (least recently used leave first); "
+        "give the SharedState deployment's ray_actor_options.memory room for this plus ~100 MB.",
+    )
+    preview_cache_ttl_s: float = Field(
+        3600.0, gt=0, le=7 * 24 * 3600, description="Seconds a preview id stays valid after it was made."
+    )
     router_min_steps: int = Field(10, ge=1, le=200, description="Fewest steps the router may cut to.")
     router_strength_floor: float = Field(
         0.2, ge=0.0, le=1.0, description="Lowest strength the router may use."
@@ -43,6 +58,21 @@ class AppArgs(BaseModel):
         None, gt=0, description="Router target for requests that set none; unset: always refine fully."
     )
     edit_steps: int | None = Field(None, ge=1, le=200, description="Full-schedule steps of a preview edit.")
+    admission_max_wait_s: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="Admission control: a request whose tier queue needs longer than this before new work "
+        "starts is refused at once with 503 and Retry-After (the expected time until it would fit).",
+    )
+    max_body_bytes: int = Field(
+        12 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024, description="Largest request body; larger: 413."
+    )
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="API keys; when set (here or in the file named by DIFFUSIONX_API_KEYS_FILE), every "
+        "route but /v1/health needs `Authorization: Bearer <key>`. Empty: the API is open (local demo).",
+    )
 
     @model_validator(mode="after")
     def _distinct_tiers(self) -> AppArgs:

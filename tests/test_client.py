@@ -6,6 +6,7 @@ import asyncio
 import base64
 import email.utils
 import io
+import itertools
 import json
 import subprocess
 import sys
@@ -198,13 +199,15 @@ def test_404_is_preview_expired_only_when_a_preview_id_was_sent() -> None:
 def test_503_becomes_overloaded_with_retry_after_and_500_server_error() -> None:
     body = {"error": "overloaded, retry later", "status": 503}
     with (
-        DiffusionXClient(URL, transport=_answer(503, body, {"Retry-After": "2.5"})) as client,
+        DiffusionXClient(URL, transport=_answer(503, body, {"Retry-After": "2.5"}), max_retries=0) as client,
         pytest.raises(Overloaded) as info,
     ):
         client.preview("a red circle")
     assert info.value.retry_after_s == 2.5 and info.value.retry_after == 2.5 and info.value.status == 503
     with (
-        DiffusionXClient(URL, transport=_answer(500, {"error": "boom", "status": 500})) as client,
+        DiffusionXClient(
+            URL, transport=_answer(500, {"error": "boom", "status": 500}), max_retries=0
+        ) as client,
         pytest.raises(ServerError, match="boom") as failed,
     ):
         client.stats()
@@ -221,23 +224,82 @@ def test_retry_on_503_honours_retry_after_and_is_bounded() -> None:
             return httpx.Response(503, json={"error": "busy", "status": 503}, headers={"Retry-After": "0.05"})
         return server(request)
 
-    with DiffusionXClient(URL, transport=httpx.MockTransport(flaky), retries_on_overload=2) as client:
+    with DiffusionXClient(URL, transport=httpx.MockTransport(flaky), max_retries=2) as client:
         assert client.preview("a red circle").preview_id == "p0"
     assert len(calls) == 3 and calls[1] - calls[0] >= 0.05
     calls.clear()
     with (
-        DiffusionXClient(URL, transport=httpx.MockTransport(flaky), retries_on_overload=1) as client,
+        DiffusionXClient(URL, transport=httpx.MockTransport(flaky), max_retries=1) as client,
         pytest.raises(Overloaded),
     ):
         client.preview("a red circle")
     assert len(calls) == 2
-    # a Retry-After longer than the caller allows is not waited for
+    # a Retry-After that would end past the call's deadline is not waited for
     slow = _answer(503, {"error": "busy", "status": 503}, {"Retry-After": "60"})
-    with DiffusionXClient(URL, transport=slow, retries_on_overload=3, max_retry_wait_s=1.0) as client:
+    with DiffusionXClient(URL, transport=slow, max_retries=3, deadline_s=1.0) as client:
         started = time.perf_counter()
         with pytest.raises(Overloaded):
             client.preview("a red circle")
         assert time.perf_counter() - started < 1.0
+
+
+def test_5xx_and_connection_errors_are_retried_with_jittered_backoff_not_4xx() -> None:
+    server = FakeServer()
+    answers = iter(
+        [
+            httpx.Response(500, json={"error": "replica died", "status": 500}),
+            httpx.ConnectError("connection refused"),
+            httpx.Response(502, text="bad gateway"),
+        ]
+    )
+    calls: list[float] = []
+
+    def failing_then_ok(request: httpx.Request) -> httpx.Response:
+        calls.append(time.perf_counter())
+        answer = next(answers, None)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer if answer is not None else server(request)
+
+    client = AsyncDiffusionXClient(URL, transport=httpx.MockTransport(failing_then_ok), max_backoff_s=0.05)
+    result = asyncio.run(_close_after(client, client.preview("a red circle")))
+    assert result.preview_id == "p0" and len(calls) == 4
+    assert all(b - a <= 0.5 for a, b in itertools.pairwise(calls))  # waits capped at 0.05 s
+    # 4xx is the caller's mistake: never retried
+    calls.clear()
+    bad = _answer(422, {"error": "prompt: too long", "status": 422})
+
+    def count(request: httpx.Request) -> httpx.Response:
+        calls.append(0.0)
+        return bad.handle_request(request)
+
+    with DiffusionXClient(URL, transport=httpx.MockTransport(count)) as sync, pytest.raises(InvalidRequest):
+        sync.preview("a red circle")
+    assert len(calls) == 1
+
+
+def test_the_deadline_bounds_every_call_retries_included() -> None:
+    calls: list[float] = []
+
+    def always_500(request: httpx.Request) -> httpx.Response:
+        calls.append(time.perf_counter())
+        return httpx.Response(500, json={"error": "down", "status": 500})
+
+    with DiffusionXClient(
+        URL, transport=httpx.MockTransport(always_500), max_retries=1000, deadline_s=0.6, max_backoff_s=0.2
+    ) as client:
+        started = time.perf_counter()
+        with pytest.raises(ServerError, match="down"):
+            client.stats()
+        elapsed = time.perf_counter() - started
+    assert elapsed < 0.6 + 0.2 and len(calls) >= 2  # retried, then stopped by the deadline, not the count
+    with pytest.raises(ValueError, match="max_retries"):
+        AsyncDiffusionXClient(URL, max_retries=-1)
+
+
+async def _close_after(client: AsyncDiffusionXClient, call: Any) -> Any:
+    async with client:
+        return await call
 
 
 def test_connection_failures_are_wrapped() -> None:
@@ -248,12 +310,12 @@ def test_connection_failures_are_wrapped() -> None:
         raise httpx.ReadTimeout("timed out", request=request)
 
     with (
-        DiffusionXClient(URL, transport=httpx.MockTransport(refuse)) as client,
+        DiffusionXClient(URL, transport=httpx.MockTransport(refuse), max_retries=0) as client,
         pytest.raises(ConnectionFailed, match=r"cannot reach the DiffusionX server at http://diffusionx"),
     ):
         client.health()
     with (
-        DiffusionXClient(URL, timeout_s=3.0, transport=httpx.MockTransport(hang)) as client,
+        DiffusionXClient(URL, timeout_s=3.0, transport=httpx.MockTransport(hang), max_retries=0) as client,
         pytest.raises(RequestTimeout, match=r"within the client timeout \(3.0 s\)"),
     ):
         client.health()
@@ -313,7 +375,7 @@ def test_async_session_falls_back_and_maps_errors() -> None:
             with pytest.raises(InvalidRequest, match="no route"):
                 await client.generate("a red circle", mode="cloud")
         overloaded = _answer(503, {"error": "busy", "status": 503}, {"Retry-After": "1"})
-        async with AsyncDiffusionXClient(URL, transport=overloaded) as client:
+        async with AsyncDiffusionXClient(URL, transport=overloaded, max_retries=0) as client:
             with pytest.raises(Overloaded) as info:
                 await client.preview("a red circle")
             assert info.value.retry_after_s == 1.0

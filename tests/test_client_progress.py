@@ -92,6 +92,6 @@ def test_a_retry_carries_the_attempt_header() -> None:
             return httpx.Response(503, json={"error": "busy", "status": 503}, headers={"Retry-After": "0"})
         return FakeServer()(request)
 
-    with DiffusionXClient(URL, transport=httpx.MockTransport(flaky), retries_on_overload=1) as client:
+    with DiffusionXClient(URL, transport=httpx.MockTransport(flaky), max_retries=1) as client:
         client.preview("a red circle")
     assert attempts == [None, "2"]

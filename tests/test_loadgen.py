@@ -213,3 +213,65 @@ def test_preview_workload_stops_sending_after_the_time_limit():
 def test_importing_the_load_generator_does_not_import_torch():
     code = "import sys, clients.loadgen; sys.exit('torch' in sys.modules or 'diffusers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_sessions_in_another_mode_make_every_round_with_generate():
+    seen: list[dict] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        seen.append(body)
+        assert request.url.path == "/v1/generate"
+        return httpx.Response(
+            200,
+            json={
+                "image": png_base64((0, 0, 200)),
+                "mode": body["mode"],
+                "seed": body["seed"],
+                "num_inference_steps": 10,
+                "unet_calls": {"cloud": 4, "edge": 6, "approximated": 0},
+                "timings_ms": {},
+                "parameters": {"switch_step": 4},
+            },
+        )
+
+    rows, _ = asyncio.run(
+        run_loadgen(config("sessions", [0.0, 0.01], rounds=2, mode="hybrid"), httpx.MockTransport(server))
+    )
+    assert [body["mode"] for body in seen] == ["hybrid"] * 4
+    assert sorted((row["session"], row["kind"]) for row in rows) == [
+        (0, "finalize"),
+        (0, "preview"),
+        (1, "finalize"),
+        (1, "preview"),
+    ]
+    assert all(row["route"] == "hybrid" and row["cloud_unet_calls"] == 4 for row in rows)
+
+
+def test_compare_report_costs_are_sums_over_requests_and_every_request_counts():
+    from clients.compare_bench import calibration, summarize
+
+    def row(session, kind, status, cloud, edge, e2e, quality="", route="", expected=""):
+        return {
+            "session": session, "kind": kind, "status": status, "cloud_unet_calls": cloud,
+            "edge_unet_calls": edge, "e2e_ms": e2e, "quality": quality, "route": route,
+            "expected_latency_ms": expected,
+        }  # fmt: skip
+
+    rows = [
+        row(0, "preview", 200, 0, 8, 100.0),
+        row(0, "finalize", 200, 12, 0, 900.0, 0.8, "cloud", 1000.0),
+        row(1, "preview", 200, 0, 8, 120.0),
+        row(1, "finalize", 503, "", "", 5.0),  # refused: counted, cost nothing, misses the target
+        row(2, "preview", "ConnectionFailed", "", "", 3.0),  # the session ended there
+    ]
+    summary = summarize(rows, latency_target_ms=1000.0)
+    assert (summary["requests"], summary["sessions"], summary["finalizes"], summary["errors"]) == (5, 3, 2, 2)
+    assert summary["cloud_unet_calls"] * 3 == pytest.approx(12) and summary[
+        "edge_unet_calls"
+    ] * 3 == pytest.approx(16, abs=1e-3)
+    assert summary["session_latency_s_mean"] == pytest.approx(1.0)  # only session 0 completed
+    assert summary["slo_attainment"] == 0.5 and summary["quality"] == 0.8
+    assert summary["finalize_latency_s_p50"] == pytest.approx(0.9)
+    assert calibration(rows) == {"expected_over_measured_median": pytest.approx(1000 / 900, rel=1e-3), "n": 1}
+    assert summarize(rows, None)["slo_attainment"] is None

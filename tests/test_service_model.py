@@ -13,6 +13,7 @@ from diffusionx.policy.service_model import (
     choose_replica,
     expected_finish_s,
     predict_tier,
+    rank_replicas,
 )
 
 T0, T1, B = 0.040, 0.010, 4  # seconds per batched step: t(b) = T0 + T1 * b
@@ -213,14 +214,33 @@ def test_recent_observations_outweigh_old_ones():
 # -- replicas and snapshots --------------------------------------------------------------------------------
 
 
-def test_the_request_is_expected_on_the_replica_with_fewest_requests():
+def test_the_request_goes_where_it_is_expected_to_finish_first():
+    # six 5-step samples on B=4 finish in 10 steps; one 30-step sample alone holds a slot for 30 but
+    # the other three slots are free: a 10-step request finishes after 10 steps there, 15 on the busy one
     busy = ReplicaLoad(pool=((5, 5),) * 6, max_batch_size=4, step_time_s=(T0, T1))
-    light = ReplicaLoad(pool=((30, 30),), max_batch_size=4, step_time_s=(T0, T1))
-    assert choose_replica([busy, light]) == 1
-    prediction = predict_tier([busy, light], 10)
-    assert prediction.replica == 1 and prediction.finish_s == pytest.approx(expected_finish_s(light, 10))
+    long_one = ReplicaLoad(pool=((30, 30),), max_batch_size=4, step_time_s=(T0, T1))
+    assert choose_replica([busy, long_one], 10) == 1
+    # fewest requests is not the criterion: four aged long samples (key 5, 40 steps left) fill every slot
+    # ahead of the new one (50 steps), six short ones are done after 4 (12 steps)
+    full = ReplicaLoad(pool=((5, 40),) * 4, max_batch_size=4, step_time_s=(T0, T1))
+    many_short = ReplicaLoad(pool=((2, 2),) * 6, max_batch_size=4, step_time_s=(T0, T1))
+    assert full.requests < many_short.requests and choose_replica([full, many_short], 10) == 1
+    assert rank_replicas([full, many_short, long_one], 10) == [2, 1, 0]
+    prediction = predict_tier([busy, long_one], 10)
+    assert prediction.replica == 1 and prediction.finish_s == pytest.approx(expected_finish_s(long_one, 10))
+    # a replica without a step time comes after every measured one
+    unmeasured = ReplicaLoad()
+    assert rank_replicas([unmeasured, full], 10) == [1, 0]
     with pytest.raises(ValueError, match="no cloud replica"):
-        choose_replica([])
+        choose_replica([], 10)
+
+
+def test_requests_sent_after_the_snapshot_queue_behind_it():
+    load = ReplicaLoad(pool=((3, 3),), max_batch_size=1, step_time_s=(1.0, 0.0))
+    later = load.with_queued([4, 2])
+    assert later.queued_steps == (4, 2) and later.requests == 3
+    # B=1, in key order: the queued 2, the pooled 3, the queued 4, then the new 5: 14 steps
+    assert expected_finish_s(later, 5, step_in_flight_s=0.0) == 14.0
 
 
 def test_snapshot_spreads_unadmitted_steps_over_queued_requests():

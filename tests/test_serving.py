@@ -414,3 +414,91 @@ def test_the_same_workflows_in_process_and_served_give_the_same_images_and_costs
         served_image, served_calls = served[name]
         assert served_calls == calls, name
         assert np.array_equal(np.asarray(served_image.convert("RGB")), np.asarray(image)), name
+
+
+def test_two_cloud_replicas_with_uneven_load_route_by_expected_finish(serve_url):
+    """A second application with two CloudRefiner replicas (batch 1) and their step-aware request router:
+    a long refinement sent while one replica is into another goes to the idle one (the router's ranking and
+    its bookkeeping of requests sent between stats are unit-tested in test_cloud_router.py)."""
+    from ray import serve
+
+    from deployments.cloud import CloudRefiner
+    from deployments.state import SharedState
+    from diffusionx.requests import Img2ImgRequest
+
+    cloud = CloudRefiner.options(
+        num_replicas=2, autoscaling_config=None, ray_actor_options={"num_cpus": 0.1}
+    ).bind("tiny-random", SharedState.bind(), device="cpu", max_batch_size=1, torch_threads=1)
+    handle = serve.run(cloud, name="router-test", route_prefix=None)
+    state = serve.get_deployment_handle("SharedState", app_name="router-test")
+
+    def replicas() -> list[dict]:
+        return state.tier.remote("cloud").result()["per_replica"]
+
+    def refinement(seed: int, steps: int) -> Img2ImgRequest:
+        image = Image.new("RGB", (32, 32), (seed * 40 % 256, 90, 160))
+        return Img2ImgRequest("a red circle", image, 1.0, seed=seed, num_inference_steps=steps)
+
+    try:
+        deadline = time.monotonic() + 60
+        while len(replicas()) < 2 and time.monotonic() < deadline:  # both replicas report
+            time.sleep(0.2)
+        long_one = handle.refine.remote(refinement(0, 200))  # seconds of work
+        # 1. wait until one replica has started the long refinement and its stats say so
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(r["pool"] for r in replicas()):
+            time.sleep(0.02)
+        time.sleep(0.6)  # > request_routing_stats_period_s: the router has stats with the long one
+        # 2. another long one: behind the first there (its key is higher), alone on the other replica
+        second = handle.refine.remote(refinement(1, 200))
+        long_one.result(timeout_s=120), second.result(timeout_s=120)
+        deadline = time.monotonic() + 10  # the replicas report after their last step
+        while time.monotonic() < deadline and sum(r["requests_served"] for r in replicas()) < 2:
+            time.sleep(0.1)
+        assert sorted(r["requests_served"] for r in replicas()) == [1, 1], "both went to one replica"
+    finally:
+        serve.delete("router-test")
+
+
+def test_bench_compare_report_counts_every_request_and_adds_up(serve_url, tmp_path):
+    """A small `bench compare` against the live app: the summary's schema, every request counted, and
+    each cost the mean over sessions of the per-request costs in requests.csv."""
+    import csv
+    import json
+    from argparse import Namespace
+
+    from clients.compare_bench import FIELDS, MODES, run_compare
+
+    settings = Namespace(
+        out=str(tmp_path), sessions=2, rounds=2, think_s=0.05, session_rate=4.0, steps=8, load_x=2.0,
+        load_s=2.0, max_finalizes=8, target_x=2.5, preview_pool=2, drain_s=60.0, timeout_s=120.0, seed=5,
+        no_progress=True, quality=False,
+    )  # fmt: skip
+    summary = run_compare(serve_url, settings)
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert set(saved) >= {"modes", "router", "ordering"} and set(saved["modes"]) == set(MODES)
+    assert all(set(values) == set(FIELDS) for values in saved["modes"].values())
+    assert set(saved["router"]["policies"]) == {"router", "fixed"}
+    assert "expected_over_measured_median" in saved["router"]["calibration"]
+    assert saved["ordering"]["fifo"]["finalize_latency_s_mean"] is None  # no local app to restart
+    rows = list(csv.DictReader((tmp_path / "requests.csv").open()))
+    for run, counts in summary["counts"].items():
+        mine = [row for row in rows if row["run"] == run]
+        assert counts["requests"] == len(mine) and counts["errors"] == 0, run
+        sessions = {row["session"] or str(i) for i, row in enumerate(mine)}
+        total_cloud = sum(int(row["cloud_unet_calls"] or 0) for row in mine)
+        assert counts["sessions"] == len(sessions)
+        assert abs(summary_cost(summary, run) * len(sessions) - total_cloud) < 1e-2 * len(sessions), run
+    assert summary["counts"]["mode-diffusionx"]["sessions"] == 2  # every session sent was counted
+    offered = saved["router"]["offered_finalizes"]
+    assert (
+        summary["counts"]["policy-router"]["finalizes"]
+        == offered
+        == summary["counts"]["policy-fixed"]["finalizes"]
+    )
+    for name in ("latency_cdf.png", "cost_quality.png", "expected_measured.png", "modes.csv", "policies.csv"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def summary_cost(summary: dict, run: str) -> float:
+    return summary["counts"][run]["cloud_unet_calls"] or 0.0

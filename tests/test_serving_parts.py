@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from diffusionx.api import GenerateBody, PreviewBody, RefineBody
 from diffusionx.engine.monitor import TierMonitor, merge_snapshots, snapshot_dict
-from diffusionx.engine.preview_cache import PreviewCache
+from diffusionx.engine.preview_cache import ENTRY_OVERHEAD_BYTES, PreviewCache
 from diffusionx.imaging import decode_png_base64, encode_png_base64
 from diffusionx.policy.strength import HeuristicStrengthConfig, predict_strength, residual_noise
 from diffusionx.requests import InvalidRequestError
@@ -49,16 +49,29 @@ def test_tier_monitor_tracks_queue_batches_and_step_time():
     assert merged["recent_batch_sizes"] == [2, 5] and merged["seconds_per_step"] == pytest.approx(0.2)
 
 
-def test_preview_cache_is_bounded_lru():
-    cache = PreviewCache(capacity=2)
-    a, b = cache.put(b"a"), cache.put(b"b")
-    assert cache.get(a) == b"a"  # a is now most recent
-    c = cache.put(b"c")  # evicts b
-    assert cache.get(b) is None and cache.get(a) == b"a" and cache.get(c) == b"c"
-    assert cache.stats()["evictions"] == 1 and cache.stats()["size"] == 2
-    assert cache.put(b"d", "made-by-the-ingress") == "made-by-the-ingress"  # evicts a
-    assert cache.get("made-by-the-ingress") == b"d" and cache.get(a) is None
-    with pytest.raises(ValueError, match="capacity=0"):
+def test_preview_cache_is_bounded_by_bytes_and_age_and_scoped_to_its_owner():
+    now = [0.0]
+    entry = len(b"x" * 1000) + ENTRY_OVERHEAD_BYTES
+    cache = PreviewCache(max_bytes=2 * entry, ttl_s=60.0, timer=lambda: now[0])
+    a, b = cache.put(b"a" * 1000), cache.put(b"b" * 1000)
+    assert cache.get(a) == b"a" * 1000  # a is now most recent
+    c = cache.put(b"c" * 1000)  # over the byte bound: evicts b, the least recently used
+    assert cache.get(b) is None and cache.get(a) == b"a" * 1000 and cache.get(c) == b"c" * 1000
+    stats = cache.stats()
+    assert stats["evictions"] == 1 and stats["size"] == 2 and stats["bytes"] == 2 * entry
+    # the caller may make the id (the ingress does, before the put lands)
+    assert cache.put(b"d", "made-by-the-ingress") == "made-by-the-ingress"
+    assert cache.get("made-by-the-ingress") == b"d"
+    # another owner's id reads as unknown
+    mine = cache.put(b"m", owner="k1")
+    assert cache.get(mine, owner="k2") is None and cache.get(mine) is None and cache.get(mine, "k1") == b"m"
+    # age: everything expires after ttl_s
+    now[0] = 61.0
+    assert cache.get(a) is None and cache.stats()["size"] == 0 and cache.stats()["bytes"] == 0
+    # a PNG larger than the whole cache is not kept (its id answers 404; the client resends the image)
+    big = cache.put(b"z" * (3 * entry))
+    assert cache.get(big) is None and cache.stats()["too_large"] == 1
+    with pytest.raises(ValueError, match="max_bytes=0"):
         PreviewCache(0)
 
 

@@ -69,3 +69,16 @@ def test_a_replica_snapshot_carries_what_the_service_model_reads():
     load = ReplicaLoad.from_snapshot(merged["per_replica"][0])
     assert load.pool == ((10, 10),) and load.queued_steps == (8, 8) and load.max_batch_size == 4
     assert load.step_time_s == pytest.approx((0.01, 0.01))
+
+
+def test_fifo_order_runs_samples_in_arrival_order(tiny_cloud):
+    batcher = StepBatcher(tiny_cloud, max_batch_size=1, order="fifo")
+    long_ticket = batcher.add(refinement(0, 5))
+    short_ticket = batcher.add(refinement(1, 2))
+    steps = 0
+    while not long_ticket.done:
+        batcher.step()
+        steps += 1
+    assert steps == 5 and not short_ticket.done  # sjf would have run the short one first
+    with pytest.raises(ValueError, match="order='lifo' is not allowed: use one of sjf, fifo"):
+        StepBatcher(tiny_cloud, 1, order="lifo")

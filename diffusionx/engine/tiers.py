@@ -133,12 +133,13 @@ class CloudModel(_Tier):
         max_batch_size: int = 4,
         step_batching: bool = True,
         warm_up: bool = True,
+        step_order: str = "sjf",
         **loop,
     ):
         super().__init__(max_batch_size, **loop)
         self.model = model
         if step_batching:  # refinements of any strength share UNet batches, joining between steps
-            self.loop.enable_step_batching("refine", StepBatcher(model, max_batch_size, tier="cloud"))
+            self.loop.enable_step_batching("refine", StepBatcher(model, max_batch_size, "cloud", step_order))
             if warm_up:
                 self.loop.monitor.step_time.seed(measure_step_time(model, max_batch_size))
         else:

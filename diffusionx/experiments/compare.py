@@ -23,7 +23,16 @@ from diffusionx.experiments.evaluation import (
 from diffusionx.models.loading import ModelNotAvailableError
 from diffusionx.shapes.data import heldout_prompts
 
-COLUMNS = ("mode", "cloud_calls", "edge_calls", "approximated", "seconds_per_image", "quality", "settings")
+COLUMNS = (
+    "mode",
+    "cloud_calls",
+    "edge_calls",
+    "approximated",
+    "seconds_per_image",
+    "quality",
+    "exact",
+    "settings",
+)
 
 
 def mode_fields(params: dict | None, steps: int | None) -> dict[str, dict[str, object]]:
@@ -58,19 +67,21 @@ def row(report: EvalReport) -> dict[str, object]:
         "approximated": round(calls["approximated"], 2),
         "seconds_per_image": round(report.seconds_per_image, 4),
         "quality": round(report.quality, 4),
+        "exact": round(report.exact, 4),
         "settings": json.dumps({k: v for k, v in report.settings.items() if v is not None}),
     }
 
 
 def to_markdown(rows: Sequence[dict[str, object]]) -> str:
     lines = [
-        "| mode | cloud UNet calls | edge UNet calls | approximated steps | seconds / image | quality |",
-        "|---|---|---|---|---|---|",
+        "| mode | cloud UNet calls | edge UNet calls | approximated steps | seconds / image | quality "
+        "| exact match |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['mode']} | {r['cloud_calls']} | {r['edge_calls']} | {r['approximated']} | "
-            f"{r['seconds_per_image']} | {r['quality']} |"
+            f"{r['seconds_per_image']} | {r['quality']} | {r['exact']} |"
         )
     return "\n".join(lines)
 

@@ -29,14 +29,15 @@ class CloudLoad:
 
     @property
     def measured(self) -> bool:
-        """The replica a request is expected on has a step time (from its warm-up or its batches)."""
-        return bool(self.replicas) and self.replicas[choose_replica(self.replicas)].step_time_s is not None
+        """Some replica has a step time (from its warm-up or its batches); requests are expected there."""
+        return any(replica.step_time_s is not None for replica in self.replicas)
 
-    def to_dict(self) -> dict[str, float]:
-        """What a decision used (-1 where unknown): the expected replica's work, capacity and step time."""
+    def to_dict(self, steps: int = 1) -> dict[str, float]:
+        """What a decision used (-1 where unknown): the work, capacity and step time of the replica a
+        refinement of `steps` cloud steps is expected on."""
         if not self.replicas:
             return {"replicas": 0.0}
-        index = choose_replica(self.replicas)
+        index = choose_replica(self.replicas, steps)
         replica = self.replicas[index]
         t0, t1 = replica.step_time_s or (-1e-3, -1e-3)
         return {
@@ -135,7 +136,7 @@ def decide_route(
                 f"to meet {latency_target_ms:.0f} ms",
             )
     # 4. the cloud cannot meet the target within the quality floor
-    used = load.to_dict()
+    used = load.to_dict(int(num_inference_steps * strength_predicted))
     return RouteDecision(
         "edge-fallback",
         strength_predicted,

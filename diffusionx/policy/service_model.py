@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 FORGET = 0.97  # weight kept per observation: about the last 1 / (1 - 0.97) = 33 steps count
 MIN_SPREAD = 0.5  # weighted std of observed batch sizes above which the slope is fitted from them
@@ -148,6 +148,10 @@ class ReplicaLoad:
         t0, t1 = self.step_time_s
         return max(MIN_STEP_S, t0 + t1 * batch_size)
 
+    def with_queued(self, steps: Sequence[int]) -> ReplicaLoad:
+        """This load plus requests of `steps` steps queued behind it (sent after the snapshot was taken)."""
+        return replace(self, queued_steps=(*self.queued_steps, *steps))
+
     @classmethod
     def from_snapshot(cls, snapshot: dict) -> ReplicaLoad:
         """From a `TierMonitor` snapshot dict (`pool`, `queued`, `queued_steps`, `max_batch_size`,
@@ -208,16 +212,32 @@ class TierPrediction:
     finish_s: float
 
 
-def choose_replica(replicas: Sequence[ReplicaLoad]) -> int:
-    """The replica a new request is expected to land on: the one with the fewest requests (what Ray
-    Serve's power-of-two-choices router picks among the two it samples; with two replicas, always).
-    Ties go to the lower index."""
+def rank_replicas(replicas: Sequence[ReplicaLoad], steps: int) -> list[int]:
+    """Replica indices, the one where a new refinement of `steps` steps would finish first, first.
+
+    This is the cloud deployment's replica choice (its Ray Serve request router ranks replicas by it), so
+    the replica the router's prediction assumes is the one the request is sent to. Replicas with a
+    measured step time are ranked by `expected_finish_s` (ties: fewer requests, then the lower index);
+    replicas not measured yet follow, by fewest requests.
+    """
     if not replicas:
         raise ValueError("no cloud replica reported its load")
-    return min(range(len(replicas)), key=lambda i: replicas[i].requests)
+
+    def key(i: int) -> tuple[int, float, int, int]:
+        replica = replicas[i]
+        if replica.step_time_s is None:
+            return 1, 0.0, replica.requests, i
+        return 0, expected_finish_s(replica, max(1, steps)), replica.requests, i
+
+    return sorted(range(len(replicas)), key=key)
+
+
+def choose_replica(replicas: Sequence[ReplicaLoad], steps: int) -> int:
+    """The replica a new refinement of `steps` steps goes to: where it is expected to finish first."""
+    return rank_replicas(replicas, steps)[0]
 
 
 def predict_tier(replicas: Sequence[ReplicaLoad], steps: int) -> TierPrediction:
     """When a refinement of `steps` would finish on the tier, on the replica `choose_replica` picks."""
-    index = choose_replica(replicas)
+    index = choose_replica(replicas, steps)
     return TierPrediction(index, expected_finish_s(replicas[index], steps))

@@ -34,6 +34,7 @@ from diffusionx.sampling.generation import (
 )
 
 TIERS = ("cloud", "edge")
+ORDERS = ("sjf", "fifo")  # step batcher priority: shortest job first (with aging), or arrival order
 BATCH_SIZE_HISTORY = 4096  # steps of `recent_batch_sizes` kept (a bounded log for a long-running replica)
 
 
@@ -94,6 +95,11 @@ class _Sample:
         """Lower runs first: remaining steps minus steps waited (aging), then earlier arrival."""
         return self.remaining - self.waited, self.ticket.arrival
 
+    @property
+    def arrival_priority(self) -> tuple[int, int]:
+        """FIFO order (the ordering experiment's baseline): earlier arrival first."""
+        return self.ticket.arrival, 0
+
 
 def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000.0, 3)
@@ -144,7 +150,11 @@ class StepBatcher:
     from one thread or event loop.
     """
 
-    def __init__(self, model: LoadedModel, max_batch_size: int, tier: str = "cloud") -> None:
+    def __init__(
+        self, model: LoadedModel, max_batch_size: int, tier: str = "cloud", order: str = "sjf"
+    ) -> None:
+        if order not in ORDERS:
+            raise ValueError(f"order={order!r} is not allowed: use one of {', '.join(ORDERS)}")
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size!r} is not allowed: use an integer >= 1")
         if tier not in TIERS:
@@ -161,6 +171,7 @@ class StepBatcher:
         self.model = model
         self.max_batch_size = max_batch_size
         self.tier = tier
+        self.order = order  # "sjf": fewest remaining steps first, with aging; "fifo": arrival order
         # alpha-bar table (float32, on the CPU, as in the scheduler) and alpha-bar for t_prev < 0
         self._alphas_cumprod: torch.Tensor = reference.alphas_cumprod
         self._final_alpha_cumprod: torch.Tensor = reference.final_alpha_cumprod
@@ -191,7 +202,10 @@ class StepBatcher:
 
     def priorities(self) -> list[tuple[int, int]]:
         """`(key, remaining steps)` of every pooled sample, in the order `step` picks them."""
-        return [(s.priority[0], s.remaining) for s in sorted(self._pool, key=lambda s: s.priority)]
+        return [(s.priority[0], s.remaining) for s in sorted(self._pool, key=self._key)]
+
+    def _key(self, sample: _Sample) -> tuple[int, int]:
+        return sample.priority if self.order == "sjf" else sample.arrival_priority
 
     # -- joining -------------------------------------------------------------------------------------
 
@@ -246,7 +260,7 @@ class StepBatcher:
         """The samples the next step advances (see the class docstring), lowest key first."""
         if not self._pool:
             return []
-        ranked = sorted(self._pool, key=lambda sample: sample.priority)
+        ranked = sorted(self._pool, key=self._key)
         key = ranked[0].batch_key
         return [sample for sample in ranked if sample.batch_key == key][: self.max_batch_size]
 

@@ -98,43 +98,50 @@ def sweep(root: str | Path, n: int, grid: dict[str, list[tuple[int, float]]] = S
         for steps, guidance in settings:
             scores = evaluate(pipe, n, steps, guidance)
             scores["latency_s"] = latency_s_per_image(pipe, steps, guidance)
+            # UNet cost in parameter-steps (millions): deterministic, unlike wall time on a shared machine
+            # (a classifier-free-guided step doubles the batch for both variants alike)
+            scores["unet_mparam_steps"] = steps * sum(p.numel() for p in pipe.unet.parameters()) / 1e6
             rows.append({"variant": variant, "steps": steps, "guidance": guidance, "n": n, **scores})
             print(json.dumps(rows[-1]), flush=True)
     cloud = max(
         (r for r in rows if r["variant"] == "cloud"), key=lambda r: (round(r["accuracy"], 2), -r["steps"])
     )
-    cheap = [r for r in rows if r["variant"] == "edge" and r["latency_s"] * 3 <= cloud["latency_s"]]
+    cheap = [
+        r for r in rows if r["variant"] == "edge" and r["unet_mparam_steps"] * 3 <= cloud["unet_mparam_steps"]
+    ]
     edge = max(cheap, key=lambda r: (round(r["accuracy"], 2), -r["steps"])) if cheap else None
     return {"rows": rows, "cloud": cloud, "edge": edge}
 
 
 def quality_markdown(result: dict) -> str:
     lines = [
-        "| variant | DDIM steps | guidance | judge accuracy | kind | colour | size | position | background "
-        "| s/image (batch 1) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | DDIM steps | guidance | judge accuracy | exact match | kind | colour | size | position "
+        "| background | UNet cost (M param-steps) | s/image (batch 1) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
-            f"| {r['variant']} | {r['steps']} | {r['guidance']} | {r['accuracy']:.3f} | {r['kind']:.2f} "
-            f"| {r['colour']:.2f} | {r['size']:.2f} | {r['position']:.2f} | {r['background']:.2f} "
-            f"| {r['latency_s']:.3f} |"
+            f"| {r['variant']} | {r['steps']} | {r['guidance']} | {r['accuracy']:.3f} | {r['exact']:.3f} "
+            f"| {r['kind']:.2f} | {r['colour']:.2f} | {r['size']:.2f} | {r['position']:.2f} "
+            f"| {r['background']:.2f} | {r['unet_mparam_steps']:.0f} | {r['latency_s']:.3f} |"
         )
     cloud, edge = result["cloud"], result["edge"]
     summary = [
         f"Recommended: **cloud** {cloud['steps']} steps, guidance {cloud['guidance']} "
-        f"(accuracy {cloud['accuracy']:.3f}, {cloud['latency_s']:.3f} s/image)."
+        f"(accuracy {cloud['accuracy']:.3f}, exact {cloud['exact']:.3f}, {cloud['latency_s']:.3f} s/image)."
     ]
     if edge:
         summary.append(
             f"**Edge preview** {edge['steps']} steps, guidance {edge['guidance']} (accuracy "
-            f"{edge['accuracy']:.3f}, {edge['latency_s']:.3f} s/image, "
-            f"{cloud['latency_s'] / edge['latency_s']:.1f}x cheaper than the cloud setting)."
+            f"{edge['accuracy']:.3f}, exact {edge['exact']:.3f}, {edge['latency_s']:.3f} s/image, "
+            f"{cloud['unet_mparam_steps'] / edge['unet_mparam_steps']:.1f}x less UNet work than the cloud "
+            "setting)."
         )
     n = result["rows"][0]["n"]
     note = (
         f"Judge scores on {n} held-out prompts (seed {EVAL_SEED}); latency is the median of 5 single-prompt "
-        "calls on 1 CPU thread of the build machine (shared, so treat it as approximate)."
+        "calls on 1 CPU thread of the build machine (shared and busy, so treat it as approximate; the "
+        "UNet cost column is exact)."
     )
     return "\n".join([" ".join(summary), "", *lines, "", note])
 

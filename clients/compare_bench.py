@@ -1,0 +1,377 @@
+"""`diffusionx bench compare [--quick] --out DIR`: every mode, and the router against a fixed policy, on one
+workload against the served application (the paper's table, ours).
+
+Method (every figure is measured through HTTP with `clients.loadgen`, the same code as `diffusionx loadgen`):
+1. Modes. `--sessions` sessions per mode, Poisson arrivals at `--session-rate`, each `--rounds` rounds
+   with think times (not counted as latency). `diffusionx`: edge previews and edits, then a finalize; every
+   other mode makes each round with `/v1/generate` in that mode and keeps the last round's image. Session
+   latency is the sum of a session's request latencies; costs are UNet calls summed over the session;
+   quality is the shapes judge's accuracy of the kept image against its prompt.
+2. Capacity. From the cloud replicas' published service model (`/v1/stats`: step time `t(b)`, batch
+   capacity `B`) and the cloud steps of the diffusionx finalizes: `replicas * B / (steps * t(B))`
+   finalizes per second. The latency target is `--target-x` times the unloaded finalize p50 of step 1.
+3. Router against fixed. Finalizes of previews made beforehand, Poisson at `--load-x` times capacity for
+   `--load-s` seconds, the same arrivals twice: `router` sends the latency target (the router cuts steps,
+   strength, or falls back to the edge), `fixed` sends none (predicted strength, full steps, no routing).
+   SLO attainment is the share of finalizes answered 2xx within the target; the calibration is the median
+   over the router's cloud-routed finalizes of expected / measured latency.
+4. Ordering. The `fixed` run again on an application whose step batcher runs in arrival order
+   (`cloud_step_order: fifo`) against the default shortest-job-first (the `fixed` run of step 3).
+   Needs the local application (skipped with `--url`).
+
+Writes `DIR/summary.json` (schema in the issue; `null` where a run had no successful request),
+`DIR/requests.csv` (every request of every run, with its run's name), `DIR/modes.csv`, `DIR/policies.csv`
+and PNG plots: latency CDFs per mode and per policy, cost against quality, expected against measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from clients.client import AsyncDiffusionXClient
+from clients.loadgen import COLUMNS, LoadgenConfig, run_loadgen, shapes_judge
+from clients.workload import poisson_arrivals
+
+MODES = ("diffusionx", "cloud", "edge", "hybrid", "ec-diff")
+FIELDS = (
+    "session_latency_s_mean",
+    "finalize_latency_s_p50",
+    "finalize_latency_s_p95",
+    "cloud_unet_calls",
+    "edge_unet_calls",
+    "quality",
+    "slo_attainment",
+)
+
+
+# -- the report, from rows ---------------------------------------------------------------------------------
+def _ok(row: dict[str, Any]) -> bool:
+    return str(row["status"]) == "200"
+
+
+def _num(value: Any) -> float | None:
+    return None if value in ("", None) else float(value)
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(float(np.mean(values)), 4) if values else None
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 4) if values else None
+
+
+def summarize(rows: list[dict[str, Any]], latency_target_ms: float | None) -> dict[str, Any]:
+    """The summary fields of one run. A session is the rows sharing `session` (a finalize-only run: each
+    finalize is its own session). Costs are means per session over every request sent (a failed request
+    cost what it reported: nothing); quality and latencies are over the 2xx finalizes; SLO attainment is the
+    share of all finalizes sent that were answered 2xx within the target."""
+    sessions: dict[str, list[dict[str, Any]]] = {}
+    for index, row in enumerate(rows):
+        key = str(row.get("session", "")) or f"request-{index}"
+        sessions.setdefault(key, []).append(row)
+    finalizes = [row for row in rows if row["kind"] == "finalize"]
+    ok_final = [row for row in finalizes if _ok(row)]
+    latencies = [float(row["e2e_ms"]) / 1000.0 for row in ok_final]
+    complete = [
+        group for group in sessions.values() if all(_ok(r) for r in group) and group[-1]["kind"] == "finalize"
+    ]
+    quality = [q for q in (_num(row["quality"]) for row in ok_final) if q is not None]
+    within = [
+        row for row in ok_final if latency_target_ms is not None and float(row["e2e_ms"]) <= latency_target_ms
+    ]
+    return {
+        "session_latency_s_mean": _mean([sum(float(r["e2e_ms"]) for r in g) / 1000.0 for g in complete]),
+        "finalize_latency_s_p50": _pct(latencies, 50),
+        "finalize_latency_s_p95": _pct(latencies, 95),
+        "cloud_unet_calls": _mean(
+            [sum(_num(r["cloud_unet_calls"]) or 0.0 for r in g) for g in sessions.values()]
+        ),
+        "edge_unet_calls": _mean(
+            [sum(_num(r["edge_unet_calls"]) or 0.0 for r in g) for g in sessions.values()]
+        ),
+        "quality": _mean(quality),
+        "slo_attainment": None
+        if latency_target_ms is None or not finalizes
+        else round(len(within) / len(finalizes), 4),
+        "requests": len(rows),
+        "sessions": len(sessions),
+        "finalizes": len(finalizes),
+        "errors": sum(1 for row in rows if not _ok(row)),
+    }
+
+
+def calibration(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median of expected / measured latency over the 2xx cloud-routed finalizes that had a prediction."""
+    ratios = [
+        float(row["expected_latency_ms"]) / float(row["e2e_ms"])
+        for row in rows
+        if row["kind"] == "finalize"
+        and _ok(row)
+        and row["route"] in ("cloud", "cloud-reduced")
+        and _num(row["expected_latency_ms"])
+        and float(row["e2e_ms"]) > 0
+    ]
+    return {"expected_over_measured_median": _pct(ratios, 50), "n": len(ratios)}
+
+
+# -- runs ------------------------------------------------------------------------------------------------
+def _loadgen(url: str, workload: str, arrivals: list[float], settings: argparse.Namespace, **extra: Any):
+    config = LoadgenConfig(
+        url=url,
+        workload=workload,
+        arrivals=arrivals,
+        duration_s=(arrivals[-1] if arrivals else 0.0) + 1.0,
+        max_requests=10_000,
+        drain_s=settings.drain_s,
+        rounds=settings.rounds,
+        think_s=settings.think_s,
+        num_inference_steps=settings.steps,
+        preview_pool=settings.preview_pool,
+        seed=settings.seed,
+        timeout_s=settings.timeout_s,
+        progress=not settings.no_progress,
+        **extra,
+    )
+    judge = shapes_judge() if settings.quality else None
+    rows, _ = asyncio.run(run_loadgen(config, judge=judge))
+    return rows
+
+
+def _cloud_service(url: str) -> dict[str, Any]:
+    """The cloud tier of GET /v1/stats as sent (with each replica's published service model)."""
+    response = httpx.get(f"{url}/v1/stats", timeout=30.0)
+    response.raise_for_status()
+    return response.json()["tiers"]["cloud"]
+
+
+def capacity_per_s(cloud: dict[str, Any], finalize_steps: float) -> float:
+    """Finalizes per second the cloud tier sustains: each replica runs B samples per batched step."""
+    total = 0.0
+    for replica in cloud.get("per_replica") or []:
+        t0, t1 = replica.get("step_time_s") or (None, None)
+        if t0 is None:
+            continue
+        batch = int(replica.get("max_batch_size", 1))
+        total += batch / (max(1.0, finalize_steps) * max(1e-4, t0 + t1 * batch))
+    if total <= 0:
+        raise RuntimeError("the cloud tier published no step time: cannot size the load")
+    return total
+
+
+def run_compare(url: str, settings: argparse.Namespace, restart=None) -> dict[str, Any]:
+    """Steps 1-4 of the module docstring against `url`; `restart(overrides) -> url` redeploys the local
+    application with other args (None: skip the ordering experiment)."""
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, list[dict[str, Any]]] = {}
+    # 1. every mode on the same sessions
+    session_arrivals = poisson_arrivals(
+        settings.session_rate, 3600.0, settings.sessions, random.Random(settings.seed)
+    )
+    for mode in MODES:
+        print(f"compare: mode {mode}: {settings.sessions} sessions x {settings.rounds} rounds", flush=True)
+        runs[f"mode-{mode}"] = _loadgen(url, "sessions", session_arrivals, settings, mode=mode)
+    # 2. capacity and the latency target
+    dx_final = [r for r in runs["mode-diffusionx"] if r["kind"] == "finalize" and _ok(r)]
+    if not dx_final:
+        raise RuntimeError("no diffusionx finalize succeeded: cannot size the load")
+    steps = float(np.mean([float(r["cloud_unet_calls"]) for r in dx_final]))
+    capacity = capacity_per_s(_cloud_service(url), steps)
+    unloaded_ms = float(np.median([float(r["e2e_ms"]) for r in dx_final]))
+    target_ms = round(settings.target_x * unloaded_ms, 1)
+    rate = settings.load_x * capacity
+    print(
+        f"compare: capacity {capacity:.2f} finalizes/s ({steps:.1f} cloud steps each); "
+        f"target {target_ms:.0f} ms; offering {rate:.2f}/s for {settings.load_s:g} s",
+        flush=True,
+    )
+    # 3. router against fixed on the same arrivals
+    arrivals = poisson_arrivals(
+        rate, settings.load_s, settings.max_finalizes, random.Random(settings.seed + 1)
+    )
+    runs["policy-router"] = _loadgen(url, "finalize", arrivals, settings, latency_target_ms=target_ms)
+    runs["policy-fixed"] = _loadgen(url, "finalize", arrivals, settings)
+    # 4. ordering: the fixed run again with the step batcher in arrival order
+    if restart is not None:
+        fifo_url = restart({"cloud_step_order": "fifo"})
+        runs["order-fifo"] = _loadgen(fifo_url, "finalize", arrivals, settings)
+    summary = {
+        "modes": {mode: _public(summarize(runs[f"mode-{mode}"], target_ms)) for mode in MODES},
+        "router": {
+            "latency_target_ms": target_ms,
+            "offered_load_x_capacity": settings.load_x,
+            "capacity_finalizes_per_s": round(capacity, 4),
+            "offered_finalizes": len(arrivals),
+            "policies": {
+                name: _public(summarize(runs[f"policy-{name}"], target_ms)) for name in ("router", "fixed")
+            },
+            "calibration": calibration(runs["policy-router"]),
+        },
+        "ordering": {
+            "sjf": {"finalize_latency_s_mean": _final_mean(runs["policy-fixed"])},
+            "fifo": {
+                "finalize_latency_s_mean": _final_mean(runs["order-fifo"]) if "order-fifo" in runs else None
+            },
+        },
+        "counts": {name: summarize(rows, target_ms) for name, rows in runs.items()},
+        "settings": {k: v for k, v in vars(settings).items() if isinstance(v, int | float | str | bool)},
+    }
+    write_outputs(summary, runs, out)
+    return summary
+
+
+def _public(summary: dict[str, Any]) -> dict[str, Any]:
+    return {name: summary[name] for name in FIELDS}
+
+
+def _final_mean(rows: list[dict[str, Any]]) -> float | None:
+    return _mean([float(r["e2e_ms"]) / 1000.0 for r in rows if r["kind"] == "finalize" and _ok(r)])
+
+
+# -- outputs ---------------------------------------------------------------------------------------------
+def write_outputs(summary: dict[str, Any], runs: dict[str, list[dict[str, Any]]], out: Path) -> None:
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with (out / "requests.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=("run", *COLUMNS))
+        writer.writeheader()
+        for name, rows in runs.items():
+            writer.writerows({"run": name, **row} for row in rows)
+    for filename, table in (("modes.csv", summary["modes"]), ("policies.csv", summary["router"]["policies"])):
+        with (out / filename).open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(("name", *FIELDS))
+            writer.writerows((name, *(values[f] for f in FIELDS)) for name, values in table.items())
+    plot(summary, runs, out)
+
+
+def plot(summary: dict[str, Any], runs: dict[str, list[dict[str, Any]]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def cdf(axis, rows: list[dict[str, Any]], label: str) -> None:
+        values = np.sort([float(r["e2e_ms"]) / 1000.0 for r in rows if r["kind"] == "finalize" and _ok(r)])
+        if values.size:
+            axis.plot(values, np.arange(1, values.size + 1) / values.size, label=label)
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for mode in MODES:
+        cdf(axes[0], runs[f"mode-{mode}"], mode)
+    axes[0].set(title="final image latency per mode", xlabel="seconds", ylabel="CDF")
+    for name in ("policy-router", "policy-fixed", "order-fifo"):
+        if name in runs:
+            cdf(axes[1], runs[name], name.split("-", 1)[1])
+    target = summary["router"]["latency_target_ms"] / 1000.0
+    axes[1].axvline(target, color="grey", linestyle="--", label="latency target")
+    axes[1].set(
+        title=f"finalize latency at {summary['router']['offered_load_x_capacity']}x capacity",
+        xlabel="seconds",
+    )
+    for axis in axes:
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(out / "latency_cdf.png", dpi=110)
+    plt.close(figure)
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for name, values in [*summary["modes"].items(), *summary["router"]["policies"].items()]:
+        if values["cloud_unet_calls"] is not None and values["quality"] is not None:
+            axis.scatter(values["cloud_unet_calls"], values["quality"])
+            axis.annotate(name, (values["cloud_unet_calls"], values["quality"]))
+    axis.set(title="cost against quality", xlabel="cloud UNet calls per session", ylabel="judge accuracy")
+    figure.tight_layout()
+    figure.savefig(out / "cost_quality.png", dpi=110)
+    plt.close(figure)
+
+    figure, axis = plt.subplots(figsize=(5, 5))
+    pairs = [
+        (float(r["e2e_ms"]), float(r["expected_latency_ms"]))
+        for r in runs["policy-router"]
+        if r["kind"] == "finalize"
+        and _ok(r)
+        and _num(r["expected_latency_ms"])
+        and r["route"] != "edge-fallback"
+    ]
+    if pairs:
+        measured, expected = zip(*pairs, strict=True)
+        axis.scatter(measured, expected, s=10)
+        top = max(*measured, *expected)
+        axis.plot([0, top], [0, top], color="grey", linestyle="--")
+    axis.set(title="router: expected against measured", xlabel="measured ms", ylabel="expected ms")
+    figure.tight_layout()
+    figure.savefig(out / "expected_measured.png", dpi=110)
+    plt.close(figure)
+
+
+# -- command line ------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="small runs (about 8 minutes on 2 CPU cores)")
+    parser.add_argument("--out", default="bench_results/compare", help="output directory")
+    parser.add_argument("--url", help="a running server (default: start the local app; no ordering run)")
+    parser.add_argument("--config", help="serve config for the local app (default: the embedded CPU app)")
+    parser.add_argument("--port", type=int, default=8000, help="port of the local app (default 8000)")
+    parser.add_argument("--sessions", type=int, help="sessions per mode (default 12, quick 4)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per session (default 3)")
+    parser.add_argument("--think-s", type=float, default=1.0, help="mean think time (not counted)")
+    parser.add_argument("--session-rate", type=float, default=0.5, help="session arrivals per second")
+    parser.add_argument("--steps", type=int, help="num_inference_steps of final images (model default)")
+    parser.add_argument("--load-x", type=float, default=2.0, help="finalize load, times capacity (default 2)")
+    parser.add_argument("--load-s", type=float, help="seconds of finalize arrivals (default 60, quick 20)")
+    parser.add_argument("--max-finalizes", type=int, default=400, help="cap on finalize arrivals per run")
+    parser.add_argument("--target-x", type=float, default=2.5, help="target = this x unloaded finalize p50")
+    parser.add_argument("--preview-pool", type=int, default=8, help="previews made before finalize runs")
+    parser.add_argument("--drain-s", type=float, default=120.0, help="no request sent after arrivals + this")
+    parser.add_argument("--timeout-s", type=float, default=300.0, help="client timeout per request")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def main(args: argparse.Namespace) -> int:
+    args.sessions = args.sessions or (4 if args.quick else 12)
+    args.load_s = args.load_s or (20.0 if args.quick else 60.0)
+    started = time.perf_counter()
+    if args.url:
+        health = asyncio.run(_health(args.url))
+        args.quality = (health.get("cloud") or {}).get("family") == "shapes"
+        summary = run_compare(args.url, args)
+    else:
+        from deployments.local import load_config, start_local_app, stop_local_app
+
+        config_args = load_config(args.config).applications[0].args
+        args.quality = "shapes" in str(config_args.get("cloud_model", ""))
+
+        def restart(overrides: dict[str, Any]) -> str:
+            stop_local_app()
+            return start_local_app(args.config, port=args.port, overrides=overrides)
+
+        try:
+            summary = run_compare(start_local_app(args.config, port=args.port), args, restart)
+        finally:
+            stop_local_app()
+    print(json.dumps({k: summary[k] for k in ("modes", "router", "ordering")}, indent=2))
+    print(f"compare: done in {time.perf_counter() - started:.0f} s; wrote {args.out}/summary.json")
+    return 0
+
+
+async def _health(url: str) -> dict[str, Any]:
+    async with AsyncDiffusionXClient(url, 30.0) as client:
+        return (await client.health()).details
+
+
+if __name__ == "__main__":  # pragma: no cover
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))

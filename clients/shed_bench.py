@@ -1,0 +1,102 @@
+"""`python -m clients.shed_bench`: how fast overload is refused. Sends `--requests` refinements at once
+(default 400, as in issue 9) and reports the median latency of the 503 answers against the median latency
+of the admitted ones (the target: the 503s arrive in under a tenth of the admitted latency), the load
+factor (requests sent / admitted) and whether every 503 carried Retry-After.
+
+Targets `--url`, or starts the local application (default: the embedded CPU config) and stops it after.
+The client does not retry here (max_retries=0): the server's own decision is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from typing import Any
+
+from clients.client import AsyncDiffusionXClient
+from clients.errors import DiffusionXError, Overloaded
+
+
+async def burst(url: str, requests: int, steps: int, strength: float, warmup: int) -> dict[str, Any]:
+    async with AsyncDiffusionXClient(url, 600.0, max_retries=0, max_connections=requests) as client:
+        preview = await client.preview("a red circle on the left, blue background", seed=1)
+        image = preview.image_base64
+        for i in range(warmup):  # the cloud tier measures its step time (admission control needs it)
+            await client.refine(
+                "a red circle", image=image, seed=i, strength=strength, num_inference_steps=steps
+            )
+
+        async def one(i: int) -> tuple[str, float, bool]:
+            started = time.perf_counter()
+            try:
+                await client.refine(
+                    "a red circle", image=image, seed=i, strength=strength, num_inference_steps=steps
+                )
+                return "ok", time.perf_counter() - started, True
+            except Overloaded as error:
+                return "503", time.perf_counter() - started, error.retry_after_s is not None
+            except DiffusionXError as error:
+                return type(error).__name__, time.perf_counter() - started, False
+
+        started = time.perf_counter()
+        outcomes = await asyncio.gather(*(one(i) for i in range(requests)))
+        wall_s = time.perf_counter() - started
+    admitted = [s for kind, s, _ in outcomes if kind == "ok"]
+    shed = [s for kind, s, _ in outcomes if kind == "503"]
+    other = [kind for kind, _, _ in outcomes if kind not in ("ok", "503")]
+    median_admitted = statistics.median(admitted) if admitted else None
+    median_shed = statistics.median(shed) if shed else None
+    return {
+        "requests": requests,
+        "admitted": len(admitted),
+        "shed_503": len(shed),
+        "other_errors": len(other),
+        "load_factor": round(requests / max(1, len(admitted)), 1),
+        "median_admitted_s": None if median_admitted is None else round(median_admitted, 3),
+        "median_503_s": None if median_shed is None else round(median_shed, 4),
+        "ratio_503_to_admitted": (
+            None if not (median_admitted and median_shed) else round(median_shed / median_admitted, 4)
+        ),
+        "all_503_have_retry_after": all(ok for kind, _, ok in outcomes if kind == "503"),
+        "wall_s": round(wall_s, 1),
+        "refine_steps": steps,
+        "strength": strength,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m clients.shed_bench", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--url", help="a running server (default: start the local application)")
+    parser.add_argument("--config", help="serve config for the local application")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=20, help="refine schedule steps (default 20)")
+    parser.add_argument("--strength", type=float, default=0.5)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--out", help="write the result as JSON here")
+    args = parser.parse_args(argv)
+    stop = None
+    url = args.url
+    if url is None:
+        from deployments.local import start_local_app, stop_local_app
+
+        url, stop = start_local_app(args.config, port=args.port), stop_local_app
+    try:
+        result = asyncio.run(burst(url, args.requests, args.steps, args.strength, args.warmup))
+    finally:
+        if stop is not None:
+            stop()
+    print(json.dumps(result, indent=2))
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(result, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,89 @@
+"""StepAwareRouter: the cloud tier's Ray Serve request router. A request goes to the replica where it is
+expected to finish first.
+
+Every CloudRefiner replica publishes its load through Ray Serve's `record_routing_stats` (its step
+batcher's pool with each sample's key and remaining steps, its queue, batch capacity and fitted batched
+step time `t(b)`; see `diffusionx.engine.tiers.CloudModel.load_snapshot`). Serve's controller collects
+those every `request_routing_stats_period_s` and hands them to every router as `RunningReplica.
+routing_stats`. For each request this router replays each replica's step-batching schedule with the
+request added (`diffusionx.policy.service_model.rank_replicas`, the same model the ingress's latency
+prediction uses) and returns the replicas one per rank, earliest expected finish first; Serve sends the
+request to the first that has room (`max_ongoing_requests`) and backs off as usual when none has.
+
+Stats are up to one period old, and a burst routed within one period would all pick the same replica.
+So the router keeps, per replica, the requests it sent there after that replica's snapshot was taken
+(`taken_at`), and counts them as queued on top of it; once a newer snapshot covers them they are dropped.
+A replica that has not reported yet is ranked after those that have (by the requests this router sent it).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ray.serve.request_router import (
+    FIFOMixin,
+    PendingRequest,
+    ReplicaID,
+    RequestRouter,
+    RunningReplica,
+)
+
+from diffusionx.policy.service_model import ReplicaLoad, rank_replicas
+
+
+def request_steps(pending_request: PendingRequest | None) -> int:
+    """Denoising steps a cloud request costs, read off its first argument (1 when unknown).
+
+    A refinement (`Img2ImgRequest`) runs `num_inference_steps * strength` steps, a text-to-image request
+    `num_inference_steps`, an EC-Diff / Hybrid plan (`CollaborativeRequest`) its first `switch_step`."""
+    if pending_request is None or not pending_request.args:
+        return 1
+    request = pending_request.args[0]
+    params = getattr(request, "params", None)
+    if params is not None and getattr(params, "switch_step", None):
+        return int(params.switch_step)
+    steps = getattr(request, "num_inference_steps", None)
+    if not isinstance(steps, int):
+        return 1
+    strength = getattr(request, "strength", None)
+    return max(1, int(steps * strength)) if isinstance(strength, float | int) else steps
+
+
+class StepAwareRouter(FIFOMixin, RequestRouter):
+    """Ranks replicas by when a request would finish there (module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._sent: dict[ReplicaID, list[tuple[float, int]]] = {}  # (sent_at, steps) not yet in stats
+
+    def initialize_state(self, **kwargs: Any) -> None:
+        if kwargs:
+            raise ValueError(f"StepAwareRouter takes no request_router_kwargs, got {sorted(kwargs)}")
+
+    def replica_load(self, replica: RunningReplica) -> ReplicaLoad:
+        """The replica's last published load plus what this router sent it since."""
+        stats = replica.routing_stats or {}
+        taken_at = float(stats.get("taken_at", 0.0))
+        sent = [entry for entry in self._sent.get(replica.replica_id, ()) if entry[0] > taken_at]
+        self._sent[replica.replica_id] = sent
+        load = ReplicaLoad.from_snapshot(stats) if stats else ReplicaLoad()
+        return load.with_queued([steps for _, steps in sent])
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        loads = [self.replica_load(replica) for replica in candidate_replicas]
+        order = rank_replicas(loads, request_steps(pending_request))
+        return [[candidate_replicas[i]] for i in order]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        self._sent.setdefault(replica_id, []).append((time.time(), request_steps(pending_request)))
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self._sent.pop(replica_id, None)

@@ -1,0 +1,95 @@
+"""Admission control: refuse work at the door, at once, when it could not start within a bound.
+
+The ingress knows each tier's queue from two sources: the tier view that the replicas report to the shared
+state (`queued_steps` of all replicas, `replicas`, measured `seconds_per_step`; refreshed in the
+background, a view older than `view_max_age_s` is not trusted), and the work this ingress itself admitted
+and has not seen finish (it counts up at once, while reports lag a burst). The work ahead of a new request
+is the larger of the two, and it drains at about one batch of `max_batch_size` request-steps per step:
+
+    wait_s = max(reported_queued_steps, own_queued_steps) * seconds_per_step / (replicas * max_batch_size)
+
+A request that needs a tier whose wait exceeds `max_wait_s` is refused with Retry-After = the time until
+that wait is back under the bound (at least 1 s). Before a tier has measured its step time nothing is
+refused here (the tier's own bounded queue, `max_queued_requests`, is the backstop). Deciding takes no
+I/O, so a refusal costs microseconds, not a place in a queue.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Refusal:
+    tier: str
+    wait_s: float
+    retry_after_s: int
+
+    @property
+    def message(self) -> str:
+        return (
+            f"overloaded: the {self.tier} tier's queue needs ~{self.wait_s:.1f} s before new work starts; "
+            f"retry in {self.retry_after_s} s"
+        )
+
+
+class AdmissionControl:
+    def __init__(
+        self,
+        max_batch_sizes: Mapping[str, int],
+        max_wait_s: float = 5.0,
+        view_max_age_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_wait_s <= 0:
+            raise ValueError(f"max_wait_s={max_wait_s} must be > 0")
+        self.max_batch_sizes = dict(max_batch_sizes)
+        self.max_wait_s = max_wait_s
+        self.view_max_age_s = view_max_age_s
+        self.clock = clock
+        self._view: dict[str, dict] = {}
+        self._view_at = -math.inf
+        self.own_steps = dict.fromkeys(self.max_batch_sizes, 0)  # one counter per tier: never grows
+        self.admitted = 0
+        self.refused = 0
+
+    def update(self, tiers: Mapping[str, dict]) -> None:
+        """A fresh tier view (`/v1/stats`' `tiers`: queued_steps, replicas, seconds_per_step per tier)."""
+        self._view = {tier: dict(view) for tier, view in tiers.items()}
+        self._view_at = self.clock()
+
+    def wait_s(self, tier: str) -> float:
+        """Expected seconds before new work on `tier` starts."""
+        fresh = self.clock() - self._view_at <= self.view_max_age_s
+        view = self._view.get(tier, {}) if fresh else {}
+        seconds_per_step = view.get("seconds_per_step")
+        if not seconds_per_step:
+            return 0.0
+        queued = max(int(view.get("queued_steps", 0)), self.own_steps.get(tier, 0))
+        capacity = max(1, int(view.get("replicas", 1))) * self.max_batch_sizes.get(tier, 1)
+        return queued * seconds_per_step / capacity
+
+    def decide(self, needs: Mapping[str, int]) -> Refusal | None:
+        """None to admit a request that needs `needs` (tier -> its request-steps), else why not."""
+        for tier in needs:
+            wait_s = self.wait_s(tier)
+            if wait_s > self.max_wait_s:
+                self.refused += 1
+                return Refusal(tier, wait_s, max(1, math.ceil(wait_s - self.max_wait_s)))
+        return None
+
+    @contextmanager
+    def admit(self, needs: Mapping[str, int]) -> Iterator[None]:
+        """Counts `needs` as this ingress's queued work while the block runs."""
+        self.admitted += 1
+        for tier, steps in needs.items():
+            self.own_steps[tier] = self.own_steps.get(tier, 0) + steps
+        try:
+            yield
+        finally:
+            for tier, steps in needs.items():
+                self.own_steps[tier] -= steps
