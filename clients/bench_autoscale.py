@@ -271,7 +271,7 @@ def write_trace(arrivals: list[float], path: Path) -> Path:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="diffusionx bench autoscale", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="short ramp (about 10 minutes in all)")
+    parser.add_argument("--quick", action="store_true", help="short ramp: 45 s up, 45 s hold, 30 s down")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT}/)")
     parser.add_argument("--policies", default=",".join(POLICIES), help="cloud policies to run, in order")
     parser.add_argument("--peak-rate", type=float, help="sessions per second at the peak")
