@@ -29,6 +29,12 @@ def tiny_edge() -> LoadedModel:
     return load_model("tiny-random-edge", device="cpu")
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests that start a Ray cluster of their own run last: one process holds one Ray, so they end the shared
+    application (`serve_url`), and no test that needs it may come after them."""
+    items.sort(key=lambda item: item.get_closest_marker("own_ray_cluster") is not None)  # stable sort
+
+
 # -- the live application: one local Ray Serve cluster for the whole session, shared by every test file ----
 TEST_CONFIG = Path(__file__).with_name("serve_config_test.yaml")
 TEST_METRICS_PORT = 9465  # not diffusionx serve's 9464, so that tests run beside a served app

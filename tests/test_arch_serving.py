@@ -21,7 +21,7 @@ import pytest
 import yaml
 from PIL import Image
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(2400)]
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.own_ray_cluster, pytest.mark.timeout(2400)]
 
 CONFIG = Path(__file__).resolve().parents[1] / "serve_config_arch.yaml"
 SIZE = 512
@@ -34,6 +34,7 @@ def arch_url():
     from diffusionx.models.arch import arch_dir
 
     built_here = not arch_dir().exists()
+    stop_local_app()  # one Ray per process: end the shared app (own_ray_cluster tests run last)
     try:
         yield start_local_app(CONFIG, port=8124, num_cpus=2, timeout_s=900)
     finally:

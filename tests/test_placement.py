@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.own_ray_cluster]
 
 PORT = 8125
 
@@ -35,7 +35,7 @@ def test_cloud_replicas_land_on_cloud_nodes_and_edge_replicas_on_edge_nodes():
         port=PORT,
         deployment_options={"EdgePreviewer": two, "CloudRefiner": two},
     )
-    stop_local_app()  # one Ray per process: end a local app an earlier test left running
+    stop_local_app()  # one Ray per process: end the shared app (own_ray_cluster tests run last)
     cluster = Cluster()
     try:
         # every node has CPUs to spare: only the tier resources keep replicas apart
