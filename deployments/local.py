@@ -186,7 +186,11 @@ def stop_on_signals() -> Iterator[None]:
     raises KeyboardInterrupt, so `diffusionx serve` and `demo` stop Ray in their `finally` on either."""
 
     previous = signal.signal(signal.SIGTERM, _raise_stopped)
+    # A process started in the background of a non-interactive shell inherits SIGINT ignored, and Python
+    # then installs no KeyboardInterrupt handler: Ctrl-C / SIGINT must stop the server all the same.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
