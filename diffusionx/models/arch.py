@@ -18,14 +18,12 @@ upcasts on the CPU, fp16 on CUDA loads as stored.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from diffusionx.models.tiny_random import cache_dir
+from diffusionx.models.tiny_random import build_once, cache_dir
 
 ARCH_VERSION = "v1"
 ARCH_DIR_NAME = f"sd15-arch-{ARCH_VERSION}"
@@ -169,21 +167,7 @@ def arch_dir() -> Path:
 
 def ensure_arch_pair() -> Path:
     """Returns the directory of the pair, building it on first use (atomic, race-safe; a few minutes)."""
-    target = arch_dir()
-    if (target / "model_index.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f"{ARCH_DIR_NAME}-", dir=target.parent))
-    try:
-        build_arch_pair(staging)
-        try:
-            staging.rename(target)
-        except OSError:  # another process finished first
-            if not (target / "model_index.json").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return build_once(arch_dir(), build_arch_pair)
 
 
 def _random_component(subfolder: str, seed: int, dtype: torch.dtype) -> torch.nn.Module:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,15 +30,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DIFFUSIONX_HOME", Path.home() / ".cache" / "diffusionx")).expanduser()
 
 
-def ensure_tiny_random() -> Path:
-    """Returns the directory of the tiny-random pipeline, building it on first use (atomic, race-safe)."""
-    target = cache_dir() / f"tiny-random-{TINY_RANDOM_VERSION}"
+def build_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """Returns `target`, first building it with `build(staging_dir)` if it has no model_index.json: built in
+    a staging directory beside it and renamed into place, so a half-written pipeline is never seen and two
+    processes building at once both end with one complete copy."""
     if (target / "model_index.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix="tiny-random-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f"{target.name}-", dir=target.parent))
     try:
-        build_tiny_random(staging)
+        build(staging)
         try:
             staging.rename(target)
         except OSError:  # another process finished first
@@ -46,6 +48,11 @@ def ensure_tiny_random() -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def ensure_tiny_random() -> Path:
+    """Returns the directory of the tiny-random pipeline, building it on first use (atomic, race-safe)."""
+    return build_once(cache_dir() / f"tiny-random-{TINY_RANDOM_VERSION}", build_tiny_random)
 
 
 def build_tiny_random(directory: Path) -> None:

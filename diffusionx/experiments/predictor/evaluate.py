@@ -34,7 +34,8 @@ import torch
 from tqdm import tqdm
 
 from diffusionx.engine.tiers import heuristic_edit_strength
-from diffusionx.experiments.evaluation import add_run_options, load_pair
+from diffusionx.experiments.evaluation import load_pair
+from diffusionx.experiments.predictor.label import add_session_options, check_session_args
 from diffusionx.experiments.predictor.targets import FIXED_STRENGTHS, TARGET_MARGIN, edit_ok
 from diffusionx.experiments.predictor.train import EDIT_TARGET_MARGIN
 from diffusionx.models.loading import LoadedModel
@@ -328,21 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--edit-predictor", default="shapes-edit", help="shipped name or .safetensors path")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--plot", default="runs/predictor/pareto.png", help="Pareto plot (PNG) path")
-    parser.add_argument("--concurrency", type=int, default=32, help="sessions in flight at once")
-    parser.add_argument("--cloud", default="shapes-cloud", help="cloud model (default shapes-cloud)")
-    parser.add_argument("--edge", default="shapes-edge", help="edge model (default shapes-edge)")
-    add_run_options(parser)
+    add_session_options(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("sessions", "concurrency"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name}={getattr(args, name)} is not allowed: use an integer >= 1")
-    if args.rounds < 2:
-        parser.error(f"--rounds={args.rounds} is not allowed: a session needs >= 2 rounds to have an edit")
+    check_session_args(parser, args)
     try:
         refine_predictor = load_predictor(args.refine_predictor)
         edit_predictor = load_predictor(args.edit_predictor, embedder=refine_predictor.embedder)

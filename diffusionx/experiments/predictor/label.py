@@ -218,21 +218,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out", default=DEFAULT_OUT, help=f"dataset file, JSON lines (default {DEFAULT_OUT})"
     )
+    add_session_options(parser)
+    return parser
+
+
+def add_session_options(parser: argparse.ArgumentParser) -> None:
+    """Options `predictor label` and `predictor eval` share: concurrency, the model pair, run options."""
     parser.add_argument("--concurrency", type=int, default=32, help="sessions in flight at once")
     parser.add_argument("--cloud", default="shapes-cloud", help="cloud model (default shapes-cloud)")
     parser.add_argument("--edge", default="shapes-edge", help="edge model (default shapes-edge)")
     add_run_options(parser)
-    return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def check_session_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuses session counts below 1 and sessions too short to hold an edit, naming what is allowed."""
     for name in ("sessions", "concurrency"):
         if getattr(args, name) < 1:
             parser.error(f"--{name}={getattr(args, name)} is not allowed: use an integer >= 1")
     if args.rounds < 2:
         parser.error(f"--rounds={args.rounds} is not allowed: a session needs >= 2 rounds to have an edit")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_session_args(parser, args)
     start = time.perf_counter()
     cloud, edge = load_pair("diffusionx", args.cloud, args.edge, args.device)
     tiers = local_tiers(cloud, edge, max_batch_size=64)
