@@ -28,15 +28,14 @@ def decode(data: str) -> Image.Image:
 
 
 def test_edit_without_strength_uses_the_served_edit_predictor(http):
-    from diffusionx.experiments.predictor.targets import EDIT_GRID
-
     first = http.post("/v1/preview", json={"prompt": "a red circle", "seed": 7}).json()
     assert first["strength_predicted"] is None and first["strength"] is None
     body = {"prompt": "a blue circle", "seed": 7, "preview_id": first["preview_id"]}
     edited = http.post("/v1/preview", json={**body, "previous_prompt": "a red circle"})
     assert edited.status_code == 200, edited.text
     edited = edited.json()
-    assert edited["strength_predicted"] in EDIT_GRID and edited["strength"] == edited["strength_predicted"]
+    # the test app serves the heuristic edit predictor (tiny-random); the learned grid is tested in-process
+    assert 0.0 < edited["strength_predicted"] <= 1.0 and edited["strength"] == edited["strength_predicted"]
     assert edited["unet_calls"]["edge"] == int(4 * edited["strength"])  # tiny-random: 4 edit steps
     assert "predict" in edited["timings_ms"]
 
