@@ -308,10 +308,13 @@ class AsyncDiffusionXClient(_ClientBase):
         image: ImageLike | None = None,
         preview_id: str | None = None,
         strength: float | None = None,
+        previous_prompt: str | None = None,
         on_progress: OnProgress | None = None,
     ) -> PreviewResult:
-        """POST /v1/preview: a fast edge-tier image; with `image` or `preview_id` and `strength`, an edit.
-        `on_progress(ProgressEvent)` is called after each denoising step."""
+        """POST /v1/preview: a fast edge-tier image; with `image` or `preview_id`, an edit of that image at
+        `strength` or, without one, at the strength the server's edit predictor picks (`previous_prompt`,
+        the prompt the image was made for, tells it what changed). `on_progress(ProgressEvent)` is called
+        after each denoising step."""
         return await self._call("POST", "/v1/preview", PreviewResult, self._body(locals()), on_progress)
 
     async def refine(
@@ -388,9 +391,10 @@ class Round:
 
     index: int  # 0-based
     prompt: str
-    edit_strength: float | None  # None: text-to-image; else an edit of the previous round's image
+    edit_strength: float | None  # None: text-to-image; else the strength of the edit of the previous image
     result: PreviewResult
     resent_image: bool = False  # the preview id had expired, so the image itself was sent
+    edit_predicted: bool = False  # the server's edit predictor picked `edit_strength`
 
     @property
     def preview_id(self) -> str:
@@ -411,6 +415,7 @@ class Round:
             "round": self.index + 1,
             "prompt": self.prompt,
             "edit_strength": self.edit_strength,
+            "edit_predicted": self.edit_predicted,
             "preview_id": r.preview_id,
             "seed": r.seed,
             "width": r.width,
@@ -455,7 +460,7 @@ class _SessionBase:
         return sum(r.resent_image for r in self.rounds)
 
     def _preview_kwargs(
-        self, prompt: str, edit_strength: float | None, num_inference_steps: int | None
+        self, edit: bool, edit_strength: float | None, num_inference_steps: int | None
     ) -> dict[str, Any]:
         steps = self.num_inference_steps if num_inference_steps is None else num_inference_steps
         kwargs: dict[str, Any] = {
@@ -463,14 +468,17 @@ class _SessionBase:
             "num_inference_steps": steps,
             "guidance_scale": self.guidance_scale,
         }
-        if edit_strength is None:
+        if not edit:
             kwargs.update(width=self.width, height=self.height)
-        else:  # an edit keeps the size of the image it edits
-            kwargs["strength"] = edit_strength
+        else:  # an edit keeps the size of the image it edits; no strength: the server predicts one
+            kwargs.update(strength=edit_strength, previous_prompt=self.last.prompt)
         return kwargs
 
-    def _record(self, prompt: str, edit_strength: float | None, result: PreviewResult, resent: bool) -> Round:
-        round_ = Round(len(self.rounds), prompt, edit_strength, result, resent)
+    def _record(
+        self, prompt: str, edit: bool, predicted: bool, result: PreviewResult, resent: bool
+    ) -> Round:
+        strength = result.strength if edit else None
+        round_ = Round(len(self.rounds), prompt, strength, result, resent, edit and predicted)
         self.rounds.append(round_)
         self.final = None  # a new round makes any earlier final image stale
         return round_
@@ -499,7 +507,8 @@ class AsyncSession(_SessionBase):
     """Multi-round prompt evolution over an `AsyncDiffusionXClient`.
 
     `preview(prompt)` starts a fresh image; `preview(prompt, edit_strength=s)` edits the previous round's
-    image toward the new prompt (sent by preview id; resent as an image if the id has expired).
+    image toward the new prompt (sent by preview id; resent as an image if the id has expired), and
+    `preview(prompt, edit=True)` edits it at the strength the server's edit predictor picks.
     `finalize()` refines the last preview with its prompt on the cloud tier.
     """
 
@@ -512,14 +521,18 @@ class AsyncSession(_SessionBase):
         prompt: str,
         edit_strength: float | None = None,
         *,
+        edit: bool = False,
         num_inference_steps: int | None = None,
         on_progress: OnProgress | None = None,
     ) -> Round:
-        """Runs one round and returns it (its `result` is the `PreviewResult`)."""
-        kwargs = self._preview_kwargs(prompt, edit_strength, num_inference_steps)
+        """Runs one round and returns it (its `result` is the `PreviewResult`). An edit (`edit=True` or an
+        `edit_strength`) records the strength used, the predicted one when none was given."""
+        edit = edit or edit_strength is not None
+        predicted = edit_strength is None
+        kwargs = self._preview_kwargs(edit, edit_strength, num_inference_steps)
         kwargs["on_progress"] = on_progress
-        if edit_strength is None:
-            return self._record(prompt, None, await self.client.preview(prompt, **kwargs), False)
+        if not edit:
+            return self._record(prompt, False, False, await self.client.preview(prompt, **kwargs), False)
         previous = self.last
         try:
             result = await self.client.preview(prompt, preview_id=previous.preview_id, **kwargs)
@@ -529,7 +542,7 @@ class AsyncSession(_SessionBase):
             image = previous.result.image_base64 or previous.image
             result = await self.client.preview(prompt, image=image, **kwargs)
             resent = True
-        return self._record(prompt, edit_strength, result, resent)
+        return self._record(prompt, True, predicted, result, resent)
 
     async def finalize(
         self,

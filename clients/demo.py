@@ -4,7 +4,7 @@ HTTP client, write every image and a summary, shut down.
 Steps:
   1. start Ray Serve on the embedded CPU config (`deployments.local.start_local_app`), or use `--url`;
   2. run SCRIPT: four preview rounds evolving a shapes-world prompt (change a colour, move, add a shape),
-     two of them as edits of the previous round's image;
+     two of them as edits of the previous round's image at the strength the server's edit predictor picks;
   3. finalize: the strength predictor and router pick strength and steps, the cloud tier refines;
   4. for comparison, one `/v1/generate` of the final prompt per other mode (cloud, edge, hybrid, ec-diff);
   5. write round_N.png, final.png, generate_<mode>.png, summary.json and summary.md into `--out`;
@@ -37,17 +37,17 @@ TINY_MODELS = {"edge_model": "tiny-random-edge", "cloud_model": "tiny-random"}
 @dataclass(frozen=True)
 class ScriptedRound:
     prompt: str
-    edit_strength: float | None  # None: a fresh preview (same seed); else an edit of the previous image
+    edit: bool  # False: a fresh preview (same seed); True: an edit of the previous image (predicted strength)
     change: str  # what the user changed, for the summary
 
 
 SCRIPT: tuple[ScriptedRound, ...] = (
-    ScriptedRound("a large red circle on the left, blue background", None, "first prompt"),
-    ScriptedRound("a large green circle on the left, blue background", 0.6, "colour (edit)"),
-    ScriptedRound("a large green circle on the right, blue background", None, "move"),
+    ScriptedRound("a large red circle on the left, blue background", False, "first prompt"),
+    ScriptedRound("a large green circle on the left, blue background", True, "colour (edit)"),
+    ScriptedRound("a large green circle on the right, blue background", False, "move"),
     ScriptedRound(
         "a large green circle on the right and a small yellow square on the left, blue background",
-        0.75,
+        True,
         "add a shape (edit)",
     ),
 )
@@ -83,18 +83,17 @@ def run_session(
     compare: list[dict[str, Any]] = []
     summary.update(seed=seed, rounds=rounds, final=None, compare=compare)
     for number, step in enumerate(script, start=1):
-        kind = (
-            "preview" if step.edit_strength is None else f"edit of round {number - 1} at {step.edit_strength}"
-        )
+        kind = f"edit of round {number - 1}" if step.edit else "preview"
         log(f"round {number}/{len(script)} [{kind}] {step.prompt!r}")
-        round_ = session.preview(step.prompt, edit_strength=step.edit_strength)
+        round_ = session.preview(step.prompt, edit=step.edit)
         path = out_dir / f"round_{number}.png"
         round_.image.save(path)
         info = {**round_.summary(), "change": step.change, "file": path.name}
         info["judge_accuracy"] = judge_score(round_.image, step.prompt)
         rounds.append(info)
         resent = " (preview id expired: image resent)" if round_.resent_image else ""
-        log(f"  -> {path} in {round_.result.latency_ms:.0f} ms{resent}")
+        strength = "" if round_.edit_strength is None else f", edit strength {round_.edit_strength:.2f} predicted"
+        log(f"  -> {path} in {round_.result.latency_ms:.0f} ms{strength}{resent}")
 
     log(f"finalize {session.last.prompt!r}")
     final = session.finalize()
@@ -168,6 +167,8 @@ def format_markdown(summary: dict[str, Any]) -> str:
     for r in summary["rounds"]:
         t = r.get("timings_ms", {})
         edit = "-" if r.get("edit_strength") is None else f"{r['edit_strength']:.2f}"
+        if r.get("edit_predicted"):
+            edit += " (predicted)"
         if r.get("resent_image"):
             edit += " (image resent)"
         lines.append(

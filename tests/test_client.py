@@ -66,7 +66,8 @@ class FakeServer:
                     "width": size,
                     "height": size,
                     "num_inference_steps": 8,
-                    "strength": body.get("strength"),
+                    # an edit without a strength: the edit predictor's pick
+                    "strength": body.get("strength", 0.75 if "preview_id" in body or "image" in body else None),
                     "unet_calls": {"cloud": 0, "edge": 8, "approximated": 0},
                     "timings_ms": {"model_total": 12.5, "queue": 1.0, "batch_size": 2.0},
                 },
@@ -102,7 +103,13 @@ def test_session_rounds_edit_by_id_and_finalize_last_prompt() -> None:
     paths = [path for path, _ in server.requests]
     assert paths == ["/v1/preview", "/v1/preview", "/v1/preview", "/v1/refine"]
     edit_body = server.requests[1][1]
-    assert edit_body == {"prompt": "a blue circle", "seed": 7, "preview_id": "p0", "strength": 0.6}
+    assert edit_body == {
+        "prompt": "a blue circle",
+        "seed": 7,
+        "preview_id": "p0",
+        "strength": 0.6,
+        "previous_prompt": "a red circle",
+    }
     assert server.requests[2][1] == {
         "prompt": "a blue square on the left",
         "seed": 7,
@@ -129,6 +136,24 @@ def test_session_rounds_edit_by_id_and_finalize_last_prompt() -> None:
     assert summary["rounds"][0]["timings_ms"]["model_total"] == 12.5
 
 
+def test_session_edit_without_strength_asks_the_edit_predictor() -> None:
+    server = FakeServer()
+    with DiffusionXClient(URL, transport=httpx.MockTransport(server)) as client:
+        session = client.session(seed=3)
+        session.preview("a red circle")
+        edited = session.preview("a red square", edit=True)
+
+    assert server.requests[1][1] == {
+        "prompt": "a red square",
+        "seed": 3,
+        "preview_id": "p0",
+        "previous_prompt": "a red circle",
+    }
+    assert edited.edit_strength == 0.75 and edited.edit_predicted
+    assert session.summary()["rounds"][1]["edit_predicted"] is True
+    assert session.rounds[0].edit_strength is None and not session.rounds[0].edit_predicted
+
+
 def test_expired_preview_id_resends_the_image_it_holds() -> None:
     server = FakeServer()
     with DiffusionXClient(URL, transport=httpx.MockTransport(server)) as client:
@@ -141,8 +166,8 @@ def test_expired_preview_id_resends_the_image_it_holds() -> None:
     sent = [(path, sorted(body)) for path, body in server.requests]
     assert sent == [
         ("/v1/preview", ["height", "prompt", "seed", "width"]),
-        ("/v1/preview", ["preview_id", "prompt", "seed", "strength"]),  # 404
-        ("/v1/preview", ["image", "prompt", "seed", "strength"]),
+        ("/v1/preview", ["preview_id", "previous_prompt", "prompt", "seed", "strength"]),  # 404
+        ("/v1/preview", ["image", "previous_prompt", "prompt", "seed", "strength"]),
         ("/v1/refine", ["preview_id", "prompt", "seed"]),  # 404
         ("/v1/refine", ["image", "prompt", "seed"]),
     ]

@@ -61,7 +61,8 @@ def fake_server(request: httpx.Request) -> httpx.Response:
                 "width": 32,
                 "height": 32,
                 "num_inference_steps": 8,
-                "strength": body.get("strength"),
+                # an edit without a strength: the server's edit predictor would pick one
+                "strength": body.get("strength", 0.55 if "preview_id" in body or "image" in body else None),
                 "unet_calls": calls,
                 "timings_ms": timings,
             },
@@ -102,7 +103,7 @@ def test_script_is_a_session_of_single_grammar_changes() -> None:
     assert all(not scene.problems() for scene in scenes)
     changes = [data.diff_scenes(a, b) for a, b in itertools.pairwise(scenes)]
     assert changes == [["colour"], ["move"], ["add"]]
-    assert SCRIPT[0].edit_strength is None and any(step.edit_strength for step in SCRIPT)
+    assert not SCRIPT[0].edit and any(step.edit for step in SCRIPT)
 
 
 def test_demo_and_bench_prompts_fit_the_tiny_random_tokenizer(tiny_edge: LoadedModel) -> None:
@@ -133,7 +134,9 @@ def test_run_session_writes_images_and_summary(tmp_path: Path) -> None:
     ]
     saved = json.loads(json_path.read_text())
     assert [r["prompt"] for r in saved["rounds"]] == [step.prompt for step in SCRIPT]
-    assert [r["edit_strength"] for r in saved["rounds"]] == [step.edit_strength for step in SCRIPT]
+    # edits send no strength and no size, but the previous prompt; they record the predicted strength
+    assert [r["edit_strength"] for r in saved["rounds"]] == [0.55 if step.edit else None for step in SCRIPT]
+    assert [r["edit_predicted"] for r in saved["rounds"]] == [step.edit for step in SCRIPT]
     assert saved["final"]["prompt"] == SCRIPT[-1].prompt and saved["final"]["route"] == "cloud"
     assert saved["final"]["unet_calls"]["cloud"] == 7 and saved["final"]["strength_used"] == 0.35
     # a blue square is not "a green circle and a yellow square": the judge must not call it a match
@@ -143,12 +146,13 @@ def test_run_session_writes_images_and_summary(tmp_path: Path) -> None:
 
     markdown = md_path.read_text()
     assert (
-        "| 2 | colour (edit) | a large green circle on the left, blue background | 0.60 | 8 | 0/4/0 |"
+        "| 2 | colour (edit) | a large green circle on the left, blue background | 0.55 (predicted) | 8 | 0/4/0 |"
         in markdown
     )
     assert "| cloud | 0.350 | 0.350 | 20 | 7/0/0 |" in markdown
     assert "| hybrid | - | - | - | - | [422] mode 'hybrid' is not served yet |" in markdown
-    assert any("round 4/4 [edit of round 3 at 0.75]" in line for line in lines)
+    assert "round 4/4 [edit of round 3] " + repr(SCRIPT[3].prompt) in lines
+    assert any("edit strength 0.55 predicted" in line for line in lines)
 
 
 def test_failed_run_summary_says_where_it_stopped(tmp_path: Path) -> None:
