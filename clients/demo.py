@@ -92,7 +92,10 @@ def run_session(
         info["judge_accuracy"] = judge_score(round_.image, step.prompt)
         rounds.append(info)
         resent = " (preview id expired: image resent)" if round_.resent_image else ""
-        strength = "" if round_.edit_strength is None else f", edit strength {round_.edit_strength:.2f} predicted"
+        strength = ""
+        if round_.edit_strength is not None:
+            how = " predicted" if round_.edit_predicted else ""
+            strength = f", edit strength {round_.edit_strength:.2f}{how}"
         log(f"  -> {path} in {round_.result.latency_ms:.0f} ms{strength}{resent}")
 
     log(f"finalize {session.last.prompt!r}")

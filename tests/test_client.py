@@ -37,6 +37,10 @@ def png_base64(color: tuple[int, int, int], size: int = 16) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def _is_edit(body: dict[str, Any]) -> bool:
+    return "preview_id" in body or "image" in body
+
+
 class FakeServer:
     """Answers the API like the ingress does. `forget_ids` makes every preview id unknown (404)."""
 
@@ -67,7 +71,7 @@ class FakeServer:
                     "height": size,
                     "num_inference_steps": 8,
                     # an edit without a strength: the edit predictor's pick
-                    "strength": body.get("strength", 0.75 if "preview_id" in body or "image" in body else None),
+                    "strength": body.get("strength", 0.75 if _is_edit(body) else None),
                     "unet_calls": {"cloud": 0, "edge": 8, "approximated": 0},
                     "timings_ms": {"model_total": 12.5, "queue": 1.0, "batch_size": 2.0},
                 },

@@ -146,8 +146,8 @@ def test_run_session_writes_images_and_summary(tmp_path: Path) -> None:
 
     markdown = md_path.read_text()
     assert (
-        "| 2 | colour (edit) | a large green circle on the left, blue background | 0.55 (predicted) | 8 | 0/4/0 |"
-        in markdown
+        "| 2 | colour (edit) | a large green circle on the left, blue background | 0.55 (predicted) | 8 "
+        "| 0/4/0 |" in markdown
     )
     assert "| cloud | 0.350 | 0.350 | 20 | 7/0/0 |" in markdown
     assert "| hybrid | - | - | - | - | [422] mode 'hybrid' is not served yet |" in markdown
