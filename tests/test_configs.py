@@ -58,3 +58,16 @@ def test_bad_app_args_are_refused_with_the_field_name():
         AppArgs(edge_max_batch_size=0)
     with pytest.raises(ValueError, match="Extra inputs"):
         AppArgs(edge_modle="x")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_ingress_never_queues_in_serve_so_every_503_carries_retry_after(path):
+    """Serve's own 503 (its queue in front of a deployment is full) has no Retry-After: in front of the
+    ingress that queue must be unbounded, so overload is always answered by admission control."""
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    [app] = schema.applications
+    ingress = [d for d in app.deployments if d.name == "DiffusionXIngress"]
+    for deployment in ingress:  # a config that leaves the ingress out keeps the code's defaults (-1)
+        fields = deployment.model_dump(exclude_unset=True)
+        assert fields.get("max_queued_requests", -1) == -1, f"{path.name}: ingress max_queued_requests"
+        assert fields.get("max_ongoing_requests", 1024) >= 1024, f"{path.name}: ingress max_ongoing_requests"
