@@ -104,6 +104,16 @@ class TierOverloaded(RuntimeError):
         self.retry_after_s = retry_after_s
 
 
+def _on_replica_gone(error: BaseException, attempt: int, retries: int) -> None:
+    """After a call's replica died: raises TierOverloaded (503, Retry-After) when no retry is left."""
+    if attempt == retries:
+        raise TierOverloaded(
+            f"a replica died and its replacement is starting ({type(error).__name__})",
+            REPLACEMENT_RETRY_AFTER_S,
+        ) from None
+    logger.warning("replica gone (%s); retrying the call", type(error).__name__)
+
+
 async def ask(method: Any, *args: Any, retries: int = 1) -> Any:
     """Calls a tier through its DeploymentHandle method. A call whose replica died is sent again (Serve
     routes it to a live replica); a full queue becomes TierOverloaded (Serve would otherwise answer a bare
@@ -114,32 +124,34 @@ async def ask(method: Any, *args: Any, retries: int = 1) -> Any:
         except BackPressureError as error:
             raise TierOverloaded(str(error)) from None
         except REPLICA_GONE as error:
-            if attempt == retries:
-                raise TierOverloaded(
-                    f"a replica died and its replacement is starting ({type(error).__name__})",
-                    REPLACEMENT_RETRY_AFTER_S,
-                ) from None
-            logger.warning("replica gone (%s); retrying the call", type(error).__name__)
+            _on_replica_gone(error, attempt, retries)
     raise AssertionError("unreachable")
 
 
-async def ask_stream(method: Any, *args: Any, on_progress: Any) -> Any:
+async def ask_stream(method: Any, *args: Any, on_progress: Any, retries: int = 1) -> Any:
     """Calls a tier's generator method (`preview_stream`, ...) as a Ray Serve stream: hands each progress
-    report to `on_progress(step, total, tier)` and returns the result. Cancelled (the HTTP client went
-    away), it cancels the stream, and the tier replica cancels the job."""
-    stream = method.options(stream=True).remote(*args)
-    try:
-        async for kind, value in stream:
-            if kind == PROGRESS:
-                on_progress(*value)
-            else:
-                return value
-    except BackPressureError as error:
-        raise TierOverloaded(str(error)) from None
-    except asyncio.CancelledError:
-        stream.cancel()
-        raise
-    raise RuntimeError("the tier's stream ended without a result")
+    report to `on_progress(step, total, tier)` and returns the result. A stream whose replica died is
+    started again on a live replica (generation is deterministic given the seed; its progress restarts
+    from step 1). Cancelled (the HTTP client went away), it cancels the stream, and the tier replica
+    cancels the job."""
+    for attempt in range(retries + 1):
+        stream = method.options(stream=True).remote(*args)
+        try:
+            async for kind, value in stream:
+                if kind == PROGRESS:
+                    on_progress(*value)
+                else:
+                    return value
+        except BackPressureError as error:
+            raise TierOverloaded(str(error)) from None
+        except REPLICA_GONE as error:
+            _on_replica_gone(error, attempt, retries)
+            continue
+        except asyncio.CancelledError:
+            stream.cancel()
+            raise
+        raise RuntimeError("the tier's stream ended without a result")
+    raise AssertionError("unreachable")
 
 
 class _HandleTier:
