@@ -1,5 +1,5 @@
 """The ingress's tier calls (`ask`, `ask_stream`) against fake handle methods: a call or a stream whose
-replica died is sent once more; twice gone becomes a 503 with the replacement's Retry-After. No Ray cluster."""
+replica died is sent once more; twice gone is a 503 with the replacement's Retry-After. No Ray cluster."""
 
 from __future__ import annotations
 
