@@ -7,12 +7,16 @@ Method (every figure is measured through HTTP with `clients.loadgen`, the same c
    other mode makes each round with `/v1/generate` in that mode and keeps the last round's image. Session
    latency is the sum of a session's request latencies; costs are UNet calls summed over the session;
    quality is the shapes judge's accuracy of the kept image against its prompt.
-2. Capacity. From the cloud replicas' published service model (`/v1/stats`: step time `t(b)`, batch
-   capacity `B`) and the cloud steps of the diffusionx finalizes: `replicas * B / (steps * t(B))`
-   finalizes per second. The latency target is `--target-x` times the unloaded finalize p50 of step 1.
+2. Capacity. The router experiment's finalizes refine at `--finalize-strength` (default 1.0, as a
+   preview that needs a full redo; the learned predictor asks for 1-2 cloud steps on the shapes previews,
+   which never loads the cloud tier: the ingress and the client would be the bottleneck, not what the
+   router decides on). `UNLOADED_FINALIZES` of them, one at a time, give the unloaded latency and the
+   cloud steps per finalize; with the cloud replicas' published service model (`/v1/stats`: step time
+   `t(b)`, batch capacity `B`) the capacity is `replicas * B / (steps * t(B))` finalizes per second. The
+   latency target is `--target-x` times the unloaded finalize p50.
 3. Router against fixed. Finalizes of previews made beforehand, Poisson at `--load-x` times capacity for
    `--load-s` seconds, the same arrivals twice: `router` sends the latency target (the router cuts steps,
-   strength, or falls back to the edge), `fixed` sends none (predicted strength, full steps, no routing).
+   strength, or falls back to the edge), `fixed` sends none (the given strength, full steps, no routing).
    SLO attainment is the share of finalizes answered 2xx within the target; the calibration is the median
    over the router's cloud-routed finalizes of expected / measured latency.
 4. Ordering. The `fixed` run again on an application whose step batcher runs in arrival order
@@ -44,6 +48,8 @@ from clients.loadgen import COLUMNS, LoadgenConfig, run_loadgen, shapes_judge
 from clients.workload import poisson_arrivals
 
 MODES = ("diffusionx", "cloud", "edge", "hybrid", "ec-diff")
+UNLOADED_FINALIZES = 6  # one at a time, UNLOADED_GAP_S apart: the unloaded latency of the router's finalizes
+UNLOADED_GAP_S = 1.0
 FIELDS = (
     "session_latency_s_mean",
     "finalize_latency_s_p50",
@@ -183,34 +189,43 @@ def run_compare(url: str, settings: argparse.Namespace, restart=None) -> dict[st
     for mode in MODES:
         print(f"compare: mode {mode}: {settings.sessions} sessions x {settings.rounds} rounds", flush=True)
         runs[f"mode-{mode}"] = _loadgen(url, "sessions", session_arrivals, settings, mode=mode)
-    # 2. capacity and the latency target
-    dx_final = [r for r in runs["mode-diffusionx"] if r["kind"] == "finalize" and _ok(r)]
-    if not dx_final:
-        raise RuntimeError("no diffusionx finalize succeeded: cannot size the load")
-    steps = float(np.mean([float(r["cloud_unet_calls"]) for r in dx_final]))
+    # 2. capacity and the latency target, from the router experiment's finalizes one at a time
+    strength = settings.finalize_strength
+    gaps = [UNLOADED_GAP_S * i for i in range(UNLOADED_FINALIZES)]
+    runs["unloaded"] = _loadgen(url, "finalize", gaps, settings, finalize_strength=strength)
+    unloaded = [r for r in runs["unloaded"] if r["kind"] == "finalize" and _ok(r)]
+    if not unloaded:
+        raise RuntimeError(f"no unloaded finalize succeeded: cannot size the load ({runs['unloaded'][:1]})")
+    steps = float(np.mean([float(r["cloud_unet_calls"]) for r in unloaded]))
     capacity = capacity_per_s(_cloud_service(url), steps)
-    unloaded_ms = float(np.median([float(r["e2e_ms"]) for r in dx_final]))
+    unloaded_ms = float(np.median([float(r["e2e_ms"]) for r in unloaded]))
     target_ms = round(settings.target_x * unloaded_ms, 1)
     rate = settings.load_x * capacity
     print(
-        f"compare: capacity {capacity:.2f} finalizes/s ({steps:.1f} cloud steps each); "
-        f"target {target_ms:.0f} ms; offering {rate:.2f}/s for {settings.load_s:g} s",
+        f"compare: finalizes at strength {strength:g}: {steps:.1f} cloud steps, unloaded p50 "
+        f"{unloaded_ms:.0f} ms; capacity {capacity:.2f}/s; target {target_ms:.0f} ms; "
+        f"offering {rate:.2f}/s for {settings.load_s:g} s",
         flush=True,
     )
     # 3. router against fixed on the same arrivals
     arrivals = poisson_arrivals(
         rate, settings.load_s, settings.max_finalizes, random.Random(settings.seed + 1)
     )
-    runs["policy-router"] = _loadgen(url, "finalize", arrivals, settings, latency_target_ms=target_ms)
-    runs["policy-fixed"] = _loadgen(url, "finalize", arrivals, settings)
+    loaded = {"finalize_strength": strength}
+    runs["policy-router"] = _loadgen(
+        url, "finalize", arrivals, settings, latency_target_ms=target_ms, **loaded
+    )
+    runs["policy-fixed"] = _loadgen(url, "finalize", arrivals, settings, **loaded)
     # 4. ordering: the fixed run again with the step batcher in arrival order
     if restart is not None:
         fifo_url = restart({"cloud_step_order": "fifo"})
-        runs["order-fifo"] = _loadgen(fifo_url, "finalize", arrivals, settings)
+        runs["order-fifo"] = _loadgen(fifo_url, "finalize", arrivals, settings, **loaded)
     summary = {
         "modes": {mode: _public(summarize(runs[f"mode-{mode}"], target_ms)) for mode in MODES},
         "router": {
             "latency_target_ms": target_ms,
+            "finalize_strength": strength,
+            "unloaded_finalize_ms_p50": round(unloaded_ms, 1),
             "offered_load_x_capacity": settings.load_x,
             "capacity_finalizes_per_s": round(capacity, 4),
             "offered_finalizes": len(arrivals),
@@ -332,6 +347,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load-s", type=float, help="seconds of finalize arrivals (default 60, quick 20)")
     parser.add_argument("--max-finalizes", type=int, default=400, help="cap on finalize arrivals per run")
     parser.add_argument("--target-x", type=float, default=2.5, help="target = this x unloaded finalize p50")
+    parser.add_argument(
+        "--finalize-strength",
+        type=float,
+        default=1.0,
+        help="refine strength of the router experiment's finalizes (default 1.0)",
+    )
     parser.add_argument("--preview-pool", type=int, default=8, help="previews made before finalize runs")
     parser.add_argument("--drain-s", type=float, default=120.0, help="no request sent after arrivals + this")
     parser.add_argument("--timeout-s", type=float, default=300.0, help="client timeout per request")

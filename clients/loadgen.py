@@ -15,7 +15,8 @@ Workloads, each arrival being:
   think time, then a think time and a finalize (kind `finalize`). Think times are log-normal with mean
   `--think-s` (see `workload.think_time_s`). Prompts evolve one change per round (`shapes.data`).
 - `finalize`: one finalize of a preview made beforehand: `--preview-pool` previews are made first, not
-  timed, and written to `setup_requests.csv`; arrivals refine them in turn.
+  timed, and written to `setup_requests.csv`; arrivals refine them in turn, at the strength the server's
+  predictor picks or at `--finalize-strength` (the router may still cut it under a latency target).
 
 `--out DIR/requests.csv` has one row per request sent, whatever happened to it (columns `COLUMNS`):
 `status` is the HTTP status, or the client error's name when there was none (e.g. `ConnectionFailed`);
@@ -83,6 +84,7 @@ class LoadgenConfig:
     think_s: float = 3.0  # mean think time between rounds
     edit_strength: float = 0.6
     latency_target_ms: float | None = None
+    finalize_strength: float | None = None  # refine strength of every finalize (None: the server predicts)
     num_inference_steps: int | None = None  # finalize: full-schedule steps (server default if None)
     preview_pool: int = 16  # finalize workload: previews made beforehand
     seed: int = 0
@@ -238,7 +240,9 @@ async def _session(
 
 def _finalize(session: AsyncSession, config: LoadgenConfig) -> Awaitable[RefineResult]:
     return session.finalize(
-        latency_target_ms=config.latency_target_ms, num_inference_steps=config.num_inference_steps
+        config.finalize_strength,
+        latency_target_ms=config.latency_target_ms,
+        num_inference_steps=config.num_inference_steps,
     )
 
 
@@ -358,6 +362,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--think-s", type=float, default=3.0, help="sessions: mean think time (log-normal)")
     parser.add_argument("--edit-strength", type=float, default=0.6, help="sessions: strength of edit rounds")
     parser.add_argument("--latency-target-ms", type=float, help="finalize: the router's latency target")
+    parser.add_argument(
+        "--finalize-strength", type=float, help="refine strength of every finalize (default: predicted)"
+    )
     parser.add_argument("--num-inference-steps", type=int, help="finalize: full-schedule steps")
     parser.add_argument("--preview-pool", type=int, default=16, help="finalize: previews made beforehand")
     parser.add_argument(
@@ -376,8 +383,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("rounds", "max_requests", "preview_pool"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: at least 1")
-    if not 0.0 <= args.edit_strength <= 1.0:
-        parser.error(f"--edit-strength {args.edit_strength}: use a value in [0, 1]")
+    for name in ("edit_strength", "finalize_strength"):
+        value = getattr(args, name)
+        if value is not None and not 0.0 <= value <= 1.0:
+            parser.error(f"--{name.replace('_', '-')} {value}: use a value in [0, 1]")
     if args.time_scale != 1.0 and not args.trace:
         parser.error("--time-scale only applies to --trace")
     if not args.allow_remote:
@@ -419,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
             think_s=args.think_s,
             edit_strength=args.edit_strength,
             latency_target_ms=args.latency_target_ms,
+            finalize_strength=args.finalize_strength,
             num_inference_steps=args.num_inference_steps,
             preview_pool=args.preview_pool,
             seed=args.seed,

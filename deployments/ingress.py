@@ -45,6 +45,7 @@ from diffusionx.app_config import AppArgs
 from diffusionx.engine.progress import PROGRESS
 from diffusionx.guard import Guard, GuardConfig, load_api_keys
 from diffusionx.policy.admission import AdmissionControl
+from diffusionx.policy.calibration import ArrivalRate, LatencyCalibration
 from diffusionx.policy.router import CloudLoad, RouterConfig
 from diffusionx.policy.service_model import ReplicaLoad
 from diffusionx.requests import GenerationResult, Img2ImgRequest, InvalidRequestError, PreviewRequest
@@ -342,6 +343,8 @@ class DiffusionXIngress:
                 min_steps=self.args.router_min_steps, strength_floor=self.args.router_strength_floor
             ),
             default_latency_target_ms=self.args.default_latency_target_ms,
+            latency_calibration=LatencyCalibration(),
+            cloud_arrivals=ArrivalRate(),
         )
         self.admission = AdmissionControl(
             {"edge": self.args.edge_max_batch_size, "cloud": self.args.cloud_max_batch_size},
@@ -500,8 +503,15 @@ class DiffusionXIngress:
     async def refine(self, body: RefineBody, http_request: Request) -> Any:
         self._seen("/v1/refine", http_request)
         owner = http_request.state.owner
-        steps = await self._steps("cloud", "default_steps", body.num_inference_steps)
-        needs = {"cloud": int(steps * (body.strength if body.strength is not None else 1.0))}
+        strength = body.strength if body.strength is not None else 1.0
+        target = body.latency_target_ms or self.args.default_latency_target_ms
+        if target is None:
+            steps = await self._steps("cloud", "default_steps", body.num_inference_steps)
+            needs = {"cloud": max(1, int(steps * strength))}
+        else:  # the router fits the cloud work to the target or falls back to the edge: refuse at the
+            # door only when the edge fallback could not start either
+            steps = await self._steps("edge", "default_steps", None)
+            needs = {"edge": max(1, int(steps * strength))}
         await self._admit(needs)  # before a stream starts: a refusal is a plain 503
         if wants_events(http_request):
             return await event_stream(
@@ -530,6 +540,8 @@ class DiffusionXIngress:
         image = base64.b64encode(await encode_png(result.image)).decode("ascii")
         self.metrics.routed(decision.route, final.strength_predicted, decision.strength)
         self.metrics.request_done("refine", decision.route, _s(start))
+        if decision.route != "edge-fallback":  # the cloud's latency teaches the router's calibration
+            self.tiers.latency_calibration.observe(decision.uncorrected_latency_ms, _ms(start))
         return {
             "image": image,
             "seed": result.seed,
@@ -538,7 +550,7 @@ class DiffusionXIngress:
             "num_inference_steps": decision.num_inference_steps,
             "route": decision.route,
             "reason": decision.reason,
-            "load": final.load.to_dict(decision.cloud_steps),
+            "load": {**final.load.to_dict(decision.cloud_steps), "latency_scale": decision.latency_scale},
             "expected_latency_ms": decision.expected_latency_ms,
             "unet_calls": result.unet_calls.to_dict(),
             "timings_ms": {**final.timings_ms, "server_total": _ms(start)},

@@ -485,7 +485,8 @@ def test_bench_compare_report_counts_every_request_and_adds_up(serve_url, tmp_pa
 
     settings = Namespace(
         out=str(tmp_path), sessions=2, rounds=2, think_s=0.05, session_rate=4.0, steps=8, load_x=2.0,
-        load_s=2.0, max_finalizes=8, target_x=2.5, preview_pool=2, drain_s=60.0, timeout_s=120.0, seed=5,
+        load_s=2.0, max_finalizes=8, target_x=2.5, finalize_strength=1.0, preview_pool=2, drain_s=60.0,
+        timeout_s=120.0, seed=5,
         no_progress=True, quality=False,
     )  # fmt: skip
     summary = run_compare(serve_url, settings)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from diffusionx.policy.service_model import ReplicaLoad, choose_replica, predict_tier
+from diffusionx.policy.service_model import Arrivals, ReplicaLoad, choose_replica, predict_tier
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ class RouterConfig:
     min_steps: int = 10  # fewest schedule steps a cloud refinement may use
     strength_floor: float = 0.2  # lowest strength that still counts as a refinement
     overhead_ms: float = 50.0  # encode/decode/transport, on top of the steps
+    slo_quantile: float = 0.9  # share of refinements the target should hold for (the calibration's margin)
 
 
 @dataclass(frozen=True)
@@ -67,15 +68,32 @@ class RouteDecision:
     num_inference_steps: int
     expected_latency_ms: float | None  # None: the cloud step time is not measured yet
     reason: str
+    latency_scale: float = 1.0  # the calibration factor `expected_latency_ms` includes
+
+    @property
+    def uncorrected_latency_ms(self) -> float | None:
+        """The service model's expectation before the calibration factor (what calibration observes)."""
+        if self.expected_latency_ms is None:
+            return None
+        return self.expected_latency_ms / self.latency_scale
 
     @property
     def cloud_steps(self) -> int:
         return 0 if self.route == "edge-fallback" else int(self.num_inference_steps * self.strength)
 
 
-def expected_latency_ms(load: CloudLoad, cloud_steps: int, config: RouterConfig) -> float:
-    """Service-model finish time of `cloud_steps` on the tier, plus the overhead (needs `load.measured`)."""
-    return predict_tier(load.replicas, cloud_steps).finish_s * 1000.0 + config.overhead_ms
+def expected_latency_ms(
+    load: CloudLoad,
+    cloud_steps: int,
+    config: RouterConfig,
+    latency_scale: float = 1.0,
+    arrivals: Arrivals | None = None,
+) -> float:
+    """Service-model finish time of `cloud_steps` on the tier (with the cloud work expected to arrive
+    meanwhile), plus the overhead, times the calibration factor (`calibration.LatencyCalibration.scale`;
+    needs `load.measured`)."""
+    finish_s = predict_tier(load.replicas, cloud_steps, arrivals).finish_s
+    return (finish_s * 1000.0 + config.overhead_ms) * latency_scale
 
 
 def decide_route(
@@ -84,7 +102,15 @@ def decide_route(
     load: CloudLoad,
     latency_target_ms: float | None = None,
     config: RouterConfig | None = None,
+    latency_scale: float = 1.0,
+    arrivals: Arrivals | None = None,
+    latency_margin: float = 1.0,
 ) -> RouteDecision:
+    """The route (see the module docstring). Expected latencies count the cloud work `arrivals` says will
+    join meanwhile (`calibration.ArrivalRate`) and are multiplied by `latency_scale`, the online
+    calibration factor learned from measured latencies (`calibration.LatencyCalibration`). A route fits
+    the target when its expected latency times `latency_margin` (>= 1: the calibration's spread, so that
+    the target holds for a quantile of requests, not half of them) is within it."""
     config = config or RouterConfig()
     if not 0.0 <= strength_predicted <= 1.0:
         raise ValueError(f"strength_predicted={strength_predicted} must be in [0, 1]")
@@ -92,26 +118,25 @@ def decide_route(
         raise ValueError(f"num_inference_steps={num_inference_steps} must be >= 1")
 
     def latency(steps: int, strength: float) -> float:
-        return expected_latency_ms(load, int(steps * strength), config)
+        return expected_latency_ms(load, int(steps * strength), config, latency_scale, arrivals)
+
+    def decision(route: str, strength: float, steps: int, expected: float | None, why: str) -> RouteDecision:
+        return RouteDecision(route, strength, steps, expected, why, latency_scale)
 
     if not load.measured:
         why = "no latency target" if latency_target_ms is None else "cloud step time not measured yet"
-        return RouteDecision(
-            "cloud", strength_predicted, num_inference_steps, None, f"full refinement: {why}"
-        )
+        return decision("cloud", strength_predicted, num_inference_steps, None, f"full refinement: {why}")
     full = latency(num_inference_steps, strength_predicted)
-    if latency_target_ms is None or full <= latency_target_ms:
+    if latency_target_ms is None or full * latency_margin <= latency_target_ms:
         why = "no latency target" if latency_target_ms is None else "fits the latency target"
-        return RouteDecision(
-            "cloud", strength_predicted, num_inference_steps, full, f"full refinement: {why}"
-        )
+        return decision("cloud", strength_predicted, num_inference_steps, full, f"full refinement: {why}")
 
     # 2. fewer steps at the predicted strength
     min_steps = min(config.min_steps, num_inference_steps)
     for steps in range(num_inference_steps - 1, min_steps - 1, -1):
         expected = latency(steps, strength_predicted)
-        if expected <= latency_target_ms:
-            return RouteDecision(
+        if expected * latency_margin <= latency_target_ms:
+            return decision(
                 "cloud-reduced",
                 strength_predicted,
                 steps,
@@ -124,10 +149,10 @@ def decide_route(
         strength = (cloud_steps + 1e-9) / min_steps
         if strength < floor:
             break
-        expected = expected_latency_ms(load, cloud_steps, config)
-        if expected <= latency_target_ms:
+        expected = expected_latency_ms(load, cloud_steps, config, latency_scale, arrivals)
+        if expected * latency_margin <= latency_target_ms:
             strength = math.ceil(strength * 1000) / 1000
-            return RouteDecision(
+            return decision(
                 "cloud-reduced",
                 strength,
                 min_steps,
@@ -137,11 +162,11 @@ def decide_route(
             )
     # 4. the cloud cannot meet the target within the quality floor
     used = load.to_dict(int(num_inference_steps * strength_predicted))
-    return RouteDecision(
+    return decision(
         "edge-fallback",
         strength_predicted,
         num_inference_steps,
-        config.overhead_ms,
+        config.overhead_ms * latency_scale,
         f"cloud expected {full:.0f} ms ({used['samples']:.0f} samples and {used['queued']:.0f} queued, "
         f"{used['remaining_steps']:.0f} steps, on replica {used['replica']:.0f} of {len(load.replicas)}) "
         f"exceeds {latency_target_ms:.0f} ms even at {min_steps} steps and strength {floor:.2f}",

@@ -21,11 +21,16 @@ exponentially forgotten observations once they spread over batch sizes. Before t
 replica that only ever runs one batch size keeps a sensible slope; without a seed, `t(b)` is then that
 size's mean time.
 
-What it leaves out (it is a model): arrivals after the prediction (a later shorter request passes a
-longer waiting one; aging bounds by how much), whole batches of other kinds (cloud-only text-to-image,
-EC-Diff plans) that the model loop interleaves with engine steps, and samples of another image size or
-guidance scale (which cannot share a batch; the tier serves one size in practice). The router adds a
-fixed overhead (encode, batch wait, transport) on top.
+Arrivals after the prediction. Requests that join later make every later step of a batch that is not full
+slower (`t(b)` grows with `b`) and, when shorter, pass the new one. Given `Arrivals` (a rate and the steps
+of each, as the router measured them recently) the replay adds them as they come, step by step, each
+joining by its key. Without it the replay assumes no further arrival.
+
+What it leaves out (it is a model): how arrivals really fall (the replay spreads them evenly), whole
+batches of other kinds (cloud-only text-to-image, EC-Diff plans) that the model loop interleaves with
+engine steps, and samples of another image size or guidance scale (which cannot share a batch; the tier
+serves one size in practice). The router adds a fixed overhead (encode, batch wait, transport) on top and
+multiplies by a factor learned from measured latencies (`calibration.LatencyCalibration`).
 """
 
 from __future__ import annotations
@@ -117,6 +122,17 @@ class StepTimeModel:
 
 
 @dataclass(frozen=True)
+class Arrivals:
+    """Refinements expected to join a replica after a prediction: `per_s` a second, `steps` steps each."""
+
+    per_s: float = 0.0
+    steps: int = 0
+
+    def per_replica(self, replicas: int) -> Arrivals:
+        return Arrivals(self.per_s / max(1, replicas), self.steps)
+
+
+@dataclass(frozen=True)
 class ReplicaLoad:
     """What one cloud replica reports: its pool, its queue, its batch capacity and step time.
 
@@ -170,17 +186,25 @@ class ReplicaLoad:
         )
 
 
-def expected_finish_s(replica: ReplicaLoad, steps: int, step_in_flight_s: float | None = None) -> float:
+def expected_finish_s(
+    replica: ReplicaLoad,
+    steps: int,
+    step_in_flight_s: float | None = None,
+    arrivals: Arrivals | None = None,
+) -> float:
     """Seconds until a refinement of `steps` denoising steps that joins `replica` now would finish.
 
     Replays the step batcher's fixed-priority schedule (module docstring). `step_in_flight_s` is what is
     left of the step running now; by default, with a busy pool, half a step (a request arrives at a
-    uniformly random point of it). Raises ValueError when the step time is not measured.
+    uniformly random point of it). With `arrivals`, later requests join as they are expected to
+    (`_replay_with_arrivals`). Raises ValueError when the step time is not measured.
     """
     if steps < 0:
         raise ValueError(f"steps={steps} must be >= 0")
     if steps == 0:
         return 0.0
+    if arrivals is not None and arrivals.per_s > 0 and arrivals.steps > 0:
+        return _replay_with_arrivals(replica, steps, step_in_flight_s, arrivals)
     # 1. everyone in priority order: the pool as it is, then the queued ones and the new one by key
     #    (stable sort: at equal keys the earlier arrival goes first, the new request last)
     joining = [(s, s, False) for s in replica.queued_steps] + [(steps, steps, True)]
@@ -189,10 +213,7 @@ def expected_finish_s(replica: ReplicaLoad, steps: int, step_in_flight_s: float 
     alive = [[remaining, is_new] for _, remaining, is_new in order]
     capacity = replica.max_batch_size
     # 2. the step running now (if any) finishes first; then batches of the first `capacity` alive
-    if step_in_flight_s is None:
-        busy = min(capacity, len(replica.pool))
-        step_in_flight_s = 0.5 * replica.step_s(busy) if busy else 0.0
-    elapsed = step_in_flight_s
+    elapsed = _in_flight_s(replica, step_in_flight_s)
     while True:
         batch = alive[:capacity]
         run = min(remaining for remaining, _ in batch)
@@ -202,6 +223,46 @@ def expected_finish_s(replica: ReplicaLoad, steps: int, step_in_flight_s: float 
         if any(is_new and remaining == 0 for remaining, is_new in batch):
             return elapsed
         alive = [entry for entry in alive if entry[0] > 0]
+
+
+def _in_flight_s(replica: ReplicaLoad, step_in_flight_s: float | None) -> float:
+    if step_in_flight_s is not None:
+        return step_in_flight_s
+    busy = min(replica.max_batch_size, len(replica.pool))
+    return 0.5 * replica.step_s(busy) if busy else 0.0
+
+
+def _replay_with_arrivals(
+    replica: ReplicaLoad, steps: int, step_in_flight_s: float | None, arrivals: Arrivals
+) -> float:
+    """`expected_finish_s` with `arrivals.per_s` requests of `arrivals.steps` steps joining, evenly
+    spread, one step at a time. Every step lowers every key by one, so a sample's key at step j is its
+    "deadline" (key at joining + steps run before it joined) minus j: ordering by deadline is ordering by
+    key. A request joining at step j has deadline `arrivals.steps + j` and goes behind every sample whose
+    deadline is not larger (ties to the earlier arrival). The new request keeps its deadline `steps`, and
+    later arrivals' deadlines grow with j, so it always finishes."""
+    entries = [(float(key), remaining, False) for key, remaining in replica.pool]
+    entries += [(float(s), s, False) for s in replica.queued_steps]
+    entries.append((float(steps), steps, True))
+    entries.sort(key=lambda entry: entry[0])  # stable: ties keep arrival order, the new one last
+    alive = [[deadline, remaining, is_new] for deadline, remaining, is_new in entries]
+    capacity = replica.max_batch_size
+    elapsed = _in_flight_s(replica, step_in_flight_s)
+    joined = 0
+    for step in range(1_000_000):  # bounded: the new request's deadline is fixed, arrivals' grow
+        for _ in range(int(arrivals.per_s * elapsed) - joined):  # arrivals due by now join the order
+            deadline = float(arrivals.steps + step)
+            position = next((i for i, entry in enumerate(alive) if entry[0] > deadline), len(alive))
+            alive.insert(position, [deadline, arrivals.steps, False])
+            joined += 1
+        batch = alive[:capacity]
+        elapsed += replica.step_s(len(batch))
+        for entry in batch:
+            entry[1] -= 1
+        if any(is_new and remaining == 0 for _, remaining, is_new in batch):
+            return elapsed
+        alive = [entry for entry in alive if entry[1] > 0]
+    raise AssertionError("unreachable: the new request finishes within its deadline's steps")
 
 
 @dataclass(frozen=True)
@@ -237,7 +298,11 @@ def choose_replica(replicas: Sequence[ReplicaLoad], steps: int) -> int:
     return rank_replicas(replicas, steps)[0]
 
 
-def predict_tier(replicas: Sequence[ReplicaLoad], steps: int) -> TierPrediction:
-    """When a refinement of `steps` would finish on the tier, on the replica `choose_replica` picks."""
+def predict_tier(
+    replicas: Sequence[ReplicaLoad], steps: int, arrivals: Arrivals | None = None
+) -> TierPrediction:
+    """When a refinement of `steps` would finish on the tier, on the replica `choose_replica` picks; with
+    `arrivals` (the tier's), each replica gets its share of them."""
     index = choose_replica(replicas, steps)
-    return TierPrediction(index, expected_finish_s(replicas[index], steps))
+    share = None if arrivals is None else arrivals.per_replica(len(replicas))
+    return TierPrediction(index, expected_finish_s(replicas[index], steps, arrivals=share))

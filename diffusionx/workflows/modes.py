@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 from PIL import Image
 
+from diffusionx.policy.calibration import ArrivalRate, LatencyCalibration
 from diffusionx.policy.router import CloudLoad, RouteDecision, RouterConfig, decide_route
 from diffusionx.requests import (
     GenerationResult,
@@ -98,6 +99,11 @@ class Tiers:
     cloud_load: Callable[[], Awaitable[CloudLoad]] | None = None  # None: an idle cloud (no wait)
     router: RouterConfig = field(default_factory=RouterConfig)
     default_latency_target_ms: float | None = None
+    # the router's expected latencies are multiplied by its scale; whoever measures a finalize's latency
+    # observes it (the ingress, over the whole request); None: uncorrected
+    latency_calibration: LatencyCalibration | None = None
+    # the rate of cloud work the router sends, for the service model's replay of later arrivals
+    cloud_arrivals: ArrivalRate | None = None
     _info: dict[str, dict] = field(default_factory=dict, repr=False)
 
     def need(self, tier: str, mode: str) -> Any:
@@ -276,7 +282,23 @@ async def finalize(
     steps = num_inference_steps or int((await tiers.info("cloud"))["default_steps"])
     target = latency_target_ms if latency_target_ms is not None else tiers.default_latency_target_ms
     wanted = strength if strength is not None else strength_predicted
-    decision = decide_route(wanted, steps, load, target, tiers.router)  # type: ignore[arg-type]
+    scale, margin = 1.0, 1.0
+    if tiers.latency_calibration is not None:
+        scale = tiers.latency_calibration.scale
+        margin = tiers.latency_calibration.margin(tiers.router.slo_quantile)
+    arrivals = tiers.cloud_arrivals.current() if tiers.cloud_arrivals is not None else None
+    decision = decide_route(
+        wanted,  # type: ignore[arg-type]
+        steps,
+        load,
+        target,
+        tiers.router,
+        latency_scale=scale,
+        arrivals=arrivals,
+        latency_margin=margin,
+    )
+    if tiers.cloud_arrivals is not None:
+        tiers.cloud_arrivals.record(decision.cloud_steps)
     # 3. refine on the cloud tier, or on the edge tier when the cloud cannot make the target
     request = Img2ImgRequest(
         prompt,

@@ -1,0 +1,112 @@
+"""Online measurements that correct the router's expected latency: the rate of cloud work arriving
+(`ArrivalRate`, for the service model's replay of later arrivals) and measured against expected latency
+(`LatencyCalibration`).
+
+The service model (`service_model.predict_tier`) predicts when the cloud's step batcher would finish a
+refinement, from the load the replicas published and the step time they measured. It cannot see what
+happens around the steps: the request's trip from the ingress to the replica and back, image decoding and
+encoding, the requests that arrive after the decision and join the batch (each makes the remaining steps
+slower), and processes that compete for the same CPUs or GPU. Those make the measured latency a roughly
+constant multiple of the prediction at a given load, and the multiple grows with the load.
+
+`LatencyCalibration` learns that multiple from the requests the router sent to the cloud: after each one,
+`observe(expected_ms, measured_ms)` with the prediction made without correction and the latency the
+server measured for the whole request. `scale` is the exponentially weighted mean of log(measured /
+expected) (`alpha` per observation, so the last ~1/alpha requests dominate), exponentiated and clamped to
+[`min_scale`, `max_scale`]; it is 1.0 until `min_samples` were seen. The router multiplies every expected
+latency by it. A log-space mean is used so that one outlier (a garbage-collection pause, a replica
+restart) moves the scale by a bounded factor.
+
+A corrected expectation is a median: half the requests take longer. `margin(quantile)` is the factor
+from the median to that quantile, `exp(z * std)` with the exponentially weighted standard deviation of
+the log ratios (normal in log space); the router fits a route to the target only when expected x margin
+is within it, so the target holds for about that share of requests.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from statistics import NormalDist
+
+from diffusionx.policy.service_model import Arrivals
+
+
+class ArrivalRate:
+    """Refinements the router sent to the cloud over the last `window_s` seconds: their rate and mean
+    steps, as `Arrivals` for the service model. Keeps at most `max_events` (a bounded deque: nothing grows
+    per request); a rate above `max_events / window_s` is under-counted, far above any tier's capacity."""
+
+    def __init__(
+        self, window_s: float = 2.0, max_events: int = 4096, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if window_s <= 0:
+            raise ValueError(f"window_s={window_s} must be > 0")
+        self.window_s = window_s
+        self.clock = clock
+        self._events: deque[tuple[float, int]] = deque(maxlen=max_events)
+
+    def record(self, cloud_steps: int) -> None:
+        if cloud_steps > 0:
+            self._events.append((self.clock(), cloud_steps))
+
+    def current(self) -> Arrivals:
+        now = self.clock()
+        while self._events and self._events[0][0] < now - self.window_s:
+            self._events.popleft()
+        if not self._events:
+            return Arrivals()
+        mean_steps = round(sum(steps for _, steps in self._events) / len(self._events))
+        return Arrivals(len(self._events) / self.window_s, max(1, mean_steps))
+
+
+@dataclass
+class LatencyCalibration:
+    alpha: float = 0.1
+    min_samples: int = 3
+    min_scale: float = 0.5
+    max_scale: float = 8.0
+    samples: int = field(default=0, init=False)
+    _log_ratio: float = field(default=0.0, init=False, repr=False)
+    _log_variance: float = field(default=0.0, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.alpha <= 1.0:
+            raise ValueError(f"alpha={self.alpha} must be in (0, 1]")
+        if not 0.0 < self.min_scale <= 1.0 <= self.max_scale:
+            raise ValueError(f"need 0 < min_scale <= 1 <= max_scale, not {self.min_scale}, {self.max_scale}")
+
+    def observe(self, expected_ms: float | None, measured_ms: float) -> None:
+        """One request the router sent to the cloud: its uncorrected expected and its measured latency.
+        Requests without an expectation (step time not measured yet) or with a non-positive one are
+        ignored."""
+        if expected_ms is None or expected_ms <= 0.0 or measured_ms <= 0.0:
+            return
+        ratio = math.log(measured_ms / expected_ms)
+        if self.samples == 0:  # the first sample sets the mean; later ones move it by alpha
+            self._log_ratio = ratio
+        else:  # exponentially weighted mean and variance (West's incremental form)
+            deviation = ratio - self._log_ratio
+            self._log_ratio += self.alpha * deviation
+            self._log_variance = (1 - self.alpha) * (self._log_variance + self.alpha * deviation**2)
+        self.samples += 1
+
+    def margin(self, quantile: float) -> float:
+        """The factor from the corrected (median) expectation to its `quantile` (1.0 before
+        `min_samples` observations, and at most `max_scale`)."""
+        if not 0.5 <= quantile < 1.0:
+            raise ValueError(f"quantile={quantile} must be in [0.5, 1)")
+        if self.samples < self.min_samples:
+            return 1.0
+        z = NormalDist().inv_cdf(quantile)
+        return min(self.max_scale, math.exp(z * math.sqrt(self._log_variance)))
+
+    @property
+    def scale(self) -> float:
+        """The factor to multiply expected latencies by (1.0 before `min_samples` observations)."""
+        if self.samples < self.min_samples:
+            return 1.0
+        return min(self.max_scale, max(self.min_scale, math.exp(self._log_ratio)))

@@ -1,0 +1,126 @@
+"""The router's online latency calibration: learns measured / expected, and the router cuts by it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from diffusionx.policy.calibration import ArrivalRate, LatencyCalibration
+from diffusionx.policy.router import CloudLoad, RouterConfig, decide_route
+from diffusionx.policy.service_model import Arrivals, ReplicaLoad, expected_finish_s
+
+CONFIG = RouterConfig(min_steps=10, strength_floor=0.2, overhead_ms=50.0)
+IDLE = CloudLoad((ReplicaLoad(pool=(), max_batch_size=4, step_time_s=(0.05, 0.0)),))
+
+
+def test_scale_is_one_until_enough_samples_then_the_measured_ratio():
+    calibration = LatencyCalibration(alpha=0.5, min_samples=3)
+    calibration.observe(100.0, 200.0)
+    calibration.observe(100.0, 200.0)
+    assert calibration.scale == 1.0 and calibration.samples == 2
+    calibration.observe(100.0, 200.0)
+    assert calibration.scale == pytest.approx(2.0)
+
+
+def test_scale_follows_the_recent_ratio_in_log_space_and_is_clamped():
+    calibration = LatencyCalibration(alpha=0.5, min_samples=1, max_scale=3.0)
+    calibration.observe(100.0, 100.0)
+    calibration.observe(100.0, 400.0)  # log-mean of 1 and 4 at alpha 0.5: 2
+    assert calibration.scale == pytest.approx(2.0)
+    for _ in range(20):
+        calibration.observe(100.0, 1000.0)
+    assert calibration.scale == 3.0  # clamped
+    for _ in range(60):
+        calibration.observe(100.0, 80.0)
+    assert calibration.scale == pytest.approx(0.8, rel=1e-3)  # back down once the load is gone
+
+
+def test_requests_without_an_expectation_are_ignored():
+    calibration = LatencyCalibration(min_samples=1)
+    calibration.observe(None, 500.0)
+    calibration.observe(0.0, 500.0)
+    assert calibration.samples == 0 and calibration.scale == 1.0
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="alpha"):
+        LatencyCalibration(alpha=0.0)
+    with pytest.raises(ValueError, match="min_scale"):
+        LatencyCalibration(min_scale=2.0)
+
+
+def test_router_cuts_by_the_calibrated_latency_and_reports_the_scale():
+    # 20 steps at 50 ms + 50 ms overhead = 1050 ms: fits 1500 ms uncorrected
+    plain = decide_route(1.0, 20, IDLE, 1500, CONFIG)
+    assert plain.route == "cloud" and plain.expected_latency_ms == pytest.approx(1050)
+    # measured latencies twice the expected: the same request no longer fits, so steps are cut
+    calibrated = decide_route(1.0, 20, IDLE, 1500, CONFIG, latency_scale=2.0)
+    assert calibrated.route == "cloud-reduced" and calibrated.num_inference_steps < 20
+    assert calibrated.expected_latency_ms <= 1500 and calibrated.latency_scale == 2.0
+    expected_steps = calibrated.cloud_steps
+    assert calibrated.uncorrected_latency_ms == pytest.approx(expected_steps * 50 + 50)
+    assert math.isclose(calibrated.expected_latency_ms, 2.0 * calibrated.uncorrected_latency_ms)
+
+
+def test_arrival_rate_counts_the_window_and_forgets_older_events():
+    now = [0.0]
+    rate = ArrivalRate(window_s=2.0, clock=lambda: now[0])
+    assert rate.current() == Arrivals()
+    for t, steps in ((0.0, 10), (0.5, 20), (1.0, 0), (1.5, 30)):  # a 0-step route (edge) is not cloud work
+        now[0] = t
+        rate.record(steps)
+    assert rate.current() == Arrivals(3 / 2.0, 20)
+    now[0] = 2.2  # the event at 0.0 left the window
+    assert rate.current() == Arrivals(2 / 2.0, 25)
+    now[0] = 10.0
+    assert rate.current() == Arrivals()
+
+
+def test_replay_with_arrivals_is_the_exact_replay_when_none_come():
+    busy = ReplicaLoad(
+        pool=((3, 3), (8, 8), (12, 12)), queued_steps=(6,), max_batch_size=2, step_time_s=(0.02, 0.01)
+    )
+    for steps in (1, 5, 10, 20):
+        exact = expected_finish_s(busy, steps)
+        assert expected_finish_s(busy, steps, arrivals=Arrivals(1e-9, 5)) == pytest.approx(exact)
+
+
+def test_later_arrivals_slow_a_batch_that_is_not_full_and_shorter_ones_pass():
+    idle = ReplicaLoad(pool=(), max_batch_size=8, step_time_s=(0.01, 0.01))  # t(b) = 10 ms + 10 ms * b
+    alone = expected_finish_s(idle, 20)
+    assert alone == pytest.approx(20 * 0.02)
+    # 50 requests a second of 20 steps: the batch grows while the new one runs, every step gets slower
+    joined = expected_finish_s(idle, 20, arrivals=Arrivals(50.0, 20))
+    assert joined > alone * 1.5
+    # shorter ones (5 steps) pass the new request in a full batch: later still than equal-length ones
+    full = ReplicaLoad(pool=(), max_batch_size=1, step_time_s=(0.01, 0.0))
+    assert expected_finish_s(full, 20, arrivals=Arrivals(50.0, 5)) > expected_finish_s(
+        full, 20, arrivals=Arrivals(50.0, 40)
+    )
+    assert expected_finish_s(full, 20, arrivals=Arrivals(50.0, 40)) == pytest.approx(20 * 0.01)
+
+
+def test_router_cuts_earlier_when_cloud_work_keeps_arriving():
+    # a CPU-like replica: a batched step costs about the sum of its samples (t(b) = 5 ms + 45 ms * b)
+    idle = CloudLoad((ReplicaLoad(pool=(), max_batch_size=8, step_time_s=(0.005, 0.045)),))
+    quiet = decide_route(1.0, 20, idle, 1200, CONFIG)
+    assert quiet.route == "cloud"
+    busy = decide_route(1.0, 20, idle, 1200, CONFIG, arrivals=Arrivals(10.0, 20))
+    assert busy.route in ("cloud-reduced", "edge-fallback")
+
+
+def test_margin_grows_with_the_spread_of_the_ratios_and_the_router_keeps_it():
+    steady = LatencyCalibration(alpha=0.2, min_samples=1)
+    noisy = LatencyCalibration(alpha=0.2, min_samples=1)
+    for i in range(40):
+        steady.observe(100.0, 150.0)
+        noisy.observe(100.0, 100.0 if i % 2 else 225.0)  # the same log-mean (1.5x), spread out
+    assert steady.scale == pytest.approx(1.5) and steady.margin(0.9) == pytest.approx(1.0)
+    assert noisy.margin(0.9) > 1.3 and noisy.margin(0.5) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="quantile"):
+        noisy.margin(1.0)
+    # 1050 ms expected fits 1500 ms, but not with a 1.5x margin to the 90th percentile
+    assert decide_route(1.0, 20, IDLE, 1500, CONFIG).route == "cloud"
+    decision = decide_route(1.0, 20, IDLE, 1500, CONFIG, latency_margin=1.5)
+    assert decision.route == "cloud-reduced" and decision.expected_latency_ms * 1.5 <= 1500
