@@ -11,7 +11,8 @@ by `--time-scale`), within `--duration-s` and at most `--max-requests` requests 
 Workloads, each arrival being:
 - `preview`: one text-to-image preview of a held-out shapes prompt (kind `preview`).
 - `sessions`: a person's session: `--rounds` previews (the first text-to-image, kind `preview`; the others
-  edit the previous round's image toward the next prompt at `--edit-strength`, kind `edit`), each after a
+  edit the previous round's image toward the next prompt at the strength the server's edit predictor
+  picks, or at `--edit-strength`, kind `edit`), each after a
   think time, then a think time and a finalize (kind `finalize`). Think times are log-normal with mean
   `--think-s` (see `workload.think_time_s`). Prompts evolve one change per round (`shapes.data`).
 - `finalize`: one finalize of a preview made beforehand: `--preview-pool` previews are made first, not
@@ -82,7 +83,7 @@ class LoadgenConfig:
     drain_s: float = 60.0  # no request is sent after duration_s + drain_s
     rounds: int = 3  # previews per session
     think_s: float = 3.0  # mean think time between rounds
-    edit_strength: float = 0.6
+    edit_strength: float | None = None  # sessions: edits at this strength (None: the edit predictor's)
     latency_target_ms: float | None = None
     finalize_strength: float | None = None  # refine strength of every finalize (None: the server predicts)
     num_inference_steps: int | None = None  # finalize: full-schedule steps (server default if None)
@@ -227,12 +228,12 @@ async def _session(
     for number, prompt in enumerate(prompts):
         if number:
             await asyncio.sleep(think_time_s(config.think_s, rng))
-        strength = None if number == 0 else config.edit_strength
         kind = "preview" if number == 0 else "edit"
-        if (
-            await recorder.send(kind, prompt, lambda p=prompt, s=strength: session.preview(p, s), index)
-            is None
-        ):
+
+        def round_(p: str = prompt, edit: bool = number > 0) -> Awaitable[Any]:
+            return session.preview(p, config.edit_strength if edit else None, edit=edit)
+
+        if await recorder.send(kind, prompt, round_, index) is None:
             return  # a failed round ends the session, as it would for a person
     await asyncio.sleep(think_time_s(config.think_s, rng))
     await recorder.send("finalize", prompts[-1], lambda: _finalize(session, config), index)
@@ -360,7 +361,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--drain-s", type=float, default=60.0, help="no request sent after duration + this")
     parser.add_argument("--rounds", type=int, default=3, help="sessions: previews per session (default 3)")
     parser.add_argument("--think-s", type=float, default=3.0, help="sessions: mean think time (log-normal)")
-    parser.add_argument("--edit-strength", type=float, default=0.6, help="sessions: strength of edit rounds")
+    parser.add_argument(
+        "--edit-strength", type=float, help="sessions: strength of edit rounds (default: predicted)"
+    )
     parser.add_argument("--latency-target-ms", type=float, help="finalize: the router's latency target")
     parser.add_argument(
         "--finalize-strength", type=float, help="refine strength of every finalize (default: predicted)"

@@ -57,7 +57,8 @@ class FlakyServer:
                     "image": png_base64((200, 0, 0)),
                     "seed": body["seed"],
                     "num_inference_steps": 8,
-                    "strength": body.get("strength"),
+                    # an edit without a strength: the server's edit predictor picks 0.7
+                    "strength": body.get("strength", 0.7 if "preview_id" in body else None),
                     "unet_calls": {"cloud": 0, "edge": 8, "approximated": 0},
                     "timings_ms": {},
                 },
@@ -177,7 +178,7 @@ def test_sessions_record_every_request_whatever_happened(tmp_path: Path):
         for r in finals
     )
     edits = [r for r in rows if r["kind"] == "edit" and r["status"] == 200]
-    assert edits and all(r["strength_used"] == 0.6 for r in edits)
+    assert edits and all(r["strength_used"] == 0.7 for r in edits)  # no --edit-strength: predicted
 
     path = write_rows(rows, tmp_path / "requests.csv")
     with path.open() as handle:

@@ -58,7 +58,7 @@ class RouterConfig:
     min_steps: int = 10  # fewest schedule steps a cloud refinement may use
     strength_floor: float = 0.2  # lowest strength that still counts as a refinement
     overhead_ms: float = 50.0  # encode/decode/transport, on top of the steps
-    slo_quantile: float = 0.9  # share of refinements the target should hold for (the calibration's margin)
+    slo_quantile: float = 0.99  # share of refinements the target should hold for (the calibration's margin)
 
 
 @dataclass(frozen=True)
