@@ -4,7 +4,7 @@ of the admitted ones (the target: the 503s arrive in under a tenth of the admitt
 factor (requests sent / admitted) and whether every 503 carried Retry-After.
 
 Targets `--url`, or starts the local application (default: the embedded CPU config) and stops it after.
-The client does not retry here (max_retries=0): the server's own decision is measured.
+The burst is not retried: the server's own decision is measured.
 """
 
 from __future__ import annotations
@@ -16,37 +16,67 @@ import statistics
 import time
 from typing import Any
 
+import aiohttp
+
 from clients.client import AsyncDiffusionXClient
-from clients.errors import DiffusionXError, Overloaded
+
+ADMISSION_MESSAGE = "before new work starts"  # in every refusal of diffusionx.policy.admission
 
 
 async def burst(url: str, requests: int, steps: int, strength: float, warmup: int) -> dict[str, Any]:
-    async with AsyncDiffusionXClient(url, 600.0, max_retries=0, max_connections=requests) as client:
+    async with AsyncDiffusionXClient(url, 600.0, max_retries=0) as client:
         preview = await client.preview("a red circle on the left, blue background", seed=1)
         image = preview.image_base64
         for i in range(warmup):  # the cloud tier measures its step time (admission control needs it)
             await client.refine(
                 "a red circle", image=image, seed=i, strength=strength, num_inference_steps=steps
             )
+    bodies = [
+        json.dumps(
+            {
+                "prompt": "a red circle",
+                "image": image,
+                "seed": i,
+                "strength": strength,
+                "num_inference_steps": steps,
+            }
+        ).encode()
+        for i in range(requests)
+    ]
+    # The burst goes out through aiohttp, not the project's httpx client: with hundreds of connections
+    # httpx's pool costs O(connections) per request (profiled: the client process was the bottleneck of
+    # the burst, and the median 503 measured the client, not the server's decision).
+    connector = aiohttp.TCPConnector(limit=requests)
+    timeout = aiohttp.ClientTimeout(total=600.0)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as session:
 
-        async def one(i: int) -> tuple[str, float, bool]:
+        async def one(body: bytes) -> tuple[str, float, bool, str]:
             started = time.perf_counter()
             try:
-                await client.refine(
-                    "a red circle", image=image, seed=i, strength=strength, num_inference_steps=steps
-                )
-                return "ok", time.perf_counter() - started, True
-            except Overloaded as error:
-                return "503", time.perf_counter() - started, error.retry_after_s is not None
-            except DiffusionXError as error:
-                return type(error).__name__, time.perf_counter() - started, False
+                async with session.post(
+                    "/v1/refine", data=body, headers={"Content-Type": "application/json"}
+                ) as response:
+                    text = await response.text()
+                    seconds = time.perf_counter() - started
+                    if response.status == 200:
+                        return "ok", seconds, True, ""
+                    kind = "503" if response.status == 503 else f"HTTP {response.status}"
+                    return kind, seconds, "Retry-After" in response.headers, text
+            except aiohttp.ClientError as error:
+                return type(error).__name__, time.perf_counter() - started, False, str(error)
 
         started = time.perf_counter()
-        outcomes = await asyncio.gather(*(one(i) for i in range(requests)))
+        outcomes = await asyncio.gather(*(one(body) for body in bodies))
         wall_s = time.perf_counter() - started
-    admitted = [s for kind, s, _ in outcomes if kind == "ok"]
-    shed = [s for kind, s, _ in outcomes if kind == "503"]
-    other = [kind for kind, _, _ in outcomes if kind not in ("ok", "503")]
+    admitted = [s for kind, s, _, _ in outcomes if kind == "ok"]
+    shed = [s for kind, s, _, _ in outcomes if kind == "503"]
+    other = [kind for kind, _, _, _ in outcomes if kind not in ("ok", "503")]
+    # who refused: admission control at the door, or a tier's own bounded queue (Serve's backpressure)
+    by_source: dict[str, list[float]] = {}
+    for kind, seconds, _, message in outcomes:
+        if kind == "503":
+            source = "admission" if ADMISSION_MESSAGE in message else "tier_queue"
+            by_source.setdefault(source, []).append(seconds)
     median_admitted = statistics.median(admitted) if admitted else None
     median_shed = statistics.median(shed) if shed else None
     return {
@@ -60,7 +90,11 @@ async def burst(url: str, requests: int, steps: int, strength: float, warmup: in
         "ratio_503_to_admitted": (
             None if not (median_admitted and median_shed) else round(median_shed / median_admitted, 4)
         ),
-        "all_503_have_retry_after": all(ok for kind, _, ok in outcomes if kind == "503"),
+        "shed_by_source": {
+            source: {"count": len(times), "median_s": round(statistics.median(times), 4)}
+            for source, times in sorted(by_source.items())
+        },
+        "all_503_have_retry_after": all(ok for kind, _, ok, _ in outcomes if kind == "503"),
         "wall_s": round(wall_s, 1),
         "refine_steps": steps,
         "strength": strength,

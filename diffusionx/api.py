@@ -187,6 +187,9 @@ class TierStats(BaseModel):
     replicas: int
     recent_batch_sizes: list[int]
     seconds_per_step: float | None
+    step_time_s: list[float] | None = Field(
+        None, description="Mean over replicas of (t0, t1) of the batched step time t(b) = t0 + t1 * b"
+    )
     requests_served: int
     per_replica: list[dict[str, Any]] = Field(
         default_factory=list,

@@ -193,3 +193,16 @@ def test_admission_counts_its_own_admitted_work_while_reports_lag_a_burst():
     assert decisions[0] is not None and decisions[0].retry_after_s == 1
     assert admission.own_steps == {"cloud": 0}  # released: the counters never grow
     assert admission.decide({"cloud": 8}) is None
+
+
+def test_admission_drains_at_the_fitted_step_time_of_a_full_batch():
+    clock = FakeClock()
+    admission = AdmissionControl({"cloud": 8}, max_wait_s=2.0, clock=clock)
+    # measured on lone requests: 0.02 s a step; the fit says a batch of 8 takes 0.02 + 0.01 * 8 = 0.1 s
+    view = {"queued_steps": 200, "replicas": 1, "seconds_per_step": 0.02, "step_time_s": [0.02, 0.01]}
+    admission.update({"cloud": view})
+    assert admission.wait_s("cloud") == pytest.approx(200 * 0.1 / 8)  # 2.5 s, not 0.5 s
+    refusal = admission.decide({"cloud": 10})
+    assert refusal is not None and refusal.retry_after_s == 1
+    admission.update({"cloud": {**view, "step_time_s": None}})  # no fit: the mean step time
+    assert admission.wait_s("cloud") == pytest.approx(200 * 0.02 / 8)

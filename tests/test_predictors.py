@@ -82,6 +82,7 @@ def test_label_train_eval_end_to_end_on_tiny_random_sessions(tmp_path, capsys):
     first = records[0]
     assert first["refine"]["label"] in REFINE_GRID and len(first["edits"]) == 1
     assert [t["strength"] for t in first["edits"][0]["trials"]] == list(EDIT_GRID)
+    assert first["settings"]["carry"] == "predicted" and first["edits"][0]["carried"] in EDIT_GRID
     trials = first["refine"]["trials"]
     assert [t["strength"] for t in trials] == list(REFINE_GRID[: len(trials)])  # ascending until reached
     assert all(t["cloud_calls"] == int(4 * t["strength"]) for t in trials)  # tiny-random: N = 4
@@ -90,6 +91,11 @@ def test_label_train_eval_end_to_end_on_tiny_random_sessions(tmp_path, capsys):
     assert [r["session"] for r in label.read_records(data)] == [0, 1, 2, 3]
     with pytest.raises(SystemExit):
         label.main(["--sessions", "4", "--rounds", "3", "--out", str(data), *models])
+    assert "labels made with" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # labels carried another way are not mixed into the same file
+        label.main(
+            ["--sessions", "4", "--rounds", "2", "--carry", "smallest-ok", "--out", str(data), *models]
+        )
     assert "labels made with" in capsys.readouterr().err
 
     weights = tmp_path / "weights"
@@ -143,3 +149,8 @@ def test_edit_without_strength_uses_the_edit_predictor(picture):
     tiers = local_tiers(None, edge, predict_edit=load_predictor("shapes-edit"))
     result = asyncio.run(modes.edit_predicted(tiers, EDITED, picture, PROMPT, seed=3))
     assert result.strength in EDIT_GRID and "predict" in result.timings_ms
+
+
+def test_the_carried_edit_is_the_predictors_pick_on_the_grid_else_the_label():
+    assert label._carried(0.5, None) == 0.5  # --carry smallest-ok
+    assert label._carried(0.5, 1.0) == 1.0 and label._carried(0.25, 0.7) == 0.75

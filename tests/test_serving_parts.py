@@ -44,7 +44,9 @@ def test_tier_monitor_tracks_queue_batches_and_step_time():
     snap = snapshot_dict(monitor.snapshot())
     assert snap["queued_steps"] == 20 and snap["recent_batch_sizes"] == [2]
     assert snap["seconds_per_step"] == pytest.approx(0.1) and snap["requests_served"] == 2
-    merged = merge_snapshots([snap, {**snap, "seconds_per_step": 0.3, "recent_batch_sizes": [5]}])
+    other = {**snap, "seconds_per_step": 0.3, "recent_batch_sizes": [5], "step_time_s": [0.1, 0.3]}
+    merged = merge_snapshots([{**snap, "step_time_s": [0.1, 0.1]}, other])
+    assert merged["step_time_s"] == pytest.approx([0.1, 0.2])  # the mean fit
     assert merged["replicas"] == 2 and merged["queued_steps"] == 40
     assert merged["recent_batch_sizes"] == [2, 5] and merged["seconds_per_step"] == pytest.approx(0.2)
 

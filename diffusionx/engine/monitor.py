@@ -98,8 +98,9 @@ class TierMonitor:
 
 
 def merge_snapshots(snapshots: list[dict]) -> dict:
-    """Tier view over its replicas: sums of work, all recent batch sizes, mean step time."""
+    """Tier view over its replicas: sums of work, all recent batch sizes, mean step time and fit."""
     step_times = [s["seconds_per_step"] for s in snapshots if s.get("seconds_per_step") is not None]
+    fits = [s["step_time_s"] for s in snapshots if s.get("step_time_s")]
     return {
         "queued": sum(s["queued"] for s in snapshots),
         "in_flight": sum(s["in_flight"] for s in snapshots),
@@ -107,6 +108,8 @@ def merge_snapshots(snapshots: list[dict]) -> dict:
         "replicas": len(snapshots),
         "recent_batch_sizes": [size for s in snapshots for size in s["recent_batch_sizes"]],
         "seconds_per_step": (sum(step_times) / len(step_times)) if step_times else None,
+        # mean (t0, t1) of the replicas' fitted t(b) = t0 + t1 * b (admission control reads t(max batch))
+        "step_time_s": [sum(fit[i] for fit in fits) / len(fits) for i in (0, 1)] if fits else None,
         "requests_served": sum(s["requests_served"] for s in snapshots),
         "per_replica": snapshots,  # the router's service model needs each replica's own load
     }

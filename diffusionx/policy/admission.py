@@ -1,12 +1,17 @@
 """Admission control: refuse work at the door, at once, when it could not start within a bound.
 
 The ingress knows each tier's queue from two sources: the tier view that the replicas report to the shared
-state (`queued_steps` of all replicas, `replicas`, measured `seconds_per_step`; refreshed in the
-background, a view older than `view_max_age_s` is not trusted), and the work this ingress itself admitted
-and has not seen finish (it counts up at once, while reports lag a burst). The work ahead of a new request
-is the larger of the two, and it drains at about one batch of `max_batch_size` request-steps per step:
+state (`queued_steps` of all replicas, `replicas`, the step time; refreshed in the background, a view
+older than `view_max_age_s` is not trusted), and the work this ingress itself admitted and has not seen
+finish (it counts up at once, while reports lag a burst). The work ahead of a new request is the larger of
+the two, and under a queue it drains one full batch of `B = max_batch_size` request-steps per batched step:
 
-    wait_s = max(reported_queued_steps, own_queued_steps) * seconds_per_step / (replicas * max_batch_size)
+    wait_s = max(reported_queued_steps, own_queued_steps) * t(B) / (replicas * B)
+
+`t(B)` is the replicas' fitted time of a batched step at batch B (`step_time_s`, seeded by each replica's
+start-up warm-up), else their mean measured `seconds_per_step`. The fit matters: a step at batch 8 takes
+several times one at batch 1, and a view measured on lone requests would admit that many times too much
+work, which then bounced late off the tier's own bounded queue instead of being refused here.
 
 A request that needs a tier whose wait exceeds `max_wait_s` is refused with Retry-After = the time until
 that wait is back under the bound (at least 1 s). Before a tier has measured its step time nothing is
@@ -58,7 +63,7 @@ class AdmissionControl:
         self.refused = 0
 
     def update(self, tiers: Mapping[str, dict]) -> None:
-        """A fresh tier view (`/v1/stats`' `tiers`: queued_steps, replicas, seconds_per_step per tier)."""
+        """A fresh tier view (`/v1/stats` `tiers`: queued_steps, replicas, step_time_s, seconds_per_step)."""
         self._view = {tier: dict(view) for tier, view in tiers.items()}
         self._view_at = self.clock()
 
@@ -66,12 +71,13 @@ class AdmissionControl:
         """Expected seconds before new work on `tier` starts."""
         fresh = self.clock() - self._view_at <= self.view_max_age_s
         view = self._view.get(tier, {}) if fresh else {}
-        seconds_per_step = view.get("seconds_per_step")
-        if not seconds_per_step:
+        batch = self.max_batch_sizes.get(tier, 1)
+        fit = view.get("step_time_s")
+        seconds_per_step = fit[0] + fit[1] * batch if fit else view.get("seconds_per_step")
+        if not seconds_per_step or seconds_per_step <= 0:
             return 0.0
         queued = max(int(view.get("queued_steps", 0)), self.own_steps.get(tier, 0))
-        capacity = max(1, int(view.get("replicas", 1))) * self.max_batch_sizes.get(tier, 1)
-        return queued * seconds_per_step / capacity
+        return queued * seconds_per_step / (max(1, int(view.get("replicas", 1))) * batch)
 
     def decide(self, needs: Mapping[str, int]) -> Refusal | None:
         """None to admit a request that needs `needs` (tier -> its request-steps), else why not."""

@@ -4,8 +4,12 @@ Algorithm, per shapes session (`shapes.data.make_session_steps`: evolving prompt
 through the served workflows on in-process tiers (`workflows.local`), image seed = `--image-seed` + index:
 1. round 0: an edge preview of the first prompt;
 2. every later round: edit the previous image toward the new prompt at every strength of `EDIT_GRID`,
-   judge each edit (`targets.edit_ok`), label the round with the smallest ok strength, and carry that
-   edit on as the session's image (the best cheap edit, as a good edit predictor would pick);
+   judge each edit (`targets.edit_ok`), label the round with the smallest ok strength, and carry one edit
+   on as the session's image: with `--carry predicted` (the default) the one the shipped edit predictor
+   picks, as the server would show it; with `--carry smallest-ok` the label's (the best cheap edit).
+   The carry decides which previews the refine labels see. `smallest-ok` carries only edits that went
+   right, so the refine predictor never saw the wrong previews that served sessions end on when an edit
+   misses (about one edit in six), and learned to refine them at 0.05-0.1, which keeps them wrong;
 3. finalize: a full cloud generation of the final prompt and seed sets the session's quality bar; refine
    the final preview at ascending `REFINE_GRID` strengths until one reaches it (`targets.refine_reached`;
    the strengths above the first that does are not run: the label needs only the smallest).
@@ -24,7 +28,7 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +44,7 @@ from diffusionx.experiments.predictor.targets import (
     refine_reached,
     smallest,
 )
+from diffusionx.policy.learned import load_predictor
 from diffusionx.requests import Img2ImgRequest, PreviewRequest
 from diffusionx.shapes.data import SessionStep, make_session_steps
 from diffusionx.shapes.judge import score
@@ -60,8 +65,26 @@ def _scores(image: Image.Image, prompt: str) -> dict[str, float]:
     return {key: round(value, 6) for key, value in score(image, prompt).items()}
 
 
-async def label_session(tiers: Tiers, index: int, steps: Sequence[SessionStep], seed: int) -> dict[str, Any]:
-    """Labels one session (see the module docstring); returns its dataset record."""
+CARRY_CHOICES = ("predicted", "smallest-ok")
+EditStrength = Callable[[str, Image.Image, str | None], float]
+
+
+def _carried(grid_label: float, predicted: float | None) -> float:
+    """The grid strength whose edit carries on: the predictor's pick (snapped to the grid), else the label."""
+    if predicted is None:
+        return grid_label
+    return min(EDIT_GRID, key=lambda s: abs(s - predicted))
+
+
+async def label_session(
+    tiers: Tiers,
+    index: int,
+    steps: Sequence[SessionStep],
+    seed: int,
+    carry: EditStrength | None = None,
+) -> dict[str, Any]:
+    """Labels one session (see the module docstring); returns its dataset record. `carry` picks the edit
+    that carries on (None: the smallest ok one)."""
     # 1. round 0: edge preview
     image = (await modes.preview(tiers, PreviewRequest(steps[0].prompt, seed))).image
     previous_prompt = steps[0].prompt
@@ -78,6 +101,8 @@ async def label_session(tiers: Tiers, index: int, steps: Sequence[SessionStep], 
             ok = edit_ok(scores, previous_scores, step.change or "")
             trials.append({"strength": strength, "edge_calls": result.unet_calls.edge, "ok": ok, **scores})
         label, reached = smallest(EDIT_GRID, [t["ok"] for t in trials])
+        predicted = None if carry is None else carry(step.prompt, image, previous_prompt)
+        carried = _carried(label, predicted)
         edits.append(
             {
                 "round": number,
@@ -88,9 +113,10 @@ async def label_session(tiers: Tiers, index: int, steps: Sequence[SessionStep], 
                 "trials": trials,
                 "label": label,
                 "reached": reached,
+                "carried": carried,
             }
         )
-        image, previous_prompt = results[EDIT_GRID.index(label)].image, step.prompt
+        image, previous_prompt = results[EDIT_GRID.index(carried)].image, step.prompt
     # 3. finalize: the cloud's full generation sets the bar; ascending strengths until one reaches it
     prompt = steps[-1].prompt
     cloud = (await modes.generate(tiers, "cloud", PreviewRequest(prompt, seed))).result
@@ -147,10 +173,12 @@ def label_sessions(
     session_seed: int = LABEL_SESSION_SEED,
     image_seed: int = LABEL_IMAGE_SEED,
     concurrency: int = 32,
+    carry: EditStrength | None = None,
     settings: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Labels sessions 0..n_sessions-1 that `out` does not hold yet, appending each chunk; returns all."""
+    """Labels sessions 0..n_sessions-1 that `out` does not hold yet, appending each chunk; returns all.
+    `carry` picks each round's carried edit (None: the smallest ok one); name it in `settings`."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {"rounds": rounds, "session_seed": session_seed, "image_seed": image_seed, **(settings or {})}
@@ -181,7 +209,7 @@ def label_sessions(
             async def run(chunk: list[int] = chunk) -> list[dict[str, Any]]:
                 return list(
                     await asyncio.gather(
-                        *(label_session(tiers, i, sessions[i], image_seed + i) for i in chunk)
+                        *(label_session(tiers, i, sessions[i], image_seed + i, carry) for i in chunk)
                     )
                 )
 
@@ -218,6 +246,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out", default=DEFAULT_OUT, help=f"dataset file, JSON lines (default {DEFAULT_OUT})"
     )
+    parser.add_argument(
+        "--carry",
+        choices=CARRY_CHOICES,
+        default="predicted",
+        help="which edit carries on to the next round: the shipped edit predictor's pick, as served "
+        "(default), or the smallest ok one",
+    )
+    parser.add_argument(
+        "--edit-predictor",
+        default="shapes-edit",
+        help="with --carry predicted: the edit predictor (a shipped name or a path; default shapes-edit)",
+    )
     add_session_options(parser)
     return parser
 
@@ -246,6 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     cloud, edge = load_pair("diffusionx", args.cloud, args.edge, args.device)
     tiers = local_tiers(cloud, edge, max_batch_size=64)
+    carry = load_predictor(args.edit_predictor) if args.carry == "predicted" else None
+    carried = {"carry": args.carry} | ({"edit_predictor": args.edit_predictor} if carry else {})
     try:
         records = label_sessions(
             tiers,
@@ -253,7 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.sessions,
             args.rounds,
             concurrency=args.concurrency,
-            settings={"cloud": args.cloud, "edge": args.edge},
+            carry=carry,
+            settings={"cloud": args.cloud, "edge": args.edge, **carried},
             progress=not args.no_progress,
         )
     except ValueError as error:  # the file holds labels made with other settings
