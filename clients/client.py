@@ -474,9 +474,7 @@ class _SessionBase:
             kwargs.update(strength=edit_strength, previous_prompt=self.last.prompt)
         return kwargs
 
-    def _record(
-        self, prompt: str, edit: bool, predicted: bool, result: PreviewResult, resent: bool
-    ) -> Round:
+    def _record(self, prompt: str, edit: bool, predicted: bool, result: PreviewResult, resent: bool) -> Round:
         strength = result.strength if edit else None
         round_ = Round(len(self.rounds), prompt, strength, result, resent, edit and predicted)
         self.rounds.append(round_)
