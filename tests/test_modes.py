@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 from PIL import Image
 
+from diffusionx.policy.router import CloudLoad
+from diffusionx.policy.service_model import ReplicaLoad
 from diffusionx.requests import GenerationResult, InvalidRequestError, PreviewRequest, UnetCalls
 from diffusionx.sampling.collaborative import CollaborationParams, expected_unet_calls
 from diffusionx.sampling.generation import text_to_image
@@ -168,3 +172,27 @@ def test_tier_info_is_fetched_once_and_the_plan_goes_to_the_edge_unresolved():
     asyncio.run(run())
     assert fake.calls.count("info") == 1
     assert fake.calls.count("finish(coroutine)") == 3 and fake.calls.count("plan") == 3
+
+
+def test_an_edge_fallback_refines_on_the_edges_own_schedule(tiny_cloud, tiny_edge):
+    """A finalize the cloud cannot serve in time falls back to the edge with the edge's edit steps, not
+    the cloud's (the response reports the steps that ran)."""
+    busy = ReplicaLoad(pool=((1, 1000),), queued_steps=(), max_batch_size=1, step_time_s=(0.05, 0.0))
+
+    async def loaded() -> CloudLoad:
+        return CloudLoad((busy,))
+
+    tiers = local_tiers(tiny_cloud, tiny_edge)
+    tiers.cloud_load = loaded
+    image = Image.new("RGB", (32, 32), (200, 30, 30))
+
+    async def run() -> modes.Finalized:
+        return await modes.finalize(
+            tiers, "a cat", image, strength=1.0, num_inference_steps=12, latency_target_ms=100
+        )
+
+    final = asyncio.run(run())
+    edge_steps = tiny_edge.spec.default_steps
+    assert final.decision.route == "edge-fallback" and edge_steps != 12
+    assert final.decision.num_inference_steps == edge_steps
+    assert final.result.unet_calls.edge == edge_steps and final.result.unet_calls.cloud == 0
