@@ -338,7 +338,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="a running server (default: start the local app; no ordering run)")
     parser.add_argument("--config", help="serve config for the local app (default: the embedded CPU app)")
     parser.add_argument("--port", type=int, default=8000, help="port of the local app (default 8000)")
-    parser.add_argument("--sessions", type=int, help="sessions per mode (default 12, quick 4)")
+    parser.add_argument("--sessions", type=int, help="sessions per mode (default 24, quick 4)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per session (default 3)")
     parser.add_argument("--think-s", type=float, default=1.0, help="mean think time (not counted)")
     parser.add_argument("--session-rate", type=float, default=0.5, help="session arrivals per second")
@@ -361,7 +361,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    args.sessions = args.sessions or (4 if args.quick else 12)
+    args.sessions = args.sessions or (4 if args.quick else 24)
     args.load_s = args.load_s or (20.0 if args.quick else 60.0)
     started = time.perf_counter()
     if args.url:

@@ -22,6 +22,19 @@ REPO_DIR = Path(__file__).resolve().parents[1]
 # Ray exports its metrics, the application's diffusionx_* ones among them, in Prometheus format on this
 # local port: http://127.0.0.1:9464/metrics (9464: the usual port of a Prometheus exporter)
 METRICS_PORT = 9464
+# Ray Serve's low-overhead request path for every Serve process the local Ray starts, the HTTP proxy
+# included (the serve configs' runtime_env reaches only the replicas): the proxy's router runs on its own
+# event loop instead of a thread hop away, user code runs on the replica's loop, and the proxy and handles
+# talk gRPC instead of Ray actor calls. These are what RAY_SERVE_THROUGHPUT_OPTIMIZED sets, without its
+# direct ingress (replicas on their own ports instead of :8000). Measured on the preview bench (2 runs
+# each, alternating): serving overhead at one client 24% -> 19% of end-to-end, throughput at 16 clients
+# +35%. A variable already set in the environment wins.
+LOW_OVERHEAD_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    "RAY_SERVE_PROXY_USE_GRPC": "1",
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+}
 
 
 def shipped_config(name: str) -> Path:
@@ -100,6 +113,8 @@ def start_local_app(
     config = load_config(config_path, overrides, port, deployment_options)
     prepare_models(config.applications[0].args)
     if not ray.is_initialized():
+        for name, value in LOW_OVERHEAD_ENV.items():  # inherited by the raylet and every worker it starts
+            os.environ.setdefault(name, value)
         env = {k: v for k, v in os.environ.items() if k.startswith(("HF_", "DIFFUSIONX_", "OMP_"))}
         sigterm = signal.getsignal(signal.SIGTERM)
         ray.init(

@@ -60,3 +60,13 @@ def test_each_tier_has_a_gpu_group_with_its_tier_resource(manifest, serve_config
     assert group["maxReplicas"] * per_pod >= deployment.autoscaling_config["max_replicas"]
     other = next(r for g, (_, r) in TIERS.items() if g != group_name)
     assert other not in options["resources"]
+
+
+def test_every_pod_runs_serve_with_the_low_overhead_env_of_the_local_app(manifest):
+    from deployments.local import LOW_OVERHEAD_ENV
+
+    cluster = manifest["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for pod in pods:
+        [container] = pod["template"]["spec"]["containers"]
+        assert {e["name"]: e["value"] for e in container["env"]} == LOW_OVERHEAD_ENV
