@@ -27,6 +27,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         batch_wait_timeout_s=config.edge_batch_wait_timeout_s,
         torch_threads=config.torch_threads,
         edit_steps=config.edit_steps,
+        nice=config.model_nice,
     )
     cloud = CloudRefiner.bind(
         config.cloud_model,
@@ -35,6 +36,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         max_batch_size=config.cloud_max_batch_size,
         batch_wait_timeout_s=config.cloud_batch_wait_timeout_s,
         torch_threads=config.torch_threads,
+        nice=config.model_nice,
         step_batching=config.cloud_step_batching,
         step_order=config.cloud_step_order,
     )

@@ -12,7 +12,7 @@ from typing import Any
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from deployments.tier import ServedTier, set_torch_threads
+from deployments.tier import ServedTier, lower_cpu_priority, set_torch_threads
 from diffusionx.engine.tiers import CloudModel
 from diffusionx.models.loading import load_model
 from diffusionx.requests import GenerationResult, Img2ImgRequest, PreviewRequest
@@ -43,8 +43,10 @@ class CloudRefiner(ServedTier):
         torch_threads: int | None = None,
         step_batching: bool = True,
         step_order: str = "sjf",
+        nice: int = 0,
     ) -> None:
         set_torch_threads(torch_threads)
+        lower_cpu_priority(nice)
         engine = CloudModel(
             load_model(model, device=device), max_batch_size, step_batching, step_order=step_order
         )

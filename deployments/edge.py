@@ -8,7 +8,7 @@ from typing import Any
 
 from ray import serve
 
-from deployments.tier import ServedTier, set_torch_threads
+from deployments.tier import ServedTier, lower_cpu_priority, set_torch_threads
 from diffusionx.engine.tiers import EdgeModel
 from diffusionx.models.loading import load_model
 from diffusionx.requests import GenerationResult, Img2ImgRequest, PreviewRequest
@@ -33,8 +33,10 @@ class EdgePreviewer(ServedTier):
         batch_wait_timeout_s: float = 0.0,
         torch_threads: int | None = None,
         edit_steps: int | None = None,
+        nice: int = 0,
     ) -> None:
         set_torch_threads(torch_threads)
+        lower_cpu_priority(nice)
         engine = EdgeModel(load_model(model, device=device), max_batch_size, edit_steps)
         self._serve(engine, state, max_batch_size, batch_wait_timeout_s)
 

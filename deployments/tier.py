@@ -13,6 +13,7 @@ Prometheus metrics (`deployments.metrics.TierMetrics`) follow the model loop.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
@@ -102,3 +103,11 @@ class ServedTier:
 def set_torch_threads(torch_threads: int | None) -> None:
     if torch_threads:
         torch.set_num_threads(torch_threads)
+
+
+def lower_cpu_priority(nice: int) -> None:
+    """Raises this replica process's niceness by `nice` (0: unchanged). On CPU serving the model's compute
+    otherwise takes the cores from the HTTP path as much as from anything else, and under overload the
+    503s that should arrive at once queue behind UNet steps."""
+    if nice > 0:
+        os.nice(nice)

@@ -26,6 +26,14 @@ class AppArgs(BaseModel):
     torch_threads: int | None = Field(
         None, ge=1, le=256, description="torch.set_num_threads per CPU replica."
     )
+    model_nice: int = Field(
+        0,
+        ge=0,
+        le=19,
+        description="CPU serving: OS niceness of the edge and cloud replicas' processes. Model work then "
+        "yields the CPU to the request path (proxy, ingress), so refusals and small answers stay fast "
+        "under overload. 0 leaves the priority alone (GPU serving needs nothing here).",
+    )
     edge_max_batch_size: int = Field(8, ge=1, le=256, description="@serve.batch max_batch_size, edge tier.")
     edge_batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=10.0, description=_WAIT)
     cloud_max_batch_size: int = Field(4, ge=1, le=256, description="@serve.batch max_batch_size, cloud tier.")
