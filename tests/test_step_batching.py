@@ -277,7 +277,9 @@ def test_fewer_unet_invocations_than_bucketed_refine(tiny_cloud, unet_forwards):
     assert (bucketed_calls, len(unet_forwards)) == (3 + 8 + 5 + 10, 10)
     assert [r.unet_calls for r in stepped] == [r.unet_calls for r in bucketed]  # same cost per request
     for a, b in zip(bucketed, stepped, strict=True):
-        assert np.array_equal(pixels(a.image), pixels(b.image))
+        # the same image; the UNet runs at other batch shapes here, and CPU kernels may sum in another
+        # order (seen once in ~20 runs: one channel of one pixel off by one level), so allow one level
+        assert np.abs(pixels(a.image) - pixels(b.image)).max() <= 1
 
 
 def test_a_failing_unet_step_fails_only_the_samples_in_that_step(tiny_cloud, monkeypatch):
