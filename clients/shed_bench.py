@@ -19,8 +19,7 @@ from typing import Any
 import aiohttp
 
 from clients.client import AsyncDiffusionXClient
-
-ADMISSION_MESSAGE = "before new work starts"  # in every refusal of diffusionx.policy.admission
+from diffusionx.policy.admission import REFUSAL_MARK
 
 
 async def burst(url: str, requests: int, steps: int, strength: float, warmup: int) -> dict[str, Any]:
@@ -75,7 +74,7 @@ async def burst(url: str, requests: int, steps: int, strength: float, warmup: in
     by_source: dict[str, list[float]] = {}
     for kind, seconds, _, message in outcomes:
         if kind == "503":
-            source = "admission" if ADMISSION_MESSAGE in message else "tier_queue"
+            source = "admission" if REFUSAL_MARK in message else "tier_queue"
             by_source.setdefault(source, []).append(seconds)
     median_admitted = statistics.median(admitted) if admitted else None
     median_shed = statistics.median(shed) if shed else None

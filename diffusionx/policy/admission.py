@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+REFUSAL_MARK = "before new work starts"  # in every refusal's message (clients.shed_bench counts them by it)
+
 
 @dataclass(frozen=True)
 class Refusal:
@@ -37,7 +39,7 @@ class Refusal:
     @property
     def message(self) -> str:
         return (
-            f"overloaded: the {self.tier} tier's queue needs ~{self.wait_s:.1f} s before new work starts; "
+            f"overloaded: the {self.tier} tier's queue needs ~{self.wait_s:.1f} s {REFUSAL_MARK}; "
             f"retry in {self.retry_after_s} s"
         )
 
