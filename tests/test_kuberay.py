@@ -63,10 +63,10 @@ def test_each_tier_has_a_gpu_group_with_its_tier_resource(manifest, serve_config
 
 
 def test_every_pod_runs_serve_with_the_low_overhead_env_of_the_local_app(manifest):
-    from deployments.local import LOW_OVERHEAD_ENV
+    from deployments.local import SERVE_FAST_PATH_ENV
 
     cluster = manifest["spec"]["rayClusterConfig"]
     pods = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
     for pod in pods:
         [container] = pod["template"]["spec"]["containers"]
-        assert {e["name"]: e["value"] for e in container["env"]} == LOW_OVERHEAD_ENV
+        assert {e["name"]: e["value"] for e in container["env"]} == SERVE_FAST_PATH_ENV
