@@ -1,7 +1,8 @@
 """`python -m clients.shed_bench`: how fast overload is refused. Sends `--requests` refinements at once
-(default 400, as in issue 9) and reports the median latency of the 503 answers against the median latency
-of the admitted ones (the target: the 503s arrive in under a tenth of the admitted latency), the load
-factor (requests sent / admitted) and whether every 503 carried Retry-After.
+(default 400, as in issue 9), `--bursts` times (default 3), and reports for each burst the median latency
+of the 503 answers against the median latency of the admitted ones (the target: the 503s arrive in under
+a tenth of the admitted latency), the load factor (requests sent / admitted), who refused (admission
+control or a tier's bounded queue) and whether every 503 carried Retry-After.
 
 Targets `--url`, or starts the local application (default: the embedded CPU config) and stops it after.
 The burst is not retried: the server's own decision is measured.
@@ -22,14 +23,76 @@ from clients.client import AsyncDiffusionXClient
 from diffusionx.policy.admission import REFUSAL_MARK
 
 
-async def burst(url: str, requests: int, steps: int, strength: float, warmup: int) -> dict[str, Any]:
+async def warm_up(client: AsyncDiffusionXClient, steps: int, strength: float, warmup: int) -> str:
+    """A preview to refine, then `warmup` refinements: the cloud tier measures its step time (admission
+    control needs it). Returns the preview's base64 PNG."""
+    preview = await client.preview("a red circle on the left, blue background", seed=1)
+    for i in range(warmup):
+        await client.refine(
+            "a red circle", image=preview.image_base64, seed=i, strength=strength, num_inference_steps=steps
+        )
+    return preview.image_base64
+
+
+async def burst(session: aiohttp.ClientSession, bodies: list[bytes]) -> dict[str, Any]:
+    """Sends every body at once; the counts, medians and sources of one burst."""
+
+    async def one(body: bytes) -> tuple[str, float, bool, str]:
+        started = time.perf_counter()
+        try:
+            async with session.post(
+                "/v1/refine", data=body, headers={"Content-Type": "application/json"}
+            ) as response:
+                text = await response.text()
+                seconds = time.perf_counter() - started
+                if response.status == 200:
+                    return "ok", seconds, True, ""
+                kind = "503" if response.status == 503 else f"HTTP {response.status}"
+                return kind, seconds, "Retry-After" in response.headers, text
+        except aiohttp.ClientError as error:
+            return type(error).__name__, time.perf_counter() - started, False, str(error)
+
+    started = time.perf_counter()
+    outcomes = await asyncio.gather(*(one(body) for body in bodies))
+    wall_s = time.perf_counter() - started
+    admitted = [s for kind, s, _, _ in outcomes if kind == "ok"]
+    shed = [s for kind, s, _, _ in outcomes if kind == "503"]
+    other = [kind for kind, _, _, _ in outcomes if kind not in ("ok", "503")]
+    # who refused: admission control at the door, or a tier's own bounded queue (Serve's backpressure)
+    by_source: dict[str, list[float]] = {}
+    for kind, seconds, _, message in outcomes:
+        if kind == "503":
+            source = "admission" if REFUSAL_MARK in message else "tier_queue"
+            by_source.setdefault(source, []).append(seconds)
+    median_admitted = statistics.median(admitted) if admitted else None
+    median_shed = statistics.median(shed) if shed else None
+    return {
+        "admitted": len(admitted),
+        "shed_503": len(shed),
+        "other_errors": len(other),
+        "load_factor": round(len(bodies) / max(1, len(admitted)), 1),
+        "median_admitted_s": None if median_admitted is None else round(median_admitted, 3),
+        "median_503_s": None if median_shed is None else round(median_shed, 4),
+        "ratio_503_to_admitted": (
+            None if not (median_admitted and median_shed) else round(median_shed / median_admitted, 4)
+        ),
+        "shed_by_source": {
+            source: {"count": len(times), "median_s": round(statistics.median(times), 4)}
+            for source, times in sorted(by_source.items())
+        },
+        "all_503_have_retry_after": all(ok for kind, _, ok, _ in outcomes if kind == "503"),
+        "wall_s": round(wall_s, 1),
+    }
+
+
+async def run(
+    url: str, requests: int, steps: int, strength: float, warmup: int, bursts: int, pause_s: float
+) -> dict[str, Any]:
+    """`bursts` bursts of `requests` refinements, `pause_s` apart (each starts after the last one's
+    admitted work is done). The first burst on a freshly started server also pays for the connections
+    HAProxy opens to the ingress replica (it keeps them open for the next ones), so it is reported apart."""
     async with AsyncDiffusionXClient(url, 600.0, max_retries=0) as client:
-        preview = await client.preview("a red circle on the left, blue background", seed=1)
-        image = preview.image_base64
-        for i in range(warmup):  # the cloud tier measures its step time (admission control needs it)
-            await client.refine(
-                "a red circle", image=image, seed=i, strength=strength, num_inference_steps=steps
-            )
+        image = await warm_up(client, steps, strength, warmup)
     bodies = [
         json.dumps(
             {
@@ -45,58 +108,23 @@ async def burst(url: str, requests: int, steps: int, strength: float, warmup: in
     # The burst goes out through aiohttp, not the project's httpx client: with hundreds of connections
     # httpx's pool costs O(connections) per request (profiled: the client process was the bottleneck of
     # the burst, and the median 503 measured the client, not the server's decision).
-    connector = aiohttp.TCPConnector(limit=requests)
+    results = []
+    connector = aiohttp.TCPConnector(limit=requests, force_close=True)  # every burst: new connections
     timeout = aiohttp.ClientTimeout(total=600.0)
     async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as session:
-
-        async def one(body: bytes) -> tuple[str, float, bool, str]:
-            started = time.perf_counter()
-            try:
-                async with session.post(
-                    "/v1/refine", data=body, headers={"Content-Type": "application/json"}
-                ) as response:
-                    text = await response.text()
-                    seconds = time.perf_counter() - started
-                    if response.status == 200:
-                        return "ok", seconds, True, ""
-                    kind = "503" if response.status == 503 else f"HTTP {response.status}"
-                    return kind, seconds, "Retry-After" in response.headers, text
-            except aiohttp.ClientError as error:
-                return type(error).__name__, time.perf_counter() - started, False, str(error)
-
-        started = time.perf_counter()
-        outcomes = await asyncio.gather(*(one(body) for body in bodies))
-        wall_s = time.perf_counter() - started
-    admitted = [s for kind, s, _, _ in outcomes if kind == "ok"]
-    shed = [s for kind, s, _, _ in outcomes if kind == "503"]
-    other = [kind for kind, _, _, _ in outcomes if kind not in ("ok", "503")]
-    # who refused: admission control at the door, or a tier's own bounded queue (Serve's backpressure)
-    by_source: dict[str, list[float]] = {}
-    for kind, seconds, _, message in outcomes:
-        if kind == "503":
-            source = "admission" if REFUSAL_MARK in message else "tier_queue"
-            by_source.setdefault(source, []).append(seconds)
-    median_admitted = statistics.median(admitted) if admitted else None
-    median_shed = statistics.median(shed) if shed else None
+        for index in range(bursts):
+            if index:
+                await asyncio.sleep(pause_s)  # the tiers' load reports catch up with the drained queue
+            results.append(await burst(session, bodies))
+    ratios = [r["ratio_503_to_admitted"] for r in results if r["ratio_503_to_admitted"] is not None]
     return {
         "requests": requests,
-        "admitted": len(admitted),
-        "shed_503": len(shed),
-        "other_errors": len(other),
-        "load_factor": round(requests / max(1, len(admitted)), 1),
-        "median_admitted_s": None if median_admitted is None else round(median_admitted, 3),
-        "median_503_s": None if median_shed is None else round(median_shed, 4),
-        "ratio_503_to_admitted": (
-            None if not (median_admitted and median_shed) else round(median_shed / median_admitted, 4)
-        ),
-        "shed_by_source": {
-            source: {"count": len(times), "median_s": round(statistics.median(times), 4)}
-            for source, times in sorted(by_source.items())
-        },
-        "all_503_have_retry_after": all(ok for kind, _, ok, _ in outcomes if kind == "503"),
-        "wall_s": round(wall_s, 1),
         "refine_steps": steps,
         "strength": strength,
+        "bursts": results,
+        "ratio_first_burst": results[0]["ratio_503_to_admitted"],
+        "ratio_median_over_bursts": round(statistics.median(ratios), 4) if ratios else None,
+        "all_503_have_retry_after": all(r["all_503_have_retry_after"] for r in results),
     }
 
 
@@ -111,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="refine schedule steps (default 20)")
     parser.add_argument("--strength", type=float, default=0.5)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--bursts", type=int, default=3, help="bursts, one after another (default 3)")
+    parser.add_argument("--pause", type=float, default=3.0, help="seconds between bursts (default 3)")
     parser.add_argument("--out", help="write the result as JSON here")
     args = parser.parse_args(argv)
     stop = None
@@ -120,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
 
         url, stop = start_local_app(args.config, port=args.port), stop_local_app
     try:
-        result = asyncio.run(burst(url, args.requests, args.steps, args.strength, args.warmup))
+        result = asyncio.run(
+            run(url, args.requests, args.steps, args.strength, args.warmup, args.bursts, args.pause)
+        )
     finally:
         if stop is not None:
             stop()

@@ -36,7 +36,13 @@ class ServedTier:
         self.tier = engine.tier
         self._state = state
         try:
-            self._replica_id = serve.get_replica_context().replica_id.unique_id
+            context = serve.get_replica_context()
+            self._replica_id = context.replica_id.unique_id
+            # the request bounds Serve enforces for this deployment, reported so that admission control
+            # refuses at the door before a caller's queue to this tier is full
+            deployment_config = context._deployment_config
+            engine.loop.monitor.max_ongoing_requests = deployment_config.max_ongoing_requests
+            engine.loop.monitor.max_queued_requests = deployment_config.max_queued_requests
         except Exception:  # outside a replica
             self._replica_id = f"{self.tier}-local"
         self._reporter = CoalescingReporter(self._send_report)

@@ -191,6 +191,11 @@ class TierStats(BaseModel):
         None, description="Mean over replicas of (t0, t1) of the batched step time t(b) = t0 + t1 * b"
     )
     requests_served: int
+    request_capacity: int | None = Field(
+        None,
+        description="Requests one caller may have at the tier before its bounded queue refuses more "
+        "(replicas x max_ongoing_requests + max_queued_requests); null: unbounded or not reported",
+    )
     per_replica: list[dict[str, Any]] = Field(
         default_factory=list,
         description="Each replica's load report: step batcher pool (key, remaining steps), max_batch_size, "

@@ -8,6 +8,7 @@ import hmac
 import io
 import struct
 import zlib
+from contextlib import ExitStack
 from typing import Any
 
 import httpx
@@ -16,6 +17,7 @@ from fastapi import FastAPI, Request
 from PIL import Image
 
 from diffusionx import guard as guard_module
+from diffusionx.engine.monitor import TierMonitor, merge_snapshots, snapshot_dict
 from diffusionx.guard import Guard, GuardConfig, check_json, load_api_keys, owner_of
 from diffusionx.imaging import claimed_png_size, decode_png
 from diffusionx.policy.admission import AdmissionControl
@@ -206,3 +208,30 @@ def test_admission_drains_at_the_fitted_step_time_of_a_full_batch():
     assert refusal is not None and refusal.retry_after_s == 1
     admission.update({"cloud": {**view, "step_time_s": None}})  # no fit: the mean step time
     assert admission.wait_s("cloud") == pytest.approx(200 * 0.02 / 8)
+
+
+def replica_snapshot(max_ongoing: int, max_queued: int) -> dict:
+    monitor = TierMonitor()
+    monitor.max_ongoing_requests, monitor.max_queued_requests = max_ongoing, max_queued
+    return snapshot_dict(monitor.snapshot())
+
+
+def test_admission_refuses_at_the_door_before_the_tiers_bounded_queue_is_full():
+    clock = FakeClock()
+    admission = AdmissionControl({"cloud": 8}, max_wait_s=10.0, clock=clock)
+    # 2 replicas x max_ongoing 4 + a caller queue of 2: the 11th request would get Serve's BackPressureError
+    view = merge_snapshots([replica_snapshot(4, 2), replica_snapshot(4, 2)])
+    assert view["request_capacity"] == 10
+    admission.update({"cloud": {**view, "seconds_per_step": 0.1}})
+    with ExitStack() as admitted:
+        for _ in range(10):  # 10 requests of 10 steps: 100 steps drain in 100 * 0.1 / (2 * 8) = 0.6 s
+            assert admission.decide({"cloud": 10}) is None
+            admitted.enter_context(admission.admit({"cloud": 10}))
+        refusal = admission.decide({"cloud": 10})
+        assert refusal is not None and refusal.tier == "cloud" and refusal.retry_after_s == 1
+    assert admission.decide({"cloud": 10}) is None  # the requests finished: room again
+    assert admission.own_requests == {"cloud": 0}
+    # an unbounded caller queue (-1), or a replica that does not say (outside Serve): no request bound
+    assert merge_snapshots([replica_snapshot(4, -1)])["request_capacity"] is None
+    assert merge_snapshots([snapshot_dict(TierMonitor().snapshot())])["request_capacity"] is None
+    assert admission.capacity("edge") is None

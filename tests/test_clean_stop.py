@@ -2,7 +2,7 @@
 
 The server runs in a subprocess with its own Ray temp dir (RAY_TMPDIR), so its processes (raylet, GCS,
 dashboard agent, runtime-env agent, workers) are told apart from any other Ray instance on the machine by
-that directory in their command lines."""
+that directory in their command lines; HAProxy (Serve's HTTP ingress) is given its config file there too."""
 
 from __future__ import annotations
 
@@ -39,7 +39,12 @@ def test_serve_stops_ray_on_a_signal_and_leaves_no_process(sig):
 
     assert not ray.is_initialized(), "run before the session's application (one Ray instance at a time)"
     temp_dir = tempfile.mkdtemp(prefix="dx-stop-", dir="/tmp")  # short: Ray's socket paths must fit
-    env = {**os.environ, "RAY_TMPDIR": temp_dir, "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "RAY_TMPDIR": temp_dir,
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{temp_dir}/haproxy/haproxy.cfg",  # in haproxy's command line
+        "PYTHONUNBUFFERED": "1",
+    }
     command = [
         sys.executable,
         "-m",
@@ -63,7 +68,9 @@ def test_serve_stops_ray_on_a_signal_and_leaves_no_process(sig):
                 break
         assert any("serving on" in line for line in lines), "".join(lines[-30:])
         started = ray_processes(temp_dir)
-        assert any("raylet" in " ".join(p.cmdline()) for p in started), [p.name() for p in started]
+        names = [p.name() for p in started]
+        assert any("raylet" in " ".join(p.cmdline()) for p in started), names
+        assert "haproxy" in names, names  # the HTTP port is HAProxy's (deployments.local.SERVE_FAST_PATH_ENV)
         server.send_signal(sig)
         assert server.wait(timeout=90) == 0
         deadline = time.monotonic() + 20  # children that exit on their parent's death need a moment

@@ -26,6 +26,10 @@ class TierSnapshot:
     pool: list[tuple[int, int]] = field(default_factory=list)  # step batcher: (key, remaining steps)
     max_batch_size: int = 1
     step_time_s: list[float] | None = None  # (t0, t1) of t(b) = t0 + t1 * b
+    # the replica's request bounds as its deployment sets them (Serve's max_ongoing_requests and
+    # max_queued_requests, the latter per caller, -1: unbounded); None outside a served replica
+    max_ongoing_requests: int | None = None
+    max_queued_requests: int | None = None
 
 
 class TierMonitor:
@@ -43,6 +47,8 @@ class TierMonitor:
         self.step_time = StepTimeModel()  # seconds per batched step against batch size
         self.pool: list[tuple[int, int]] = []  # set by a step-batching tier after each step
         self.max_batch_size = 1
+        self.max_ongoing_requests: int | None = None  # set by the serving replica
+        self.max_queued_requests: int | None = None
 
     def enqueue(self, steps: int) -> None:
         self.queued += 1
@@ -94,6 +100,8 @@ class TierMonitor:
             pool=list(self.pool),
             max_batch_size=self.max_batch_size,
             step_time_s=self.step_time.to_pair(),
+            max_ongoing_requests=self.max_ongoing_requests,
+            max_queued_requests=self.max_queued_requests,
         )
 
 
@@ -111,8 +119,20 @@ def merge_snapshots(snapshots: list[dict]) -> dict:
         # mean (t0, t1) of the replicas' fitted t(b) = t0 + t1 * b (admission control reads t(max batch))
         "step_time_s": [sum(fit[i] for fit in fits) / len(fits) for i in (0, 1)] if fits else None,
         "requests_served": sum(s["requests_served"] for s in snapshots),
+        "request_capacity": request_capacity(snapshots),
         "per_replica": snapshots,  # the router's service model needs each replica's own load
     }
+
+
+def request_capacity(snapshots: list[dict]) -> int | None:
+    """How many requests one caller can have at the tier before Serve refuses more (BackPressureError):
+    every replica's max_ongoing_requests plus the caller's own queue, max_queued_requests. None when a
+    replica does not say or the queue is unbounded."""
+    ongoing = [s.get("max_ongoing_requests") for s in snapshots]
+    queued = [s.get("max_queued_requests") for s in snapshots]
+    if not snapshots or None in ongoing or None in queued or min(queued) < 0:
+        return None
+    return sum(ongoing) + max(queued)
 
 
 def snapshot_dict(snapshot: TierSnapshot) -> dict:

@@ -14,9 +14,12 @@ several times one at batch 1, and a view measured on lone requests would admit t
 work, which then bounced late off the tier's own bounded queue instead of being refused here.
 
 A request that needs a tier whose wait exceeds `max_wait_s` is refused with Retry-After = the time until
-that wait is back under the bound (at least 1 s). Before a tier has measured its step time nothing is
-refused here (the tier's own bounded queue, `max_queued_requests`, is the backstop). Deciding takes no
-I/O, so a refusal costs microseconds, not a place in a queue.
+that wait is back under the bound (at least 1 s). So is one that would not fit the tier's bounded queue:
+Serve refuses a caller's request when the tier's replicas hold `max_ongoing_requests` each and the caller's
+own queue `max_queued_requests` more (`request_capacity` in the view); this ingress refuses it first, at
+the door, when its own requests at the tier reach that capacity, with Retry-After = the time to drain the
+excess. Before a tier has measured its step time the time bound is not applied. Deciding takes no I/O, so
+a refusal costs microseconds, not a place in a queue.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ class AdmissionControl:
         self._view: dict[str, dict] = {}
         self._view_at = -math.inf
         self.own_steps = dict.fromkeys(self.max_batch_sizes, 0)  # one counter per tier: never grows
+        self.own_requests = dict.fromkeys(self.max_batch_sizes, 0)
         self.admitted = 0
         self.refused = 0
 
@@ -81,6 +85,12 @@ class AdmissionControl:
         queued = max(int(view.get("queued_steps", 0)), self.own_steps.get(tier, 0))
         return queued * seconds_per_step / (max(1, int(view.get("replicas", 1))) * batch)
 
+    def capacity(self, tier: str) -> int | None:
+        """Requests this ingress may have at `tier` before Serve would refuse the next (None: unbounded)."""
+        fresh = self.clock() - self._view_at <= self.view_max_age_s
+        capacity = self._view.get(tier, {}).get("request_capacity") if fresh else None
+        return None if capacity is None else int(capacity)
+
     def decide(self, needs: Mapping[str, int]) -> Refusal | None:
         """None to admit a request that needs `needs` (tier -> its request-steps), else why not."""
         for tier in needs:
@@ -88,16 +98,25 @@ class AdmissionControl:
             if wait_s > self.max_wait_s:
                 self.refused += 1
                 return Refusal(tier, wait_s, max(1, math.ceil(wait_s - self.max_wait_s)))
+            capacity = self.capacity(tier)
+            requests = self.own_requests.get(tier, 0)
+            if capacity is not None and requests >= capacity:
+                # the queue is full: a slot frees when the excess over capacity has drained
+                drain_s = wait_s * (requests - capacity + 1) / requests
+                self.refused += 1
+                return Refusal(tier, wait_s, max(1, math.ceil(drain_s)))
         return None
 
     @contextmanager
     def admit(self, needs: Mapping[str, int]) -> Iterator[None]:
-        """Counts `needs` as this ingress's queued work while the block runs."""
+        """Counts `needs` (and one request per tier) as this ingress's queued work while the block runs."""
         self.admitted += 1
         for tier, steps in needs.items():
             self.own_steps[tier] = self.own_steps.get(tier, 0) + steps
+            self.own_requests[tier] = self.own_requests.get(tier, 0) + 1
         try:
             yield
         finally:
             for tier, steps in needs.items():
                 self.own_steps[tier] -= steps
+                self.own_requests[tier] -= 1
