@@ -38,13 +38,14 @@ class ServedTier:
         try:
             context = serve.get_replica_context()
             self._replica_id = context.replica_id.unique_id
-            # the request bounds Serve enforces for this deployment, reported so that admission control
-            # refuses at the door before a caller's queue to this tier is full
-            deployment_config = context._deployment_config
+        except Exception:  # outside a replica
+            context, self._replica_id = None, f"{self.tier}-local"
+        # the request bounds Serve enforces for this deployment, reported so that admission control
+        # refuses at the door before a caller's queue to this tier is full (unreported: no such bound)
+        deployment_config = getattr(context, "_deployment_config", None)
+        if deployment_config is not None:
             engine.loop.monitor.max_ongoing_requests = deployment_config.max_ongoing_requests
             engine.loop.monitor.max_queued_requests = deployment_config.max_queued_requests
-        except Exception:  # outside a replica
-            self._replica_id = f"{self.tier}-local"
         self._reporter = CoalescingReporter(self._send_report)
         self._metrics = TierMetrics(self.tier)
         engine.loop.observer = self._metrics
