@@ -239,6 +239,21 @@ def test_overload_gets_503_with_retry_after_not_a_hang(serve_url):
     assert 200 in codes
 
 
+def test_a_burst_past_the_cloud_queue_is_refused_by_admission_control_at_the_door(serve_url):
+    import asyncio
+
+    from clients.shed_bench import run
+
+    # the cloud tier holds 8 ongoing + 16 queued requests of one caller: 48 at once must overflow it, and
+    # admission control (which knows that capacity) refuses the rest itself, before Serve's queue would
+    result = asyncio.run(run(serve_url, 48, 20, 0.5, warmup=2, bursts=1, pause_s=0.0))
+    [burst] = result["bursts"]
+    assert burst["admitted"] + burst["shed_503"] == 48 and burst["other_errors"] == 0, burst
+    assert 0 < burst["admitted"] <= 24 and burst["shed_503"] >= 24, burst
+    assert set(burst["shed_by_source"]) == {"admission"}, burst  # none bounced off the tier's queue
+    assert result["all_503_have_retry_after"], burst
+
+
 def test_edge_replica_killed_mid_traffic_is_replaced_and_nothing_is_lost(http, serve_url):
     import ray
 
