@@ -31,7 +31,7 @@ METRICS_PORT = 9464
 # the HTTP port and hands each request straight to an ingress replica's own HTTP server (direct ingress),
 # instead of through the Python proxy actor, which parsed every request and had the replica fetch each
 # body with an actor call back to it. That was the door's cost: a burst of 400 requests that the ingress
-# refuses at once is answered in a median of 0.15-0.19 s instead of 0.7-1.0 s, and in clients.shed_bench
+# refuses at once is answered in a median of 0.13-0.19 s instead of 0.6-1.0 s, and in clients.shed_bench
 # the median overload 503 is 0.04-0.09 of an admitted refinement's latency instead of 0.16-0.22 (README,
 # "Errors, limits, API keys"); one client's serving overhead fell from 16-17 ms to 11 ms (README,
 # "Serving benchmark").
