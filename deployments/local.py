@@ -158,16 +158,13 @@ def start_local_app(
 def haproxy_ports_env() -> dict[str, str]:
     """Free local ports for HAProxy's stats page and metrics exporter (Serve's defaults, 8404 and 9101,
     are fixed: a second local application, e.g. the tests beside `diffusionx serve`, could not start)."""
-    ports = []
-    sockets = [socket.socket() for _ in range(2)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-            ports.append(sock.getsockname()[1])
-    finally:
-        for sock in sockets:
-            sock.close()
-    return {"RAY_SERVE_HAPROXY_STATS_PORT": str(ports[0]), "RAY_SERVE_HAPROXY_METRICS_PORT": str(ports[1])}
+    with socket.socket() as stats, socket.socket() as metrics:  # both open at once: two distinct ports
+        stats.bind(("127.0.0.1", 0))
+        metrics.bind(("127.0.0.1", 0))
+        return {
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(stats.getsockname()[1]),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics.getsockname()[1]),
+        }
 
 
 def prepare_models(args: dict[str, Any]) -> None:

@@ -73,10 +73,14 @@ class AdmissionControl:
         self._view = {tier: dict(view) for tier, view in tiers.items()}
         self._view_at = self.clock()
 
+    def _tier_view(self, tier: str) -> dict:
+        """The reported view of `tier`, or {} when it is older than `view_max_age_s` (not trusted)."""
+        fresh = self.clock() - self._view_at <= self.view_max_age_s
+        return self._view.get(tier, {}) if fresh else {}
+
     def wait_s(self, tier: str) -> float:
         """Expected seconds before new work on `tier` starts."""
-        fresh = self.clock() - self._view_at <= self.view_max_age_s
-        view = self._view.get(tier, {}) if fresh else {}
+        view = self._tier_view(tier)
         batch = self.max_batch_sizes.get(tier, 1)
         fit = view.get("step_time_s")
         seconds_per_step = fit[0] + fit[1] * batch if fit else view.get("seconds_per_step")
@@ -87,8 +91,7 @@ class AdmissionControl:
 
     def capacity(self, tier: str) -> int | None:
         """Requests this ingress may have at `tier` before Serve would refuse the next (None: unbounded)."""
-        fresh = self.clock() - self._view_at <= self.view_max_age_s
-        capacity = self._view.get(tier, {}).get("request_capacity") if fresh else None
+        capacity = self._tier_view(tier).get("request_capacity")
         return None if capacity is None else int(capacity)
 
     def decide(self, needs: Mapping[str, int]) -> Refusal | None:
