@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import importlib
 import json
 import os
 import platform
@@ -45,6 +46,12 @@ STATS_SETTLE_S = 0.5  # tier replicas report their stats asynchronously after ea
 DEFAULT_WARMUP = 4  # requests before the first level, not recorded (first batches load kernels, caches)
 DEFAULT_STRENGTH = 0.5  # bench refine
 TIER = {"preview": "edge", "refine": "cloud"}  # the tier each benchmark loads
+# benchmarks with options of their own: name -> module with `main(argv)`
+OWN_HARNESSES = {
+    "tenants": "clients.tenants_bench",
+    "faults": "deployments.node_faults",
+    "soak": "clients.soak_bench",
+}
 
 
 @dataclass
@@ -334,6 +341,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="diffusionx bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="benchmark", required=True)
     sub.add_parser("autoscale", help="tiers scaling on Ray's local autoscaling cluster (see its --help)")
+    sub.add_parser("tenants", help="two API keys share the cloud tier by weight; one floods (see its --help)")
+    sub.add_parser("faults", help="node loss and drain on a multi-node local cluster (see its --help)")
+    sub.add_parser("soak", help="mixed sessions at ~0.7x capacity for minutes: memory, queues, p95")
     preview = sub.add_parser("preview", help="latency / throughput / batching of POST /v1/preview")
     refine = sub.add_parser("refine", help="the same for POST /v1/refine at a given strength (cloud tier)")
     refine.add_argument(
@@ -382,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         from clients.bench_autoscale import main as autoscale_main
 
         return autoscale_main(argv[1:])
+    if argv[:1] and argv[0] in OWN_HARNESSES:  # their own options (and application or cluster)
+        return importlib.import_module(OWN_HARNESSES[argv[0]]).main(argv[1:])
     args = parse_args(argv)
     if args.benchmark == "compare":
         return compare_bench.main(args)
