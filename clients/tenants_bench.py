@@ -46,19 +46,21 @@ class Outcome:
     latency_s: float
     status: str  # "ok", "429", "503" or the error's type
     retry_after: bool = False
+    message: str = ""
 
 
 async def finalize(
     client: AsyncDiffusionXClient, image: str, seed: int, strength: float, steps: int
-) -> tuple[str, bool]:
-    """One refinement: ("ok", False), or the refusal's status and whether it carried Retry-After."""
+) -> tuple[str, bool, str]:
+    """One refinement: ("ok", False, ""), or the refusal's status, whether it carried Retry-After and
+    its message."""
     try:
         await client.refine(PROMPT, image=image, seed=seed, strength=strength, num_inference_steps=steps)
-        return "ok", False
+        return "ok", False, ""
     except (Overloaded, RateLimited) as error:
-        return str(error.status), error.retry_after_s is not None
+        return str(error.status), error.retry_after_s is not None, error.message
     except DiffusionXError as error:
-        return f"{type(error).__name__}: {str(error)[:60]}", False
+        return type(error).__name__, False, str(error)
 
 
 async def probe_capacity(
@@ -72,7 +74,7 @@ async def probe_capacity(
     async def worker() -> None:
         nonlocal done
         while time.perf_counter() < deadline:
-            status, retry_after = await finalize(client, image, next(seeds), strength, steps)
+            status, retry_after, _ = await finalize(client, image, next(seeds), strength, steps)
             if status == "ok":
                 done += 1
             else:  # refused: come back when told
@@ -99,8 +101,9 @@ async def offered_load(
     async def one(tenant: str, at: float, index: int) -> None:
         await asyncio.sleep(max(0.0, at - (time.perf_counter() - started)))
         sent = time.perf_counter()
-        status, retry_after = await finalize(clients[tenant], image, index, strength, steps)
-        outcomes.append(Outcome(tenant, sent - started, time.perf_counter() - sent, status, retry_after))
+        status, retry_after, message = await finalize(clients[tenant], image, index, strength, steps)
+        latency_s = time.perf_counter() - sent
+        outcomes.append(Outcome(tenant, sent - started, latency_s, status, retry_after, message))
 
     rng = random.Random(seed)
     tasks = [
@@ -125,6 +128,7 @@ def summarize(outcomes: list[Outcome], tenant: str, offered_x_share: float, slo_
         "refused_503": sum(o.status == "503" for o in refused),
         "refusals_with_retry_after": sum(o.retry_after for o in refused),
         "errors": len(mine) - len(ok) - len(refused),
+        "example_refusal": refused[0].message if refused else None,
         "slo_attainment": round(within / len(mine), 4) if mine else None,
         "latency_s_p50": round(float(np.percentile(ok, 50)), 3) if ok else None,
         "latency_s_p95": round(float(np.percentile(ok, 95)), 3) if ok else None,

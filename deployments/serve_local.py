@@ -6,6 +6,7 @@ import argparse
 import time
 
 from deployments.local import (
+    LOCAL_BIND_HOST,
     METRICS_PORT,
     embedded_models_available,
     start_local_app,
@@ -24,17 +25,25 @@ def main(argv: list[str] | None = None) -> int:
         default=METRICS_PORT,
         help=f"local port of the Prometheus metrics (Ray's and diffusionx_*; default {METRICS_PORT})",
     )
+    parser.add_argument(
+        "--bind-host",
+        default=LOCAL_BIND_HOST,
+        help="address Ray's servers (metrics exporter included) listen on; default loopback "
+        f"({LOCAL_BIND_HOST}); the HTTP host is the config's http_options.host",
+    )
     args = parser.parse_args(argv)
     if args.config is None and not embedded_models_available():
         print("embedded shapes weights not found: serving tiny-random (noise images) instead")
     print("starting Ray Serve ...", flush=True)
     with stop_on_signals():  # SIGTERM stops like Ctrl-C: Ray is shut down, no process remains
         try:
-            url = start_local_app(args.config, port=args.port, metrics_port=args.metrics_port)
+            url = start_local_app(
+                args.config, port=args.port, metrics_port=args.metrics_port, bind_host=args.bind_host
+            )
             print(
                 f"serving on {url}  (OpenAPI: {url}/docs, stats: {url}/v1/stats); Ctrl-C to stop", flush=True
             )
-            print(f"Prometheus metrics: http://127.0.0.1:{args.metrics_port}/metrics", flush=True)
+            print(f"Prometheus metrics: http://{args.bind_host}:{args.metrics_port}/metrics", flush=True)
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt as stop:
