@@ -9,9 +9,9 @@ import pytest
 from pydantic import ValidationError
 
 from diffusionx.app_config import AppArgs
-from diffusionx.guard import GuardConfig, load_api_keys, owner_of
 from diffusionx.policy.admission import AdmissionControl, ShareRefusal
 from diffusionx.policy.tenants import ApiKey, RateLimits, Tenants, parse_key_line, weighted_allocation
+from diffusionx.serving.guard import GuardConfig, load_api_keys, owner_of
 
 
 class FakeClock:
