@@ -71,12 +71,20 @@ app = FastAPI(
 add_web_page(app)  # GET /: the session page (deployments/static)
 
 # The guard's settings of this replica: the app (and so the middleware) is built before the replica's
-# constructor runs, which sets them from the application's args.
+# constructor runs, which sets them from the application's args through `configure_guard`. Serve ships
+# the ingress class by value (cloudpickle: `serve.ingress` makes a class no module names), so a `global`
+# statement in its constructor would set a copy of this module's globals, not the one the middleware
+# reads; module-level functions travel by reference, so both go through these two.
 _guard_config = GuardConfig()
 
 
 def guard_config() -> GuardConfig:
     return _guard_config
+
+
+def configure_guard(config: GuardConfig) -> None:
+    global _guard_config
+    _guard_config = config
 
 
 app.add_middleware(Guard, config=guard_config)
@@ -196,11 +204,10 @@ def _s(start: float) -> float:
 @serve.ingress(app)
 class DiffusionXIngress:
     def __init__(self, edge: Any, predictor: Any, cloud: Any, state: Any, args: dict | None = None) -> None:
-        global _guard_config
         self.state = state
         self.args = AppArgs(**(args or {}))
         keys = load_api_keys(self.args.api_keys)
-        _guard_config = GuardConfig(keys, self.args.max_body_bytes)
+        configure_guard(GuardConfig(keys, self.args.max_body_bytes))
         # previews on their way to SharedState (only puts in flight): id -> (owner, png, task)
         self._storing: dict[str, tuple[str, bytes, asyncio.Task]] = {}
         self.tiers = Tiers(

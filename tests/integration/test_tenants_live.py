@@ -39,11 +39,13 @@ def test_keys_share_the_cloud_tier_by_weight_and_a_key_over_its_rate_gets_429():
                 steps=40,
             )
         )
+        anonymous = httpx.post(f"{url}/v1/preview", json={"prompt": "a dot"}, timeout=60)
         limited = {"Authorization": "Bearer limited"}
         first = httpx.post(f"{url}/v1/preview", json={"prompt": "a dot"}, headers=limited, timeout=60)
         second = httpx.post(f"{url}/v1/preview", json={"prompt": "a dot"}, headers=limited, timeout=60)
     finally:
         stop_local_app()
+    assert anonymous.status_code == 401  # the keys are in force in the served replica, not only in-process
     a, b = result["tenants"]["A"], result["tenants"]["B"]
     assert b["requests"] > 0 and b["refused"] == 0 and b["errors"] == 0, b
     assert a["refused"] > 0 and a["refusals_with_retry_after"] == a["refused"], a
