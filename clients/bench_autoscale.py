@@ -42,6 +42,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -439,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     from clients.loadgen import write_rows
 
     args = parse_args(argv)
+    # a SIGTERM (timeout, a scheduler) unwinds like Ctrl-C, so each cluster is stopped by its `finally`
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.gpu_profile:  # inherited by the head, its raylets and every replica
         from diffusionx.models.gpu_timed import PROFILE_ENV, load_profile
 

@@ -23,7 +23,6 @@ import contextlib
 import copy
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -142,17 +141,20 @@ class LocalAutoscalingCluster(AutoscalingCluster):
         if self._head is None:
             return
         head, self._head = self._head, None
-        session = os.getsid(head.pid) if head.poll() is None else head.pid
+        session = head.pid  # started with start_new_session: the head leads its own session
+        # as `ray stop` does, but only for these: SIGTERM to every process, then SIGKILL to what is left
         started = _processes_of(head.pid, session)
-        head.send_signal(signal.SIGTERM)  # `ray start --block` stops its processes on SIGTERM
-        try:
-            head.wait(timeout=30.0)
-        except subprocess.TimeoutExpired:
-            head.kill()
-        _, alive = psutil.wait_procs(started, timeout=10.0)
+        with contextlib.suppress(psutil.Error):
+            started.append(psutil.Process(head.pid))
+        for process in started:
+            with contextlib.suppress(psutil.Error):
+                process.terminate()
+        _, alive = psutil.wait_procs(started, timeout=15.0)
         for process in alive + _processes_of(head.pid, session):
             with contextlib.suppress(psutil.Error):
                 process.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            head.wait(timeout=5.0)
         self._log.close()
 
     def _generate_config(self, head_resources, worker_node_types, autoscaler_v2=False, **config_kwargs):
@@ -196,6 +198,9 @@ def start_cluster(node_start_delay_s: float = 0.0) -> LocalAutoscalingCluster:
 
     # `ray start` runs from PATH: make it this environment's
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    # `ray start` turns Ray's token authentication on (the token in ~/.ray); this process and the fake
+    # nodes must then present it too
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     cluster = LocalAutoscalingCluster(
         head_resources=dict(HEAD_RESOURCES),
         worker_node_types=NODE_TYPES,
@@ -206,8 +211,12 @@ def start_cluster(node_start_delay_s: float = 0.0) -> LocalAutoscalingCluster:
     # shell quoting)
     custom = {k: v for k, v in HEAD_RESOURCES.items() if k != "CPU"}
     cluster._head_resources = {"CPU": HEAD_RESOURCES["CPU"]}
-    cluster.start(override_env={"RAY_OVERRIDE_RESOURCES": json.dumps(custom)})
-    ray.init(address=f"{gcs_host()}:{GCS_PORT}", namespace="diffusionx", logging_level="WARNING")
+    try:
+        cluster.start(override_env={"RAY_OVERRIDE_RESOURCES": json.dumps(custom)})
+        ray.init(address=f"{gcs_host()}:{GCS_PORT}", namespace="diffusionx", logging_level="WARNING")
+    except BaseException:
+        cluster.shutdown()
+        raise
     return cluster
 
 
