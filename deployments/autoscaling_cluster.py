@@ -198,9 +198,6 @@ def start_cluster(node_start_delay_s: float = 0.0) -> LocalAutoscalingCluster:
 
     # `ray start` runs from PATH: make it this environment's
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    # `ray start` turns Ray's token authentication on (the token in ~/.ray); this process and the fake
-    # nodes must then present it too
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     cluster = LocalAutoscalingCluster(
         head_resources=dict(HEAD_RESOURCES),
         worker_node_types=NODE_TYPES,
@@ -212,7 +209,10 @@ def start_cluster(node_start_delay_s: float = 0.0) -> LocalAutoscalingCluster:
     custom = {k: v for k, v in HEAD_RESOURCES.items() if k != "CPU"}
     cluster._head_resources = {"CPU": HEAD_RESOURCES["CPU"]}
     try:
-        cluster.start(override_env={"RAY_OVERRIDE_RESOURCES": json.dumps(custom)})
+        # `ray start` turns token authentication on where `ray.init` (this process, Ray already imported) has
+        # it off; the bench's cluster runs like `ray.init`'s local ones, without
+        env = {"RAY_OVERRIDE_RESOURCES": json.dumps(custom), "RAY_AUTH_MODE": "disabled"}
+        cluster.start(override_env=env)
         ray.init(address=f"{gcs_host()}:{GCS_PORT}", namespace="diffusionx", logging_level="WARNING")
     except BaseException:
         cluster.shutdown()
