@@ -305,7 +305,7 @@ def cloud_autoscaling(policy: str) -> dict[str, Any]:
     return autoscaling
 
 
-AHEAD_KWARGS = {"target_utilization": 0.5}  # the forecast plans half-full batches: latency headroom
+AHEAD_KWARGS = {"target_utilization": 0.85}  # of full-batch throughput: batches stay part-full, latency low
 
 
 def run_policy(policy: str, args: argparse.Namespace, ramp: Ramp | None, sizing: Sizing | None) -> tuple:
@@ -408,8 +408,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--peak-rate", type=float, help="peak sessions per second (instead of --peak-x)")
     parser.add_argument("--slo-x", type=float, default=3.0, help="finalize SLO, times the unloaded latency")
-    parser.add_argument("--rounds", type=int, default=2, help="previews per session (default 2)")
-    parser.add_argument("--think-s", type=float, default=5.0, help="mean think time (default 5)")
+    parser.add_argument("--rounds", type=int, default=4, help="previews per session (default 4)")
+    parser.add_argument("--think-s", type=float, default=8.0, help="mean think time (default 8)")
     parser.add_argument("--steps", type=int, default=50, help="finalize: full-schedule steps (default 50)")
     parser.add_argument(
         "--finalize-strength", type=float, default=0.6, help="finalize strength (default 0.6)"
@@ -422,7 +422,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--sample-s", type=float, default=2.0, help="seconds between samples (default 2)")
     parser.add_argument("--window-s", type=float, default=10.0, help="rate and p95 window (default 10)")
-    parser.add_argument("--drain-s", type=float, default=30.0, help="sessions finish within this")
+    parser.add_argument("--drain-s", type=float, default=60.0, help="sessions finish within this")
     parser.add_argument("--cooldown-s", type=float, help="sampling after the load (quick 50, else 120)")
     parser.add_argument("--timeout-s", type=float, default=120.0, help="client timeout per request")
     parser.add_argument("--seed", type=int, default=0)
