@@ -10,7 +10,7 @@ from ray.serve.autoscaling_policy import replica_queue_length_autoscaling_policy
 from diffusionx.policy.ahead import AheadPolicy, session_stats
 from diffusionx.policy.autoscaling import QueuedStepsPolicy
 from diffusionx.policy.sessions import SessionActivity, SessionTracker, merge_activity
-from tests.test_autoscaling_policy import config, context, replica
+from tests.unit.test_autoscaling_policy import config, context, replica
 
 AHEAD_PATH = "diffusionx.policy.ahead:AheadPolicy"
 
