@@ -45,6 +45,7 @@ from diffusionx.policy.admission import AdmissionControl
 from diffusionx.policy.calibration import ArrivalRate, LatencyCalibration
 from diffusionx.policy.router import CloudLoad, RouterConfig
 from diffusionx.policy.service_model import ReplicaLoad
+from diffusionx.policy.sessions import SessionTracker
 from diffusionx.policy.tenants import Tenants
 from diffusionx.requests import Img2ImgRequest, InvalidRequestError, PreviewRequest
 from diffusionx.serving.errors import PreviewNotFound, RateLimited, TierOverloaded
@@ -228,6 +229,9 @@ class DiffusionXIngress:
             tenants=Tenants((owner_of(key.key), key) for key in keys) if keys else None,
         )
         self._load_watcher: asyncio.Task | None = None
+        # the cloud tier's leading indicator (diffusionx.policy.ahead), published with the load refresh
+        self.sessions = SessionTracker()
+        self._sessions_source = uuid.uuid4().hex
         self.metrics = ingress_metrics()
         self._metrics_url: str | None = None
 
@@ -275,6 +279,8 @@ class DiffusionXIngress:
         while True:
             try:
                 self.admission.update(await self.state.tiers.remote())
+                activity = self.sessions.activity().to_dict()
+                await self.state.report_sessions.remote(self._sessions_source, activity)
             except Exception as error:  # the shared state restarting: the view ages out meanwhile
                 logger.debug("tier load unavailable: %s", error)
             await asyncio.sleep(LOAD_REFRESH_S)
@@ -364,6 +370,7 @@ class DiffusionXIngress:
                 result = await modes.preview(self.tiers, to_request(body), on_progress)
         png = await encode_png(result.image)
         preview_id = self._store_preview(png, owner)
+        self.sessions.preview(preview_id, body.preview_id)
         self.metrics.request_done("preview", "edit" if is_edit else "edge", _s(start))
         return {
             "preview_id": preview_id,
@@ -416,6 +423,9 @@ class DiffusionXIngress:
                 on_progress=on_progress,
             )
         result, decision = final.result, final.decision
+        self.sessions.finalize(
+            body.preview_id, decision.cloud_steps if decision.route != "edge-fallback" else 0
+        )
         image = base64.b64encode(await encode_png(result.image)).decode("ascii")
         self.metrics.routed(decision.route, final.strength_predicted, decision.strength)
         self.metrics.request_done("refine", decision.route, _s(start))
