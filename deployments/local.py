@@ -45,12 +45,6 @@ SERVE_FAST_PATH_ENV = {
     "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
 }
-# What a local application's Ray listens on: its node address. On loopback, every server Ray starts for this
-# node (GCS, raylet, object manager, the dashboard agent and the Prometheus exporter on `metrics_port`) is
-# reachable from this machine only; the HTTP port follows the serve config's `http_options.host` (127.0.0.1
-# in the shipped local configs). HAProxy's stats page and metrics exporter are bound by Ray Serve's own
-# HAProxy template to every interface, whatever this says (docs/exposure.md: what Ray exposes, how to fence).
-LOCAL_BIND_HOST = "127.0.0.1"
 # On one machine HAProxy notices a stopping ingress replica within half a second (health checks every
 # 250 ms, down after 2 failures), so a stopping replica drains for 2 s, not the 30 s meant for a cluster's
 # load balancers (which made every local stop wait 30 s).
@@ -121,15 +115,14 @@ def start_local_app(
     deployment_options: dict[str, dict[str, Any]] | None = None,
     metrics_port: int = METRICS_PORT,
     metrics_report_interval_ms: int | None = None,
-    bind_host: str = LOCAL_BIND_HOST,
 ) -> str:
     """Starts Ray + Serve locally (or uses the Ray this process is connected to), deploys the config and
     returns the base URL once /v1/health is OK.
 
     Ray's metrics (with the application's) are served for Prometheus on `metrics_port`; every process
-    reports them each `metrics_report_interval_ms` (Ray's default, 10 s, when None). A Ray started here
-    listens on `bind_host` (loopback by default; an address of this machine's network interface to let
-    another machine scrape the metrics: Ray then serves them on every interface)."""
+    reports them each `metrics_report_interval_ms` (Ray's default, 10 s, when None). The HTTP port listens
+    on the config's `http_options.host` (127.0.0.1 in the local configs); Ray binds its own servers, the
+    metrics exporter and HAProxy's stats and metrics ports on every interface (docs/exposure.md)."""
     import ray
     from ray.serve._private import api as serve_api
 
@@ -146,7 +139,6 @@ def start_local_app(
             # /tmp/ray/ray_current_cluster, which another (or a dead) local cluster may have left behind
             address="local",
             namespace="diffusionx",
-            _node_ip_address=bind_host,
             include_dashboard=False,
             num_cpus=num_cpus,
             runtime_env={"env_vars": env} if env else None,

@@ -6,7 +6,6 @@ import argparse
 import time
 
 from deployments.local import (
-    LOCAL_BIND_HOST,
     METRICS_PORT,
     embedded_models_available,
     start_local_app,
@@ -18,18 +17,12 @@ from deployments.local import (
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="diffusionx serve", description=__doc__)
     parser.add_argument("--config", help="serve config YAML (default: the embedded CPU application)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port on 127.0.0.1 (default 8000)")
     parser.add_argument(
         "--metrics-port",
         type=int,
         default=METRICS_PORT,
         help=f"local port of the Prometheus metrics (Ray's and diffusionx_*; default {METRICS_PORT})",
-    )
-    parser.add_argument(
-        "--bind-host",
-        default=LOCAL_BIND_HOST,
-        help="address Ray's servers (metrics exporter included) listen on; default loopback "
-        f"({LOCAL_BIND_HOST}); the HTTP host is the config's http_options.host",
     )
     args = parser.parse_args(argv)
     if args.config is None and not embedded_models_available():
@@ -37,13 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     print("starting Ray Serve ...", flush=True)
     with stop_on_signals():  # SIGTERM stops like Ctrl-C: Ray is shut down, no process remains
         try:
-            url = start_local_app(
-                args.config, port=args.port, metrics_port=args.metrics_port, bind_host=args.bind_host
-            )
+            url = start_local_app(args.config, port=args.port, metrics_port=args.metrics_port)
             print(
                 f"serving on {url}  (OpenAPI: {url}/docs, stats: {url}/v1/stats); Ctrl-C to stop", flush=True
             )
-            print(f"Prometheus metrics: http://{args.bind_host}:{args.metrics_port}/metrics", flush=True)
+            print(f"Prometheus metrics: http://127.0.0.1:{args.metrics_port}/metrics", flush=True)
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt as stop:
