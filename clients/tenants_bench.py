@@ -12,9 +12,10 @@
 
 Per tenant: requests, refused (429 or 503, and whether each carried Retry-After), latency percentiles of
 the admitted ones and `slo_attainment`, the share of all its requests answered within the SLO (a refused
-request misses it): `--slo-s`, by default B's latency alone plus half of `admission_max_wait_s` (with two
-equal weights, the most work the other key may hold ahead of it). The targets: B none refused and >= 95%
-within the SLO; A's excess refused with Retry-After. `--json` prints the result as the last line.
+request misses it): `--slo-s`, by default B's latency alone plus `admission_max_wait_s`, the wait admission
+control promises to admitted work (with two equal weights the flooding key may hold at most half of that
+wait ahead of B). The targets: B none refused and >= 95% within the SLO; A's excess refused with
+Retry-After. `--json` prints the result as the last line.
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ async def run(
             if (await finalize(clients[last], image, 10**6 + i, strength, steps))[0] == "ok":
                 solo_s.append(time.perf_counter() - sent)
         solo_median_s = statistics.median(solo_s) if solo_s else float("nan")
-        slo = slo_s if slo_s is not None else solo_median_s + max_wait_s / 2
+        slo = slo_s if slo_s is not None else solo_median_s + max_wait_s
         total_weight = sum(weights.values())
         rates = {t: capacity_rps * weights[t] / total_weight * x_share[t] for t in keys}
         outcomes = await offered_load(clients, rates, duration_s, image, strength, steps, seed)
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--solo", type=int, default=5)
     parser.add_argument("--strength", type=float, default=0.5)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--slo-s", type=float, help="B's latency target (default: alone + max_wait_s / 2)")
+    parser.add_argument("--slo-s", type=float, help="B's latency target (default: alone + max_wait_s)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line, last")
     args = parser.parse_args(argv)
     keys = {"A": args.key_a, "B": args.key_b}
