@@ -167,12 +167,17 @@ class AdmissionControl:
             owned = self.owner_steps.setdefault(tier, Counter())
             if step_s is not None:
                 limit = self.max_wait_s / step_s  # request-steps that start within max_wait_s
-                unattributed = max(0, self._queued_steps(tier) - sum(owned.values()))
-                decision = self.tenants.decide(owner, steps, limit - unattributed, owned)
+                decision = self.tenants.decide(owner, steps, limit, owned)
                 if not decision.admit:  # until its excess over its allocation has drained
                     excess_s = (decision.used + steps - decision.allocated) * step_s
                     retry = max(1, math.ceil(excess_s))
                     return ShareRefusal(tier, wait_s, retry, "steps", decision.used, decision.allocated)
+                # Shares are of this ingress's own admitted work (the tiers' reports lag it, and would
+                # count work that just finished against everyone). A key within its share is admitted on
+                # that alone; a key borrowing beyond it also needs the tier as a whole to have room.
+                if decision.used + steps > decision.share and wait_s > self.max_wait_s:
+                    retry = max(1, math.ceil(wait_s - self.max_wait_s))
+                    return ShareRefusal(tier, wait_s, retry, "steps", decision.used, decision.share)
             capacity = self.capacity(tier)
             if capacity is not None:
                 requests = self.owner_requests.setdefault(tier, Counter())

@@ -151,3 +151,18 @@ def test_rate_is_checked_first_and_answered_with_429():
     refusal = admission.decide({"cloud": 1}, "a")
     assert refusal is not None and refusal.status == 429 and refusal.retry_after_s == 1
     assert admission.refused == 1
+
+
+def test_reported_work_the_ingress_did_not_admit_stops_borrowing_not_a_key_within_its_share():
+    clock = FakeClock()
+    admission = shared_admission(clock, a=1, b=1)
+    admission.decide({"cloud": 1}, "b")  # b active: a's share is 20 of the 40 request-steps
+    # the tiers report 60 queued request-steps this ingress does not hold (lagging reports, or another
+    # ingress replica's work): the tier as a whole is past its bound (1.5 s > 1 s)
+    admission.update({"cloud": {"queued_steps": 60, "replicas": 1, "seconds_per_step": 0.1}})
+    with ExitStack() as held:
+        assert admission.decide({"cloud": 10}, "a") is None  # within its share: admitted
+        held.enter_context(admission.admit({"cloud": 10}, "a"))
+        refusal = admission.decide({"cloud": 20}, "a")  # 30 > its share of 20: borrowing, no room
+        assert isinstance(refusal, ShareRefusal) and refusal.retry_after_s == 1
+        assert admission.decide({"cloud": 10}, "b") is None
