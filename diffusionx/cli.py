@@ -24,6 +24,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "diffusionx.shapes.train",
         "train the embedded shapes models (VAE, text encoder, UNets)",
     ),
+    "train-clip": (
+        "diffusionx.shapes.train_clip",
+        "train shapes-clip, the image-text alignment model the strength predictors read",
+    ),
     "bench": ("clients.bench", "serving benchmarks against a local application"),
     "loadgen": (
         "clients.loadgen",
