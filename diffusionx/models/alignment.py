@@ -89,6 +89,10 @@ class AlignmentModel:
         self._text_cache: LRUCache[str, np.ndarray] = LRUCache(maxsize=65_536)
         self._lock = threading.Lock()
 
+    def clear_cache(self) -> None:
+        """Forgets the cached text embeddings (to time a prediction as a request with new prompts pays it)."""
+        self._text_cache.clear()
+
     @property
     def dim(self) -> int:
         return int(self.model.config.projection_dim)
