@@ -295,7 +295,7 @@ def to_table(report: dict[str, Any]) -> str:
     aucs = report["wrong_preview_auc_by_method"]
     lines += [
         "",
-        f"wrong final previews: {report['wrong_previews']} of {report['sessions']}; AUC of the chosen strength "
+        f"wrong final previews: {report['wrong_previews']} of {report['sessions']}; AUC of the strength "
         "for 'the preview is wrong': " + ", ".join(f"{m} {v:.3f}" for m, v in aucs.items()),
     ]
     lines += [
