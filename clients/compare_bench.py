@@ -44,7 +44,7 @@ import httpx
 import numpy as np
 
 from clients.client import AsyncDiffusionXClient
-from clients.loadgen import COLUMNS, LoadgenConfig, run_loadgen, shapes_judge
+from clients.loadgen import COLUMNS, LoadgenConfig, clip_judge, run_loadgen, shapes_judge
 from clients.workload import poisson_arrivals
 
 MODES = ("diffusionx", "cloud", "edge", "hybrid", "ec-diff")
@@ -150,7 +150,13 @@ def _loadgen(url: str, workload: str, arrivals: list[float], settings: argparse.
         progress=not settings.no_progress,
         **extra,
     )
-    judge = shapes_judge() if settings.quality else None
+    judge = (
+        shapes_judge()
+        if settings.quality
+        else clip_judge(settings.alignment_model)
+        if getattr(settings, "alignment_model", None)
+        else None
+    )
     rows, _ = asyncio.run(run_loadgen(config, judge=judge))
     return rows
 
@@ -358,6 +364,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout-s", type=float, default=300.0, help="client timeout per request")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--alignment-model",
+        default=None,
+        help="servers of real models (no judge): the quality column is the CLIP score of this alignment "
+        "model, a registered name or a local path (e.g. clip-vit-large-patch14); default: no quality",
+    )
 
 
 def main(args: argparse.Namespace) -> int:

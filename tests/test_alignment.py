@@ -112,7 +112,9 @@ def test_the_judge_captions_what_a_model_output_shows():
     image = data.render(scene)
     assert seen_caption(image, PAIR) == PAIR
     wrong = "a large green circle on the left and a small blue square on the right, white background"
-    seen = data.parse_caption(seen_caption(image, wrong) or "")  # what it shows, not the prompt it was made for
+    seen = data.parse_caption(
+        seen_caption(image, wrong) or ""
+    )  # what it shows, not the prompt it was made for
     assert set(seen.shapes) == set(scene.shapes) and seen.background == scene.background
     assert seen_caption(Image.new("RGB", (32, 32), (245, 245, 245)), PAIR) is None  # no shape to read
 

@@ -140,6 +140,22 @@ class AlignmentModel:
         return self.image_embeddings(images) @ self.text_embeddings(texts).T
 
 
+def clip_score(model: AlignmentModel, images: Sequence[Image.Image], texts: Sequence[str]) -> list[float]:
+    """CLIPScore of each (image, text) pair: 100 * max(cosine similarity, 0) (Hessel et al., 2021, w = 1,
+    as torchmetrics computes it): the quality column where no judge exists."""
+    image_vectors = model.image_embeddings(images)
+    text_vectors = model.text_embeddings(texts)
+    return [
+        float(100.0 * max(float(np.dot(i, t)), 0.0)) for i, t in zip(image_vectors, text_vectors, strict=True)
+    ]
+
+
+def default_alignment_model(family: str) -> str:
+    """The alignment model that reads a model family's images: its own for the embedded and test
+    families, the production CLIP for everything else."""
+    return {"shapes": "shapes-clip", "tiny-random": "tiny-random-clip"}.get(family, "clip-vit-large-patch14")
+
+
 def _features(output: Any) -> torch.Tensor:
     # transformers returns a tensor, or (newer versions) an output object holding the pooled projection
     tensor = output if isinstance(output, torch.Tensor) else output.pooler_output
@@ -258,6 +274,8 @@ __all__ = [
     "AlignmentModel",
     "AlignmentSpec",
     "ModelNotAvailableError",
+    "clip_score",
+    "default_alignment_model",
     "get_alignment_spec",
     "load_alignment_model",
 ]
