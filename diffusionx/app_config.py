@@ -58,6 +58,13 @@ class AppArgs(BaseModel):
         description="Edit strength predictor for previews of a previous image without a strength: a learned "
         "predictor's name or path, or 'heuristic'.",
     )
+    alignment_model: str | None = Field(
+        None,
+        description="The CLIP checkpoint (registered name, hub id or local path) learned predictors read "
+        "their image-prompt features from; it must be the checkpoint they were trained with (`predictor "
+        "train --alignment-model`). Default: the one each predictor names (shapes-clip for the shipped "
+        "ones). Not loaded when both predictors are 'heuristic'.",
+    )
     preview_cache_bytes: int = Field(
         64 * 1024 * 1024,
         ge=1024,

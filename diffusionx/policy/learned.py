@@ -152,11 +152,12 @@ def shipped_predictors() -> list[str]:
     return sorted(p.stem for p in WEIGHTS_DIR.glob("*.safetensors"))
 
 
-def strength_function(name: str) -> Callable[..., float]:
-    """What a config names: "heuristic" (`policy.strength.predict_strength`) or a learned predictor."""
+def strength_function(name: str, alignment_model: str | None = None) -> Callable[..., float]:
+    """What a config names: "heuristic" (`policy.strength.predict_strength`) or a learned predictor (reading
+    `alignment_model` instead of the CLIP its config names, when given)."""
     if name == "heuristic":
         return predict_strength
-    return load_predictor(name)
+    return load_predictor(name, alignment_model=alignment_model)
 
 
 def load_predictor(
