@@ -130,14 +130,19 @@ def alignment_features(
 ) -> np.ndarray:
     """(B, ALIGNMENT_FEATURES) float32: similarity, margins per attribute, smallest margin."""
     image_vectors = model.image_embeddings(images)  # (B, D)
-    rows = []
-    for vector, prompt in zip(image_vectors, prompts, strict=True):
-        options = perturbations(prompt)
-        texts = [prompt, *(t for attribute in ATTRIBUTES for t in options[attribute])]
-        scores = model.text_embeddings(texts) @ vector  # (1 + P,)
+    options = [perturbations(prompt) for prompt in prompts]
+    texts = [
+        [prompt, *(t for a in ATTRIBUTES for t in option[a])]
+        for prompt, option in zip(prompts, options, strict=True)
+    ]
+    vectors = model.text_embeddings([t for row in texts for t in row])  # one batch for every request
+    rows, offset = [], 0
+    for vector, option, row in zip(image_vectors, options, texts, strict=True):
+        scores = vectors[offset : offset + len(row)] @ vector  # (1 + P,): the prompt, then its perturbations
+        offset += len(row)
         margins, start = [], 1
         for attribute in ATTRIBUTES:
-            count = len(options[attribute])
+            count = len(option[attribute])
             margins.append(float(scores[0] - scores[start : start + count].max()) if count else 0.0)
             start += count
         rows.append([float(scores[0]), *margins, min(margins)])
