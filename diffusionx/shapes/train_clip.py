@@ -14,7 +14,10 @@ Algorithm:
    perturbations of each image's positive (`shapes.perturb`: colour, kind, size, position with the swap
    within a pair, background), sampled attribute first so every attribute is trained; text -> image:
    cross-entropy over the batch's images. Duplicate captions in a batch are masked, not counted as
-   negatives. The text tower starts from the shipped text encoder and keeps its tokenizer.
+   negatives. Beside it, linear read-outs of the vision tower (`AttributeHeads`, not exported) predict
+   each colour's shape attributes and the background from the pooled token, so the tower learns where
+   shapes are early (see the class). The text tower starts from the shipped text encoder and keeps its
+   tokenizer.
 4. Every `--export-every` steps: attribute accuracy on held-out clean renders and held-out edge previews
    (`attribute_accuracy`), one metrics row (JSON lines in the run directory), a resumable checkpoint, and
    the model exported in `save_pretrained` layout with its tokenizer, image processor and a model card.
@@ -202,9 +205,15 @@ def _sample_negatives(positive: str, k: int, rng: random.Random, extra: str | No
 
 
 def contrastive_loss(
-    model: Any, pixel_values: torch.Tensor, positives: list[str], negatives: list[list[str]], tokenizer: Any
+    model: Any,
+    pixel_values: torch.Tensor | None,
+    positives: list[str],
+    negatives: list[list[str]],
+    tokenizer: Any,
+    image_features: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Image -> (batch positives + own hard negatives) and text -> image cross-entropy (module docstring)."""
+    """Image -> (batch positives + own hard negatives) and text -> image cross-entropy (module docstring).
+    `image_features`: the projected image features, when the caller has them already."""
     texts = positives + [t for row in negatives for t in row]
     tokens = tokenizer(
         texts,
@@ -213,9 +222,9 @@ def contrastive_loss(
         truncation=True,
         return_tensors="pt",
     )
-    image = torch.nn.functional.normalize(
-        _pooled(model.get_image_features(pixel_values=pixel_values)), dim=-1
-    )
+    if image_features is None:
+        image_features = _pooled(model.get_image_features(pixel_values=pixel_values))
+    image = torch.nn.functional.normalize(image_features, dim=-1)
     text = torch.nn.functional.normalize(_pooled(model.get_text_features(**tokens)), dim=-1)
     scale = model.logit_scale.exp()
     b = len(positives)
@@ -237,6 +246,50 @@ def contrastive_loss(
     square = logits[:, :b].T.masked_fill(same, -1e4)
     text_to_image = torch.nn.functional.cross_entropy(square, torch.arange(b))
     return (image_to_text + text_to_image) / 2
+
+
+class AttributeHeads(torch.nn.Module):
+    """Linear read-outs of the vision tower's pooled token, used only while training: for each palette
+    colour, whether a shape of that colour is there and its kind, size and position; and the background.
+
+    Contrastive loss alone tells the vision tower where a shape is only late: the batch's captions differ
+    mostly in colours, which the mean of the patches already shows, and a one-attribute hard negative is a
+    weak signal until the pooled token attends to the shapes. These read-outs supervise what the captions
+    describe directly, so position and kind are learnt in hundreds of steps instead of thousands; they
+    are not part of the exported CLIPModel."""
+
+    SLOTS = 1 + len(data.KINDS) + len(data.SIZES) + len(data.POSITIONS)
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.background = torch.nn.Linear(width, len(data.COLOURS))
+        self.shapes = torch.nn.Linear(width, len(data.COLOURS) * self.SLOTS)
+
+    def loss(self, pooled: torch.Tensor, scenes: Sequence[data.Scene]) -> torch.Tensor:
+        b, c = len(scenes), len(data.COLOURS)
+        background = torch.tensor([data.COLOURS.index(s.background) for s in scenes])
+        total = torch.nn.functional.cross_entropy(self.background(pooled), background)
+        slots = self.shapes(pooled).view(b, c, self.SLOTS)
+        present = torch.zeros(b, c)
+        kind, size, position = (torch.full((b, c), -100, dtype=torch.long) for _ in range(3))
+        for i, scene in enumerate(scenes):
+            for shape in scene.shapes:
+                j = data.COLOURS.index(shape.colour)
+                present[i, j] = 1.0
+                kind[i, j] = data.KINDS.index(shape.kind)
+                size[i, j] = data.SIZES.index(shape.size)
+                position[i, j] = data.POSITIONS.index(shape.position)
+        total = total + torch.nn.functional.binary_cross_entropy_with_logits(slots[..., 0], present)
+        start = 1
+        for target, count in (
+            (kind, len(data.KINDS)),
+            (size, len(data.SIZES)),
+            (position, len(data.POSITIONS)),
+        ):
+            logits = slots[..., start : start + count].reshape(b * c, count)
+            total = total + torch.nn.functional.cross_entropy(logits, target.reshape(-1), ignore_index=-100)
+            start += count
+        return total
 
 
 def _pooled(output: Any) -> torch.Tensor:
@@ -298,7 +351,31 @@ def new_model(seed: int) -> tuple[Any, Any]:
     # CLIPTextModel's keys carry a "text_model." prefix in some transformers versions, none in others
     weights = {k.removeprefix("text_model."): v for k, v in encoder.state_dict().items()}
     model.text_model.load_state_dict(weights)
+    init_position_embedding(model)
     return model, tokenizer
+
+
+def init_position_embedding(model: Any, scale: float = 0.15) -> None:
+    """Starts the vision tower's learned position embeddings from a 2D sine-cosine table (MAE's) at about
+    the scale of the patch embeddings. CLIP's default (normal, std 0.02) makes the patches' positions a
+    small fraction of their content, so "on the left" and "on the right" look alike to the pooled token
+    for many steps; a shapes image is defined by where its shapes are."""
+    embedding = model.vision_model.embeddings.position_embedding.weight  # (1 + G*G, D): class token first
+    dim = embedding.shape[1]
+    grid = round((embedding.shape[0] - 1) ** 0.5)
+    ys, xs = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij"
+    )
+    quarter = dim // 4
+    omega = 1.0 / 10_000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    parts = []
+    for coordinate in (ys.reshape(-1), xs.reshape(-1)):
+        angles = coordinate[:, None] * omega[None]
+        parts += [torch.sin(angles), torch.cos(angles)]
+    table = torch.cat(parts, dim=1)  # (G*G, 4 * quarter)
+    with torch.no_grad():
+        embedding.zero_()
+        embedding[1:, : table.shape[1]] = scale * table
 
 
 MODEL_CARD = """---
@@ -438,13 +515,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # 3. training (resumes from the checkpoint)
     model, tokenizer = new_model(args.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    heads = AttributeHeads(model.config.vision_config.hidden_size)
+    optimizer = torch.optim.AdamW([*model.parameters(), *heads.parameters()], lr=args.lr, weight_decay=0.01)
     checkpoint_path = run_dir / "checkpoint.pt"
     step, elapsed = 0, 0.0
     rng = random.Random(args.seed)
     if checkpoint_path.exists():
         state = torch.load(checkpoint_path, weights_only=False)
         model.load_state_dict(state["model"])
+        heads.load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed = state["step"], state["elapsed"]
         rng.setstate(state["rng"])
@@ -472,12 +551,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         negatives = [
             _sample_negatives(p, args.negatives, rng, e) for p, e in zip(positives, extras, strict=True)
         ]
-        loss = contrastive_loss(model, to_pixel_values(pixels), positives, negatives, tokenizer)
+        pooled = model.vision_model(pixel_values=to_pixel_values(pixels)).pooler_output
+        image_features = model.visual_projection(pooled)
+        loss = contrastive_loss(
+            model, None, positives, negatives, tokenizer, image_features=image_features
+        ) + heads.loss(pooled, [data.parse_caption(p) for p in positives])
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(args.lr, step, (time.perf_counter() - start) / (args.minutes * 60))
         optimizer.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([*model.parameters(), *heads.parameters()], 1.0)
         optimizer.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, 4.6052)
@@ -505,6 +588,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch.save(
                 {
                     "model": model.state_dict(),
+                    "heads": heads.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "step": step,
                     "elapsed": elapsed,
