@@ -422,7 +422,7 @@ def write_card(directory: Path, row: dict[str, Any], settings: dict[str, Any], m
             step=row["step"],
             minutes=row["minutes"],
             header=" | ".join(columns),
-            rule="---|" * len(columns),
+            rule="|".join(["---"] * len(columns)),
             n_clean=row["n_clean"],
             n_previews=row["n_previews"],
             clean=" | ".join(f"{row['clean'][c]:.3f}" for c in columns),
