@@ -1,4 +1,4 @@
-"""`diffusionx bench autoscale [--quick] --out DIR`: the tiers scaling on Ray's local autoscaling cluster.
+"""`diffusionx bench autoscale [--quick] [--out DIR]`: the tiers scaling on Ray's local autoscaling cluster.
 
 1. Start `ray.cluster_utils.AutoscalingCluster` (`deployments.autoscaling_cluster`): a head node and fake
    `cloud` / `edge` node types carrying the tier resources of `serve_config_autoscale.yaml`.
@@ -15,7 +15,12 @@
    PNG (`autoscale.png`).
 
 `offered_rps` is the rate of requests sent (all kinds) and the p95 is over finalizes that ended, both in
-the `--window-s` before each sample. Times are seconds from the start of the load.
+the `--window-s` before each sample. Times are seconds from the start of the load. `DIR` defaults to
+`bench_results/autoscale/`.
+
+It stops every local Ray process: Ray's `AutoscalingCluster` runs `ray stop --force` when it starts and
+when it ends, which also ends any other Ray cluster on this machine (a `diffusionx serve`, another bench,
+a test run). Run it on a machine of its own, or where every Ray user holds the same lock.
 """
 
 from __future__ import annotations
@@ -36,9 +41,15 @@ import numpy as np
 
 from clients.loadgen import LoadgenConfig, run_loadgen, write_rows
 from clients.workload import poisson_arrivals, ramp_arrivals
+from diffusionx.experiments.outputs import bench_results_dir
 
 POLICIES = ("work", "default")
-DEFAULT_OUT = "autoscale_results"
+DEFAULT_OUT = bench_results_dir("autoscale")
+RAY_STOP_WARNING = (
+    "warning: this bench stops every local Ray process (`ray stop --force`, by Ray's AutoscalingCluster) "
+    "when it starts and when it ends, other Ray clusters on this machine included"
+)
+RAY_STOP_GRACE_S = 10.0  # time to press Ctrl-C when another Ray cluster runs here
 
 
 @dataclass
@@ -269,22 +280,51 @@ def write_trace(arrivals: list[float], path: Path) -> Path:
     return path
 
 
+def warn_ray_stop(running: list[str], grace_s: float = RAY_STOP_GRACE_S, sleep=time.sleep) -> None:
+    """Says, before anything is stopped, that every local Ray process will be; when Ray clusters already
+    run here (`running`: their GCS addresses), names them and waits `grace_s` for a Ctrl-C."""
+    print(RAY_STOP_WARNING, file=sys.stderr, flush=True)
+    if running:
+        print(
+            f"warning: {len(running)} Ray cluster(s) running here now ({', '.join(running)}) will be "
+            f"stopped; Ctrl-C within {grace_s:g} s to keep them",
+            file=sys.stderr,
+            flush=True,
+        )
+        sleep(grace_s)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="diffusionx bench autoscale", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="short ramp: 45 s up, 45 s hold, 30 s down")
+    parser = argparse.ArgumentParser(
+        prog="diffusionx bench autoscale",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n")[-1],
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"short ramp: {QUICK.up_s:g} s up, {QUICK.hold_s:g} s hold, {QUICK.down_s:g} s down "
+        f"(default: {FULL.up_s:g}, {FULL.hold_s:g}, {FULL.down_s:g} s)",
+    )
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT}/)")
-    parser.add_argument("--policies", default=",".join(POLICIES), help="cloud policies to run, in order")
-    parser.add_argument("--peak-rate", type=float, help="sessions per second at the peak")
+    parser.add_argument(
+        "--policies", default=",".join(POLICIES), help=f"policies to run, in order ({','.join(POLICIES)})"
+    )
+    parser.add_argument(
+        "--peak-rate", type=float, help=f"sessions per second at the peak (default {FULL.peak_rate:g})"
+    )
     parser.add_argument("--rounds", type=int, default=2, help="previews per session (default 2)")
     parser.add_argument("--think-s", type=float, default=1.5, help="mean think time (default 1.5)")
     parser.add_argument("--steps", type=int, default=50, help="finalize: full-schedule steps (default 50)")
     parser.add_argument("--sample-s", type=float, default=3.0, help="seconds between samples (default 3)")
     parser.add_argument("--window-s", type=float, default=15.0, help="rate and p95 window (default 15)")
-    parser.add_argument("--drain-s", type=float, default=30.0, help="sessions finish within this")
+    parser.add_argument("--drain-s", type=float, default=30.0, help="sessions end within this (default 30)")
     parser.add_argument("--cooldown-s", type=float, help="sampling after the load (quick 60, else 120)")
-    parser.add_argument("--timeout-s", type=float, default=120.0, help="client timeout per request")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--timeout-s", type=float, default=120.0, help="client timeout per request (default 120)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="session arrivals, prompts, image seeds")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port of the application (default 8000)")
     args = parser.parse_args(argv)
     args.policies = [p for p in args.policies.split(",") if p]
     if not args.policies or any(p not in POLICIES for p in args.policies):
@@ -295,7 +335,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from deployments.autoscaling_cluster import start_cluster, stop_cluster
+    from deployments.autoscaling_cluster import running_ray_clusters, start_cluster, stop_cluster
     from deployments.local import AUTOSCALE_CONFIG, start_local_app
 
     args = parse_args(argv)
@@ -305,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
+    warn_ray_stop(running_ray_clusters())
     print(f"ramp {asdict(ramp)}: {len(arrivals)} sessions; starting the autoscaling cluster ...", flush=True)
     cluster = start_cluster()
     results: dict[str, dict] = {}
@@ -327,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             write_rows(rows, out / ("requests.csv" if policy == "work" else f"requests_{policy}.csv"))
             print(f"[{policy}] {json.dumps(summary)}", flush=True)
     finally:
+        print("stopping the autoscaling cluster: `ray stop --force`, every local Ray process ...", flush=True)
         stop_cluster(cluster)
     first = results[args.policies[0]]
     report = {

@@ -54,6 +54,7 @@ from clients.client import AsyncDiffusionXClient, AsyncSession, Round
 from clients.errors import DiffusionXError
 from clients.results import GenerateResult, PreviewResult, RefineResult
 from clients.workload import poisson_arrivals, ramp_arrivals, think_time_s, trace_arrivals
+from diffusionx.experiments.outputs import bench_results_dir
 
 COLUMNS = (
     "arrival_s",
@@ -71,7 +72,7 @@ COLUMNS = (
     "session",  # sessions workload: the session's index (its rounds share it); empty otherwise
 )
 WORKLOADS = ("sessions", "finalize", "preview")
-DEFAULT_OUT = "loadgen_results"
+DEFAULT_OUT = bench_results_dir("loadgen")
 
 
 @dataclass

@@ -105,6 +105,15 @@ def start_cluster() -> LocalAutoscalingCluster:
     return cluster
 
 
+def running_ray_clusters() -> list[str]:
+    """GCS addresses of the Ray clusters running on this machine now (those `ray stop --force` would end).
+    Ray's own process scan, as `ray stop` and `ray.init(address="auto")` use."""
+    from ray._private.services import find_gcs_addresses
+
+    find_gcs_addresses.cache_clear()
+    return sorted(find_gcs_addresses())
+
+
 def stop_cluster(cluster: LocalAutoscalingCluster) -> None:
     import ray
     from ray import serve

@@ -40,7 +40,7 @@ def test_page_and_its_files_are_served_without_external_references(http):
     assert "//" not in page.text.replace("<!doctype html>", "")  # no external link in the page either
 
 
-def test_a_two_round_session_and_a_finalize_in_a_headless_browser(serve_url, tmp_path, capsys):
+def test_a_three_round_session_and_a_finalize_in_a_headless_browser(serve_url, tmp_path, capsys):
     sync_api = pytest.importorskip(
         "playwright.sync_api", reason="Playwright is not installed: pip install -e '.[dev]'"
     )
@@ -69,7 +69,7 @@ def test_a_two_round_session_and_a_finalize_in_a_headless_browser(serve_url, tmp
             page.click("#preview-button")
             page.wait_for_selector("#history li:nth-child(2)", timeout=60_000)
             predicted = re.search(
-                r"edit (\d\.\d\d) \(predicted\)", page.text_content("#history li:nth-child(2)")
+                r"edit (\d\.\d\d), predicted\)", page.text_content("#history li:nth-child(2)")
             )
             assert predicted is not None and 0.0 <= float(predicted.group(1)) <= 1.0
             # round 3: an edit at the strength the user sets

@@ -85,7 +85,7 @@ function addRound(round) {
   const caption = document.createElement("span");
   let kind = "new";
   if (round.strength != null) {  // null or absent: a text-to-image round
-    kind = `edit ${round.strength.toFixed(2)}` + (round.strength_predicted == null ? "" : " (predicted)");
+    kind = `edit ${round.strength.toFixed(2)}` + (round.strength_predicted == null ? "" : ", predicted");
   }
   caption.textContent = `${session.rounds.length}. ${round.prompt} (${kind})`;
   item.append(image, caption);
