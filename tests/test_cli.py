@@ -4,6 +4,7 @@ which every option says what it does, and the default output folder of each benc
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 
@@ -65,3 +66,63 @@ def test_every_option_of_every_command_has_help(argv, monkeypatch, capsys):
         if isinstance(action, argparse._SubParsersAction):  # each sub-command's line in the list
             for choice in action._choices_actions:
                 assert choice.help and choice.help.strip(), f"{parser.prog} {choice.dest}: no help text"
+
+
+BENCH_OUT = {  # command -> the folder its --out defaults to
+    ("bench", "compare"): "bench_results/compare",
+    ("bench", "autoscale"): "bench_results/autoscale",
+    ("bench", "shed"): "bench_results/shed",
+    ("bench", "faults"): "bench_results/faults",
+    ("bench", "state-memory"): "bench_results/state-memory",
+    ("gpu-bench",): "bench_results/gpu",
+    ("loadgen",): "bench_results/loadgen",
+}
+
+
+@pytest.mark.parametrize("argv", BENCH_OUT, ids=" ".join)
+def test_every_bench_writes_under_bench_results_by_default(argv, monkeypatch, capsys):
+    parser, _ = help_of(list(argv), monkeypatch, capsys)
+    (out,) = [action for action in parser._actions if "--out" in action.option_strings]
+    assert out.default == BENCH_OUT[argv] and f"{BENCH_OUT[argv]}/" in out.help
+
+
+def test_bench_preview_and_refine_write_under_their_own_folder():
+    from clients.bench import parse_args
+
+    assert parse_args(["preview"]).out == "bench_results/preview"
+    assert parse_args(["refine", "--strength", "0.3"]).out == "bench_results/refine"
+    assert parse_args(["preview", "--out", "elsewhere"]).out == "elsewhere"
+
+
+def test_bench_state_memory_runs_as_a_subcommand_and_writes_its_json(tmp_path, capsys):
+    assert cli.main(["bench", "state-memory", "--previews", "20", "--side", "8", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "state_memory.json").read_text())
+    assert result["previews"] == 20 and result["kept"] + result["evicted"] == 20
+    assert f"wrote {tmp_path / 'state_memory.json'}" in capsys.readouterr().out
+
+
+def test_bench_autoscale_says_it_stops_every_local_ray_process(monkeypatch, capsys):
+    from clients.bench_autoscale import warn_ray_stop
+
+    _, text = help_of(["bench", "autoscale"], monkeypatch, capsys)
+    assert "stops every local Ray process" in " ".join(text.split())
+    slept: list[float] = []
+    warn_ray_stop([], grace_s=10.0, sleep=slept.append)  # nothing running: the warning, no wait
+    assert "stops every local Ray process" in capsys.readouterr().err and slept == []
+    warn_ray_stop(["127.0.0.1:6379"], grace_s=10.0, sleep=slept.append)
+    err = capsys.readouterr().err
+    assert "1 Ray cluster(s) running here now (127.0.0.1:6379) will be stopped" in err
+    assert "Ctrl-C within 10 s" in err and slept == [10.0]
+
+
+def test_predictor_without_a_command_prints_its_commands(capsys):
+    from diffusionx.experiments.predictor import cli as predictor_cli
+
+    assert cli.main(["predictor"]) == 2  # the help, with the exit status of a usage error
+    out = capsys.readouterr().out
+    assert all(
+        name in out and text in " ".join(out.split()) for name, (_, text) in predictor_cli.SUBCOMMANDS.items()
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["predictor", "tune"])
+    assert exit_info.value.code == 2 and "invalid choice: 'tune'" in capsys.readouterr().err

@@ -41,5 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
         return int(importlib.import_module(SUBCOMMANDS[argv[0]][0]).main(argv[1:]) or 0)
-    build_parser().parse_args(argv)  # --help, or a usage error naming the commands
+    parser = build_parser()
+    if not argv:
+        parser.print_help()
+        return 2
+    parser.parse_args(argv)  # --help, or a usage error naming the commands
     return 2
