@@ -120,10 +120,8 @@ def test_trace_arrivals_are_relative_scaled_and_checked(tmp_path: Path):
     trace = tmp_path / "trace.csv"
     trace.write_text("timestamp_ms,prompt_tokens\n1000,12\n1500,7\n\n3000\n9000,1\n")
     read = trace_arrivals(trace, 2.0, 10.0, 100)
-    assert read.arrivals == [0.0, 1.0, 4.0] and (read.lines, read.out_of_order) == (
-        4,
-        0,
-    )  # 9000 ms -> 16 s, past the duration
+    assert read.arrivals == [0.0, 1.0, 4.0]  # 9000 ms -> 16 s, past the duration
+    assert (read.lines, read.out_of_order) == (4, 0)
     assert trace_arrivals(trace, 1.0, 100.0, 2).arrivals == [0.0, 0.5]
     trace.write_text("1000\nsoon\n")
     with pytest.raises(ValueError, match=r"trace.csv:2: .* milliseconds, got 'soon'"):
