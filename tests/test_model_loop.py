@@ -259,6 +259,10 @@ class FakeStepper:
     def idle(self) -> bool:
         return not self.pool
 
+    @property
+    def has_foreground(self) -> bool:
+        return bool(self.pool)
+
 
 def make_step_loop():
     clock = FakeClock()

@@ -23,6 +23,7 @@ from diffusionx.engine.step_warmup import measure_step_time
 from diffusionx.models.loading import LoadedModel
 from diffusionx.policy.router import CloudLoad
 from diffusionx.policy.service_model import ReplicaLoad
+from diffusionx.policy.speculation import DEFAULT_MAX_SLOWDOWN, affordable_background
 from diffusionx.policy.strength import predict_strength
 from diffusionx.requests import GenerationResult, Img2ImgRequest, PreviewRequest
 from diffusionx.sampling.collaborative import (
@@ -134,12 +135,22 @@ class CloudModel(_Tier):
         step_batching: bool = True,
         warm_up: bool = True,
         step_order: str = "sjf",
+        background_max_slowdown: float = DEFAULT_MAX_SLOWDOWN,
         **loop,
     ):
         super().__init__(max_batch_size, **loop)
         self.model = model
         if step_batching:  # refinements of any strength share UNet batches, joining between steps
-            self.loop.enable_step_batching("refine", StepBatcher(model, max_batch_size, "cloud", step_order))
+            batcher = StepBatcher(model, max_batch_size, "cloud", step_order)
+            # speculative (background) samples share a foreground step only as far as the service
+            # model's step time says it stays within `background_max_slowdown`
+            batcher.background_limit = functools.partial(
+                affordable_background,
+                max_batch_size=max_batch_size,
+                step_s=self.loop.monitor.step_time.predict,
+                max_slowdown=background_max_slowdown,
+            )
+            self.loop.enable_step_batching("refine", batcher)
             if warm_up:
                 self.loop.monitor.step_time.seed(measure_step_time(model, max_batch_size))
         else:
