@@ -150,6 +150,7 @@ class ModelLoop:
         self.monitor = monitor or TierMonitor()
         self.monitor.max_batch_size = max_batch_size
         self._clock = clock
+        self.clock = clock  # the loop's time source, for what keeps time beside it (e.g. speculations)
         self._run_blocking = run_blocking
         self.on_change: Callable[[], None] = on_change or (lambda: None)  # e.g. report the new load
         self.observer = observer or LoopObserver()

@@ -33,6 +33,8 @@ class TierSnapshot:
     # speculative (background) work: not load, so in none of the fields above
     background_requests: int = 0
     background_steps: int = 0
+    # UNet calls speculation ran in the background: "used" (answered a finalize) and "wasted" (dropped)
+    speculative_unet_calls: dict[str, int] = field(default_factory=lambda: {"used": 0, "wasted": 0})
 
 
 class TierMonitor:
@@ -54,6 +56,7 @@ class TierMonitor:
         self.max_queued_requests: int | None = None
         self.background_requests = 0  # set by the model loop: speculative work, not load
         self.background_steps = 0
+        self.speculative_unet_calls = {"used": 0, "wasted": 0}  # counted by a SpeculationStore
 
     def enqueue(self, steps: int) -> None:
         self.queued += 1
@@ -109,6 +112,7 @@ class TierMonitor:
             max_queued_requests=self.max_queued_requests,
             background_requests=self.background_requests,
             background_steps=self.background_steps,
+            speculative_unet_calls=dict(self.speculative_unet_calls),
         )
 
 
