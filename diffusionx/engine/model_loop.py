@@ -293,7 +293,7 @@ class ModelLoop:
 
     @property
     def busy(self) -> bool:
-        return bool(self._waiting) or bool(self._stepping)
+        return bool(self._waiting) or bool(self._joining) or bool(self._stepping)
 
     # -- the loop ----------------------------------------------------------------------------------------
     async def _run(self) -> None:
