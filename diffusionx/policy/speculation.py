@@ -189,3 +189,12 @@ class SpeculationRegistry:
         self.entries.pop(entry.key, None)
         if self.by_session.get(entry.session) == entry.key:
             del self.by_session[entry.session]
+
+
+@dataclass(frozen=True)
+class Pinned:
+    """A call about one speculation, for the replica that runs it: the cloud tier's request router sends
+    it to `replica_id` (any other replica answers that it holds no such speculation)."""
+
+    key: str
+    replica_id: str
