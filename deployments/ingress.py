@@ -6,7 +6,7 @@ deployments through their DeploymentHandles. Preview and refine stream their pro
 when asked (`deployments.sse`; the tiers' `*_stream` methods through `handle.options(stream=True)`); the
 web page at `/` is `deployments.web`; metrics are `deployments.metrics`.
 
-Reliability (DESIGN.md, "Reliability contract"): the guard (`diffusionx.guard`) refuses bad bodies and
+Reliability (DESIGN.md, "Reliability contract"): the guard (`diffusionx.serving.guard`) refuses bad bodies and
 keys before a route runs; admission control (`diffusionx.policy.admission`) refuses work at once when the
 tier it needs cannot start it within `admission_max_wait_s`; a tier call whose replica died is retried
 once (Serve routes the retry to a live replica, waiting for the replacement if there is none), and an EC-Diff
@@ -29,9 +29,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from PIL import Image
 from ray import serve
-from ray.exceptions import ObjectLostError, RayActorError, WorkerCrashedError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
+from deployments.handles import CloudHandle, EdgeHandle, PredictorHandle, ask
 from deployments.metrics import RETRY_HEADER, ingress_metrics, metrics_url
 from deployments.speculation import HandleSpeculation
 from deployments.sse import event_stream, wants_events
@@ -48,29 +47,18 @@ from diffusionx.api import (
     StatsResponse,
 )
 from diffusionx.app_config import AppArgs
-from diffusionx.engine.progress import PROGRESS
-from diffusionx.guard import Guard, GuardConfig, load_api_keys
 from diffusionx.policy.admission import AdmissionControl
 from diffusionx.policy.calibration import ArrivalRate, LatencyCalibration
 from diffusionx.policy.router import CloudLoad, RouterConfig
 from diffusionx.policy.service_model import ReplicaLoad
 from diffusionx.policy.speculation import preview_digest
-from diffusionx.requests import GenerationResult, Img2ImgRequest, InvalidRequestError, PreviewRequest
+from diffusionx.requests import Img2ImgRequest, InvalidRequestError, PreviewRequest
+from diffusionx.serving.errors import PreviewNotFound, TierOverloaded
+from diffusionx.serving.guard import Guard, GuardConfig, load_api_keys
 from diffusionx.workflows import modes
 from diffusionx.workflows.modes import GenerateRequest, Tiers
 
-RETRY_AFTER_S = 1  # a tier's own full queue (the backstop behind admission control)
-REPLACEMENT_RETRY_AFTER_S = 2  # a replica died and its retry failed too: the replacement is starting
 LOAD_REFRESH_S = 0.25  # how often admission control reads the tiers' reported load
-# a tier call failed because its replica (or the worker holding its result) is gone; Ray raises these
-# directly, or as the cause of the task error of a replica that consumed the lost result
-REPLICA_GONE = (
-    RayActorError,  # ActorDiedError, ActorUnavailableError
-    WorkerCrashedError,
-    ObjectLostError,  # OwnerDiedError: e.g. an EC-Diff plan whose cloud replica died
-    ReplicaUnavailableError,
-    DeploymentUnavailableError,
-)
 
 logger = logging.getLogger(__name__)
 # a PNG of at most this many pixels encodes in well under a millisecond (0.25 ms for the 32x32 previews
@@ -97,137 +85,6 @@ def guard_config() -> GuardConfig:
 
 
 app.add_middleware(Guard, config=guard_config)
-
-
-class PreviewNotFound(LookupError):
-    pass
-
-
-class TierOverloaded(RuntimeError):
-    """Answered as 503 with Retry-After: a tier's queue is full, admission control refused the work, or
-    a replica died and its replacement is not up yet."""
-
-    def __init__(self, message: str, retry_after_s: int = RETRY_AFTER_S) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-def _on_replica_gone(error: BaseException, attempt: int, retries: int) -> None:
-    """After a call's replica died: raises TierOverloaded (503, Retry-After) when no retry is left."""
-    if attempt == retries:
-        raise TierOverloaded(
-            f"a replica died and its replacement is starting ({type(error).__name__})",
-            REPLACEMENT_RETRY_AFTER_S,
-        ) from None
-    logger.warning("replica gone (%s); retrying the call", type(error).__name__)
-
-
-async def ask(method: Any, *args: Any, retries: int = 1) -> Any:
-    """Calls a tier through its DeploymentHandle method. A call whose replica died is sent again (Serve
-    routes it to a live replica); a full queue becomes TierOverloaded (Serve would otherwise answer a bare
-    503 without Retry-After)."""
-    for attempt in range(retries + 1):
-        try:
-            return await method.remote(*args)
-        except BackPressureError as error:
-            raise TierOverloaded(str(error)) from None
-        except REPLICA_GONE as error:
-            _on_replica_gone(error, attempt, retries)
-    raise AssertionError("unreachable")
-
-
-async def ask_stream(method: Any, *args: Any, on_progress: Any, retries: int = 1) -> Any:
-    """Calls a tier's generator method (`preview_stream`, ...) as a Ray Serve stream: hands each progress
-    report to `on_progress(step, total, tier)` and returns the result. A stream whose replica died is
-    started again on a live replica (generation is deterministic given the seed; its progress restarts
-    from step 1). Cancelled (the HTTP client went away), it cancels the stream, and the tier replica
-    cancels the job."""
-    for attempt in range(retries + 1):
-        stream = method.options(stream=True).remote(*args)
-        try:
-            async for kind, value in stream:
-                if kind == PROGRESS:
-                    on_progress(*value)
-                else:
-                    return value
-        except BackPressureError as error:
-            raise TierOverloaded(str(error)) from None
-        except REPLICA_GONE as error:
-            _on_replica_gone(error, attempt, retries)
-            continue
-        except asyncio.CancelledError:
-            stream.cancel()
-            raise
-        raise RuntimeError("the tier's stream ended without a result")
-    raise AssertionError("unreachable")
-
-
-class _HandleTier:
-    """A tier deployment as the workflows call it: every method awaits the handle's method."""
-
-    def __init__(self, handle: Any) -> None:
-        self.handle = handle
-
-    async def info(self) -> dict:
-        return await ask(self.handle.info)
-
-
-class EdgeHandle(_HandleTier):
-    async def preview(self, request: PreviewRequest, on_progress: Any = None) -> GenerationResult:
-        if on_progress is not None:
-            return await ask_stream(self.handle.preview_stream, request, on_progress=on_progress)
-        return await ask(self.handle.preview, request)
-
-    async def edit(self, request: Img2ImgRequest, on_progress: Any = None) -> GenerationResult:
-        if on_progress is not None:
-            return await ask_stream(self.handle.edit_stream, request, on_progress=on_progress)
-        return await ask(self.handle.edit, request)
-
-    async def finish(self, plan: "Plan") -> GenerationResult:
-        # the plan's unresolved DeploymentResponse: Serve resolves it for the edge replica, so the latents
-        # go from the cloud replica to the edge replica without passing through here. If a replica died
-        # (the edge's, or the cloud's with the latents), plan again and finish once more.
-        try:
-            return await ask(self.handle.finish, plan.response, retries=0)
-        except TierOverloaded as error:
-            if error.retry_after_s != REPLACEMENT_RETRY_AFTER_S:
-                raise
-            logger.warning("EC-Diff plan or finish lost with its replica; planning again")
-            return await ask(self.handle.finish, plan.again(), retries=0)
-
-
-class Plan:
-    """An EC-Diff / Hybrid cloud plan in flight (a DeploymentResponse), and how to make it again."""
-
-    def __init__(self, handle: Any, request: Any) -> None:
-        self.handle = handle
-        self.request = request
-        self.response = handle.plan.remote(request)
-
-    def again(self) -> Any:
-        self.response = self.handle.plan.remote(self.request)
-        return self.response
-
-
-class CloudHandle(_HandleTier):
-    async def refine(self, request: Img2ImgRequest, on_progress: Any = None) -> GenerationResult:
-        if on_progress is not None:
-            return await ask_stream(self.handle.refine_stream, request, on_progress=on_progress)
-        return await ask(self.handle.refine, request)
-
-    async def generate(self, request: PreviewRequest) -> GenerationResult:
-        return await ask(self.handle.generate, request)
-
-    def plan(self, request: Any) -> Plan:
-        return Plan(self.handle, request)  # not awaited: handed to the edge tier as it is
-
-
-class PredictorHandle(_HandleTier):
-    async def predict(self, prompt: str, image: Image.Image) -> float:
-        return await ask(self.handle.predict, prompt, image)
-
-    async def predict_edit(self, prompt: str, image: Image.Image, previous_prompt: str | None) -> float:
-        return await ask(self.handle.predict_edit, prompt, image, previous_prompt)
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -354,7 +211,7 @@ class DiffusionXIngress:
             cloud_arrivals=ArrivalRate(),
             speculation=None
             if self.args.speculation == "off"
-            else HandleSpeculation(cloud, state, self.args.speculation_policy(), ask),
+            else HandleSpeculation(cloud, state, self.args.speculation_policy()),
         )
         self.admission = AdmissionControl(
             {"edge": self.args.edge_max_batch_size, "cloud": self.args.cloud_max_batch_size},

@@ -15,6 +15,7 @@ import asyncio
 import logging
 from typing import Any
 
+from deployments.handles import ask
 from diffusionx.engine.speculation import Claimed
 from diffusionx.policy.speculation import Pinned, SpeculationPolicy
 from diffusionx.requests import Img2ImgRequest
@@ -23,11 +24,11 @@ logger = logging.getLogger(__name__)
 
 
 class HandleSpeculation:
-    def __init__(self, cloud: Any, state: Any, policy: SpeculationPolicy, ask: Any) -> None:
+    def __init__(self, cloud: Any, state: Any, policy: SpeculationPolicy) -> None:
         self.cloud = cloud  # the CloudRefiner handle
         self.state = state  # the SharedState handle
         self.policy = policy
-        self._ask = ask  # the ingress's tier call (retries a dead replica, 503 on a full queue)
+        self._ask = ask  # retries a dead replica; a full queue is TierOverloaded
         self._tasks: set[asyncio.Task] = set()  # fire-and-forget calls in flight
 
     async def replicas(self) -> list[dict]:

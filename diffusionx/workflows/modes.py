@@ -35,7 +35,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict
 
 from PIL import Image
 
@@ -72,19 +72,31 @@ _OPTIONAL_FIELDS = tuple(sorted(set().union(*_MODE_FIELDS.values())))
 Progress = Callable[[int, int, str], None]
 
 
+class TierInfo(TypedDict, total=False):
+    """A tier's fixed facts (`info()`): its model and default step counts, or its predictors' names."""
+
+    model: str
+    default_size: int
+    default_steps: int
+    preview_steps: int
+    family: str
+    predictor: str
+    edit_predictor: str
+
+
 class EdgeTier(Protocol):
-    async def info(self) -> dict: ...
+    async def info(self) -> TierInfo: ...
     async def preview(
         self, request: PreviewRequest, on_progress: Progress | None = None
     ) -> GenerationResult: ...
     async def edit(
         self, request: Img2ImgRequest, on_progress: Progress | None = None
     ) -> GenerationResult: ...
-    async def finish(self, state: Any) -> GenerationResult: ...  # a PlanState, or the plan's awaitable
+    async def finish(self, state: Awaitable[PlanState]) -> GenerationResult: ...
 
 
 class CloudTier(Protocol):
-    async def info(self) -> dict: ...
+    async def info(self) -> TierInfo: ...
     async def refine(
         self, request: Img2ImgRequest, on_progress: Progress | None = None
     ) -> GenerationResult: ...

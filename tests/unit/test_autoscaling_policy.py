@@ -25,7 +25,7 @@ from diffusionx.policy.autoscaling import (
     batched_steps,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 POLICY_PATH = "diffusionx.policy.autoscaling:QueuedStepsPolicy"
 DEPLOYMENT = DeploymentID(name="CloudRefiner", app_name="diffusionx")
 

@@ -1,7 +1,8 @@
 """The serving path at production size: serve_config_arch.yaml (SD v1.5 / Tiny-SD architectures, random
 weights) on a local Ray cluster at 512x512. Previews, an edit, refinements (one alone, two of different
 strengths sharing UNet steps), EC-Diff, and the replicas' memory at batch 1 and at the configured batch
-size. Slow (several minutes on 2 cores): `pytest -m slow tests/test_arch_serving.py -s` prints the memory
+size. Slow (several minutes on 2 cores):
+`pytest -m slow tests/integration/test_arch_serving.py -s` prints the memory
 table that serve_config_arch.yaml's comments quote (and writes it as JSON to $DIFFUSIONX_ARCH_MEMORY_JSON).
 """
 
@@ -23,7 +24,7 @@ from PIL import Image
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.own_ray_cluster, pytest.mark.timeout(2400)]
 
-CONFIG = Path(__file__).resolve().parents[1] / "serve_config_arch.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "serve_config_arch.yaml"
 SIZE = 512
 PROMPT = "a photo of a cat in a garden"
 

@@ -4,56 +4,12 @@ its routers): batching without a window, merging under load, and that no request
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
 
 import pytest
 
 from diffusionx.engine.model_loop import ModelLoop
 from diffusionx.engine.reporter import CoalescingReporter
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class GatedRunner:
-    """Runs model calls inline, but each waits until the test opens the gate: the model is 'busy' until
-    then. Every call advances the fake clock by `seconds` (the model's time)."""
-
-    def __init__(self, clock: FakeClock, seconds: float = 0.5) -> None:
-        self.clock, self.seconds = clock, seconds
-        self.gate = asyncio.Event()
-        self.calls = 0
-
-    async def __call__(self, function, *args):
-        self.calls += 1
-        await asyncio.sleep(0)  # a real model call yields to the event loop (it runs in a thread)
-        await self.gate.wait()
-        self.clock.now += self.seconds
-        return function(*args)
-
-
-@dataclass
-class Result:
-    value: str
-    timings_ms: dict = field(default_factory=dict)
-
-
-class FakeModel:
-    """A whole-batch model: records each batch; raises for a request named 'bad' (a model-call failure)."""
-
-    def __init__(self) -> None:
-        self.batches: list[list[str]] = []
-
-    def __call__(self, requests: list[str]) -> list[Result]:
-        self.batches.append(list(requests))
-        if "bad" in requests:
-            raise RuntimeError("model failed on 'bad'")
-        return [Result(r.upper()) for r in requests]
+from tests.fakes import FakeClock, FakeModel, FakeStepper, GatedRunner
 
 
 def make_loop(max_batch_size: int = 4, seconds: float = 0.5):
@@ -200,68 +156,6 @@ def test_unknown_kind_is_refused_before_it_counts_as_load():
 
 
 # -- step-level batching through the loop, with a fake stepper ----------------------------------------------
-@dataclass(eq=False)
-class FakeTicket:
-    request: tuple[str, int]
-    result: Result | None = None
-    error: BaseException | None = None
-    steps_run: int = 0
-
-    @property
-    def done(self) -> bool:
-        return self.result is not None or self.error is not None
-
-
-class FakeStepper:
-    """Advances every sample one step per `step`; a sample named 'boom' makes its step fail."""
-
-    def __init__(self) -> None:
-        self.pool: list[FakeTicket] = []
-        self.steps = 0
-
-    def add(self, request: tuple[str, int]) -> FakeTicket:
-        name, steps = request
-        if name == "invalid":
-            raise ValueError("invalid request")
-        ticket = FakeTicket(request)
-        if steps == 0:
-            ticket.result = Result(name)
-        else:
-            self.pool.append(ticket)
-        return ticket
-
-    def step(self) -> list[FakeTicket]:
-        self.steps += 1
-        if any(t.request[0] == "boom" for t in self.pool):
-            for ticket in self.pool:
-                ticket.error = RuntimeError("step failed")
-            failed, self.pool = self.pool, []
-            return failed
-        for ticket in self.pool:
-            ticket.steps_run += 1
-        finished = [t for t in self.pool if t.steps_run == t.request[1]]
-        for ticket in finished:
-            ticket.result = Result(ticket.request[0], {})
-            ticket.result.batch_size = len(self.pool)  # type: ignore[attr-defined]
-        self.pool = [t for t in self.pool if t not in finished]
-        return finished
-
-    def priorities(self) -> list[tuple[int, int]]:
-        left = [ticket.request[1] - ticket.steps_run for ticket in self.pool]
-        return [(remaining, remaining) for remaining in sorted(left)]
-
-    def cancel(self, ticket: FakeTicket) -> bool:
-        kept = [t for t in self.pool if t is not ticket]
-        removed, self.pool = len(kept) < len(self.pool), kept
-        return removed
-
-    @property
-    def idle(self) -> bool:
-        return not self.pool
-
-    @property
-    def has_foreground(self) -> bool:
-        return bool(self.pool)
 
 
 def make_step_loop():

@@ -11,8 +11,11 @@ from ray.serve.schema import ServeDeploySchema
 from deployments.app import build_app
 from diffusionx.app_config import AppArgs
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = [*sorted(ROOT.glob("serve_config*.yaml")), ROOT / "tests" / "serve_config_test.yaml"]
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = [
+    *sorted(ROOT.glob("serve_config*.yaml")),
+    ROOT / "tests" / "integration" / "serve_config_test.yaml",
+]
 DEPLOYMENTS = {"DiffusionXIngress", "EdgePreviewer", "CloudRefiner", "StrengthPredictor", "SharedState"}
 
 

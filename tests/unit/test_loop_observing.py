@@ -14,7 +14,7 @@ from diffusionx.engine.progress import stream_progress
 from diffusionx.engine.tiers import CloudModel, EdgeModel
 from diffusionx.requests import Img2ImgRequest, PreviewRequest
 from diffusionx.workflows import modes
-from tests.test_model_loop import FakeClock, FakeModel, FakeStepper, GatedRunner
+from tests.fakes import FakeClock, FakeModel, FakeStepper, GatedRunner
 
 
 class RecordingObserver(LoopObserver):

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import TEST_METRICS_PORT
+from tests.integration.conftest import TEST_METRICS_PORT
 
 pytestmark = pytest.mark.ray
 

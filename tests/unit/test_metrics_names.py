@@ -10,7 +10,7 @@ from pathlib import Path
 import deployments.metrics as metrics
 from deployments.metrics import IngressMetrics, SpeculationMetrics, TierMetrics
 
-DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "diffusionx.json"
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "diffusionx.json"
 
 
 def exported_names() -> set[str]:

@@ -10,7 +10,7 @@ import pytest
 
 from clients import AsyncDiffusionXClient, DiffusionXClient, ProgressEvent
 from clients.errors import DiffusionXError, InvalidRequest
-from tests.test_client import URL, FakeServer
+from tests.fakes import URL, FakeServer
 
 
 class EventServer(FakeServer):

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import email.utils
-import io
 import itertools
-import json
 import subprocess
 import sys
 import time
@@ -27,72 +24,7 @@ from clients.errors import (
     ServerError,
     parse_retry_after,
 )
-
-URL = "http://diffusionx.test"
-
-
-def png_base64(color: tuple[int, int, int], size: int = 16) -> str:
-    buffer = io.BytesIO()
-    Image.new("RGB", (size, size), color).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _is_edit(body: dict[str, Any]) -> bool:
-    return "preview_id" in body or "image" in body
-
-
-class FakeServer:
-    """Answers the API like the ingress does. `forget_ids` makes every preview id unknown (404)."""
-
-    def __init__(self, forget_ids: bool = False) -> None:
-        self.forget_ids = forget_ids
-        self.requests: list[tuple[str, dict[str, Any]]] = []
-        self.previews: dict[str, str] = {}
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        path = request.url.path
-        body = json.loads(request.content) if request.content else {}
-        self.requests.append((path, body))
-        if "preview_id" in body and (self.forget_ids or body["preview_id"] not in self.previews):
-            message = f"preview_id '{body['preview_id']}' is unknown or has expired; send the image itself"
-            return httpx.Response(404, json={"error": message, "status": 404})
-        if path == "/v1/preview":
-            size = body.get("width", 16)
-            preview_id = f"p{len(self.previews)}"
-            image = png_base64((10 * len(self.previews), 0, 0), size)
-            self.previews[preview_id] = image
-            return httpx.Response(
-                200,
-                json={
-                    "preview_id": preview_id,
-                    "image": image,
-                    "seed": body["seed"],
-                    "width": size,
-                    "height": size,
-                    "num_inference_steps": 8,
-                    # an edit without a strength: the edit predictor's pick
-                    "strength": body.get("strength", 0.75 if _is_edit(body) else None),
-                    "unet_calls": {"cloud": 0, "edge": 8, "approximated": 0},
-                    "timings_ms": {"model_total": 12.5, "queue": 1.0, "batch_size": 2.0},
-                },
-            )
-        if path == "/v1/refine":
-            return httpx.Response(
-                200,
-                json={
-                    "image": png_base64((0, 200, 0)),
-                    "seed": body["seed"],
-                    "strength_predicted": 0.42,
-                    "strength_used": body.get("strength", 0.42),
-                    "num_inference_steps": 20,
-                    "route": "cloud",
-                    "reason": "light load",
-                    "load": {"queued_steps": 0.0},
-                    "unet_calls": {"cloud": 8, "edge": 0, "approximated": 0},
-                    "timings_ms": {"model_total": 30.0},
-                },
-            )
-        return httpx.Response(404, json={"error": f"no route {path}", "status": 404})
+from tests.fakes import URL, FakeServer
 
 
 def test_session_rounds_edit_by_id_and_finalize_last_prompt() -> None:

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 from ray.exceptions import ActorDiedError
 
-from deployments.ingress import REPLACEMENT_RETRY_AFTER_S, TierOverloaded, ask, ask_stream
+from deployments.handles import ask, ask_stream
 from diffusionx.engine.progress import PROGRESS
+from diffusionx.serving.errors import REPLACEMENT_RETRY_AFTER_S, ReplicaGone, TierOverloaded
 
 
 class FakeMethod:
@@ -53,7 +54,7 @@ def test_a_call_whose_replica_died_is_sent_again() -> None:
 
 def test_a_call_that_dies_twice_is_a_503_with_the_replacement_retry_after() -> None:
     method = FakeMethod(failures=2)
-    with pytest.raises(TierOverloaded) as caught:
+    with pytest.raises(ReplicaGone) as caught:
         asyncio.run(ask(method, "request"))
     assert caught.value.retry_after_s == REPLACEMENT_RETRY_AFTER_S and method.calls == 2
 

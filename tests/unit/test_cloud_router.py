@@ -22,7 +22,7 @@ from diffusionx.policy.speculation import Pinned
 from diffusionx.requests import Img2ImgRequest, PreviewRequest
 from diffusionx.sampling.collaborative import CollaborationParams, CollaborativeRequest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEP_S = [0.05, 0.01]  # t(b) = 50 ms + 10 ms per sample
 
 

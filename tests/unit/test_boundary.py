@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import io
-import struct
-import zlib
 from contextlib import ExitStack
 from typing import Any
 
@@ -16,26 +14,16 @@ import pytest
 from fastapi import FastAPI, Request
 from PIL import Image
 
-from diffusionx import guard as guard_module
 from diffusionx.engine.monitor import TierMonitor, merge_snapshots, snapshot_dict
-from diffusionx.guard import Guard, GuardConfig, check_json, load_api_keys, owner_of
 from diffusionx.imaging import claimed_png_size, decode_png
 from diffusionx.policy.admission import AdmissionControl
 from diffusionx.requests import InvalidRequestError
+from diffusionx.serving import guard as guard_module
+from diffusionx.serving.guard import Guard, GuardConfig, check_json, load_api_keys, owner_of
+from tests.fakes import FakeClock, png_claiming
 
 
 # -- images -------------------------------------------------------------------------------------------------
-def png_claiming(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height (the pixel data is empty: a bomb's header is enough)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    signature = b"\x89PNG\r\n\x1a\n"
-    return signature + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
-
-
 def test_decompression_bombs_are_refused_from_the_header_before_decoding():
     bomb = png_claiming(30000, 30000)
     assert claimed_png_size(bomb) == (30000, 30000)
@@ -157,14 +145,6 @@ def test_every_key_is_compared_in_constant_time_for_missing_and_wrong_keys(monke
 
 
 # -- admission control ---------------------------------------------------------------------------
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_admission_refuses_at_once_with_retry_after_from_the_drain_time():
     clock = FakeClock()
     admission = AdmissionControl({"cloud": 4, "edge": 8}, max_wait_s=2.0, view_max_age_s=5.0, clock=clock)
