@@ -13,9 +13,9 @@ Method (every figure through HTTP with `clients.loadgen`):
    beforehand arrive at `--load-x` times the capacity of the router experiment's finalizes (at
    `--finalize-strength`, the same target): on and off. SLO attainment is over every finalize of the run
    (the sessions' and the load's); the other figures are the sessions'.
-"On" and "off" are the same application restarted with `speculation: idle` or `off` when the bench runs
-the local application; against `--url` the off runs send `"speculation": "off"` on each refine (the
-server still speculates, nothing uses it).
+"On" is the application as started (the default, `speculation: idle`); "off" is the same application
+restarted with `speculation: off` when the bench runs the local application; against `--url` the off
+runs send `"speculation": "off"` on each refine (the server still speculates, nothing uses it).
 
 Per run: `finalize_latency_s_p50`, `_p95`, `session_latency_s_mean`, `slo_attainment`, `quality`,
 `cloud_unet_calls` (per session: every response's cloud calls, a speculation's answer counted once, plus
@@ -129,10 +129,9 @@ def run_speculation(
     in finalizes of `steps` cloud steps per second."""
     runs: dict[str, list[dict[str, Any]]] = {}
     wasted: dict[str, int] = {}
-    urls = {"on": url, "off": url}
+    urls = {"on": url, "off": url}  # `url` serves the default, `speculation: idle`
     off_extra: dict[str, Any] = {"speculation": "off"}
     if restart is not None:
-        urls = {"on": restart({"speculation": "idle"}), "off": url}
         off_extra = {}
     # 1. the steps of a session's finalize (predicted strength), unloaded
     gaps = [GAP_S * i for i in range(UNLOADED)]
