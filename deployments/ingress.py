@@ -51,6 +51,7 @@ from diffusionx.policy.admission import AdmissionControl
 from diffusionx.policy.calibration import ArrivalRate, LatencyCalibration
 from diffusionx.policy.router import CloudLoad, RouterConfig
 from diffusionx.policy.service_model import ReplicaLoad
+from diffusionx.policy.sessions import SessionTracker
 from diffusionx.policy.speculation import preview_digest
 from diffusionx.requests import Img2ImgRequest, InvalidRequestError, PreviewRequest
 from diffusionx.serving.errors import PreviewNotFound, TierOverloaded
@@ -218,6 +219,9 @@ class DiffusionXIngress:
             max_wait_s=self.args.admission_max_wait_s,
         )
         self._load_watcher: asyncio.Task | None = None
+        # the cloud tier's leading indicator (diffusionx.policy.ahead), published with the load refresh
+        self.sessions = SessionTracker()
+        self._sessions_source = uuid.uuid4().hex
         self.metrics = ingress_metrics()
         self._metrics_url: str | None = None
 
@@ -281,6 +285,8 @@ class DiffusionXIngress:
         while True:
             try:
                 self.admission.update(await self.state.tiers.remote())
+                activity = self.sessions.activity().to_dict()
+                await self.state.report_sessions.remote(self._sessions_source, activity)
             except Exception as error:  # the shared state restarting: the view ages out meanwhile
                 logger.debug("tier load unavailable: %s", error)
             await asyncio.sleep(LOAD_REFRESH_S)
@@ -370,6 +376,7 @@ class DiffusionXIngress:
         preview_id = self._store_preview(png, owner)
         if self.tiers.speculation is not None:  # after the answer, off its path
             self.tiers.speculation.later(self._speculate(body, png, body.session_id or preview_id))
+        self.sessions.preview(preview_id, body.preview_id)
         self.metrics.request_done("preview", "edit" if is_edit else "edge", _s(start))
         return {
             "preview_id": preview_id,
@@ -424,6 +431,9 @@ class DiffusionXIngress:
                 preview=preview_digest(png) if body.speculation == "on" else None,
             )
         result, decision = final.result, final.decision
+        self.sessions.finalize(
+            body.preview_id, decision.cloud_steps if decision.route != "edge-fallback" else 0
+        )
         image = base64.b64encode(await encode_png(result.image)).decode("ascii")
         self.metrics.routed(decision.route, final.strength_predicted, decision.strength)
         self.metrics.request_done("refine", decision.route, _s(start))

@@ -16,6 +16,7 @@ from ray import serve
 from deployments.metrics import speculation_metrics
 from diffusionx.engine.monitor import merge_snapshots
 from diffusionx.engine.preview_cache import PreviewCache
+from diffusionx.policy.sessions import SessionActivity, merge_activity
 from diffusionx.policy.speculation import Pinned, SpeculationRegistry
 
 STALE_AFTER_S = 30.0  # a replica that has not reported for this long is gone (replicas report every ~2 s)
@@ -38,6 +39,7 @@ class SharedState:
         self._cache = PreviewCache(preview_cache_bytes, preview_cache_ttl_s)
         self._snapshots: dict[str, dict[str, dict]] = {tier: {} for tier in TIERS}
         self._speculations = SpeculationRegistry(speculation_ttl_s)
+        self._sessions: dict[str, SessionActivity] = {}  # by ingress replica
 
     # -- speculative refinements --------------------------------------------------------------------------
     def _counting(self, operation: Callable[[], Any]) -> Any:
@@ -95,6 +97,17 @@ class SharedState:
     async def tiers(self) -> dict[str, dict]:
         """Every tier's merged view (what admission control reads)."""
         return {tier: merge_snapshots(self._live(tier)) for tier in TIERS}
+
+    async def report_sessions(self, source: str, activity: dict) -> None:
+        """An ingress replica's session activity (the cloud tier's leading indicator)."""
+        self._sessions[source] = SessionActivity(**activity)
+
+    async def sessions(self) -> dict:
+        """Every live ingress replica's session activity, merged (`diffusionx.policy.sessions`)."""
+        now = time.time()
+        for source in [s for s, a in self._sessions.items() if now - a.taken_at > STALE_AFTER_S]:
+            del self._sessions[source]
+        return merge_activity(self._sessions.values()).to_dict()
 
     async def stats(self) -> dict:
         return {

@@ -71,6 +71,15 @@ def measured(model: LoadedModel, run: Callable[[], Any]) -> tuple[float, float |
     return seconds, peak, result
 
 
+def measured_load(device: torch.device, load: Callable[[], LoadedModel]) -> tuple[float, None, LoadedModel]:
+    """Seconds to load a model onto `device` (weights from disk or cache), and the model."""
+    synchronize(device)
+    start = time.perf_counter()
+    model = load()
+    synchronize(device)
+    return time.perf_counter() - start, None, model
+
+
 def guarded(function: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """A measurement, or {"oom": True} when the GPU ran out of memory (the table says so)."""
     try:
@@ -156,9 +165,16 @@ def step_batching(model: LoadedModel, image: Any, batch_size: int, steps: int) -
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
-    cloud = load_model(args.cloud_model, device=device, dtype=args.dtype)
+    # load times (a GPU-timed replica's start-up, diffusionx.models.gpu_timed): the edge model's without
+    # the components it shares with the cloud model
+    load_s, _, cloud = measured_load(
+        device, lambda: load_model(args.cloud_model, device=device, dtype=args.dtype)
+    )
     share = cloud if _same_family(args.edge_model, cloud) else None
-    edge = load_model(args.edge_model, device=device, dtype=args.dtype, share_with=share)
+    edge_load_s, _, edge = measured_load(
+        device, lambda: load_model(args.edge_model, device=device, dtype=args.dtype, share_with=share)
+    )
+    loads = {"cloud": round(load_s, 3), "edge": round(edge_load_s, 3)}
     size = args.size or cloud.spec.default_size
     preview_steps = args.preview_steps or edge.spec.preview_steps
     refine_steps = args.refine_steps or cloud.spec.default_steps
@@ -196,6 +212,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             "unet_parameters": sum(p.numel() for p in model.unet.parameters()),
             "requests": "previews" if role == "edge" else f"refinements at strength {UNIFORM_STRENGTH}",
             "num_inference_steps": preview_steps if role == "edge" else refine_steps,
+            "load_s": loads[role],
             "rows": rows,
         }
     batching = step_batching(cloud, image, args.mixed_batch_size or max(args.batch_sizes), refine_steps)
