@@ -9,8 +9,10 @@ registry, tested without Ray:
 - `affordable_background`: how many background samples a step may add to `f` foreground samples. None
   while foreground samples wait for a slot (the batcher enforces that); otherwise the empty slots whose
   cost the service model's step time `t(b)` says a foreground step can afford: `t(f + k) <= (1 +
-  max_slowdown) * t(f)`. A GPU's step time is nearly flat below its batch capacity, so speculation
-  shares steps there; a CPU's grows with `b`, so with a small slowdown it runs only when the tier is idle.
+  max_slowdown) * t(f)`; on an idle replica `t(k) <= (1 + max_slowdown) * t(1)` (at least one), since a
+  foreground arrival waits for that step. A GPU's step time is nearly flat below its batch capacity, so
+  speculation shares steps and fills idle ones there; a CPU's grows with `b`, so with a small slowdown it
+  runs one sample at a time, only when the tier is idle.
 - `SpeculationPolicy.allows`: submit only when the tier's idle capacity (free batch slots over all
   slots, from the replicas' reported foreground pools and queues) is at least `idle_floor` and the
   speculative steps already queued on the tier are within `max_steps`.
@@ -40,20 +42,21 @@ def affordable_background(
     step_s: Callable[[int], float | None],
     max_slowdown: float = DEFAULT_MAX_SLOWDOWN,
 ) -> int:
-    """Background samples a step may add to `foreground` samples (module docstring). Without foreground
-    every slot; with foreground and no measured step time none."""
-    if foreground <= 0:
-        return max_batch_size
-    base = step_s(foreground)
+    """Background samples a step may add to `foreground` samples (module docstring). With foreground, the
+    most that keep the step within `max_slowdown` of `t(foreground)` (none without a measured step time).
+    Without foreground, at least one, and as many as keep the step within `max_slowdown` of `t(1)`: a
+    foreground arrival waits for the step in flight, so that step stays about as short as one sample's."""
+    reference = max(1, foreground)
+    base = step_s(reference)
     if base is None:
-        return 0
-    extra = 0
-    while foreground + extra < max_batch_size:
-        slower = step_s(foreground + extra + 1)
+        return 0 if foreground > 0 else 1
+    allowed = 0 if foreground > 0 else 1
+    while foreground + allowed < max_batch_size:
+        slower = step_s(foreground + allowed + 1)
         if slower is None or slower > (1.0 + max_slowdown) * base:
             break
-        extra += 1
-    return extra
+        allowed += 1
+    return allowed
 
 
 @dataclass(frozen=True)

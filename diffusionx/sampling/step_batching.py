@@ -159,10 +159,11 @@ class StepBatcher:
     every foreground sample is in it (none waits), background samples of the same group fill up to
     `background_limit(foreground batch size)` more slots (default: every empty slot; a serving tier sets
     what its service model says a foreground step can afford to share), fewest remaining steps first.
-    Without foreground they fill the batch. A background sample left out is paused where it is: it keeps
-    its x_t and position, does not age, and is not in `priorities()` (the foreground load view). `promote`
-    makes it foreground with the key of a new arrival of its remaining steps. Its arithmetic is the one of
-    a foreground sample, so pausing and promotion leave its pixels unchanged.
+    Without foreground they take `background_limit(0)` slots (at least one). A background sample left
+    out is paused where it is: it keeps its x_t and position, does not age, and is not in
+    `priorities()` (the foreground load view). `promote` makes it foreground with the key of a new
+    arrival of its remaining steps. Its arithmetic is the one of a foreground sample, so pausing and
+    promotion leave its pixels unchanged.
 
     Costs are counted like `img2img`: a sample's `unet_calls` on `tier` is the number of steps it ran
     (`int(N * strength)`); with guidance, the (unconditional, conditional) pair is one call, and
@@ -302,7 +303,8 @@ class StepBatcher:
             if not background:
                 return []
             key = background[0].batch_key
-            return [sample for sample in background if sample.batch_key == key][: self.max_batch_size]
+            room = min(self.max_batch_size, max(1, int(self.background_limit(0))))
+            return [sample for sample in background if sample.batch_key == key][:room]
         key = foreground[0].batch_key
         batch = [sample for sample in foreground if sample.batch_key == key][: self.max_batch_size]
         if len(batch) < len(foreground):  # some foreground sample waits: every background sample does too

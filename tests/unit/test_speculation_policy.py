@@ -17,7 +17,9 @@ from diffusionx.policy.speculation import (
 def test_background_fills_an_idle_step_and_shares_a_foreground_one_only_within_the_slowdown():
     flat = lambda b: 0.100 + 0.001 * b  # noqa: E731  (a GPU below its capacity: +1% a sample)
     steep = lambda b: 0.05 + 0.05 * b  # noqa: E731  (a CPU: each sample costs as much as the step)
-    assert affordable_background(0, 8, steep) == 8  # no foreground: every slot
+    assert affordable_background(0, 8, steep) == 1  # idle: one sample, so an arrival waits one short step
+    assert affordable_background(0, 8, flat) == 6  # t(6) = 0.106 <= 1.05 * t(1)
+    assert affordable_background(0, 8, lambda b: None) == 1
     assert affordable_background(2, 8, flat, max_slowdown=0.05) == 5  # t(7) = 0.107 <= 1.05 * 0.102
     assert affordable_background(2, 8, flat, max_slowdown=0.02) == 2  # 0.104 -> 0.106 is <= 2% more
     assert affordable_background(2, 8, steep, max_slowdown=0.05) == 0
