@@ -102,8 +102,8 @@ class AppArgs(BaseModel):
         0.5,
         ge=0.0,
         le=1.0,
-        description="Speculate only while at least this share of the cloud tier's batch slots is free of "
-        "foreground work (from the replicas' reported pools and queues).",
+        description="Speculate only while the cloud tier's idle capacity is at least this share: the lower "
+        "of its batch slots free of foreground work now and its recent time without foreground work.",
     )
     speculation_max_steps: int = Field(
         400,
