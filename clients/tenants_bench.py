@@ -129,7 +129,7 @@ def summarize(outcomes: list[Outcome], tenant: str, offered_x_share: float, slo_
         "refused_503": sum(o.status == "503" for o in refused),
         "refusals_with_retry_after": sum(o.retry_after for o in refused),
         "errors": len(mine) - len(ok) - len(refused),
-        "example_refusal": refused[0].message if refused else None,
+        "refusal_examples": sorted({o.message[:160] for o in refused})[:4],
         "slo_attainment": round(within / len(mine), 4) if mine else None,
         "latency_s_p50": round(float(np.percentile(ok, 50)), 3) if ok else None,
         "latency_s_p95": round(float(np.percentile(ok, 95)), 3) if ok else None,
