@@ -259,10 +259,39 @@ class Sizing:
     peak_rate: float  # sessions per second at the peak
     slo_s: float
     needed_cloud_replicas: int
+    edge_replicas: int  # fixed for the run: the edge tier is not what is measured
+
+
+EDGE_UTILIZATION = 0.5  # of the edge's full-batch throughput at the peak: previews never wait on the edge
+
+
+def edge_replicas_for(peak_rate: float, rounds: int, preview_steps: int, step_s: float, batch: int) -> int:
+    """Edge replicas that serve the peak's previews at `EDGE_UTILIZATION`: `peak_rate` sessions per second
+    each previewing `rounds` times (Little's law at the hold), `preview_steps` steps per preview, a step of
+    `batch` previews taking `step_s` (the edge's t(B))."""
+    if batch < 1 or step_s <= 0:
+        raise ValueError(f"batch={batch} and step_s={step_s} must be >= 1 and > 0")
+    busy = peak_rate * rounds * preview_steps * step_s / batch  # edge replica-seconds per second
+    return max(1, math.ceil(busy / EDGE_UTILIZATION - 1e-9))
+
+
+def edge_step(config_path: Path) -> tuple[int, int, float]:
+    """(preview steps, full batch B, t(B)) of the config's edge model on the GPU profile it waits."""
+    import yaml
+
+    from diffusionx.models.gpu_timed import load_profile
+    from diffusionx.models.registry import get_spec
+
+    args = yaml.safe_load(Path(config_path).read_text())["applications"][0]["args"]
+    spec = get_spec(args["edge_model"])
+    batch = int(args["edge_max_batch_size"])
+    step_s = load_profile().role(spec.gpu_timed).step_s(batch)
+    return int(spec.preview_steps or spec.default_steps), batch, step_s
 
 
 def measure_sizing(url: str, args: argparse.Namespace) -> Sizing:
     from clients.compare_bench import _cloud_service, capacity_per_s
+    from deployments.local import AUTOSCALE_CONFIG
 
     gaps = [UNLOADED_GAP_S * i for i in range(UNLOADED_FINALIZES)]
     config = _loadgen_config(url, args, "finalize", gaps, gaps[-1] + 1.0)
@@ -276,6 +305,7 @@ def measure_sizing(url: str, args: argparse.Namespace) -> Sizing:
     capacity = capacity_per_s(cloud, steps) / replicas
     unloaded_s = float(np.median([float(r["e2e_ms"]) for r in ok])) / 1000.0
     peak = args.peak_rate or args.peak_x * capacity
+    preview_steps, edge_batch, edge_step_s = edge_step(AUTOSCALE_CONFIG)
     return Sizing(
         finalize_steps=round(steps, 2),
         unloaded_latency_s=round(unloaded_s, 3),
@@ -283,6 +313,7 @@ def measure_sizing(url: str, args: argparse.Namespace) -> Sizing:
         peak_rate=round(peak, 4),
         slo_s=round(args.slo_x * unloaded_s, 3),
         needed_cloud_replicas=max(1, math.ceil(peak / capacity - 1e-9)),
+        edge_replicas=edge_replicas_for(peak, args.rounds, preview_steps, edge_step_s, edge_batch),
     )
 
 
@@ -305,6 +336,27 @@ def cloud_autoscaling(policy: str) -> dict[str, Any]:
     return autoscaling
 
 
+def edge_autoscaling(replicas: int) -> dict[str, Any]:
+    """The edge tier's autoscaling_config held at `replicas` (min = max): the experiment is the cloud's."""
+    import yaml
+
+    from deployments.local import AUTOSCALE_CONFIG
+
+    raw = yaml.safe_load(Path(AUTOSCALE_CONFIG).read_text())
+    edge = next(d for d in raw["applications"][0]["deployments"] if d["name"] == "EdgePreviewer")
+    return {**edge["autoscaling_config"], "min_replicas": replicas, "max_replicas": replicas}
+
+
+def _wait_for_edge(replicas: int, timeout_s: float = 180.0) -> None:
+    from deployments.autoscaling_cluster import sample_cluster
+
+    deadline = time.monotonic() + timeout_s
+    while sample_cluster().replicas["edge"] < replicas:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the edge tier did not reach {replicas} replicas within {timeout_s:.0f} s")
+        time.sleep(1.0)
+
+
 AHEAD_KWARGS = {"target_utilization": 0.85}  # of full-batch throughput: batches stay part-full, latency low
 
 
@@ -316,7 +368,11 @@ def run_policy(policy: str, args: argparse.Namespace, ramp: Ramp | None, sizing:
     began = time.monotonic()
     cluster = start_cluster(node_start_delay_s=args.node_start_s)
     try:
-        options = {"CloudRefiner": {"autoscaling_config": cloud_autoscaling(policy)}}
+        options: dict[str, dict[str, Any]] = {
+            "CloudRefiner": {"autoscaling_config": cloud_autoscaling(policy)}
+        }
+        if sizing is not None:
+            options["EdgePreviewer"] = {"autoscaling_config": edge_autoscaling(sizing.edge_replicas)}
         url = start_local_app(AUTOSCALE_CONFIG, port=args.port, deployment_options=options, timeout_s=600.0)
         print(
             f"[{policy}] cluster and application up in {time.monotonic() - began:.0f} s at {url}", flush=True
@@ -324,6 +380,9 @@ def run_policy(policy: str, args: argparse.Namespace, ramp: Ramp | None, sizing:
         if sizing is None:
             sizing = measure_sizing(url, args)
             print(f"[{policy}] sizing: {json.dumps(asdict(sizing))}", flush=True)
+            options["EdgePreviewer"] = {"autoscaling_config": edge_autoscaling(sizing.edge_replicas)}
+            url = start_local_app(AUTOSCALE_CONFIG, port=args.port, deployment_options=options)
+        _wait_for_edge(sizing.edge_replicas)
         if ramp is None:
             base = QUICK if args.quick else FULL
             ramp = Ramp(sizing.peak_rate, base.up_s, base.hold_s, base.down_s)

@@ -10,6 +10,9 @@ from clients.bench_autoscale import (
     Ramp,
     build_timeline,
     cloud_autoscaling,
+    edge_autoscaling,
+    edge_replicas_for,
+    edge_step,
     slo_attainment,
     summarize,
     time_to_capacity,
@@ -112,6 +115,8 @@ def test_node_types_carry_the_tier_resources_the_config_asks_for():
         [(resource, need)] = options["resources"].items()
         per_node = int(min(node[resource] / need, node["CPU"] / options["num_cpus"]))
         assert per_node >= 1, tier
+        if tier == "cloud":  # one GPU per cloud node: cloud nodes follow cloud replicas
+            assert per_node == 1
         other = "edge_node" if tier == "cloud" else "cloud_node"
         assert other not in node
         assert (
@@ -139,3 +144,16 @@ def test_the_delayed_provider_waits_before_it_creates_a_node(monkeypatch):
     provider = delayed_node_provider.DelayedFakeProvider({"node_start_delay_s": 12.0}, "test")
     provider.create_node_with_resources_and_labels({}, {}, 1, {"CPU": 1}, {})
     assert events == [("sleep", 12.0), ("create", 1)]
+
+
+def test_edge_replicas_serve_the_peak_previews_at_half_their_full_batch_throughput():
+    # 2 sessions/s x 4 previews x 8 steps x 0.2 s / 16 per batch = 0.8 replica-s per s -> 1.6 -> 2
+    assert edge_replicas_for(2.0, 4, 8, 0.2, 16) == 2
+    assert edge_replicas_for(0.01, 1, 1, 0.01, 16) == 1
+    assert edge_replicas_for(5.0, 4, 8, 0.2, 16) == 4  # 2.0 -> 4.0 exactly
+    with pytest.raises(ValueError):
+        edge_replicas_for(1.0, 4, 8, 0.0, 16)
+    steps, batch, step_s = edge_step(AUTOSCALE_CONFIG)  # tiny-sd-gpu-timed on the shipped profile
+    assert (steps, batch) == (8, 16) and step_s == pytest.approx(0.18643)
+    edge = edge_autoscaling(3)
+    assert edge["min_replicas"] == edge["max_replicas"] == 3 and "upscale_delay_s" in edge
