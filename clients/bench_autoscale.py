@@ -15,7 +15,9 @@ ramp, on Ray's local autoscaling cluster with replicas that keep a GPU's time.
    (`t(b)`, batch capacity `B`) gives its capacity, `B / (steps * t(B))` finalizes per second (as `bench
    compare`). The ramp peaks at `--peak-x` times that capacity (sessions per second; every session
    finalizes), the latency target (SLO) is `--slo-x` times the unloaded latency, and the cloud replicas the
-   peak needs are `ceil(peak / capacity)`.
+   peak needs are `ceil(peak / capacity)`. The edge tier is not what is measured: it is held (min = max
+   replicas) at what the peak's previews need at `EDGE_UTILIZATION` of its full-batch throughput on the GPU
+   profile (`edge_replicas_for`), on every cluster before its ramp, so previews never hold sessions back.
 3. Replay the ramped session workload (`clients.loadgen`: arrivals rise linearly to the peak, hold, fall;
    each session previews `--rounds` times with think times, then finalizes at `--finalize-strength`) and
    sample every `--sample-s` seconds the running replicas per tier, the alive nodes and the cloud tier's
