@@ -9,7 +9,9 @@ ramp, on Ray's local autoscaling cluster with replicas that keep a GPU's time.
    profile, each replica start its load time; `--gpu-profile`, default the shipped A100 profile), so a
    replica adds capacity as a GPU would. Policies: `default` (Serve's request-count policy), `work`
    (`QueuedStepsPolicy`, the config's), `ahead` (`AheadPolicy`: the work held plus the finalizes the
-   previewing sessions will bring); same bounds and delays.
+   previewing sessions will bring; its priors, used until the ingress has seen a finalize, are what the
+   first policy's run of the same workload measured, `session_priors`, as a deployment starts from its
+   earlier traffic); same bounds and delays.
 2. On the first cluster, before its ramp, size the experiment from one cloud replica: a few finalizes one
    at a time give the steps of a finalize and the unloaded latency; the replica's published service model
    (`t(b)`, batch capacity `B`) gives its capacity, `B / (steps * t(B))` finalizes per second (as `bench
@@ -319,10 +321,10 @@ def measure_sizing(url: str, args: argparse.Namespace) -> Sizing:
     )
 
 
-def cloud_autoscaling(policy: str) -> dict[str, Any]:
+def cloud_autoscaling(policy: str, priors: dict[str, float] | None = None) -> dict[str, Any]:
     """The cloud tier's autoscaling_config for `policy`: the config's (work), the same without the custom
-    policy (default: Serve's on target_ongoing_requests), or the config's kwargs with `AheadPolicy`
-    (ahead); same bounds and delays."""
+    policy (default: Serve's on target_ongoing_requests), or the config's kwargs with `AheadPolicy` and its
+    `priors` (ahead); same bounds and delays."""
     import yaml
 
     from deployments.local import AUTOSCALE_CONFIG
@@ -334,7 +336,8 @@ def cloud_autoscaling(policy: str) -> dict[str, Any]:
         autoscaling.pop("policy", None)
     elif policy == "ahead":
         kwargs = dict(autoscaling["policy"].get("policy_kwargs", {}))
-        autoscaling["policy"] = {"policy_function": AHEAD_POLICY, "policy_kwargs": {**kwargs, **AHEAD_KWARGS}}
+        kwargs = {**kwargs, **AHEAD_KWARGS, **(priors or {})}
+        autoscaling["policy"] = {"policy_function": AHEAD_POLICY, "policy_kwargs": kwargs}
     return autoscaling
 
 
@@ -359,10 +362,38 @@ def _wait_for_edge(replicas: int, timeout_s: float = 180.0) -> None:
         time.sleep(1.0)
 
 
+def session_priors(rows: list[dict[str, Any]], finalize_steps: float) -> dict[str, float]:
+    """`AheadPolicy`'s priors from an earlier run of the workload (loadgen rows: `session`, `kind`,
+    `arrival_s`): the share of sessions that sent a finalize, the mean time from a session's first preview
+    to its finalize, and the measured steps of a finalize; {} when that run had no finalize."""
+    first: dict[str, float] = {}
+    finals: dict[str, float] = {}
+    for r in rows:
+        session, t = str(r["session"]), float(r["arrival_s"])
+        if r["kind"] == "finalize":
+            finals[session] = t
+        else:
+            first[session] = min(t, first.get(session, t))
+    leads = [t - first[s] for s, t in finals.items() if s in first]
+    if not leads or finalize_steps <= 0:
+        return {}
+    return {
+        "prior_finalize_share": round(len(leads) / len(first), 4),
+        "prior_preview_to_finalize_s": round(sum(leads) / len(leads), 2),
+        "prior_finalize_steps": round(finalize_steps, 2),
+    }
+
+
 AHEAD_KWARGS = {"target_utilization": 0.85}  # of full-batch throughput: batches stay part-full, latency low
 
 
-def run_policy(policy: str, args: argparse.Namespace, ramp: Ramp | None, sizing: Sizing | None) -> tuple:
+def run_policy(
+    policy: str,
+    args: argparse.Namespace,
+    ramp: Ramp | None,
+    sizing: Sizing | None,
+    priors: dict[str, float] | None = None,
+) -> tuple:
     """One policy on a fresh cluster: (rows, samples, sizing, ramp); sizes the ramp first when not given."""
     from deployments.autoscaling_cluster import start_cluster, stop_cluster
     from deployments.local import AUTOSCALE_CONFIG, start_local_app
@@ -371,7 +402,7 @@ def run_policy(policy: str, args: argparse.Namespace, ramp: Ramp | None, sizing:
     cluster = start_cluster(node_start_delay_s=args.node_start_s)
     try:
         options: dict[str, dict[str, Any]] = {
-            "CloudRefiner": {"autoscaling_config": cloud_autoscaling(policy)}
+            "CloudRefiner": {"autoscaling_config": cloud_autoscaling(policy, priors)}
         }
         if sizing is not None:
             options["EdgePreviewer"] = {"autoscaling_config": edge_autoscaling(sizing.edge_replicas)}
@@ -470,7 +501,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--peak-rate", type=float, help="peak sessions per second (instead of --peak-x)")
     parser.add_argument("--slo-x", type=float, default=3.0, help="finalize SLO, times the unloaded latency")
     parser.add_argument("--rounds", type=int, default=4, help="previews per session (default 4)")
-    parser.add_argument("--think-s", type=float, default=8.0, help="mean think time (default 8)")
+    parser.add_argument(
+        "--think-s", type=float, default=15.0, help="mean think time between rounds (default 15)"
+    )
     parser.add_argument("--steps", type=int, default=50, help="finalize: full-schedule steps (default 50)")
     parser.add_argument(
         "--finalize-strength", type=float, default=0.6, help="finalize strength (default 0.6)"
@@ -514,8 +547,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     ramp: Ramp | None = None
     sizing: Sizing | None = None
+    priors: dict[str, float] = {}
     for policy in args.policies:
-        rows, samples, sizing, ramp = run_policy(policy, args, ramp, sizing)
+        rows, samples, sizing, ramp = run_policy(policy, args, ramp, sizing, priors)
+        priors = priors or session_priors(rows, sizing.finalize_steps)  # the first run's, for `ahead`
         timeline = build_timeline(samples, rows, args.window_s)
         summary = summarize(timeline, rows, ramp, sizing.slo_s, sizing.needed_cloud_replicas)
         results[policy] = {
@@ -540,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
             "finalize_strength": args.finalize_strength,
             "node_start_s": args.node_start_s,
             "gpu_profile": args.gpu_profile or "diffusionx/models/gpu_profiles/a100-sd15-tiny-sd.json",
-            "ahead_policy_kwargs": AHEAD_KWARGS,
+            "ahead_policy_kwargs": {**AHEAD_KWARGS, **priors},
             "sample_s": args.sample_s,
             "window_s": args.window_s,
             "cooldown_s": args.cooldown_s,

@@ -13,6 +13,7 @@ from clients.bench_autoscale import (
     edge_autoscaling,
     edge_replicas_for,
     edge_step,
+    session_priors,
     slo_attainment,
     summarize,
     time_to_capacity,
@@ -157,3 +158,22 @@ def test_edge_replicas_serve_the_peak_previews_at_half_their_full_batch_throughp
     assert (steps, batch) == (8, 16) and step_s == pytest.approx(0.18643)
     edge = edge_autoscaling(3)
     assert edge["min_replicas"] == edge["max_replicas"] == 3 and "upscale_delay_s" in edge
+
+
+def test_session_priors_are_the_share_lead_and_steps_an_earlier_run_measured():
+    rows = [
+        {"session": 0, "kind": "preview", "arrival_s": 1.0},
+        {"session": 0, "kind": "edit", "arrival_s": 9.0},
+        {"session": 0, "kind": "finalize", "arrival_s": 21.0},  # 20 s after its first preview
+        {"session": 1, "kind": "preview", "arrival_s": 2.0},
+        {"session": 1, "kind": "finalize", "arrival_s": 32.0},  # 30 s
+        {"session": 2, "kind": "preview", "arrival_s": 3.0},  # never finalized
+    ]
+    assert session_priors(rows, 30.0) == {
+        "prior_finalize_share": pytest.approx(2 / 3, abs=1e-4),
+        "prior_preview_to_finalize_s": 25.0,
+        "prior_finalize_steps": 30.0,
+    }
+    assert session_priors(rows[-1:], 30.0) == {}
+    ahead = cloud_autoscaling("ahead", session_priors(rows, 30.0))["policy"]["policy_kwargs"]
+    assert ahead["prior_preview_to_finalize_s"] == 25.0 and ahead["target_wait_s"] > 0
