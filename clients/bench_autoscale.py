@@ -89,7 +89,7 @@ class Ramp:
         return up + hold + down
 
 
-QUICK = Ramp(peak_rate=0.0, up_s=40.0, hold_s=40.0, down_s=20.0)  # peak_rate: sized from the capacity
+QUICK = Ramp(peak_rate=0.0, up_s=30.0, hold_s=30.0, down_s=20.0)  # peak_rate: sized from the capacity
 FULL = Ramp(peak_rate=0.0, up_s=120.0, hold_s=120.0, down_s=90.0)
 
 
@@ -149,6 +149,17 @@ def slo_attainment(rows: list[dict[str, Any]], slo_s: float) -> float | None:
         return None
     met = sum(1 for r in finals if r["status"] == 200 and float(r["e2e_ms"]) / 1000.0 <= slo_s)
     return round(met / len(finals), 4)
+
+
+def back_at_start(samples: list[dict[str, Any]], settle: int = 3) -> bool:
+    """Whether the cloud replicas and the nodes are back where they started for the last `settle` samples
+    (after having left it): the scale-down is over, the cool-down can end before `--cooldown-s`."""
+    if len(samples) <= settle:
+        return False
+    first = samples[0]
+    start = (first["replicas"]["cloud"], first["nodes"])
+    moved = any((s["replicas"]["cloud"], s["nodes"]) != start for s in samples)
+    return moved and all((s["replicas"]["cloud"], s["nodes"]) == start for s in samples[-settle:])
 
 
 def time_to_capacity(timeline: list[dict], needed: int) -> float | None:
@@ -246,7 +257,7 @@ async def _run_once(url: str, args: argparse.Namespace, ramp: Ramp, arrivals: li
     sampler = asyncio.create_task(_sample_loop(url, start, stop, args.sample_s, samples))
     rows, _ = await run_loadgen(_loadgen_config(url, args, "sessions", arrivals, ramp.duration_s))
     load_end = time.perf_counter() - start
-    while time.perf_counter() - start < load_end + args.cooldown_s:
+    while time.perf_counter() - start < load_end + args.cooldown_s and not back_at_start(samples):
         await asyncio.sleep(1.0)
     stop.set()
     await sampler
@@ -492,7 +503,7 @@ def write_trace(arrivals: list[float], path: Path) -> Path:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="diffusionx bench autoscale", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="short ramp: 40 s up, 40 s hold, 20 s down")
+    parser.add_argument("--quick", action="store_true", help="short ramp: 30 s up, 30 s hold, 20 s down")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT}/)")
     parser.add_argument("--policies", default=",".join(POLICIES), help="cloud policies to run, in order")
     parser.add_argument(
@@ -502,7 +513,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--slo-x", type=float, default=3.0, help="finalize SLO, times the unloaded latency")
     parser.add_argument("--rounds", type=int, default=4, help="previews per session (default 4)")
     parser.add_argument(
-        "--think-s", type=float, default=15.0, help="mean think time between rounds (default 15)"
+        "--think-s", type=float, default=12.0, help="mean think time between rounds (default 12)"
     )
     parser.add_argument("--steps", type=int, default=50, help="finalize: full-schedule steps (default 50)")
     parser.add_argument(
@@ -517,7 +528,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sample-s", type=float, default=2.0, help="seconds between samples (default 2)")
     parser.add_argument("--window-s", type=float, default=10.0, help="rate and p95 window (default 10)")
     parser.add_argument("--drain-s", type=float, default=60.0, help="sessions finish within this")
-    parser.add_argument("--cooldown-s", type=float, help="sampling after the load (quick 50, else 120)")
+    parser.add_argument(
+        "--cooldown-s",
+        type=float,
+        help="most sampling after the load, less once replicas and nodes are back (quick 75, else 150)",
+    )
     parser.add_argument("--timeout-s", type=float, default=120.0, help="client timeout per request")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--port", type=int, default=8000)
@@ -526,7 +541,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not args.policies or any(p not in POLICIES for p in args.policies):
         parser.error(f"--policies {args.policies}: use some of {', '.join(POLICIES)}")
     if args.cooldown_s is None:
-        args.cooldown_s = 50.0 if args.quick else 120.0
+        args.cooldown_s = 75.0 if args.quick else 150.0
     return args
 
 

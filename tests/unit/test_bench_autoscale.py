@@ -8,6 +8,7 @@ import yaml
 
 from clients.bench_autoscale import (
     Ramp,
+    back_at_start,
     build_timeline,
     cloud_autoscaling,
     edge_autoscaling,
@@ -177,3 +178,12 @@ def test_session_priors_are_the_share_lead_and_steps_an_earlier_run_measured():
     assert session_priors(rows[-1:], 30.0) == {}
     ahead = cloud_autoscaling("ahead", session_priors(rows, 30.0))["policy"]["policy_kwargs"]
     assert ahead["prior_preview_to_finalize_s"] == 25.0 and ahead["target_wait_s"] > 0
+
+
+def test_the_cooldown_ends_once_replicas_and_nodes_are_back_where_they_started():
+    up = [sample(0, 1, 3), sample(2, 2, 4), sample(4, 3, 5)]
+    assert not back_at_start(up)
+    assert not back_at_start([sample(t, 1, 3) for t in range(6)])  # never left: keep watching
+    down = [*up, sample(6, 1, 5), sample(8, 1, 3), sample(10, 1, 3)]
+    assert not back_at_start(down)  # two samples back, three needed
+    assert back_at_start([*down, sample(12, 1, 3)])
