@@ -33,7 +33,11 @@ Each summary holds the peak offered load, cloud replicas and nodes min/max/end, 
 times, replica- and node-seconds, finalize latency, `slo_attainment` (finalizes that ended 200 within the
 SLO, of all finalizes sent) and `time_to_capacity_s` (from the start of the load's rise to the first
 sample with the replicas the peak needs running). `offered_rps` is the rate of requests sent (all kinds)
-and the p95 is over finalizes that ended, both in the `--window-s` before each sample.
+and the p95 is over finalizes that ended, both in the `--window-s` before each sample. `DIR` defaults to
+`bench_results/autoscale/`.
+
+Ray: each policy's cluster is this bench's own (a head on port 6379 and fake nodes); it refuses to start
+when another Ray cluster listens there, and stopping ends only the processes it started.
 """
 
 from __future__ import annotations
@@ -58,12 +62,13 @@ import numpy as np
 
 from clients.loadgen import LoadgenConfig, run_loadgen
 from clients.workload import poisson_arrivals, ramp_arrivals
+from diffusionx.experiments.outputs import bench_results_dir
 
 POLICIES = ("default", "work", "ahead")
 AHEAD_POLICY = "diffusionx.policy.ahead:AheadPolicy"
 UNLOADED_FINALIZES = 5  # one at a time, UNLOADED_GAP_S apart: steps and unloaded latency of a finalize
 UNLOADED_GAP_S = 2.0
-DEFAULT_OUT = "autoscale_results"
+DEFAULT_OUT = bench_results_dir("autoscale")
 
 
 @dataclass
@@ -502,7 +507,11 @@ def write_trace(arrivals: list[float], path: Path) -> Path:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="diffusionx bench autoscale", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="diffusionx bench autoscale",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n")[-1],
+    )
     parser.add_argument("--quick", action="store_true", help="short ramp: 30 s up, 30 s hold, 20 s down")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT}/)")
     parser.add_argument("--policies", default=",".join(POLICIES), help="cloud policies to run, in order")
@@ -534,8 +543,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="most sampling after the load, less once replicas and nodes are back (quick 75, else 150)",
     )
     parser.add_argument("--timeout-s", type=float, default=120.0, help="client timeout per request")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--seed", type=int, default=0, help="arrivals and session seed (default 0)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port of the application (default 8000)")
     args = parser.parse_args(argv)
     args.policies = [p for p in args.policies.split(",") if p]
     if not args.policies or any(p not in POLICIES for p in args.policies):

@@ -1,4 +1,4 @@
-"""`diffusionx bench compare [--quick] --out DIR`: every mode, and the router against a fixed policy, on one
+"""`diffusionx bench compare [--quick] [--out DIR]`: every mode, and the router against a fixed policy, on one
 workload against the served application (the paper's table, ours).
 
 Method (every figure is measured through HTTP with `clients.loadgen`, the same code as `diffusionx loadgen`):
@@ -22,10 +22,14 @@ Method (every figure is measured through HTTP with `clients.loadgen`, the same c
 4. Ordering. The `fixed` run again on an application whose step batcher runs in arrival order
    (`cloud_step_order: fifo`) against the default shortest-job-first (the `fixed` run of step 3).
    Needs the local application (skipped with `--url`).
+5. Speculation. DiffusionX sessions with speculative refinement on and off, at low load and at
+   `--load-x` times capacity with the router's target (`clients.speculation_bench`). With
+   `--speculation-only`, steps 2 and 5 only (summary: `router` with the target, and `speculation`).
 
 Writes `DIR/summary.json` (schema in the issue; `null` where a run had no successful request),
 `DIR/requests.csv` (every request of every run, with its run's name), `DIR/modes.csv`, `DIR/policies.csv`
 and PNG plots: latency CDFs per mode and per policy, cost against quality, expected against measured.
+`DIR` defaults to `bench_results/compare/`.
 """
 
 from __future__ import annotations
@@ -43,11 +47,15 @@ from typing import Any
 import httpx
 import numpy as np
 
+from clients import speculation_bench
 from clients.client import AsyncDiffusionXClient
-from clients.loadgen import COLUMNS, LoadgenConfig, run_loadgen, shapes_judge
+from clients.loadgen import COLUMNS, clip_judge, run_loadgen, shapes_judge
 from clients.workload import poisson_arrivals
+from diffusionx.experiments.outputs import bench_results_dir
 
 MODES = ("diffusionx", "cloud", "edge", "hybrid", "ec-diff")
+SESSIONS, QUICK_SESSIONS = 24, 4  # per mode
+LOAD_S, QUICK_LOAD_S = 60.0, 20.0  # seconds of finalize arrivals per router run
 UNLOADED_FINALIZES = 6  # one at a time, UNLOADED_GAP_S apart: the unloaded latency of the router's finalizes
 UNLOADED_GAP_S = 1.0
 FIELDS = (
@@ -134,23 +142,14 @@ def calibration(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 # -- runs ------------------------------------------------------------------------------------------------
 def _loadgen(url: str, workload: str, arrivals: list[float], settings: argparse.Namespace, **extra: Any):
-    config = LoadgenConfig(
-        url=url,
-        workload=workload,
-        arrivals=arrivals,
-        duration_s=(arrivals[-1] if arrivals else 0.0) + 1.0,
-        max_requests=10_000,
-        drain_s=settings.drain_s,
-        rounds=settings.rounds,
-        think_s=settings.think_s,
-        num_inference_steps=settings.steps,
-        preview_pool=settings.preview_pool,
-        seed=settings.seed,
-        timeout_s=settings.timeout_s,
-        progress=not settings.no_progress,
-        **extra,
+    config = speculation_bench.loadgen_config(url, workload, arrivals, settings, **extra)
+    judge = (
+        shapes_judge()
+        if settings.quality
+        else clip_judge(settings.alignment_model)
+        if getattr(settings, "alignment_model", None)
+        else None
     )
-    judge = shapes_judge() if settings.quality else None
     rows, _ = asyncio.run(run_loadgen(config, judge=judge))
     return rows
 
@@ -182,11 +181,12 @@ def run_compare(url: str, settings: argparse.Namespace, restart=None) -> dict[st
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict[str, Any]]] = {}
+    only = settings.speculation_only
     # 1. every mode on the same sessions
     session_arrivals = poisson_arrivals(
         settings.session_rate, 3600.0, settings.sessions, random.Random(settings.seed)
     )
-    for mode in MODES:
+    for mode in () if only else MODES:
         print(f"compare: mode {mode}: {settings.sessions} sessions x {settings.rounds} rounds", flush=True)
         runs[f"mode-{mode}"] = _loadgen(url, "sessions", session_arrivals, settings, mode=mode)
     # 2. capacity and the latency target, from the router experiment's finalizes one at a time
@@ -211,6 +211,8 @@ def run_compare(url: str, settings: argparse.Namespace, restart=None) -> dict[st
     arrivals = poisson_arrivals(
         rate, settings.load_s, settings.max_finalizes, random.Random(settings.seed + 1)
     )
+    if only:
+        return _speculation_only(url, settings, runs, target_ms, unloaded_ms, capacity, restart, out)
     loaded = {"finalize_strength": strength}
     runs["policy-router"] = _loadgen(
         url, "finalize", arrivals, settings, latency_target_ms=target_ms, **loaded
@@ -220,6 +222,11 @@ def run_compare(url: str, settings: argparse.Namespace, restart=None) -> dict[st
     if restart is not None:
         fifo_url = restart({"cloud_step_order": "fifo"})
         runs["order-fifo"] = _loadgen(fifo_url, "finalize", arrivals, settings, **loaded)
+    # 5. speculation on and off
+    speculation, speculation_runs = speculation_bench.run_speculation(
+        url, settings, summarize, _capacity_of, target_ms, restart
+    )
+    runs.update(speculation_runs)
     summary = {
         "modes": {mode: _public(summarize(runs[f"mode-{mode}"], target_ms)) for mode in MODES},
         "router": {
@@ -240,11 +247,56 @@ def run_compare(url: str, settings: argparse.Namespace, restart=None) -> dict[st
                 "finalize_latency_s_mean": _final_mean(runs["order-fifo"]) if "order-fifo" in runs else None
             },
         },
+        "speculation": speculation,
         "counts": {name: summarize(rows, target_ms) for name, rows in runs.items()},
         "settings": {k: v for k, v in vars(settings).items() if isinstance(v, int | float | str | bool)},
     }
     write_outputs(summary, runs, out)
     return summary
+
+
+def _capacity_of(url: str, steps: float) -> float:
+    return capacity_per_s(_cloud_service(url), steps)
+
+
+def _speculation_only(
+    url: str,
+    settings: argparse.Namespace,
+    runs: dict[str, list[dict[str, Any]]],
+    target_ms: float,
+    unloaded_ms: float,
+    capacity: float,
+    restart: Any,
+    out: Path,
+) -> dict[str, Any]:
+    """Step 5 alone (after step 2 gave the latency target): summary.json with `router` and `speculation`."""
+    speculation, speculation_runs = speculation_bench.run_speculation(
+        url, settings, summarize, _capacity_of, target_ms, restart
+    )
+    runs.update(speculation_runs)
+    summary = {
+        "router": {
+            "latency_target_ms": target_ms,
+            "finalize_strength": settings.finalize_strength,
+            "unloaded_finalize_ms_p50": round(unloaded_ms, 1),
+            "capacity_finalizes_per_s": round(capacity, 4),
+        },
+        "speculation": speculation,
+        "counts": {name: summarize(rows, target_ms) for name, rows in runs.items()},
+        "settings": {k: v for k, v in vars(settings).items() if isinstance(v, int | float | str | bool)},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _write_requests(runs, out)
+    speculation_bench.plot(runs, out)
+    return summary
+
+
+def _write_requests(runs: dict[str, list[dict[str, Any]]], out: Path) -> None:
+    with (out / "requests.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=("run", *COLUMNS))
+        writer.writeheader()
+        for name, rows in runs.items():
+            writer.writerows({"run": name, **row} for row in rows)
 
 
 def _public(summary: dict[str, Any]) -> dict[str, Any]:
@@ -258,17 +310,14 @@ def _final_mean(rows: list[dict[str, Any]]) -> float | None:
 # -- outputs ---------------------------------------------------------------------------------------------
 def write_outputs(summary: dict[str, Any], runs: dict[str, list[dict[str, Any]]], out: Path) -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    with (out / "requests.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=("run", *COLUMNS))
-        writer.writeheader()
-        for name, rows in runs.items():
-            writer.writerows({"run": name, **row} for row in rows)
+    _write_requests(runs, out)
     for filename, table in (("modes.csv", summary["modes"]), ("policies.csv", summary["router"]["policies"])):
         with (out / filename).open("w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(("name", *FIELDS))
             writer.writerows((name, *(values[f] for f in FIELDS)) for name, values in table.items())
     plot(summary, runs, out)
+    speculation_bench.plot(runs, out)
 
 
 def plot(summary: dict[str, Any], runs: dict[str, list[dict[str, Any]]], out: Path) -> None:
@@ -333,18 +382,32 @@ def plot(summary: dict[str, Any], runs: dict[str, list[dict[str, Any]]], out: Pa
 
 # -- command line ------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="small runs (about 8 minutes on 2 CPU cores)")
-    parser.add_argument("--out", default="bench_results/compare", help="output directory")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"small runs: {QUICK_SESSIONS} sessions per mode, {QUICK_LOAD_S:g} s of finalize arrivals",
+    )
+    parser.add_argument(
+        "--out",
+        default=bench_results_dir("compare"),
+        help="output directory (default bench_results/compare/)",
+    )
     parser.add_argument("--url", help="a running server (default: start the local app; no ordering run)")
     parser.add_argument("--config", help="serve config for the local app (default: the embedded CPU app)")
     parser.add_argument("--port", type=int, default=8000, help="port of the local app (default 8000)")
-    parser.add_argument("--sessions", type=int, help="sessions per mode (default 24, quick 4)")
+    parser.add_argument(
+        "--sessions", type=int, help=f"sessions per mode (default {SESSIONS}, quick {QUICK_SESSIONS})"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="rounds per session (default 3)")
     parser.add_argument("--think-s", type=float, default=1.0, help="mean think time (not counted)")
     parser.add_argument("--session-rate", type=float, default=0.5, help="session arrivals per second")
     parser.add_argument("--steps", type=int, help="num_inference_steps of final images (model default)")
     parser.add_argument("--load-x", type=float, default=2.0, help="finalize load, times capacity (default 2)")
-    parser.add_argument("--load-s", type=float, help="seconds of finalize arrivals (default 60, quick 20)")
+    parser.add_argument(
+        "--load-s",
+        type=float,
+        help=f"seconds of finalize arrivals (default {LOAD_S:g}, quick {QUICK_LOAD_S:g})",
+    )
     parser.add_argument("--max-finalizes", type=int, default=400, help="cap on finalize arrivals per run")
     parser.add_argument("--target-x", type=float, default=2.5, help="target = this x unloaded finalize p50")
     parser.add_argument(
@@ -356,13 +419,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preview-pool", type=int, default=8, help="previews made before finalize runs")
     parser.add_argument("--drain-s", type=float, default=120.0, help="no request sent after arrivals + this")
     parser.add_argument("--timeout-s", type=float, default=300.0, help="client timeout per request")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="arrivals, prompts, image seeds (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--alignment-model",
+        default=None,
+        help="servers of real models (no judge): the quality column is the CLIP score of this alignment "
+        "model, a registered name or a local path (e.g. clip-vit-large-patch14); default: no quality",
+    )
+    speculation_bench.add_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    args.sessions = args.sessions or (4 if args.quick else 24)
-    args.load_s = args.load_s or (20.0 if args.quick else 60.0)
+    args.sessions = args.sessions or (QUICK_SESSIONS if args.quick else SESSIONS)
+    args.load_s = args.load_s or (QUICK_LOAD_S if args.quick else LOAD_S)
     started = time.perf_counter()
     if args.url:
         health = asyncio.run(_health(args.url))
@@ -382,7 +452,11 @@ def main(args: argparse.Namespace) -> int:
             summary = run_compare(start_local_app(args.config, port=args.port), args, restart)
         finally:
             stop_local_app()
-    print(json.dumps({k: summary[k] for k in ("modes", "router", "ordering")}, indent=2))
+    print(
+        json.dumps(
+            {k: summary[k] for k in ("modes", "router", "ordering", "speculation") if k in summary}, indent=2
+        )
+    )
     print(f"compare: done in {time.perf_counter() - started:.0f} s; wrote {args.out}/summary.json")
     return 0
 

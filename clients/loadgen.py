@@ -5,8 +5,9 @@
     diffusionx loadgen --url ... --workload preview --trace trace.csv --time-scale 2
 
 Arrivals (`clients.workload`): `--rate R` (Poisson), `--ramp A:B` (Poisson, rate linear from A to B over
-the duration) or `--trace FILE` (arrival time in ms as each line's first comma-separated field, stretched
-by `--time-scale`), within `--duration-s` and at most `--max-requests` requests sent.
+the duration) or `--trace FILE` (arrival time in ms as each line's first field, other comma- or
+space-separated fields ignored, lines in any order: replayed sorted by arrival, stretched by
+`--time-scale`), within `--duration-s` and at most `--max-requests` requests sent.
 
 Workloads, each arrival being:
 - `preview`: one text-to-image preview of a held-out shapes prompt (kind `preview`).
@@ -53,6 +54,7 @@ from clients.client import AsyncDiffusionXClient, AsyncSession, Round
 from clients.errors import DiffusionXError
 from clients.results import GenerateResult, PreviewResult, RefineResult
 from clients.workload import poisson_arrivals, ramp_arrivals, think_time_s, trace_arrivals
+from diffusionx.experiments.outputs import bench_results_dir
 
 COLUMNS = (
     "arrival_s",
@@ -68,9 +70,10 @@ COLUMNS = (
     "e2e_ms",
     "quality",
     "session",  # sessions workload: the session's index (its rounds share it); empty otherwise
+    "speculative",  # finalize: hit | promoted | miss | off (how the server's speculation served it)
 )
 WORKLOADS = ("sessions", "finalize", "preview")
-DEFAULT_OUT = "loadgen_results"
+DEFAULT_OUT = bench_results_dir("loadgen")
 
 
 @dataclass
@@ -92,6 +95,7 @@ class LoadgenConfig:
     timeout_s: float = 300.0
     progress: bool = True
     mode: str = "diffusionx"  # sessions: how each round is made (see `_session`)
+    speculation: str | None = None  # finalize: "off" bypasses the server's speculation (None: its default)
 
 
 @dataclass
@@ -156,6 +160,7 @@ def describe(result: Any) -> dict[str, Any]:
             expected_latency_ms=""
             if result.expected_latency_ms is None
             else round(result.expected_latency_ms, 2),
+            speculative=result.speculative,
         )
     return fields
 
@@ -167,6 +172,19 @@ def shapes_judge() -> Callable[[Any, str], float]:
     def judge(result: Any, prompt: str) -> float:
         image = result.image
         return score(image, prompt)["accuracy"]
+
+    return judge
+
+
+def clip_judge(alignment_model: str) -> Callable[[Any, str], float]:
+    """CLIPScore of a result's image against its prompt, for servers whose models no judge reads; loads the
+    alignment model in this process (imports torch: only where a quality column is asked for)."""
+    from diffusionx.models.alignment import clip_score, load_alignment_model
+
+    model = load_alignment_model(alignment_model)
+
+    def judge(result: Any, prompt: str) -> float:
+        return clip_score(model, [result.image], [prompt])[0]
 
     return judge
 
@@ -244,6 +262,7 @@ def _finalize(session: AsyncSession, config: LoadgenConfig) -> Awaitable[RefineR
         config.finalize_strength,
         latency_target_ms=config.latency_target_ms,
         num_inference_steps=config.num_inference_steps,
+        speculation=config.speculation,
     )
 
 
@@ -354,7 +373,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     arrivals = parser.add_mutually_exclusive_group(required=True)
     arrivals.add_argument("--rate", type=float, help="Poisson arrivals per second")
     arrivals.add_argument("--ramp", type=_ramp, help="A:B, Poisson with the rate linear from A to B")
-    arrivals.add_argument("--trace", help="trace file: arrival time in ms as each line's first field")
+    arrivals.add_argument(
+        "--trace",
+        help="trace file: arrival time in ms as each line's first field (e.g. DiffServe's "
+        "trace_1to8qps.txt); lines in any order, replayed sorted by arrival",
+    )
     parser.add_argument("--time-scale", type=float, default=1.0, help="stretch the trace's times by F")
     parser.add_argument("--duration-s", type=float, default=60.0, help="arrivals within this (default 60)")
     parser.add_argument("--max-requests", type=int, default=1000, help="requests sent at most (default 1000)")
@@ -376,6 +399,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="diffusionx",
         help="sessions: diffusionx previews on the edge then finalizes; any other mode makes every round "
         "with POST /v1/generate in that mode (the last round is the kept image, kind finalize)",
+    )
+    parser.add_argument(
+        "--speculation",
+        choices=("on", "off"),
+        help="finalize: off bypasses the server's speculative refinement (default: the server's)",
     )
     parser.add_argument("--seed", type=int, default=0, help="arrivals, prompts, image seeds")
     parser.add_argument("--timeout-s", type=float, default=300.0, help="client timeout per request")
@@ -406,7 +434,14 @@ def arrivals_from_args(args: argparse.Namespace) -> list[float]:
         return poisson_arrivals(args.rate, args.duration_s, args.max_requests, rng)
     if args.ramp is not None:
         return ramp_arrivals(*args.ramp, args.duration_s, args.max_requests, rng)
-    return trace_arrivals(args.trace, args.time_scale, args.duration_s, args.max_requests)
+    trace = trace_arrivals(args.trace, args.time_scale, args.duration_s, args.max_requests)
+    if trace.out_of_order:
+        print(
+            f"loadgen: note: {trace.out_of_order} of the {trace.lines} arrivals in {args.trace} are out of "
+            "time order (earlier than a line above them); replaying them sorted by arrival time",
+            file=sys.stderr,
+        )
+    return trace.arrivals
 
 
 async def _serves_shapes(url: str, timeout_s: float) -> bool:
@@ -438,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
             timeout_s=args.timeout_s,
             progress=not args.no_progress,
             mode=args.mode,
+            speculation=args.speculation,
         )
         print(
             f"loadgen: {len(arrivals)} {args.workload} arrivals over {args.duration_s:g} s against {args.url}"

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from diffusionx.experiments.outputs import bench_results_dir
 from diffusionx.models.loading import LoadedModel, load_model
 from diffusionx.requests import Img2ImgRequest, PreviewRequest
 from diffusionx.sampling.generation import (
@@ -45,7 +46,7 @@ from diffusionx.sampling.generation import (
 from diffusionx.sampling.step_batching import StepBatcher
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16)
-DEFAULT_OUT = "bench_results/gpu"
+DEFAULT_OUT = bench_results_dir("gpu")
 PROMPT = "a photo of an astronaut riding a horse on the moon"
 MIXED_STRENGTHS = (0.3, 0.7)  # spread evenly over the batch; their mean is the uniform strength
 UNIFORM_STRENGTH = 0.5
@@ -313,7 +314,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda", help="torch device (default cuda)")
     parser.add_argument("--dtype", help="float16 | bfloat16 | float32 (default: fp16 on CUDA, fp32 on CPU)")
     parser.add_argument("--size", type=int, help="width and height (default: the cloud model's, 512)")
-    parser.add_argument("--batch-sizes", type=_batch_sizes, default=list(DEFAULT_BATCH_SIZES))
+    parser.add_argument(
+        "--batch-sizes",
+        type=_batch_sizes,
+        default=list(DEFAULT_BATCH_SIZES),
+        help=f"batch sizes timed per tier (default {','.join(map(str, DEFAULT_BATCH_SIZES))})",
+    )
     parser.add_argument("--mixed-batch-size", type=int, help="batch of the step-batching comparison (max)")
     parser.add_argument("--preview-steps", type=int, help="steps per preview (default: the edge model's)")
     parser.add_argument("--refine-steps", type=int, help="schedule length of refinements (default: cloud's)")
