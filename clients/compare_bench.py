@@ -46,8 +46,9 @@ import numpy as np
 from clients.client import AsyncDiffusionXClient
 from clients.loadgen import COLUMNS, LoadgenConfig, run_loadgen, shapes_judge
 from clients.workload import poisson_arrivals
+from diffusionx.requests import Mode
 
-MODES = ("diffusionx", "cloud", "edge", "hybrid", "ec-diff")
+MODES = tuple(mode.value for mode in Mode)
 UNLOADED_FINALIZES = 6  # one at a time, UNLOADED_GAP_S apart: the unloaded latency of the router's finalizes
 UNLOADED_GAP_S = 1.0
 FIELDS = (

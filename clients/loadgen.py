@@ -53,6 +53,7 @@ from clients.client import AsyncDiffusionXClient, AsyncSession, Round
 from clients.errors import DiffusionXError
 from clients.results import GenerateResult, PreviewResult, RefineResult
 from clients.workload import poisson_arrivals, ramp_arrivals, think_time_s, trace_arrivals
+from diffusionx.requests import Mode
 
 COLUMNS = (
     "arrival_s",
@@ -372,7 +373,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--preview-pool", type=int, default=16, help="finalize: previews made beforehand")
     parser.add_argument(
         "--mode",
-        choices=("diffusionx", "cloud", "edge", "hybrid", "ec-diff"),
+        choices=[mode.value for mode in Mode],
         default="diffusionx",
         help="sessions: diffusionx previews on the edge then finalizes; any other mode makes every round "
         "with POST /v1/generate in that mode (the last round is the kept image, kind finalize)",

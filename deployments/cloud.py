@@ -52,9 +52,9 @@ class CloudRefiner(ServedTier):
         )
         self._serve(engine, state, max_batch_size, batch_wait_timeout_s)
 
-    async def record_routing_stats(self) -> dict:
+    async def record_routing_stats(self) -> dict[str, Any]:
         """This replica's load for the request router; Serve calls it every request_routing_stats_period_s."""
-        return self.engine.load_snapshot()
+        return self.engine.load_snapshot().to_dict()
 
     async def refine(self, request: Img2ImgRequest) -> GenerationResult:
         return await self._submit("refine", request)

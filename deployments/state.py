@@ -9,7 +9,7 @@ import time
 
 from ray import serve
 
-from diffusionx.engine.monitor import merge_snapshots
+from diffusionx.engine.monitor import TierLoad, TierSnapshot, merge_snapshots
 from diffusionx.engine.preview_cache import PreviewCache
 
 STALE_AFTER_S = 30.0  # a replica that has not reported for this long is gone (replicas report every ~2 s)
@@ -27,7 +27,7 @@ class SharedState:
         self, preview_cache_bytes: int = 64 * 1024 * 1024, preview_cache_ttl_s: float = 3600.0
     ) -> None:
         self._cache = PreviewCache(preview_cache_bytes, preview_cache_ttl_s)
-        self._snapshots: dict[str, dict[str, dict]] = {tier: {} for tier in TIERS}
+        self._snapshots: dict[str, dict[str, TierSnapshot]] = {tier: {} for tier in TIERS}
 
     async def put_preview(self, png: bytes, preview_id: str | None = None, owner: str = "") -> str:
         return self._cache.put(png, preview_id, owner)
@@ -35,25 +35,25 @@ class SharedState:
     async def get_preview(self, preview_id: str, owner: str = "") -> bytes | None:
         return self._cache.get(preview_id, owner)
 
-    async def report(self, tier: str, replica_id: str, snapshot: dict) -> None:
+    async def report(self, tier: str, replica_id: str, snapshot: TierSnapshot) -> None:
         self._snapshots.setdefault(tier, {})[replica_id] = snapshot
 
-    def _live(self, tier: str) -> list[dict]:
+    def _live(self, tier: str) -> list[TierSnapshot]:
         now = time.time()
         replicas = self._snapshots.get(tier, {})
-        for replica_id in [r for r, s in replicas.items() if now - s["taken_at"] > STALE_AFTER_S]:
+        for replica_id in [r for r, s in replicas.items() if now - s.taken_at > STALE_AFTER_S]:
             del replicas[replica_id]
         return list(replicas.values())
 
-    async def tier(self, tier: str) -> dict:
+    async def tier(self, tier: str) -> TierLoad:
         return merge_snapshots(self._live(tier))
 
-    async def tiers(self) -> dict[str, dict]:
+    async def tiers(self) -> dict[str, TierLoad]:
         """Every tier's merged view (what admission control reads)."""
         return {tier: merge_snapshots(self._live(tier)) for tier in TIERS}
 
     async def stats(self) -> dict:
         return {
-            "tiers": await self.tiers(),
+            "tiers": {tier: load.to_dict() for tier, load in (await self.tiers()).items()},
             "preview_cache": self._cache.stats(),
         }

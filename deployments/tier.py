@@ -22,7 +22,6 @@ from ray import serve
 
 from deployments.metrics import TierMetrics
 from diffusionx.engine.model_loop import Job, ProgressCallback
-from diffusionx.engine.monitor import snapshot_dict
 from diffusionx.engine.progress import Report, stream_progress
 from diffusionx.engine.reporter import CoalescingReporter
 from diffusionx.policy.autoscaling import autoscaling_stats
@@ -61,7 +60,7 @@ class ServedTier:
 
     async def _send_report(self) -> None:
         if self._state is not None:
-            snapshot = snapshot_dict(self.engine.loop.monitor.snapshot())
+            snapshot = self.engine.loop.monitor.snapshot()
             await self._state.report.remote(self.tier, self._replica_id, snapshot)
 
     async def _submit(self, method: str, *args: Any, on_progress: ProgressCallback | None = None) -> Any:
@@ -95,12 +94,12 @@ class ServedTier:
         return await self.engine.info()
 
     async def stats(self) -> dict:
-        return snapshot_dict(self.engine.loop.monitor.snapshot())
+        return self.engine.loop.monitor.snapshot().to_dict()
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's custom autoscaling metrics hook: the work this replica holds in batched steps, read by
         `diffusionx.policy.autoscaling.QueuedStepsPolicy` where a tier's config selects it."""
-        return autoscaling_stats(snapshot_dict(self.engine.loop.monitor.snapshot()))
+        return autoscaling_stats(self.engine.loop.monitor.snapshot().to_dict())
 
     async def check_health(self) -> None:
         """Called by Serve every health_check_period_s; doubles as the stats heartbeat."""

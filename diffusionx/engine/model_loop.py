@@ -40,7 +40,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from diffusionx.engine.monitor import TierMonitor
 
@@ -95,6 +95,14 @@ class LoopWork:
     queued_steps: int = 0
     running_requests: int = 0
     running_steps: int = 0
+
+
+class JobSpec(NamedTuple):
+    """What a tier hands the loop for one request (`submit(*spec)`): its kind, the request and its load."""
+
+    kind: str
+    request: Any
+    steps: int  # the request's UNet calls on this tier (`diffusionx.policy.cost.request_cost`)
 
 
 @dataclass(eq=False)

@@ -28,11 +28,11 @@ from diffusionx.engine.tiers import StrengthFunction
 from diffusionx.models.loading import LoadedModel, ModelNotAvailableError, load_model
 from diffusionx.models.registry import get_spec
 from diffusionx.policy.strength import predict_strength
-from diffusionx.requests import InvalidRequestError
+from diffusionx.requests import InvalidRequestError, Mode
 from diffusionx.shapes.data import heldout_prompts
 from diffusionx.shapes.judge import score
 from diffusionx.workflows.local import generate_all, local_tiers
-from diffusionx.workflows.modes import MODES, GenerateRequest, check_fields
+from diffusionx.workflows.modes import GenerateRequest, check_fields
 
 DEFAULT_CLOUD = "shapes-cloud"
 DEFAULT_EDGE = "shapes-edge"
@@ -164,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Quality (judge accuracy on held-out shapes prompts) and cost (UNet calls, seconds per "
         "image) of one collaboration mode.",
     )
-    parser.add_argument("--mode", required=True, choices=MODES, help="collaboration mode to evaluate")
+    parser.add_argument(
+        "--mode", required=True, choices=[mode.value for mode in Mode], help="collaboration mode to evaluate"
+    )
     parser.add_argument("--n", type=int, default=DEFAULT_N, help=f"number of prompts (default {DEFAULT_N})")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--seed", type=int, default=0, help="prompt-set seed; image i uses seed + i")

@@ -20,7 +20,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from diffusionx.policy.cost import img2img_steps
 from diffusionx.policy.service_model import Arrivals, ReplicaLoad, choose_replica, predict_tier
+from diffusionx.requests import Route
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ class CloudLoad:
             "replicas": float(len(self.replicas)),
             "replica": float(index),
             "samples": float(len(replica.pool)),
-            "queued": float(len(replica.queued_steps)),
+            "queued": float(len(replica.queued)),
             "remaining_steps": float(replica.remaining_steps),
             "tier_remaining_steps": float(sum(r.remaining_steps for r in self.replicas)),
             "max_batch_size": float(replica.max_batch_size),
@@ -63,7 +65,7 @@ class RouterConfig:
 
 @dataclass(frozen=True)
 class RouteDecision:
-    route: str  # "cloud" | "cloud-reduced" | "edge-fallback"
+    route: Route
     strength: float
     num_inference_steps: int
     expected_latency_ms: float | None  # None: the cloud step time is not measured yet
@@ -79,7 +81,10 @@ class RouteDecision:
 
     @property
     def cloud_steps(self) -> int:
-        return 0 if self.route == "edge-fallback" else int(self.num_inference_steps * self.strength)
+        """The refinement's UNet calls on the cloud tier (`policy.cost`): none when it falls back."""
+        if self.route is Route.EDGE_FALLBACK:
+            return 0
+        return img2img_steps(self.num_inference_steps, self.strength)
 
 
 def expected_latency_ms(
@@ -118,18 +123,20 @@ def decide_route(
         raise ValueError(f"num_inference_steps={num_inference_steps} must be >= 1")
 
     def latency(steps: int, strength: float) -> float:
-        return expected_latency_ms(load, int(steps * strength), config, latency_scale, arrivals)
+        return expected_latency_ms(load, img2img_steps(steps, strength), config, latency_scale, arrivals)
 
-    def decision(route: str, strength: float, steps: int, expected: float | None, why: str) -> RouteDecision:
+    def decision(
+        route: Route, strength: float, steps: int, expected: float | None, why: str
+    ) -> RouteDecision:
         return RouteDecision(route, strength, steps, expected, why, latency_scale)
 
     if not load.measured:
         why = "no latency target" if latency_target_ms is None else "cloud step time not measured yet"
-        return decision("cloud", strength_predicted, num_inference_steps, None, f"full refinement: {why}")
+        return decision(Route.CLOUD, strength_predicted, num_inference_steps, None, f"full refinement: {why}")
     full = latency(num_inference_steps, strength_predicted)
     if latency_target_ms is None or full * latency_margin <= latency_target_ms:
         why = "no latency target" if latency_target_ms is None else "fits the latency target"
-        return decision("cloud", strength_predicted, num_inference_steps, full, f"full refinement: {why}")
+        return decision(Route.CLOUD, strength_predicted, num_inference_steps, full, f"full refinement: {why}")
 
     # 2. fewer steps at the predicted strength
     min_steps = min(config.min_steps, num_inference_steps)
@@ -137,7 +144,7 @@ def decide_route(
         expected = latency(steps, strength_predicted)
         if expected * latency_margin <= latency_target_ms:
             return decision(
-                "cloud-reduced",
+                Route.CLOUD_REDUCED,
                 strength_predicted,
                 steps,
                 expected,
@@ -153,7 +160,7 @@ def decide_route(
         if expected * latency_margin <= latency_target_ms:
             strength = math.ceil(strength * 1000) / 1000
             return decision(
-                "cloud-reduced",
+                Route.CLOUD_REDUCED,
                 strength,
                 min_steps,
                 expected,
@@ -161,9 +168,9 @@ def decide_route(
                 f"to meet {latency_target_ms:.0f} ms",
             )
     # 4. the cloud cannot meet the target within the quality floor
-    used = load.to_dict(int(num_inference_steps * strength_predicted))
+    used = load.to_dict(img2img_steps(num_inference_steps, strength_predicted))
     return decision(
-        "edge-fallback",
+        Route.EDGE_FALLBACK,
         strength_predicted,
         num_inference_steps,
         config.overhead_ms * latency_scale,

@@ -7,11 +7,11 @@ DeploymentHandles, `diffusionx eval`, `compare`, `search` and the tests hand the
 - `preview`: text-to-image on the edge tier (its preview step count unless the request sets one).
 - `edit`: img2img of a previous image on the edge tier (a round-to-round edit); `edit_predicted` first asks
   the edit predictor for the strength (from the previous image, the new prompt and the previous prompt).
-- `finalize` (DiffusionX): 1. strength: the request's if given (the predictor is then not called), else the
-  predictor's; 2. route: the router trades strength and steps against the cloud load and the latency
-  target; 3. refine on the cloud tier (or, on `edge-fallback`, img2img on the edge tier).
+- `refine` (DiffusionX, `/v1/refine`): 1. strength: the request's if given (the predictor is then not
+  called), else the predictor's; 2. route: the router trades strength and steps against the cloud load and
+  the latency target; 3. refine on the cloud tier (or, on `edge-fallback`, img2img on the edge tier).
 - `generate` by mode:
-  - `diffusionx` (default): `preview` at the preview step count, then `finalize` of that preview;
+  - `diffusionx` (default): `preview` at the preview step count, then `refine` of that preview;
   - `cloud`: text-to-image on the cloud tier (its default step count);
   - `edge`: text-to-image on the edge tier (its default step count, not the preview count);
   - `hybrid`: Hybrid SD, cloud for the first `switch_step` steps, edge for the rest;
@@ -39,22 +39,23 @@ from diffusionx.requests import (
     GenerationResult,
     Img2ImgRequest,
     InvalidRequestError,
+    Mode,
     PreviewRequest,
+    Route,
     check_steps,
     check_strength,
 )
 from diffusionx.sampling.collaborative import CollaborationParams, CollaborativeRequest, PlanState
 
-MODES: tuple[str, ...] = ("diffusionx", "cloud", "edge", "hybrid", "ec-diff")
-DEFAULT_MODE = "diffusionx"
+DEFAULT_MODE = Mode.DIFFUSIONX
 
 # which optional request fields each mode reads
-_MODE_FIELDS: dict[str, frozenset[str]] = {
-    "diffusionx": frozenset({"strength", "preview_steps", "latency_target_ms"}),
-    "cloud": frozenset(),
-    "edge": frozenset(),
-    "hybrid": frozenset({"switch_step"}),
-    "ec-diff": frozenset({"switch_step", "warmup_steps", "approx_interval", "smoothing"}),
+_MODE_FIELDS: dict[Mode, frozenset[str]] = {
+    Mode.DIFFUSIONX: frozenset({"strength", "preview_steps", "latency_target_ms"}),
+    Mode.CLOUD: frozenset(),
+    Mode.EDGE: frozenset(),
+    Mode.HYBRID: frozenset({"switch_step"}),
+    Mode.EC_DIFF: frozenset({"switch_step", "warmup_steps", "approx_interval", "smoothing"}),
 }
 _OPTIONAL_FIELDS = tuple(sorted(set().union(*_MODE_FIELDS.values())))
 
@@ -71,6 +72,7 @@ class TierInfo(TypedDict, total=False):
     default_size: int
     default_steps: int
     preview_steps: int
+    edit_steps: int
     family: str
     predictor: str
     edit_predictor: str
@@ -111,7 +113,7 @@ class Tiers:
     cloud_load: Callable[[], Awaitable[CloudLoad]] | None = None  # None: an idle cloud (no wait)
     router: RouterConfig = field(default_factory=RouterConfig)
     default_latency_target_ms: float | None = None
-    # the router's expected latencies are multiplied by its scale; whoever measures a finalize's latency
+    # the router's expected latencies are multiplied by its scale; whoever measures a refinement's latency
     # observes it (the ingress, over the whole request); None: uncorrected
     latency_calibration: LatencyCalibration | None = None
     # the rate of cloud work the router sends, for the service model's replay of later arrivals
@@ -157,15 +159,17 @@ class GenerateRequest(PreviewRequest):
         # p, k, a and s are checked against N by CollaborationParams when the mode is known
 
 
-def check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise InvalidRequestError(f"mode={mode!r} is not allowed: use one of {', '.join(MODES)}")
-    return mode
+def check_mode(mode: Mode | str) -> Mode:
+    try:
+        return Mode(mode)
+    except ValueError:
+        allowed = ", ".join(m.value for m in Mode)
+        raise InvalidRequestError(f"mode={mode!r} is not allowed: use one of {allowed}") from None
 
 
-def check_fields(mode: str, request: PreviewRequest) -> None:
+def check_fields(mode: Mode | str, request: PreviewRequest) -> None:
     """Refuses a field the mode does not use, naming the modes that do."""
-    check_mode(mode)
+    mode = check_mode(mode)
     for name in _OPTIONAL_FIELDS:
         if getattr(request, name, None) is not None and name not in _MODE_FIELDS[mode]:
             users = [m for m, fields in _MODE_FIELDS.items() if name in fields]
@@ -174,14 +178,16 @@ def check_fields(mode: str, request: PreviewRequest) -> None:
             )
 
 
-def collaboration_params(mode: str, request: PreviewRequest, default_steps: int) -> CollaborationParams:
+def collaboration_params(
+    mode: Mode | str, request: PreviewRequest, default_steps: int
+) -> CollaborationParams:
     """The sampler parameters of a `hybrid` or `ec-diff` request (N defaults to the cloud's step count)."""
     steps = request.num_inference_steps or default_steps
-    if mode == "hybrid":
+    if mode == Mode.HYBRID:
         return CollaborationParams.hybrid(
             steps, switch_step=getattr(request, "switch_step", None), guidance_scale=request.guidance_scale
         )
-    if mode == "ec-diff":
+    if mode == Mode.EC_DIFF:
         return CollaborationParams.ec_diff(
             steps,
             switch_step=getattr(request, "switch_step", None),
@@ -256,7 +262,7 @@ async def edit_predicted(
 
 
 @dataclass
-class Finalized:
+class Refined:
     result: GenerationResult
     strength_predicted: float | None  # None when the request gave the strength (no prediction made)
     decision: RouteDecision
@@ -264,7 +270,7 @@ class Finalized:
     timings_ms: dict[str, float]
 
 
-async def finalize(
+async def refine(
     tiers: Tiers,
     prompt: str,
     image: Image.Image,
@@ -275,47 +281,24 @@ async def finalize(
     num_inference_steps: int | None = None,
     latency_target_ms: float | None = None,
     on_progress: Progress | None = None,
-) -> Finalized:
-    """DiffusionX's finalize: predict the strength (unless given), route against the cloud load, refine.
+) -> Refined:
+    """DiffusionX's refinement: predict the strength (unless given), route against the cloud load, refine.
     `on_progress` hears of each denoising step of the refinement (on whichever tier runs it)."""
-    cloud = tiers.need("cloud", "diffusionx")
+    cloud = tiers.need("cloud", Mode.DIFFUSIONX)
     timings: dict[str, float] = {}
-    start = time.perf_counter()
     # 1. strength and cloud load, concurrently; the predictor only when the request gave no strength
-    load_task = tiers.cloud_load() if tiers.cloud_load is not None else _idle_load()
-    if strength is None:
-        predictor = tiers.need("predictor", "diffusionx")
-        strength_predicted, load = await asyncio.gather(predictor.predict(prompt, image), load_task)
-        strength_predicted = check_strength(float(strength_predicted), "predicted strength")
-        timings["predict"] = _ms(start)
-    else:
-        strength_predicted, load = None, await load_task
+    strength_predicted, load = await _strength_and_load(tiers, prompt, image, strength, timings)
     # 2. route: strength and steps against the load and the latency target
     steps = num_inference_steps or int((await tiers.info("cloud"))["default_steps"])
     target = latency_target_ms if latency_target_ms is not None else tiers.default_latency_target_ms
     wanted = strength if strength is not None else strength_predicted
-    scale, margin = 1.0, 1.0
-    if tiers.latency_calibration is not None:
-        scale = tiers.latency_calibration.scale
-        margin = tiers.latency_calibration.margin(tiers.router.slo_quantile)
-    arrivals = tiers.cloud_arrivals.current() if tiers.cloud_arrivals is not None else None
-    decision = decide_route(
-        wanted,  # type: ignore[arg-type]
-        steps,
-        load,
-        target,
-        tiers.router,
-        latency_scale=scale,
-        arrivals=arrivals,
-        latency_margin=margin,
-    )
-    if tiers.cloud_arrivals is not None:
-        tiers.cloud_arrivals.record(decision.cloud_steps)
+    assert wanted is not None  # one of them is set by _strength_and_load
+    decision = _route(tiers, wanted, steps, load, target)
     # 3. refine on the cloud tier, or on the edge tier when the cloud cannot make the target. The edge
     # refines on its own edit schedule (None: the tier's `edit_steps`), not the cloud's: a fallback exists
-    # to be fast, and the cloud's 20-50 steps on the edge cost it 2.5-6x its usual work just when many
-    # finalizes fall back at once.
-    fallback = decision.route == "edge-fallback"
+    # to be fast, and the cloud's longer schedule on the edge would cost it several times its usual work
+    # just when many refinements fall back at once.
+    fallback = decision.route is Route.EDGE_FALLBACK
     request = Img2ImgRequest(
         prompt,
         image,
@@ -326,12 +309,50 @@ async def finalize(
     )
     progress = _progress(on_progress)
     if fallback:
-        result = await tiers.need("edge", "edge-fallback").edit(request, **progress)
+        result = await tiers.need("edge", Route.EDGE_FALLBACK).edit(request, **progress)
         decision = replace(decision, num_inference_steps=result.num_inference_steps)
     else:
         result = await cloud.refine(request, **progress)
     timings.update(result.timings_ms)
-    return Finalized(result, strength_predicted, decision, load, timings)
+    return Refined(result, strength_predicted, decision, load, timings)
+
+
+async def _strength_and_load(
+    tiers: Tiers, prompt: str, image: Image.Image, strength: float | None, timings: dict[str, float]
+) -> tuple[float | None, CloudLoad]:
+    """The predicted strength (None when the request gave one) and the cloud load, fetched concurrently."""
+    start = time.perf_counter()
+    load_task = tiers.cloud_load() if tiers.cloud_load is not None else _idle_load()
+    if strength is not None:
+        return None, await load_task
+    predictor = tiers.need("predictor", Mode.DIFFUSIONX)
+    predicted, load = await asyncio.gather(predictor.predict(prompt, image), load_task)
+    timings["predict"] = _ms(start)
+    return check_strength(float(predicted), "predicted strength"), load
+
+
+def _route(
+    tiers: Tiers, strength: float, steps: int, load: CloudLoad, target_ms: float | None
+) -> RouteDecision:
+    """The router's decision with the tiers' calibration and arrival rate; records the cloud work sent."""
+    scale, margin = 1.0, 1.0
+    if tiers.latency_calibration is not None:
+        scale = tiers.latency_calibration.scale
+        margin = tiers.latency_calibration.margin(tiers.router.slo_quantile)
+    arrivals = tiers.cloud_arrivals.current() if tiers.cloud_arrivals is not None else None
+    decision = decide_route(
+        strength,
+        steps,
+        load,
+        target_ms,
+        tiers.router,
+        latency_scale=scale,
+        arrivals=arrivals,
+        latency_margin=margin,
+    )
+    if tiers.cloud_arrivals is not None:
+        tiers.cloud_arrivals.record(decision.cloud_steps)
+    return decision
 
 
 async def _idle_load() -> CloudLoad:
@@ -344,38 +365,48 @@ class Generated:
     parameters: dict[str, Any] = field(default_factory=dict)  # what the mode resolved (route, p, k, a, s)
 
 
-async def generate(tiers: Tiers, mode: str, request: PreviewRequest) -> Generated:
+async def generate(tiers: Tiers, mode: Mode | str, request: PreviewRequest) -> Generated:
     """One-shot text-to-image in `mode` (see the module docstring)."""
     check_fields(mode, request)
+    mode = Mode(mode)
     # 1. single-model baselines
-    if mode == "cloud":
+    if mode is Mode.CLOUD:
         cloud = tiers.need("cloud", mode)
-        return Generated(await cloud.generate(_plain(request, request.num_inference_steps)))
-    if mode == "edge":
+        steps = request.num_inference_steps or int((await tiers.info("cloud"))["default_steps"])
+        return Generated(await cloud.generate(_plain(request, steps)))
+    if mode is Mode.EDGE:
         edge = tiers.need("edge", mode)
         steps = request.num_inference_steps or int((await tiers.info("edge"))["default_steps"])
         return Generated(await edge.preview(_plain(request, steps)))
     # 2. EC-Diff / Hybrid SD: the cloud plans steps 0..s-1, its latents go to the edge, which finishes
-    if mode in ("hybrid", "ec-diff"):
-        cloud, edge = tiers.need("cloud", mode), tiers.need("edge", mode)
-        default_steps = int((await tiers.info("cloud"))["default_steps"])
-        params = collaboration_params(mode, request, default_steps)
-        plan = cloud.plan(
-            CollaborativeRequest(request.prompt, request.seed, request.width, request.height, params)
-        )
-        result = await edge.finish(plan)  # the plan is handed over as it is, not fetched here
-        return Generated(
-            result,
-            {
-                "switch_step": params.switch_step,
-                "warmup_steps": params.warmup_steps,
-                "approx_interval": params.approx_interval if params.approximates else None,
-                "smoothing": params.smoothing if params.approximates else None,
-            },
-        )
+    if mode in (Mode.HYBRID, Mode.EC_DIFF):
+        return await _generate_collaborative(tiers, mode, request)
     # 3. DiffusionX: edge preview, then predicted-strength cloud refine of the preview
+    return await _generate_diffusionx(tiers, request)
+
+
+async def _generate_collaborative(tiers: Tiers, mode: Mode, request: PreviewRequest) -> Generated:
+    cloud, edge = tiers.need("cloud", mode), tiers.need("edge", mode)
+    default_steps = int((await tiers.info("cloud"))["default_steps"])
+    params = collaboration_params(mode, request, default_steps)
+    plan = cloud.plan(
+        CollaborativeRequest(request.prompt, request.seed, request.width, request.height, params)
+    )
+    result = await edge.finish(plan)  # the plan is handed over as it is, not fetched here
+    return Generated(
+        result,
+        {
+            "switch_step": params.switch_step,
+            "warmup_steps": params.warmup_steps,
+            "approx_interval": params.approx_interval if params.approximates else None,
+            "smoothing": params.smoothing if params.approximates else None,
+        },
+    )
+
+
+async def _generate_diffusionx(tiers: Tiers, request: PreviewRequest) -> Generated:
     previewed = await preview(tiers, _plain(request, getattr(request, "preview_steps", None)))
-    final = await finalize(
+    final = await refine(
         tiers,
         request.prompt,
         previewed.image,

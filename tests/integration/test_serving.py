@@ -422,7 +422,7 @@ def test_the_same_workflows_in_process_and_served_give_the_same_images_and_costs
         out["preview"] = (result.image, result.unet_calls.to_dict())
         result = await modes.edit(tiers, Img2ImgRequest(base["prompt"], edited_from, 0.5, base["seed"]))
         out["edit"] = (result.image, result.unet_calls.to_dict())
-        final = await modes.finalize(tiers, base["prompt"], edited_from, seed=base["seed"], strength=0.7)
+        final = await modes.refine(tiers, base["prompt"], edited_from, seed=base["seed"], strength=0.7)
         out["refine"] = (final.result.image, final.result.unet_calls.to_dict())
         return out
 

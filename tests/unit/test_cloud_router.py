@@ -17,6 +17,7 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.schema import ServeDeploySchema
 
 from deployments.cloud_router import StepAwareRouter, request_steps
+from diffusionx.policy.cost import StepDefaults
 from diffusionx.requests import Img2ImgRequest, PreviewRequest
 from diffusionx.sampling.collaborative import CollaborationParams, CollaborativeRequest
 
@@ -38,8 +39,18 @@ class FakeReplica:
 
 
 @dataclass
+class FakeMetadata:
+    call_method: str
+
+
+@dataclass
 class FakePending:
     args: list[Any]
+    method: str = "refine"
+
+    @property
+    def metadata(self) -> FakeMetadata:
+        return FakeMetadata(self.method)
 
 
 def stats(pool: list[tuple[int, int]], taken_at: float, batch: int = 4) -> dict[str, Any]:
@@ -74,13 +85,18 @@ def ranked(router: StepAwareRouter, replicas: list[FakeReplica], pending: FakePe
 
 
 def test_request_steps_reads_each_kind_of_cloud_request():
-    assert request_steps(refinement(40, 0.5)) == 20
-    assert request_steps(refinement(40, 0.01)) == 1  # a refinement is at least one step
-    assert request_steps(FakePending([PreviewRequest("a cat", 0, num_inference_steps=12)])) == 12
+    defaults = StepDefaults(default_steps=30)
+    assert request_steps(refinement(40, 0.5), defaults) == 20
+    assert request_steps(refinement(40, 0.01), defaults) == 0  # int(0.4): the sampler runs no step
+    text = PreviewRequest("a cat", 0, num_inference_steps=12)
+    assert request_steps(FakePending([text], "generate"), defaults) == 12
     plan = CollaborativeRequest("a cat", 0, None, None, CollaborationParams.hybrid(20, switch_step=7))
-    assert request_steps(FakePending([plan])) == 7
-    assert request_steps(FakePending([PreviewRequest("a cat", 0)])) == 1  # the model's default: unknown
-    assert request_steps(None) == 1
+    assert request_steps(FakePending([plan], "plan"), defaults) == 7
+    ec_diff = CollaborativeRequest("a cat", 0, None, None, CollaborationParams())  # p=7, k=2, s=37 of 50
+    assert request_steps(FakePending([ec_diff], "plan"), defaults) == 17  # its cloud UNet calls, not s
+    assert request_steps(FakePending([PreviewRequest("a cat", 0)], "generate"), defaults) == 30
+    assert request_steps(FakePending([refinement().args[0]], "refine_stream"), defaults) == 10
+    assert request_steps(None, defaults) == 1
 
 
 def test_uneven_load_sends_the_request_where_it_finishes_first():

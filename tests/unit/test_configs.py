@@ -12,7 +12,10 @@ from deployments.app import build_app
 from diffusionx.app_config import AppArgs
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = [*sorted(ROOT.glob("serve_config*.yaml")), ROOT / "tests" / "integration" / "serve_config_test.yaml"]
+CONFIGS = [
+    *sorted(ROOT.glob("serve_config*.yaml")),
+    ROOT / "tests" / "integration" / "serve_config_test.yaml",
+]
 DEPLOYMENTS = {"DiffusionXIngress", "EdgePreviewer", "CloudRefiner", "StrengthPredictor", "SharedState"}
 
 

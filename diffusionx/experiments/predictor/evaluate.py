@@ -7,7 +7,7 @@ runs as served, through the workflows on in-process tiers:
    (`learned`: the served edit predictor, `heuristic`, `fixed-s`), each judged with `targets.edit_ok`;
    the session carries the learned edit on (the image the server would have shown);
 2. finalize the final preview with every refine method: `learned` and `heuristic` through the predictor
-   tier (the strength is predicted inside `workflows.modes.finalize`), `fixed-s` with the strength given;
+   tier (the strength is predicted inside `workflows.modes.refine`), `fixed-s` with the strength given;
    a full cloud generation of the same prompt and seed is the reference.
 Quality is the mean judge accuracy (and exact-match rate) on the final prompt, cost the mean cloud UNet
 calls per session. The target is the reference's mean accuracy minus `TARGET_MARGIN`. The edit methods'
@@ -86,11 +86,11 @@ async def eval_session(
     prompt = steps[-1].prompt
     jobs = {
         "cloud (full generation)": modes.generate(learned, "cloud", PreviewRequest(prompt, seed)),
-        "learned": modes.finalize(learned, prompt, image, seed=seed),
-        "heuristic": modes.finalize(heuristic, prompt, image, seed=seed),
+        "learned": modes.refine(learned, prompt, image, seed=seed),
+        "heuristic": modes.refine(heuristic, prompt, image, seed=seed),
     }
     for s in FIXED_STRENGTHS:
-        jobs[f"fixed-{s}"] = modes.finalize(learned, prompt, image, seed=seed, strength=s)
+        jobs[f"fixed-{s}"] = modes.refine(learned, prompt, image, seed=seed, strength=s)
     refine_rows = []
     for method, done in zip(jobs, await asyncio.gather(*jobs.values()), strict=True):
         result = done.result

@@ -123,7 +123,7 @@ async def label_session(
     cloud_scores = _scores(cloud.image, prompt)
     trials = []
     for strength in REFINE_GRID:
-        final = await modes.finalize(tiers, prompt, image, seed=seed, strength=strength)
+        final = await modes.refine(tiers, prompt, image, seed=seed, strength=strength)
         scores = _scores(final.result.image, prompt)
         trials.append({"strength": strength, "cloud_calls": final.result.unet_calls.cloud, **scores})
         if refine_reached(scores["accuracy"], cloud_scores["accuracy"]):
