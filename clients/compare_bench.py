@@ -167,9 +167,10 @@ def capacity_per_s(cloud: dict[str, Any], finalize_steps: float) -> float:
     """Finalizes per second the cloud tier sustains: each replica runs B samples per batched step."""
     total = 0.0
     for replica in cloud.get("per_replica") or []:
-        t0, t1 = replica.get("step_time_s") or (None, None)
-        if t0 is None:
+        step_time = replica.get("step_time_s")
+        if not step_time:
             continue
+        t0, t1 = step_time
         batch = int(replica.get("max_batch_size", 1))
         total += batch / (max(1.0, finalize_steps) * max(1e-4, t0 + t1 * batch))
     if total <= 0:
@@ -266,9 +267,9 @@ def write_outputs(summary: dict[str, Any], runs: dict[str, list[dict[str, Any]]]
             writer.writerows({"run": name, **row} for row in rows)
     for filename, table in (("modes.csv", summary["modes"]), ("policies.csv", summary["router"]["policies"])):
         with (out / filename).open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(("name", *FIELDS))
-            writer.writerows((name, *(values[f] for f in FIELDS)) for name, values in table.items())
+            table_writer = csv.writer(handle)
+            table_writer.writerow(("name", *FIELDS))
+            table_writer.writerows((name, *(values[f] for f in FIELDS)) for name, values in table.items())
     plot(summary, runs, out)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -101,7 +102,7 @@ def start_cluster() -> LocalAutoscalingCluster:
     custom = {k: v for k, v in HEAD_RESOURCES.items() if k != "CPU"}
     cluster._head_resources = {"CPU": HEAD_RESOURCES["CPU"]}
     cluster.start(override_env={"RAY_OVERRIDE_RESOURCES": json.dumps(custom)})
-    ray.init(address="auto", namespace="diffusionx", logging_level="WARNING")
+    ray.init(address="auto", namespace="diffusionx", logging_level=logging.WARNING)
     return cluster
 
 
@@ -133,12 +134,13 @@ def sample_cluster(app: str = "diffusionx") -> ClusterSample:
     """What Serve and the GCS say now: RUNNING replicas of each tier, alive nodes."""
     import ray
     from ray import serve
+    from ray.serve.schema import ReplicaState
 
     status = serve.status().applications.get(app)
     replicas = {}
     for tier, name in TIER_DEPLOYMENTS.items():
         deployment = status.deployments.get(name) if status is not None else None
-        replicas[tier] = int(deployment.replica_states.get("RUNNING", 0)) if deployment else 0
+        replicas[tier] = int(deployment.replica_states.get(ReplicaState.RUNNING, 0)) if deployment else 0
     alive = [node for node in ray.nodes() if node.get("Alive")]
     by_type = {"head": 0, "cloud": 0, "edge": 0}
     for node in alive:

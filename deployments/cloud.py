@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
-from ray.serve.config import RequestRouterConfig
 
 from deployments.tier import ServedTier, lower_cpu_priority, set_torch_threads
 from diffusionx.engine.tiers import CloudModel
@@ -19,19 +18,9 @@ from diffusionx.requests import GenerationResult, Img2ImgRequest, PreviewRequest
 from diffusionx.sampling.collaborative import CollaborativeRequest, PlanState
 
 
-@serve.deployment(
-    name="CloudRefiner",
-    ray_actor_options={"num_cpus": 1},
-    max_ongoing_requests=16,
-    max_queued_requests=64,
-    health_check_period_s=2,
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4},
-    request_router_config=RequestRouterConfig(
-        request_router_class="deployments.cloud_router.StepAwareRouter",
-        request_routing_stats_period_s=0.5,  # the router adds what it sent since (see cloud_router)
-        request_routing_stats_timeout_s=5.0,
-    ),
-)
+# Replicas, resources, request bounds, health checks and the request router come from the serve config (one
+# place for each default); tests/unit/test_configs.py checks that no decorator option is also set there.
+@serve.deployment(name="CloudRefiner")
 class CloudRefiner(ServedTier):
     def __init__(
         self,

@@ -133,14 +133,9 @@ def _status_of(error: Exception) -> int:
     return 500
 
 
-@serve.deployment(
-    name="DiffusionXIngress",
-    ray_actor_options={"num_cpus": 0.1},
-    # Admission control decides here, at once; Serve's own queue in front of the ingress must not fill
-    # first (its 503 carries no Retry-After), so the ingress takes every request (a refusal is cheap).
-    max_ongoing_requests=1024,
-    max_queued_requests=-1,
-)
+# Admission control decides here, at once; Serve's own queue in front of the ingress must not fill first
+# (its 503 carries no Retry-After), so every serve config lets the ingress take every request.
+@serve.deployment(name="DiffusionXIngress")
 @serve.ingress(app)
 class DiffusionXIngress:
     def __init__(self, edge: Any, predictor: Any, cloud: Any, state: Any, args: dict | None = None) -> None:

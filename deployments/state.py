@@ -18,9 +18,8 @@ TIERS = ("edge", "predictor", "cloud")
 
 @serve.deployment(
     name="SharedState",
-    num_replicas=1,
+    num_replicas=1,  # the one place ingress replicas share: never more than one
     max_ongoing_requests=1000,
-    ray_actor_options={"num_cpus": 0, "memory": 256 * 1024 * 1024},
 )
 class SharedState:
     def __init__(

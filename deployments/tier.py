@@ -50,8 +50,10 @@ class ServedTier:
         engine.loop.observer = self._metrics
         engine.loop.on_change = self._on_change
         self._metrics.update(engine.loop.work())
-        self._hand_over.set_max_batch_size(max_batch_size)
-        self._hand_over.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        # @serve.batch's wrapper has these setters; its return type does not declare them
+        batch_queue: Any = self._hand_over
+        batch_queue.set_max_batch_size(max_batch_size)
+        batch_queue.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     def _on_change(self) -> None:
         """The load changed: report it to SharedState (coalesced) and set the load gauges."""

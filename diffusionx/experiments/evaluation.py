@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from PIL import Image
 from tqdm import tqdm
@@ -101,7 +102,7 @@ def evaluate_mode(
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} is not allowed: use an integer >= 1")
     score_fn = score_fn or score
-    fields = {key: value for key, value in (request_fields or {}).items() if value is not None}
+    fields: dict[str, Any] = {k: v for k, v in (request_fields or {}).items() if v is not None}
     requests = [GenerateRequest(prompt, seed + index, **fields) for index, prompt in enumerate(prompts)]
     for request in requests[:1]:
         check_fields(mode, request)

@@ -11,14 +11,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from diffusionx.serving.errors import PreviewNotFound
 
 logger = logging.getLogger(__name__)
 
-PutPreview = Callable[[bytes, str, str], Awaitable[object]]  # (png, preview_id, owner)
-GetPreview = Callable[[str, str], Awaitable[bytes | None]]  # (preview_id, owner) -> png or None
+PutPreview = Callable[[bytes, str, str], Coroutine[Any, Any, object]]  # (png, preview_id, owner)
+GetPreview = Callable[[str, str], Coroutine[Any, Any, bytes | None]]  # (preview_id, owner) -> png or None
 
 
 class PreviewStore:
@@ -30,7 +31,7 @@ class PreviewStore:
     def store(self, png: bytes, owner: str) -> str:
         """A new preview id for `png`, answered at once; the put to the shared cache runs behind it."""
         preview_id = uuid.uuid4().hex
-        task = asyncio.get_running_loop().create_task(self._put(png, preview_id, owner))
+        task: asyncio.Task[object] = asyncio.get_running_loop().create_task(self._put(png, preview_id, owner))
         self._storing[preview_id] = (owner, png, task)
         task.add_done_callback(lambda done: self._stored(preview_id, done))
         return preview_id

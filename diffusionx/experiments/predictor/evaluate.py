@@ -26,7 +26,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,15 +84,15 @@ async def eval_session(
         image, previous_prompt = results["learned"].image, step.prompt
     # 2. finalize the final preview with every refine method; the full cloud generation as reference
     prompt = steps[-1].prompt
-    jobs = {
+    refine_jobs: dict[str, Awaitable[modes.Generated | modes.Refined]] = {
         "cloud (full generation)": modes.generate(learned, "cloud", PreviewRequest(prompt, seed)),
         "learned": modes.refine(learned, prompt, image, seed=seed),
         "heuristic": modes.refine(heuristic, prompt, image, seed=seed),
     }
     for s in FIXED_STRENGTHS:
-        jobs[f"fixed-{s}"] = modes.refine(learned, prompt, image, seed=seed, strength=s)
+        refine_jobs[f"fixed-{s}"] = modes.refine(learned, prompt, image, seed=seed, strength=s)
     refine_rows = []
-    for method, done in zip(jobs, await asyncio.gather(*jobs.values()), strict=True):
+    for method, done in zip(refine_jobs, await asyncio.gather(*refine_jobs.values()), strict=True):
         result = done.result
         scores = score(result.image, prompt)
         refine_rows.append(
@@ -168,10 +168,12 @@ def evaluate(
                 refine_rows += refines
             bar.update(len(chunk))
     seconds = time.perf_counter() - start
-    refine = _means(refine_rows, ("quality", "cloud_unet_calls", "exact_match", "strength"))
-    reference = refine.pop("cloud (full generation)")
-    edits = _means(edit_rows, ("ok", "edge_unet_calls", "accuracy", "strength"))
-    edit_target = max(v["ok"] for k, v in edits.items() if k.startswith("fixed-")) - EDIT_TARGET_MARGIN
+    refine_by_method = _means(refine_rows, ("quality", "cloud_unet_calls", "exact_match", "strength"))
+    reference = refine_by_method.pop("cloud (full generation)")
+    edit_by_method = _means(edit_rows, ("ok", "edge_unet_calls", "accuracy", "strength"))
+    edit_target = (
+        max(v["ok"] for k, v in edit_by_method.items() if k.startswith("fixed-")) - EDIT_TARGET_MARGIN
+    )
     # CPU cost of one prediction against one edge preview (single requests, one torch thread as the
     # predictor replica runs: with more threads, process CPU time counts their spin-waits)
     probe = sessions[0][0].prompt
@@ -191,19 +193,20 @@ def evaluate(
     return {
         "target": reference["quality"] - TARGET_MARGIN,
         "methods": {
-            m: {"quality": v["quality"], "cloud_unet_calls": v["cloud_unet_calls"]} for m, v in refine.items()
+            m: {"quality": v["quality"], "cloud_unet_calls": v["cloud_unet_calls"]}
+            for m, v in refine_by_method.items()
         },
         "edit": {
             "target": edit_target,
             "methods": {
                 m: {"quality": v["ok"], "edge_unet_calls": v["edge_unet_calls"], "accuracy": v["accuracy"]}
-                for m, v in edits.items()
+                for m, v in edit_by_method.items()
             },
         },
         "reference": {"method": "cloud (full generation)", **reference},
-        "exact_match": {m: v["exact_match"] for m, v in refine.items()},
-        "mean_strength": {m: v["strength"] for m, v in refine.items()},
-        "edit_mean_strength": {m: v["strength"] for m, v in edits.items()},
+        "exact_match": {m: v["exact_match"] for m, v in refine_by_method.items()},
+        "mean_strength": {m: v["strength"] for m, v in refine_by_method.items()},
+        "edit_mean_strength": {m: v["strength"] for m, v in edit_by_method.items()},
         "sessions": n_sessions,
         "rounds": rounds,
         "seconds": round(seconds, 1),
@@ -343,6 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as error:
         parser.error(str(error))
     cloud, edge = load_pair("diffusionx", args.cloud, args.edge, args.device)
+    assert cloud is not None and edge is not None  # diffusionx mode loads both
     report = evaluate(
         cloud,
         edge,

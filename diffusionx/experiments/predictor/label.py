@@ -95,7 +95,7 @@ async def label_session(
         results = await asyncio.gather(
             *(modes.edit(tiers, Img2ImgRequest(step.prompt, image, s, seed=seed)) for s in EDIT_GRID)
         )
-        trials = []
+        trials: list[dict[str, Any]] = []
         for strength, result in zip(EDIT_GRID, results, strict=True):
             scores = _scores(result.image, step.prompt)
             ok = edit_ok(scores, previous_scores, step.change or "")
