@@ -23,7 +23,7 @@ Method (every figure is measured through HTTP with `clients.loadgen`, the same c
    (`cloud_step_order: fifo`) against the default shortest-job-first (the `fixed` run of step 3).
    Needs the local application (skipped with `--url`).
 
-Writes `DIR/summary.json` (schema in the issue; `null` where a run had no successful request),
+Writes `DIR/summary.json` (`null` where a run had no successful request),
 `DIR/requests.csv` (every request of every run, with its run's name), `DIR/modes.csv`, `DIR/policies.csv`
 and PNG plots: latency CDFs per mode and per policy, cost against quality, expected against measured.
 """

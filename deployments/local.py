@@ -30,7 +30,7 @@ METRICS_PORT = 9464
 # configs' runtime_env reaches only the replicas, the proxy and HAProxy read theirs at start.
 # On one machine HAProxy notices a stopping ingress replica within half a second (health checks every
 # 250 ms, down after 2 failures), so a stopping replica drains for 2 s, not the 30 s meant for a cluster's
-# load balancers (which made every local stop wait 30 s).
+# load balancers (a local stop would wait that long).
 LOCAL_DRAINING_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 
 

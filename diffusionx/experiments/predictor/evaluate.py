@@ -149,24 +149,8 @@ def evaluate(
         cloud, edge, max_batch_size=64, predict=predict_strength, predict_edit=heuristic_edit_strength
     )
     sessions = make_session_steps(n_sessions, rounds, seed=session_seed)
-    edit_rows: list[dict[str, Any]] = []
-    refine_rows: list[dict[str, Any]] = []
     start = time.perf_counter()
-    with tqdm(total=n_sessions, desc="eval", unit="session", file=sys.stderr, disable=not progress) as bar:
-        for begin in range(0, n_sessions, concurrency):
-            chunk = range(begin, min(n_sessions, begin + concurrency))
-
-            async def run(chunk: range = chunk) -> list[tuple[list, list]]:
-                return list(
-                    await asyncio.gather(
-                        *(eval_session(learned, heuristic, sessions[i], image_seed + i) for i in chunk)
-                    )
-                )
-
-            for edits, refines in asyncio.run(run()):
-                edit_rows += edits
-                refine_rows += refines
-            bar.update(len(chunk))
+    edit_rows, refine_rows = _run_sessions(learned, heuristic, sessions, image_seed, concurrency, progress)
     seconds = time.perf_counter() - start
     refine_by_method = _means(refine_rows, ("quality", "cloud_unet_calls", "exact_match", "strength"))
     reference = refine_by_method.pop("cloud (full generation)")
@@ -174,22 +158,8 @@ def evaluate(
     edit_target = (
         max(v["ok"] for k, v in edit_by_method.items() if k.startswith("fixed-")) - EDIT_TARGET_MARGIN
     )
-    # CPU cost of one prediction against one edge preview (single requests, one torch thread as the
-    # predictor replica runs: with more threads, process CPU time counts their spin-waits)
     probe = sessions[0][0].prompt
-    image = asyncio.run(modes.preview(learned, PreviewRequest(probe, image_seed))).image
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        timing = {
-            "refine_predict_cpu_ms": cpu_ms(lambda: refine_predictor(probe, image)),
-            "edit_predict_cpu_ms": cpu_ms(lambda: edit_predictor(probe, image, probe)),
-            "edge_preview_cpu_ms": cpu_ms(
-                lambda: asyncio.run(modes.preview(learned, PreviewRequest(probe, image_seed))), repeats=5
-            ),
-        }
-    finally:
-        torch.set_num_threads(threads)
+    timing = _cpu_timing(learned, refine_predictor, edit_predictor, probe, image_seed)
     return {
         "target": reference["quality"] - TARGET_MARGIN,
         "methods": {
@@ -216,6 +186,60 @@ def evaluate(
             "edit": getattr(edit_predictor, "name", "heuristic"),
         },
     }
+
+
+def _run_sessions(
+    learned: Tiers,
+    heuristic: Tiers,
+    sessions: list[list[SessionStep]],
+    image_seed: int,
+    concurrency: int,
+    progress: bool,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(edit rows, refine rows) of every session, `concurrency` sessions at a time."""
+    edit_rows: list[dict[str, Any]] = []
+    refine_rows: list[dict[str, Any]] = []
+    n_sessions = len(sessions)
+    with tqdm(total=n_sessions, desc="eval", unit="session", file=sys.stderr, disable=not progress) as bar:
+        for begin in range(0, n_sessions, concurrency):
+            chunk = range(begin, min(n_sessions, begin + concurrency))
+
+            async def run(chunk: range = chunk) -> list[tuple[list, list]]:
+                return list(
+                    await asyncio.gather(
+                        *(eval_session(learned, heuristic, sessions[i], image_seed + i) for i in chunk)
+                    )
+                )
+
+            for edits, refines in asyncio.run(run()):
+                edit_rows += edits
+                refine_rows += refines
+            bar.update(len(chunk))
+    return edit_rows, refine_rows
+
+
+def _cpu_timing(
+    learned: Tiers,
+    refine_predictor: Callable[..., float],
+    edit_predictor: Callable[..., float],
+    probe: str,
+    image_seed: int,
+) -> dict[str, float]:
+    """CPU cost of one prediction against one edge preview (single requests, one torch thread as the
+    predictor replica runs: with more threads, process CPU time counts their spin-waits)."""
+    image = asyncio.run(modes.preview(learned, PreviewRequest(probe, image_seed))).image
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return {
+            "refine_predict_cpu_ms": cpu_ms(lambda: refine_predictor(probe, image)),
+            "edit_predict_cpu_ms": cpu_ms(lambda: edit_predictor(probe, image, probe)),
+            "edge_preview_cpu_ms": cpu_ms(
+                lambda: asyncio.run(modes.preview(learned, PreviewRequest(probe, image_seed))), repeats=5
+            ),
+        }
+    finally:
+        torch.set_num_threads(threads)
 
 
 def cheapest_reaching(
