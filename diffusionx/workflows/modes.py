@@ -29,7 +29,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, TypedDict
+from typing import Any, Protocol, TypedDict, TypeVar
 
 from PIL import Image
 
@@ -118,19 +118,32 @@ class Tiers:
     latency_calibration: LatencyCalibration | None = None
     # the rate of cloud work the router sends, for the service model's replay of later arrivals
     cloud_arrivals: ArrivalRate | None = None
-    _info: dict[str, dict] = field(default_factory=dict, repr=False)
+    _info: dict[str, TierInfo] = field(default_factory=dict, repr=False)
 
-    def need(self, tier: str, mode: str) -> Any:
-        value = getattr(self, tier)
-        if value is None:
-            raise ValueError(f"mode '{mode}' needs the {tier} tier, but none was given")
-        return value
+    def need_edge(self, mode: str) -> EdgeTier:
+        return _needed(self.edge, "edge", mode)
 
-    async def info(self, tier: str) -> dict:
-        """The tier's model facts, fetched once (they are fixed for a deployment)."""
+    def need_cloud(self, mode: str) -> CloudTier:
+        return _needed(self.cloud, "cloud", mode)
+
+    def need_predictor(self, mode: str) -> PredictorTier:
+        return _needed(self.predictor, "predictor", mode)
+
+    async def info(self, tier: str) -> TierInfo:
+        """The edge or cloud tier's model facts, fetched once (they are fixed for a deployment)."""
         if tier not in self._info:
-            self._info[tier] = await self.need(tier, "info").info()
+            model_tier = self.need_edge("info") if tier == "edge" else self.need_cloud("info")
+            self._info[tier] = await model_tier.info()
         return self._info[tier]
+
+
+TierT = TypeVar("TierT")
+
+
+def _needed(value: TierT | None, tier: str, mode: str) -> TierT:
+    if value is None:
+        raise ValueError(f"mode '{mode}' needs the {tier} tier, but none was given")
+    return value
 
 
 # -- requests ------------------------------------------------------------------------------------------------
@@ -220,14 +233,14 @@ async def preview(
     tiers: Tiers, request: PreviewRequest, on_progress: Progress | None = None
 ) -> GenerationResult:
     """A fast preview on the edge tier."""
-    return await tiers.need("edge", "preview").preview(request, **_progress(on_progress))
+    return await tiers.need_edge("preview").preview(request, **_progress(on_progress))
 
 
 async def edit(
     tiers: Tiers, request: Img2ImgRequest, on_progress: Progress | None = None
 ) -> GenerationResult:
     """A round-to-round edit of a previous image on the edge tier."""
-    return await tiers.need("edge", "edit").edit(request, **_progress(on_progress))
+    return await tiers.need_edge("edit").edit(request, **_progress(on_progress))
 
 
 async def edit_predicted(
@@ -243,7 +256,7 @@ async def edit_predicted(
 ) -> GenerationResult:
     """An edit at the strength the edit predictor gives (the result's `strength` is the one it used)."""
     start = time.perf_counter()
-    predictor = tiers.need("predictor", "edit")
+    predictor = tiers.need_predictor("edit")
     strength = check_strength(
         float(await predictor.predict_edit(prompt, image, previous_prompt)), "predicted edit strength"
     )
@@ -284,7 +297,7 @@ async def refine(
 ) -> Refined:
     """DiffusionX's refinement: predict the strength (unless given), route against the cloud load, refine.
     `on_progress` hears of each denoising step of the refinement (on whichever tier runs it)."""
-    cloud = tiers.need("cloud", Mode.DIFFUSIONX)
+    cloud = tiers.need_cloud(Mode.DIFFUSIONX)
     timings: dict[str, float] = {}
     # 1. strength and cloud load, concurrently; the predictor only when the request gave no strength
     strength_predicted, load = await _strength_and_load(tiers, prompt, image, strength, timings)
@@ -309,7 +322,7 @@ async def refine(
     )
     progress = _progress(on_progress)
     if fallback:
-        result = await tiers.need("edge", Route.EDGE_FALLBACK).edit(request, **progress)
+        result = await tiers.need_edge(Route.EDGE_FALLBACK).edit(request, **progress)
         decision = replace(decision, num_inference_steps=result.num_inference_steps)
     else:
         result = await cloud.refine(request, **progress)
@@ -325,7 +338,7 @@ async def _strength_and_load(
     load_task = tiers.cloud_load() if tiers.cloud_load is not None else _idle_load()
     if strength is not None:
         return None, await load_task
-    predictor = tiers.need("predictor", Mode.DIFFUSIONX)
+    predictor = tiers.need_predictor(Mode.DIFFUSIONX)
     predicted, load = await asyncio.gather(predictor.predict(prompt, image), load_task)
     timings["predict"] = _ms(start)
     return check_strength(float(predicted), "predicted strength"), load
@@ -371,11 +384,11 @@ async def generate(tiers: Tiers, mode: Mode | str, request: PreviewRequest) -> G
     mode = Mode(mode)
     # 1. single-model baselines
     if mode is Mode.CLOUD:
-        cloud = tiers.need("cloud", mode)
+        cloud = tiers.need_cloud(mode)
         steps = request.num_inference_steps or int((await tiers.info("cloud"))["default_steps"])
         return Generated(await cloud.generate(_plain(request, steps)))
     if mode is Mode.EDGE:
-        edge = tiers.need("edge", mode)
+        edge = tiers.need_edge(mode)
         steps = request.num_inference_steps or int((await tiers.info("edge"))["default_steps"])
         return Generated(await edge.preview(_plain(request, steps)))
     # 2. EC-Diff / Hybrid SD: the cloud plans steps 0..s-1, its latents go to the edge, which finishes
@@ -386,7 +399,7 @@ async def generate(tiers: Tiers, mode: Mode | str, request: PreviewRequest) -> G
 
 
 async def _generate_collaborative(tiers: Tiers, mode: Mode, request: PreviewRequest) -> Generated:
-    cloud, edge = tiers.need("cloud", mode), tiers.need("edge", mode)
+    cloud, edge = tiers.need_cloud(mode), tiers.need_edge(mode)
     default_steps = int((await tiers.info("cloud"))["default_steps"])
     params = collaboration_params(mode, request, default_steps)
     plan = cloud.plan(
