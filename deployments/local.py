@@ -105,6 +105,9 @@ def start_local_app(
     Ray's metrics (with the application's) are served for Prometheus on 127.0.0.1:`metrics_port`; every
     process reports them each `metrics_report_interval_ms` (Ray's default, 10 s, when None)."""
     import ray
+
+    # Private: `serve run CONFIG`'s own path. The public `serve.run` takes an Application and would drop
+    # the config's per-deployment options (replicas, resources, request router), which are the defaults.
     from ray.serve._private import api as serve_api
 
     config = load_config(config_path, overrides, port, deployment_options)
@@ -121,6 +124,7 @@ def start_local_app(
             num_cpus=num_cpus,
             runtime_env={"env_vars": env} if env else None,
             logging_level=logging.WARNING,
+            # underscore options: ray.init has no public way to fix the metrics port or the report interval
             _metrics_export_port=metrics_port,
             _system_config=(
                 {"metrics_report_interval_ms": metrics_report_interval_ms}

@@ -40,7 +40,9 @@ class ServedTier:
         except Exception:  # outside a replica
             context, self._replica_id = None, f"{self.tier}-local"
         # the request bounds Serve enforces for this deployment, reported so that admission control
-        # refuses at the door before a caller's queue to this tier is full (unreported: no such bound)
+        # refuses at the door before a caller's queue to this tier is full (unreported: no such bound).
+        # Private: Serve has no public API for a replica's own deployment config (ReplicaContext keeps it
+        # as `_deployment_config`); without it the bound is only lost.
         deployment_config = getattr(context, "_deployment_config", None)
         if deployment_config is not None:
             engine.loop.monitor.max_ongoing_requests = deployment_config.max_ongoing_requests
