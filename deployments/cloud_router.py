@@ -30,8 +30,8 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
-from diffusionx.engine.monitor import TierSnapshot
 from diffusionx.policy.cost import StepDefaults, Work, request_cost
+from diffusionx.policy.load import TierSnapshot
 from diffusionx.policy.service_model import ReplicaLoad, rank_replicas
 
 

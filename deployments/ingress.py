@@ -34,9 +34,9 @@ from diffusionx.api import (
     StatsResponse,
 )
 from diffusionx.app_config import AppArgs
-from diffusionx.engine.monitor import TierLoad
 from diffusionx.policy.admission import AdmissionControl
 from diffusionx.policy.calibration import ArrivalRate, LatencyCalibration
+from diffusionx.policy.load import TierLoad
 from diffusionx.policy.router import CloudLoad, RouterConfig
 from diffusionx.requests import InvalidRequestError
 from diffusionx.serving.errors import PreviewNotFound, TierOverloaded

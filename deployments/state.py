@@ -9,8 +9,8 @@ import time
 
 from ray import serve
 
-from diffusionx.engine.monitor import TierLoad, TierSnapshot, merge_snapshots
 from diffusionx.engine.preview_cache import PreviewCache
+from diffusionx.policy.load import TierLoad, TierSnapshot, merge_snapshots
 
 STALE_AFTER_S = 30.0  # a replica that has not reported for this long is gone (replicas report every ~2 s)
 TIERS = ("edge", "predictor", "cloud")

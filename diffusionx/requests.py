@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TypedDict
 
 from PIL import Image
 
@@ -46,6 +47,19 @@ class Route(StrEnum):
     CLOUD = "cloud"  # the full refinement on the cloud tier
     CLOUD_REDUCED = "cloud-reduced"  # fewer steps or a lower strength, to meet the latency target
     EDGE_FALLBACK = "edge-fallback"  # the edge tier refines instead
+
+
+class TierInfo(TypedDict, total=False):
+    """A tier's fixed facts (`info()`): its model and default step counts, or its predictors' names."""
+
+    model: str
+    default_size: int
+    default_steps: int
+    preview_steps: int
+    edit_steps: int
+    family: str
+    predictor: str
+    edit_predictor: str
 
 
 class InvalidRequestError(ValueError):

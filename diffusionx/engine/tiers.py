@@ -18,14 +18,14 @@ from typing import Any
 from PIL import Image
 
 from diffusionx.engine.model_loop import JobSpec, ModelLoop, ProgressCallback, RunBlocking, _in_thread
-from diffusionx.engine.monitor import TierSnapshot
 from diffusionx.engine.step_warmup import measure_step_time
 from diffusionx.models.loading import LoadedModel
 from diffusionx.policy.cost import StepDefaults, Work, request_cost
+from diffusionx.policy.load import TierSnapshot
 from diffusionx.policy.router import CloudLoad
 from diffusionx.policy.service_model import ReplicaLoad
 from diffusionx.policy.strength import predict_strength
-from diffusionx.requests import GenerationResult, Img2ImgRequest, PreviewRequest
+from diffusionx.requests import GenerationResult, Img2ImgRequest, PreviewRequest, TierInfo
 from diffusionx.sampling.collaborative import (
     CollaborativeRequest,
     PlanState,
@@ -34,7 +34,6 @@ from diffusionx.sampling.collaborative import (
 )
 from diffusionx.sampling.generation import check_prompt_fits, edit, preview, refine, text_to_image
 from diffusionx.sampling.step_batching import StepBatcher
-from diffusionx.workflows.modes import TierInfo
 
 TierProgress = Callable[[int, int, str], None]  # (step, total steps, tier)
 

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from diffusionx.engine.monitor import TierLoad
+from diffusionx.policy.load import TierLoad
 
 REFUSAL_MARK = "before new work starts"  # in every refusal's message (clients.shed_bench counts them by it)
 

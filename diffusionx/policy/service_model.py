@@ -38,10 +38,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # the engine imports this module; the snapshot type is only annotated here
-    from diffusionx.engine.monitor import TierSnapshot
+from diffusionx.policy.load import TierSnapshot
 
 FORGET = 0.97  # weight kept per observation: about the last 1 / (1 - 0.97) = 33 steps count
 MIN_SPREAD = 0.5  # weighted std of observed batch sizes above which the slope is fitted from them

@@ -7,8 +7,8 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 
-from diffusionx.engine.monitor import TierLoad
 from diffusionx.policy.admission import AdmissionControl
+from diffusionx.policy.load import TierLoad
 from diffusionx.policy.router import CloudLoad
 from diffusionx.policy.service_model import ReplicaLoad
 

@@ -29,7 +29,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, TypedDict, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from PIL import Image
 
@@ -42,6 +42,7 @@ from diffusionx.requests import (
     Mode,
     PreviewRequest,
     Route,
+    TierInfo,
     check_steps,
     check_strength,
 )
@@ -63,19 +64,6 @@ _OPTIONAL_FIELDS = tuple(sorted(set().union(*_MODE_FIELDS.values())))
 # -- tiers -------------------------------------------------------------------------------------------------
 # `on_progress(step, total, tier)`: called after each denoising step of that request (streamed progress)
 Progress = Callable[[int, int, str], None]
-
-
-class TierInfo(TypedDict, total=False):
-    """A tier's fixed facts (`info()`): its model and default step counts, or its predictors' names."""
-
-    model: str
-    default_size: int
-    default_steps: int
-    preview_steps: int
-    edit_steps: int
-    family: str
-    predictor: str
-    edit_predictor: str
 
 
 class EdgeTier(Protocol):

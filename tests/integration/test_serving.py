@@ -456,7 +456,7 @@ def test_two_cloud_replicas_with_uneven_load_route_by_expected_finish(serve_url)
 
     from deployments.cloud import CloudRefiner
     from deployments.state import SharedState
-    from diffusionx.engine.monitor import TierSnapshot
+    from diffusionx.policy.load import TierSnapshot
     from diffusionx.requests import Img2ImgRequest
 
     # the request router as the application's config sets it (its one place)

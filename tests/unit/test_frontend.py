@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from diffusionx.api import GenerateBody, PreviewBody, RefineBody
-from diffusionx.engine.monitor import TierLoad, TierSnapshot
 from diffusionx.policy.admission import AdmissionControl
 from diffusionx.policy.calibration import LatencyCalibration
+from diffusionx.policy.load import TierLoad, TierSnapshot
 from diffusionx.requests import Route
 from diffusionx.serving.errors import PreviewNotFound, TierOverloaded
 from diffusionx.serving.frontend import Frontend

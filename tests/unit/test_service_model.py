@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from diffusionx.engine.monitor import TierSnapshot
+from diffusionx.policy.load import TierSnapshot
 from diffusionx.policy.service_model import (
     ReplicaLoad,
     StepTimeModel,
