@@ -13,7 +13,7 @@ type.
 
 Targets `--url`, or starts the local application (`deployments.local.start_local_app`) and stops it after.
 Writes <benchmark>.json (everything), <benchmark>_levels.csv, <benchmark>_requests.csv and <benchmark>.md
-(e.g. preview.json) under `--out`.
+(e.g. preview.json) under `--out` (default `bench_results/<benchmark>/`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import importlib
 import json
 import os
 import platform
@@ -37,8 +38,8 @@ from clients import compare_bench
 from clients.client import AsyncDiffusionXClient, DiffusionXClient
 from clients.errors import DiffusionXError
 from clients.results import TierStats
+from diffusionx.experiments.outputs import bench_results_dir
 
-DEFAULT_OUT = "bench_results"
 DEFAULT_LEVELS = (1, 4, 16)
 DEFAULT_REQUESTS = 100  # per level
 STATS_SETTLE_S = 0.5  # tier replicas report their stats asynchronously after each batch
@@ -330,12 +331,36 @@ def _levels(text: str) -> list[int]:
     return values
 
 
+# benches with their own options, in their own modules: bench -> (module with `main(argv)`, one-line help)
+DELEGATED: dict[str, tuple[str, str]] = {
+    "autoscale": (
+        "clients.bench_autoscale",
+        "tiers scaling on Ray's local autoscaling cluster (stops every local Ray process; see its --help)",
+    ),
+    "shed": ("clients.shed_bench", "how fast overload is refused: 503 latency against admitted latency"),
+    "faults": ("deployments.faults", "SIGKILL every replica of each deployment under load: failed sessions"),
+    "state-memory": ("deployments.state_memory", "memory of the shared preview cache after N previews"),
+}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="diffusionx bench", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="benchmark", required=True)
-    sub.add_parser("autoscale", help="tiers scaling on Ray's local autoscaling cluster (see its --help)")
-    preview = sub.add_parser("preview", help="latency / throughput / batching of POST /v1/preview")
-    refine = sub.add_parser("refine", help="the same for POST /v1/refine at a given strength (cloud tier)")
+    parser = argparse.ArgumentParser(
+        prog="diffusionx bench",
+        description="Serving benchmarks against the local application (started for the run, stopped after) "
+        "or a running server. Each bench writes under bench_results/<bench>/ by default.",
+        epilog="`diffusionx bench BENCH --help` shows a bench's options.",
+    )
+    sub = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCH", help="which bench")
+    preview = sub.add_parser(
+        "preview",
+        help="latency / throughput / batching of POST /v1/preview",
+        description=__doc__.split("\n\n")[0],
+    )
+    refine = sub.add_parser(
+        "refine",
+        help="the same for POST /v1/refine at a given strength (cloud tier)",
+        description=__doc__.split("\n\n")[0],
+    )
     refine.add_argument(
         "--strength",
         type=float,
@@ -345,12 +370,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for p in (preview, refine):
         _add_common_args(p)
     compare = sub.add_parser(
-        "compare", help="every mode, and the router against a fixed policy (summary.json)"
+        "compare",
+        help="every mode, and the router against a fixed policy (summary.json)",
+        description=compare_bench.__doc__.split("\n\n")[0],
     )
     compare_bench.add_arguments(compare)
+    for name, (_, text) in DELEGATED.items():
+        sub.add_parser(name, help=text, add_help=False)  # parsed by its module (`main`)
     args = parser.parse_args(argv)
     if args.benchmark == "compare":
         return args
+    if args.out is None:
+        args.out = bench_results_dir(args.benchmark)
     if args.requests < 1:
         parser.error(f"--requests {args.requests}: at least 1")
     if args.benchmark == "refine" and not 0.0 < args.strength <= 1.0:
@@ -369,7 +400,7 @@ def _add_common_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt set (request i uses seed i)")
     p.add_argument("--timeout-s", type=float, default=300.0, help="client timeout per request")
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT}/)")
+    p.add_argument("--out", help="output directory (default bench_results/preview/ or bench_results/refine/)")
     p.add_argument("--config", help="serve config for the local app (default: the embedded CPU application)")
     p.add_argument("--port", type=int, default=8000, help="port of the local app (default 8000)")
     p.add_argument("--edge-model", help="edge model override for the local app")
@@ -378,10 +409,8 @@ def _add_common_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["autoscale"]:  # its own options and cluster: clients/bench_autoscale.py
-        from clients.bench_autoscale import main as autoscale_main
-
-        return autoscale_main(argv[1:])
+    if argv[:1] and argv[0] in DELEGATED:
+        return int(importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:]) or 0)
     args = parse_args(argv)
     if args.benchmark == "compare":
         return compare_bench.main(args)

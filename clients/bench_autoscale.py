@@ -1,21 +1,39 @@
-"""`diffusionx bench autoscale [--quick] --out DIR`: the tiers scaling on Ray's local autoscaling cluster.
+"""`diffusionx bench autoscale [--quick] --out DIR`: three cloud autoscaling policies on the same session
+ramp, on Ray's local autoscaling cluster with replicas that keep a GPU's time.
 
-1. Start `ray.cluster_utils.AutoscalingCluster` (`deployments.autoscaling_cluster`): a head node and fake
-   `cloud` / `edge` node types carrying the tier resources of `serve_config_autoscale.yaml`.
-2. For each cloud autoscaling policy, `work` (`QueuedStepsPolicy`, the config's) then `default` (Serve's
-   request-count policy, same bounds and delays): deploy the application, replay the same ramped session
-   workload with the load generator (`clients.loadgen`: session arrivals rise linearly to `--peak-rate`,
-   hold, fall back; each session previews, edits and finalizes), and sample every `--sample-s` seconds the
-   running replicas per tier (Serve), the alive nodes (GCS) and the cloud tier's queued steps
-   (`/v1/stats`); after the last arrival keep sampling for `--cooldown-s` to watch both scale down.
-3. Write `DIR/autoscale.json` (`timeline` of the work policy: `t_s`, `offered_rps`, `replicas` per tier,
-   `nodes`, `queued_steps`, `finalize_latency_s_p95`; per policy its timeline and summary; the
-   comparison), the requests CSV of each policy (`requests.csv`, `requests_default.csv`), the session
-   arrivals as a loadgen trace (`arrivals_trace.csv`, for the same ramp against a real cluster) and one
-   PNG (`autoscale.png`).
+1. For each policy (`--policies`, default `default,work,ahead`) start a fresh
+   `ray.cluster_utils.AutoscalingCluster` (`deployments.autoscaling_cluster`): a head and fake `cloud` /
+   `edge` node types carrying the tier resources of `serve_config_autoscale.yaml`, each node arriving
+   `--node-start-s` after the autoscaler asks for it (a cloud's provisioning and boot). The application's
+   models are GPU-timed (`sd15-gpu-timed`, `tiny-sd-gpu-timed`: each denoising step waits `t(b)` of a GPU
+   profile, each replica start its load time; `--gpu-profile`, default the shipped A100 profile), so a
+   replica adds capacity as a GPU would. Policies: `default` (Serve's request-count policy), `work`
+   (`QueuedStepsPolicy`, the config's), `ahead` (`AheadPolicy`: the work held plus the finalizes the
+   previewing sessions will bring); same bounds and delays.
+2. On the first cluster, before its ramp, size the experiment from one cloud replica: a few finalizes one
+   at a time give the steps of a finalize and the unloaded latency; the replica's published service model
+   (`t(b)`, batch capacity `B`) gives its capacity, `B / (steps * t(B))` finalizes per second (as `bench
+   compare`). The ramp peaks at `--peak-x` times that capacity (sessions per second; every session
+   finalizes), the latency target (SLO) is `--slo-x` times the unloaded latency, and the cloud replicas the
+   peak needs are `ceil(peak / capacity)`.
+3. Replay the ramped session workload (`clients.loadgen`: arrivals rise linearly to the peak, hold, fall;
+   each session previews `--rounds` times with think times, then finalizes at `--finalize-strength`) and
+   sample every `--sample-s` seconds the running replicas per tier, the alive nodes and the cloud tier's
+   queued steps; after the last arrival keep sampling `--cooldown-s` to watch the scale-down.
+4. Write `DIR/autoscale.json` (`setup` with the sizing, `policies` {name: timeline, summary,
+   nodes_by_type}, `comparison`), `timeline.csv` (every sample of every policy), `requests_POLICY.csv`
+   (one row per request), `arrivals_trace.csv` (the session arrivals, for a real cluster) and
+   `autoscale.png`.
 
-`offered_rps` is the rate of requests sent (all kinds) and the p95 is over finalizes that ended, both in
-the `--window-s` before each sample. Times are seconds from the start of the load.
+Each summary holds the peak offered load, cloud replicas and nodes min/max/end, scale-up and scale-down
+times, replica- and node-seconds, finalize latency, `slo_attainment` (finalizes that ended 200 within the
+SLO, of all finalizes sent) and `time_to_capacity_s` (from the start of the load's rise to the first
+sample with the replicas the peak needs running). `offered_rps` is the rate of requests sent (all kinds)
+and the p95 is over finalizes that ended, both in the `--window-s` before each sample. `DIR` defaults to
+`bench_results/autoscale/`.
+
+Ray: each policy's cluster is this bench's own (a head on port 6379 and fake nodes); it refuses to start
+when another Ray cluster listens there, and stopping ends only the processes it started.
 """
 
 from __future__ import annotations
@@ -23,8 +41,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import csv
 import json
+import math
+import os
 import random
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -34,11 +56,15 @@ from typing import Any
 import httpx
 import numpy as np
 
-from clients.loadgen import LoadgenConfig, run_loadgen, write_rows
+from clients.loadgen import LoadgenConfig, run_loadgen
 from clients.workload import poisson_arrivals, ramp_arrivals
+from diffusionx.experiments.outputs import bench_results_dir
 
-POLICIES = ("work", "default")
-DEFAULT_OUT = "autoscale_results"
+POLICIES = ("default", "work", "ahead")
+AHEAD_POLICY = "diffusionx.policy.ahead:AheadPolicy"
+UNLOADED_FINALIZES = 5  # one at a time, UNLOADED_GAP_S apart: steps and unloaded latency of a finalize
+UNLOADED_GAP_S = 2.0
+DEFAULT_OUT = bench_results_dir("autoscale")
 
 
 @dataclass
@@ -64,8 +90,8 @@ class Ramp:
         return up + hold + down
 
 
-QUICK = Ramp(peak_rate=1.5, up_s=45.0, hold_s=45.0, down_s=30.0)
-FULL = Ramp(peak_rate=1.5, up_s=120.0, hold_s=120.0, down_s=90.0)
+QUICK = Ramp(peak_rate=0.0, up_s=40.0, hold_s=40.0, down_s=20.0)  # peak_rate: sized from the capacity
+FULL = Ramp(peak_rate=0.0, up_s=120.0, hold_s=120.0, down_s=90.0)
 
 
 # -- the timeline and its figures (pure; unit-tested) -----------------------------------------------------
@@ -117,10 +143,31 @@ def _back_to(times: list[float], values: list[float], level: float, after_s: flo
     return found
 
 
-def summarize(timeline: list[dict], rows: list[dict[str, Any]], ramp: Ramp) -> dict[str, Any]:
+def slo_attainment(rows: list[dict[str, Any]], slo_s: float) -> float | None:
+    """Share of the finalizes sent that ended 200 within `slo_s` (refused or failed ones miss)."""
+    finals = [r for r in rows if r["kind"] == "finalize"]
+    if not finals:
+        return None
+    met = sum(1 for r in finals if r["status"] == 200 and float(r["e2e_ms"]) / 1000.0 <= slo_s)
+    return round(met / len(finals), 4)
+
+
+def time_to_capacity(timeline: list[dict], needed: int) -> float | None:
+    """Seconds from the start of the load's rise (t = 0) to the first sample with `needed` cloud replicas."""
+    return next((e["t_s"] for e in timeline if e["replicas"]["cloud"] >= needed), None)
+
+
+def summarize(
+    timeline: list[dict],
+    rows: list[dict[str, Any]],
+    ramp: Ramp,
+    slo_s: float | None = None,
+    needed_cloud: int | None = None,
+) -> dict[str, Any]:
     """The figures of one run: peak offered load, cloud replicas and nodes min -> max -> end, time to
     scale up (load start to the first added cloud replica, and to the peak) and down (load falling to
-    back at the minimum), replica- and node-seconds, finalize latency."""
+    back at the minimum), replica- and node-seconds, finalize latency; with the SLO and the replicas the
+    peak needs, SLO attainment and time to capacity."""
     times = [e["t_s"] for e in timeline]
     cloud = [e["replicas"]["cloud"] for e in timeline]
     nodes = [e["nodes"] for e in timeline]
@@ -149,6 +196,8 @@ def summarize(timeline: list[dict], rows: list[dict[str, Any]], ramp: Ramp) -> d
         },
         "requests": len(rows),
         "errors": sum(1 for r in rows if r["status"] != 200),
+        "slo_attainment": None if slo_s is None else slo_attainment(rows, slo_s),
+        "time_to_capacity_s": None if needed_cloud is None else time_to_capacity(timeline, needed_cloud),
     }
 
 
@@ -170,26 +219,33 @@ async def _sample_loop(url: str, start: float, stop: asyncio.Event, every_s: flo
                 await asyncio.wait_for(stop.wait(), every_s)
 
 
-async def _run_once(url: str, args: argparse.Namespace, ramp: Ramp, arrivals: list[float]) -> tuple:
-    config = LoadgenConfig(
+def _loadgen_config(
+    url: str, args: argparse.Namespace, workload: str, arrivals: list[float], duration_s: float
+):
+    return LoadgenConfig(
         url=url,
-        workload="sessions",
+        workload=workload,
         arrivals=arrivals,
-        duration_s=ramp.duration_s,
+        duration_s=duration_s,
         max_requests=100_000,
         drain_s=args.drain_s,
         rounds=args.rounds,
         think_s=args.think_s,
         num_inference_steps=args.steps,
+        finalize_strength=args.finalize_strength,
+        preview_pool=UNLOADED_FINALIZES,
         seed=args.seed,
         timeout_s=args.timeout_s,
         progress=False,
     )
+
+
+async def _run_once(url: str, args: argparse.Namespace, ramp: Ramp, arrivals: list[float]) -> tuple:
     samples: list[dict] = []
     stop = asyncio.Event()
     start = time.perf_counter()
     sampler = asyncio.create_task(_sample_loop(url, start, stop, args.sample_s, samples))
-    rows, _ = await run_loadgen(config)
+    rows, _ = await run_loadgen(_loadgen_config(url, args, "sessions", arrivals, ramp.duration_s))
     load_end = time.perf_counter() - start
     while time.perf_counter() - start < load_end + args.cooldown_s:
         await asyncio.sleep(1.0)
@@ -198,21 +254,47 @@ async def _run_once(url: str, args: argparse.Namespace, ramp: Ramp, arrivals: li
     return rows, samples
 
 
-def _wait_for_minimum(timeout_s: float) -> None:
-    """Before a run: cloud back at one replica and no worker node left (the previous run scaled down)."""
-    from deployments.autoscaling_cluster import sample_cluster
+@dataclass
+class Sizing:
+    """The experiment sized from one cloud replica (module docstring, step 2)."""
 
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        sample = sample_cluster()
-        if sample.replicas["cloud"] <= 1 and sample.nodes <= 3:
-            return
-        time.sleep(2.0)
+    finalize_steps: float
+    unloaded_latency_s: float
+    capacity_per_replica: float  # finalizes per second at full batches
+    peak_rate: float  # sessions per second at the peak
+    slo_s: float
+    needed_cloud_replicas: int
+
+
+def measure_sizing(url: str, args: argparse.Namespace) -> Sizing:
+    from clients.compare_bench import _cloud_service, capacity_per_s
+
+    gaps = [UNLOADED_GAP_S * i for i in range(UNLOADED_FINALIZES)]
+    config = _loadgen_config(url, args, "finalize", gaps, gaps[-1] + 1.0)
+    rows, _ = asyncio.run(run_loadgen(config))
+    ok = [r for r in rows if r["kind"] == "finalize" and r["status"] == 200]
+    if not ok:
+        raise RuntimeError(f"no unloaded finalize succeeded: cannot size the ramp ({rows[:1]})")
+    steps = float(np.mean([float(r["cloud_unet_calls"]) for r in ok]))
+    cloud = _cloud_service(url)
+    replicas = max(1, len(cloud.get("per_replica") or []))
+    capacity = capacity_per_s(cloud, steps) / replicas
+    unloaded_s = float(np.median([float(r["e2e_ms"]) for r in ok])) / 1000.0
+    peak = args.peak_rate or args.peak_x * capacity
+    return Sizing(
+        finalize_steps=round(steps, 2),
+        unloaded_latency_s=round(unloaded_s, 3),
+        capacity_per_replica=round(capacity, 4),
+        peak_rate=round(peak, 4),
+        slo_s=round(args.slo_x * unloaded_s, 3),
+        needed_cloud_replicas=max(1, math.ceil(peak / capacity - 1e-9)),
+    )
 
 
 def cloud_autoscaling(policy: str) -> dict[str, Any]:
-    """The cloud tier's autoscaling_config for `policy`: the config's (work), or the same without the
-    custom policy (Serve's default on target_ongoing_requests, same bounds and delays)."""
+    """The cloud tier's autoscaling_config for `policy`: the config's (work), the same without the custom
+    policy (default: Serve's on target_ongoing_requests), or the config's kwargs with `AheadPolicy`
+    (ahead); same bounds and delays."""
     import yaml
 
     from deployments.local import AUTOSCALE_CONFIG
@@ -222,45 +304,97 @@ def cloud_autoscaling(policy: str) -> dict[str, Any]:
     autoscaling = dict(cloud["autoscaling_config"])
     if policy == "default":
         autoscaling.pop("policy", None)
+    elif policy == "ahead":
+        kwargs = dict(autoscaling["policy"].get("policy_kwargs", {}))
+        autoscaling["policy"] = {"policy_function": AHEAD_POLICY, "policy_kwargs": {**kwargs, **AHEAD_KWARGS}}
     return autoscaling
 
 
-def plot(results: dict[str, dict], ramp: Ramp, path: Path) -> Path:
+AHEAD_KWARGS = {"target_utilization": 0.85}  # of full-batch throughput: batches stay part-full, latency low
+
+
+def run_policy(policy: str, args: argparse.Namespace, ramp: Ramp | None, sizing: Sizing | None) -> tuple:
+    """One policy on a fresh cluster: (rows, samples, sizing, ramp); sizes the ramp first when not given."""
+    from deployments.autoscaling_cluster import start_cluster, stop_cluster
+    from deployments.local import AUTOSCALE_CONFIG, start_local_app
+
+    began = time.monotonic()
+    cluster = start_cluster(node_start_delay_s=args.node_start_s)
+    try:
+        options = {"CloudRefiner": {"autoscaling_config": cloud_autoscaling(policy)}}
+        url = start_local_app(AUTOSCALE_CONFIG, port=args.port, deployment_options=options, timeout_s=600.0)
+        print(
+            f"[{policy}] cluster and application up in {time.monotonic() - began:.0f} s at {url}", flush=True
+        )
+        if sizing is None:
+            sizing = measure_sizing(url, args)
+            print(f"[{policy}] sizing: {json.dumps(asdict(sizing))}", flush=True)
+        if ramp is None:
+            base = QUICK if args.quick else FULL
+            ramp = Ramp(sizing.peak_rate, base.up_s, base.hold_s, base.down_s)
+        arrivals = ramp.arrivals(args.seed)
+        print(f"[{policy}] ramp {asdict(ramp)}: {len(arrivals)} sessions ...", flush=True)
+        rows, samples = asyncio.run(_run_once(url, args, ramp, arrivals))
+    finally:
+        stop_cluster(cluster)
+    return rows, samples, sizing, ramp
+
+
+def plot(results: dict[str, dict], ramp: Ramp, sizing: Sizing, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(4, 1, figsize=(9, 10), sharex=True)
-    styles = {"work": "-", "default": "--"}
+    fig, axes = plt.subplots(4, 1, figsize=(9, 11), sharex=True)
+    styles = {"default": ("C3", "--"), "work": ("C0", "-."), "ahead": ("C2", "-")}
     for policy, result in results.items():
         tl = result["timeline"]
         t = [e["t_s"] for e in tl]
-        style = styles[policy]
-        axes[0].plot(t, [e["offered_rps"] for e in tl], style, label=f"{policy} policy run")
-        for tier, color in (("cloud", "C0"), ("edge", "C1"), ("predictor", "C2")):
-            axes[1].step(
-                t,
-                [e["replicas"][tier] for e in tl],
-                style,
-                color=color,
-                where="post",
-                label=f"{tier} ({policy})",
-            )
-        axes[2].step(t, [e["nodes"] for e in tl], style, where="post", label=policy)
-        axes[3].plot(t, [e["finalize_latency_s_p95"] for e in tl], style, marker=".", label=policy)
+        color, style = styles[policy]
+        summary = result["summary"]
+        label = (
+            f"{policy} (SLO {summary['slo_attainment']:.0%})"
+            if summary["slo_attainment"] is not None
+            else policy
+        )
+        axes[0].plot(t, [e["offered_rps"] for e in tl], style, color=color, label=policy)
+        axes[1].step(t, [e["replicas"]["cloud"] for e in tl], style, color=color, where="post", label=label)
+        axes[2].step(t, [e["nodes"] for e in tl], style, color=color, where="post", label=policy)
+        axes[3].plot(
+            t, [e["finalize_latency_s_p95"] for e in tl], style, color=color, marker=".", label=policy
+        )
+    axes[1].axhline(sizing.needed_cloud_replicas, color="0.5", lw=0.8, ls=":", label="needed at the peak")
+    axes[3].axhline(sizing.slo_s, color="0.5", lw=0.8, ls=":", label=f"SLO {sizing.slo_s:.1f} s")
     for ax in axes:
-        ax.axvspan(ramp.up_s, ramp.up_s + ramp.hold_s, color="0.9", zorder=0)
+        ax.axvspan(ramp.up_s, ramp.up_s + ramp.hold_s, color="0.92", zorder=0)
         ax.legend(fontsize=7, loc="upper right")
     axes[0].set_ylabel("offered req/s")
-    axes[1].set_ylabel("replicas")
+    axes[1].set_ylabel("cloud replicas")
     axes[2].set_ylabel("nodes (with head)")
     axes[3].set_ylabel("finalize p95 (s)")
     axes[3].set_xlabel("seconds from the start of the load (grey: hold at peak)")
-    fig.suptitle("diffusionx bench autoscale: work-based vs Serve's default cloud policy")
+    fig.suptitle("diffusionx bench autoscale: cloud policies on GPU-timed replicas")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return path
+
+
+TIMELINE_COLUMNS = ("policy", "t_s", "offered_rps", "cloud", "edge", "predictor", "nodes", "queued_steps",
+                    "finalize_latency_s_p95")  # fmt: skip
+
+
+def write_timeline_csv(results: dict[str, dict], path: Path) -> Path:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(TIMELINE_COLUMNS)
+        for policy, result in results.items():
+            for e in result["timeline"]:
+                replicas = e["replicas"]
+                writer.writerow([policy, e["t_s"], e["offered_rps"], replicas["cloud"], replicas["edge"],
+                                 replicas["predictor"], e["nodes"], e["queued_steps"],
+                                 e["finalize_latency_s_p95"]])  # fmt: skip
     return path
 
 
@@ -270,74 +404,91 @@ def write_trace(arrivals: list[float], path: Path) -> Path:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="diffusionx bench autoscale", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="short ramp: 45 s up, 45 s hold, 30 s down")
+    parser = argparse.ArgumentParser(
+        prog="diffusionx bench autoscale",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n")[-1],
+    )
+    parser.add_argument("--quick", action="store_true", help="short ramp: 40 s up, 40 s hold, 20 s down")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT}/)")
     parser.add_argument("--policies", default=",".join(POLICIES), help="cloud policies to run, in order")
-    parser.add_argument("--peak-rate", type=float, help="sessions per second at the peak")
-    parser.add_argument("--rounds", type=int, default=2, help="previews per session (default 2)")
-    parser.add_argument("--think-s", type=float, default=1.5, help="mean think time (default 1.5)")
+    parser.add_argument(
+        "--peak-x", type=float, default=2.5, help="peak sessions/s, times one replica's capacity"
+    )
+    parser.add_argument("--peak-rate", type=float, help="peak sessions per second (instead of --peak-x)")
+    parser.add_argument("--slo-x", type=float, default=3.0, help="finalize SLO, times the unloaded latency")
+    parser.add_argument("--rounds", type=int, default=4, help="previews per session (default 4)")
+    parser.add_argument("--think-s", type=float, default=8.0, help="mean think time (default 8)")
     parser.add_argument("--steps", type=int, default=50, help="finalize: full-schedule steps (default 50)")
-    parser.add_argument("--sample-s", type=float, default=3.0, help="seconds between samples (default 3)")
-    parser.add_argument("--window-s", type=float, default=15.0, help="rate and p95 window (default 15)")
-    parser.add_argument("--drain-s", type=float, default=30.0, help="sessions finish within this")
-    parser.add_argument("--cooldown-s", type=float, help="sampling after the load (quick 60, else 120)")
+    parser.add_argument(
+        "--finalize-strength", type=float, default=0.6, help="finalize strength (default 0.6)"
+    )
+    parser.add_argument(
+        "--node-start-s", type=float, default=15.0, help="a node's start-up delay (default 15)"
+    )
+    parser.add_argument(
+        "--gpu-profile", help="a gpu-bench gpu_bench.json (default: the shipped A100 profile)"
+    )
+    parser.add_argument("--sample-s", type=float, default=2.0, help="seconds between samples (default 2)")
+    parser.add_argument("--window-s", type=float, default=10.0, help="rate and p95 window (default 10)")
+    parser.add_argument("--drain-s", type=float, default=60.0, help="sessions finish within this")
+    parser.add_argument("--cooldown-s", type=float, help="sampling after the load (quick 50, else 120)")
     parser.add_argument("--timeout-s", type=float, default=120.0, help="client timeout per request")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--seed", type=int, default=0, help="arrivals and session seed (default 0)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port of the application (default 8000)")
     args = parser.parse_args(argv)
     args.policies = [p for p in args.policies.split(",") if p]
     if not args.policies or any(p not in POLICIES for p in args.policies):
-        parser.error(f"--policies {args.policies}: use one or both of {', '.join(POLICIES)}")
+        parser.error(f"--policies {args.policies}: use some of {', '.join(POLICIES)}")
     if args.cooldown_s is None:
-        args.cooldown_s = 60.0 if args.quick else 120.0
+        args.cooldown_s = 50.0 if args.quick else 120.0
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    from deployments.autoscaling_cluster import start_cluster, stop_cluster
-    from deployments.local import AUTOSCALE_CONFIG, start_local_app
+    from clients.loadgen import write_rows
 
     args = parse_args(argv)
-    base = QUICK if args.quick else FULL
-    ramp = Ramp(args.peak_rate or base.peak_rate, base.up_s, base.hold_s, base.down_s)
-    arrivals = ramp.arrivals(args.seed)
+    # a SIGTERM (timeout, a scheduler) unwinds like Ctrl-C, so each cluster is stopped by its `finally`
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.gpu_profile:  # inherited by the head, its raylets and every replica
+        from diffusionx.models.gpu_timed import PROFILE_ENV, load_profile
+
+        load_profile(args.gpu_profile)  # a bad file fails here, not in a replica
+        os.environ[PROFILE_ENV] = str(Path(args.gpu_profile).resolve())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
-    print(f"ramp {asdict(ramp)}: {len(arrivals)} sessions; starting the autoscaling cluster ...", flush=True)
-    cluster = start_cluster()
     results: dict[str, dict] = {}
-    try:
-        for policy in args.policies:
-            _wait_for_minimum(timeout_s=180.0)
-            options = {"CloudRefiner": {"autoscaling_config": cloud_autoscaling(policy)}}
-            url = start_local_app(
-                AUTOSCALE_CONFIG, port=args.port, deployment_options=options, timeout_s=600.0
-            )
-            print(f"[{policy}] deployed at {url}; running the ramp ...", flush=True)
-            rows, samples = asyncio.run(_run_once(url, args, ramp, arrivals))
-            timeline = build_timeline(samples, rows, args.window_s)
-            summary = summarize(timeline, rows, ramp)
-            results[policy] = {
-                "timeline": timeline,
-                "summary": summary,
-                "nodes_by_type": [{"t_s": round(s["t_s"], 2), **s["nodes_by_type"]} for s in samples],
-            }
-            write_rows(rows, out / ("requests.csv" if policy == "work" else f"requests_{policy}.csv"))
-            print(f"[{policy}] {json.dumps(summary)}", flush=True)
-    finally:
-        stop_cluster(cluster)
-    first = results[args.policies[0]]
-    report = {
+    ramp: Ramp | None = None
+    sizing: Sizing | None = None
+    for policy in args.policies:
+        rows, samples, sizing, ramp = run_policy(policy, args, ramp, sizing)
+        timeline = build_timeline(samples, rows, args.window_s)
+        summary = summarize(timeline, rows, ramp, sizing.slo_s, sizing.needed_cloud_replicas)
+        results[policy] = {
+            "timeline": timeline,
+            "summary": summary,
+            "nodes_by_type": [{"t_s": round(s["t_s"], 2), **s["nodes_by_type"]} for s in samples],
+        }
+        write_rows(rows, out / f"requests_{policy}.csv")
+        print(f"[{policy}] {json.dumps(summary)}", flush=True)
+    assert ramp is not None and sizing is not None
+    arrivals = ramp.arrivals(args.seed)
+    report: dict[str, Any] = {
         "benchmark": "autoscale",
         "setup": {
             "quick": args.quick,
             "ramp": asdict(ramp),
+            "sizing": asdict(sizing),
             "sessions": len(arrivals),
             "rounds": args.rounds,
             "think_s": args.think_s,
             "finalize_num_inference_steps": args.steps,
+            "finalize_strength": args.finalize_strength,
+            "node_start_s": args.node_start_s,
+            "gpu_profile": args.gpu_profile or "diffusionx/models/gpu_profiles/a100-sd15-tiny-sd.json",
+            "ahead_policy_kwargs": AHEAD_KWARGS,
             "sample_s": args.sample_s,
             "window_s": args.window_s,
             "cooldown_s": args.cooldown_s,
@@ -345,21 +496,27 @@ def main(argv: list[str] | None = None) -> int:
             "wall_s": round(time.monotonic() - began, 1),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         },
-        "timeline": first["timeline"],
         "policies": results,
         "comparison": {
             policy: {
                 key: result["summary"][key]
-                for key in ("cloud_replica_s", "tier_replica_s", "node_s", "finalize_latency_s")
+                for key in (
+                    "cloud_replica_s",
+                    "node_s",
+                    "finalize_latency_s",
+                    "slo_attainment",
+                    "time_to_capacity_s",
+                )
             }
             for policy, result in results.items()
         },
     }
     (out / "autoscale.json").write_text(json.dumps(report, indent=1))
     write_trace(arrivals, out / "arrivals_trace.csv")
-    plot(results, ramp, out / "autoscale.png")
+    write_timeline_csv(results, out / "timeline.csv")
+    plot(results, ramp, sizing, out / "autoscale.png")
     print(
-        f"wrote {out}/autoscale.json, requests CSVs, arrivals_trace.csv, autoscale.png "
+        f"wrote {out}/autoscale.json, timeline.csv, requests_*.csv, arrivals_trace.csv, autoscale.png "
         f"in {report['setup']['wall_s']:.0f} s"
     )
     return 0

@@ -1,4 +1,4 @@
-"""`diffusionx bench compare [--quick] --out DIR`: every mode, and the router against a fixed policy, on one
+"""`diffusionx bench compare [--quick] [--out DIR]`: every mode, and the router against a fixed policy, on one
 workload against the served application (the paper's table, ours).
 
 Method (every figure is measured through HTTP with `clients.loadgen`, the same code as `diffusionx loadgen`):
@@ -26,6 +26,7 @@ Method (every figure is measured through HTTP with `clients.loadgen`, the same c
 Writes `DIR/summary.json` (`null` where a run had no successful request),
 `DIR/requests.csv` (every request of every run, with its run's name), `DIR/modes.csv`, `DIR/policies.csv`
 and PNG plots: latency CDFs per mode and per policy, cost against quality, expected against measured.
+`DIR` defaults to `bench_results/compare/`.
 """
 
 from __future__ import annotations
@@ -46,9 +47,12 @@ import numpy as np
 from clients.client import AsyncDiffusionXClient
 from clients.loadgen import COLUMNS, LoadgenConfig, run_loadgen, shapes_judge
 from clients.workload import poisson_arrivals
+from diffusionx.experiments.outputs import bench_results_dir
 from diffusionx.requests import Mode
 
 MODES = tuple(mode.value for mode in Mode)
+SESSIONS, QUICK_SESSIONS = 24, 4  # per mode
+LOAD_S, QUICK_LOAD_S = 60.0, 20.0  # seconds of finalize arrivals per router run
 UNLOADED_FINALIZES = 6  # one at a time, UNLOADED_GAP_S apart: the unloaded latency of the router's finalizes
 UNLOADED_GAP_S = 1.0
 FIELDS = (
@@ -335,18 +339,32 @@ def plot(summary: dict[str, Any], runs: dict[str, list[dict[str, Any]]], out: Pa
 
 # -- command line ------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="small runs (about 8 minutes on 2 CPU cores)")
-    parser.add_argument("--out", default="bench_results/compare", help="output directory")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"small runs: {QUICK_SESSIONS} sessions per mode, {QUICK_LOAD_S:g} s of finalize arrivals",
+    )
+    parser.add_argument(
+        "--out",
+        default=bench_results_dir("compare"),
+        help="output directory (default bench_results/compare/)",
+    )
     parser.add_argument("--url", help="a running server (default: start the local app; no ordering run)")
     parser.add_argument("--config", help="serve config for the local app (default: the embedded CPU app)")
     parser.add_argument("--port", type=int, default=8000, help="port of the local app (default 8000)")
-    parser.add_argument("--sessions", type=int, help="sessions per mode (default 24, quick 4)")
+    parser.add_argument(
+        "--sessions", type=int, help=f"sessions per mode (default {SESSIONS}, quick {QUICK_SESSIONS})"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="rounds per session (default 3)")
     parser.add_argument("--think-s", type=float, default=1.0, help="mean think time (not counted)")
     parser.add_argument("--session-rate", type=float, default=0.5, help="session arrivals per second")
     parser.add_argument("--steps", type=int, help="num_inference_steps of final images (model default)")
     parser.add_argument("--load-x", type=float, default=2.0, help="finalize load, times capacity (default 2)")
-    parser.add_argument("--load-s", type=float, help="seconds of finalize arrivals (default 60, quick 20)")
+    parser.add_argument(
+        "--load-s",
+        type=float,
+        help=f"seconds of finalize arrivals (default {LOAD_S:g}, quick {QUICK_LOAD_S:g})",
+    )
     parser.add_argument("--max-finalizes", type=int, default=400, help="cap on finalize arrivals per run")
     parser.add_argument("--target-x", type=float, default=2.5, help="target = this x unloaded finalize p50")
     parser.add_argument(
@@ -358,13 +376,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preview-pool", type=int, default=8, help="previews made before finalize runs")
     parser.add_argument("--drain-s", type=float, default=120.0, help="no request sent after arrivals + this")
     parser.add_argument("--timeout-s", type=float, default=300.0, help="client timeout per request")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="arrivals, prompts, image seeds (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def main(args: argparse.Namespace) -> int:
-    args.sessions = args.sessions or (4 if args.quick else 24)
-    args.load_s = args.load_s or (20.0 if args.quick else 60.0)
+    args.sessions = args.sessions or (QUICK_SESSIONS if args.quick else SESSIONS)
+    args.load_s = args.load_s or (QUICK_LOAD_S if args.quick else LOAD_S)
     started = time.perf_counter()
     if args.url:
         health = asyncio.run(_health(args.url))

@@ -5,8 +5,9 @@
     diffusionx loadgen --url ... --workload preview --trace trace.csv --time-scale 2
 
 Arrivals (`clients.workload`): `--rate R` (Poisson), `--ramp A:B` (Poisson, rate linear from A to B over
-the duration) or `--trace FILE` (arrival time in ms as each line's first comma-separated field, stretched
-by `--time-scale`), within `--duration-s` and at most `--max-requests` requests sent.
+the duration) or `--trace FILE` (arrival time in ms as each line's first field, other comma- or
+space-separated fields ignored, lines in any order: replayed sorted by arrival, stretched by
+`--time-scale`), within `--duration-s` and at most `--max-requests` requests sent.
 
 Workloads, each arrival being:
 - `preview`: one text-to-image preview of a held-out shapes prompt (kind `preview`).
@@ -54,6 +55,7 @@ from clients.client import AsyncDiffusionXClient, AsyncSession, Round
 from clients.errors import DiffusionXError
 from clients.results import GenerateResult, PreviewResult, RefineResult
 from clients.workload import poisson_arrivals, ramp_arrivals, think_time_s, trace_arrivals
+from diffusionx.experiments.outputs import bench_results_dir
 from diffusionx.requests import Mode
 
 COLUMNS = (
@@ -72,7 +74,7 @@ COLUMNS = (
     "session",  # sessions workload: the session's index (its rounds share it); empty otherwise
 )
 WORKLOADS = ("sessions", "finalize", "preview")
-DEFAULT_OUT = "loadgen_results"
+DEFAULT_OUT = bench_results_dir("loadgen")
 
 
 @dataclass
@@ -356,7 +358,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     arrivals = parser.add_mutually_exclusive_group(required=True)
     arrivals.add_argument("--rate", type=float, help="Poisson arrivals per second")
     arrivals.add_argument("--ramp", type=_ramp, help="A:B, Poisson with the rate linear from A to B")
-    arrivals.add_argument("--trace", help="trace file: arrival time in ms as each line's first field")
+    arrivals.add_argument(
+        "--trace",
+        help="trace file: arrival time in ms as each line's first field (e.g. DiffServe's "
+        "trace_1to8qps.txt); lines in any order, replayed sorted by arrival",
+    )
     parser.add_argument("--time-scale", type=float, default=1.0, help="stretch the trace's times by F")
     parser.add_argument("--duration-s", type=float, default=60.0, help="arrivals within this (default 60)")
     parser.add_argument("--max-requests", type=int, default=1000, help="requests sent at most (default 1000)")
@@ -409,7 +415,14 @@ def arrivals_from_args(args: argparse.Namespace) -> list[float]:
     if args.ramp is not None:
         start_rate, end_rate = args.ramp
         return ramp_arrivals(start_rate, end_rate, args.duration_s, args.max_requests, rng)
-    return trace_arrivals(args.trace, args.time_scale, args.duration_s, args.max_requests)
+    trace = trace_arrivals(args.trace, args.time_scale, args.duration_s, args.max_requests)
+    if trace.out_of_order:
+        print(
+            f"loadgen: note: {trace.out_of_order} of the {trace.lines} arrivals in {args.trace} are out of "
+            "time order (earlier than a line above them); replaying them sorted by arrival time",
+            file=sys.stderr,
+        )
+    return trace.arrivals
 
 
 async def _serves_shapes(url: str, timeout_s: float) -> bool:

@@ -1,11 +1,12 @@
-"""`python -m clients.shed_bench`: how fast overload is refused. Sends `--requests` refinements at once
+"""`diffusionx bench shed`: how fast overload is refused. Sends `--requests` refinements at once
 (default 400), `--bursts` times (default 3), and reports for each burst the median latency
 of the 503 answers against the median latency of the admitted ones (the target: the 503s arrive in under
 a tenth of the admitted latency), the load factor (requests sent / admitted), who refused (admission
 control or a tier's bounded queue) and whether every 503 carried Retry-After.
 
 Targets `--url`, or starts the local application (default: the embedded CPU config) and stops it after.
-The burst is not retried: the server's own decision is measured.
+The burst is not retried: the server's own decision is measured. Prints the result and writes it to
+`--out`/shed.json (default `bench_results/shed/`).
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import asyncio
 import json
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from clients.client import AsyncDiffusionXClient
+from diffusionx.experiments.outputs import bench_results_dir
 from diffusionx.policy.admission import REFUSAL_MARK
 
 
@@ -129,19 +132,21 @@ async def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m clients.shed_bench", description=__doc__.split("\n\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="diffusionx bench shed", description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", help="a running server (default: start the local application)")
-    parser.add_argument("--config", help="serve config for the local application")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--config", help="serve config for the local application (default: embedded CPU app)")
+    parser.add_argument("--port", type=int, default=8000, help="port of the local application (default 8000)")
+    parser.add_argument("--requests", type=int, default=400, help="refinements sent at once per burst (400)")
     parser.add_argument("--steps", type=int, default=20, help="refine schedule steps (default 20)")
-    parser.add_argument("--strength", type=float, default=0.5)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--strength", type=float, default=0.5, help="refine strength (default 0.5)")
+    parser.add_argument(
+        "--warmup", type=int, default=3, help="refinements first, one at a time, unrecorded (default 3)"
+    )
     parser.add_argument("--bursts", type=int, default=3, help="bursts, one after another (default 3)")
     parser.add_argument("--pause", type=float, default=3.0, help="seconds between bursts (default 3)")
-    parser.add_argument("--out", help="write the result as JSON here")
+    parser.add_argument(
+        "--out", default=bench_results_dir("shed"), help="output directory (default bench_results/shed/)"
+    )
     args = parser.parse_args(argv)
     stop = None
     url = args.url
@@ -157,9 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         if stop is not None:
             stop()
     print(json.dumps(result, indent=2))
-    if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(result, handle, indent=2)
+    path = Path(args.out) / "shed.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")
     return 0
 
 

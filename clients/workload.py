@@ -7,8 +7,11 @@ All times are seconds from the start of the run. Every process stops at `duratio
 - `ramp_arrivals`: a Poisson process whose rate goes linearly from `start_rate` to `end_rate` over the
   duration (Lewis-Shedler thinning of a process at the larger rate).
 - `trace_arrivals`: a published serving trace, one request per line with its arrival time in milliseconds
-  as the first comma-separated field (a header line and blank lines are skipped); times are taken
-  relative to the first request and multiplied by `time_scale` (2.0 stretches the trace to half the rate).
+  as the first field, separated from any further fields by a comma or whitespace (a header line and blank
+  lines are skipped; DiffServe's `trace_1to8qps.txt`, `arrival_ms,prompt_index`, reads as it is published).
+  Lines need not be in time order: the arrivals are sorted and the lines earlier than a line above them
+  counted (`Trace.out_of_order`). Times are taken relative to the earliest request and multiplied by
+  `time_scale` (2.0 stretches the trace to half the rate).
 - `think_time_s`: the pause of a person between two rounds of a session: log-normal with the given mean
   and a log-space sigma of `THINK_SIGMA` (median = mean x exp(-sigma^2 / 2), about 0.84 x mean; a long
   right tail of slow rounds), the usual model of human think times.
@@ -16,9 +19,10 @@ All times are seconds from the start of the run. Every process stops at `duratio
 
 from __future__ import annotations
 
-import itertools
 import math
 import random
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 THINK_SIGMA = 0.6
@@ -62,14 +66,27 @@ def ramp_arrivals(
     return times
 
 
-def trace_arrivals(path: str | Path, time_scale: float, duration_s: float, max_arrivals: int) -> list[float]:
-    """Arrival times (s) from a trace file whose lines start with an arrival time in milliseconds."""
+@dataclass(frozen=True)
+class Trace:
+    """Arrivals read from a trace file: `arrivals` (s, sorted, from the earliest line, scaled, cut to the
+    duration and count), the arrival lines read, and how many came earlier than a line above them."""
+
+    arrivals: list[float]
+    lines: int
+    out_of_order: int
+
+
+_FIELD_SEPARATOR = re.compile(r"[,\s]+")
+
+
+def trace_arrivals(path: str | Path, time_scale: float, duration_s: float, max_arrivals: int) -> Trace:
+    """Arrivals (s) from a trace file whose lines start with an arrival time in milliseconds."""
     _check(duration_s, max_arrivals)
     if not time_scale > 0:
         raise ValueError(f"time_scale={time_scale} must be > 0")
     stamps: list[float] = []
     for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        field = line.split(",", 1)[0].strip()
+        field = _FIELD_SEPARATOR.split(line.strip(), maxsplit=1)[0]
         if not field:
             continue
         try:
@@ -78,16 +95,18 @@ def trace_arrivals(path: str | Path, time_scale: float, duration_s: float, max_a
             if number == 1 and not stamps:  # a header
                 continue
             raise ValueError(
-                f"{path}:{number}: the first comma-separated field must be an arrival time in "
+                f"{path}:{number}: the first field (comma- or space-separated) must be an arrival time in "
                 f"milliseconds, got {field!r}"
             ) from None
     if not stamps:
         raise ValueError(f"{path}: no arrival times (one request per line, time in ms first)")
-    if any(b < a for a, b in itertools.pairwise(stamps)):
-        raise ValueError(f"{path}: arrival times must not decrease")
-    first = stamps[0]
-    times = [(ms - first) / 1000.0 * time_scale for ms in stamps]
-    return [t for t in times if t < duration_s][:max_arrivals]
+    out_of_order, latest = 0, -math.inf
+    for ms in stamps:
+        out_of_order += ms < latest
+        latest = max(latest, ms)
+    stamps.sort()
+    times = [(ms - stamps[0]) / 1000.0 * time_scale for ms in stamps]
+    return Trace([t for t in times if t < duration_s][:max_arrivals], len(stamps), out_of_order)
 
 
 def think_time_s(mean_s: float, rng: random.Random) -> float:

@@ -7,16 +7,28 @@ them when idle. The node types carry the tier resources of `serve_config_autosca
 
 The installed Ray wheel lacks the fake provider's `example.yaml` that `AutoscalingCluster` reads its base
 config from, so `LocalAutoscalingCluster` supplies the same settings (fake_multinode provider, no node
-updaters) in code; everything else is Ray's own class.
+updaters) in code. With `node_start_delay_s` the provider is Ray's fake one with a cloud's node start-up
+time (`deployments.delayed_node_provider`).
+
+Start and stop are this module's, not `AutoscalingCluster`'s: that class runs `ray stop --force` at both,
+which kills every Ray process of the user on the machine, other people's clusters included. Here the head
+runs as `ray start --head --block` in a session of its own; stopping ends that process and then only the
+processes of its session and its descendants (the GCS, raylets, autoscaler, the fake nodes and workers).
+If a Ray cluster already listens on the GCS port, starting refuses and says so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import os
+import socket
+import subprocess
 import sys
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,7 +85,79 @@ _BASE_CONFIG: dict[str, Any] = {
 }
 
 
+GCS_PORT = 6379  # the fake provider's nodes join the head there
+DELAYED_PROVIDER = "deployments.delayed_node_provider.DelayedFakeProvider"
+
+
 class LocalAutoscalingCluster(AutoscalingCluster):
+    def __init__(self, head_resources: dict, worker_node_types: dict, node_start_delay_s: float = 0.0, **kw):
+        super().__init__(head_resources, worker_node_types, **kw)
+        if node_start_delay_s > 0:
+            self._config["provider"].update(
+                {"type": "external", "module": DELAYED_PROVIDER, "node_start_delay_s": node_start_delay_s}
+            )
+        self._head: subprocess.Popen | None = None
+
+    def start(self, _system_config=None, override_env: dict | None = None) -> None:
+        """`ray start --head --block` in its own session, with the autoscaler on this config."""
+        with socket.socket() as probe:
+            if probe.connect_ex((gcs_host(), GCS_PORT)) == 0:
+                raise RuntimeError(
+                    f"a Ray cluster already listens on port {GCS_PORT}: this bench starts its own and stops "
+                    "only what it started; stop that cluster first (it may be someone else's)"
+                )
+        fd, path = tempfile.mkstemp(prefix="diffusionx-autoscale-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(self._config, f)
+        resources = dict(self._head_resources)
+        cmd = ["ray", "start", "--head", "--block", f"--port={GCS_PORT}", f"--autoscaling-config={path}"]
+        cmd.append(f"--num-cpus={resources.pop('CPU')}")
+        env = {
+            **os.environ,
+            "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+            "RAY_FAKE_CLUSTER": "1",
+            **(override_env or {}),
+        }
+        self._log = open(f"{path}.log", "w")  # noqa: SIM115 (open for the head's lifetime)
+        self._head = subprocess.Popen(
+            cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + 120.0
+        while time.monotonic() < deadline:
+            if self._head.poll() is not None:
+                raise RuntimeError(
+                    f"`ray start --head` exited with {self._head.returncode}: see {self._log.name}"
+                )
+            with socket.socket() as probe:
+                if probe.connect_ex((gcs_host(), GCS_PORT)) == 0:
+                    time.sleep(2.0)  # the GCS listens before the raylet has registered
+                    return
+            time.sleep(0.5)
+        raise RuntimeError(f"the Ray head did not come up within 120 s: see {self._log.name}")
+
+    def shutdown(self) -> None:
+        """Ends the head this object started and every process of its session or below it, nothing else."""
+        import psutil
+
+        if self._head is None:
+            return
+        head, self._head = self._head, None
+        session = head.pid  # started with start_new_session: the head leads its own session
+        # as `ray stop` does, but only for these: SIGTERM to every process, then SIGKILL to what is left
+        started = _processes_of(head.pid, session)
+        with contextlib.suppress(psutil.Error):
+            started.append(psutil.Process(head.pid))
+        for process in started:
+            with contextlib.suppress(psutil.Error):
+                process.terminate()
+        _, alive = psutil.wait_procs(started, timeout=15.0)
+        for process in alive + _processes_of(head.pid, session):
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            head.wait(timeout=5.0)
+        self._log.close()
+
     def _generate_config(self, head_resources, worker_node_types, autoscaler_v2=False, **config_kwargs):
         config = copy.deepcopy(_BASE_CONFIG)
         config["available_node_types"] = copy.deepcopy(worker_node_types)
@@ -86,8 +170,31 @@ class LocalAutoscalingCluster(AutoscalingCluster):
         return config
 
 
-def start_cluster() -> LocalAutoscalingCluster:
-    """Starts the head (whose autoscaler adds edge/cloud nodes on demand) and connects this process."""
+def gcs_host() -> str:
+    """The address the head's GCS listens on (the node IP, as the fake provider's nodes use it)."""
+    from ray._private.services import get_node_ip_address
+
+    return get_node_ip_address()
+
+
+def _processes_of(root_pid: int, session: int) -> list:
+    """The processes below `root_pid` and those of session `session` (never this process)."""
+    import psutil
+
+    found: dict[int, psutil.Process] = {}
+    with contextlib.suppress(psutil.Error):
+        for process in psutil.Process(root_pid).children(recursive=True):
+            found[process.pid] = process
+    for process in psutil.process_iter():
+        with contextlib.suppress(OSError, psutil.Error):
+            if process.pid != os.getpid() and os.getsid(process.pid) == session:
+                found[process.pid] = process
+    return list(found.values())
+
+
+def start_cluster(node_start_delay_s: float = 0.0) -> LocalAutoscalingCluster:
+    """Starts the head (whose autoscaler adds edge/cloud nodes on demand, each `node_start_delay_s` after
+    it is asked for) and connects this process."""
     import ray
 
     # `ray start` runs from PATH: make it this environment's
@@ -95,14 +202,22 @@ def start_cluster() -> LocalAutoscalingCluster:
     cluster = LocalAutoscalingCluster(
         head_resources=dict(HEAD_RESOURCES),
         worker_node_types=NODE_TYPES,
+        node_start_delay_s=node_start_delay_s,
         idle_timeout_minutes=IDLE_TIMEOUT_MINUTES,
     )
-    # `start` passes custom head resources as --resources='{...}' with shell quotes but runs no shell, so
-    # `ray start` cannot parse them; give them through Ray's RAY_OVERRIDE_RESOURCES instead
+    # custom head resources go through Ray's RAY_OVERRIDE_RESOURCES (`ray start --resources` would need
+    # shell quoting)
     custom = {k: v for k, v in HEAD_RESOURCES.items() if k != "CPU"}
     cluster._head_resources = {"CPU": HEAD_RESOURCES["CPU"]}
-    cluster.start(override_env={"RAY_OVERRIDE_RESOURCES": json.dumps(custom)})
-    ray.init(address="auto", namespace="diffusionx", logging_level=logging.WARNING)
+    try:
+        # `ray start` turns token authentication on where `ray.init` (this process, Ray already imported) has
+        # it off; the bench's cluster runs like `ray.init`'s local ones, without
+        env = {"RAY_OVERRIDE_RESOURCES": json.dumps(custom), "RAY_AUTH_MODE": "disabled"}
+        cluster.start(override_env=env)
+        ray.init(address=f"{gcs_host()}:{GCS_PORT}", namespace="diffusionx", logging_level=logging.WARNING)
+    except BaseException:
+        cluster.shutdown()
+        raise
     return cluster
 
 
@@ -115,7 +230,7 @@ def stop_cluster(cluster: LocalAutoscalingCluster) -> None:
             serve.shutdown()
             ray.shutdown()
     finally:
-        cluster.shutdown()  # `ray stop --force`: head, autoscaler and every fake node
+        cluster.shutdown()  # the head, autoscaler and fake nodes it started, nothing else
 
 
 @dataclass

@@ -6,6 +6,8 @@ to finish first."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,8 +16,13 @@ from ray import serve
 from deployments.tier import ServedTier, lower_cpu_priority, set_torch_threads
 from diffusionx.engine.tiers import CloudModel
 from diffusionx.models.loading import load_model
+from diffusionx.policy.ahead import session_stats
+from diffusionx.policy.sessions import SessionActivity
 from diffusionx.requests import GenerationResult, Img2ImgRequest, PreviewRequest
 from diffusionx.sampling.collaborative import CollaborativeRequest, PlanState
+
+logger = logging.getLogger("ray.serve")
+SESSIONS_TIMEOUT_S = 1.0  # Serve waits on the stats hook; a slow shared state must not hold it
 
 
 # Replicas, resources, request bounds, health checks and the request router come from the serve config (one
@@ -44,6 +51,18 @@ class CloudRefiner(ServedTier):
     async def record_routing_stats(self) -> dict[str, Any]:
         """This replica's load for the request router; Serve calls it every request_routing_stats_period_s."""
         return self.engine.load_snapshot().to_dict()
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """The tier's work (`ServedTier`) and the sessions now previewing (read from SharedState), for the
+        cloud policies (`QueuedStepsPolicy` reads the first, `AheadPolicy` both)."""
+        stats = await super().record_autoscaling_stats()
+        if self._state is not None:
+            try:
+                activity = await asyncio.wait_for(self._state.sessions.remote(), SESSIONS_TIMEOUT_S)
+                stats.update(session_stats(SessionActivity(**activity)))
+            except Exception as error:  # the shared state restarting: report the work alone meanwhile
+                logger.debug("session activity unavailable: %s", error)
+        return stats
 
     async def refine(self, request: Img2ImgRequest) -> GenerationResult:
         return await self._submit("refine", request)

@@ -2,9 +2,10 @@
 sessions run, and count the sessions that failed (the reliability contract says: none).
 
 A session is what a user does: a preview, an edit of it, and the final refinement, through
-`clients.DiffusionXClient` (with its retries). `python -m deployments.faults` starts the application (the
-embedded CPU config unless `--config`), runs the experiment for every deployment and prints one row each;
-the test suite runs a short version on its session's application.
+`clients.DiffusionXClient` (with its retries). `diffusionx bench faults` starts the application (the
+embedded CPU config unless `--config`), runs the experiment for every deployment, prints one row each and
+writes the rows to `--out`/faults.json (default `bench_results/faults/`); the test suite runs a short
+version on its session's application.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from deployments.replica_memory import replica_pids
+from diffusionx.experiments.outputs import bench_results_dir
 
 DEPLOYMENTS = ("EdgePreviewer", "StrengthPredictor", "CloudRefiner", "DiffusionXIngress", "SharedState")
 
@@ -101,17 +104,26 @@ def wait_until_serving(url: str, deployment: str, timeout_s: float = 120.0) -> N
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m deployments.faults", description=__doc__.split("\n\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="diffusionx bench faults", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="serve config YAML (default: the embedded CPU application)")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--sessions", type=int, default=48)
-    parser.add_argument("--threads", type=int, default=16)
-    parser.add_argument("--kill-after-s", type=float, default=3.0)
-    parser.add_argument("--refine-steps", type=int, default=20)
-    parser.add_argument("--deployments", nargs="*", default=list(DEPLOYMENTS))
-    parser.add_argument("--out", help="write the rows as JSON here")
+    parser.add_argument("--port", type=int, default=8000, help="port of the local application (default 8000)")
+    parser.add_argument("--sessions", type=int, default=48, help="sessions per deployment (default 48)")
+    parser.add_argument("--threads", type=int, default=16, help="sessions in flight at once (default 16)")
+    parser.add_argument(
+        "--kill-after-s", type=float, default=3.0, help="seconds of load before the kill (default 3)"
+    )
+    parser.add_argument(
+        "--refine-steps", type=int, default=20, help="schedule steps of each session's refine (default 20)"
+    )
+    parser.add_argument(
+        "--deployments",
+        nargs="*",
+        default=list(DEPLOYMENTS),
+        help=f"deployments to kill, one after another (default: all: {' '.join(DEPLOYMENTS)})",
+    )
+    parser.add_argument(
+        "--out", default=bench_results_dir("faults"), help="output directory (default bench_results/faults/)"
+    )
     args = parser.parse_args(argv)
     from deployments.local import start_local_app, stop_local_app
 
@@ -127,9 +139,10 @@ def main(argv: list[str] | None = None) -> int:
             wait_until_serving(url, deployment)
     finally:
         stop_local_app()
-    if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(rows, handle, indent=2)
+    path = Path(args.out) / "faults.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=2))
+    print(f"wrote {path}")
     return 0 if all(row["failed"] == 0 for row in rows) else 1
 
 

@@ -12,6 +12,7 @@ the tier it needs cannot start it within `admission_max_wait_s`; a tier call who
 once, and an EC-Diff plan lost with its cloud replica is planned again (`deployments.handles`)."""
 
 import asyncio
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -38,6 +39,7 @@ from diffusionx.policy.admission import AdmissionControl
 from diffusionx.policy.calibration import ArrivalRate, LatencyCalibration
 from diffusionx.policy.load import TierLoad
 from diffusionx.policy.router import CloudLoad, RouterConfig
+from diffusionx.policy.sessions import SessionTracker
 from diffusionx.requests import InvalidRequestError
 from diffusionx.serving.errors import PreviewNotFound, TierOverloaded
 from diffusionx.serving.frontend import Frontend
@@ -160,8 +162,11 @@ class DiffusionXIngress:
         )
         previews = PreviewStore(self._put_preview, self._get_preview)
         self.metrics = ingress_metrics()
-        self.frontend = Frontend(tiers, admission, previews, self.metrics)
-        self.load_view = LoadView(admission, self._tier_loads)
+        # the cloud tier's leading indicator (diffusionx.policy.ahead), published with each load refresh
+        self.sessions = SessionTracker()
+        self._sessions_source = uuid.uuid4().hex
+        self.frontend = Frontend(tiers, admission, previews, self.metrics, self.sessions)
+        self.load_view = LoadView(admission, self._tier_loads, publish=self._publish_sessions)
         self._metrics_url: str | None = None
 
     async def _put_preview(self, png: bytes, preview_id: str, owner: str) -> object:
@@ -174,6 +179,9 @@ class DiffusionXIngress:
     async def _tier_loads(self) -> dict[str, TierLoad]:
         loads: dict[str, TierLoad] = await self.state.tiers.remote()
         return loads
+
+    async def _publish_sessions(self) -> None:
+        await self.state.report_sessions.remote(self._sessions_source, self.sessions.activity().to_dict())
 
     async def _cloud_load(self) -> CloudLoad:
         return cloud_load(await ask(self.state.tier, "cloud"))

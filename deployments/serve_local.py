@@ -17,7 +17,7 @@ from deployments.local import (
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="diffusionx serve", description=__doc__)
     parser.add_argument("--config", help="serve config YAML (default: the embedded CPU application)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port on 127.0.0.1 (default 8000)")
     parser.add_argument(
         "--metrics-port",
         type=int,

@@ -11,6 +11,7 @@ from ray import serve
 
 from diffusionx.engine.preview_cache import PreviewCache
 from diffusionx.policy.load import TierLoad, TierSnapshot, merge_snapshots
+from diffusionx.policy.sessions import SessionActivity, merge_activity
 
 STALE_AFTER_S = 30.0  # a replica that has not reported for this long is gone (replicas report every ~2 s)
 TIERS = ("edge", "predictor", "cloud")
@@ -27,6 +28,7 @@ class SharedState:
     ) -> None:
         self._cache = PreviewCache(preview_cache_bytes, preview_cache_ttl_s)
         self._snapshots: dict[str, dict[str, TierSnapshot]] = {tier: {} for tier in TIERS}
+        self._sessions: dict[str, SessionActivity] = {}  # by ingress replica
 
     async def put_preview(self, png: bytes, preview_id: str | None = None, owner: str = "") -> str:
         return self._cache.put(png, preview_id, owner)
@@ -50,6 +52,17 @@ class SharedState:
     async def tiers(self) -> dict[str, TierLoad]:
         """Every tier's merged view (what admission control reads)."""
         return {tier: merge_snapshots(self._live(tier)) for tier in TIERS}
+
+    async def report_sessions(self, source: str, activity: dict) -> None:
+        """An ingress replica's session activity (the cloud tier's leading indicator)."""
+        self._sessions[source] = SessionActivity(**activity)
+
+    async def sessions(self) -> dict:
+        """Every live ingress replica's session activity, merged (`diffusionx.policy.sessions`)."""
+        now = time.time()
+        for source in [s for s, a in self._sessions.items() if now - a.taken_at > STALE_AFTER_S]:
+            del self._sessions[source]
+        return merge_activity(self._sessions.values()).to_dict()
 
     async def stats(self) -> dict:
         return {

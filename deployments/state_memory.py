@@ -1,9 +1,10 @@
-"""Memory of the shared state after N previews: `python -m deployments.state_memory [--previews 10000]`.
+"""`diffusionx bench state-memory [--previews 10000]`: memory of the shared state after N previews.
 
 Runs the SharedState deployment's class in this process (no cluster needed: it is plain Python behind
 `@serve.deployment`), stores N synthetic preview PNGs through its `put_preview` (random pixels: PNG cannot
 compress them, the worst case for the byte bound) and reports what the cache accounts for, what Python
-allocated (tracemalloc) and the process's resident memory growth.
+allocated (tracemalloc) and the process's resident memory growth; prints it and writes it to
+`--out`/state_memory.json (default `bench_results/state-memory/`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import json
 import time
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -21,6 +23,7 @@ from deployments.app import deployment
 from deployments.replica_memory import MIB, memory_mib
 from deployments.state import SharedState
 from diffusionx.app_config import AppArgs
+from diffusionx.experiments.outputs import bench_results_dir
 from diffusionx.imaging import encode_png
 
 
@@ -71,14 +74,34 @@ async def measure(previews: int, side: int, cache_bytes: int, ttl_s: float) -> d
 def main(argv: list[str] | None = None) -> int:
     defaults = AppArgs()
     parser = argparse.ArgumentParser(
-        prog="python -m deployments.state_memory", description=__doc__.split("\n\n")[0]
+        prog="diffusionx bench state-memory", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--previews", type=int, default=10_000)
+    parser.add_argument("--previews", type=int, default=10_000, help="previews stored (default 10000)")
     parser.add_argument("--side", type=int, default=64, help="preview side in pixels (default 64)")
-    parser.add_argument("--cache-bytes", type=int, default=defaults.preview_cache_bytes)
-    parser.add_argument("--ttl-s", type=float, default=defaults.preview_cache_ttl_s)
+    parser.add_argument(
+        "--cache-bytes",
+        type=int,
+        default=defaults.preview_cache_bytes,
+        help=f"the preview cache's byte bound (default: the application's, {defaults.preview_cache_bytes})",
+    )
+    parser.add_argument(
+        "--ttl-s",
+        type=float,
+        default=defaults.preview_cache_ttl_s,
+        help=f"preview time to live (default: the application's, {defaults.preview_cache_ttl_s:g} s)",
+    )
+    parser.add_argument(
+        "--out",
+        default=bench_results_dir("state-memory"),
+        help="output directory (default bench_results/state-memory/)",
+    )
     args = parser.parse_args(argv)
-    print(json.dumps(asyncio.run(measure(args.previews, args.side, args.cache_bytes, args.ttl_s)), indent=2))
+    result = asyncio.run(measure(args.previews, args.side, args.cache_bytes, args.ttl_s))
+    print(json.dumps(result, indent=2))
+    path = Path(args.out) / "state_memory.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")
     return 0
 
 

@@ -83,7 +83,10 @@ function addRound(round) {
   image.src = `data:image/png;base64,${round.image}`;
   image.alt = round.prompt;
   const caption = document.createElement("span");
-  const kind = round.edit_strength === null ? "new" : `edit ${round.edit_strength}`;
+  let kind = "new";
+  if (round.strength != null) {  // null or absent: a text-to-image round
+    kind = `edit ${round.strength.toFixed(2)}` + (round.strength_predicted == null ? "" : ", predicted");
+  }
   caption.textContent = `${session.rounds.length}. ${round.prompt} (${kind})`;
   item.append(image, caption);
   $("history").append(item);
@@ -138,11 +141,13 @@ $("preview-button").addEventListener("click", () => run(async () => {
   const seed = Number($("seed").value);
   const previous = session.rounds[session.rounds.length - 1];
   const editing = previous !== undefined && $("edit").checked;
-  const strength = Number($("edit-strength").value);
+  // an empty strength field leaves the edit strength to the server's edit predictor
+  const given = $("edit-strength").value.trim();
+  const body = given === "" ? { prompt, seed } : { prompt, seed, strength: Number(given) };
   const result = editing
-    ? await withPreview("v1/preview", { prompt, seed, strength }, previous)
+    ? await withPreview("v1/preview", body, previous)
     : await postWithProgress("v1/preview", { prompt, seed }, showProgress);
-  addRound({ ...result, prompt, edit_strength: editing ? strength : null });
+  addRound({ ...result, prompt });
 }));
 
 $("finalize-button").addEventListener("click", () => run(async () => {

@@ -97,7 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cloud", default="shapes-cloud", help="cloud model (default shapes-cloud)")
     parser.add_argument("--edge", default="shapes-edge", help="edge model (default shapes-edge)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="requests per batch")
-    parser.add_argument("--out", type=Path, default=Path("runs/compare"), help="output directory")
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/compare"), help="output directory (default runs/compare/)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     args = parser.parse_args(argv)
     if args.n < 1:

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from diffusionx.experiments.outputs import bench_results_dir
 from diffusionx.models.loading import LoadedModel, load_model
 from diffusionx.requests import Img2ImgRequest, PreviewRequest
 from diffusionx.sampling.generation import (
@@ -46,7 +47,7 @@ from diffusionx.sampling.generation import (
 from diffusionx.sampling.step_batching import StepBatcher
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16)
-DEFAULT_OUT = "bench_results/gpu"
+DEFAULT_OUT = bench_results_dir("gpu")
 PROMPT = "a photo of an astronaut riding a horse on the moon"
 MIXED_STRENGTHS = (0.3, 0.7)  # spread evenly over the batch; their mean is the uniform strength
 UNIFORM_STRENGTH = 0.5
@@ -70,6 +71,15 @@ def measured(model: LoadedModel, run: Callable[[], Any]) -> tuple[float, float |
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) / MIB if device.type == "cuda" else None
     return seconds, peak, result
+
+
+def measured_load(device: torch.device, load: Callable[[], LoadedModel]) -> tuple[float, None, LoadedModel]:
+    """Seconds to load a model onto `device` (weights from disk or cache), and the model."""
+    synchronize(device)
+    start = time.perf_counter()
+    model = load()
+    synchronize(device)
+    return time.perf_counter() - start, None, model
 
 
 def guarded(function: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -157,9 +167,16 @@ def step_batching(model: LoadedModel, image: Any, batch_size: int, steps: int) -
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
-    cloud = load_model(args.cloud_model, device=device, dtype=args.dtype)
+    # load times (a GPU-timed replica's start-up, diffusionx.models.gpu_timed): the edge model's without
+    # the components it shares with the cloud model
+    load_s, _, cloud = measured_load(
+        device, lambda: load_model(args.cloud_model, device=device, dtype=args.dtype)
+    )
     share = cloud if _same_family(args.edge_model, cloud) else None
-    edge = load_model(args.edge_model, device=device, dtype=args.dtype, share_with=share)
+    edge_load_s, _, edge = measured_load(
+        device, lambda: load_model(args.edge_model, device=device, dtype=args.dtype, share_with=share)
+    )
+    loads = {"cloud": round(load_s, 3), "edge": round(edge_load_s, 3)}
     size = args.size or cloud.spec.default_size
     preview_steps = args.preview_steps or edge.spec.preview_steps
     refine_steps = args.refine_steps or cloud.spec.default_steps
@@ -195,6 +212,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             "unet_parameters": sum(p.numel() for p in model.unet.parameters()),
             "requests": "previews" if role == "edge" else f"refinements at strength {UNIFORM_STRENGTH}",
             "num_inference_steps": preview_steps if role == "edge" else refine_steps,
+            "load_s": loads[role],
             "rows": rows,
         }
     batching = step_batching(cloud, image, args.mixed_batch_size or max(args.batch_sizes), refine_steps)
@@ -295,7 +313,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda", help="torch device (default cuda)")
     parser.add_argument("--dtype", help="float16 | bfloat16 | float32 (default: fp16 on CUDA, fp32 on CPU)")
     parser.add_argument("--size", type=int, help="width and height (default: the cloud model's, 512)")
-    parser.add_argument("--batch-sizes", type=_batch_sizes, default=list(DEFAULT_BATCH_SIZES))
+    parser.add_argument(
+        "--batch-sizes",
+        type=_batch_sizes,
+        default=list(DEFAULT_BATCH_SIZES),
+        help=f"batch sizes timed per tier (default {','.join(map(str, DEFAULT_BATCH_SIZES))})",
+    )
     parser.add_argument("--mixed-batch-size", type=int, help="batch of the step-batching comparison (max)")
     parser.add_argument("--preview-steps", type=int, help="steps per preview (default: the edge model's)")
     parser.add_argument("--refine-steps", type=int, help="schedule length of refinements (default: cloud's)")

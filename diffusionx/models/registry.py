@@ -32,6 +32,7 @@ class ModelSpec:
     guidance_scale: float = 7.5
     default_size: int = 512
     description: str = ""
+    gpu_timed: str = ""  # a GPU profile role ("cloud" | "edge"): steps wait that GPU's t(b), see gpu_timed
 
     @property
     def is_local(self) -> bool:
@@ -98,6 +99,31 @@ REGISTRY: dict[str, ModelSpec] = {
             guidance_scale=4.0,
             default_size=32,
             description="Embedded edge model of the shapes world: small UNet, shared VAE/text encoder.",
+        ),
+        ModelSpec(
+            name="sd15-gpu-timed",
+            source=str(EMBEDDED_SHAPES_DIR),
+            family="shapes",
+            tier="cloud",
+            unet_subfolder="unet_edge",  # the stand-in that makes the images (diffusionx.models.gpu_timed)
+            default_steps=50,
+            guidance_scale=4.0,
+            default_size=32,
+            description="SD v1.5's step and load times on a GPU profile's device; shapes images.",
+            gpu_timed="cloud",
+        ),
+        ModelSpec(
+            name="tiny-sd-gpu-timed",
+            source=str(EMBEDDED_SHAPES_DIR),
+            family="shapes",
+            tier="edge",
+            unet_subfolder="unet_edge",
+            default_steps=25,
+            preview_steps=8,
+            guidance_scale=4.0,
+            default_size=32,
+            description="Tiny-SD's step and load times on a GPU profile's device; shapes images.",
+            gpu_timed="edge",
         ),
         ModelSpec(
             name="sd15-arch",

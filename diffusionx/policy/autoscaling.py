@@ -43,6 +43,7 @@ QUEUED_BATCHED_STEPS = "queued_batched_steps"  # model calls needed to finish th
 BATCHED_STEP_S = "batched_step_s"  # seconds of one batched step on the replica (0: not measured yet)
 STEPS_PER_REQUEST = "steps_per_request"  # mean denoising steps left per request held (0: none held)
 MAX_BATCH_SIZE = "max_batch_size"  # samples per model call
+FULL_BATCH_STEP_S = "full_batch_step_s"  # seconds of one step at max_batch_size (0: not measured yet)
 
 
 def batched_steps(queued_steps: int, requests: int, max_batch_size: int) -> float:
@@ -62,16 +63,49 @@ def autoscaling_stats(snapshot: Mapping[str, Any]) -> dict[str, float]:
     requests = int(snapshot["queued"]) + int(snapshot["in_flight"])
     steps = max(0, int(snapshot["queued_steps"]))
     max_batch_size = max(1, int(snapshot.get("max_batch_size") or 1))
-    step_s = snapshot.get("seconds_per_step") or 0.0
+    step_s = full_s = snapshot.get("seconds_per_step") or 0.0
     if snapshot.get("step_time_s"):
         t0, t1 = snapshot["step_time_s"]
         step_s = max(MIN_STEP_S, t0 + t1 * min(max(requests, 1), max_batch_size))
+        full_s = max(MIN_STEP_S, t0 + t1 * max_batch_size)
     return {
         QUEUED_BATCHED_STEPS: batched_steps(steps, requests, max_batch_size),
         BATCHED_STEP_S: float(step_s),
         STEPS_PER_REQUEST: steps / requests if requests > 0 else 0.0,
         MAX_BATCH_SIZE: float(max_batch_size),
+        FULL_BATCH_STEP_S: float(full_s),
     }
+
+
+@dataclass(frozen=True)
+class HeldWork:
+    """The work a tier holds (module docstring, steps 1-2), from a Serve autoscaling context."""
+
+    work_s: float  # seconds of batched steps held by the replicas and waiting at the handles
+    waiting_requests: float
+    step_s: float  # the tier's mean measured batched step (or the default), for unmeasured replicas
+
+
+def held_work(ctx: Any, default_step_s: float) -> HeldWork | None:
+    """What the replicas report and the handles hold, in seconds; None until any replica has reported."""
+    metrics = ctx.aggregated_metrics or {}
+    steps = metrics.get(QUEUED_BATCHED_STEPS, {})
+    if not steps:
+        return None
+    step_times = metrics.get(BATCHED_STEP_S, {})
+    measured = [s for s in step_times.values() if s > 0]
+    fallback_s = sum(measured) / len(measured) if measured else default_step_s
+    # 1. the work the replicas hold, in seconds of batched steps
+    held_s = sum(n * (step_times.get(r) or fallback_s) for r, n in steps.items())
+    # 2. requests waiting at the handles: mean steps per request, in full batches
+    waiting = float(ctx.total_queued_requests or 0.0)
+    per_request = [s for s in metrics.get(STEPS_PER_REQUEST, {}).values() if s > 0]
+    sizes = list(metrics.get(MAX_BATCH_SIZE, {}).values()) or [1.0]
+    waiting_s = 0.0
+    if waiting > 0 and per_request:
+        mean_steps = sum(per_request) / len(per_request)
+        waiting_s = waiting * mean_steps / max(1.0, max(sizes)) * fallback_s
+    return HeldWork(work_s=held_s + waiting_s, waiting_requests=waiting, step_s=fallback_s)
 
 
 @dataclass
@@ -92,24 +126,9 @@ class QueuedStepsPolicy:
                 raise ValueError(f"{name}={value!r} is not allowed: use a number of seconds > 0")
 
     def __call__(self, ctx: Any) -> tuple[float, dict[str, Any]]:
-        metrics = ctx.aggregated_metrics or {}
-        steps = metrics.get(QUEUED_BATCHED_STEPS, {})
-        if not steps:  # no replica has reported yet: hold
+        held = held_work(ctx, self.default_step_s)
+        if held is None:  # no replica has reported yet: hold
             return ctx.target_num_replicas, {}
-        step_times = metrics.get(BATCHED_STEP_S, {})
-        measured = [s for s in step_times.values() if s > 0]
-        fallback_s = sum(measured) / len(measured) if measured else self.default_step_s
-        # 1. the work the replicas hold, in seconds of batched steps
-        held_s = sum(n * (step_times.get(r) or fallback_s) for r, n in steps.items())
-        # 2. requests waiting at the handles: mean steps per request, in full batches
-        waiting = float(ctx.total_queued_requests or 0.0)
-        per_request = [s for s in metrics.get(STEPS_PER_REQUEST, {}).values() if s > 0]
-        sizes = list(metrics.get(MAX_BATCH_SIZE, {}).values()) or [1.0]
-        waiting_s = 0.0
-        if waiting > 0 and per_request:
-            mean_steps = sum(per_request) / len(per_request)
-            waiting_s = waiting * mean_steps / max(1.0, max(sizes)) * fallback_s
-        work_s = held_s + waiting_s
         # 3. enough replicas to finish it within the target wait (Serve rounds up and bounds it)
-        desired = work_s / self.target_wait_s
-        return desired, {"work_s": round(work_s, 3), "waiting_requests": waiting}
+        desired = held.work_s / self.target_wait_s
+        return desired, {"work_s": round(held.work_s, 3), "waiting_requests": held.waiting_requests}

@@ -28,6 +28,7 @@ from diffusionx.api import (
 )
 from diffusionx.policy.admission import AdmissionControl
 from diffusionx.policy.cost import StepDefaults
+from diffusionx.policy.sessions import SessionTracker
 from diffusionx.requests import Img2ImgRequest, PreviewRequest, Route
 from diffusionx.serving.errors import TierOverloaded
 from diffusionx.serving.preview_store import PreviewStore
@@ -82,12 +83,18 @@ def _ms(start: float) -> float:
 
 class Frontend:
     def __init__(
-        self, tiers: Tiers, admission: AdmissionControl, previews: PreviewStore, observer: RequestObserver
+        self,
+        tiers: Tiers,
+        admission: AdmissionControl,
+        previews: PreviewStore,
+        observer: RequestObserver,
+        sessions: SessionTracker | None = None,
     ) -> None:
         self.tiers = tiers
         self.admission = admission
         self.previews = previews
         self.observer = observer
+        self.sessions = sessions  # follows sessions by their preview ids (the cloud's leading indicator)
 
     # -- admission ---------------------------------------------------------------------------------------
     async def step_defaults(self, tier: str) -> StepDefaults:
@@ -173,6 +180,8 @@ class Frontend:
                     predicted = result.strength
         png = await encode_png(result.image)
         preview_id = self.previews.store(png, owner)
+        if self.sessions is not None:
+            self.sessions.preview(preview_id, body.preview_id)
         self.observer.request_done("preview", "edit" if is_edit else "edge", time.perf_counter() - start)
         return PreviewResponse(
             preview_id=preview_id,
@@ -207,6 +216,8 @@ class Frontend:
                 on_progress=on_progress,
             )
         result, decision = refined.result, refined.decision
+        if self.sessions is not None:
+            self.sessions.finalize(body.preview_id, decision.cloud_steps)  # 0 on the edge fallback
         png = await encode_png(result.image)
         self.observer.routed(decision.route, refined.strength_predicted, decision.strength)
         self.observer.request_done("refine", decision.route, time.perf_counter() - start)

@@ -24,17 +24,20 @@ def cloud_load(tier: TierLoad) -> CloudLoad:
 
 class LoadView:
     """Feeds `admission.update` with `read()` every `refresh_s`, from the first `ensure_polling` on (it
-    needs the replica's event loop). A failed read (the shared state restarting) is skipped: the view
-    ages out meanwhile and admission control stops trusting it."""
+    needs the replica's event loop), and then calls `publish()` (what this ingress reports back). A failed
+    read (the shared state restarting) is skipped: the view ages out meanwhile and admission control stops
+    trusting it."""
 
     def __init__(
         self,
         admission: AdmissionControl,
         read: Callable[[], Awaitable[Mapping[str, TierLoad]]],
         refresh_s: float = REFRESH_S,
+        publish: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.admission = admission
         self._read = read
+        self._publish = publish
         self.refresh_s = refresh_s
         self._poller: asyncio.Task[None] | None = None
 
@@ -50,5 +53,7 @@ class LoadView:
     async def refresh(self) -> None:
         try:
             self.admission.update(await self._read())
+            if self._publish is not None:
+                await self._publish()
         except Exception as error:
             logger.debug("tier load unavailable: %s", error)

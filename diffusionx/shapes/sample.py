@@ -1,6 +1,6 @@
 """Sample the embedded shapes pipelines on held-out prompts and score the images with the judge.
 
-python -m diffusionx.shapes.sample --root diffusionx/models/shapes --variant cloud --steps 20 --n 64
+diffusionx sample-shapes --root diffusionx/models/shapes --variant cloud --steps 20 --n 64
 """
 
 from __future__ import annotations
@@ -168,16 +168,22 @@ def save_grid(images: list[Image.Image], path: str | Path, columns: int = 8, sca
     grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST).save(path)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="diffusionx sample-shapes",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--root", default=str(DEFAULT_ROOT), help="pipeline directory (default: embedded)")
-    parser.add_argument("--variant", choices=("cloud", "edge"), default="cloud")
+    parser.add_argument(
+        "--variant", choices=("cloud", "edge"), default="cloud", help="which UNet samples (default cloud)"
+    )
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps (default 20)")
     parser.add_argument("--guidance", type=float, default=4.0, help="CFG scale (default 4.0)")
     parser.add_argument("--n", type=int, default=64, help="held-out prompts (default 64)")
-    parser.add_argument("--seed", type=int, default=EVAL_SEED)
+    parser.add_argument(
+        "--seed", type=int, default=EVAL_SEED, help=f"prompt and sampling seed (default {EVAL_SEED})"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--grid", default=None, help="optional PNG path for a grid of the samples")
     parser.add_argument("--sweep", action="store_true", help="score SWEEP_GRID for both variants")
@@ -192,14 +198,14 @@ def main(argv: list[str] | None = None) -> dict:
         if args.readme:
             write_quality_section(args.readme, result)
         print(quality_markdown(result))
-        return result
+        return 0
     pipe = load_pipeline(args.root, args.variant)
     result = evaluate(pipe, args.n, args.steps, args.guidance, args.seed)
     if args.grid:
         prompts = data.heldout_prompts(min(args.n, 32), args.seed)
         save_grid(generate(pipe, prompts, args.steps, args.guidance, args.seed), args.grid)
     print(json.dumps({"variant": args.variant, "steps": args.steps, "guidance": args.guidance, **result}))
-    return result
+    return 0
 
 
 if __name__ == "__main__":

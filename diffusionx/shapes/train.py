@@ -16,7 +16,7 @@ Every `--export-every` steps the EMA pipeline is exported to `--out` (so somethi
 scored by the judge on held-out prompts (accuracy, per attribute, exact match); the figures go to
 `<run-dir>/metrics.csv`. Rerunning the same command resumes from the checkpoint.
 
-    python -m diffusionx.shapes.train --run-dir runs/shapes-v2 --out runs/shapes-v2/export
+    diffusionx train-shapes --run-dir runs/shapes-v2 --out runs/shapes-v2/export
 """
 
 from __future__ import annotations
@@ -594,19 +594,62 @@ def train(config: TrainConfig) -> None:
     print(f"done: pipeline in {out}", flush=True)
 
 
+# the --help line of each TrainConfig field (the comments on the fields say why the defaults are so)
+FLAG_HELP: dict[str, str] = {
+    "out": "diffusers export folder, written at every export",
+    "run_dir": "checkpoints, metrics.csv and config.json; a rerun resumes from its checkpoint",
+    "init_from": "warm start from this diffusers export (same architecture); empty: from scratch",
+    "seed": "seeds data, initialisation, noise and batches",
+    "threads": "torch threads",
+    "num_scenes": "training scenes, rendered once and cached as latents",
+    "model_max_length": "tokenizer length in tokens",
+    "two_shape_probability": "share of two-shape training scenes",
+    "vae_steps": "VAE phase steps (0 keeps the --init-from VAE)",
+    "vae_batch_size": "VAE batch size",
+    "vae_lr": "VAE learning rate",
+    "vae_kl_weight": "weight of the VAE's KL term",
+    "vae_channels": "VAE block channels",
+    "steps": "diffusion phase steps",
+    "batch_size": "diffusion batch size",
+    "lr": "diffusion learning rate (UNets, text encoder)",
+    "warmup_steps": "learning-rate warm-up steps",
+    "ema_decay": "decay of the exported EMA weights",
+    "decoder_every": "one VAE decoder step every this many diffusion steps (0: none)",
+    "decoder_lr": "VAE decoder learning rate in the diffusion phase",
+    "drop_caption": "probability of training on the empty prompt (for classifier-free guidance)",
+    "min_snr_gamma": "min-SNR loss weighting gamma (0: off)",
+    "min_x0_weight": "lower bound of the loss weight in x0 terms (0: plain min-SNR)",
+    "text_hidden": "text encoder hidden size",
+    "text_layers": "text encoder layers",
+    "cloud_channels": "cloud UNet block channels",
+    "cloud_layers_per_block": "cloud UNet layers per block",
+    "edge_channels": "edge UNet block channels",
+    "export_every": "diffusion steps between EMA exports and judge evaluations",
+    "eval_prompts": "held-out prompts of each evaluation",
+    "eval_steps": "cloud DDIM steps at evaluation",
+    "eval_edge_steps": "edge preview DDIM steps at evaluation",
+    "eval_guidance": "classifier-free guidance scale at evaluation",
+    "checkpoint_every_min": "minutes between checkpoints",
+    "vae_minutes": "wall-clock cap of the VAE phase (0: none)",
+    "minutes": "wall-clock cap of the diffusion phase, exports included (0: none)",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        prog="diffusionx.shapes.train",
+        prog="diffusionx train-shapes",
     )
     for field in fields(TrainConfig):
         default = getattr(TrainConfig, field.name)
         flag = "--" + field.name.replace("_", "-")
         if isinstance(default, tuple):
-            parser.add_argument(flag, type=int, nargs="+", default=default, help=f"(default: {default})")
+            text = f"{FLAG_HELP[field.name]} (default: {' '.join(map(str, default))})"
+            parser.add_argument(flag, type=int, nargs="+", default=default, help=text)
         else:
-            parser.add_argument(flag, type=type(default), default=default, help=f"(default: {default})")
+            text = f"{FLAG_HELP[field.name]} (default: {default})"
+            parser.add_argument(flag, type=type(default), default=default, help=text)
     return parser
 
 

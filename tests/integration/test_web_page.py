@@ -1,11 +1,13 @@
-"""The session page at `/` in a real headless browser (Playwright + Chromium): two preview rounds (the
-second an edit), a finalize showing route, strengths, steps and UNet calls, the progress bar fed by the
-server-sent events; a screenshot is saved and its path printed. Skipped, with the reason, when Playwright
-or a Chromium binary is missing (README: `apt-get install -y chromium`, `pip install -e ".[dev]"`)."""
+"""The session page at `/` in a real headless browser (Playwright + Chromium): three preview rounds (the
+second an edit at the strength the server predicts, the third at one the user sets), a finalize showing
+route, strengths, steps and UNet calls, the progress bar fed by the server-sent events; a screenshot is
+saved and its path printed. Skipped, with the reason, when Playwright or a Chromium binary is missing
+(README: `apt-get install -y chromium`, `pip install -e ".[dev]"`)."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -38,7 +40,7 @@ def test_page_and_its_files_are_served_without_external_references(http):
     assert "//" not in page.text.replace("<!doctype html>", "")  # no external link in the page either
 
 
-def test_a_two_round_session_and_a_finalize_in_a_headless_browser(serve_url, tmp_path, capsys):
+def test_a_three_round_session_and_a_finalize_in_a_headless_browser(serve_url, tmp_path, capsys):
     sync_api = pytest.importorskip(
         "playwright.sync_api", reason="Playwright is not installed: pip install -e '.[dev]'"
     )
@@ -59,12 +61,24 @@ def test_a_two_round_session_and_a_finalize_in_a_headless_browser(serve_url, tmp
             page.fill("#prompt", "a large red circle on the left, blue background")
             page.click("#preview-button")
             page.wait_for_selector("#history li:nth-child(1)", timeout=60_000)
-            # round 2: an edit of round 1 toward a new prompt
+            # round 2: an edit of round 1 toward a new prompt, at the strength the server predicts (the
+            # strength field is empty by default)
             page.fill("#prompt", "a large green circle on the left, blue background")
             page.check("#edit")
+            assert page.input_value("#edit-strength") == ""
             page.click("#preview-button")
             page.wait_for_selector("#history li:nth-child(2)", timeout=60_000)
-            assert "edit 0.6" in page.text_content("#history li:nth-child(2)")
+            predicted = re.search(
+                r"edit (\d\.\d\d), predicted\)", page.text_content("#history li:nth-child(2)")
+            )
+            assert predicted is not None and 0.0 <= float(predicted.group(1)) <= 1.0
+            # round 3: an edit at the strength the user sets
+            page.fill("#prompt", "a large green circle on the right, blue background")
+            page.fill("#edit-strength", "0.6")
+            page.click("#preview-button")
+            page.wait_for_selector("#history li:nth-child(3)", timeout=60_000)
+            third = page.text_content("#history li:nth-child(3)")
+            assert "edit 0.60" in third and "predicted" not in third
             # finalize: the route, strengths, steps and UNet calls of the refinement
             page.click("#finalize-button")
             page.wait_for_selector('#final-info dd[data-field="route"]', timeout=60_000)

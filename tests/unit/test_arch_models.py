@@ -100,6 +100,12 @@ def test_gpu_bench_runs_on_the_cpu_with_tiny_models(tmp_path, capsys):
     assert batching["uniform_bucketed"]["unet_calls"] == batching["uniform_step_batched"]["unet_calls"] == 5
     assert batching["mixed_bucketed"]["unet_calls"] == 3 + 7  # one batch per strength, one after the other
     assert batching["mixed_step_batched"]["unet_calls"] == 7  # both share the first 3 steps
+    # the report is a GPU profile for GPU-timed models, load times included
+    from diffusionx.models.gpu_timed import load_profile
+
+    profile = load_profile(tmp_path / "gpu_bench.json")
+    assert profile.role("cloud").batch_sizes == (1, 2) and profile.role("cloud").load_s > 0
+    assert report["models"]["edge"]["load_s"] >= 0
     markdown = (tmp_path / "gpu_bench.md").read_text()
     assert "| edge | `tiny-random-edge` | 2 |" in markdown and "| mixed | step-batched |" in markdown
 

@@ -17,6 +17,7 @@ from ray.serve.schema import ServeDeploySchema
 from diffusionx.engine.monitor import TierMonitor
 from diffusionx.policy.autoscaling import (
     BATCHED_STEP_S,
+    FULL_BATCH_STEP_S,
     MAX_BATCH_SIZE,
     QUEUED_BATCHED_STEPS,
     STEPS_PER_REQUEST,
@@ -105,6 +106,7 @@ def test_replica_stats_come_from_the_monitor_snapshot():
         BATCHED_STEP_S: 0.2,
         STEPS_PER_REQUEST: 30.0,
         MAX_BATCH_SIZE: 8.0,
+        FULL_BATCH_STEP_S: 0.2,
     }
     idle = autoscaling_stats(TierMonitor().snapshot().to_dict())
     assert idle[QUEUED_BATCHED_STEPS] == 0.0 and idle[BATCHED_STEP_S] == 0.0  # not measured yet
@@ -116,7 +118,8 @@ def test_replica_step_time_is_the_fitted_t_of_b_at_the_batch_its_work_runs_in():
     monitor.step_time.seed([(1, 0.10), (8, 0.24)])  # t(b) = 0.08 + 0.02 b
     for _ in range(3):
         monitor.enqueue(10)
-    assert autoscaling_stats(monitor.snapshot().to_dict())[BATCHED_STEP_S] == pytest.approx(0.14)
+    stats = autoscaling_stats(monitor.snapshot().to_dict())
+    assert stats[BATCHED_STEP_S] == pytest.approx(0.14) and stats[FULL_BATCH_STEP_S] == pytest.approx(0.24)
     for _ in range(20):
         monitor.enqueue(10)
     assert autoscaling_stats(monitor.snapshot().to_dict())[BATCHED_STEP_S] == pytest.approx(0.24)

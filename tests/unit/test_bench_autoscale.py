@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from clients.bench_autoscale import Ramp, build_timeline, cloud_autoscaling, summarize
+from clients.bench_autoscale import (
+    Ramp,
+    build_timeline,
+    cloud_autoscaling,
+    slo_attainment,
+    summarize,
+    time_to_capacity,
+)
 from deployments.autoscaling_cluster import NODE_TYPES, LocalAutoscalingCluster
 from deployments.local import AUTOSCALE_CONFIG
 
@@ -69,11 +76,31 @@ def test_a_tier_that_never_scaled_has_no_scale_times():
     assert summary["scale_up_s"]["first_cloud_replica"] is None
 
 
-def test_default_policy_variant_drops_only_the_custom_policy():
-    work, default = cloud_autoscaling("work"), cloud_autoscaling("default")
+def test_policy_variants_differ_only_in_the_policy():
+    work, default, ahead = cloud_autoscaling("work"), cloud_autoscaling("default"), cloud_autoscaling("ahead")
     assert work["policy"]["policy_function"].endswith(":QueuedStepsPolicy")
     assert "policy" not in default
+    assert ahead["policy"]["policy_function"] == "diffusionx.policy.ahead:AheadPolicy"
+    # the ahead policy keeps the work policy's kwargs (its reactive term) and adds its own
+    assert work["policy"]["policy_kwargs"].items() <= ahead["policy"]["policy_kwargs"].items()
     assert {k: v for k, v in work.items() if k != "policy"} == default
+    assert {k: v for k, v in ahead.items() if k != "policy"} == default
+
+
+def test_slo_attainment_counts_refused_finalizes_as_misses_and_ignores_previews():
+    rows = [row(1.0, "finalize", 900.0), row(2.0, "finalize", 1100.0), row(3.0, "finalize", 10.0, 503)]
+    rows += [row(1.0, "preview", 5000.0)]
+    assert slo_attainment(rows, slo_s=1.0) == pytest.approx(1 / 3, abs=1e-4)
+    assert slo_attainment(rows, slo_s=2.0) == pytest.approx(2 / 3, abs=1e-4)
+    assert slo_attainment([row(1.0, "preview", 1.0)], 1.0) is None
+
+
+def test_time_to_capacity_is_the_first_sample_with_the_needed_replicas():
+    samples = [sample(5.0 * i, c, 3) for i, c in enumerate([1, 1, 2, 3, 2, 3])]
+    timeline = build_timeline(samples, [], window_s=5.0)
+    assert time_to_capacity(timeline, 3) == 15.0 and time_to_capacity(timeline, 4) is None
+    summary = summarize(timeline, [row(1.0, "finalize", 500.0)], RAMP, slo_s=1.0, needed_cloud=2)
+    assert summary["time_to_capacity_s"] == 10.0 and summary["slo_attainment"] == 1.0
 
 
 def test_node_types_carry_the_tier_resources_the_config_asks_for():
@@ -94,3 +121,21 @@ def test_node_types_carry_the_tier_resources_the_config_asks_for():
     config = LocalAutoscalingCluster({"CPU": 2}, NODE_TYPES)._config
     assert config["provider"]["type"] == "fake_multinode"
     assert set(config["available_node_types"]) == {"cloud", "edge", "ray.head.default"}
+    delayed = LocalAutoscalingCluster({"CPU": 2}, NODE_TYPES, node_start_delay_s=20.0)._config["provider"]
+    assert delayed["type"] == "external" and delayed["node_start_delay_s"] == 20.0
+    assert delayed["module"] == "deployments.delayed_node_provider.DelayedFakeProvider"
+
+
+def test_the_delayed_provider_waits_before_it_creates_a_node(monkeypatch):
+    from ray.autoscaler._private.fake_multi_node.node_provider import FakeMultiNodeProvider
+
+    from deployments import delayed_node_provider
+
+    monkeypatch.setenv("RAY_FAKE_CLUSTER", "1")
+    events: list = []
+    monkeypatch.setattr(delayed_node_provider.time, "sleep", lambda s: events.append(("sleep", s)))
+    monkeypatch.setattr(FakeMultiNodeProvider, "create_node_with_resources_and_labels",
+                        lambda self, *a: events.append(("create", a[2])))  # fmt: skip
+    provider = delayed_node_provider.DelayedFakeProvider({"node_start_delay_s": 12.0}, "test")
+    provider.create_node_with_resources_and_labels({}, {}, 1, {"CPU": 1}, {})
+    assert events == [("sleep", 12.0), ("create", 1)]

@@ -19,6 +19,7 @@ from PIL import Image
 from clients.loadgen import (
     COLUMNS,
     LoadgenConfig,
+    arrivals_from_args,
     check_loopback,
     parse_args,
     run_loadgen,
@@ -118,14 +119,41 @@ def test_a_ramp_rises_linearly():
 def test_trace_arrivals_are_relative_scaled_and_checked(tmp_path: Path):
     trace = tmp_path / "trace.csv"
     trace.write_text("timestamp_ms,prompt_tokens\n1000,12\n1500,7\n\n3000\n9000,1\n")
-    assert trace_arrivals(trace, 2.0, 10.0, 100) == [0.0, 1.0, 4.0]  # 9000 ms -> 16 s, past the duration
-    assert trace_arrivals(trace, 1.0, 100.0, 2) == [0.0, 0.5]
+    read = trace_arrivals(trace, 2.0, 10.0, 100)
+    assert read.arrivals == [0.0, 1.0, 4.0]  # 9000 ms -> 16 s, past the duration
+    assert (read.lines, read.out_of_order) == (4, 0)
+    assert trace_arrivals(trace, 1.0, 100.0, 2).arrivals == [0.0, 0.5]
     trace.write_text("1000\nsoon\n")
     with pytest.raises(ValueError, match=r"trace.csv:2: .* milliseconds, got 'soon'"):
         trace_arrivals(trace, 1.0, 10.0, 10)
-    trace.write_text("1000\n500\n")
-    with pytest.raises(ValueError, match="must not decrease"):
+    trace.write_text("\n\n")
+    with pytest.raises(ValueError, match="no arrival times"):
         trace_arrivals(trace, 1.0, 10.0, 10)
+
+
+def test_a_trace_out_of_time_order_is_sorted_and_its_late_lines_counted(tmp_path: Path):
+    # DiffServe's trace format (trace_1to8qps.txt): `arrival_ms,prompt_index`, no header, the first arrival
+    # after 0, and lines not all in time order
+    trace = tmp_path / "trace_1to8qps.txt"
+    trace.write_text("636.0,4817\n1058.0,2143\n4757.0,2414\n4400.0,200\n4300.0,3315\n5000.0,2354\n")
+    read = trace_arrivals(trace, 1.0, 60.0, 100)
+    assert read.out_of_order == 2  # 4400 and 4300 both come after 4757
+    assert read.arrivals == pytest.approx([0.0, 0.422, 3.664, 3.764, 4.121, 4.364])
+    # whitespace-separated columns read the same
+    trace.write_text("636.0 4817\n1058.0\t2143\n500 7\n")
+    read = trace_arrivals(trace, 1.0, 60.0, 100)
+    assert read.arrivals == pytest.approx([0.0, 0.136, 0.558]) and read.out_of_order == 1
+
+
+def test_loadgen_replays_an_unordered_trace_with_a_note(tmp_path: Path, capsys):
+    trace = tmp_path / "trace.txt"
+    trace.write_text("2000,1\n1000,2\n3000,3\n")
+    args = parse_args(["--url", "http://127.0.0.1:8000", "--trace", str(trace)])
+    assert arrivals_from_args(args) == [0.0, 1.0, 2.0]
+    assert f"note: 1 of the 3 arrivals in {trace} are out of time order" in capsys.readouterr().err
+    trace.write_text("1000,2\n2000,1\n")
+    assert arrivals_from_args(args) == [0.0, 1.0]
+    assert "note" not in capsys.readouterr().err
 
 
 def test_think_times_are_lognormal_with_the_given_mean():

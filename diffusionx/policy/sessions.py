@@ -1,0 +1,125 @@
+"""Session activity seen at the ingress: the leading indicator of the cloud tier's work.
+
+A session previews (a preview without a parent image), edits (previews of a previous preview id) and, for
+some share of sessions, finalizes one of its previews on the cloud tier. So the sessions previewing now
+announce the finalizes of the next `preview-to-finalize` seconds. `SessionTracker` follows sessions by
+their preview ids (each new preview id joins its parent's session) and measures, over its recent history:
+
+- `previewing`: sessions with a preview and no finalize yet, active within `idle_s`;
+- `finalize_share`: of the sessions that ended (finalized, or idle for `idle_s`), the share that finalized;
+- `preview_to_finalize_s`: mean time from a session's first preview to its finalize;
+- `finalize_steps`: mean denoising steps a finalize ran on the cloud tier.
+
+Until a figure is measured it is reported as 0 (the policy then forecasts nothing). The tracker holds at
+most `max_sessions` sessions and `history` ended ones (oldest dropped first), so its memory is bounded.
+Ray-free, with an injected clock; the ingress feeds it and publishes `activity()` (deployments/state.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class SessionActivity:
+    """What the cloud tier's leading-indicator policy reads (see the module docstring)."""
+
+    previewing: int = 0
+    finalize_share: float = 0.0
+    preview_to_finalize_s: float = 0.0
+    finalize_steps: float = 0.0
+    taken_at: float = 0.0  # wall clock (time.time), to age out a silent source
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def merge_activity(activities: Iterable[SessionActivity]) -> SessionActivity:
+    """Several ingress replicas' views as one: sessions add up, measured figures are session-weighted."""
+    items = list(activities)
+    previewing = sum(a.previewing for a in items)
+    weights = [max(1, a.previewing) for a in items]
+
+    def mean(name: str) -> float:
+        pairs = [(getattr(a, name), w) for a, w in zip(items, weights, strict=True) if getattr(a, name) > 0]
+        return sum(v * w for v, w in pairs) / sum(w for _, w in pairs) if pairs else 0.0
+
+    return SessionActivity(
+        previewing=previewing,
+        finalize_share=mean("finalize_share"),
+        preview_to_finalize_s=mean("preview_to_finalize_s"),
+        finalize_steps=mean("finalize_steps"),
+        taken_at=max((a.taken_at for a in items), default=0.0),
+    )
+
+
+@dataclass
+class _Session:
+    started: float
+    last: float
+
+
+class SessionTracker:
+    def __init__(
+        self,
+        idle_s: float = 120.0,
+        history: int = 200,
+        max_sessions: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        if idle_s <= 0 or history < 1 or max_sessions < 1:
+            raise ValueError("idle_s must be > 0, history and max_sessions >= 1")
+        self.idle_s = idle_s
+        self.max_sessions = max_sessions
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._by_preview: OrderedDict[str, _Session] = OrderedDict()  # preview id -> its session
+        self._sessions: dict[int, _Session] = {}  # id(session) -> session, the open ones
+        self._ended: deque[bool] = deque(maxlen=history)  # finalized?
+        self._lead_s: deque[float] = deque(maxlen=history)
+        self._steps: deque[float] = deque(maxlen=history)
+
+    def preview(self, preview_id: str, parent_id: str | None = None) -> None:
+        """A preview was made: `parent_id` (the preview it edits) joins its session, else it starts one."""
+        now = self._clock()
+        session = self._by_preview.get(parent_id) if parent_id else None
+        if session is None:
+            session = _Session(started=now, last=now)
+            self._sessions[id(session)] = session
+        session.last = now
+        self._by_preview[preview_id] = session
+        self._by_preview.move_to_end(preview_id)
+        while len(self._by_preview) > self.max_sessions:
+            self._by_preview.popitem(last=False)
+
+    def finalize(self, preview_id: str | None, cloud_steps: int) -> None:
+        """A finalize of `preview_id` ran `cloud_steps` steps on the cloud tier (0: routed elsewhere)."""
+        now = self._clock()
+        if cloud_steps > 0:
+            self._steps.append(float(cloud_steps))
+        session = self._by_preview.get(preview_id) if preview_id else None
+        if session is None or id(session) not in self._sessions:
+            return  # an image sent inline, a session already finalized, or one forgotten
+        del self._sessions[id(session)]
+        self._ended.append(True)
+        self._lead_s.append(now - session.started)
+
+    def _expire(self, now: float) -> None:
+        for key in [k for k, s in self._sessions.items() if now - s.last > self.idle_s]:
+            del self._sessions[key]
+            self._ended.append(False)
+
+    def activity(self) -> SessionActivity:
+        self._expire(self._clock())
+        ended = list(self._ended)
+        return SessionActivity(
+            previewing=len(self._sessions),
+            finalize_share=sum(ended) / len(ended) if ended else 0.0,
+            preview_to_finalize_s=sum(self._lead_s) / len(self._lead_s) if self._lead_s else 0.0,
+            finalize_steps=sum(self._steps) / len(self._steps) if self._steps else 0.0,
+            taken_at=self._wall_clock(),
+        )

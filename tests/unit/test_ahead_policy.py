@@ -1,0 +1,129 @@
+"""The leading-indicator cloud policy and the session activity it reads: fake contexts, injected clocks."""
+
+from __future__ import annotations
+
+import pytest
+from ray.serve import autoscaling_policy as serve_policy
+from ray.serve._private.autoscaling_state import _resolve_policy_callable
+from ray.serve.autoscaling_policy import replica_queue_length_autoscaling_policy
+
+from diffusionx.policy.ahead import AheadPolicy, session_stats
+from diffusionx.policy.autoscaling import QueuedStepsPolicy
+from diffusionx.policy.sessions import SessionActivity, SessionTracker, merge_activity
+from tests.unit.test_autoscaling_policy import config, context, replica
+
+AHEAD_PATH = "diffusionx.policy.ahead:AheadPolicy"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_tracker_follows_sessions_by_preview_ids_and_measures_share_lead_and_steps():
+    clock = Clock()
+    tracker = SessionTracker(idle_s=30.0, clock=clock, wall_clock=clock)
+    tracker.preview("a1")  # session A starts at 100
+    tracker.preview("b1")  # session B starts at 100
+    clock.now = 110.0
+    tracker.preview("a2", parent_id="a1")  # A's second round
+    assert tracker.activity().previewing == 2
+    clock.now = 120.0
+    tracker.finalize("a2", cloud_steps=10)  # A finalizes 20 s after its first preview
+    activity = tracker.activity()
+    assert (activity.previewing, activity.finalize_share) == (1, 1.0)
+    assert activity.preview_to_finalize_s == pytest.approx(20.0) and activity.finalize_steps == 10.0
+    tracker.finalize("a2", cloud_steps=6)  # a retry of the same finalize: steps count, the session once
+    clock.now = 131.0  # B idle for 31 s: abandoned
+    activity = tracker.activity()
+    assert activity.previewing == 0 and activity.finalize_share == pytest.approx(0.5)
+    assert activity.finalize_steps == pytest.approx(8.0) and activity.taken_at == 131.0
+
+
+def test_merged_activity_adds_sessions_and_weights_figures_by_them():
+    one = SessionActivity(previewing=3, finalize_share=1.0, preview_to_finalize_s=10.0, finalize_steps=8.0)
+    two = SessionActivity(previewing=1, finalize_share=0.5, preview_to_finalize_s=30.0, taken_at=5.0)
+    merged = merge_activity([one, two])
+    assert merged.previewing == 4 and merged.taken_at == 5.0
+    assert merged.finalize_share == pytest.approx((3 * 1.0 + 0.5) / 4)
+    assert merged.preview_to_finalize_s == pytest.approx(15.0) and merged.finalize_steps == 8.0
+    assert merge_activity([]) == SessionActivity()
+
+
+def previewing(sessions: int, share: float = 1.0, lead_s: float = 20.0, steps: float = 10.0) -> dict:
+    return session_stats(SessionActivity(sessions, share, lead_s, steps))
+
+
+def test_policy_scales_for_the_coming_finalizes_before_any_work_arrives():
+    """An idle tier (nothing held, nothing ongoing) with 80 sessions previewing: the reactive policies
+    see nothing; the forecast asks for the replicas their finalizes will need."""
+    idle = {"a": {**replica(0, 0, step_s=0.1, batch=8), **previewing(80)}}
+    ctx = context(idle, ongoing=0.0)
+    assert replica_queue_length_autoscaling_policy(ctx)[0] == 0.0
+    assert QueuedStepsPolicy(target_wait_s=4.0)(ctx)[0] == 0.0
+    # 80 sessions x 1.0 finalize / 20 s = 4 finalizes/s x 10 steps x t(8)=0.1 s / 8 = 0.5 replica-s/s,
+    # at 50% planned utilization: 1 replica
+    desired, state = AheadPolicy(target_wait_s=4.0, target_utilization=0.5)(ctx)
+    assert desired == pytest.approx(1.0) and state["finalizes_per_s"] == pytest.approx(4.0)
+    doubled = context({"a": {**replica(0, 0, step_s=0.1, batch=8), **previewing(160)}})
+    assert AheadPolicy(target_wait_s=4.0, target_utilization=0.5)(doubled)[0] == pytest.approx(2.0)
+
+
+def test_policy_takes_the_reactive_answer_when_the_work_held_needs_more():
+    busy = {"a": {**replica(8, 40, step_s=0.1), **previewing(8)}, "b": {**replica(8, 40), **previewing(8)}}
+    ctx = context(busy)
+    assert AheadPolicy(target_wait_s=4.0)(ctx)[0] == pytest.approx(
+        QueuedStepsPolicy(target_wait_s=4.0)(ctx)[0]
+    )
+
+
+@pytest.mark.parametrize(
+    "missing", [{"sessions": 0}, {"share": 0.0}, {"lead_s": 0.0}, {"steps": 0.0}], ids=lambda m: next(iter(m))
+)
+def test_no_forecast_until_share_lead_and_steps_are_measured(missing):
+    ctx = context({"a": {**replica(0, 0), **previewing(**{"sessions": 50, **missing})}})
+    desired, state = AheadPolicy()(ctx)
+    assert desired == 0.0 and state["forecast_replicas"] == 0.0
+
+
+def test_without_session_metrics_it_is_the_work_policy():
+    ctx = context({"a": replica(8, 40), "b": replica(8, 40)})
+    assert AheadPolicy(target_wait_s=4.0)(ctx)[0] == QueuedStepsPolicy(target_wait_s=4.0)(ctx)[0]
+    assert AheadPolicy()(context({}, current=2)) == (2, {})
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"target_utilization": 0}, {"target_utilization": 1.5}, {"target_wait_s": -1}]
+)
+def test_bad_kwargs_name_the_field(kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        AheadPolicy(**kwargs)
+
+
+def test_serve_scales_up_after_the_upscale_delay_and_down_only_after_the_downscale_delay(monkeypatch):
+    """Through Serve's own wrapper and delays, on an injected clock: sessions ramp up while the tier is
+    still idle -> up after upscale_delay_s; sessions stop -> down after downscale_delay_s."""
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(serve_policy.time, "time", lambda: clock["now"])
+    kwargs = {"target_wait_s": 4.0, "target_utilization": 0.5}
+    cfg = config(policy={"policy_function": AHEAD_PATH, "policy_kwargs": kwargs})
+    policy = serve_policy._apply_autoscaling_config(_resolve_policy_callable(cfg.policy))
+    state: dict = {}
+    decisions = []
+    for _ in range(3):  # t = 1000, 1005, 1010: 240 sessions previewing -> 3 replicas, nothing held yet
+        ctx = context({"a": {**replica(0, 0, step_s=0.1), **previewing(240)}}, current=1, cfg=cfg,
+                      policy_state=state)  # fmt: skip
+        decision, state = policy(ctx)
+        decisions.append(decision)
+        clock["now"] += 5.0
+    assert decisions == [1, 1, 3]
+    quiet = {name: {**replica(0, 0), **previewing(0)} for name in "abc"}
+    decisions = []
+    for _ in range(13):  # 60 s of no sessions at 5 s ticks
+        decision, state = policy(context(quiet, current=3, cfg=cfg, policy_state=state))
+        decisions.append(decision)
+        clock["now"] += 5.0
+    assert decisions[:12] == [3] * 12 and decisions[12] == 1
