@@ -586,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{policy}] {json.dumps(summary)}", flush=True)
     assert ramp is not None and sizing is not None
     arrivals = ramp.arrivals(args.seed)
-    report = {
+    report: dict[str, Any] = {
         "benchmark": "autoscale",
         "setup": {
             "quick": args.quick,

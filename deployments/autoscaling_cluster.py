@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -221,7 +222,7 @@ def start_cluster(node_start_delay_s: float = 0.0) -> LocalAutoscalingCluster:
         # it off; the bench's cluster runs like `ray.init`'s local ones, without
         env = {"RAY_OVERRIDE_RESOURCES": json.dumps(custom), "RAY_AUTH_MODE": "disabled"}
         cluster.start(override_env=env)
-        ray.init(address=f"{gcs_host()}:{GCS_PORT}", namespace="diffusionx", logging_level="WARNING")
+        ray.init(address=f"{gcs_host()}:{GCS_PORT}", namespace="diffusionx", logging_level=logging.WARNING)
     except BaseException:
         cluster.shutdown()
         raise
@@ -256,12 +257,13 @@ def sample_cluster(app: str = "diffusionx") -> ClusterSample:
     """What Serve and the GCS say now: RUNNING replicas of each tier, alive nodes."""
     import ray
     from ray import serve
+    from ray.serve.schema import ReplicaState
 
     status = serve.status().applications.get(app)
     replicas = {}
     for tier, name in TIER_DEPLOYMENTS.items():
         deployment = status.deployments.get(name) if status is not None else None
-        replicas[tier] = int(deployment.replica_states.get("RUNNING", 0)) if deployment else 0
+        replicas[tier] = int(deployment.replica_states.get(ReplicaState.RUNNING, 0)) if deployment else 0
     alive = [node for node in ray.nodes() if node.get("Alive")]
     by_type = {"head": 0, "cloud": 0, "edge": 0}
     for node in alive:

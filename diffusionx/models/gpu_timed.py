@@ -33,7 +33,7 @@ import time
 from bisect import bisect_left
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -123,11 +123,13 @@ class ZeroNoise(torch.nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        dtype: torch.dtype = cast(torch.dtype, self.unet.dtype)
+        return dtype
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        device: torch.device = cast(torch.device, self.unet.device)
+        return device
 
     def forward(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
@@ -143,7 +145,7 @@ class GpuTimedUNet(torch.nn.Module):
 
     def __init__(self, standin: torch.nn.Module, times: StepTimes, rows_per_sample: int = 2) -> None:
         super().__init__()
-        self.standin = standin
+        self.standin: Any = standin  # a diffusers UNet: its config, dtype and device are read through
         self.times = times
         self.rows_per_sample = rows_per_sample
         self.overruns = 0  # steps whose stand-in compute alone took longer than t(b)

@@ -83,7 +83,7 @@ async def _session_outputs(tiers: Any, index: int, steps: Sequence[data.SessionS
         await modes.edit(tiers, Img2ImgRequest(steps[1].prompt, preview, edit_strength, seed=seed))
     ).image
     refine_strength = REFINE_STRENGTHS[(index // len(EDIT_STRENGTHS)) % len(REFINE_STRENGTHS)]
-    refined = await modes.finalize(tiers, steps[1].prompt, edited, seed=seed, strength=refine_strength)
+    refined = await modes.refine(tiers, steps[1].prompt, edited, seed=seed, strength=refine_strength)
     return [
         (_array(preview), steps[0].prompt, "preview"),
         (_array(edited), steps[1].prompt, "edit"),
