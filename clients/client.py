@@ -38,6 +38,7 @@ import logging
 import random
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -309,12 +310,14 @@ class AsyncDiffusionXClient(_ClientBase):
         preview_id: str | None = None,
         strength: float | None = None,
         previous_prompt: str | None = None,
+        session_id: str | None = None,
         on_progress: OnProgress | None = None,
     ) -> PreviewResult:
         """POST /v1/preview: a fast edge-tier image; with `image` or `preview_id`, an edit of that image at
         `strength` or, without one, at the strength the server's edit predictor picks (`previous_prompt`,
-        the prompt the image was made for, tells it what changed). `on_progress(ProgressEvent)` is called
-        after each denoising step."""
+        the prompt the image was made for, tells it what changed). `session_id` names the session (its
+        newer preview supersedes the older one's speculative refinement on the server).
+        `on_progress(ProgressEvent)` is called after each denoising step."""
         return await self._call("POST", "/v1/preview", PreviewResult, self._body(locals()), on_progress)
 
     async def refine(
@@ -328,10 +331,12 @@ class AsyncDiffusionXClient(_ClientBase):
         num_inference_steps: int | None = None,
         latency_target_ms: float | None = None,
         guidance_scale: float | None = None,
+        speculation: str | None = None,
         on_progress: OnProgress | None = None,
     ) -> RefineResult:
         """POST /v1/refine: the cloud tier refines a preview; `strength` overrides the predicted strength.
-        `on_progress(ProgressEvent)` is called after each denoising step."""
+        `speculation="off"` bypasses the server's speculative refinement (the result's `speculative` says
+        whether one answered). `on_progress(ProgressEvent)` is called after each denoising step."""
         return await self._call("POST", "/v1/refine", RefineResult, self._body(locals()), on_progress)
 
     async def generate(
@@ -446,6 +451,7 @@ class _SessionBase:
         self.guidance_scale = guidance_scale
         self.rounds: list[Round] = []
         self.final: RefineResult | None = None
+        self.session_id = uuid.uuid4().hex  # a newer preview supersedes the server's older speculation
 
     @property
     def last(self) -> Round:
@@ -467,6 +473,7 @@ class _SessionBase:
             "seed": self.seed,
             "num_inference_steps": steps,
             "guidance_scale": self.guidance_scale,
+            "session_id": self.session_id,
         }
         if not edit:
             kwargs.update(width=self.width, height=self.height)
@@ -549,11 +556,14 @@ class AsyncSession(_SessionBase):
         *,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
+        speculation: str | None = None,
         on_progress: OnProgress | None = None,
     ) -> RefineResult:
-        """Refines the last preview with its prompt; `strength` overrides the predicted one."""
+        """Refines the last preview with its prompt; `strength` overrides the predicted one;
+        `speculation="off"` bypasses the server's speculative refinement."""
         last = self.last
         kwargs: dict[str, Any] = {
+            "speculation": speculation,
             "on_progress": on_progress,
             "seed": self.seed,
             "strength": strength,

@@ -22,6 +22,9 @@ Method (every figure is measured through HTTP with `clients.loadgen`, the same c
 4. Ordering. The `fixed` run again on an application whose step batcher runs in arrival order
    (`cloud_step_order: fifo`) against the default shortest-job-first (the `fixed` run of step 3).
    Needs the local application (skipped with `--url`).
+5. Speculation. DiffusionX sessions with speculative refinement on and off, at low load and at
+   `--load-x` times capacity with the router's target (`clients.speculation_bench`). With
+   `--speculation-only`, steps 2 and 5 only (summary: `router` with the target, and `speculation`).
 
 Writes `DIR/summary.json` (schema in the issue; `null` where a run had no successful request),
 `DIR/requests.csv` (every request of every run, with its run's name), `DIR/modes.csv`, `DIR/policies.csv`
@@ -44,6 +47,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from clients import speculation_bench
 from clients.client import AsyncDiffusionXClient
 from clients.loadgen import COLUMNS, LoadgenConfig, run_loadgen, shapes_judge
 from clients.workload import poisson_arrivals
@@ -186,11 +190,12 @@ def run_compare(url: str, settings: argparse.Namespace, restart=None) -> dict[st
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict[str, Any]]] = {}
+    only = settings.speculation_only
     # 1. every mode on the same sessions
     session_arrivals = poisson_arrivals(
         settings.session_rate, 3600.0, settings.sessions, random.Random(settings.seed)
     )
-    for mode in MODES:
+    for mode in () if only else MODES:
         print(f"compare: mode {mode}: {settings.sessions} sessions x {settings.rounds} rounds", flush=True)
         runs[f"mode-{mode}"] = _loadgen(url, "sessions", session_arrivals, settings, mode=mode)
     # 2. capacity and the latency target, from the router experiment's finalizes one at a time
@@ -215,6 +220,8 @@ def run_compare(url: str, settings: argparse.Namespace, restart=None) -> dict[st
     arrivals = poisson_arrivals(
         rate, settings.load_s, settings.max_finalizes, random.Random(settings.seed + 1)
     )
+    if only:
+        return _speculation_only(url, settings, runs, target_ms, unloaded_ms, capacity, restart, out)
     loaded = {"finalize_strength": strength}
     runs["policy-router"] = _loadgen(
         url, "finalize", arrivals, settings, latency_target_ms=target_ms, **loaded
@@ -224,6 +231,11 @@ def run_compare(url: str, settings: argparse.Namespace, restart=None) -> dict[st
     if restart is not None:
         fifo_url = restart({"cloud_step_order": "fifo"})
         runs["order-fifo"] = _loadgen(fifo_url, "finalize", arrivals, settings, **loaded)
+    # 5. speculation on and off
+    speculation, speculation_runs = speculation_bench.run_speculation(
+        url, settings, summarize, _capacity_of, target_ms, restart
+    )
+    runs.update(speculation_runs)
     summary = {
         "modes": {mode: _public(summarize(runs[f"mode-{mode}"], target_ms)) for mode in MODES},
         "router": {
@@ -244,11 +256,56 @@ def run_compare(url: str, settings: argparse.Namespace, restart=None) -> dict[st
                 "finalize_latency_s_mean": _final_mean(runs["order-fifo"]) if "order-fifo" in runs else None
             },
         },
+        "speculation": speculation,
         "counts": {name: summarize(rows, target_ms) for name, rows in runs.items()},
         "settings": {k: v for k, v in vars(settings).items() if isinstance(v, int | float | str | bool)},
     }
     write_outputs(summary, runs, out)
     return summary
+
+
+def _capacity_of(url: str, steps: float) -> float:
+    return capacity_per_s(_cloud_service(url), steps)
+
+
+def _speculation_only(
+    url: str,
+    settings: argparse.Namespace,
+    runs: dict[str, list[dict[str, Any]]],
+    target_ms: float,
+    unloaded_ms: float,
+    capacity: float,
+    restart: Any,
+    out: Path,
+) -> dict[str, Any]:
+    """Step 5 alone (after step 2 gave the latency target): summary.json with `router` and `speculation`."""
+    speculation, speculation_runs = speculation_bench.run_speculation(
+        url, settings, summarize, _capacity_of, target_ms, restart
+    )
+    runs.update(speculation_runs)
+    summary = {
+        "router": {
+            "latency_target_ms": target_ms,
+            "finalize_strength": settings.finalize_strength,
+            "unloaded_finalize_ms_p50": round(unloaded_ms, 1),
+            "capacity_finalizes_per_s": round(capacity, 4),
+        },
+        "speculation": speculation,
+        "counts": {name: summarize(rows, target_ms) for name, rows in runs.items()},
+        "settings": {k: v for k, v in vars(settings).items() if isinstance(v, int | float | str | bool)},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _write_requests(runs, out)
+    speculation_bench.plot(runs, out)
+    return summary
+
+
+def _write_requests(runs: dict[str, list[dict[str, Any]]], out: Path) -> None:
+    with (out / "requests.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=("run", *COLUMNS))
+        writer.writeheader()
+        for name, rows in runs.items():
+            writer.writerows({"run": name, **row} for row in rows)
 
 
 def _public(summary: dict[str, Any]) -> dict[str, Any]:
@@ -262,17 +319,14 @@ def _final_mean(rows: list[dict[str, Any]]) -> float | None:
 # -- outputs ---------------------------------------------------------------------------------------------
 def write_outputs(summary: dict[str, Any], runs: dict[str, list[dict[str, Any]]], out: Path) -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    with (out / "requests.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=("run", *COLUMNS))
-        writer.writeheader()
-        for name, rows in runs.items():
-            writer.writerows({"run": name, **row} for row in rows)
+    _write_requests(runs, out)
     for filename, table in (("modes.csv", summary["modes"]), ("policies.csv", summary["router"]["policies"])):
         with (out / filename).open("w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(("name", *FIELDS))
             writer.writerows((name, *(values[f] for f in FIELDS)) for name, values in table.items())
     plot(summary, runs, out)
+    speculation_bench.plot(runs, out)
 
 
 def plot(summary: dict[str, Any], runs: dict[str, list[dict[str, Any]]], out: Path) -> None:
@@ -376,6 +430,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout-s", type=float, default=300.0, help="client timeout per request")
     parser.add_argument("--seed", type=int, default=0, help="arrivals, prompts, image seeds (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    speculation_bench.add_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -400,7 +455,11 @@ def main(args: argparse.Namespace) -> int:
             summary = run_compare(start_local_app(args.config, port=args.port), args, restart)
         finally:
             stop_local_app()
-    print(json.dumps({k: summary[k] for k in ("modes", "router", "ordering")}, indent=2))
+    print(
+        json.dumps(
+            {k: summary[k] for k in ("modes", "router", "ordering", "speculation") if k in summary}, indent=2
+        )
+    )
     print(f"compare: done in {time.perf_counter() - started:.0f} s; wrote {args.out}/summary.json")
     return 0
 

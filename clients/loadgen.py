@@ -70,6 +70,7 @@ COLUMNS = (
     "e2e_ms",
     "quality",
     "session",  # sessions workload: the session's index (its rounds share it); empty otherwise
+    "speculative",  # finalize: hit | promoted | miss | off (how the server's speculation served it)
 )
 WORKLOADS = ("sessions", "finalize", "preview")
 DEFAULT_OUT = bench_results_dir("loadgen")
@@ -94,6 +95,7 @@ class LoadgenConfig:
     timeout_s: float = 300.0
     progress: bool = True
     mode: str = "diffusionx"  # sessions: how each round is made (see `_session`)
+    speculation: str | None = None  # finalize: "off" bypasses the server's speculation (None: its default)
 
 
 @dataclass
@@ -158,6 +160,7 @@ def describe(result: Any) -> dict[str, Any]:
             expected_latency_ms=""
             if result.expected_latency_ms is None
             else round(result.expected_latency_ms, 2),
+            speculative=result.speculative,
         )
     return fields
 
@@ -246,6 +249,7 @@ def _finalize(session: AsyncSession, config: LoadgenConfig) -> Awaitable[RefineR
         config.finalize_strength,
         latency_target_ms=config.latency_target_ms,
         num_inference_steps=config.num_inference_steps,
+        speculation=config.speculation,
     )
 
 
@@ -383,6 +387,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="sessions: diffusionx previews on the edge then finalizes; any other mode makes every round "
         "with POST /v1/generate in that mode (the last round is the kept image, kind finalize)",
     )
+    parser.add_argument(
+        "--speculation",
+        choices=("on", "off"),
+        help="finalize: off bypasses the server's speculative refinement (default: the server's)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="arrivals, prompts, image seeds")
     parser.add_argument("--timeout-s", type=float, default=300.0, help="client timeout per request")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT}/)")
@@ -451,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
             timeout_s=args.timeout_s,
             progress=not args.no_progress,
             mode=args.mode,
+            speculation=args.speculation,
         )
         print(
             f"loadgen: {len(arrivals)} {args.workload} arrivals over {args.duration_s:g} s against {args.url}"

@@ -95,6 +95,7 @@ class RefineResult:
     timings_ms: dict[str, float]
     latency_ms: float = 0.0
     expected_latency_ms: float | None = None  # the router's prediction (None: not measured yet)
+    speculative: str = "off"  # hit | promoted | miss: how the server's speculation served it; off: not used
 
     @classmethod
     def from_json(cls, payload: dict[str, Any], latency_ms: float = 0.0) -> RefineResult:
@@ -112,6 +113,7 @@ class RefineResult:
             timings_ms=dict(payload.get("timings_ms", {})),
             latency_ms=latency_ms,
             expected_latency_ms=payload.get("expected_latency_ms"),
+            speculative=str(payload.get("speculative", "off")),
         )
 
 
@@ -175,6 +177,7 @@ class StatsResult:
     tiers: dict[str, TierStats]
     preview_cache: dict[str, int] = field(default_factory=dict)
     metrics_url: str | None = None  # where Prometheus scrapes the server's metrics
+    speculation: dict[str, Any] = field(default_factory=dict)  # results, unet_calls (used, wasted), held
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -185,6 +188,7 @@ class StatsResult:
             tiers=tiers,
             preview_cache=dict(payload.get("preview_cache", {})),
             metrics_url=payload.get("metrics_url"),
+            speculation=dict(payload.get("speculation", {})),
             raw=payload,
         )
 

@@ -15,10 +15,12 @@ from deployments.predictor import StrengthPredictor
 from deployments.state import SharedState
 from diffusionx.app_config import AppArgs
 
+SPECULATION_TTL_GRACE_S = 10.0
+
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
     config = AppArgs(**(args or {}))
-    state = SharedState.bind(config.preview_cache_bytes, config.preview_cache_ttl_s)
+    state = SharedState.bind(config.preview_cache_bytes, config.preview_cache_ttl_s, config.speculation_ttl_s)
     edge = EdgePreviewer.bind(
         config.edge_model,
         state,
@@ -39,6 +41,10 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         nice=config.model_nice,
         step_batching=config.cloud_step_batching,
         step_order=config.cloud_step_order,
+        # a replica keeps a speculation a little past the registry's TTL, so one the registry names
+        # is still there when its claim arrives
+        speculation_ttl_s=config.speculation_ttl_s + SPECULATION_TTL_GRACE_S,
+        background_max_slowdown=config.speculation_max_slowdown,
     )
     predictor = StrengthPredictor.bind(
         state,

@@ -14,11 +14,14 @@ from typing import Any
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
+from deployments.metrics import speculation_metrics
 from deployments.tier import ServedTier, lower_cpu_priority, set_torch_threads
+from diffusionx.engine.speculation import Claimed
 from diffusionx.engine.tiers import CloudModel
 from diffusionx.models.loading import load_model
 from diffusionx.policy.ahead import session_stats
 from diffusionx.policy.sessions import SessionActivity
+from diffusionx.policy.speculation import DEFAULT_MAX_SLOWDOWN, Pinned
 from diffusionx.requests import GenerationResult, Img2ImgRequest, PreviewRequest
 from diffusionx.sampling.collaborative import CollaborativeRequest, PlanState
 
@@ -51,13 +54,22 @@ class CloudRefiner(ServedTier):
         step_batching: bool = True,
         step_order: str = "sjf",
         nice: int = 0,
+        speculation_ttl_s: float = 120.0,
+        background_max_slowdown: float = DEFAULT_MAX_SLOWDOWN,
     ) -> None:
         set_torch_threads(torch_threads)
         lower_cpu_priority(nice)
         engine = CloudModel(
-            load_model(model, device=device), max_batch_size, step_batching, step_order=step_order
+            load_model(model, device=device),
+            max_batch_size,
+            step_batching,
+            step_order=step_order,
+            speculation_ttl_s=speculation_ttl_s,
+            background_max_slowdown=background_max_slowdown,
         )
         self._serve(engine, state, max_batch_size, batch_wait_timeout_s)
+        if engine.speculations is not None:
+            engine.speculations.on_unet_calls = speculation_metrics().unet_calls_spent
 
     async def record_routing_stats(self) -> dict:
         """This replica's load for the request router; Serve calls it every request_routing_stats_period_s."""
@@ -82,6 +94,30 @@ class CloudRefiner(ServedTier):
         """`refine` with its progress, for `handle.options(stream=True)` (see `ServedTier._stream`)."""
         async for item in self._stream("refine", request):
             yield item
+
+    # -- speculative refinements (background work; `diffusionx.engine.speculation`) ----------------------
+    async def speculate(self, request: Img2ImgRequest, key: str) -> str | None:
+        """Starts a speculative refinement under `key` (or finds it held); returns this replica's id, where
+        later calls about it are pinned, or None when this replica cannot speculate."""
+        self.engine.speculate(key, request)
+        self._on_change()
+        return self._replica_id if self.engine.speculations is not None else None
+
+    async def claim_speculation(self, pinned: Pinned, promote: bool) -> Claimed:
+        """A finalize's claim: hit (the result), promoted (awaited as foreground work) or miss."""
+        return await self.engine.claim_speculation(pinned.key, promote)
+
+    async def drop_speculation(self, pinned: Pinned) -> int:
+        """Drops a superseded or expired speculation; the UNet calls it wasted."""
+        wasted = self.engine.drop_speculation(pinned.key)
+        self._on_change()
+        return wasted
+
+    async def check_health(self) -> None:
+        """Serve's health check (every health_check_period_s); also drops speculations past their TTL."""
+        if self.engine.speculations is not None and self.engine.speculations.expire():
+            self._on_change()
+        await super().check_health()
 
     async def generate(self, request: PreviewRequest) -> GenerationResult:
         return await self._submit("generate", request)

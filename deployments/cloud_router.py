@@ -14,6 +14,11 @@ Stats are up to one period old, and a burst routed within one period would all p
 So the router keeps, per replica, the requests it sent there after that replica's snapshot was taken
 (`taken_at`), and counts them as queued on top of it; once a newer snapshot covers them they are dropped.
 A replica that has not reported yet is ranked after those that have (by the requests this router sent it).
+
+Speculative refinements (`speculate`) are background work, never load: they are ranked like a refinement
+(so they go where the tier is idlest) but not counted as sent. A call about a running speculation (its
+first argument a `diffusionx.policy.speculation.Pinned`) goes to the replica that runs it, while that
+replica is a candidate.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from ray.serve.request_router import (
 )
 
 from diffusionx.policy.service_model import ReplicaLoad, rank_replicas
+from diffusionx.policy.speculation import Pinned
 
 
 def request_steps(pending_request: PendingRequest | None) -> int:
@@ -48,6 +54,20 @@ def request_steps(pending_request: PendingRequest | None) -> int:
         return 1
     strength = getattr(request, "strength", None)
     return max(1, int(steps * strength)) if isinstance(strength, float | int) else steps
+
+
+def _pinned_replica(pending_request: PendingRequest | None) -> str | None:
+    if pending_request is None or not pending_request.args:
+        return None
+    target = pending_request.args[0]
+    return target.replica_id if isinstance(target, Pinned) else None
+
+
+def _is_background(pending_request: PendingRequest) -> bool:
+    """Speculation calls: background work and claims of it (a promotion is counted by the replica's
+    next report)."""
+    method = getattr(getattr(pending_request, "metadata", None), "call_method", "")
+    return method == "speculate" or _pinned_replica(pending_request) is not None
 
 
 class StepAwareRouter(FIFOMixin, RequestRouter):
@@ -77,11 +97,17 @@ class StepAwareRouter(FIFOMixin, RequestRouter):
     ) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
+        pinned = _pinned_replica(pending_request)
+        for replica in candidate_replicas:
+            if pinned is not None and replica.replica_id.unique_id == pinned:
+                return [[replica]]
         loads = [self.replica_load(replica) for replica in candidate_replicas]
         order = rank_replicas(loads, request_steps(pending_request))
         return [[candidate_replicas[i]] for i in order]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        if _is_background(pending_request):
+            return
         self._sent.setdefault(replica_id, []).append((time.time(), request_steps(pending_request)))
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:

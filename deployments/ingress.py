@@ -10,7 +10,12 @@ Reliability (DESIGN.md, "Reliability contract"): the guard (`diffusionx.serving.
 keys before a route runs; admission control (`diffusionx.policy.admission`) refuses work at once when the
 tier it needs cannot start it within `admission_max_wait_s`; a tier call whose replica died is retried
 once (Serve routes the retry to a live replica, waiting for the replacement if there is none), and an EC-Diff
-plan lost with its cloud replica is planned again."""
+plan lost with its cloud replica is planned again.
+
+Speculation (`speculation: idle` in the app args): once a preview or edit is answered, the workflow's
+`speculate` runs off the request's path (`deployments.speculation`), and a refine looks up a speculation
+of its preview (identified by the PNG's digest, whether named by `preview_id` or sent as `image`) unless
+its body says `"speculation": "off"`."""
 
 import asyncio
 import base64
@@ -27,6 +32,7 @@ from ray import serve
 
 from deployments.handles import CloudHandle, EdgeHandle, PredictorHandle, ask
 from deployments.metrics import RETRY_HEADER, ingress_metrics, metrics_url
+from deployments.speculation import HandleSpeculation
 from deployments.sse import event_stream, wants_events
 from deployments.web import add_web_page
 from diffusionx import imaging
@@ -46,6 +52,7 @@ from diffusionx.policy.calibration import ArrivalRate, LatencyCalibration
 from diffusionx.policy.router import CloudLoad, RouterConfig
 from diffusionx.policy.service_model import ReplicaLoad
 from diffusionx.policy.sessions import SessionTracker
+from diffusionx.policy.speculation import preview_digest
 from diffusionx.requests import Img2ImgRequest, InvalidRequestError, PreviewRequest
 from diffusionx.serving.errors import PreviewNotFound, TierOverloaded
 from diffusionx.serving.guard import Guard, GuardConfig, load_api_keys
@@ -203,6 +210,9 @@ class DiffusionXIngress:
             default_latency_target_ms=self.args.default_latency_target_ms,
             latency_calibration=LatencyCalibration(),
             cloud_arrivals=ArrivalRate(),
+            speculation=None
+            if self.args.speculation == "off"
+            else HandleSpeculation(cloud, state, self.args.speculation_policy()),
         )
         self.admission = AdmissionControl(
             {"edge": self.args.edge_max_batch_size, "cloud": self.args.cloud_max_batch_size},
@@ -220,8 +230,11 @@ class DiffusionXIngress:
         self.metrics.request_seen(endpoint, request.headers.get(RETRY_HEADER))
 
     async def _resolve_image(self, image: str | None, preview_id: str | None, owner: str) -> Image.Image:
+        return await asyncio.to_thread(imaging.decode_png, await self._resolve_png(image, preview_id, owner))
+
+    async def _resolve_png(self, image: str | None, preview_id: str | None, owner: str) -> bytes:
         if image is not None:
-            return await asyncio.to_thread(imaging.decode_png_base64, image)
+            return await asyncio.to_thread(imaging.decode_base64, image)
         storing = self._storing.get(preview_id)
         if storing is not None and storing[0] == owner:
             png = storing[1]
@@ -232,7 +245,7 @@ class DiffusionXIngress:
                 f"preview_id '{preview_id}' is unknown or has expired (the server keeps a bounded cache); "
                 "send the image itself instead"
             )
-        return await asyncio.to_thread(imaging.decode_png, png)
+        return png
 
     def _store_preview(self, png: bytes, owner: str) -> str:
         """Puts a preview into the shared cache without holding its response for the round trip to
@@ -249,6 +262,19 @@ class DiffusionXIngress:
         self._storing.pop(preview_id, None)
         if not task.cancelled() and task.exception() is not None:
             logger.warning("preview %s was not cached: %r", preview_id, task.exception())
+
+    async def _speculate(self, body: PreviewBody, png: bytes, session: str) -> None:
+        """Speculates the refinement of this preview (the workflow decides whether the policy allows)."""
+        image = await asyncio.to_thread(imaging.decode_png, png)
+        await modes.speculate(
+            self.tiers,
+            body.prompt,
+            image,
+            preview_digest(png),
+            session=session,
+            seed=body.seed,
+            guidance_scale=body.guidance_scale,
+        )
 
     async def _cloud_load(self) -> CloudLoad:
         tier = await ask(self.state.tier, "cloud")
@@ -348,6 +374,8 @@ class DiffusionXIngress:
                 result = await modes.preview(self.tiers, to_request(body), on_progress)
         png = await encode_png(result.image)
         preview_id = self._store_preview(png, owner)
+        if self.tiers.speculation is not None:  # after the answer, off its path
+            self.tiers.speculation.later(self._speculate(body, png, body.session_id or preview_id))
         self.sessions.preview(preview_id, body.preview_id)
         self.metrics.request_done("preview", "edit" if is_edit else "edge", _s(start))
         return {
@@ -388,7 +416,8 @@ class DiffusionXIngress:
     ) -> dict:
         start = time.perf_counter()
         with self.admission.admit(needs):
-            image = await self._resolve_image(body.image, body.preview_id, owner)
+            png = await self._resolve_png(body.image, body.preview_id, owner)
+            image = await asyncio.to_thread(imaging.decode_png, png)
             final = await modes.finalize(
                 self.tiers,
                 body.prompt,
@@ -399,6 +428,7 @@ class DiffusionXIngress:
                 num_inference_steps=body.num_inference_steps,
                 latency_target_ms=body.latency_target_ms,
                 on_progress=on_progress,
+                preview=preview_digest(png) if body.speculation == "on" else None,
             )
         result, decision = final.result, final.decision
         self.sessions.finalize(
@@ -407,7 +437,9 @@ class DiffusionXIngress:
         image = base64.b64encode(await encode_png(result.image)).decode("ascii")
         self.metrics.routed(decision.route, final.strength_predicted, decision.strength)
         self.metrics.request_done("refine", decision.route, _s(start))
-        if decision.route != "edge-fallback":  # the cloud's latency teaches the router's calibration
+        # the latency of a refinement the router predicted teaches its calibration (not an edge fallback's,
+        # nor one a speculation answered)
+        if decision.route != "edge-fallback" and final.speculative not in ("hit", "promoted"):
             self.tiers.latency_calibration.observe(decision.uncorrected_latency_ms, _ms(start))
         return {
             "image": image,
@@ -421,6 +453,7 @@ class DiffusionXIngress:
             "expected_latency_ms": decision.expected_latency_ms,
             "unet_calls": result.unet_calls.to_dict(),
             "timings_ms": {**final.timings_ms, "server_total": _ms(start)},
+            "speculative": final.speculative,
         }
 
     @app.post("/v1/generate", response_model=GenerateResponse, responses=_errors(401, 413, 422, 503))

@@ -23,6 +23,12 @@ Ingress:
 - `diffusionx_requests_shed_total`: requests answered 503 (overload), by `endpoint` (counter);
 - `diffusionx_retries_total`: requests that are retries, by `endpoint` (counter; a client marks a retry
   with the `X-DiffusionX-Attempt` header, 2 for the first retry).
+
+Speculative refinement (`diffusionx.policy.speculation`):
+- `diffusionx_speculative_unet_calls_total`: UNet calls speculation ran in the background, by `outcome`
+  (`used`: they answered a finalize; `wasted`: dropped, superseded or expired) (counter, cloud replicas);
+- `diffusionx_speculations_total`: speculations by `result` (`hit` | `promoted` | `miss` | `superseded`
+  | `expired`; a miss is a finalize that found none to use) (counter, the shared state, which sees them all).
 """
 
 from __future__ import annotations
@@ -167,3 +173,33 @@ def metrics_url() -> str | None:
         if node.get("NodeID") == node_id and node.get("MetricsExportPort"):
             return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
     return None
+
+
+class SpeculationMetrics:
+    """Speculative refinement: UNet calls by outcome (cloud replicas) and speculations by result (state)."""
+
+    def __init__(self) -> None:
+        self.unet_calls = Counter(
+            "diffusionx_speculative_unet_calls_total",
+            description="UNet calls run as speculative background work, by outcome (used | wasted).",
+            tag_keys=("outcome",),
+        )
+        self.results = Counter(
+            "diffusionx_speculations_total",
+            description="Speculations by result (hit | promoted | miss | superseded | expired).",
+            tag_keys=("result",),
+        )
+
+    def unet_calls_spent(self, outcome: str, calls: int) -> None:
+        self.unet_calls.inc(calls, tags={"outcome": outcome})
+
+    def counted(self, before: dict[str, int], after: dict[str, int]) -> None:
+        """Adds what a registry's counts grew by."""
+        for result, count in after.items():
+            if count > before.get(result, 0):
+                self.results.inc(count - before.get(result, 0), tags={"result": result})
+
+
+@functools.cache
+def speculation_metrics() -> SpeculationMetrics:
+    return SpeculationMetrics()

@@ -1,17 +1,23 @@
 """SharedState: the one place ingress replicas share. Holds the preview cache (so a preview id resolves on
-any ingress replica) and the latest stats snapshot of every tier replica. Its memory is bounded: the cache
+any ingress replica), the registry of speculative refinements (key -> the cloud replica that runs it, so
+a finalize on any ingress replica finds it; `diffusionx.policy.speculation.SpeculationRegistry`) and the
+latest stats snapshot of every tier replica. Its memory is bounded: the cache
 by bytes and age (`preview_cache_bytes`, `preview_cache_ttl_s`), the snapshots by the live replicas; the
 actor reserves `memory` (a config setting) for both."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 from ray import serve
 
+from deployments.metrics import speculation_metrics
 from diffusionx.engine.monitor import merge_snapshots
 from diffusionx.engine.preview_cache import PreviewCache
 from diffusionx.policy.sessions import SessionActivity, merge_activity
+from diffusionx.policy.speculation import Pinned, SpeculationRegistry
 
 STALE_AFTER_S = 30.0  # a replica that has not reported for this long is gone (replicas report every ~2 s)
 TIERS = ("edge", "predictor", "cloud")
@@ -25,11 +31,49 @@ TIERS = ("edge", "predictor", "cloud")
 )
 class SharedState:
     def __init__(
-        self, preview_cache_bytes: int = 64 * 1024 * 1024, preview_cache_ttl_s: float = 3600.0
+        self,
+        preview_cache_bytes: int = 64 * 1024 * 1024,
+        preview_cache_ttl_s: float = 3600.0,
+        speculation_ttl_s: float = 120.0,
     ) -> None:
         self._cache = PreviewCache(preview_cache_bytes, preview_cache_ttl_s)
         self._snapshots: dict[str, dict[str, dict]] = {tier: {} for tier in TIERS}
+        self._speculations = SpeculationRegistry(speculation_ttl_s)
         self._sessions: dict[str, SessionActivity] = {}  # by ingress replica
+
+    # -- speculative refinements --------------------------------------------------------------------------
+    def _counting(self, operation: Callable[[], Any]) -> Any:
+        before = dict(self._speculations.counts)
+        outcome = operation()
+        speculation_metrics().counted(before, self._speculations.counts)
+        return outcome
+
+    async def register_speculation(self, key: str, replica_id: str, session: str) -> list[Pinned]:
+        """Records where a speculation runs; returns those it supersedes or that expired, for the caller
+        to drop on their replicas."""
+        gone = self._counting(lambda: self._speculations.register(key, replica_id, session, time.time()))
+        return [Pinned(entry.key, entry.replica_id) for entry in gone]
+
+    async def claim_speculation(self, key: str) -> Pinned | None:
+        """Where the speculation of `key` runs (it leaves the registry); None: none (a miss)."""
+        entry = self._counting(lambda: self._speculations.claim(key, time.time()))
+        return None if entry is None else Pinned(entry.key, entry.replica_id)
+
+    async def count_speculation(self, result: str) -> None:
+        """What the replica said of a claimed speculation (hit, promoted, or miss when it was lost)."""
+        self._counting(lambda: self._speculations.count(result))
+
+    def _speculation_stats(self) -> dict:
+        self._counting(lambda: self._speculations.expire(time.time()))
+        calls = {"used": 0, "wasted": 0}
+        for snapshot in self._live("cloud"):
+            for outcome, count in (snapshot.get("speculative_unet_calls") or {}).items():
+                calls[outcome] = calls.get(outcome, 0) + int(count)
+        return {
+            "results": dict(self._speculations.counts),
+            "unet_calls": calls,
+            "held": len(self._speculations.entries),
+        }
 
     async def put_preview(self, png: bytes, preview_id: str | None = None, owner: str = "") -> str:
         return self._cache.put(png, preview_id, owner)
@@ -69,4 +113,5 @@ class SharedState:
         return {
             "tiers": await self.tiers(),
             "preview_cache": self._cache.stats(),
+            "speculation": self._speculation_stats(),
         }

@@ -81,6 +81,14 @@ class PreviewBody(_Sized):
         max_length=MAX_PROMPT_CHARS,
         description="Prompt of the image being edited (what changed informs the edit predictor).",
     )
+    session_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="The client's session. When the server speculates (refines a preview on idle cloud "
+        "capacity before it is asked to), a newer preview of the same session supersedes the older "
+        "preview's speculation. Unset: the preview is a session of its own (its speculation only expires).",
+    )
 
     @model_validator(mode="after")
     def _edit_fields(self) -> PreviewBody:
@@ -121,6 +129,11 @@ class RefineBody(_Body):
     latency_target_ms: float | None = Field(
         None, gt=0, le=600_000, description="Latency the router aims for."
     )
+    speculation: Literal["on", "off"] = Field(
+        "on",
+        description="on: answer from a speculative refinement of the same preview, prompt, seed, strength "
+        "and steps when there is one (same pixels); off: always refine now (comparisons, tests).",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> RefineBody:
@@ -141,8 +154,13 @@ class RefineResponse(BaseModel):
     expected_latency_ms: float | None = Field(
         None, description="The router's predicted latency of this refinement (None: not measured yet)."
     )
-    unet_calls: dict[str, int]
+    unet_calls: dict[str, int] = Field(description="What the answer cost, wherever it ran (speculation too).")
     timings_ms: dict[str, float]
+    speculative: Literal["hit", "promoted", "miss", "off"] = Field(
+        "off",
+        description="hit: a finished speculative refinement answered; promoted: a running one was made "
+        "foreground work and awaited; miss: none to use, refined now; off: no speculation looked up.",
+    )
 
 
 class GenerateBody(_Sized):
@@ -208,6 +226,11 @@ class StatsResponse(BaseModel):
     preview_cache: dict[str, int]
     metrics_url: str | None = Field(
         None, description="Where Prometheus scrapes this node's metrics (Ray's, with the diffusionx_* ones)"
+    )
+    speculation: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Speculative refinement: `results` (hit, promoted, miss, superseded, expired), "
+        "`unet_calls` run in the background (used, wasted) and `held` (registered now)",
     )
 
 

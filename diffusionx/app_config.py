@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from diffusionx.policy.speculation import DEFAULT_MAX_SLOWDOWN, SpeculationPolicy
+
 _WAIT = (
     "@serve.batch window before requests are handed to the model loop; 0: none (a lone request runs at "
     "once, and requests that arrive while the model is busy are merged into the next batch)"
@@ -83,6 +85,37 @@ class AppArgs(BaseModel):
         description="Admission control: a request whose tier queue needs longer than this before new work "
         "starts is refused at once with 503 and Retry-After (the expected time until it would fit).",
     )
+    speculation: Literal["off", "idle"] = Field(
+        "idle",
+        description="Speculative refinement: idle refines each answered preview at its predicted strength "
+        "on cloud capacity foreground work leaves (background work: paused whenever foreground needs the "
+        "slots, never counted as load), so that a finalize of it answers at once; off: never.",
+    )
+    speculation_idle_floor: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="Speculate only while at least this share of the cloud tier's batch slots is free of "
+        "foreground work (from the replicas' reported pools and queues).",
+    )
+    speculation_max_steps: int = Field(
+        400,
+        ge=1,
+        le=1_000_000,
+        description="Speculate only while the speculative denoising steps queued on the cloud tier stay "
+        "within this bound.",
+    )
+    speculation_ttl_s: float = Field(
+        120.0, gt=0, le=24 * 3600, description="Seconds an unclaimed speculation is kept."
+    )
+    speculation_max_slowdown: float = Field(
+        DEFAULT_MAX_SLOWDOWN,
+        ge=0.0,
+        le=10.0,
+        description="How much slower (a fraction) a foreground step may get for sharing it with speculative "
+        "samples, by the cloud replica's fitted step time t(b): flat on a GPU below its batch capacity "
+        "(they share), steep on a CPU (speculation runs only on an otherwise idle step).",
+    )
     max_body_bytes: int = Field(
         12 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024, description="Largest request body; larger: 413."
     )
@@ -97,3 +130,11 @@ class AppArgs(BaseModel):
         if not self.edge_model.strip() or not self.cloud_model.strip():
             raise ValueError("edge_model and cloud_model must name a model")
         return self
+
+    def speculation_policy(self) -> SpeculationPolicy:
+        return SpeculationPolicy(
+            self.speculation,
+            idle_floor=self.speculation_idle_floor,
+            max_steps=self.speculation_max_steps,
+            ttl_s=self.speculation_ttl_s,
+        )

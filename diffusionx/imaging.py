@@ -75,6 +75,11 @@ def decode_png(raw: bytes, field: str = "image") -> Image.Image:
 
 def decode_png_base64(data: str, field: str = "image") -> Image.Image:
     """Decodes a base64 PNG/JPEG/WebP into an RGB image, or raises InvalidRequestError saying why."""
+    return decode_png(decode_base64(data, field), field)
+
+
+def decode_base64(data: str, field: str = "image") -> bytes:
+    """The bytes of a base64 image field (a data URL prefix is tolerated), or InvalidRequestError."""
     if not isinstance(data, str) or not data:
         raise InvalidRequestError(f"{field} must be a non-empty base64-encoded PNG string")
     if len(data) > MAX_IMAGE_BASE64_CHARS:
@@ -87,4 +92,4 @@ def decode_png_base64(data: str, field: str = "image") -> Image.Image:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidRequestError(f"{field} is not valid base64") from None
-    return decode_png(raw, field)
+    return raw

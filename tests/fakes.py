@@ -119,6 +119,10 @@ class FakeStepper:
     def idle(self) -> bool:
         return not self.pool
 
+    @property
+    def has_foreground(self) -> bool:  # no background class here (see test_background_loop)
+        return bool(self.pool)
+
 
 URL = "http://diffusionx.test"
 

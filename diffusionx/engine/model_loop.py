@@ -13,6 +13,13 @@ instead: each sample carries its own timestep, new samples join between denoisin
 leave. The loop alternates one step of the batcher with one whole batch of any other kind, so neither
 starves.
 
+Background jobs (`submit(..., background=True)`: speculative refinements, step-batched kinds only) are
+never counted as load: not in the monitor's queue, in-flight work or pool, not in `work()`. In the step
+batcher they take only the slots foreground leaves (`StepBatcher`), and the loop does not run a step made
+of background samples alone while a whole batch of another kind waits, so foreground work waits for at
+most the one step already in flight. `promote(job)` turns a background job into a foreground one (counted
+from then on with its remaining steps); `cancel` drops it.
+
 Never losing a request:
 - a model call that raises fails the jobs it concerns with that error: a merged batch that fails is re-run
   one job at a time, so one bad request does not take its batch-mates down; a failed step or VAE decode
@@ -65,7 +72,14 @@ class SteppedTicket(Protocol):
 class StepEngine(Protocol):
     """What the loop needs of a step-level batcher (`diffusionx.sampling.step_batching.StepBatcher`)."""
 
-    def add(self, request: Any) -> SteppedTicket: ...
+    def add(self, request: Any, background: bool = False) -> SteppedTicket: ...
+
+    def promote(self, ticket: SteppedTicket) -> bool: ...
+
+    def background_work(self) -> tuple[int, int]: ...  # (samples, remaining steps) of background work
+
+    @property
+    def has_foreground(self) -> bool: ...
 
     def step(self) -> list[SteppedTicket]: ...
 
@@ -112,6 +126,7 @@ class Job:
     queued_s: float = 0.0  # step-batched jobs: seconds from submit to joining the step batcher
     on_progress: ProgressCallback | None = field(default=None, repr=False)  # (step, total) per step
     started_at: float | None = None  # clock when it started running
+    background: bool = False  # speculative: never counted as load until promoted
 
 
 async def _in_thread(function: Callable[..., Any], *args: Any) -> Any:
@@ -135,6 +150,7 @@ class ModelLoop:
         self.monitor = monitor or TierMonitor()
         self.monitor.max_batch_size = max_batch_size
         self._clock = clock
+        self.clock = clock  # the loop's time source, for what keeps time beside it (e.g. speculations)
         self._run_blocking = run_blocking
         self.on_change: Callable[[], None] = on_change or (lambda: None)  # e.g. report the new load
         self.observer = observer or LoopObserver()
@@ -144,6 +160,7 @@ class ModelLoop:
         self._stepper: StepEngine | None = None
         self._waiting: list[Job] = []
         self._stepping: dict[SteppedTicket, Job] = {}  # admitted step-batched jobs; bounded by the pool
+        self._joining: list[Job] = []  # step-batched jobs being added to the batcher right now
         self._task: asyncio.Task | None = None
 
     # -- configuration -----------------------------------------------------------------------------------
@@ -160,16 +177,45 @@ class ModelLoop:
         return (*self._functions, *([self._step_kind] if self._step_kind else []))
 
     # -- requests ------------------------------------------------------------------------------------------
-    def submit(self, kind: str, request: Any, steps: int, on_progress: ProgressCallback | None = None) -> Job:
-        """A job for `request`, counted as queued load; it runs once `release`d. `on_progress(step, total)`
-        is called on the event loop after each of its denoising steps."""
+    def submit(
+        self,
+        kind: str,
+        request: Any,
+        steps: int,
+        on_progress: ProgressCallback | None = None,
+        background: bool = False,
+    ) -> Job:
+        """A job for `request`, counted as queued load (unless `background`); it runs once `release`d.
+        `on_progress(step, total)` is called on the event loop after each of its denoising steps."""
         if kind not in self._functions and kind != self._step_kind:
             raise ValueError(f"kind={kind!r} is not registered: use one of {', '.join(self.kinds)}")
+        if background and kind != self._step_kind:
+            raise ValueError(f"kind={kind!r} cannot run in the background: only step-batched work can")
         job = Job(kind, request, steps, self._clock(), asyncio.get_running_loop().create_future())
         job.on_progress = on_progress
-        self.monitor.enqueue(steps)
+        job.background = background
+        if not background:
+            self.monitor.enqueue(steps)
         self.on_change()
         return job
+
+    def promote(self, job: Job) -> bool:
+        """A background job becomes foreground (someone waits for it): counted as load from now on with
+        its remaining steps, and scheduled like a new request of those. False if it is not background."""
+        if not job.background or job.state in (DONE, CANCELLED):
+            return False
+        job.background = False
+        remaining = job.steps - job.steps_done
+        self.monitor.enqueue(remaining)
+        if job.state == RUNNING:  # in the step batcher, or being added to it (`_admit_stepped` promotes it)
+            self.monitor.admit(1)
+            if job.ticket is not None and self._stepper is not None:
+                self._stepper.promote(job.ticket)
+                self.monitor.pool = self._stepper.priorities()
+        # a job still waiting is admitted as foreground work by `_admit_stepped`
+        self._note_background()
+        self.on_change()
+        return True
 
     def release(self, jobs: Sequence[Job]) -> None:
         """Hands submitted jobs to the loop (cancelled ones are skipped) and wakes it."""
@@ -204,12 +250,15 @@ class ModelLoop:
         if job.state in (SUBMITTED, WAITING):
             if job.state == WAITING:
                 self._waiting.remove(job)
-            self.monitor.withdraw(job.steps)
+            if not job.background:
+                self.monitor.withdraw(job.steps)
         elif job.state == RUNNING and job.ticket is not None and self._stepper is not None:
             self._stepper.cancel(job.ticket)
             self._stepping.pop(job.ticket, None)
             self.monitor.pool = self._stepper.priorities()
-            self.monitor.abandon(job.steps - job.steps_done)
+            if not job.background:
+                self.monitor.abandon(job.steps - job.steps_done)
+            self._note_background()
         elif job.state == RUNNING:  # whole batch in flight, or being admitted to the step batcher
             if not job.future.done():
                 job.future.cancel()
@@ -222,8 +271,9 @@ class ModelLoop:
         self.on_change()
 
     def work(self) -> LoopWork:
-        """Queued and running requests and denoising steps (steps still to run) of this replica."""
-        running = [*self._running, *self._stepping.values()]
+        """Queued and running foreground requests and denoising steps (steps still to run) of this
+        replica; background work is not load (`background_work`)."""
+        running = [*self._running, *(job for job in self._stepping.values() if not job.background)]
         running_steps = sum(job.steps - job.steps_done for job in running)
         return LoopWork(
             queued_requests=self.monitor.queued,
@@ -232,9 +282,18 @@ class ModelLoop:
             running_steps=running_steps,
         )
 
+    def background_work(self) -> tuple[int, int]:
+        """(jobs, steps still to run) of the background work this replica holds, waiting or stepping."""
+        held = (*self._waiting, *self._joining, *self._stepping.values())
+        jobs = [job for job in held if job.background]
+        return len(jobs), sum(job.steps - job.steps_done for job in jobs)
+
+    def _note_background(self) -> None:
+        self.monitor.background_requests, self.monitor.background_steps = self.background_work()
+
     @property
     def busy(self) -> bool:
-        return bool(self._waiting) or bool(self._stepping)
+        return bool(self._waiting) or bool(self._joining) or bool(self._stepping)
 
     # -- the loop ----------------------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -242,7 +301,9 @@ class ModelLoop:
             try:
                 if self._stepper is not None:
                     await self._admit_stepped()
-                    if self._stepping:
+                    others_wait = any(job.kind != self._step_kind for job in self._waiting)
+                    # a step of background work alone never holds up a waiting whole batch
+                    if self._stepping and (not others_wait or self._stepper.has_foreground):
                         await self._step_once()
                 if any(job.kind != self._step_kind for job in self._waiting):
                     await self._run_whole_batch()
@@ -257,7 +318,9 @@ class ModelLoop:
         """Ends a running or waiting job with a result or an exception; releases its remaining load."""
         if job.state in (DONE, CANCELLED):
             return
-        if job.state == WAITING:
+        if job.background:
+            pass  # never counted as load
+        elif job.state == WAITING:
             self.monitor.withdraw(job.steps)
         else:
             self.monitor.progressed(job.steps - job.steps_done)
@@ -352,13 +415,17 @@ class ModelLoop:
         assert stepper is not None
         for job in joining:
             job.state = RUNNING
-        self.monitor.admit(len(joining))
+        self.monitor.admit(sum(1 for job in joining if not job.background))
+        backgrounds = [job.background for job in joining]  # as they join (a promotion may come meanwhile)
 
         def add_all() -> list[Any]:
             added: list[Any] = []
-            for job in joining:
+            for job, background in zip(joining, backgrounds, strict=True):
                 try:
-                    added.append(stepper.add(job.request))
+                    if background:
+                        added.append(stepper.add(job.request, background=True))
+                    else:
+                        added.append(stepper.add(job.request))
                 except Exception as error:
                     added.append(error)
             return added
@@ -366,21 +433,29 @@ class ModelLoop:
         admitted_at = self._clock()
         for job in joining:
             job.started_at = admitted_at
-        added = await self._run_blocking(add_all)
-        self.monitor.pool = stepper.priorities()
-        for job, entry in zip(joining, added, strict=True):
+        self._joining = joining
+        try:
+            added = await self._run_blocking(add_all)
+        finally:
+            self._joining = []
+        for job, entry, background in zip(joining, added, backgrounds, strict=True):
             if isinstance(entry, BaseException):
                 self._finish(job, entry)
             elif job.future.cancelled():  # the caller left while its request was being prepared
                 stepper.cancel(entry)
                 job.state = CANCELLED
-                self.monitor.abandon(job.steps)
+                if not job.background:
+                    self.monitor.abandon(job.steps)
             elif entry.done:  # strength 0: nothing to run
                 self._finish(job, entry.result)
             else:
                 job.ticket = entry
                 job.queued_s = admitted_at - job.submitted_at
                 self._stepping[entry] = job
+                if background and not job.background:  # promoted while it was being added
+                    stepper.promote(entry)
+        self.monitor.pool = stepper.priorities()
+        self._note_background()
 
     async def _step_once(self) -> None:
         stepper = self._stepper
@@ -394,7 +469,8 @@ class ModelLoop:
             if delta > 0:
                 advanced += 1
                 job.steps_done = ticket.steps_run
-                self.monitor.progressed(delta)
+                if not job.background:
+                    self.monitor.progressed(delta)
                 if job.on_progress is not None:
                     job.on_progress(ticket.steps_run, job.steps)
         if advanced:
@@ -412,4 +488,5 @@ class ModelLoop:
             result.timings_ms["queue"] = round(job.queued_s * 1000.0, 3)
             result.timings_ms["batch_size"] = float(result.batch_size)
             self._finish(job, result)
+        self._note_background()
         self.on_change()

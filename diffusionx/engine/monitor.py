@@ -30,6 +30,11 @@ class TierSnapshot:
     # max_queued_requests, the latter per caller, -1: unbounded); None outside a served replica
     max_ongoing_requests: int | None = None
     max_queued_requests: int | None = None
+    # speculative (background) work: not load, so in none of the fields above
+    background_requests: int = 0
+    background_steps: int = 0
+    # UNet calls speculation ran in the background: "used" (answered a finalize) and "wasted" (dropped)
+    speculative_unet_calls: dict[str, int] = field(default_factory=lambda: {"used": 0, "wasted": 0})
 
 
 class TierMonitor:
@@ -49,6 +54,9 @@ class TierMonitor:
         self.max_batch_size = 1
         self.max_ongoing_requests: int | None = None  # set by the serving replica
         self.max_queued_requests: int | None = None
+        self.background_requests = 0  # set by the model loop: speculative work, not load
+        self.background_steps = 0
+        self.speculative_unet_calls = {"used": 0, "wasted": 0}  # counted by a SpeculationStore
 
     def enqueue(self, steps: int) -> None:
         self.queued += 1
@@ -102,6 +110,9 @@ class TierMonitor:
             step_time_s=self.step_time.to_pair(),
             max_ongoing_requests=self.max_ongoing_requests,
             max_queued_requests=self.max_queued_requests,
+            background_requests=self.background_requests,
+            background_steps=self.background_steps,
+            speculative_unet_calls=dict(self.speculative_unet_calls),
         )
 
 

@@ -19,10 +19,12 @@ from PIL import Image
 
 from diffusionx.engine.model_loop import ModelLoop, ProgressCallback, RunBlocking, _in_thread
 from diffusionx.engine.monitor import snapshot_dict
+from diffusionx.engine.speculation import Claimed, SpeculationStore
 from diffusionx.engine.step_warmup import measure_step_time
 from diffusionx.models.loading import LoadedModel
 from diffusionx.policy.router import CloudLoad
 from diffusionx.policy.service_model import ReplicaLoad
+from diffusionx.policy.speculation import DEFAULT_MAX_SLOWDOWN, affordable_background
 from diffusionx.policy.strength import predict_strength
 from diffusionx.requests import GenerationResult, Img2ImgRequest, PreviewRequest
 from diffusionx.sampling.collaborative import (
@@ -134,14 +136,34 @@ class CloudModel(_Tier):
         step_batching: bool = True,
         warm_up: bool = True,
         step_order: str = "sjf",
+        background_max_slowdown: float = DEFAULT_MAX_SLOWDOWN,
+        speculation_ttl_s: float = 120.0,
         **loop,
     ):
         super().__init__(max_batch_size, **loop)
         self.model = model
         if step_batching:  # refinements of any strength share UNet batches, joining between steps
-            self.loop.enable_step_batching("refine", StepBatcher(model, max_batch_size, "cloud", step_order))
+            batcher = StepBatcher(model, max_batch_size, "cloud", step_order)
+            # speculative (background) samples share a foreground step only as far as the service
+            # model's step time says it stays within `background_max_slowdown`
+            batcher.background_limit = functools.partial(
+                affordable_background,
+                max_batch_size=max_batch_size,
+                step_s=self.loop.monitor.step_time.predict,
+                max_slowdown=background_max_slowdown,
+            )
+            self.loop.enable_step_batching("refine", batcher)
             if warm_up:
                 self.loop.monitor.step_time.seed(measure_step_time(model, max_batch_size))
+        # speculative refinements (background work of the step batcher); None without step batching
+        self.speculations: SpeculationStore | None = None
+        if step_batching:
+            self.speculations = SpeculationStore(
+                self.loop,
+                ttl_s=speculation_ttl_s,
+                clock=self.loop.clock,
+                unet_calls=self.loop.monitor.speculative_unet_calls,
+            )
         else:
             self.loop.register("refine", lambda requests, on_step=None: refine(model, requests, on_step))
         self.loop.register("generate", lambda requests: text_to_image(model, requests, tier="cloud"))
@@ -179,6 +201,24 @@ class CloudModel(_Tier):
     async def plan(self, request: CollaborativeRequest) -> PlanState:
         """EC-Diff / Hybrid SD, cloud part: steps 0..s-1 (with noise approximation); the edge finishes."""
         return await self.call("plan", request)
+
+    def speculate(self, key: str, request: Img2ImgRequest) -> bool:
+        """Starts a speculative refinement of `request` under `key` (background work; see
+        `engine.speculation`); False when it is already held or the tier does not step-batch."""
+        _, request, steps = self.job("refine", request)  # a bad request fails here
+        if self.speculations is None or steps == 0:
+            return False
+        return self.speculations.submit(key, request, steps)
+
+    async def claim_speculation(self, key: str, promote: bool) -> Claimed:
+        """A finalize's claim of the speculation of `key`: hit, promoted (awaited) or miss."""
+        if self.speculations is None:
+            return Claimed("miss")
+        return await self.speculations.claim(key, promote)
+
+    def drop_speculation(self, key: str) -> int:
+        """Drops a superseded speculation; returns the UNet calls it wasted."""
+        return 0 if self.speculations is None else self.speculations.drop(key)
 
     def load_snapshot(self) -> dict:
         """This replica's load report (`engine.monitor.TierSnapshot` as a dict): what the deployment

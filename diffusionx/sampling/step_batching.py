@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -57,6 +57,7 @@ class Ticket:
     result: StepBatchedResult | None = None
     error: BaseException | None = None  # the UNet step or the VAE decode failed for this sample
     steps_run: int = 0  # denoising steps this sample has taken so far
+    background: bool = False  # speculative work: only slots foreground leaves (see `StepBatcher`)
 
     @property
     def done(self) -> bool:
@@ -91,9 +92,18 @@ class _Sample:
         return tuple(self.latents.shape), self.guidance_scale
 
     @property
+    def background(self) -> bool:
+        return self.ticket.background
+
+    @property
     def priority(self) -> tuple[int, int]:
         """Lower runs first: remaining steps minus steps waited (aging), then earlier arrival."""
         return self.remaining - self.waited, self.ticket.arrival
+
+    @property
+    def background_priority(self) -> tuple[int, int]:
+        """Among background samples: fewest remaining steps first (closest to a usable result)."""
+        return self.remaining, self.ticket.arrival
 
     @property
     def arrival_priority(self) -> tuple[int, int]:
@@ -144,6 +154,17 @@ class StepBatcher:
     asserted). On GPUs (cuBLAS, cuDNN, attention kernels) the same holds, with larger last-bit noise in
     half precision.
 
+    Background samples (`add(..., background=True)`: speculative refinements nobody waits for yet) take
+    only slots foreground samples leave. A step's batch is chosen among foreground samples as above; if
+    every foreground sample is in it (none waits), background samples of the same group fill up to
+    `background_limit(foreground batch size)` more slots (default: every empty slot; a serving tier sets
+    what its service model says a foreground step can afford to share), fewest remaining steps first.
+    Without foreground they take `background_limit(0)` slots (at least one). A background sample left
+    out is paused where it is: it keeps its x_t and position, does not age, and is not in
+    `priorities()` (the foreground load view). `promote` makes it foreground with the key of a new
+    arrival of its remaining steps. Its arithmetic is the one of a foreground sample, so pausing and
+    promotion leave its pixels unchanged.
+
     Costs are counted like `img2img`: a sample's `unet_calls` on `tier` is the number of steps it ran
     (`int(N * strength)`); with guidance, the (unconditional, conditional) pair is one call, and
     `max_batch_size` counts samples (the UNet then sees twice as many rows). Not thread-safe: drive it
@@ -181,6 +202,8 @@ class StepBatcher:
         )
         self._pool: list[_Sample] = []
         self._arrivals = 0
+        # background slots a step may add next to `foreground` samples (default: the empty ones)
+        self.background_limit: Callable[[int], int] = lambda foreground: self.max_batch_size - foreground
         self.unet_invocations = 0  # UNet forward calls made by `step`
         self.recent_batch_sizes: deque[int] = deque(maxlen=BATCH_SIZE_HISTORY)  # samples per step
 
@@ -188,21 +211,33 @@ class StepBatcher:
 
     @property
     def pending(self) -> int:
-        """Samples in the pool that have not run a step yet (waiting for a slot)."""
-        return sum(1 for sample in self._pool if sample.position == 0)
+        """Foreground samples in the pool that have not run a step yet (waiting for a slot)."""
+        return sum(1 for sample in self._foreground() if sample.position == 0)
 
     @property
     def active(self) -> int:
-        """Samples in the pool that have run at least one step and have steps left."""
-        return sum(1 for sample in self._pool if sample.position > 0)
+        """Foreground samples in the pool that have run at least one step and have steps left."""
+        return sum(1 for sample in self._foreground() if sample.position > 0)
 
     @property
     def idle(self) -> bool:
         return not self._pool
 
+    @property
+    def has_foreground(self) -> bool:
+        return any(not sample.background for sample in self._pool)
+
+    def background_work(self) -> tuple[int, int]:
+        """(samples, remaining steps) of the background samples in the pool."""
+        samples = [sample for sample in self._pool if sample.background]
+        return len(samples), sum(sample.remaining for sample in samples)
+
     def priorities(self) -> list[tuple[int, int]]:
-        """`(key, remaining steps)` of every pooled sample, in the order `step` picks them."""
-        return [(s.priority[0], s.remaining) for s in sorted(self._pool, key=self._key)]
+        """`(key, remaining steps)` of every pooled foreground sample, in the order `step` picks them."""
+        return [(s.priority[0], s.remaining) for s in sorted(self._foreground(), key=self._key)]
+
+    def _foreground(self) -> list[_Sample]:
+        return [sample for sample in self._pool if not sample.background]
 
     def _key(self, sample: _Sample) -> tuple[int, int]:
         return sample.priority if self.order == "sjf" else sample.arrival_priority
@@ -210,8 +245,9 @@ class StepBatcher:
     # -- joining -------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def add(self, request: Img2ImgRequest) -> Ticket:
-        """Validates and prepares `request` (x_t at its first timestep) and puts it in the pool.
+    def add(self, request: Img2ImgRequest, background: bool = False) -> Ticket:
+        """Validates and prepares `request` (x_t at its first timestep) and puts it in the pool, as
+        background work when `background` (see the class docstring).
 
         Raises `InvalidRequestError` before the request joins. Strength 0 (no steps) is answered at once
         with the input image, as `img2img` does; its ticket is returned done.
@@ -223,7 +259,7 @@ class StepBatcher:
         guidance = model.spec.guidance_scale if request.guidance_scale is None else request.guidance_scale
         check_prompt_fits(model, [request.prompt])
         latent_shape(model, request.image.width, request.image.height)
-        ticket = Ticket(request, self._arrivals)
+        ticket = Ticket(request, self._arrivals, background=background)
         self._arrivals += 1
         # 2. timesteps: skip the first (1 - strength) of this request's own schedule
         scheduler = make_scheduler(model, steps)
@@ -257,12 +293,34 @@ class StepBatcher:
     # -- stepping ------------------------------------------------------------------------------------
 
     def _select(self) -> list[_Sample]:
-        """The samples the next step advances (see the class docstring), lowest key first."""
-        if not self._pool:
-            return []
-        ranked = sorted(self._pool, key=self._key)
-        key = ranked[0].batch_key
-        return [sample for sample in ranked if sample.batch_key == key][: self.max_batch_size]
+        """The samples the next step advances (see the class docstring): foreground lowest key first,
+        then background in the slots foreground leaves and can afford to share."""
+        foreground = sorted(self._foreground(), key=self._key)
+        background = sorted(
+            (sample for sample in self._pool if sample.background), key=lambda s: s.background_priority
+        )
+        if not foreground:
+            if not background:
+                return []
+            key = background[0].batch_key
+            room = min(self.max_batch_size, max(1, int(self.background_limit(0))))
+            return [sample for sample in background if sample.batch_key == key][:room]
+        key = foreground[0].batch_key
+        batch = [sample for sample in foreground if sample.batch_key == key][: self.max_batch_size]
+        if len(batch) < len(foreground):  # some foreground sample waits: every background sample does too
+            return batch
+        room = min(self.max_batch_size - len(batch), max(0, int(self.background_limit(len(batch)))))
+        return batch + [sample for sample in background if sample.batch_key == key][:room]
+
+    def promote(self, ticket: Ticket) -> bool:
+        """Makes a background sample foreground (someone now waits for it); it joins the priority order
+        like a new request of its remaining steps. False if it is not a background sample in the pool."""
+        for sample in self._pool:
+            if sample.ticket is ticket and sample.background:
+                ticket.background = False
+                sample.waited = 0
+                return True
+        return False
 
     def cancel(self, ticket: Ticket) -> bool:
         """Takes the ticket's sample out of the pool (its client is gone); False if it is not in the pool."""
@@ -327,7 +385,7 @@ class StepBatcher:
         self.recent_batch_sizes.append(len(batch))
         advanced = {id(sample) for sample in batch}
         for sample in self._pool:
-            if id(sample) not in advanced:
+            if id(sample) not in advanced and not sample.background:  # paused background work does not age
                 sample.waited += 1
         for row, sample in enumerate(batch):
             sample.latents = latents[row : row + 1]

@@ -9,7 +9,13 @@ DeploymentHandles, `diffusionx eval`, `compare`, `search` and the tests hand the
   the edit predictor for the strength (from the previous image, the new prompt and the previous prompt).
 - `finalize` (DiffusionX): 1. strength: the request's if given (the predictor is then not called), else the
   predictor's; 2. route: the router trades strength and steps against the cloud load and the latency
-  target; 3. refine on the cloud tier (or, on `edge-fallback`, img2img on the edge tier).
+  target; 3. a speculation of the same refinement (below) answers if it finished (`hit`), or is promoted
+  and awaited if it runs and the route is that same full refinement (`promoted`); 4. otherwise (`miss`)
+  refine on the cloud tier (or, on `edge-fallback`, img2img on the edge tier).
+- `speculate`: after a preview or edit is answered, the refinement a finalize of it would run (predicted
+  strength, the cloud's full steps, no latency target) is submitted as background work of the cloud tier
+  when the speculation policy allows (`diffusionx.policy.speculation`); a session's newer preview
+  supersedes it.
 - `generate` by mode:
   - `diffusionx` (default): `preview` at the preview step count, then `finalize` of that preview;
   - `cloud`: text-to-image on the cloud tier (its default step count);
@@ -33,8 +39,10 @@ from typing import Any, Protocol, TypedDict
 
 from PIL import Image
 
+from diffusionx.engine.speculation import Claimed
 from diffusionx.policy.calibration import ArrivalRate, LatencyCalibration
 from diffusionx.policy.router import CloudLoad, RouteDecision, RouterConfig, decide_route
+from diffusionx.policy.speculation import SpeculationPolicy, speculation_key
 from diffusionx.requests import (
     GenerationResult,
     Img2ImgRequest,
@@ -96,6 +104,17 @@ class CloudTier(Protocol):
     def plan(self, request: CollaborativeRequest) -> Awaitable[PlanState]: ...
 
 
+class SpeculationTier(Protocol):
+    """Where speculative refinements are submitted and claimed (`engine.speculation.LocalSpeculation` in
+    process; over handles and the shared state in the serving application)."""
+
+    policy: SpeculationPolicy
+
+    async def replicas(self) -> list[dict]: ...  # the cloud replicas' load reports (TierMonitor snapshots)
+    async def submit(self, key: str, session: str, request: Img2ImgRequest, steps: int) -> None: ...
+    async def claim(self, key: str, promote: bool) -> Claimed: ...
+
+
 class PredictorTier(Protocol):
     async def predict(self, prompt: str, image: Image.Image) -> float: ...
     async def predict_edit(self, prompt: str, image: Image.Image, previous_prompt: str | None) -> float: ...
@@ -116,6 +135,7 @@ class Tiers:
     latency_calibration: LatencyCalibration | None = None
     # the rate of cloud work the router sends, for the service model's replay of later arrivals
     cloud_arrivals: ArrivalRate | None = None
+    speculation: SpeculationTier | None = None  # None: no speculative refinement
     _info: dict[str, dict] = field(default_factory=dict, repr=False)
 
     def need(self, tier: str, mode: str) -> Any:
@@ -262,6 +282,39 @@ class Finalized:
     decision: RouteDecision
     load: CloudLoad
     timings_ms: dict[str, float]
+    speculative: str = "off"  # hit | promoted | miss, or off (no speculation looked up)
+
+
+async def speculate(
+    tiers: Tiers,
+    prompt: str,
+    image: Image.Image,
+    preview: str,
+    *,
+    session: str,
+    seed: int = 0,
+    guidance_scale: float | None = None,
+) -> str | None:
+    """Submits the refinement a finalize of this preview would run, as speculative background work of the
+    cloud tier, when the policy allows; returns its key (None when nothing was submitted). `preview` is
+    the preview's digest (`policy.speculation.preview_digest` of its PNG), `session` the session whose
+    older speculation it supersedes."""
+    speculation = tiers.speculation
+    if speculation is None or speculation.policy.mode == "off":
+        return None
+    steps = int((await tiers.info("cloud"))["default_steps"])
+    strength_task = tiers.need("predictor", "speculation").predict(prompt, image)
+    strength, replicas = await asyncio.gather(strength_task, speculation.replicas())
+    strength = check_strength(float(strength), "predicted strength")
+    cloud_steps = int(steps * strength)
+    if cloud_steps == 0 or not speculation.policy.allows(replicas, cloud_steps):
+        return None
+    key = speculation_key(preview, prompt, seed, strength, steps, guidance_scale)
+    request = Img2ImgRequest(
+        prompt, image, strength, seed=seed, num_inference_steps=steps, guidance_scale=guidance_scale
+    )
+    await speculation.submit(key, session, request, cloud_steps)
+    return key
 
 
 async def finalize(
@@ -275,9 +328,12 @@ async def finalize(
     num_inference_steps: int | None = None,
     latency_target_ms: float | None = None,
     on_progress: Progress | None = None,
+    preview: str | None = None,
 ) -> Finalized:
-    """DiffusionX's finalize: predict the strength (unless given), route against the cloud load, refine.
-    `on_progress` hears of each denoising step of the refinement (on whichever tier runs it)."""
+    """DiffusionX's finalize: predict the strength (unless given), route against the cloud load, then
+    answer from a speculation of the same refinement or refine. `preview` is the preview's digest (the
+    speculation's key needs it; None: no speculation is looked up). `on_progress` hears of each denoising
+    step of a refinement run here (a speculation answers without them)."""
     cloud = tiers.need("cloud", "diffusionx")
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -309,9 +365,31 @@ async def finalize(
         arrivals=arrivals,
         latency_margin=margin,
     )
+    # 3. a speculation of this refinement: finished (hit), or running and promoted when the route is that
+    # same full refinement; a hit answers whatever the load, since it costs nothing more
+    speculative = "off"
+    if tiers.speculation is not None and preview is not None:
+        key = speculation_key(preview, prompt, seed, wanted, steps, guidance_scale)  # type: ignore[arg-type]
+        same = decision.route == "cloud" and decision.strength == wanted
+        claimed = await tiers.speculation.claim(key, promote=same and decision.num_inference_steps == steps)
+        speculative = claimed.outcome
+        if claimed.result is not None:
+            if speculative == "hit":
+                decision = replace(
+                    decision,
+                    route="cloud",
+                    strength=wanted,  # type: ignore[arg-type]
+                    num_inference_steps=steps,
+                    expected_latency_ms=None,  # nothing left to run: no prediction to make or check
+                    reason="answered by a finished speculative refinement of this preview",
+                )
+            else:
+                decision = replace(decision, reason=f"{decision.reason}; a running speculation promoted")
+            timings.update(claimed.result.timings_ms)
+            return Finalized(claimed.result, strength_predicted, decision, load, timings, speculative)
     if tiers.cloud_arrivals is not None:
         tiers.cloud_arrivals.record(decision.cloud_steps)
-    # 3. refine on the cloud tier, or on the edge tier when the cloud cannot make the target. The edge
+    # 4. refine on the cloud tier, or on the edge tier when the cloud cannot make the target. The edge
     # refines on its own edit schedule (None: the tier's `edit_steps`), not the cloud's: a fallback exists
     # to be fast, and the cloud's 20-50 steps on the edge cost it 2.5-6x its usual work just when many
     # finalizes fall back at once.
@@ -331,7 +409,7 @@ async def finalize(
     else:
         result = await cloud.refine(request, **progress)
     timings.update(result.timings_ms)
-    return Finalized(result, strength_predicted, decision, load, timings)
+    return Finalized(result, strength_predicted, decision, load, timings, speculative)
 
 
 async def _idle_load() -> CloudLoad:

@@ -497,12 +497,13 @@ def test_bench_compare_report_counts_every_request_and_adds_up(serve_url, tmp_pa
     from argparse import Namespace
 
     from clients.compare_bench import FIELDS, MODES, run_compare
+    from clients.speculation_bench import FIELDS as SPECULATION_FIELDS
 
     settings = Namespace(
         out=str(tmp_path), sessions=2, rounds=2, think_s=0.05, session_rate=4.0, steps=8, load_x=2.0,
         load_s=2.0, max_finalizes=8, target_x=2.5, finalize_strength=1.0, preview_pool=2, drain_s=60.0,
         timeout_s=120.0, seed=5,
-        no_progress=True, quality=False,
+        no_progress=True, quality=False, speculation_only=False, spec_low_x=0.3, spec_max_session_rate=4.0,
     )  # fmt: skip
     summary = run_compare(serve_url, settings)
     saved = json.loads((tmp_path / "summary.json").read_text())
@@ -511,6 +512,12 @@ def test_bench_compare_report_counts_every_request_and_adds_up(serve_url, tmp_pa
     assert set(saved["router"]["policies"]) == {"router", "fixed"}
     assert "expected_over_measured_median" in saved["router"]["calibration"]
     assert saved["ordering"]["fifo"]["finalize_latency_s_mean"] is None  # no local app to restart
+    speculation = saved["speculation"]
+    for load in ("low_load", "high_load"):
+        for state in ("on", "off"):
+            assert set(speculation[load][state]) >= set(SPECULATION_FIELDS), (load, state)
+    assert speculation["low_load"]["off"]["speculative"] == {"off": 2}  # bypassed on every finalize
+    assert speculation["low_load"]["edge_only_session_latency_s_mean"] is not None
     rows = list(csv.DictReader((tmp_path / "requests.csv").open()))
     for run, counts in summary["counts"].items():
         mine = [row for row in rows if row["run"] == run]
@@ -526,7 +533,14 @@ def test_bench_compare_report_counts_every_request_and_adds_up(serve_url, tmp_pa
         == offered
         == summary["counts"]["policy-fixed"]["finalizes"]
     )
-    for name in ("latency_cdf.png", "cost_quality.png", "expected_measured.png", "modes.csv", "policies.csv"):
+    for name in (
+        "latency_cdf.png",
+        "cost_quality.png",
+        "expected_measured.png",
+        "modes.csv",
+        "policies.csv",
+        "speculation_cdf.png",
+    ):
         assert (tmp_path / name).stat().st_size > 0
 
 

@@ -38,6 +38,9 @@ def test_session_rounds_edit_by_id_and_finalize_last_prompt() -> None:
 
     paths = [path for path, _ in server.requests]
     assert paths == ["/v1/preview", "/v1/preview", "/v1/preview", "/v1/refine"]
+    # every preview names the session: the newest supersedes the server's older speculation
+    session_ids = {body.pop("session_id") for _, body in server.requests[:3]}
+    assert session_ids == {session.session_id} and len(session.session_id) == 32
     edit_body = server.requests[1][1]
     assert edit_body == {
         "prompt": "a blue circle",
@@ -84,6 +87,7 @@ def test_session_edit_without_strength_asks_the_edit_predictor() -> None:
         "seed": 3,
         "preview_id": "p0",
         "previous_prompt": "a red circle",
+        "session_id": session.session_id,
     }
     assert edited.edit_strength == 0.75 and edited.edit_predicted
     assert session.summary()["rounds"][1]["edit_predicted"] is True
@@ -101,9 +105,9 @@ def test_expired_preview_id_resends_the_image_it_holds() -> None:
 
     sent = [(path, sorted(body)) for path, body in server.requests]
     assert sent == [
-        ("/v1/preview", ["height", "prompt", "seed", "width"]),
-        ("/v1/preview", ["preview_id", "previous_prompt", "prompt", "seed", "strength"]),  # 404
-        ("/v1/preview", ["image", "previous_prompt", "prompt", "seed", "strength"]),
+        ("/v1/preview", ["height", "prompt", "seed", "session_id", "width"]),
+        ("/v1/preview", ["preview_id", "previous_prompt", "prompt", "seed", "session_id", "strength"]),  # 404
+        ("/v1/preview", ["image", "previous_prompt", "prompt", "seed", "session_id", "strength"]),
         ("/v1/refine", ["preview_id", "prompt", "seed"]),  # 404
         ("/v1/refine", ["image", "prompt", "seed"]),
     ]

@@ -7,6 +7,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.schema import ServeDeploySchema
 
 from deployments.cloud_router import StepAwareRouter, request_steps
+from diffusionx.policy.speculation import Pinned
 from diffusionx.requests import Img2ImgRequest, PreviewRequest
 from diffusionx.sampling.collaborative import CollaborationParams, CollaborativeRequest
 
@@ -116,6 +118,26 @@ def test_a_burst_within_one_stats_period_is_spread_by_what_the_router_sent():
     # a newer snapshot of `a` covers what was sent to it: those are no longer added on top
     a.routing_stats = stats([], time.time() + 1e-3, batch=1)
     assert router.replica_load(a).requests == 0 and router.replica_load(b).requests == 3  # type: ignore[arg-type]
+
+
+def test_speculation_calls_go_to_their_replica_and_speculations_are_not_counted_as_load():
+    now = time.time()
+    busy = FakeReplica("busy", stats([(30, 30)] * 4, now))
+    idle = FakeReplica("idle", stats([], now))
+    router = make_router()
+    # a claim of the speculation running on "busy" goes there, though "idle" would finish first
+    assert ranked(router, [idle, busy], FakePending([Pinned("key", "busy")])) == ["busy"]
+    # its replica gone: ranked as usual (the replica it lands on answers that it holds no such speculation)
+    assert ranked(router, [idle], FakePending([Pinned("key", "busy")])) == ["idle"]
+    # a speculation is ranked like a refinement (to the idlest replica) but is not counted as sent
+    speculate = FakePending(refinement().args)
+    speculate.metadata = SimpleNamespace(call_method="speculate")  # type: ignore[attr-defined]
+    assert ranked(router, [busy, idle], speculate)[0] == "idle"
+    router.on_request_routed(speculate, idle.replica_id, None)  # type: ignore[arg-type]
+    router.on_request_routed(FakePending([Pinned("key", "idle")]), idle.replica_id, None)  # type: ignore[arg-type]
+    assert router.replica_load(idle).requests == 0  # type: ignore[arg-type]
+    router.on_request_routed(refinement(), idle.replica_id, None)  # type: ignore[arg-type]
+    assert router.replica_load(idle).requests == 1  # type: ignore[arg-type]
 
 
 def test_a_replica_that_has_not_reported_comes_last():

@@ -334,3 +334,79 @@ def test_cancel_takes_a_sample_out_of_the_pool(tiny_cloud):
     batcher.step()
     assert ticket.steps_run == 1 and batcher.cancel(ticket) and batcher.idle
     assert not batcher.cancel(ticket) and batcher.step() == []
+
+
+# -- the background class (speculative refinements) -------------------------------------------------------
+def test_background_takes_only_empty_slots_pauses_for_foreground_and_keeps_its_pixels(
+    tiny_cloud, final_latents, bitwise
+):
+    batcher = StepBatcher(tiny_cloud, max_batch_size=2)
+    speculative_request = Img2ImgRequest("a red circle", picture(7), 1.0, seed=7, num_inference_steps=8)
+    speculative = batcher.add(speculative_request, background=True)
+    assert batcher.priorities() == [] and (batcher.pending, batcher.active) == (0, 0)  # not load
+    assert batcher.background_work() == (1, 8)
+    batcher.step()
+    batcher.step()  # alone on an idle batcher: it runs
+    assert speculative.steps_run == 2
+    # a foreground burst fills the batch: the background sample is paused where it is, and does not age
+    burst = [batcher.add(request) for request in mixed_requests()[:2]]  # 3 and 8 steps
+    for _ in range(3):
+        batcher.step()
+        assert speculative.steps_run == 2 and list(batcher.recent_batch_sizes)[-1] == 2
+    assert burst[0].result is not None  # 3 steps, never slowed: every step was foreground only
+    # one foreground sample left, one slot empty: background takes it (the default limit: empty slots)
+    batcher.step()
+    assert speculative.steps_run == 3 and batcher.priorities() == [(4, 4)]
+    batcher.run_until_idle()
+    assert speculative.result is not None and speculative.result.unet_calls.cloud == 8
+    assert speculative.result.step_batch_sizes == [1, 1, 2, 2, 2, 2, 2, 1]
+    assert_same_as_alone(tiny_cloud, speculative_request, speculative.result, bitwise)
+    for ticket in burst:
+        assert_same_as_alone(tiny_cloud, ticket.request, ticket.result, bitwise)
+
+
+def test_background_shares_a_foreground_step_only_within_its_limit_and_never_while_foreground_waits(
+    tiny_cloud,
+):
+    image = picture(3)
+    batcher = StepBatcher(tiny_cloud, max_batch_size=4)
+    speculative = batcher.add(Img2ImgRequest("a cat", image, 1.0, seed=3, num_inference_steps=6), True)
+    foreground = batcher.add(Img2ImgRequest("a dog", image, 0.5, seed=4, num_inference_steps=6))
+    batcher.background_limit = lambda foreground_samples: 0  # the service model says: no step to share
+    batcher.step()
+    assert (speculative.steps_run, foreground.steps_run) == (0, 1)
+    batcher.background_limit = lambda foreground_samples: 4 - foreground_samples
+    batcher.step()
+    assert (speculative.steps_run, foreground.steps_run) == (1, 2)
+    # a foreground sample of another size waits for the next step: background waits too
+    other = batcher.add(Img2ImgRequest("a dog", picture(4, (40, 40)), 1.0, seed=5, num_inference_steps=6))
+    batcher.step()
+    assert (speculative.steps_run, foreground.steps_run, other.steps_run) == (1, 3, 0)
+    batcher.run_until_idle()
+    assert speculative.result is not None and foreground.result is not None and other.result is not None
+
+
+def test_a_promoted_background_sample_joins_the_foreground_order_as_a_new_arrival(
+    tiny_cloud, final_latents, bitwise
+):
+    batcher = StepBatcher(tiny_cloud, max_batch_size=1)
+    request = Img2ImgRequest("a blue square", picture(2), 1.0, seed=2, num_inference_steps=6)
+    speculative = batcher.add(request, background=True)
+    batcher.step()
+    waiting = batcher.add(Img2ImgRequest("a cat", picture(1), 0.5, seed=1, num_inference_steps=6))
+    batcher.step()  # the foreground sample runs, background is paused
+    assert (speculative.steps_run, waiting.steps_run) == (1, 1)
+    assert batcher.promote(speculative) and not batcher.promote(speculative)
+    assert not speculative.background and batcher.background_work() == (0, 0)
+    assert batcher.priorities() == [(2, 2), (5, 5)]  # key = its remaining steps, no aging carried over
+    batcher.run_until_idle()
+    assert speculative.result is not None and speculative.result.unet_calls.cloud == 6
+    assert_same_as_alone(tiny_cloud, request, speculative.result, bitwise)
+
+
+def test_a_cancelled_background_sample_leaves_the_pool(tiny_cloud):
+    batcher = StepBatcher(tiny_cloud, max_batch_size=2)
+    speculative = batcher.add(Img2ImgRequest("a cat", picture(1), 1.0, seed=1, num_inference_steps=4), True)
+    batcher.step()
+    assert batcher.cancel(speculative) and batcher.idle and batcher.background_work() == (0, 0)
+    assert speculative.steps_run == 1 and not speculative.done

@@ -1,0 +1,252 @@
+"""The speculation experiment of `diffusionx bench compare` (step 5 there; alone with `--speculation-only`):
+DiffusionX sessions with speculative refinement on and off, on the same arrivals and think times.
+
+Method (every figure through HTTP with `clients.loadgen`):
+1. Capacity. `UNLOADED` finalizes at the predicted strength, one at a time, give the cloud steps of a
+   session's finalize; with the cloud replicas' published service model (`/v1/stats`) the tier's capacity
+   is `replicas * B / (steps * t(B))` finalizes per second (`compare_bench.capacity_per_s`).
+2. Low load. Sessions (`--rounds` rounds, think times of mean `--think-s`) arriving at `--spec-low-x`
+   times that capacity, capped by `--spec-max-session-rate` (previews load the edge tier too), reported as
+   `offered_x_capacity`: once with speculation on, once off, and once in edge-only mode (every round a
+   one-shot edge image), the edge-only session latency being the paper's reference.
+3. High load. The same sessions with the router's latency target, while finalizes of previews made
+   beforehand arrive at `--load-x` times the capacity of the router experiment's finalizes (at
+   `--finalize-strength`, the same target): on and off. SLO attainment is over every finalize of the run
+   (the sessions' and the load's); the other figures are the sessions'.
+"On" is the application as started (the default, `speculation: idle`); "off" is the same application
+restarted with `speculation: off` when the bench runs the local application; against `--url` the off
+runs send `"speculation": "off"` on each refine (the server still speculates, nothing uses it).
+
+Per run: `finalize_latency_s_p50`, `_p95`, `session_latency_s_mean`, `slo_attainment`, `quality`,
+`cloud_unet_calls` (per session: every response's cloud calls, a speculation's answer counted once, plus
+the speculative calls wasted) and `wasted_cloud_unet_calls` (per session, from `/v1/stats`), plus
+`speculative` (finalizes by hit | promoted | miss | off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import numpy as np
+
+from clients.loadgen import LoadgenConfig, run_loadgen, shapes_judge
+from clients.workload import poisson_arrivals
+
+UNLOADED = 6  # finalizes one at a time (GAP_S apart) for the steps of a session's finalize
+GAP_S = 1.0
+FIELDS = (
+    "finalize_latency_s_p50",
+    "finalize_latency_s_p95",
+    "session_latency_s_mean",
+    "slo_attainment",
+    "quality",
+    "cloud_unet_calls",
+    "wasted_cloud_unet_calls",
+)
+
+
+def _config(url: str, workload: str, arrivals: list[float], settings: argparse.Namespace, **extra: Any):
+    return LoadgenConfig(
+        url=url,
+        workload=workload,
+        arrivals=arrivals,
+        duration_s=(arrivals[-1] if arrivals else 0.0) + 1.0,
+        max_requests=10_000,
+        drain_s=settings.drain_s,
+        rounds=settings.rounds,
+        think_s=settings.think_s,
+        num_inference_steps=settings.steps,
+        preview_pool=settings.preview_pool,
+        seed=settings.seed,
+        timeout_s=settings.timeout_s,
+        progress=not settings.no_progress,
+        **extra,
+    )
+
+
+def _wasted(url: str) -> int:
+    stats = httpx.get(f"{url}/v1/stats", timeout=30.0).json()
+    return int(((stats.get("speculation") or {}).get("unet_calls") or {}).get("wasted", 0))
+
+
+def run_together(url: str, configs: list[LoadgenConfig], quality: bool) -> tuple[list[list[dict]], int]:
+    """Runs the loadgen configs at once; their rows, and the speculative UNet calls wasted meanwhile."""
+    judge = shapes_judge() if quality else None
+    wasted_before = _wasted(url)
+
+    async def run() -> list[list[dict]]:
+        outcomes = await asyncio.gather(*(run_loadgen(config, judge=judge) for config in configs))
+        return [rows for rows, _ in outcomes]
+
+    rows = asyncio.run(run())
+    return rows, _wasted(url) - wasted_before
+
+
+def figures(
+    session_rows: list[dict[str, Any]],
+    all_rows: list[dict[str, Any]],
+    wasted: int,
+    target_ms: float | None,
+    summarize: Callable[[list[dict[str, Any]], float | None], dict[str, Any]],
+) -> dict[str, Any]:
+    """The run's figures (module docstring): session figures from the sessions' rows, SLO attainment
+    over every finalize of the run."""
+    sessions = summarize(session_rows, target_ms)
+    slo = summarize(all_rows, target_ms)["slo_attainment"]
+    count = max(1, sessions["sessions"])
+    cloud = sessions["cloud_unet_calls"]
+    finalizes = [row for row in session_rows if row["kind"] == "finalize"]
+    return {
+        "finalize_latency_s_p50": sessions["finalize_latency_s_p50"],
+        "finalize_latency_s_p95": sessions["finalize_latency_s_p95"],
+        "session_latency_s_mean": sessions["session_latency_s_mean"],
+        "slo_attainment": slo,
+        "quality": sessions["quality"],
+        "cloud_unet_calls": None if cloud is None else round(cloud + wasted / count, 4),
+        "wasted_cloud_unet_calls": round(wasted / count, 4),
+        "speculative": dict(Counter(str(row.get("speculative") or "none") for row in finalizes)),
+        "sessions": sessions["sessions"],
+        "errors": sessions["errors"],
+    }
+
+
+def run_speculation(
+    url: str,
+    settings: argparse.Namespace,
+    summarize: Callable[[list[dict[str, Any]], float | None], dict[str, Any]],
+    capacity_of: Callable[[str, float], float],
+    target_ms: float,
+    restart: Callable[[dict[str, Any]], str] | None = None,
+) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """Steps 1-3 of the module docstring; the summary's `speculation` entry and the runs' rows.
+    `target_ms` is the router experiment's latency target, `capacity_of(url, steps)` the tier's capacity
+    in finalizes of `steps` cloud steps per second."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    wasted: dict[str, int] = {}
+    urls = {"on": url, "off": url}  # `url` serves the default, `speculation: idle`
+    off_extra: dict[str, Any] = {"speculation": "off"}
+    if restart is not None:
+        off_extra = {}
+    # 1. the steps of a session's finalize (predicted strength), unloaded
+    gaps = [GAP_S * i for i in range(UNLOADED)]
+    [runs["spec-unloaded"]], _ = run_together(
+        urls["on"], [_config(urls["on"], "finalize", gaps, settings, speculation="off")], False
+    )
+    ok = [r for r in runs["spec-unloaded"] if str(r["status"]) == "200"]
+    if not ok:
+        raise RuntimeError(f"no unloaded finalize succeeded: {runs['spec-unloaded'][:1]}")
+    steps = float(np.mean([max(1.0, float(r["cloud_unet_calls"])) for r in ok]))
+    capacity = capacity_of(urls["on"], steps)
+    rate = min(settings.spec_low_x * capacity, settings.spec_max_session_rate)
+    sessions = poisson_arrivals(rate, 3600.0, settings.sessions, random.Random(settings.seed + 7))
+    print(
+        f"speculation: session finalizes take {steps:.1f} cloud steps; capacity {capacity:.2f}/s; "
+        f"low load: {settings.sessions} sessions at {rate:.2f}/s ({rate / capacity:.2f}x)",
+        flush=True,
+    )
+    # 1b. the high-load finalizes: the router experiment's (strength, target) at load_x its capacity
+    load_capacity = capacity_of(urls["on"], settings.finalize_strength * _full_steps(urls["on"]))
+    load_rate = settings.load_x * load_capacity
+    load_arrivals = poisson_arrivals(
+        load_rate, settings.load_s, settings.max_finalizes, random.Random(settings.seed + 8)
+    )
+    summary: dict[str, Any] = {
+        "low_load": {"offered_x_capacity": round(rate / capacity, 4)},
+        "high_load": {
+            "offered_x_capacity": settings.load_x,
+            "latency_target_ms": target_ms,
+            "finalize_strength": settings.finalize_strength,
+        },
+        "session_finalize_cloud_steps": round(steps, 2),
+        "capacity_finalizes_per_s": round(capacity, 4),
+    }
+    for state in ("on", "off"):
+        if restart is not None and state == "off":
+            urls["off"] = restart({"speculation": "off"})
+        here = urls[state]
+        extra = {} if state == "on" else off_extra
+        # 2. low load: sessions alone
+        [rows], wasted[f"low-{state}"] = run_together(
+            here, [_config(here, "sessions", sessions, settings, **extra)], settings.quality
+        )
+        runs[f"spec-low-{state}"] = rows
+        summary["low_load"][state] = figures(rows, rows, wasted[f"low-{state}"], target_ms, summarize)
+        # 3. high load: the same sessions with the target, beside finalizes at load_x capacity
+        session_config = _config(here, "sessions", sessions, settings, latency_target_ms=target_ms, **extra)
+        load_config = _config(
+            here,
+            "finalize",
+            load_arrivals,
+            settings,
+            latency_target_ms=target_ms,
+            finalize_strength=settings.finalize_strength,
+            speculation="off",
+        )
+        (session_rows, load_rows), wasted[f"high-{state}"] = run_together(
+            here, [session_config, load_config], settings.quality
+        )
+        runs[f"spec-high-{state}"] = session_rows
+        runs[f"spec-high-{state}-load"] = load_rows
+        summary["high_load"][state] = figures(
+            session_rows, session_rows + load_rows, wasted[f"high-{state}"], target_ms, summarize
+        )
+    # the paper's reference: the same sessions, edge only
+    [rows], _ = run_together(
+        urls["off"], [_config(urls["off"], "sessions", sessions, settings, mode="edge")], settings.quality
+    )
+    runs["spec-low-edge"] = rows
+    summary["low_load"]["edge_only_session_latency_s_mean"] = summarize(rows, None)["session_latency_s_mean"]
+    return summary, runs
+
+
+def _full_steps(url: str) -> int:
+    health = httpx.get(f"{url}/v1/health", timeout=30.0).json()
+    return int((health.get("cloud") or {}).get("default_steps", 1))
+
+
+def plot(runs: dict[str, list[dict[str, Any]]], out: Any) -> None:
+    """CDF of the sessions' finalize latency, speculation on against off, at each load."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for axis, load in zip(axes, ("low", "high"), strict=True):
+        for state in ("on", "off"):
+            rows = runs.get(f"spec-{load}-{state}", [])
+            values = np.sort(
+                [
+                    float(r["e2e_ms"]) / 1000.0
+                    for r in rows
+                    if r["kind"] == "finalize" and str(r["status"]) == "200"
+                ]
+            )
+            if values.size:
+                axis.plot(values, np.arange(1, values.size + 1) / values.size, label=f"speculation {state}")
+        axis.set(title=f"session finalize latency, {load} load", xlabel="seconds", ylabel="CDF")
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(out / "speculation_cdf.png", dpi=110)
+    plt.close(figure)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--speculation-only", action="store_true", help="run only the speculation experiment (step 5)"
+    )
+    parser.add_argument(
+        "--spec-low-x", type=float, default=0.3, help="speculation: low-load sessions, x capacity (0.3)"
+    )
+    parser.add_argument(
+        "--spec-max-session-rate",
+        type=float,
+        default=1.0,
+        help="speculation: cap on the low-load session rate per second (previews load the edge; default 1)",
+    )

@@ -1,0 +1,64 @@
+"""The speculation tier of the serving application (`diffusionx.workflows.modes.SpeculationTier`) over
+DeploymentHandles: the cloud tier runs speculations (background work of the replica the request router
+picks, the idlest), the shared state keeps the registry (key -> that replica), so a finalize on any ingress
+replica finds a speculation and its claim is pinned to the replica where it lives.
+
+Submitting runs after the preview was answered (off its path): the predictor's strength, the cloud load
+from the shared state, the cloud replica, then the registry, which names what the new speculation
+supersedes (the session's older one) or what expired; those are dropped on their replicas. A finalize
+claims through the registry (one state call; none found is a miss), then the replica: its answer (hit,
+promoted, or miss when it was lost) is counted in the registry without holding up the response."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from deployments.handles import ask
+from diffusionx.engine.speculation import Claimed
+from diffusionx.policy.speculation import Pinned, SpeculationPolicy
+from diffusionx.requests import Img2ImgRequest
+
+logger = logging.getLogger(__name__)
+
+
+class HandleSpeculation:
+    def __init__(self, cloud: Any, state: Any, policy: SpeculationPolicy) -> None:
+        self.cloud = cloud  # the CloudRefiner handle
+        self.state = state  # the SharedState handle
+        self.policy = policy
+        self._ask = ask  # retries a dead replica; a full queue is TierOverloaded
+        self._tasks: set[asyncio.Task] = set()  # fire-and-forget calls in flight
+
+    async def replicas(self) -> list[dict]:
+        tier = await self._ask(self.state.tier, "cloud")
+        return list(tier.get("per_replica") or ())
+
+    async def submit(self, key: str, session: str, request: Img2ImgRequest, steps: int) -> None:
+        replica_id = await self._ask(self.cloud.speculate, request, key)
+        if replica_id is None:
+            return
+        gone = await self._ask(self.state.register_speculation, key, replica_id, session)
+        await asyncio.gather(*(self._ask(self.cloud.drop_speculation, pinned) for pinned in gone))
+
+    async def claim(self, key: str, promote: bool) -> Claimed:
+        pinned: Pinned | None = await self._ask(self.state.claim_speculation, key)
+        if pinned is None:
+            return Claimed("miss")
+        claimed: Claimed = await self._ask(self.cloud.claim_speculation, pinned, promote)
+        self.later(self.state.count_speculation.remote(claimed.outcome))
+        return claimed
+
+    def later(self, call: Any) -> None:
+        """Runs an awaitable without waiting for it (its failure is logged, not raised)."""
+
+        async def run() -> None:
+            try:
+                await call
+            except Exception as error:
+                logger.warning("speculation bookkeeping failed: %r", error)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
