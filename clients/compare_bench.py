@@ -49,7 +49,7 @@ import numpy as np
 
 from clients import speculation_bench
 from clients.client import AsyncDiffusionXClient
-from clients.loadgen import COLUMNS, LoadgenConfig, run_loadgen, shapes_judge
+from clients.loadgen import COLUMNS, LoadgenConfig, clip_judge, run_loadgen, shapes_judge
 from clients.workload import poisson_arrivals
 from diffusionx.experiments.outputs import bench_results_dir
 
@@ -158,7 +158,13 @@ def _loadgen(url: str, workload: str, arrivals: list[float], settings: argparse.
         progress=not settings.no_progress,
         **extra,
     )
-    judge = shapes_judge() if settings.quality else None
+    judge = (
+        shapes_judge()
+        if settings.quality
+        else clip_judge(settings.alignment_model)
+        if getattr(settings, "alignment_model", None)
+        else None
+    )
     rows, _ = asyncio.run(run_loadgen(config, judge=judge))
     return rows
 
@@ -430,6 +436,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout-s", type=float, default=300.0, help="client timeout per request")
     parser.add_argument("--seed", type=int, default=0, help="arrivals, prompts, image seeds (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--alignment-model",
+        default=None,
+        help="servers of real models (no judge): the quality column is the CLIP score of this alignment "
+        "model, a registered name or a local path (e.g. clip-vit-large-patch14); default: no quality",
+    )
     speculation_bench.add_arguments(parser)
 
 

@@ -176,6 +176,19 @@ def shapes_judge() -> Callable[[Any, str], float]:
     return judge
 
 
+def clip_judge(alignment_model: str) -> Callable[[Any, str], float]:
+    """CLIPScore of a result's image against its prompt, for servers whose models no judge reads; loads the
+    alignment model in this process (imports torch: only where a quality column is asked for)."""
+    from diffusionx.models.alignment import clip_score, load_alignment_model
+
+    model = load_alignment_model(alignment_model)
+
+    def judge(result: Any, prompt: str) -> float:
+        return clip_score(model, [result.image], [prompt])[0]
+
+    return judge
+
+
 def check_loopback(url: str) -> None:
     """Raises ValueError unless `url` points at this machine."""
     host = urlsplit(url).hostname or ""

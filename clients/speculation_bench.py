@@ -6,7 +6,7 @@ Method (every figure through HTTP with `clients.loadgen`):
    session's finalize; with the cloud replicas' published service model (`/v1/stats`) the tier's capacity
    is `replicas * B / (steps * t(B))` finalizes per second (`compare_bench.capacity_per_s`).
 2. Low load. Sessions (`--rounds` rounds, think times of mean `--think-s`) arriving at `--spec-low-x`
-   times that capacity, capped by `--spec-max-session-rate` (previews load the edge tier too), reported as
+   times that capacity (`--spec-max-session-rate` caps it only when given), reported as
    `offered_x_capacity`: once with speculation on, once off, and once in edge-only mode (every round a
    one-shot edge image), the edge-only session latency being the paper's reference.
 3. High load. The same sessions with the router's latency target, while finalizes of previews made
@@ -143,7 +143,9 @@ def run_speculation(
         raise RuntimeError(f"no unloaded finalize succeeded: {runs['spec-unloaded'][:1]}")
     steps = float(np.mean([max(1.0, float(r["cloud_unet_calls"])) for r in ok]))
     capacity = capacity_of(urls["on"], steps)
-    rate = min(settings.spec_low_x * capacity, settings.spec_max_session_rate)
+    rate = settings.spec_low_x * capacity
+    if settings.spec_max_session_rate is not None:
+        rate = min(rate, settings.spec_max_session_rate)
     sessions = poisson_arrivals(rate, 3600.0, settings.sessions, random.Random(settings.seed + 7))
     print(
         f"speculation: session finalizes take {steps:.1f} cloud steps; capacity {capacity:.2f}/s; "
@@ -247,6 +249,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--spec-max-session-rate",
         type=float,
-        default=1.0,
-        help="speculation: cap on the low-load session rate per second (previews load the edge; default 1)",
+        default=None,
+        help="speculation: cap on the low-load session rate per second (default: none, so low load is "
+        "--spec-low-x of the cloud tier's capacity; a cap makes offered_x_capacity lower)",
     )

@@ -52,5 +52,6 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         batch_wait_timeout_s=config.predictor_batch_wait_timeout_s,
         refine_predictor=config.refine_predictor,
         edit_predictor=config.edit_predictor,
+        alignment_model=config.alignment_model,
     )
     return DiffusionXIngress.bind(edge, predictor, cloud, state, config.model_dump())

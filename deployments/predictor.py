@@ -1,7 +1,7 @@
 """StrengthPredictor: predicts the img2img strength a preview needs before cloud refinement (`predict`) and
 the strength of a round-to-round edit (`predict_edit`), batched by the library's `PredictorModel`. Which
-predictors it serves is configured by name: a shipped learned predictor (`shapes-refine`, `shapes-edit`)
-or `heuristic`."""
+predictors it serves is configured by name: a shipped learned predictor (`shapes-refine`, `shapes-edit`,
+which read the `shapes-clip` alignment model) or `heuristic`."""
 
 from __future__ import annotations
 
@@ -31,10 +31,15 @@ class StrengthPredictor(ServedTier):
         batch_wait_timeout_s: float = 0.0,
         refine_predictor: str = "shapes-refine",
         edit_predictor: str = "shapes-edit",
+        alignment_model: str | None = None,
     ) -> None:
         set_torch_threads(1)
-        refine = strength_function(refine_predictor)
-        edit = heuristic_edit_strength if edit_predictor == "heuristic" else load_predictor(edit_predictor)
+        refine = strength_function(refine_predictor, alignment_model)
+        edit = (
+            heuristic_edit_strength
+            if edit_predictor == "heuristic"
+            else load_predictor(edit_predictor, alignment_model=alignment_model)
+        )
         engine = PredictorModel(refine, max_batch_size, predict_edit=edit)
         self._serve(engine, state, max_batch_size, batch_wait_timeout_s)
 

@@ -60,6 +60,13 @@ class AppArgs(BaseModel):
         description="Edit strength predictor for previews of a previous image without a strength: a learned "
         "predictor's name or path, or 'heuristic'.",
     )
+    alignment_model: str | None = Field(
+        None,
+        description="The CLIP checkpoint (registered name, hub id or local path) learned predictors read "
+        "their image-prompt features from; it must be the checkpoint they were trained with (`predictor "
+        "train --alignment-model`). Default: the one each predictor names (shapes-clip for the shipped "
+        "ones). Not loaded when both predictors are 'heuristic'.",
+    )
     preview_cache_bytes: int = Field(
         64 * 1024 * 1024,
         ge=1024,
@@ -95,8 +102,8 @@ class AppArgs(BaseModel):
         0.5,
         ge=0.0,
         le=1.0,
-        description="Speculate only while at least this share of the cloud tier's batch slots is free of "
-        "foreground work (from the replicas' reported pools and queues).",
+        description="Speculate only while the cloud tier's idle capacity is at least this share: the lower "
+        "of its batch slots free of foreground work now and its recent time without foreground work.",
     )
     speculation_max_steps: int = Field(
         400,

@@ -34,6 +34,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "every mode on the same prompts, in process: UNet calls, s, quality",
     ),
     "search": ("diffusionx.experiments.search", "EC-Diff two-stage greedy search of (p, k, a) then s"),
+    "train-clip": (
+        "diffusionx.shapes.train_clip",
+        "train shapes-clip, the image-text alignment model the strength predictors read",
+    ),
     "models": ("diffusionx.models.cli", "list the model registry"),
     "predictor": (
         "diffusionx.experiments.predictor.cli",

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+from diffusionx.policy.busy import BusyShare
 from diffusionx.policy.service_model import StepTimeModel
 
 
@@ -35,13 +37,17 @@ class TierSnapshot:
     background_steps: int = 0
     # UNet calls speculation ran in the background: "used" (answered a finalize) and "wasted" (dropped)
     speculative_unet_calls: dict[str, int] = field(default_factory=lambda: {"used": 0, "wasted": 0})
+    # recent share of time with foreground work queued or running (`diffusionx.policy.busy`)
+    busy_share: float = 0.0
 
 
 class TierMonitor:
     """Counts work entering and leaving a replica's batch queue. Not thread-safe by design: it is only
     touched from the replica's event loop."""
 
-    def __init__(self, history: int = 64, ema: float = 0.3) -> None:
+    def __init__(
+        self, history: int = 64, ema: float = 0.3, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.queued = 0
         self.in_flight = 0
         self.queued_steps = 0
@@ -57,20 +63,28 @@ class TierMonitor:
         self.background_requests = 0  # set by the model loop: speculative work, not load
         self.background_steps = 0
         self.speculative_unet_calls = {"used": 0, "wasted": 0}  # counted by a SpeculationStore
+        self.clock = clock
+        self.busy = BusyShare()
+
+    def _changed(self) -> None:
+        self.busy.update(self.queued + self.in_flight > 0, self.clock())
 
     def enqueue(self, steps: int) -> None:
         self.queued += 1
         self.queued_steps += steps
+        self._changed()
 
     def withdraw(self, steps: int) -> None:
         """A queued request left before it ran (cancelled, or failed before joining a batch)."""
         self.queued -= 1
         self.queued_steps -= steps
+        self._changed()
 
     def admit(self, count: int) -> None:
         """`count` queued requests start running."""
         self.queued -= count
         self.in_flight += count
+        self._changed()
 
     def ran(self, batch_size: int, steps: int, elapsed_s: float) -> None:
         """A model call ran `steps` denoising steps for `batch_size` requests in `elapsed_s`."""
@@ -90,11 +104,13 @@ class TierMonitor:
     def completed(self, count: int) -> None:
         self.in_flight -= count
         self.requests_served += count
+        self._changed()
 
     def abandon(self, remaining_steps: int) -> None:
         """A running request was cancelled with `remaining_steps` not run."""
         self.in_flight -= 1
         self.queued_steps -= remaining_steps
+        self._changed()
 
     def snapshot(self) -> TierSnapshot:
         return TierSnapshot(
@@ -113,6 +129,7 @@ class TierMonitor:
             background_requests=self.background_requests,
             background_steps=self.background_steps,
             speculative_unet_calls=dict(self.speculative_unet_calls),
+            busy_share=self.busy.at(self.clock()),
         )
 
 

@@ -4,9 +4,11 @@ Algorithm: draw `n` held-out captions (`shapes.data.heldout_prompts`, a seed str
 training), generate one image per caption with the served workflow `workflows.modes.generate` on
 in-process tiers (image seed = `--seed` + index, `--batch-size` requests in flight at once, merged into
 batches by the tiers' model loops as the server does), and score each image against its caption with the
-deterministic judge (`shapes.judge.score`). Quality is the mean judge accuracy (the role CLIP score / FID
-play for real models); cost is the mean `unet_calls` per image and the wall-clock seconds per image of
-generation (model loading and judging excluded).
+deterministic judge (`shapes.judge.score`). Quality is the mean judge accuracy; beside it, the CLIP score
+of an alignment model (`models.alignment.clip_score`: shapes-clip for the shapes models, the production
+CLIP for real ones, where it is the only quality column that means anything); cost is the mean
+`unet_calls` per image and the wall-clock seconds per image of generation (model loading and judging
+excluded).
 
     diffusionx eval --mode ec-diff --n 64 --json
 """
@@ -25,6 +27,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from diffusionx.engine.tiers import StrengthFunction
+from diffusionx.models.alignment import (
+    AlignmentModel,
+    clip_score,
+    default_alignment_model,
+    load_alignment_model,
+)
 from diffusionx.models.loading import LoadedModel, ModelNotAvailableError, load_model
 from diffusionx.models.registry import get_spec
 from diffusionx.policy.strength import predict_strength
@@ -53,6 +61,7 @@ class EvalReport:
     unet_calls: dict[str, float]  # mean per image: cloud, edge, approximated
     seconds_per_image: float
     settings: dict[str, object] = field(default_factory=dict)
+    clip_score: float | None = None  # mean CLIPScore of the images against their prompts
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -63,6 +72,7 @@ class EvalReport:
             "per_attribute": self.per_attribute,
             "unet_calls": self.unet_calls,
             "seconds_per_image": self.seconds_per_image,
+            "clip_score": self.clip_score,
             "settings": self.settings,
         }
 
@@ -72,6 +82,7 @@ class EvalReport:
             ("images", str(self.n)),
             ("quality (judge accuracy)", f"{self.quality:.4f}"),
             ("exact match", f"{self.exact:.4f}"),
+            ("CLIP score", "-" if self.clip_score is None else f"{self.clip_score:.2f}"),
             *((f"  {name}", f"{value:.4f}") for name, value in self.per_attribute.items()),
             *((f"unet calls / image: {tier}", f"{calls:.2f}") for tier, calls in self.unet_calls.items()),
             ("seconds / image", f"{self.seconds_per_image:.4f}"),
@@ -92,6 +103,7 @@ def evaluate_mode(
     request_fields: dict[str, object] | None = None,
     predict: StrengthFunction = predict_strength,
     score_fn: ScoreFn | None = None,
+    alignment: AlignmentModel | None = None,
     progress: bool = True,
 ) -> EvalReport:
     """Generates one image per prompt in `mode` and scores it with the judge (or `score_fn`).
@@ -107,6 +119,7 @@ def evaluate_mode(
         check_fields(mode, request)
     tiers = local_tiers(cloud, edge, max_batch_size=batch_size, predict=predict)
     scores: list[dict[str, float]] = []
+    clip_scores: list[float] = []
     totals = {"cloud": 0, "edge": 0, "approximated": 0}
     generation_s = 0.0
     with tqdm(
@@ -117,6 +130,8 @@ def evaluate_mode(
             start = time.perf_counter()
             results = [generated.result for generated in generate_all(tiers, mode, batch)]
             generation_s += time.perf_counter() - start
+            if alignment is not None:
+                clip_scores += clip_score(alignment, [r.image for r in results], [q.prompt for q in batch])
             for request, result in zip(batch, results, strict=True):
                 scores.append(score_fn(result.image, request.prompt))
                 for tier, calls in result.unet_calls.to_dict().items():
@@ -133,6 +148,7 @@ def evaluate_mode(
         unet_calls={tier: calls / n if n else 0.0 for tier, calls in totals.items()},
         seconds_per_image=generation_s / n if n else 0.0,
         settings=dict(fields),
+        clip_score=_mean(clip_scores) if alignment is not None else None,
     )
 
 
@@ -184,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cloud", default=DEFAULT_CLOUD, help=f"cloud model (default {DEFAULT_CLOUD})")
     parser.add_argument("--edge", default=DEFAULT_EDGE, help=f"edge model (default {DEFAULT_EDGE})")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="requests per batch")
+    parser.add_argument(
+        "--alignment-model",
+        default=None,
+        help="CLIP for the CLIP score column: a registered name, hub id or local path, or 'none' "
+        "(default: shapes-clip for the shapes models, clip-vit-large-patch14 for real ones)",
+    )
     add_run_options(parser)
     return parser
 
@@ -207,6 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         cloud, edge = load_pair(args.mode, args.cloud, args.edge, args.device)
+        family = (cloud or edge).spec.family  # type: ignore[union-attr]
+        name = args.alignment_model or default_alignment_model(family)
+        alignment = None if name == "none" else load_alignment_model(name, device=args.device)
     except ModelNotAvailableError as error:
         print(f"diffusionx eval: error: {error}", file=sys.stderr)
         return 1
@@ -219,6 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             batch_size=args.batch_size,
             request_fields=request_fields,
+            alignment=alignment,
             progress=not args.no_progress,
         )
     except InvalidRequestError as error:
@@ -226,6 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.settings = {
         "cloud": args.cloud if cloud else None,
         "edge": args.edge if edge else None,
+        "alignment_model": None if alignment is None else alignment.name,
         **report.settings,
     }
     if args.mode == "diffusionx" and args.strength is None:

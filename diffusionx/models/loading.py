@@ -74,7 +74,9 @@ _component_cache: dict[tuple, Any] = {}
 _cache_lock = threading.Lock()
 
 
-def _not_available(spec: ModelSpec, reason: str) -> ModelNotAvailableError:
+def _not_available(
+    spec: ModelSpec, reason: str, registered: tuple[str, ...] | None = None
+) -> ModelNotAvailableError:
     source = spec.source
     if Path(source).expanduser().is_dir() or source.startswith(("/", ".", "~")):
         where = f"the local directory {source}"
@@ -87,6 +89,8 @@ def _not_available(spec: ModelSpec, reason: str) -> ModelNotAvailableError:
     if where.startswith("the local directory"):
         how = (
             "Check the path: it must be a diffusers pipeline directory (model_index.json, unet/, vae/, ...)."
+            if registered is None
+            else "Check the path: it must be a transformers model directory (config.json, weights)."
         )
     else:
         how = (
@@ -96,7 +100,7 @@ def _not_available(spec: ModelSpec, reason: str) -> ModelNotAvailableError:
         )
     return ModelNotAvailableError(
         f"Model '{spec.name}' is not available: looked for {where}. Reason: {reason.rstrip('.')}. {how} "
-        f"Registered names: {', '.join(REGISTRY)}."
+        f"Registered names: {', '.join(REGISTRY if registered is None else registered)}."
     )
 
 

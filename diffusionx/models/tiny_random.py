@@ -30,11 +30,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DIFFUSIONX_HOME", Path.home() / ".cache" / "diffusionx")).expanduser()
 
 
-def build_once(target: Path, build: Callable[[Path], None]) -> Path:
-    """Returns `target`, first building it with `build(staging_dir)` if it has no model_index.json: built in
-    a staging directory beside it and renamed into place, so a half-written pipeline is never seen and two
+def build_once(target: Path, build: Callable[[Path], None], marker: str = "model_index.json") -> Path:
+    """Returns `target`, first building it with `build(staging_dir)` if it has no `marker` file: built in
+    a staging directory beside it and renamed into place, so a half-written model is never seen and two
     processes building at once both end with one complete copy."""
-    if (target / "model_index.json").exists():
+    if (target / marker).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f"{target.name}-", dir=target.parent))
@@ -43,7 +43,7 @@ def build_once(target: Path, build: Callable[[Path], None]) -> Path:
         try:
             staging.rename(target)
         except OSError:  # another process finished first
-            if not (target / "model_index.json").exists():
+            if not (target / marker).exists():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -11,6 +11,13 @@ One feature vector per (prompt, image, previous_prompt), concatenated in this or
   "circle"), and the share of words that differ (1); for a request without history (a finalize) the
   previous prompt is the prompt itself, so both are 0.
 
+* alignment (when the predictor names an alignment model, `models.alignment`): the CLIP similarity of the
+  image to the prompt, its margin against each attribute's one-attribute perturbations of the prompt
+  (`shapes.perturb`: similarity to the prompt minus the best-scoring perturbation; 0 where the prompt has
+  none) and the smallest of those margins (ALIGNMENT_FEATURES: a negative margin says which attribute looks
+  wrong). The refine predictor reads the final preview against the prompt, the edit predictor the previous
+  image against the new prompt.
+
 The text encoder is the one a model family ships (`TextEmbedder.load("shapes-cloud")`), so a predictor
 reads prompts exactly as the diffusion models of that family do.
 """
@@ -20,7 +27,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,6 +35,10 @@ from PIL import Image
 
 from diffusionx.policy.strength import residual_noise
 from diffusionx.sampling.generation import tokenize
+from diffusionx.shapes.perturb import ATTRIBUTES, perturbations
+
+if TYPE_CHECKING:
+    from diffusionx.models.alignment import AlignmentModel
 
 IMAGE_GRID = 4  # layout features: IMAGE_GRID x IMAGE_GRID RGB
 COLOUR_BINS = 3  # colour histogram: COLOUR_BINS per channel
@@ -107,8 +118,35 @@ def _masked_mean(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return ((hidden * weights).sum(1) / np.maximum(weights.sum(1), 1.0)).astype(np.float32)
 
 
-def feature_dim(text_dim: int) -> int:
-    return IMAGE_FEATURES + 2 * text_dim + 1
+ALIGNMENT_FEATURES = 2 + len(ATTRIBUTES)  # similarity, a margin per attribute, the smallest margin
+
+
+def feature_dim(text_dim: int, alignment: bool = False) -> int:
+    return IMAGE_FEATURES + 2 * text_dim + 1 + (ALIGNMENT_FEATURES if alignment else 0)
+
+
+def alignment_features(
+    model: AlignmentModel, prompts: Sequence[str], images: Sequence[Image.Image]
+) -> np.ndarray:
+    """(B, ALIGNMENT_FEATURES) float32: similarity, margins per attribute, smallest margin."""
+    image_vectors = model.image_embeddings(images)  # (B, D)
+    options = [perturbations(prompt) for prompt in prompts]
+    texts = [
+        [prompt, *(t for a in ATTRIBUTES for t in option[a])]
+        for prompt, option in zip(prompts, options, strict=True)
+    ]
+    vectors = model.text_embeddings([t for row in texts for t in row])  # one batch for every request
+    rows, offset = [], 0
+    for vector, option, row in zip(image_vectors, options, texts, strict=True):
+        scores = vectors[offset : offset + len(row)] @ vector  # (1 + P,): the prompt, then its perturbations
+        offset += len(row)
+        margins, start = [], 1
+        for attribute in ATTRIBUTES:
+            count = len(option[attribute])
+            margins.append(float(scores[0] - scores[start : start + count].max()) if count else 0.0)
+            start += count
+        rows.append([float(scores[0]), *margins, min(margins)])
+    return np.asarray(rows, np.float32).reshape(len(prompts), ALIGNMENT_FEATURES)
 
 
 def build_features(
@@ -116,8 +154,10 @@ def build_features(
     prompts: Sequence[str],
     images: Sequence[Image.Image],
     previous_prompts: Sequence[str | None] | None = None,
+    alignment: AlignmentModel | None = None,
 ) -> np.ndarray:
-    """(B, feature_dim) float32 feature matrix (see the module docstring)."""
+    """(B, feature_dim) float32 feature matrix (see the module docstring); the alignment features last,
+    when an alignment model is given."""
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
     previous = [
@@ -129,6 +169,7 @@ def build_features(
     changed_positions = (ids != previous_ids) & (mask > 0)  # (B, L): tokens that differ, position by position
     pixels = np.stack([image_features(image) for image in images])
     changed = np.array([[word_change(b, a)] for b, a in zip(previous, prompts, strict=True)], np.float32)
-    return np.concatenate(
-        [pixels, _masked_mean(hidden, mask), _masked_mean(hidden, changed_positions), changed], axis=1
-    ).astype(np.float32)
+    parts = [pixels, _masked_mean(hidden, mask), _masked_mean(hidden, changed_positions), changed]
+    if alignment is not None:
+        parts.append(alignment_features(alignment, prompts, images))
+    return np.concatenate(parts, axis=1).astype(np.float32)

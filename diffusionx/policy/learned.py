@@ -21,6 +21,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,6 +29,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from diffusionx.policy.features import TextEmbedder, build_features
+
+if TYPE_CHECKING:
+    from diffusionx.models.alignment import AlignmentModel
 from diffusionx.policy.strength import predict_strength
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -40,6 +44,7 @@ class PredictorConfig:
     grid: list[float]  # candidate strengths, ascending
     text_model: str  # registry model whose tokenizer and text encoder embed prompts
     input_dim: int
+    alignment_model: str | None = None  # the CLIP whose features it reads (models.alignment), if any
     hidden: int = 8
     dropout: float = 0.5
     threshold: float = 0.5  # P(enough) a grid strength must reach to be picked
@@ -76,14 +81,29 @@ class StrengthNet(torch.nn.Module):
 class LearnedStrengthPredictor:
     """Callable like the heuristic: `predictor(prompt, image) -> strength`; `predict` takes batches."""
 
-    def __init__(self, config: PredictorConfig, net: StrengthNet, embedder: TextEmbedder) -> None:
+    def __init__(
+        self,
+        config: PredictorConfig,
+        net: StrengthNet,
+        embedder: TextEmbedder,
+        alignment: AlignmentModel | None = None,
+    ) -> None:
+        if (config.alignment_model is None) != (alignment is None):
+            raise ValueError(
+                f"predictor config names alignment model {config.alignment_model!r} but "
+                f"{'none' if alignment is None else alignment.name!r} was given"
+            )
         self.config = config
         self.net = net.eval()
         self.embedder = embedder
+        self.alignment = alignment
 
     @property
     def name(self) -> str:
-        return f"learned-{self.config.kind} ({self.config.text_model})"
+        reads = self.config.text_model + (
+            f", {self.config.alignment_model}" if self.config.alignment_model else ""
+        )
+        return f"learned-{self.config.kind} ({reads})"
 
     @torch.no_grad()
     def probabilities(self, features: np.ndarray) -> np.ndarray:
@@ -106,7 +126,7 @@ class LearnedStrengthPredictor:
         images: Sequence[Image.Image],
         previous_prompts: Sequence[str | None] | None = None,
     ) -> list[float]:
-        features = build_features(self.embedder, prompts, images, previous_prompts)
+        features = build_features(self.embedder, prompts, images, previous_prompts, self.alignment)
         return self.choose(self.probabilities(features))
 
     def __call__(self, prompt: str, image: Image.Image, previous_prompt: str | None = None) -> float:
@@ -132,15 +152,20 @@ def shipped_predictors() -> list[str]:
     return sorted(p.stem for p in WEIGHTS_DIR.glob("*.safetensors"))
 
 
-def strength_function(name: str) -> Callable[..., float]:
-    """What a config names: "heuristic" (`policy.strength.predict_strength`) or a learned predictor."""
+def strength_function(name: str, alignment_model: str | None = None) -> Callable[..., float]:
+    """What a config names: "heuristic" (`policy.strength.predict_strength`) or a learned predictor (reading
+    `alignment_model` instead of the CLIP its config names, when given)."""
     if name == "heuristic":
         return predict_strength
-    return load_predictor(name)
+    return load_predictor(name, alignment_model=alignment_model)
 
 
-def load_predictor(name_or_path: str, embedder: TextEmbedder | None = None) -> LearnedStrengthPredictor:
-    """Loads a learned predictor by shipped name or .safetensors path; a missing one is a clear error."""
+def load_predictor(
+    name_or_path: str, embedder: TextEmbedder | None = None, alignment_model: str | None = None
+) -> LearnedStrengthPredictor:
+    """Loads a learned predictor by shipped name or .safetensors path; a missing one is a clear error.
+    `alignment_model` loads the CLIP it was trained with from another place (a local copy of the same
+    checkpoint); by default the one its config names."""
     path = predictor_path(name_or_path)
     if not path.exists():
         raise FileNotFoundError(
@@ -155,4 +180,9 @@ def load_predictor(name_or_path: str, embedder: TextEmbedder | None = None) -> L
     net.load_state_dict(load_file(str(path)))
     if embedder is None or embedder.source != config.text_model:
         embedder = TextEmbedder.load(config.text_model)
-    return LearnedStrengthPredictor(config, net, embedder)
+    alignment = None
+    if config.alignment_model is not None:
+        from diffusionx.models.alignment import load_alignment_model
+
+        alignment = load_alignment_model(alignment_model or config.alignment_model, device="cpu")
+    return LearnedStrengthPredictor(config, net, embedder, alignment)

@@ -13,8 +13,9 @@ registry, tested without Ray:
   foreground arrival waits for that step. A GPU's step time is nearly flat below its batch capacity, so
   speculation shares steps and fills idle ones there; a CPU's grows with `b`, so with a small slowdown it
   runs one sample at a time, only when the tier is idle.
-- `SpeculationPolicy.allows`: submit only when the tier's idle capacity (free batch slots over all
-  slots, from the replicas' reported foreground pools and queues) is at least `idle_floor` and the
+- `SpeculationPolicy.allows`: submit only when the tier's idle capacity (`idle_share`: the lower of free
+  batch slots over all slots now, from the replicas' reported foreground pools and queues, and the share
+  of recent time the replicas held no foreground work) is at least `idle_floor` and the
   speculative steps already queued on the tier are within `max_steps`.
 - `speculation_key`: what a finalize must match to use a speculation.
 - `SpeculationRegistry`: key -> the replica it runs on, per session (a newer preview of a session
@@ -89,14 +90,19 @@ class SpeculationPolicy:
 
 
 def idle_share(replicas: Sequence[dict]) -> float:
-    """Free batch slots over all batch slots of the tier: foreground samples in each replica's pool and
-    queue take slots, background samples do not."""
+    """The tier's idle capacity, the lower of two shares: free batch slots over all batch slots now
+    (foreground samples in each replica's pool and queue take slots, background samples do not), and the
+    recent idle time (1 - each replica's `busy_share`, `diffusionx.policy.busy`, over the tier). The first
+    alone lets a tier under load speculate in the moments between its requests."""
     slots = sum(max(1, int(r.get("max_batch_size", 1))) for r in replicas)
     busy = sum(
         min(max(1, int(r.get("max_batch_size", 1))), len(r.get("pool") or ()) + int(r.get("queued", 0)))
         for r in replicas
     )
-    return (slots - busy) / slots if slots else 0.0
+    if not slots:
+        return 0.0
+    recent_idle = 1.0 - sum(float(r.get("busy_share", 0.0)) for r in replicas) / len(replicas)
+    return min((slots - busy) / slots, recent_idle)
 
 
 def background_steps(replicas: Sequence[dict]) -> int:

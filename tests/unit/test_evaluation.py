@@ -54,6 +54,8 @@ def test_eval_json_reports_quality_and_cost(fake_judge, capsys):
     expected = expected_unet_calls(CollaborationParams.ec_diff(8)).to_dict()
     assert report["unet_calls"] == pytest.approx({tier: float(n) for tier, n in expected.items()})
     assert report["seconds_per_image"] > 0
+    # the CLIP score column: tiny-random models are read by the tiny random CLIP (a CLIPScore in [0, 100])
+    assert report["settings"]["alignment_model"] == "tiny-random-clip" and 0 <= report["clip_score"] <= 100
     assert [caption for _, caption in fake_judge] == PROMPTS
     assert {size for size, _ in fake_judge} == {(32, 32)}
 

@@ -99,11 +99,23 @@ def test_label_train_eval_end_to_end_on_tiny_random_sessions(tmp_path, capsys):
     assert "labels made with" in capsys.readouterr().err
 
     weights = tmp_path / "weights"
-    assert train.main(["--data", str(data), "--out-dir", str(weights), "--prefix", "t", "--epochs", "5"]) == 0
+    options = [
+        "--out-dir",
+        str(weights),
+        "--prefix",
+        "t",
+        "--epochs",
+        "5",
+        "--alignment-model",
+        "tiny-random-clip",
+    ]
+    assert train.main(["--data", str(data), *options]) == 0
     trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert trained["sessions"] == 4 and trained["refine"]["threshold"] in train.THRESHOLDS
     refine = load_predictor(str(weights / "t-refine.safetensors"))
     assert refine.config.text_model == "tiny-random" and refine.config.trained["examples"] == 4
+    assert refine.config.alignment_model == "tiny-random-clip" and refine.alignment is not None
+    assert refine.config.input_dim == feature_dim(refine.embedder.dim, alignment=True)
 
     plot = tmp_path / "pareto.png"
     args = ["--sessions", "2", "--json", "--plot", str(plot), *models]
@@ -126,6 +138,8 @@ def test_label_train_eval_end_to_end_on_tiny_random_sessions(tmp_path, capsys):
     assert report["target"] == pytest.approx(report["reference"]["quality"] - 0.01)
     assert set(report["edit"]["methods"]) == set(report["methods"])
     assert report["timing"]["refine_predict_cpu_ms"] > 0
+    assert set(report["wrong_preview_auc_by_method"]) == {"learned", "heuristic"}
+    assert "wrong_preview_auc" in report and 0 <= report["wrong_previews"] <= 2
     assert plot.exists() and Image.open(plot).size[0] > 500
 
 

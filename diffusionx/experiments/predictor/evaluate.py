@@ -92,6 +92,7 @@ async def eval_session(
     for s in FIXED_STRENGTHS:
         jobs[f"fixed-{s}"] = modes.finalize(learned, prompt, image, seed=seed, strength=s)
     refine_rows = []
+    preview_wrong = float(score(image, prompt)["exact"] == 0.0)  # what a predictor should recognise
     for method, done in zip(jobs, await asyncio.gather(*jobs.values()), strict=True):
         result = done.result
         scores = score(result.image, prompt)
@@ -102,6 +103,7 @@ async def eval_session(
                 "exact_match": float(scores["accuracy"] == 1.0),
                 "cloud_unet_calls": result.unet_calls.cloud,
                 "strength": 1.0 if result.strength is None else result.strength,  # text-to-image: 1
+                "preview_wrong": preview_wrong,
             }
         )
     return edit_rows, refine_rows
@@ -115,6 +117,35 @@ def _means(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[str, dic
         method: {key: float(statistics.fmean(r[key] for r in group)) for key in keys}
         for method, group in by_method.items()
     }
+
+
+def roc_auc(scores: Sequence[float], positives: Sequence[float]) -> float:
+    """ROC AUC of `scores` for the binary `positives`: the probability that a random positive scores above
+    a random negative, ties counting one half (Mann-Whitney U); NaN without both classes."""
+    pos = [s for s, p in zip(scores, positives, strict=True) if p]
+    neg = [s for s, p in zip(scores, positives, strict=True) if not p]
+    if not pos or not neg:
+        return float("nan")
+    wins = sum((a > b) + 0.5 * (a == b) for a in pos for b in neg)
+    return float(wins / (len(pos) * len(neg)))
+
+
+def wrong_preview_auc(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Per refine method: the AUC of its chosen strength as a score for "the final preview is wrong"."""
+    by_method: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_method[row["method"]].append(row)
+    return {
+        method: roc_auc([r["strength"] for r in group], [r["preview_wrong"] for r in group])
+        for method, group in by_method.items()
+        if method in ("learned", "heuristic")
+    }
+
+
+def _clear_alignment_cache(predictor: Any) -> None:
+    alignment = getattr(predictor, "alignment", None)
+    if alignment is not None:
+        alignment.clear_cache()
 
 
 def cpu_ms(function: Callable[[], Any], repeats: int = 10) -> float:
@@ -168,6 +199,8 @@ def evaluate(
                 refine_rows += refines
             bar.update(len(chunk))
     seconds = time.perf_counter() - start
+    aucs = wrong_preview_auc(refine_rows)
+    wrong_previews = int(sum(r["preview_wrong"] for r in refine_rows if r["method"] == "learned"))
     refine = _means(refine_rows, ("quality", "cloud_unet_calls", "exact_match", "strength"))
     reference = refine.pop("cloud (full generation)")
     edits = _means(edit_rows, ("ok", "edge_unet_calls", "accuracy", "strength"))
@@ -180,8 +213,13 @@ def evaluate(
     torch.set_num_threads(1)
     try:
         timing = {
-            "refine_predict_cpu_ms": cpu_ms(lambda: refine_predictor(probe, image)),
-            "edit_predict_cpu_ms": cpu_ms(lambda: edit_predictor(probe, image, probe)),
+            # a cold text cache: each request's prompt and its perturbations are encoded anew
+            "refine_predict_cpu_ms": cpu_ms(
+                lambda: (_clear_alignment_cache(refine_predictor), refine_predictor(probe, image))
+            ),
+            "edit_predict_cpu_ms": cpu_ms(
+                lambda: (_clear_alignment_cache(edit_predictor), edit_predictor(probe, image, probe))
+            ),
             "edge_preview_cpu_ms": cpu_ms(
                 lambda: asyncio.run(modes.preview(learned, PreviewRequest(probe, image_seed))), repeats=5
             ),
@@ -201,6 +239,9 @@ def evaluate(
             },
         },
         "reference": {"method": "cloud (full generation)", **reference},
+        "wrong_preview_auc": aucs["learned"],
+        "wrong_preview_auc_by_method": aucs,
+        "wrong_previews": wrong_previews,
         "exact_match": {m: v["exact_match"] for m, v in refine.items()},
         "mean_strength": {m: v["strength"] for m, v in refine.items()},
         "edit_mean_strength": {m: v["strength"] for m, v in edits.items()},
@@ -251,6 +292,12 @@ def to_table(report: dict[str, Any]) -> str:
             f"{report['edit_mean_strength'][method]:>10.3f}"
         )
     timing = report["timing"]
+    aucs = report["wrong_preview_auc_by_method"]
+    lines += [
+        "",
+        f"wrong final previews: {report['wrong_previews']} of {report['sessions']}; AUC of the strength "
+        "for 'the preview is wrong': " + ", ".join(f"{m} {v:.3f}" for m, v in aucs.items()),
+    ]
     lines += [
         "",
         f"CPU ms per single request: refine prediction {timing['refine_predict_cpu_ms']:.1f}, "
