@@ -49,7 +49,7 @@ import numpy as np
 
 from clients import speculation_bench
 from clients.client import AsyncDiffusionXClient
-from clients.loadgen import COLUMNS, LoadgenConfig, clip_judge, run_loadgen, shapes_judge
+from clients.loadgen import COLUMNS, clip_judge, run_loadgen, shapes_judge
 from clients.workload import poisson_arrivals
 from diffusionx.experiments.outputs import bench_results_dir
 
@@ -142,22 +142,7 @@ def calibration(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 # -- runs ------------------------------------------------------------------------------------------------
 def _loadgen(url: str, workload: str, arrivals: list[float], settings: argparse.Namespace, **extra: Any):
-    config = LoadgenConfig(
-        url=url,
-        workload=workload,
-        arrivals=arrivals,
-        duration_s=(arrivals[-1] if arrivals else 0.0) + 1.0,
-        max_requests=10_000,
-        drain_s=settings.drain_s,
-        rounds=settings.rounds,
-        think_s=settings.think_s,
-        num_inference_steps=settings.steps,
-        preview_pool=settings.preview_pool,
-        seed=settings.seed,
-        timeout_s=settings.timeout_s,
-        progress=not settings.no_progress,
-        **extra,
-    )
+    config = speculation_bench.loadgen_config(url, workload, arrivals, settings, **extra)
     judge = (
         shapes_judge()
         if settings.quality
