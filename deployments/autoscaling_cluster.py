@@ -36,18 +36,26 @@ from ray.cluster_utils import AutoscalingCluster
 
 OBJECT_STORE_BYTES = 200 * 1024 * 1024
 
-# Node types (resources per fake node). A tier replica asks for 0.5 CPU and 1 of its tier resource, so a
-# node holds two; the cluster can grow to 2 cloud nodes (CloudRefiner max_replicas 4) and 1 edge node.
+# Node types (resources per fake node), as on a GPU cluster (serve_config.yaml): a cloud node is one GPU and
+# holds one cloud replica (1 GPU, 1 `cloud_node`), so cloud nodes follow cloud replicas one for one, up to
+# CloudRefiner's max_replicas; an edge node holds up to four edge replicas (a quarter GPU each), up to
+# EdgePreviewer's max_replicas. Each node declares 1 CPU (a replica asks for 0.5 and waits for its GPU time).
 HEAD_RESOURCES = {"CPU": 2, "head_node": 1}
+CLOUD_MAX_REPLICAS = 4
+EDGE_REPLICAS_PER_NODE = 4
 NODE_TYPES: dict[str, dict[str, Any]] = {
     "cloud": {
-        "resources": {"CPU": 1, "cloud_node": 2, "object_store_memory": OBJECT_STORE_BYTES},
+        "resources": {"CPU": 1, "cloud_node": 1, "object_store_memory": OBJECT_STORE_BYTES},
         "node_config": {},
         "min_workers": 0,
-        "max_workers": 2,
+        "max_workers": CLOUD_MAX_REPLICAS,
     },
     "edge": {
-        "resources": {"CPU": 1, "edge_node": 2, "object_store_memory": OBJECT_STORE_BYTES},
+        "resources": {
+            "CPU": 2,
+            "edge_node": EDGE_REPLICAS_PER_NODE,
+            "object_store_memory": OBJECT_STORE_BYTES,
+        },
         "node_config": {},
         "min_workers": 0,
         "max_workers": 1,

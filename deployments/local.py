@@ -147,7 +147,11 @@ def start_local_app(
         )
         if sigterm is _raise_stopped:  # ray.init installs its own SIGTERM handler (sys.exit); keep ours
             signal.signal(signal.SIGTERM, _raise_stopped)
-    client = serve_api.serve_start(http_options=config.http_options.model_dump())
+    # the config's proxy_location too (`serve deploy` passes it; without it Serve starts a proxy on every
+    # node, which keeps an autoscaled worker node busy, and away from idle, while it drains)
+    client = serve_api.serve_start(
+        http_options=config.http_options.model_dump(), proxy_location=config.proxy_location
+    )
     client.deploy_apps(config, _blocking=False)
     host = config.http_options.host if config.http_options.host not in ("0.0.0.0", "::") else "127.0.0.1"
     url = f"http://{host}:{port}"
