@@ -17,6 +17,7 @@ from clients.errors import (
     InvalidRequest,
     Overloaded,
     PreviewExpired,
+    RateLimited,
     RequestTimeout,
     ServerError,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "PreviewExpired",
     "PreviewResult",
     "ProgressEvent",
+    "RateLimited",
     "RefineResult",
     "RequestTimeout",
     "Round",

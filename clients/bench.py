@@ -338,7 +338,13 @@ DELEGATED: dict[str, tuple[str, str]] = {
         "tiers scaling on Ray's local autoscaling cluster (stops every local Ray process; see its --help)",
     ),
     "shed": ("clients.shed_bench", "how fast overload is refused: 503 latency against admitted latency"),
-    "faults": ("deployments.faults", "SIGKILL every replica of each deployment under load: failed sessions"),
+    "faults": (
+        "deployments.faults",
+        "SIGKILL every replica of each deployment under load, or with --node cloud|edge [--drain] lose a "
+        "node of a multi-node cluster (deployments/node_faults.py): failed sessions",
+    ),
+    "tenants": ("clients.tenants_bench", "two API keys share the cloud tier by weight while one floods it"),
+    "soak": ("clients.soak_bench", "sessions at ~0.7x capacity for minutes: replica memory, queues, p95"),
     "state-memory": ("deployments.state_memory", "memory of the shared preview cache after N previews"),
 }
 

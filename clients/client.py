@@ -15,10 +15,12 @@ Every method returns a typed result (`clients.results`) whose images are PIL ima
 `DiffusionXError` (`clients.errors`).
 
 Every call is retried on what a retry can fix: 5xx answers (a replica died, the server restarted), 503
-(overload: after the server's Retry-After) and connection failures, with exponential backoff and full
+(overload) and 429 (the API key is over its rate), both after the server's Retry-After, and connection
+failures, with exponential backoff and full
 jitter (`tenacity`), at most `max_retries` times and never past `deadline_s` (the caller's total budget
 for the call, retries included; a Retry-After that would end past it is not waited for). Generation is
-idempotent (the seed fixes the image), so a retried request gives the same answer. 4xx is never retried.
+idempotent (the seed fixes the image), so a retried request gives the same answer. Other 4xx are never
+retried.
 
 The server keeps no session state it cannot lose: a `Session` holds the rounds, sends the previous round's
 `preview_id` for an edit or for the final refinement, and when the server answers 404 because the id has
@@ -59,6 +61,7 @@ from clients.errors import (
     DiffusionXError,
     Overloaded,
     PreviewExpired,
+    RateLimited,
     RequestTimeout,
     ServerError,
     error_from_response,
@@ -156,7 +159,7 @@ class _ClientBase:
         if self.deadline_s is not None:
             stop = stop | stop_before_delay(self.deadline_s)
         return AsyncRetrying(
-            retry=retry_if_exception_type((ServerError, ConnectionFailed)),
+            retry=retry_if_exception_type((ServerError, ConnectionFailed, RateLimited)),
             stop=stop,
             wait=self._wait_s,
             reraise=True,
@@ -167,7 +170,7 @@ class _ClientBase:
         """The server's Retry-After plus a little jitter (so shed clients do not return in step), else
         exponential backoff with full jitter."""
         error = state.outcome.exception() if state.outcome else None
-        if isinstance(error, Overloaded) and error.retry_after_s is not None:
+        if isinstance(error, Overloaded | RateLimited) and error.retry_after_s is not None:
             return error.retry_after_s + random.uniform(0.0, min(1.0, 0.25 * error.retry_after_s))
         return wait_random_exponential(multiplier=FIRST_BACKOFF_S, max=self.max_backoff_s)(state)
 

@@ -2,7 +2,8 @@
 
 The server answers errors as `{"error": message, "status": code}`. The mapping keeps the server's message
 verbatim and picks the class from the status: 4xx -> `InvalidRequest` (404 on a request that named a
-`preview_id` -> `PreviewExpired`), 503 -> `Overloaded` (with the Retry-After seconds), other 5xx ->
+`preview_id` -> `PreviewExpired`; 429 -> `RateLimited`), 503 -> `Overloaded` (both with the Retry-After
+seconds), other 5xx ->
 `ServerError`. Transport failures (refused connection, timeout) become `ConnectionFailed`.
 """
 
@@ -43,6 +44,16 @@ class PreviewExpired(InvalidRequest):
     ) -> None:
         super().__init__(message, status, body)
         self.preview_id = preview_id
+
+
+class RateLimited(InvalidRequest):
+    """429: this API key is over its rate. `retry_after_s` is the server's Retry-After in seconds."""
+
+    def __init__(
+        self, message: str, status: int | None = 429, body: Any = None, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message, status, body)
+        self.retry_after_s = retry_after_s
 
 
 class ServerError(DiffusionXError):
@@ -120,9 +131,10 @@ def error_from_response(response: httpx.Response, preview_id: str | None = None)
     message, body = _error_message(response)
     if status == 404 and preview_id:
         return PreviewExpired(message, status, body, preview_id=preview_id)
-    if status == 503:
+    if status in (429, 503):
         retry_after_s = parse_retry_after(response.headers.get("retry-after"))
-        return Overloaded(message, status, body, retry_after_s=retry_after_s)
+        kind = RateLimited if status == 429 else Overloaded
+        return kind(message, status, body, retry_after_s=retry_after_s)
     if 400 <= status < 500:
         return InvalidRequest(message, status, body)
     if status >= 500:

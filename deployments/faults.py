@@ -5,7 +5,8 @@ A session is what a user does: a preview, an edit of it, and the final refinemen
 `clients.DiffusionXClient` (with its retries). `diffusionx bench faults` starts the application (the
 embedded CPU config unless `--config`), runs the experiment for every deployment, prints one row each and
 writes the rows to `--out`/faults.json (default `bench_results/faults/`); the test suite runs a short
-version on its session's application.
+version on its session's application. With `--node cloud|edge [--drain]` it loses a whole node of a
+multi-node cluster instead (`deployments.node_faults`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from collections import Counter
@@ -104,6 +106,11 @@ def wait_until_serving(url: str, deployment: str, timeout_s: float = 120.0) -> N
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--node" in argv or any(a.startswith("--node=") for a in argv):  # a lost node, not replicas
+        from deployments.node_faults import main as node_main
+
+        return node_main(argv)
     parser = argparse.ArgumentParser(prog="diffusionx bench faults", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="serve config YAML (default: the embedded CPU application)")
     parser.add_argument("--port", type=int, default=8000, help="port of the local application (default 8000)")

@@ -53,9 +53,10 @@ from diffusionx.policy.router import CloudLoad, RouterConfig
 from diffusionx.policy.service_model import ReplicaLoad
 from diffusionx.policy.sessions import SessionTracker
 from diffusionx.policy.speculation import preview_digest
+from diffusionx.policy.tenants import Tenants
 from diffusionx.requests import Img2ImgRequest, InvalidRequestError, PreviewRequest
-from diffusionx.serving.errors import PreviewNotFound, TierOverloaded
-from diffusionx.serving.guard import Guard, GuardConfig, load_api_keys
+from diffusionx.serving.errors import PreviewNotFound, RateLimited, TierOverloaded
+from diffusionx.serving.guard import Guard, GuardConfig, load_api_keys, owner_of
 from diffusionx.workflows import modes
 from diffusionx.workflows.modes import GenerateRequest, Tiers
 
@@ -72,17 +73,26 @@ app = FastAPI(
     version="0.1.0",
     description="Interactive text-to-image: edge previews, predicted-strength cloud refinement, EC-Diff. "
     "Errors answer `{error, status}`; 401 without a valid API key (when keys are on), 413 for a body over "
-    "the byte limit, 422 for bad input, 404 for an unknown preview id, 503 with Retry-After on overload.",
+    "the byte limit, 422 for bad input, 404 for an unknown preview id, 429 with Retry-After for an API key "
+    "over its rate, 503 with Retry-After on overload.",
 )
 add_web_page(app)  # GET /: the session page (deployments/static)
 
 # The guard's settings of this replica: the app (and so the middleware) is built before the replica's
-# constructor runs, which sets them from the application's args.
+# constructor runs, which sets them from the application's args through `configure_guard`. Serve ships
+# the ingress class by value (cloudpickle: `serve.ingress` makes a class no module names), so a `global`
+# statement in its constructor would set a copy of this module's globals, not the one the middleware
+# reads; module-level functions travel by reference, so both go through these two.
 _guard_config = GuardConfig()
 
 
 def guard_config() -> GuardConfig:
     return _guard_config
+
+
+def configure_guard(config: GuardConfig) -> None:
+    global _guard_config
+    _guard_config = config
 
 
 app.add_middleware(Guard, config=guard_config)
@@ -114,6 +124,12 @@ async def _preview_not_found(_: Request, error: PreviewNotFound) -> JSONResponse
     return _error(404, str(error))
 
 
+@app.exception_handler(RateLimited)
+async def _rate_limited(request: Request, error: RateLimited) -> JSONResponse:
+    ingress_metrics().request_shed(request.url.path)
+    return _error(429, str(error), headers={"Retry-After": str(error.retry_after_s)})
+
+
 @app.exception_handler(TierOverloaded)
 async def _overloaded(request: Request, error: TierOverloaded) -> JSONResponse:
     ingress_metrics().request_shed(request.url.path)
@@ -127,6 +143,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         404: "The preview_id is unknown, has expired, or belongs to another API key.",
         413: "The request body is larger than the server's byte limit.",
         422: "The request is not valid: the message names the field and what is allowed.",
+        429: "The API key is over its rate: retry after the Retry-After header's seconds.",
         503: "Overloaded or a replica is restarting: retry after the Retry-After header's seconds.",
     }
     retry_after = {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}}
@@ -134,7 +151,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         status: {
             "model": ErrorResponse,
             "description": what[status],
-            **({"headers": retry_after} if status == 503 else {}),
+            **({"headers": retry_after} if status in (429, 503) else {}),
         }
         for status in statuses
     }
@@ -146,6 +163,8 @@ def _status_of(error: Exception) -> int:
         return 422
     if isinstance(error, PreviewNotFound):
         return 404
+    if isinstance(error, RateLimited):
+        return 429
     if isinstance(error, TierOverloaded):
         return 503
     return 500
@@ -193,10 +212,10 @@ def _s(start: float) -> float:
 @serve.ingress(app)
 class DiffusionXIngress:
     def __init__(self, edge: Any, predictor: Any, cloud: Any, state: Any, args: dict | None = None) -> None:
-        global _guard_config
         self.state = state
         self.args = AppArgs(**(args or {}))
-        _guard_config = GuardConfig(load_api_keys(self.args.api_keys), self.args.max_body_bytes)
+        keys = load_api_keys(self.args.api_keys)
+        configure_guard(GuardConfig(keys, self.args.max_body_bytes))
         # previews on their way to SharedState (only puts in flight): id -> (owner, png, task)
         self._storing: dict[str, tuple[str, bytes, asyncio.Task]] = {}
         self.tiers = Tiers(
@@ -217,6 +236,7 @@ class DiffusionXIngress:
         self.admission = AdmissionControl(
             {"edge": self.args.edge_max_batch_size, "cloud": self.args.cloud_max_batch_size},
             max_wait_s=self.args.admission_max_wait_s,
+            tenants=Tenants((owner_of(key.key), key) for key in keys) if keys else None,
         )
         self._load_watcher: asyncio.Task | None = None
         # the cloud tier's leading indicator (diffusionx.policy.ahead), published with the load refresh
@@ -291,13 +311,15 @@ class DiffusionXIngress:
                 logger.debug("tier load unavailable: %s", error)
             await asyncio.sleep(LOAD_REFRESH_S)
 
-    async def _admit(self, needs: dict[str, int]) -> None:
-        """Refuses the request at once (503 + Retry-After) when a tier it needs cannot start it in time."""
+    async def _admit(self, needs: dict[str, int], owner: str) -> None:
+        """Refuses the request at once (503 + Retry-After) when a tier it needs cannot start it in time,
+        or its API key is over its share of it (or 429 + Retry-After: over the key's rate)."""
         if self._load_watcher is None or self._load_watcher.done():
             self._load_watcher = asyncio.get_running_loop().create_task(self._watch_load())
-        refusal = self.admission.decide(needs)
+        refusal = self.admission.decide(needs, owner)
         if refusal is not None:
-            raise TierOverloaded(refusal.message, refusal.retry_after_s)
+            error = RateLimited if refusal.status == 429 else TierOverloaded
+            raise error(refusal.message, refusal.retry_after_s)
 
     async def _steps(self, tier: str, key: str, given: int | None) -> int:
         """A request's steps on `tier` (for admission control's count): as given, else the tier's default."""
@@ -320,7 +342,7 @@ class DiffusionXIngress:
             self._metrics_url = await asyncio.to_thread(metrics_url)
         return {**await ask(self.state.stats), "metrics_url": self._metrics_url}
 
-    @app.post("/v1/preview", response_model=PreviewResponse, responses=_errors(401, 404, 413, 422, 503))
+    @app.post("/v1/preview", response_model=PreviewResponse, responses=_errors(401, 404, 413, 422, 429, 503))
     async def preview(self, body: PreviewBody, http_request: Request) -> Any:
         self._seen("/v1/preview", http_request)
         owner = http_request.state.owner
@@ -330,7 +352,7 @@ class DiffusionXIngress:
             needs = {"edge": int(steps * (1.0 if body.strength is None else body.strength))}
         else:
             needs = {"edge": await self._steps("edge", "preview_steps", body.num_inference_steps)}
-        await self._admit(needs)  # before a stream starts: a refusal is a plain 503
+        await self._admit(needs, owner)  # before a stream starts: a refusal is a plain 503
         if wants_events(http_request):
             return await event_stream(
                 lambda on_progress: self._preview(body, owner, needs, on_progress),
@@ -345,7 +367,7 @@ class DiffusionXIngress:
         start = time.perf_counter()
         predicted = None
         is_edit = body.image is not None or body.preview_id is not None
-        with self.admission.admit(needs):
+        with self.admission.admit(needs, owner):
             if is_edit:
                 image = await self._resolve_image(body.image, body.preview_id, owner)
             if is_edit and body.strength is not None:
@@ -391,7 +413,7 @@ class DiffusionXIngress:
             "timings_ms": {**result.timings_ms, "server_total": _ms(start)},
         }
 
-    @app.post("/v1/refine", response_model=RefineResponse, responses=_errors(401, 404, 413, 422, 503))
+    @app.post("/v1/refine", response_model=RefineResponse, responses=_errors(401, 404, 413, 422, 429, 503))
     async def refine(self, body: RefineBody, http_request: Request) -> Any:
         self._seen("/v1/refine", http_request)
         owner = http_request.state.owner
@@ -404,7 +426,7 @@ class DiffusionXIngress:
             # door only when the edge fallback could not start either
             steps = await self._steps("edge", "default_steps", None)
             needs = {"edge": max(1, int(steps * strength))}
-        await self._admit(needs)  # before a stream starts: a refusal is a plain 503
+        await self._admit(needs, owner)  # before a stream starts: a refusal is a plain 503
         if wants_events(http_request):
             return await event_stream(
                 lambda on_progress: self._refine(body, owner, needs, on_progress), RefineResponse, _status_of
@@ -415,7 +437,7 @@ class DiffusionXIngress:
         self, body: RefineBody, owner: str, needs: dict[str, int], on_progress: Any = None
     ) -> dict:
         start = time.perf_counter()
-        with self.admission.admit(needs):
+        with self.admission.admit(needs, owner):
             png = await self._resolve_png(body.image, body.preview_id, owner)
             image = await asyncio.to_thread(imaging.decode_png, png)
             final = await modes.finalize(
@@ -456,7 +478,7 @@ class DiffusionXIngress:
             "speculative": final.speculative,
         }
 
-    @app.post("/v1/generate", response_model=GenerateResponse, responses=_errors(401, 413, 422, 503))
+    @app.post("/v1/generate", response_model=GenerateResponse, responses=_errors(401, 413, 422, 429, 503))
     async def generate(self, body: GenerateBody, http_request: Request) -> dict:
         start = time.perf_counter()
         self._seen("/v1/generate", http_request)
@@ -465,8 +487,9 @@ class DiffusionXIngress:
             needs["edge"] = await self._steps("edge", "default_steps", body.num_inference_steps)
         if body.mode != "edge":
             needs["cloud"] = await self._steps("cloud", "default_steps", body.num_inference_steps)
-        await self._admit(needs)
-        with self.admission.admit(needs):
+        owner = http_request.state.owner
+        await self._admit(needs, owner)
+        with self.admission.admit(needs, owner):
             generated = await modes.generate(self.tiers, body.mode, to_request(body))
         result = generated.result
         image = base64.b64encode(await encode_png(result.image)).decode("ascii")

@@ -119,8 +119,10 @@ def start_local_app(
     """Starts Ray + Serve locally (or uses the Ray this process is connected to), deploys the config and
     returns the base URL once /v1/health is OK.
 
-    Ray's metrics (with the application's) are served for Prometheus on 127.0.0.1:`metrics_port`; every
-    process reports them each `metrics_report_interval_ms` (Ray's default, 10 s, when None)."""
+    Ray's metrics (with the application's) are served for Prometheus on `metrics_port`; every process
+    reports them each `metrics_report_interval_ms` (Ray's default, 10 s, when None). The HTTP port listens
+    on the config's `http_options.host` (127.0.0.1 in the local configs); Ray binds its own servers, the
+    metrics exporter and HAProxy's stats and metrics ports on every interface (docs/exposure.md)."""
     import ray
     from ray.serve._private import api as serve_api
 
@@ -133,6 +135,9 @@ def start_local_app(
         env = {k: v for k, v in os.environ.items() if k.startswith(("HF_", "DIFFUSIONX_", "OMP_"))}
         sigterm = signal.getsignal(signal.SIGTERM)
         ray.init(
+            # always a Ray of its own: without an address ray.init joins the cluster named in
+            # /tmp/ray/ray_current_cluster, which another (or a dead) local cluster may have left behind
+            address="local",
             namespace="diffusionx",
             include_dashboard=False,
             num_cpus=num_cpus,

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from diffusionx.policy.speculation import DEFAULT_MAX_SLOWDOWN, SpeculationPolicy
+from diffusionx.policy.tenants import ApiKey
 
 _WAIT = (
     "@serve.batch window before requests are handed to the model loop; 0: none (a lone request runs at "
@@ -126,10 +127,12 @@ class AppArgs(BaseModel):
     max_body_bytes: int = Field(
         12 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024, description="Largest request body; larger: 413."
     )
-    api_keys: list[str] = Field(
+    api_keys: list[str | ApiKey] = Field(
         default_factory=list,
         description="API keys; when set (here or in the file named by DIFFUSIONX_API_KEYS_FILE), every "
-        "route but /v1/health needs `Authorization: Bearer <key>`. Empty: the API is open (local demo).",
+        "route but /v1/health needs `Authorization: Bearer <key>`. Empty: the API is open (local demo). "
+        "An entry is a key, or {key, weight, rate_per_s, burst}: admission control shares each tier by "
+        "weight among the keys active lately, and answers 429 to a key over its rate.",
     )
 
     @model_validator(mode="after")

@@ -20,15 +20,23 @@ own queue `max_queued_requests` more (`request_capacity` in the view); this ingr
 the door, when its own requests at the tier reach that capacity, with Retry-After = the time to drain the
 excess. Before a tier has measured its step time the time bound is not applied. Deciding takes no I/O, so
 a refusal costs microseconds, not a place in a queue.
+
+With tenants (`diffusionx.policy.tenants`: API keys with weights and rates) a key over its rate is refused
+first (429), and while more than one key is active both bounds are shared among the keys by weight: the
+work this ingress admitted is counted per key, and the key over its share is the one refused.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import ClassVar
+
+from diffusionx.policy.tenants import RateRefusal, Tenants
 
 REFUSAL_MARK = "before new work starts"  # in every refusal's message (clients.shed_bench counts them by it)
 
@@ -38,11 +46,29 @@ class Refusal:
     tier: str
     wait_s: float
     retry_after_s: int
+    status: ClassVar[int] = 503
 
     @property
     def message(self) -> str:
         return (
             f"overloaded: the {self.tier} tier's queue needs ~{self.wait_s:.1f} s {REFUSAL_MARK}; "
+            f"retry in {self.retry_after_s} s"
+        )
+
+
+@dataclass(frozen=True)
+class ShareRefusal(Refusal):
+    """The tier is full and this API key holds more than its weighted share of it."""
+
+    bound: str = "steps"  # "steps" (the time bound) or "requests" (the queue bound)
+    used: float = 0.0
+    allocated: float = 0.0
+
+    @property
+    def message(self) -> str:
+        return (
+            f"overloaded: this API key holds {self.used:.0f} {self.bound} of the {self.tier} tier, over "
+            f"its share ({self.allocated:.0f} now); the queue needs ~{self.wait_s:.1f} s {REFUSAL_MARK}; "
             f"retry in {self.retry_after_s} s"
         )
 
@@ -54,6 +80,7 @@ class AdmissionControl:
         max_wait_s: float = 5.0,
         view_max_age_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        tenants: Tenants | None = None,
     ) -> None:
         if max_wait_s <= 0:
             raise ValueError(f"max_wait_s={max_wait_s} must be > 0")
@@ -65,6 +92,10 @@ class AdmissionControl:
         self._view_at = -math.inf
         self.own_steps = dict.fromkeys(self.max_batch_sizes, 0)  # one counter per tier: never grows
         self.own_requests = dict.fromkeys(self.max_batch_sizes, 0)
+        self.tenants = tenants
+        # per tier: each API key's admitted request-steps and requests (keys with work in flight only)
+        self.owner_steps: dict[str, Counter[str]] = {tier: Counter() for tier in self.max_batch_sizes}
+        self.owner_requests: dict[str, Counter[str]] = {tier: Counter() for tier in self.max_batch_sizes}
         self.admitted = 0
         self.refused = 0
 
@@ -78,24 +109,42 @@ class AdmissionControl:
         fresh = self.clock() - self._view_at <= self.view_max_age_s
         return self._view.get(tier, {}) if fresh else {}
 
-    def wait_s(self, tier: str) -> float:
-        """Expected seconds before new work on `tier` starts."""
+    def _step_s(self, tier: str) -> float | None:
+        """Seconds per queued request-step on `tier` (t(B) / (replicas * B)); None before it is measured."""
         view = self._tier_view(tier)
         batch = self.max_batch_sizes.get(tier, 1)
         fit = view.get("step_time_s")
         seconds_per_step = fit[0] + fit[1] * batch if fit else view.get("seconds_per_step")
         if not seconds_per_step or seconds_per_step <= 0:
-            return 0.0
-        queued = max(int(view.get("queued_steps", 0)), self.own_steps.get(tier, 0))
-        return queued * seconds_per_step / (max(1, int(view.get("replicas", 1))) * batch)
+            return None
+        return seconds_per_step / (max(1, int(view.get("replicas", 1))) * batch)
+
+    def _queued_steps(self, tier: str) -> int:
+        return max(int(self._tier_view(tier).get("queued_steps", 0)), self.own_steps.get(tier, 0))
+
+    def wait_s(self, tier: str) -> float:
+        """Expected seconds before new work on `tier` starts."""
+        step_s = self._step_s(tier)
+        return 0.0 if step_s is None else self._queued_steps(tier) * step_s
 
     def capacity(self, tier: str) -> int | None:
         """Requests this ingress may have at `tier` before Serve would refuse the next (None: unbounded)."""
         capacity = self._tier_view(tier).get("request_capacity")
         return None if capacity is None else int(capacity)
 
-    def decide(self, needs: Mapping[str, int]) -> Refusal | None:
-        """None to admit a request that needs `needs` (tier -> its request-steps), else why not."""
+    def decide(self, needs: Mapping[str, int], owner: str = "") -> Refusal | RateRefusal | None:
+        """None to admit a request of API key `owner` that needs `needs` (tier -> its request-steps), else
+        why not."""
+        if self.tenants is not None:
+            self.tenants.seen(owner)
+            refusal = self.tenants.rates.check(owner)
+            shared = refusal is None and len(self.tenants.active()) > 1
+            if shared:  # several keys active: the bounds are shared among them
+                refusal = self._decide_shared(needs, owner)
+            if refusal is not None:
+                self.refused += 1
+            if refusal is not None or shared:
+                return refusal
         for tier in needs:
             wait_s = self.wait_s(tier)
             if wait_s > self.max_wait_s:
@@ -110,16 +159,53 @@ class AdmissionControl:
                 return Refusal(tier, wait_s, max(1, math.ceil(drain_s)))
         return None
 
+    def _decide_shared(self, needs: Mapping[str, int], owner: str) -> ShareRefusal | None:
+        """Both bounds of each tier shared among the active API keys by weight (`Tenants.decide`)."""
+        assert self.tenants is not None
+        for tier, steps in needs.items():
+            wait_s, step_s = self.wait_s(tier), self._step_s(tier)
+            owned = self.owner_steps.setdefault(tier, Counter())
+            if step_s is not None:
+                limit = self.max_wait_s / step_s  # request-steps that start within max_wait_s
+                decision = self.tenants.decide(owner, steps, limit, owned)
+                if not decision.admit:  # until its excess over its allocation has drained
+                    excess_s = (decision.used + steps - decision.allocated) * step_s
+                    retry = max(1, math.ceil(excess_s))
+                    return ShareRefusal(tier, wait_s, retry, "steps", decision.used, decision.allocated)
+                # Shares are of this ingress's own admitted work (the tiers' reports lag it, and would
+                # count work that just finished against everyone). A key within its share is admitted on
+                # that alone; a key borrowing beyond it also needs the tier as a whole to have room.
+                if decision.used + steps > decision.share and wait_s > self.max_wait_s:
+                    retry = max(1, math.ceil(wait_s - self.max_wait_s))
+                    return ShareRefusal(tier, wait_s, retry, "steps", decision.used, decision.share)
+            capacity = self.capacity(tier)
+            if capacity is not None:
+                requests = self.owner_requests.setdefault(tier, Counter())
+                decision = self.tenants.decide(owner, 1, capacity, requests)
+                if not decision.admit:
+                    excess = decision.used + 1 - decision.allocated
+                    drain_s = wait_s * excess / max(1, self.own_requests.get(tier, 0))
+                    retry = max(1, math.ceil(drain_s))
+                    return ShareRefusal(tier, wait_s, retry, "requests", decision.used, decision.allocated)
+        return None
+
     @contextmanager
-    def admit(self, needs: Mapping[str, int]) -> Iterator[None]:
-        """Counts `needs` (and one request per tier) as this ingress's queued work while the block runs."""
+    def admit(self, needs: Mapping[str, int], owner: str = "") -> Iterator[None]:
+        """Counts `needs` (and one request per tier) as this ingress's queued work, and as `owner`'s, while
+        the block runs."""
         self.admitted += 1
         for tier, steps in needs.items():
             self.own_steps[tier] = self.own_steps.get(tier, 0) + steps
             self.own_requests[tier] = self.own_requests.get(tier, 0) + 1
+            self.owner_steps.setdefault(tier, Counter())[owner] += steps
+            self.owner_requests.setdefault(tier, Counter())[owner] += 1
         try:
             yield
         finally:
             for tier, steps in needs.items():
                 self.own_steps[tier] -= steps
                 self.own_requests[tier] -= 1
+                for counts, amount in ((self.owner_steps[tier], steps), (self.owner_requests[tier], 1)):
+                    counts[owner] -= amount
+                    if counts[owner] <= 0:  # only keys with work in flight stay
+                        del counts[owner]

@@ -18,6 +18,10 @@ class TierOverloaded(RuntimeError):
         self.retry_after_s = retry_after_s
 
 
+class RateLimited(TierOverloaded):
+    """429 with Retry-After: the request's API key is over its rate."""
+
+
 class ReplicaGone(TierOverloaded):
     """503 with Retry-After: a tier call's replica died, and so did its retry (the replacement is
     starting). A caller that can redo the lost work elsewhere (an EC-Diff plan) catches this one."""

@@ -21,9 +21,11 @@ import hashlib
 import hmac
 import json
 import os
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
+
+from diffusionx.policy.tenants import ApiKey, as_api_key, parse_key_line
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -37,15 +39,15 @@ API_KEYS_FILE_ENV = "DIFFUSIONX_API_KEYS_FILE"
 
 
 def load_api_keys(
-    configured: Iterable[str] | None = None, environ: dict[str, str] | None = None
-) -> list[str]:
-    """The API keys in force: those configured, plus one per non-empty line (without `#` comments) of the
-    file named by DIFFUSIONX_API_KEYS_FILE. An empty list means no keys: the API is open."""
-    keys = [k.strip() for k in configured or () if k.strip()]
+    configured: Iterable[str | ApiKey | Mapping] | None = None, environ: dict[str, str] | None = None
+) -> list[ApiKey]:
+    """The API keys in force: those configured (plain strings or keys with a weight and a rate), plus one
+    per non-empty line (without `#` comments) of the file named by DIFFUSIONX_API_KEYS_FILE
+    (`key [weight=W] [rate_per_s=R] [burst=B]`). An empty list means no keys: the API is open."""
+    keys = [as_api_key(k) for k in configured or () if not isinstance(k, str) or k.strip()]
     path = (os.environ if environ is None else environ).get(API_KEYS_FILE_ENV)
     if path:
-        lines = Path(path).read_text().splitlines()
-        keys += [line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip()]
+        keys += [key for line in Path(path).read_text().splitlines() if (key := parse_key_line(line))]
     return keys
 
 
@@ -80,8 +82,8 @@ class BodyTooLarge(Exception):
 class GuardConfig:
     """What the guard enforces: the API keys (none: open) and the body limit."""
 
-    def __init__(self, api_keys: Iterable[str] = (), max_body_bytes: int = MAX_BODY_BYTES) -> None:
-        self._keys = [(k.encode(), owner_of(k)) for k in api_keys]
+    def __init__(self, api_keys: Iterable[str | ApiKey] = (), max_body_bytes: int = MAX_BODY_BYTES) -> None:
+        self._keys = [(k.encode(), owner_of(k)) for k in (as_api_key(k).key for k in api_keys)]
         self.max_body_bytes = max_body_bytes
 
     @property

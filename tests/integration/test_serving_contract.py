@@ -88,9 +88,9 @@ def test_every_answer_matches_the_openapi_document(serve_url):
 def test_openapi_lists_every_status_with_the_error_schema(http):
     paths = http.get("/openapi.json").json()["paths"]
     expected = {
-        ("/v1/preview", "post"): {"200", "401", "404", "413", "422", "503"},
-        ("/v1/refine", "post"): {"200", "401", "404", "413", "422", "503"},
-        ("/v1/generate", "post"): {"200", "401", "413", "422", "503"},
+        ("/v1/preview", "post"): {"200", "401", "404", "413", "422", "429", "503"},
+        ("/v1/refine", "post"): {"200", "401", "404", "413", "422", "429", "503"},
+        ("/v1/generate", "post"): {"200", "401", "413", "422", "429", "503"},
         ("/v1/stats", "get"): {"200", "401", "503"},
         ("/v1/health", "get"): {"200", "503"},
     }
@@ -101,6 +101,7 @@ def test_openapi_lists_every_status_with_the_error_schema(http):
             ref = responses[status]["content"]["application/json"]["schema"]["$ref"]
             assert ref.endswith("/ErrorResponse")
     assert "Retry-After" in paths["/v1/preview"]["post"]["responses"]["503"]["headers"]
+    assert "Retry-After" in paths["/v1/refine"]["post"]["responses"]["429"]["headers"]
 
 
 @pytest.mark.parametrize(

@@ -117,7 +117,7 @@ def test_api_keys_are_off_by_default_and_then_required_except_for_health(tmp_pat
     keys_file = tmp_path / "keys"
     keys_file.write_text("# one key a line\nkey-two  # ops\n\n")
     keys = load_api_keys(["key-one"], environ={"DIFFUSIONX_API_KEYS_FILE": str(keys_file)})
-    assert keys == ["key-one", "key-two"]
+    assert [key.key for key in keys] == ["key-one", "key-two"]
     config = GuardConfig(keys)
     for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "key-one"}):
         response = call(config, "GET", "/v1/stats", headers=headers)

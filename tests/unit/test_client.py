@@ -20,6 +20,7 @@ from clients.errors import (
     InvalidRequest,
     Overloaded,
     PreviewExpired,
+    RateLimited,
     RequestTimeout,
     ServerError,
     parse_retry_after,
@@ -206,6 +207,25 @@ def test_retry_on_503_honours_retry_after_and_is_bounded() -> None:
         with pytest.raises(Overloaded):
             client.preview("a red circle")
         assert time.perf_counter() - started < 1.0
+
+
+def test_429_is_retried_after_its_retry_after_like_503() -> None:
+    calls: list[float] = []
+    server = FakeServer()
+
+    def limited(request: httpx.Request) -> httpx.Response:
+        calls.append(time.perf_counter())
+        if len(calls) == 1:
+            return httpx.Response(429, json={"error": "rate", "status": 429}, headers={"Retry-After": "0.05"})
+        return server(request)
+
+    with DiffusionXClient(URL, transport=httpx.MockTransport(limited), max_retries=1) as client:
+        assert client.preview("a red circle").preview_id == "p0"
+    assert len(calls) == 2 and calls[1] - calls[0] >= 0.05
+    rate = _answer(429, {"error": "rate limited", "status": 429}, {"Retry-After": "3"})
+    with DiffusionXClient(URL, transport=rate, max_retries=0) as client, pytest.raises(RateLimited) as info:
+        client.preview("a red circle")
+    assert info.value.status == 429 and info.value.retry_after_s == 3.0
 
 
 def test_5xx_and_connection_errors_are_retried_with_jittered_backoff_not_4xx() -> None:
