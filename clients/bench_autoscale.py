@@ -9,13 +9,17 @@ ramp, on Ray's local autoscaling cluster with replicas that keep a GPU's time.
    profile, each replica start its load time; `--gpu-profile`, default the shipped A100 profile), so a
    replica adds capacity as a GPU would. Policies: `default` (Serve's request-count policy), `work`
    (`QueuedStepsPolicy`, the config's), `ahead` (`AheadPolicy`: the work held plus the finalizes the
-   previewing sessions will bring); same bounds and delays.
+   previewing sessions will bring; its priors, used until the ingress has seen a finalize, are what the
+   first policy's run of the same workload measured, `session_priors`, as a deployment starts from its
+   earlier traffic); same bounds and delays.
 2. On the first cluster, before its ramp, size the experiment from one cloud replica: a few finalizes one
    at a time give the steps of a finalize and the unloaded latency; the replica's published service model
    (`t(b)`, batch capacity `B`) gives its capacity, `B / (steps * t(B))` finalizes per second (as `bench
    compare`). The ramp peaks at `--peak-x` times that capacity (sessions per second; every session
    finalizes), the latency target (SLO) is `--slo-x` times the unloaded latency, and the cloud replicas the
-   peak needs are `ceil(peak / capacity)`.
+   peak needs are `ceil(peak / capacity)`. The edge tier is not what is measured: it is held (min = max
+   replicas) at what the peak's previews need at `EDGE_UTILIZATION` of its full-batch throughput on the GPU
+   profile (`edge_replicas_for`), on every cluster before its ramp, so previews never hold sessions back.
 3. Replay the ramped session workload (`clients.loadgen`: arrivals rise linearly to the peak, hold, fall;
    each session previews `--rounds` times with think times, then finalizes at `--finalize-strength`) and
    sample every `--sample-s` seconds the running replicas per tier, the alive nodes and the cloud tier's
@@ -90,7 +94,7 @@ class Ramp:
         return up + hold + down
 
 
-QUICK = Ramp(peak_rate=0.0, up_s=40.0, hold_s=40.0, down_s=20.0)  # peak_rate: sized from the capacity
+QUICK = Ramp(peak_rate=0.0, up_s=30.0, hold_s=30.0, down_s=20.0)  # peak_rate: sized from the capacity
 FULL = Ramp(peak_rate=0.0, up_s=120.0, hold_s=120.0, down_s=90.0)
 
 
@@ -150,6 +154,17 @@ def slo_attainment(rows: list[dict[str, Any]], slo_s: float) -> float | None:
         return None
     met = sum(1 for r in finals if r["status"] == 200 and float(r["e2e_ms"]) / 1000.0 <= slo_s)
     return round(met / len(finals), 4)
+
+
+def back_at_start(samples: list[dict[str, Any]], settle: int = 3) -> bool:
+    """Whether the cloud replicas and the nodes are back where they started for the last `settle` samples
+    (after having left it): the scale-down is over, the cool-down can end before `--cooldown-s`."""
+    if len(samples) <= settle:
+        return False
+    first = samples[0]
+    start = (first["replicas"]["cloud"], first["nodes"])
+    moved = any((s["replicas"]["cloud"], s["nodes"]) != start for s in samples)
+    return moved and all((s["replicas"]["cloud"], s["nodes"]) == start for s in samples[-settle:])
 
 
 def time_to_capacity(timeline: list[dict], needed: int) -> float | None:
@@ -247,7 +262,7 @@ async def _run_once(url: str, args: argparse.Namespace, ramp: Ramp, arrivals: li
     sampler = asyncio.create_task(_sample_loop(url, start, stop, args.sample_s, samples))
     rows, _ = await run_loadgen(_loadgen_config(url, args, "sessions", arrivals, ramp.duration_s))
     load_end = time.perf_counter() - start
-    while time.perf_counter() - start < load_end + args.cooldown_s:
+    while time.perf_counter() - start < load_end + args.cooldown_s and not back_at_start(samples):
         await asyncio.sleep(1.0)
     stop.set()
     await sampler
@@ -264,10 +279,39 @@ class Sizing:
     peak_rate: float  # sessions per second at the peak
     slo_s: float
     needed_cloud_replicas: int
+    edge_replicas: int  # fixed for the run: the edge tier is not what is measured
+
+
+EDGE_UTILIZATION = 0.5  # of the edge's full-batch throughput at the peak: previews never wait on the edge
+
+
+def edge_replicas_for(peak_rate: float, rounds: int, preview_steps: int, step_s: float, batch: int) -> int:
+    """Edge replicas that serve the peak's previews at `EDGE_UTILIZATION`: `peak_rate` sessions per second
+    each previewing `rounds` times (Little's law at the hold), `preview_steps` steps per preview, a step of
+    `batch` previews taking `step_s` (the edge's t(B))."""
+    if batch < 1 or step_s <= 0:
+        raise ValueError(f"batch={batch} and step_s={step_s} must be >= 1 and > 0")
+    busy = peak_rate * rounds * preview_steps * step_s / batch  # edge replica-seconds per second
+    return max(1, math.ceil(busy / EDGE_UTILIZATION - 1e-9))
+
+
+def edge_step(config_path: Path) -> tuple[int, int, float]:
+    """(preview steps, full batch B, t(B)) of the config's edge model on the GPU profile it waits."""
+    import yaml
+
+    from diffusionx.models.gpu_timed import load_profile
+    from diffusionx.models.registry import get_spec
+
+    args = yaml.safe_load(Path(config_path).read_text())["applications"][0]["args"]
+    spec = get_spec(args["edge_model"])
+    batch = int(args["edge_max_batch_size"])
+    step_s = load_profile().role(spec.gpu_timed).step_s(batch)
+    return int(spec.preview_steps or spec.default_steps), batch, step_s
 
 
 def measure_sizing(url: str, args: argparse.Namespace) -> Sizing:
     from clients.compare_bench import _cloud_service, capacity_per_s
+    from deployments.local import AUTOSCALE_CONFIG
 
     gaps = [UNLOADED_GAP_S * i for i in range(UNLOADED_FINALIZES)]
     config = _loadgen_config(url, args, "finalize", gaps, gaps[-1] + 1.0)
@@ -281,6 +325,7 @@ def measure_sizing(url: str, args: argparse.Namespace) -> Sizing:
     capacity = capacity_per_s(cloud, steps) / replicas
     unloaded_s = float(np.median([float(r["e2e_ms"]) for r in ok])) / 1000.0
     peak = args.peak_rate or args.peak_x * capacity
+    preview_steps, edge_batch, edge_step_s = edge_step(AUTOSCALE_CONFIG)
     return Sizing(
         finalize_steps=round(steps, 2),
         unloaded_latency_s=round(unloaded_s, 3),
@@ -288,13 +333,14 @@ def measure_sizing(url: str, args: argparse.Namespace) -> Sizing:
         peak_rate=round(peak, 4),
         slo_s=round(args.slo_x * unloaded_s, 3),
         needed_cloud_replicas=max(1, math.ceil(peak / capacity - 1e-9)),
+        edge_replicas=edge_replicas_for(peak, args.rounds, preview_steps, edge_step_s, edge_batch),
     )
 
 
-def cloud_autoscaling(policy: str) -> dict[str, Any]:
+def cloud_autoscaling(policy: str, priors: dict[str, float] | None = None) -> dict[str, Any]:
     """The cloud tier's autoscaling_config for `policy`: the config's (work), the same without the custom
-    policy (default: Serve's on target_ongoing_requests), or the config's kwargs with `AheadPolicy`
-    (ahead); same bounds and delays."""
+    policy (default: Serve's on target_ongoing_requests), or the config's kwargs with `AheadPolicy` and its
+    `priors` (ahead); same bounds and delays."""
     import yaml
 
     from deployments.local import AUTOSCALE_CONFIG
@@ -306,14 +352,64 @@ def cloud_autoscaling(policy: str) -> dict[str, Any]:
         autoscaling.pop("policy", None)
     elif policy == "ahead":
         kwargs = dict(autoscaling["policy"].get("policy_kwargs", {}))
-        autoscaling["policy"] = {"policy_function": AHEAD_POLICY, "policy_kwargs": {**kwargs, **AHEAD_KWARGS}}
+        kwargs = {**kwargs, **AHEAD_KWARGS, **(priors or {})}
+        autoscaling["policy"] = {"policy_function": AHEAD_POLICY, "policy_kwargs": kwargs}
     return autoscaling
+
+
+def edge_autoscaling(replicas: int) -> dict[str, Any]:
+    """The edge tier's autoscaling_config held at `replicas` (min = max): the experiment is the cloud's."""
+    import yaml
+
+    from deployments.local import AUTOSCALE_CONFIG
+
+    raw = yaml.safe_load(Path(AUTOSCALE_CONFIG).read_text())
+    edge = next(d for d in raw["applications"][0]["deployments"] if d["name"] == "EdgePreviewer")
+    return {**edge["autoscaling_config"], "min_replicas": replicas, "max_replicas": replicas}
+
+
+def _wait_for_edge(replicas: int, timeout_s: float = 180.0) -> None:
+    from deployments.autoscaling_cluster import sample_cluster
+
+    deadline = time.monotonic() + timeout_s
+    while sample_cluster().replicas["edge"] < replicas:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the edge tier did not reach {replicas} replicas within {timeout_s:.0f} s")
+        time.sleep(1.0)
+
+
+def session_priors(rows: list[dict[str, Any]], finalize_steps: float) -> dict[str, float]:
+    """`AheadPolicy`'s priors from an earlier run of the workload (loadgen rows: `session`, `kind`,
+    `arrival_s`): the share of sessions that sent a finalize, the mean time from a session's first preview
+    to its finalize, and the measured steps of a finalize; {} when that run had no finalize."""
+    first: dict[str, float] = {}
+    finals: dict[str, float] = {}
+    for r in rows:
+        session, t = str(r["session"]), float(r["arrival_s"])
+        if r["kind"] == "finalize":
+            finals[session] = t
+        else:
+            first[session] = min(t, first.get(session, t))
+    leads = [t - first[s] for s, t in finals.items() if s in first]
+    if not leads or finalize_steps <= 0:
+        return {}
+    return {
+        "prior_finalize_share": round(len(leads) / len(first), 4),
+        "prior_preview_to_finalize_s": round(sum(leads) / len(leads), 2),
+        "prior_finalize_steps": round(finalize_steps, 2),
+    }
 
 
 AHEAD_KWARGS = {"target_utilization": 0.85}  # of full-batch throughput: batches stay part-full, latency low
 
 
-def run_policy(policy: str, args: argparse.Namespace, ramp: Ramp | None, sizing: Sizing | None) -> tuple:
+def run_policy(
+    policy: str,
+    args: argparse.Namespace,
+    ramp: Ramp | None,
+    sizing: Sizing | None,
+    priors: dict[str, float] | None = None,
+) -> tuple:
     """One policy on a fresh cluster: (rows, samples, sizing, ramp); sizes the ramp first when not given."""
     from deployments.autoscaling_cluster import start_cluster, stop_cluster
     from deployments.local import AUTOSCALE_CONFIG, start_local_app
@@ -321,7 +417,11 @@ def run_policy(policy: str, args: argparse.Namespace, ramp: Ramp | None, sizing:
     began = time.monotonic()
     cluster = start_cluster(node_start_delay_s=args.node_start_s)
     try:
-        options = {"CloudRefiner": {"autoscaling_config": cloud_autoscaling(policy)}}
+        options: dict[str, dict[str, Any]] = {
+            "CloudRefiner": {"autoscaling_config": cloud_autoscaling(policy, priors)}
+        }
+        if sizing is not None:
+            options["EdgePreviewer"] = {"autoscaling_config": edge_autoscaling(sizing.edge_replicas)}
         url = start_local_app(AUTOSCALE_CONFIG, port=args.port, deployment_options=options, timeout_s=600.0)
         print(
             f"[{policy}] cluster and application up in {time.monotonic() - began:.0f} s at {url}", flush=True
@@ -329,6 +429,9 @@ def run_policy(policy: str, args: argparse.Namespace, ramp: Ramp | None, sizing:
         if sizing is None:
             sizing = measure_sizing(url, args)
             print(f"[{policy}] sizing: {json.dumps(asdict(sizing))}", flush=True)
+            options["EdgePreviewer"] = {"autoscaling_config": edge_autoscaling(sizing.edge_replicas)}
+            url = start_local_app(AUTOSCALE_CONFIG, port=args.port, deployment_options=options)
+        _wait_for_edge(sizing.edge_replicas)
         if ramp is None:
             base = QUICK if args.quick else FULL
             ramp = Ramp(sizing.peak_rate, base.up_s, base.hold_s, base.down_s)
@@ -409,7 +512,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n")[-1],
     )
-    parser.add_argument("--quick", action="store_true", help="short ramp: 40 s up, 40 s hold, 20 s down")
+    parser.add_argument("--quick", action="store_true", help="short ramp: 30 s up, 30 s hold, 20 s down")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT}/)")
     parser.add_argument("--policies", default=",".join(POLICIES), help="cloud policies to run, in order")
     parser.add_argument(
@@ -418,7 +521,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--peak-rate", type=float, help="peak sessions per second (instead of --peak-x)")
     parser.add_argument("--slo-x", type=float, default=3.0, help="finalize SLO, times the unloaded latency")
     parser.add_argument("--rounds", type=int, default=4, help="previews per session (default 4)")
-    parser.add_argument("--think-s", type=float, default=8.0, help="mean think time (default 8)")
+    parser.add_argument(
+        "--think-s", type=float, default=12.0, help="mean think time between rounds (default 12)"
+    )
     parser.add_argument("--steps", type=int, default=50, help="finalize: full-schedule steps (default 50)")
     parser.add_argument(
         "--finalize-strength", type=float, default=0.6, help="finalize strength (default 0.6)"
@@ -432,7 +537,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sample-s", type=float, default=2.0, help="seconds between samples (default 2)")
     parser.add_argument("--window-s", type=float, default=10.0, help="rate and p95 window (default 10)")
     parser.add_argument("--drain-s", type=float, default=60.0, help="sessions finish within this")
-    parser.add_argument("--cooldown-s", type=float, help="sampling after the load (quick 50, else 120)")
+    parser.add_argument(
+        "--cooldown-s",
+        type=float,
+        help="most sampling after the load, less once replicas and nodes are back (quick 75, else 150)",
+    )
     parser.add_argument("--timeout-s", type=float, default=120.0, help="client timeout per request")
     parser.add_argument("--seed", type=int, default=0, help="arrivals and session seed (default 0)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port of the application (default 8000)")
@@ -441,7 +550,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not args.policies or any(p not in POLICIES for p in args.policies):
         parser.error(f"--policies {args.policies}: use some of {', '.join(POLICIES)}")
     if args.cooldown_s is None:
-        args.cooldown_s = 50.0 if args.quick else 120.0
+        args.cooldown_s = 75.0 if args.quick else 150.0
     return args
 
 
@@ -462,8 +571,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     ramp: Ramp | None = None
     sizing: Sizing | None = None
+    priors: dict[str, float] = {}
     for policy in args.policies:
-        rows, samples, sizing, ramp = run_policy(policy, args, ramp, sizing)
+        rows, samples, sizing, ramp = run_policy(policy, args, ramp, sizing, priors)
+        priors = priors or session_priors(rows, sizing.finalize_steps)  # the first run's, for `ahead`
         timeline = build_timeline(samples, rows, args.window_s)
         summary = summarize(timeline, rows, ramp, sizing.slo_s, sizing.needed_cloud_replicas)
         results[policy] = {
@@ -475,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{policy}] {json.dumps(summary)}", flush=True)
     assert ramp is not None and sizing is not None
     arrivals = ramp.arrivals(args.seed)
-    report = {
+    report: dict[str, Any] = {
         "benchmark": "autoscale",
         "setup": {
             "quick": args.quick,
@@ -488,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
             "finalize_strength": args.finalize_strength,
             "node_start_s": args.node_start_s,
             "gpu_profile": args.gpu_profile or "diffusionx/models/gpu_profiles/a100-sd15-tiny-sd.json",
-            "ahead_policy_kwargs": AHEAD_KWARGS,
+            "ahead_policy_kwargs": {**AHEAD_KWARGS, **priors},
             "sample_s": args.sample_s,
             "window_s": args.window_s,
             "cooldown_s": args.cooldown_s,

@@ -55,6 +55,7 @@ from tenacity import (
     stop_before_delay,
     wait_random_exponential,
 )
+from tenacity.stop import stop_base
 
 from clients.errors import (
     ConnectionFailed,
@@ -155,7 +156,7 @@ class _ClientBase:
 
     def _retrying(self) -> AsyncRetrying:
         """The retry policy of one call (see the module docstring)."""
-        stop = stop_after_attempt(self.max_retries + 1)
+        stop: stop_base = stop_after_attempt(self.max_retries + 1)
         if self.deadline_s is not None:
             stop = stop | stop_before_delay(self.deadline_s)
         return AsyncRetrying(
@@ -269,6 +270,7 @@ class AsyncDiffusionXClient(_ClientBase):
             raise self._connection_error(exc) from exc
         latency_ms = (time.perf_counter() - start) * 1000.0
         if response.is_success:
+            assert payload is not None  # a 2xx answer always has its JSON body
             return parse.from_json(payload, latency_ms=latency_ms)
         raise error_from_response(response, preview_id=(body or {}).get("preview_id"))
 
@@ -376,7 +378,7 @@ class AsyncDiffusionXClient(_ClientBase):
 async def _server_sent_events(lines: AsyncIterator[str]) -> AsyncIterator[tuple[str, Any]]:
     """(event name, JSON data) of each server-sent event (the `event:` and `data:` fields, blank-line
     separated; the name defaults to "message")."""
-    event, data = "message", []
+    event, data = "message", list[str]()
     async for line in lines:
         if not line:
             if data:

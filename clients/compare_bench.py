@@ -26,7 +26,7 @@ Method (every figure is measured through HTTP with `clients.loadgen`, the same c
    `--load-x` times capacity with the router's target (`clients.speculation_bench`). With
    `--speculation-only`, steps 2 and 5 only (summary: `router` with the target, and `speculation`).
 
-Writes `DIR/summary.json` (schema in the issue; `null` where a run had no successful request),
+Writes `DIR/summary.json` (`null` where a run had no successful request),
 `DIR/requests.csv` (every request of every run, with its run's name), `DIR/modes.csv`, `DIR/policies.csv`
 and PNG plots: latency CDFs per mode and per policy, cost against quality, expected against measured.
 `DIR` defaults to `bench_results/compare/`.
@@ -49,11 +49,12 @@ import numpy as np
 
 from clients import speculation_bench
 from clients.client import AsyncDiffusionXClient
-from clients.loadgen import COLUMNS, LoadgenConfig, clip_judge, run_loadgen, shapes_judge
+from clients.loadgen import COLUMNS, clip_judge, run_loadgen, shapes_judge
 from clients.workload import poisson_arrivals
 from diffusionx.experiments.outputs import bench_results_dir
+from diffusionx.requests import Mode
 
-MODES = ("diffusionx", "cloud", "edge", "hybrid", "ec-diff")
+MODES = tuple(mode.value for mode in Mode)
 SESSIONS, QUICK_SESSIONS = 24, 4  # per mode
 LOAD_S, QUICK_LOAD_S = 60.0, 20.0  # seconds of finalize arrivals per router run
 UNLOADED_FINALIZES = 6  # one at a time, UNLOADED_GAP_S apart: the unloaded latency of the router's finalizes
@@ -142,22 +143,7 @@ def calibration(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 # -- runs ------------------------------------------------------------------------------------------------
 def _loadgen(url: str, workload: str, arrivals: list[float], settings: argparse.Namespace, **extra: Any):
-    config = LoadgenConfig(
-        url=url,
-        workload=workload,
-        arrivals=arrivals,
-        duration_s=(arrivals[-1] if arrivals else 0.0) + 1.0,
-        max_requests=10_000,
-        drain_s=settings.drain_s,
-        rounds=settings.rounds,
-        think_s=settings.think_s,
-        num_inference_steps=settings.steps,
-        preview_pool=settings.preview_pool,
-        seed=settings.seed,
-        timeout_s=settings.timeout_s,
-        progress=not settings.no_progress,
-        **extra,
-    )
+    config = speculation_bench.loadgen_config(url, workload, arrivals, settings, **extra)
     judge = (
         shapes_judge()
         if settings.quality
@@ -180,9 +166,10 @@ def capacity_per_s(cloud: dict[str, Any], finalize_steps: float) -> float:
     """Finalizes per second the cloud tier sustains: each replica runs B samples per batched step."""
     total = 0.0
     for replica in cloud.get("per_replica") or []:
-        t0, t1 = replica.get("step_time_s") or (None, None)
-        if t0 is None:
+        step_time = replica.get("step_time_s")
+        if not step_time:
             continue
+        t0, t1 = step_time
         batch = int(replica.get("max_batch_size", 1))
         total += batch / (max(1.0, finalize_steps) * max(1e-4, t0 + t1 * batch))
     if total <= 0:
@@ -328,9 +315,9 @@ def write_outputs(summary: dict[str, Any], runs: dict[str, list[dict[str, Any]]]
     _write_requests(runs, out)
     for filename, table in (("modes.csv", summary["modes"]), ("policies.csv", summary["router"]["policies"])):
         with (out / filename).open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(("name", *FIELDS))
-            writer.writerows((name, *(values[f] for f in FIELDS)) for name, values in table.items())
+            table_writer = csv.writer(handle)
+            table_writer.writerow(("name", *FIELDS))
+            table_writer.writerows((name, *(values[f] for f in FIELDS)) for name, values in table.items())
     plot(summary, runs, out)
     speculation_bench.plot(runs, out)
 

@@ -28,9 +28,10 @@ from PIL import Image
 
 from clients.client import DiffusionXClient, Session
 from clients.errors import DiffusionXError
+from diffusionx.requests import Mode
 
 DEFAULT_OUT = "demo_output"
-COMPARE_MODES: tuple[str, ...] = ("cloud", "edge", "hybrid", "ec-diff")
+COMPARE_MODES: tuple[str, ...] = tuple(mode.value for mode in Mode if mode is not Mode.DIFFUSIONX)
 TINY_MODELS = {"edge_model": "tiny-random-edge", "cloud_model": "tiny-random"}
 
 

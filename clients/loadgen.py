@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import functools
 import ipaddress
 import random
 import sys
@@ -55,6 +56,7 @@ from clients.errors import DiffusionXError
 from clients.results import GenerateResult, PreviewResult, RefineResult
 from clients.workload import poisson_arrivals, ramp_arrivals, think_time_s, trace_arrivals
 from diffusionx.experiments.outputs import bench_results_dir
+from diffusionx.requests import Mode
 
 COLUMNS = (
     "arrival_s",
@@ -273,7 +275,7 @@ async def _make_previews(
     made = []
     for index, prompt in enumerate(prompts):
         session = client.session(seed=config.seed + index)
-        if await setup.send("preview", prompt, lambda s=session, p=prompt: s.preview(p)) is not None:
+        if await setup.send("preview", prompt, functools.partial(session.preview, prompt)) is not None:
             made.append((session, prompt))
     if not made:
         raise DiffusionXError(f"none of the {len(prompts)} setup previews succeeded: {setup.rows[:1]}")
@@ -321,10 +323,10 @@ async def run_loadgen(
             elif config.workload == "preview":
                 prompt = prompt_sets[index][0]
                 seed = config.seed + index
-                job = recorder.send("preview", prompt, lambda p=prompt, s=seed: client.preview(p, seed=s))
+                job = recorder.send("preview", prompt, functools.partial(client.preview, prompt, seed=seed))
             else:
                 session, prompt = previews[index % len(previews)]
-                job = recorder.send("finalize", prompt, lambda s=session: _finalize(s, config))
+                job = recorder.send("finalize", prompt, functools.partial(_finalize, session, config))
             tasks.append(asyncio.create_task(job))
             bar.set_postfix(sent=recorder.sent, refresh=False)
         await asyncio.gather(*tasks)
@@ -395,7 +397,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--preview-pool", type=int, default=16, help="finalize: previews made beforehand")
     parser.add_argument(
         "--mode",
-        choices=("diffusionx", "cloud", "edge", "hybrid", "ec-diff"),
+        choices=[mode.value for mode in Mode],
         default="diffusionx",
         help="sessions: diffusionx previews on the edge then finalizes; any other mode makes every round "
         "with POST /v1/generate in that mode (the last round is the kept image, kind finalize)",
@@ -433,7 +435,8 @@ def arrivals_from_args(args: argparse.Namespace) -> list[float]:
     if args.rate is not None:
         return poisson_arrivals(args.rate, args.duration_s, args.max_requests, rng)
     if args.ramp is not None:
-        return ramp_arrivals(*args.ramp, args.duration_s, args.max_requests, rng)
+        start_rate, end_rate = args.ramp
+        return ramp_arrivals(start_rate, end_rate, args.duration_s, args.max_requests, rng)
     trace = trace_arrivals(args.trace, args.time_scale, args.duration_s, args.max_requests)
     if trace.out_of_order:
         print(

@@ -1,5 +1,5 @@
 """`diffusionx bench shed`: how fast overload is refused. Sends `--requests` refinements at once
-(default 400, as in issue 9), `--bursts` times (default 3), and reports for each burst the median latency
+(default 400), `--bursts` times (default 3), and reports for each burst the median latency
 of the 503 answers against the median latency of the admitted ones (the target: the 503s arrive in under
 a tenth of the admitted latency), the load factor (requests sent / admitted), who refused (admission
 control or a tier's bounded queue) and whether every 503 carried Retry-After.
@@ -108,9 +108,9 @@ async def run(
         ).encode()
         for i in range(requests)
     ]
-    # The burst goes out through aiohttp, not the project's httpx client: with hundreds of connections
-    # httpx's pool costs O(connections) per request (profiled: the client process was the bottleneck of
-    # the burst, and the median 503 measured the client, not the server's decision).
+    # The burst goes out through aiohttp, not the project's httpx client: httpx's pool costs
+    # O(connections) per request, so with hundreds of connections the client, not the server's decision,
+    # would set the latency of a 503.
     results = []
     connector = aiohttp.TCPConnector(limit=requests, force_close=True)  # every burst: new connections
     timeout = aiohttp.ClientTimeout(total=600.0)

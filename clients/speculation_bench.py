@@ -51,7 +51,10 @@ FIELDS = (
 )
 
 
-def _config(url: str, workload: str, arrivals: list[float], settings: argparse.Namespace, **extra: Any):
+def loadgen_config(
+    url: str, workload: str, arrivals: list[float], settings: argparse.Namespace, **extra: Any
+) -> LoadgenConfig:
+    """The load generator's settings for one run of `bench compare` (this step's and the others')."""
     return LoadgenConfig(
         url=url,
         workload=workload,
@@ -136,7 +139,7 @@ def run_speculation(
     # 1. the steps of a session's finalize (predicted strength), unloaded
     gaps = [GAP_S * i for i in range(UNLOADED)]
     [runs["spec-unloaded"]], _ = run_together(
-        urls["on"], [_config(urls["on"], "finalize", gaps, settings, speculation="off")], False
+        urls["on"], [loadgen_config(urls["on"], "finalize", gaps, settings, speculation="off")], False
     )
     ok = [r for r in runs["spec-unloaded"] if str(r["status"]) == "200"]
     if not ok:
@@ -175,13 +178,15 @@ def run_speculation(
         extra = {} if state == "on" else off_extra
         # 2. low load: sessions alone
         [rows], wasted[f"low-{state}"] = run_together(
-            here, [_config(here, "sessions", sessions, settings, **extra)], settings.quality
+            here, [loadgen_config(here, "sessions", sessions, settings, **extra)], settings.quality
         )
         runs[f"spec-low-{state}"] = rows
         summary["low_load"][state] = figures(rows, rows, wasted[f"low-{state}"], target_ms, summarize)
         # 3. high load: the same sessions with the target, beside finalizes at load_x capacity
-        session_config = _config(here, "sessions", sessions, settings, latency_target_ms=target_ms, **extra)
-        load_config = _config(
+        session_config = loadgen_config(
+            here, "sessions", sessions, settings, latency_target_ms=target_ms, **extra
+        )
+        load_config = loadgen_config(
             here,
             "finalize",
             load_arrivals,
@@ -200,7 +205,9 @@ def run_speculation(
         )
     # the paper's reference: the same sessions, edge only
     [rows], _ = run_together(
-        urls["off"], [_config(urls["off"], "sessions", sessions, settings, mode="edge")], settings.quality
+        urls["off"],
+        [loadgen_config(urls["off"], "sessions", sessions, settings, mode="edge")],
+        settings.quality,
     )
     runs["spec-low-edge"] = rows
     summary["low_load"]["edge_only_session_latency_s_mean"] = summarize(rows, None)["session_latency_s_mean"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ray.serve import Application
+from ray.serve import Application, Deployment
 
 from deployments.cloud import CloudRefiner
 from deployments.edge import EdgePreviewer
@@ -18,10 +18,20 @@ from diffusionx.app_config import AppArgs
 SPECULATION_TTL_GRACE_S = 10.0
 
 
+def deployment(decorated: object) -> Deployment:
+    """A `@serve.deployment` class as what it is at run time (type checkers keep a decorated class's own
+    type, so they would not see `bind`)."""
+    if not isinstance(decorated, Deployment):
+        raise TypeError(f"{decorated!r} is not a Ray Serve deployment")
+    return decorated
+
+
 def build_app(args: dict[str, Any] | None = None) -> Application:
     config = AppArgs(**(args or {}))
-    state = SharedState.bind(config.preview_cache_bytes, config.preview_cache_ttl_s, config.speculation_ttl_s)
-    edge = EdgePreviewer.bind(
+    state = deployment(SharedState).bind(
+        config.preview_cache_bytes, config.preview_cache_ttl_s, config.speculation_ttl_s
+    )
+    edge = deployment(EdgePreviewer).bind(
         config.edge_model,
         state,
         device=config.device,
@@ -31,7 +41,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         edit_steps=config.edit_steps,
         nice=config.model_nice,
     )
-    cloud = CloudRefiner.bind(
+    cloud = deployment(CloudRefiner).bind(
         config.cloud_model,
         state,
         device=config.device,
@@ -46,7 +56,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         speculation_ttl_s=config.speculation_ttl_s + SPECULATION_TTL_GRACE_S,
         background_max_slowdown=config.speculation_max_slowdown,
     )
-    predictor = StrengthPredictor.bind(
+    predictor = deployment(StrengthPredictor).bind(
         state,
         max_batch_size=config.predictor_max_batch_size,
         batch_wait_timeout_s=config.predictor_batch_wait_timeout_s,
@@ -54,4 +64,4 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         edit_predictor=config.edit_predictor,
         alignment_model=config.alignment_model,
     )
-    return DiffusionXIngress.bind(edge, predictor, cloud, state, config.model_dump())
+    return deployment(DiffusionXIngress).bind(edge, predictor, cloud, state, config.model_dump())

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -36,18 +37,26 @@ from ray.cluster_utils import AutoscalingCluster
 
 OBJECT_STORE_BYTES = 200 * 1024 * 1024
 
-# Node types (resources per fake node). A tier replica asks for 0.5 CPU and 1 of its tier resource, so a
-# node holds two; the cluster can grow to 2 cloud nodes (CloudRefiner max_replicas 4) and 1 edge node.
+# Node types (resources per fake node), as on a GPU cluster (serve_config.yaml): a cloud node is one GPU and
+# holds one cloud replica (1 GPU, 1 `cloud_node`), so cloud nodes follow cloud replicas one for one, up to
+# CloudRefiner's max_replicas; an edge node holds up to four edge replicas (a quarter GPU each), up to
+# EdgePreviewer's max_replicas. Each node declares 1 CPU (a replica asks for 0.5 and waits for its GPU time).
 HEAD_RESOURCES = {"CPU": 2, "head_node": 1}
+CLOUD_MAX_REPLICAS = 4
+EDGE_REPLICAS_PER_NODE = 4
 NODE_TYPES: dict[str, dict[str, Any]] = {
     "cloud": {
-        "resources": {"CPU": 1, "cloud_node": 2, "object_store_memory": OBJECT_STORE_BYTES},
+        "resources": {"CPU": 1, "cloud_node": 1, "object_store_memory": OBJECT_STORE_BYTES},
         "node_config": {},
         "min_workers": 0,
-        "max_workers": 2,
+        "max_workers": CLOUD_MAX_REPLICAS,
     },
     "edge": {
-        "resources": {"CPU": 1, "edge_node": 2, "object_store_memory": OBJECT_STORE_BYTES},
+        "resources": {
+            "CPU": 2,
+            "edge_node": EDGE_REPLICAS_PER_NODE,
+            "object_store_memory": OBJECT_STORE_BYTES,
+        },
         "node_config": {},
         "min_workers": 0,
         "max_workers": 1,
@@ -213,7 +222,7 @@ def start_cluster(node_start_delay_s: float = 0.0) -> LocalAutoscalingCluster:
         # it off; the bench's cluster runs like `ray.init`'s local ones, without
         env = {"RAY_OVERRIDE_RESOURCES": json.dumps(custom), "RAY_AUTH_MODE": "disabled"}
         cluster.start(override_env=env)
-        ray.init(address=f"{gcs_host()}:{GCS_PORT}", namespace="diffusionx", logging_level="WARNING")
+        ray.init(address=f"{gcs_host()}:{GCS_PORT}", namespace="diffusionx", logging_level=logging.WARNING)
     except BaseException:
         cluster.shutdown()
         raise
@@ -248,12 +257,13 @@ def sample_cluster(app: str = "diffusionx") -> ClusterSample:
     """What Serve and the GCS say now: RUNNING replicas of each tier, alive nodes."""
     import ray
     from ray import serve
+    from ray.serve.schema import ReplicaState
 
     status = serve.status().applications.get(app)
     replicas = {}
     for tier, name in TIER_DEPLOYMENTS.items():
         deployment = status.deployments.get(name) if status is not None else None
-        replicas[tier] = int(deployment.replica_states.get("RUNNING", 0)) if deployment else 0
+        replicas[tier] = int(deployment.replica_states.get(ReplicaState.RUNNING, 0)) if deployment else 0
     alive = [node for node in ray.nodes() if node.get("Alive")]
     by_type = {"head": 0, "cloud": 0, "edge": 0}
     for node in alive:

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
-from ray.serve.config import RequestRouterConfig
 
 from deployments.metrics import speculation_metrics
 from deployments.tier import ServedTier, lower_cpu_priority, set_torch_threads
@@ -29,19 +28,9 @@ logger = logging.getLogger("ray.serve")
 SESSIONS_TIMEOUT_S = 1.0  # Serve waits on the stats hook; a slow shared state must not hold it
 
 
-@serve.deployment(
-    name="CloudRefiner",
-    ray_actor_options={"num_cpus": 1},
-    max_ongoing_requests=16,
-    max_queued_requests=64,
-    health_check_period_s=2,
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4},
-    request_router_config=RequestRouterConfig(
-        request_router_class="deployments.cloud_router.StepAwareRouter",
-        request_routing_stats_period_s=0.5,  # the router adds what it sent since (see cloud_router)
-        request_routing_stats_timeout_s=5.0,
-    ),
-)
+# Replicas, resources, request bounds, health checks and the request router come from the serve config (one
+# place for each default); tests/unit/test_configs.py checks that no decorator option is also set there.
+@serve.deployment(name="CloudRefiner")
 class CloudRefiner(ServedTier):
     def __init__(
         self,
@@ -71,9 +60,9 @@ class CloudRefiner(ServedTier):
         if engine.speculations is not None:
             engine.speculations.on_unet_calls = speculation_metrics().unet_calls_spent
 
-    async def record_routing_stats(self) -> dict:
+    async def record_routing_stats(self) -> dict[str, Any]:
         """This replica's load for the request router; Serve calls it every request_routing_stats_period_s."""
-        return self.engine.load_snapshot()
+        return self.engine.load_snapshot().to_dict()
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """The tier's work (`ServedTier`) and the sessions now previewing (read from SharedState), for the

@@ -1,5 +1,6 @@
 """StepAwareRouter: the cloud tier's Ray Serve request router. A request goes to the replica where it is
-expected to finish first.
+expected to finish first. A request's size is the cost model's (`diffusionx.policy.cost`), in the unit
+the replicas count their load in.
 
 Every CloudRefiner replica publishes its load through Ray Serve's `record_routing_stats` (its step
 batcher's pool with each sample's key and remaining steps, its queue, batch capacity and fitted batched
@@ -34,26 +35,23 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
+from diffusionx.policy.cost import StepDefaults, Work, request_cost
+from diffusionx.policy.load import TierSnapshot
 from diffusionx.policy.service_model import ReplicaLoad, rank_replicas
 from diffusionx.policy.speculation import Pinned
 
 
-def request_steps(pending_request: PendingRequest | None) -> int:
-    """Denoising steps a cloud request costs, read off its first argument (1 when unknown).
-
-    A refinement (`Img2ImgRequest`) runs `num_inference_steps * strength` steps, a text-to-image request
-    `num_inference_steps`, an EC-Diff / Hybrid plan (`CollaborativeRequest`) its first `switch_step`."""
+def request_steps(pending_request: PendingRequest | None, defaults: StepDefaults) -> int:
+    """The UNet calls a cloud request costs its replica (`diffusionx.policy.cost.request_cost`, the count
+    the replica's model loop uses), read off the method called and its first argument. 1 for a call the
+    cost model does not know (a health or stats call)."""
     if pending_request is None or not pending_request.args:
         return 1
-    request = pending_request.args[0]
-    params = getattr(request, "params", None)
-    if params is not None and getattr(params, "switch_step", None):
-        return int(params.switch_step)
-    steps = getattr(request, "num_inference_steps", None)
-    if not isinstance(steps, int):
+    try:
+        work = Work.of_method(pending_request.metadata.call_method)
+        return request_cost(work, pending_request.args[0], defaults).unet_calls
+    except (ValueError, TypeError):
         return 1
-    strength = getattr(request, "strength", None)
-    return max(1, int(steps * strength)) if isinstance(strength, float | int) else steps
 
 
 def _pinned_replica(pending_request: PendingRequest | None) -> str | None:
@@ -76,18 +74,30 @@ class StepAwareRouter(FIFOMixin, RequestRouter):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._sent: dict[ReplicaID, list[tuple[float, int]]] = {}  # (sent_at, steps) not yet in stats
+        self._step_defaults = StepDefaults(default_steps=1)  # until a replica publishes its model's
 
     def initialize_state(self, **kwargs: Any) -> None:
         if kwargs:
             raise ValueError(f"StepAwareRouter takes no request_router_kwargs, got {sorted(kwargs)}")
 
+    def _defaults(self, replicas: list[RunningReplica]) -> StepDefaults:
+        """The tier's default step count, as its replicas publish it (the model's; every replica serves
+        the same model). Kept for `on_request_routed`, which is not handed the replicas."""
+        for replica in replicas:
+            default_steps = (replica.routing_stats or {}).get("default_steps")
+            if default_steps:
+                self._step_defaults = StepDefaults(int(default_steps))
+                break
+        return self._step_defaults
+
     def replica_load(self, replica: RunningReplica) -> ReplicaLoad:
         """The replica's last published load plus what this router sent it since."""
-        stats = replica.routing_stats or {}
-        taken_at = float(stats.get("taken_at", 0.0))
+        stats = replica.routing_stats
+        snapshot = TierSnapshot.from_dict(stats) if stats else None
+        taken_at = snapshot.taken_at if snapshot is not None else 0.0
         sent = [entry for entry in self._sent.get(replica.replica_id, ()) if entry[0] > taken_at]
         self._sent[replica.replica_id] = sent
-        load = ReplicaLoad.from_snapshot(stats) if stats else ReplicaLoad()
+        load = ReplicaLoad.from_snapshot(snapshot) if snapshot is not None else ReplicaLoad()
         return load.with_queued([steps for _, steps in sent])
 
     async def choose_replicas(
@@ -102,13 +112,14 @@ class StepAwareRouter(FIFOMixin, RequestRouter):
             if pinned is not None and replica.replica_id.unique_id == pinned:
                 return [[replica]]
         loads = [self.replica_load(replica) for replica in candidate_replicas]
-        order = rank_replicas(loads, request_steps(pending_request))
+        order = rank_replicas(loads, request_steps(pending_request, self._defaults(candidate_replicas)))
         return [[candidate_replicas[i]] for i in order]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         if _is_background(pending_request):
             return
-        self._sent.setdefault(replica_id, []).append((time.time(), request_steps(pending_request)))
+        steps = request_steps(pending_request, self._step_defaults)
+        self._sent.setdefault(replica_id, []).append((time.time(), steps))
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)

@@ -15,14 +15,9 @@ from diffusionx.requests import GenerationResult, Img2ImgRequest, PreviewRequest
 from diffusionx.sampling.collaborative import PlanState
 
 
-@serve.deployment(
-    name="EdgePreviewer",
-    ray_actor_options={"num_cpus": 1},
-    max_ongoing_requests=32,
-    max_queued_requests=128,
-    health_check_period_s=2,
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8},
-)
+# Replicas, resources, request bounds and health checks come from the serve config (one place for each
+# default); tests/unit/test_configs.py checks that no decorator option is also set there.
+@serve.deployment(name="EdgePreviewer")
 class EdgePreviewer(ServedTier):
     def __init__(
         self,

@@ -20,10 +20,10 @@ from ray.exceptions import ObjectLostError, RayActorError, WorkerCrashedError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 from diffusionx.engine.progress import PROGRESS
-from diffusionx.requests import GenerationResult, Img2ImgRequest, PreviewRequest
+from diffusionx.requests import GenerationResult, Img2ImgRequest, PreviewRequest, TierInfo
 from diffusionx.sampling.collaborative import CollaborativeRequest, PlanState
 from diffusionx.serving.errors import ReplicaGone, TierOverloaded
-from diffusionx.workflows.modes import Progress, TierInfo
+from diffusionx.workflows.modes import Progress
 
 logger = logging.getLogger(__name__)
 

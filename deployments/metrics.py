@@ -40,7 +40,9 @@ from ray.serve.metrics import Counter, Gauge, Histogram
 from diffusionx.engine.model_loop import LoopObserver, LoopWork
 
 SECONDS_BOUNDARIES = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
-BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64]
+BATCH_BOUNDARIES = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]
+# (the `type: ignore[arg-type]` on tag_keys below: ray.util.metrics annotates tag_keys as a 1-tuple,
+# Tuple[str], though it takes any number of keys)
 STRENGTH_BOUNDARIES = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 RETRY_HEADER = "x-diffusionx-attempt"
 
@@ -58,7 +60,10 @@ class TierMetrics(LoopObserver):
 
         def histogram(name: str, description: str, boundaries: list[float]) -> Histogram:
             metric = Histogram(
-                name, description=description, boundaries=boundaries, tag_keys=("tier", "kind")
+                name,
+                description=description,
+                boundaries=boundaries,
+                tag_keys=("tier", "kind"),  # type: ignore[arg-type]
             )
             metric.set_default_tags({"tier": tier})
             return metric
@@ -82,7 +87,7 @@ class TierMetrics(LoopObserver):
         self.requests = Counter(
             "diffusionx_tier_requests_total",
             description="Requests that ran on the tier, by outcome.",
-            tag_keys=("tier", "kind", "outcome"),
+            tag_keys=("tier", "kind", "outcome"),  # type: ignore[arg-type]
         )
         self.requests.set_default_tags({"tier": tier})
 
@@ -113,7 +118,7 @@ class IngressMetrics:
             "diffusionx_request_seconds",
             description="Seconds from request to response in the ingress, by endpoint and route.",
             boundaries=SECONDS_BOUNDARIES,
-            tag_keys=("endpoint", "route"),
+            tag_keys=("endpoint", "route"),  # type: ignore[arg-type]
         )
         self.routes = Counter(
             "diffusionx_routes_total", description="Finalizes by route taken.", tag_keys=("route",)

@@ -61,7 +61,8 @@ class FailedAttempts(logging.Handler):
         if "failed" in record.getMessage():
             with self._lock:
                 self.count += 1
-                self.kinds[str(record.args[1])[:80] if record.args else "?"] += 1
+                args: Any = record.args
+                self.kinds[str(args[1])[:80] if args else "?"] += 1
 
 
 def replica_nodes(deployment: str) -> list[str]:
@@ -81,7 +82,8 @@ def running_replicas(deployment: str) -> int:
     status = serve.status().applications.get(APP)
     if status is None or deployment not in status.deployments:
         return 0
-    return int(status.deployments[deployment].replica_states.get("RUNNING", 0))
+    states: Any = status.deployments[deployment].replica_states
+    return int(states.get("RUNNING", 0))
 
 
 def at_full_strength(deployment: str, lost_node: str) -> bool:
@@ -121,7 +123,7 @@ def start_cluster(port: int, overrides: dict[str, Any]) -> tuple[Any, dict[str, 
         for _ in range(2):  # room for two cloud replicas each: one node can take over the other's
             nodes["cloud"].append(cluster.add_node(num_cpus=2, resources={"cloud_node": REPLICAS}))
         nodes["edge"].append(cluster.add_node(num_cpus=2, resources={"edge_node": REPLICAS}))
-        ray.init(address=cluster.address, namespace=APP, logging_level="WARNING")
+        ray.init(address=cluster.address, namespace=APP, logging_level=logging.WARNING)
         client = serve_api.serve_start(http_options=config.http_options.model_dump())
         client.deploy_apps(config, _blocking=False)
         url = f"http://127.0.0.1:{port}"
@@ -143,7 +145,8 @@ def stop_cluster(cluster: Any) -> None:
         cluster.remove_node(node, allow_graceful=False)
     if cluster.head_node is not None:
         cluster.remove_node(cluster.head_node, allow_graceful=False)
-    ray._private.services.find_gcs_addresses.cache_clear()
+    services: Any = ray._private.services
+    services.find_gcs_addresses.cache_clear()
 
 
 def drain(cluster: Any, node: Any, deadline_s: float) -> None:
@@ -151,10 +154,12 @@ def drain(cluster: Any, node: Any, deadline_s: float) -> None:
     import ray
     from ray.core.generated import autoscaler_pb2
 
-    gcs = ray._raylet.GcsClient(address=cluster.address)
+    raylet: Any = ray._raylet
+    reasons: Any = vars(autoscaler_pb2)["DrainNodeReason"]  # generated protobuf: no stubs
+    gcs = raylet.GcsClient(address=cluster.address)
     accepted, why = gcs.drain_node(
         node.node_id,
-        autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+        reasons.Value("DRAIN_NODE_REASON_PREEMPTION"),
         "spot instance preempted (diffusionx bench faults)",
         int((time.time() + deadline_s) * 1000),
     )

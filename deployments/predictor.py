@@ -17,11 +17,8 @@ from diffusionx.policy.learned import load_predictor, strength_function
 
 @serve.deployment(
     name="StrengthPredictor",
-    ray_actor_options={"num_cpus": 0.25},
-    max_ongoing_requests=64,
-    max_queued_requests=256,
+    max_queued_requests=256,  # no config sets these two
     health_check_period_s=2,
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16},
 )
 class StrengthPredictor(ServedTier):
     def __init__(

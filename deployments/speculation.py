@@ -17,6 +17,7 @@ from typing import Any
 
 from deployments.handles import ask
 from diffusionx.engine.speculation import Claimed
+from diffusionx.policy.load import TierLoad
 from diffusionx.policy.speculation import Pinned, SpeculationPolicy
 from diffusionx.requests import Img2ImgRequest
 
@@ -32,8 +33,8 @@ class HandleSpeculation:
         self._tasks: set[asyncio.Task] = set()  # fire-and-forget calls in flight
 
     async def replicas(self) -> list[dict]:
-        tier = await self._ask(self.state.tier, "cloud")
-        return list(tier.get("per_replica") or ())
+        tier: TierLoad = await self._ask(self.state.tier, "cloud")
+        return [snapshot.to_dict() for snapshot in tier.per_replica]
 
     async def submit(self, key: str, session: str, request: Img2ImgRequest, steps: int) -> None:
         replica_id = await self._ask(self.cloud.speculate, request, key)

@@ -40,7 +40,7 @@ def format_event(event: str, data: dict[str, Any]) -> str:
 
 
 async def event_stream(
-    run: Callable[[StepCallback], Awaitable[dict]],
+    run: Callable[[StepCallback], Awaitable[BaseModel | dict[str, Any]]],
     response_model: type[BaseModel],
     status_of: Callable[[Exception], int],
 ) -> StreamingResponse:
@@ -48,7 +48,7 @@ async def event_stream(
     FastAPI serialises the route's plain answer; `status_of` maps a late error to its HTTP status."""
     start = time.perf_counter()
 
-    def wrapped(report: Report) -> Awaitable[dict]:
+    def wrapped(report: Report) -> Awaitable[BaseModel | dict[str, Any]]:
         def on_progress(step: int, total: int, tier: str) -> None:
             elapsed_ms = round((time.perf_counter() - start) * 1000.0, 3)
             report({"step": step, "total_steps": total, "tier": tier, "elapsed_ms": elapsed_ms})

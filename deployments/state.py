@@ -14,8 +14,8 @@ from typing import Any
 from ray import serve
 
 from deployments.metrics import speculation_metrics
-from diffusionx.engine.monitor import merge_snapshots
 from diffusionx.engine.preview_cache import PreviewCache
+from diffusionx.policy.load import TierLoad, TierSnapshot, merge_snapshots
 from diffusionx.policy.sessions import SessionActivity, merge_activity
 from diffusionx.policy.speculation import Pinned, SpeculationRegistry
 
@@ -25,9 +25,8 @@ TIERS = ("edge", "predictor", "cloud")
 
 @serve.deployment(
     name="SharedState",
-    num_replicas=1,
+    num_replicas=1,  # the one place ingress replicas share: never more than one
     max_ongoing_requests=1000,
-    ray_actor_options={"num_cpus": 0, "memory": 256 * 1024 * 1024},
 )
 class SharedState:
     def __init__(
@@ -37,7 +36,7 @@ class SharedState:
         speculation_ttl_s: float = 120.0,
     ) -> None:
         self._cache = PreviewCache(preview_cache_bytes, preview_cache_ttl_s)
-        self._snapshots: dict[str, dict[str, dict]] = {tier: {} for tier in TIERS}
+        self._snapshots: dict[str, dict[str, TierSnapshot]] = {tier: {} for tier in TIERS}
         self._speculations = SpeculationRegistry(speculation_ttl_s)
         self._sessions: dict[str, SessionActivity] = {}  # by ingress replica
 
@@ -67,7 +66,7 @@ class SharedState:
         self._counting(lambda: self._speculations.expire(time.time()))
         calls = {"used": 0, "wasted": 0}
         for snapshot in self._live("cloud"):
-            for outcome, count in (snapshot.get("speculative_unet_calls") or {}).items():
+            for outcome, count in snapshot.speculative_unet_calls.items():
                 calls[outcome] = calls.get(outcome, 0) + int(count)
         return {
             "results": dict(self._speculations.counts),
@@ -81,20 +80,20 @@ class SharedState:
     async def get_preview(self, preview_id: str, owner: str = "") -> bytes | None:
         return self._cache.get(preview_id, owner)
 
-    async def report(self, tier: str, replica_id: str, snapshot: dict) -> None:
+    async def report(self, tier: str, replica_id: str, snapshot: TierSnapshot) -> None:
         self._snapshots.setdefault(tier, {})[replica_id] = snapshot
 
-    def _live(self, tier: str) -> list[dict]:
+    def _live(self, tier: str) -> list[TierSnapshot]:
         now = time.time()
         replicas = self._snapshots.get(tier, {})
-        for replica_id in [r for r, s in replicas.items() if now - s["taken_at"] > STALE_AFTER_S]:
+        for replica_id in [r for r, s in replicas.items() if now - s.taken_at > STALE_AFTER_S]:
             del replicas[replica_id]
         return list(replicas.values())
 
-    async def tier(self, tier: str) -> dict:
+    async def tier(self, tier: str) -> TierLoad:
         return merge_snapshots(self._live(tier))
 
-    async def tiers(self) -> dict[str, dict]:
+    async def tiers(self) -> dict[str, TierLoad]:
         """Every tier's merged view (what admission control reads)."""
         return {tier: merge_snapshots(self._live(tier)) for tier in TIERS}
 
@@ -111,7 +110,7 @@ class SharedState:
 
     async def stats(self) -> dict:
         return {
-            "tiers": await self.tiers(),
+            "tiers": {tier: load.to_dict() for tier, load in (await self.tiers()).items()},
             "preview_cache": self._cache.stats(),
             "speculation": self._speculation_stats(),
         }

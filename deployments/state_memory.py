@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from deployments.app import deployment
 from deployments.replica_memory import MIB, memory_mib
 from deployments.state import SharedState
 from diffusionx.app_config import AppArgs
@@ -44,7 +45,9 @@ async def measure(previews: int, side: int, cache_bytes: int, ttl_s: float) -> d
     pngs = synthetic_pngs(previews, side)
     rss_before = memory_mib(os.getpid())["rss"]
     tracemalloc.start()
-    state = SharedState.func_or_class(cache_bytes, ttl_s)
+    state_class = deployment(SharedState).func_or_class  # the class itself (typed as class or import path)
+    assert not isinstance(state_class, str)
+    state = state_class(cache_bytes, ttl_s)
     started = time.perf_counter()
     # a fresh copy of each PNG, as one that arrived from an ingress replica would be (and so traced here)
     ids = [await state.put_preview(bytes(bytearray(png))) for png in pngs]

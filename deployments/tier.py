@@ -22,7 +22,6 @@ from ray import serve
 
 from deployments.metrics import TierMetrics
 from diffusionx.engine.model_loop import Job, ProgressCallback
-from diffusionx.engine.monitor import snapshot_dict
 from diffusionx.engine.progress import Report, stream_progress
 from diffusionx.engine.reporter import CoalescingReporter
 from diffusionx.policy.autoscaling import autoscaling_stats
@@ -41,7 +40,9 @@ class ServedTier:
         except Exception:  # outside a replica
             context, self._replica_id = None, f"{self.tier}-local"
         # the request bounds Serve enforces for this deployment, reported so that admission control
-        # refuses at the door before a caller's queue to this tier is full (unreported: no such bound)
+        # refuses at the door before a caller's queue to this tier is full (unreported: no such bound).
+        # Private: Serve has no public API for a replica's own deployment config (ReplicaContext keeps it
+        # as `_deployment_config`); without it the bound is only lost.
         deployment_config = getattr(context, "_deployment_config", None)
         if deployment_config is not None:
             engine.loop.monitor.max_ongoing_requests = deployment_config.max_ongoing_requests
@@ -51,8 +52,10 @@ class ServedTier:
         engine.loop.observer = self._metrics
         engine.loop.on_change = self._on_change
         self._metrics.update(engine.loop.work())
-        self._hand_over.set_max_batch_size(max_batch_size)
-        self._hand_over.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        # @serve.batch's wrapper has these setters; its return type does not declare them
+        batch_queue: Any = self._hand_over
+        batch_queue.set_max_batch_size(max_batch_size)
+        batch_queue.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     def _on_change(self) -> None:
         """The load changed: report it to SharedState (coalesced) and set the load gauges."""
@@ -61,7 +64,7 @@ class ServedTier:
 
     async def _send_report(self) -> None:
         if self._state is not None:
-            snapshot = snapshot_dict(self.engine.loop.monitor.snapshot())
+            snapshot = self.engine.loop.monitor.snapshot()
             await self._state.report.remote(self.tier, self._replica_id, snapshot)
 
     async def _submit(self, method: str, *args: Any, on_progress: ProgressCallback | None = None) -> Any:
@@ -95,12 +98,12 @@ class ServedTier:
         return await self.engine.info()
 
     async def stats(self) -> dict:
-        return snapshot_dict(self.engine.loop.monitor.snapshot())
+        return self.engine.loop.monitor.snapshot().to_dict()
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's custom autoscaling metrics hook: the work this replica holds in batched steps, read by
         `diffusionx.policy.autoscaling.QueuedStepsPolicy` where a tier's config selects it."""
-        return autoscaling_stats(snapshot_dict(self.engine.loop.monitor.snapshot()))
+        return autoscaling_stats(self.engine.loop.monitor.snapshot().to_dict())
 
     async def check_health(self) -> None:
         """Called by Serve every health_check_period_s; doubles as the stats heartbeat."""

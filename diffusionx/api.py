@@ -17,10 +17,9 @@ from diffusionx.requests import (
     MAX_PROMPT_CHARS,
     MAX_SEED,
     MIN_IMAGE_SIDE,
+    Mode,
+    Route,
 )
-
-Mode = Literal["diffusionx", "cloud", "edge", "hybrid", "ec-diff"]
-Route = Literal["cloud", "cloud-reduced", "edge-fallback"]
 
 
 class _Body(BaseModel):
@@ -166,7 +165,7 @@ class RefineResponse(BaseModel):
 class GenerateBody(_Sized):
     """One-shot text-to-image in a chosen collaboration mode."""
 
-    mode: Mode = "diffusionx"
+    mode: Mode = Mode.DIFFUSIONX
     switch_step: int | None = Field(None, ge=0, le=MAX_INFERENCE_STEPS, description="hybrid/ec-diff: s")
     warmup_steps: int | None = Field(None, ge=2, le=MAX_INFERENCE_STEPS, description="ec-diff: p")
     approx_interval: int | None = Field(None, ge=0, le=MAX_INFERENCE_STEPS, description="ec-diff: k")
@@ -181,9 +180,9 @@ class GenerateBody(_Sized):
             "smoothing": self.smoothing,
         }
         given = [name for name, value in ec_only.items() if value is not None]
-        if given and self.mode != "ec-diff":
+        if given and self.mode != Mode.EC_DIFF:
             raise ValueError(f"{', '.join(given)} only apply to mode 'ec-diff', not '{self.mode}'")
-        if self.switch_step is not None and self.mode not in ("hybrid", "ec-diff"):
+        if self.switch_step is not None and self.mode not in (Mode.HYBRID, Mode.EC_DIFF):
             raise ValueError(f"switch_step only applies to modes 'hybrid' and 'ec-diff', not '{self.mode}'")
         return self
 

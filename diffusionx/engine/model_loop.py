@@ -47,7 +47,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from diffusionx.engine.monitor import TierMonitor
 
@@ -69,21 +69,24 @@ class SteppedTicket(Protocol):
     def done(self) -> bool: ...
 
 
-class StepEngine(Protocol):
+TicketT = TypeVar("TicketT", bound=SteppedTicket)
+
+
+class StepEngine(Protocol[TicketT]):
     """What the loop needs of a step-level batcher (`diffusionx.sampling.step_batching.StepBatcher`)."""
 
-    def add(self, request: Any, background: bool = False) -> SteppedTicket: ...
+    def add(self, request: Any, background: bool = False) -> TicketT: ...
 
-    def promote(self, ticket: SteppedTicket) -> bool: ...
+    def promote(self, ticket: TicketT) -> bool: ...
 
     def background_work(self) -> tuple[int, int]: ...  # (samples, remaining steps) of background work
 
     @property
     def has_foreground(self) -> bool: ...
 
-    def step(self) -> list[SteppedTicket]: ...
+    def step(self) -> list[TicketT]: ...
 
-    def cancel(self, ticket: SteppedTicket) -> bool: ...
+    def cancel(self, ticket: TicketT) -> bool: ...
 
     def priorities(self) -> list[tuple[int, int]]: ...  # (key, remaining steps) in the order it steps
 
@@ -109,6 +112,14 @@ class LoopWork:
     queued_steps: int = 0
     running_requests: int = 0
     running_steps: int = 0
+
+
+class JobSpec(NamedTuple):
+    """What a tier hands the loop for one request (`submit(*spec)`): its kind, the request and its load."""
+
+    kind: str
+    request: Any
+    steps: int  # the request's UNet calls on this tier (`diffusionx.policy.cost.request_cost`)
 
 
 @dataclass(eq=False)
@@ -157,7 +168,7 @@ class ModelLoop:
         self._running: list[Job] = []  # the whole batch in the model right now
         self._functions: dict[str, BatchFunction] = {}
         self._step_kind: str | None = None
-        self._stepper: StepEngine | None = None
+        self._stepper: StepEngine[Any] | None = None
         self._waiting: list[Job] = []
         self._stepping: dict[SteppedTicket, Job] = {}  # admitted step-batched jobs; bounded by the pool
         self._joining: list[Job] = []  # step-batched jobs being added to the batcher right now
@@ -168,7 +179,7 @@ class ModelLoop:
         """Jobs of `kind` run in whole batches: `function(requests)` returns one result per request."""
         self._functions[kind] = function
 
-    def enable_step_batching(self, kind: str, stepper: StepEngine) -> None:
+    def enable_step_batching(self, kind: str, stepper: StepEngine[Any]) -> None:
         """Jobs of `kind` (img2img requests) join `stepper` and run step by step instead of whole."""
         self._step_kind, self._stepper = kind, stepper
 
@@ -478,15 +489,15 @@ class ModelLoop:
             self.observer.batch_ran(self._step_kind or "", advanced, 1, elapsed)
         self.monitor.pool = stepper.priorities()
         for ticket in finished:
-            job = self._stepping.pop(ticket, None)
-            if job is None:  # cancelled while the step ran
+            done = self._stepping.pop(ticket) if ticket in self._stepping else None
+            if done is None:  # cancelled while the step ran
                 continue
             if ticket.error is not None:
-                self._finish(job, ticket.error)
+                self._finish(done, ticket.error)
                 continue
             result = ticket.result
-            result.timings_ms["queue"] = round(job.queued_s * 1000.0, 3)
+            result.timings_ms["queue"] = round(done.queued_s * 1000.0, 3)
             result.timings_ms["batch_size"] = float(result.batch_size)
-            self._finish(job, result)
+            self._finish(done, result)
         self._note_background()
         self.on_change()

@@ -10,14 +10,14 @@ cancelled: the HTTP client disconnected) cancels the coroutine, and with it the 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 Report = Callable[..., None]
 PROGRESS, RESULT = "progress", "result"
 
 
-async def stream_progress(run: Callable[[Report], Awaitable[Any]]) -> AsyncIterator[tuple[str, Any]]:
+async def stream_progress(run: Callable[[Report], Awaitable[Any]]) -> AsyncGenerator[tuple[str, Any], None]:
     """Runs `run(report)` and yields `("progress", args)` for each `report(*args)`, in order, then
     `("result", value)` (or raises its error). Closing the iterator early cancels the run."""
     queue: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from diffusionx.engine.model_loop import Job, ModelLoop
-from diffusionx.engine.monitor import snapshot_dict
 from diffusionx.policy.speculation import SpeculationPolicy, SpeculationRegistry
 
 
@@ -142,7 +141,7 @@ class LocalSpeculation:
         self.replica_id = replica_id
 
     async def replicas(self) -> list[dict]:
-        return [snapshot_dict(self.store.loop.monitor.snapshot())]
+        return [self.store.loop.monitor.snapshot().to_dict()]
 
     async def submit(self, key: str, session: str, request: Any, steps: int) -> None:
         self.store.submit(key, request, steps)

@@ -1,10 +1,10 @@
 """The three model tiers as in-process objects: a loaded model (or the predictor) behind one `ModelLoop`.
 
-Each tier says, for every request it takes, which kind of batch it joins and how many denoising steps it
-costs (`job`), checks what can be checked before the request joins a batch (a prompt too long for the
-tokenizer fails alone, at once), and runs it through its model loop. The workflows call these objects
-directly in process (eval, compare, search, tests); the Ray Serve deployments wrap the same objects, so
-the batching that is measured is the batching that is served.
+Each tier says, for every request it takes, which kind of batch it joins and what it costs (`job`: the
+cost model's `request_cost`, in UNet calls), checks what can be checked before the request joins a batch
+(a prompt too long for the tokenizer fails alone, at once), and runs it through its model loop. The
+workflows call these objects directly in process (eval, compare, search, tests); the Ray Serve deployments
+wrap the same objects, so the batching that is measured is the batching that is served.
 """
 
 from __future__ import annotations
@@ -17,27 +17,26 @@ from typing import Any
 
 from PIL import Image
 
-from diffusionx.engine.model_loop import ModelLoop, ProgressCallback, RunBlocking, _in_thread
-from diffusionx.engine.monitor import snapshot_dict
+from diffusionx.engine.model_loop import JobSpec, ModelLoop, ProgressCallback, RunBlocking, _in_thread
 from diffusionx.engine.speculation import Claimed, SpeculationStore
 from diffusionx.engine.step_warmup import measure_step_time
 from diffusionx.models.loading import LoadedModel
+from diffusionx.policy.cost import StepDefaults, Work, request_cost
+from diffusionx.policy.load import TierSnapshot
 from diffusionx.policy.router import CloudLoad
 from diffusionx.policy.service_model import ReplicaLoad
 from diffusionx.policy.speculation import DEFAULT_MAX_SLOWDOWN, affordable_background
 from diffusionx.policy.strength import predict_strength
-from diffusionx.requests import GenerationResult, Img2ImgRequest, PreviewRequest
+from diffusionx.requests import GenerationResult, Img2ImgRequest, PreviewRequest, TierInfo
 from diffusionx.sampling.collaborative import (
     CollaborativeRequest,
     PlanState,
     cloud_phase,
     edge_phase,
-    expected_unet_calls,
 )
 from diffusionx.sampling.generation import check_prompt_fits, edit, preview, refine, text_to_image
 from diffusionx.sampling.step_batching import StepBatcher
 
-Job = tuple[str, Any, int]  # (kind, request, steps)
 TierProgress = Callable[[int, int, str], None]  # (step, total steps, tier)
 
 
@@ -56,8 +55,11 @@ class _Tier:
     ) -> None:
         self.loop = ModelLoop(max_batch_size, clock=clock, run_blocking=run_blocking)
 
-    def job(self, method: str, *args: Any) -> Job:  # pragma: no cover - each tier defines it
+    def job(self, method: str, *args: Any) -> JobSpec:  # pragma: no cover - each tier defines it
         raise NotImplementedError
+
+    def _priced(self, work: Work, request: Any, defaults: StepDefaults) -> JobSpec:
+        return JobSpec(work.value, request, request_cost(work, request, defaults).unet_calls)
 
     async def call(self, method: str, *args: Any, on_progress: TierProgress | None = None) -> Any:
         """Runs one request; `on_progress(step, total, tier)` hears of each of its denoising steps."""
@@ -80,28 +82,30 @@ class EdgeModel(_Tier):
         self.loop.register("edit", lambda requests, on_step=None: edit(model, requests, on_step))
         self.loop.register("finish", lambda states: edge_phase(model, states))
 
-    async def info(self) -> dict:
+    async def info(self) -> TierInfo:
         spec = self.model.spec
         return {
             "model": spec.name,
             "default_size": spec.default_size,
             "preview_steps": spec.preview_steps,
             "default_steps": spec.default_steps,
+            "edit_steps": self.edit_steps,
         }
 
-    def job(self, method: str, request: Any) -> Job:
+    @property
+    def defaults(self) -> StepDefaults:
         spec = self.model.spec
-        if method == "preview":
+        return StepDefaults(spec.default_steps, spec.preview_steps, self.edit_steps)
+
+    def job(self, method: str, request: Any) -> JobSpec:
+        work = Work(method) if method in ("preview", "edit", "finish") else None
+        if work is None:
+            raise ValueError(f"edge tier has no method {method!r}")
+        if work is not Work.FINISH:
             check_prompt_fits(self.model, [request.prompt])  # reject before joining a batch
-            return "preview", request, request.num_inference_steps or spec.preview_steps
-        if method == "edit":
-            check_prompt_fits(self.model, [request.prompt])
-            if request.num_inference_steps is None:
-                request.num_inference_steps = self.edit_steps
-            return "edit", request, int(request.num_inference_steps * request.strength)
-        if method == "finish":
-            return "finish", request, request.params.num_inference_steps - request.step_index
-        raise ValueError(f"edge tier has no method {method!r}")
+        if work is Work.EDIT and request.num_inference_steps is None:
+            request.num_inference_steps = self.edit_steps
+        return self._priced(work, request, self.defaults)
 
     async def preview(
         self, request: PreviewRequest, on_progress: TierProgress | None = None
@@ -169,7 +173,7 @@ class CloudModel(_Tier):
         self.loop.register("generate", lambda requests: text_to_image(model, requests, tier="cloud"))
         self.loop.register("plan", lambda requests: cloud_phase(model, requests))
 
-    async def info(self) -> dict:
+    async def info(self) -> TierInfo:
         spec = self.model.spec
         return {
             "model": spec.name,
@@ -178,17 +182,18 @@ class CloudModel(_Tier):
             "family": spec.family,
         }
 
-    def job(self, method: str, request: Any) -> Job:
+    @property
+    def defaults(self) -> StepDefaults:
+        return StepDefaults(self.model.spec.default_steps)
+
+    def job(self, method: str, request: Any) -> JobSpec:
+        work = Work(method) if method in ("refine", "generate", "plan") else None
+        if work is None:
+            raise ValueError(f"cloud tier has no method {method!r}")
         check_prompt_fits(self.model, [request.prompt])
-        if method == "refine":
-            if request.num_inference_steps is None:
-                request.num_inference_steps = self.model.spec.default_steps
-            return "refine", request, int(request.num_inference_steps * request.strength)
-        if method == "generate":
-            return "generate", request, request.num_inference_steps or self.model.spec.default_steps
-        if method == "plan":
-            return "plan", request, expected_unet_calls(request.params).cloud
-        raise ValueError(f"cloud tier has no method {method!r}")
+        if work is Work.REFINE and request.num_inference_steps is None:
+            request.num_inference_steps = self.model.spec.default_steps
+        return self._priced(work, request, self.defaults)
 
     async def refine(
         self, request: Img2ImgRequest, on_progress: TierProgress | None = None
@@ -211,7 +216,7 @@ class CloudModel(_Tier):
         return self.speculations.submit(key, request, steps)
 
     async def claim_speculation(self, key: str, promote: bool) -> Claimed:
-        """A finalize's claim of the speculation of `key`: hit, promoted (awaited) or miss."""
+        """A refine's claim of the speculation of `key`: hit, promoted (awaited) or miss."""
         if self.speculations is None:
             return Claimed("miss")
         return await self.speculations.claim(key, promote)
@@ -220,10 +225,10 @@ class CloudModel(_Tier):
         """Drops a superseded speculation; returns the UNet calls it wasted."""
         return 0 if self.speculations is None else self.speculations.drop(key)
 
-    def load_snapshot(self) -> dict:
-        """This replica's load report (`engine.monitor.TierSnapshot` as a dict): what the deployment
-        publishes and what the router's service model reads (`ReplicaLoad.from_snapshot`)."""
-        return snapshot_dict(self.loop.monitor.snapshot())
+    def load_snapshot(self) -> TierSnapshot:
+        """This replica's load report: what the deployment publishes and what the router's service model
+        reads (`ReplicaLoad.from_snapshot`)."""
+        return self.loop.monitor.snapshot(self.model.spec.default_steps)
 
     async def load(self) -> CloudLoad:
         """This replica's load, as the router reads it (in process: the tier is this one replica)."""
@@ -259,13 +264,13 @@ class PredictorModel(_Tier):
         self.loop.register("predict", lambda pairs: _predict_all(predict, pairs))
         self.loop.register("predict_edit", lambda triples: _predict_all(predict_edit, triples))
 
-    async def info(self) -> dict:
+    async def info(self) -> TierInfo:
         return {"predictor": self.names["refine"], "edit_predictor": self.names["edit"]}
 
-    def job(self, method: str, *args: Any) -> Job:
+    def job(self, method: str, *args: Any) -> JobSpec:
         if method not in ("predict", "predict_edit"):
             raise ValueError(f"predictor tier has no method {method!r}")
-        return method, args, 0
+        return JobSpec(method, args, 0)
 
     async def predict(self, prompt: str, image: Image.Image) -> float:
         return await self.call("predict", prompt, image)

@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from PIL import Image
 from tqdm import tqdm
@@ -36,11 +37,11 @@ from diffusionx.models.alignment import (
 from diffusionx.models.loading import LoadedModel, ModelNotAvailableError, load_model
 from diffusionx.models.registry import get_spec
 from diffusionx.policy.strength import predict_strength
-from diffusionx.requests import InvalidRequestError
+from diffusionx.requests import InvalidRequestError, Mode
 from diffusionx.shapes.data import heldout_prompts
 from diffusionx.shapes.judge import score
 from diffusionx.workflows.local import generate_all, local_tiers
-from diffusionx.workflows.modes import MODES, GenerateRequest, check_fields
+from diffusionx.workflows.modes import GenerateRequest, check_fields
 
 DEFAULT_CLOUD = "shapes-cloud"
 DEFAULT_EDGE = "shapes-edge"
@@ -113,7 +114,7 @@ def evaluate_mode(
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} is not allowed: use an integer >= 1")
     score_fn = score_fn or score
-    fields = {key: value for key, value in (request_fields or {}).items() if value is not None}
+    fields: dict[str, Any] = {k: v for k, v in (request_fields or {}).items() if v is not None}
     requests = [GenerateRequest(prompt, seed + index, **fields) for index, prompt in enumerate(prompts)]
     for request in requests[:1]:
         check_fields(mode, request)
@@ -180,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Quality (judge accuracy on held-out shapes prompts) and cost (UNet calls, seconds per "
         "image) of one collaboration mode.",
     )
-    parser.add_argument("--mode", required=True, choices=MODES, help="collaboration mode to evaluate")
+    parser.add_argument(
+        "--mode", required=True, choices=[mode.value for mode in Mode], help="collaboration mode to evaluate"
+    )
     parser.add_argument("--n", type=int, default=DEFAULT_N, help=f"number of prompts (default {DEFAULT_N})")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--seed", type=int, default=0, help="prompt-set seed; image i uses seed + i")

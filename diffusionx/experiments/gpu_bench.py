@@ -20,6 +20,7 @@ this script working where no GPU is) or `--device cpu` is given.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -201,11 +202,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         for batch_size in args.batch_sizes:
             row: dict[str, Any] = {"batch_size": batch_size}
             row["step"] = guarded(
-                lambda b=batch_size, m=model: step_seconds(m, b, size, args.repeats, args.warmup)
+                functools.partial(step_seconds, model, batch_size, size, args.repeats, args.warmup)
             )
-            row["requests"] = guarded(
-                lambda b=batch_size, m=model, k=make, r=run: images_per_second(m, r, k(b))
-            )
+            row["requests"] = guarded(functools.partial(images_per_second, model, run, make(batch_size)))
             rows.append(row)
             print(_row_line(role, model.spec.name, row), flush=True)
         models[role] = {

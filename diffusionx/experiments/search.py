@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 from tqdm import tqdm
@@ -205,65 +206,91 @@ def two_stage_search(
             f"initial switch step s={s0} is not allowed: use an integer from 2 (room for the two warm-up "
             f"cloud steps of the approximation) to N={steps}"
         )
-
-    log: list[SearchPoint] = []
-    cache: dict[tuple, Measurement] = {}
+    search = _Search(measure, steps, s0, max_approx_interval, smoothings, guidance_scale)
     bar = tqdm(desc="search", unit="point", file=sys.stderr, disable=not progress)
+    search.bar = bar
+    try:
+        # 0. baseline: cloud-only
+        cloud_only = CollaborationParams.hybrid(steps, switch_step=steps, guidance_scale=guidance_scale)
+        baseline = search.evaluate("baseline", cloud_only, -math.inf)
+        threshold = target * baseline.quality
+        # 1. stage one: greedy over (p, k, a) at s = s0; 2. stage two: greedy over s with (p, k, a) fixed
+        search.stage_two(search.stage_one(threshold), threshold)
+    finally:
+        bar.close()
+    feasible = [point for point in search.log if point.feasible]
+    chosen = min(feasible, key=SearchPoint.sort_key)  # the baseline is always feasible
+    return SearchResult(chosen, baseline.quality, threshold, target, search.log)
 
-    def evaluate(stage: str, params: CollaborationParams, threshold: float) -> SearchPoint:
+
+@dataclass
+class _Search:
+    """The state of one `two_stage_search`: its settings, every point measured (`log`) and the measurements
+    by output (`cache`: points that compute the same images are measured once)."""
+
+    measure: MeasureFn
+    steps: int  # N
+    s0: int  # the initial switch step
+    max_approx_interval: int
+    smoothings: Sequence[float]
+    guidance_scale: float | None
+    log: list[SearchPoint] = field(default_factory=list)
+    cache: dict[tuple, Measurement] = field(default_factory=dict)
+    bar: Any = None  # a tqdm progress bar
+
+    def evaluate(self, stage: str, params: CollaborationParams, threshold: float) -> SearchPoint:
         key = _output_key(params)
-        if key not in cache:
-            cache[key] = measure(params)
-        measured = cache[key]
+        if key not in self.cache:
+            self.cache[key] = self.measure(params)
+        measured = self.cache[key]
         point = SearchPoint(stage, params, measured.quality, measured.seconds, measured.quality >= threshold)
-        log.append(point)
-        bar.update(1)
-        approximation = (
-            f"p={params.warmup_steps} k={params.approx_interval} a={params.smoothing}"
-            if params.approximates
-            else "no approximation"
-        )
-        bar.set_postfix_str(f"{stage} {approximation} s={params.switch_step} q={measured.quality:.3f}")
+        self.log.append(point)
+        if self.bar is not None:
+            self.bar.update(1)
+            approximation = (
+                f"p={params.warmup_steps} k={params.approx_interval} a={params.smoothing}"
+                if params.approximates
+                else "no approximation"
+            )
+            self.bar.set_postfix_str(
+                f"{stage} {approximation} s={params.switch_step} q={measured.quality:.3f}"
+            )
         return point
 
-    def make(p: int, k: int, a: float, s: int) -> CollaborationParams:
-        return CollaborationParams(steps, s, p, k, a, guidance_scale)
+    def make(self, p: int, k: int, a: float, s: int) -> CollaborationParams:
+        return CollaborationParams(self.steps, s, p, k, a, self.guidance_scale)
 
-    def hybrid(s: int) -> CollaborationParams:
-        return CollaborationParams.hybrid(steps, switch_step=s, guidance_scale=guidance_scale)
+    def cloud_calls(self, p: int, k: int) -> int:
+        return expected_unet_calls(self.make(p, k, REFERENCE_SMOOTHING, self.s0)).cloud
 
-    def cloud_calls(p: int, k: int) -> int:
-        return expected_unet_calls(make(p, k, REFERENCE_SMOOTHING, s0)).cloud
-
-    def cheaper_neighbours(p: int, k: int, calls: int) -> list[tuple[int, int]]:
+    def cheaper_neighbours(self, p: int, k: int, calls: int) -> list[tuple[int, int]]:
         """The smallest cuts in cloud calls along k (k + 1 with the warm-up p that keeps the most calls)
         and along p (the next smaller warm-up that saves a call)."""
         neighbours = []
         if k > 0:  # first, so that a tie keeps the shorter interval (more frequent cloud corrections)
-            smaller = [q for q in range(p - 1, 1, -1) if cloud_calls(q, k) < calls]
+            smaller = [q for q in range(p - 1, 1, -1) if self.cloud_calls(q, k) < calls]
             if smaller:
                 neighbours.append((smaller[0], k))
-        if k < max_approx_interval:
-            options = [(cloud_calls(q, k + 1), q) for q in range(2, s0 + 1)]
+        if k < self.max_approx_interval:
+            options = [(self.cloud_calls(q, k + 1), q) for q in range(2, self.s0 + 1)]
             cheaper = [option for option in options if option[0] < calls]
             if cheaper:
                 neighbours.append((max(cheaper)[1], k + 1))
         return neighbours
 
-    try:
-        # 0. baseline: cloud-only
-        cloud_only = CollaborationParams.hybrid(steps, switch_step=steps, guidance_scale=guidance_scale)
-        baseline = evaluate("baseline", cloud_only, -math.inf)
-        threshold = target * baseline.quality
-
-        # 1. stage one: greedy over (p, k, a) at s = s0, from Hybrid SD at s0 (no approximation)
-        current = evaluate("stage1", hybrid(s0), threshold)
-        p, k, a = s0, 0, float(smoothings[0])  # k = 0: the cloud runs every step before s0, as Hybrid SD
+    def stage_one(self, threshold: float) -> SearchPoint:
+        """Greedy over (p, k, a) at s = s0, from Hybrid SD at s0 (no approximation): the cheapest feasible
+        neighbour each round, until none is."""
+        hybrid = CollaborationParams.hybrid(
+            self.steps, switch_step=self.s0, guidance_scale=self.guidance_scale
+        )
+        current = self.evaluate("stage1", hybrid, threshold)
+        p, k, a = self.s0, 0, float(self.smoothings[0])  # k = 0: the cloud runs every step before s0
         while current.feasible:
             best: tuple[SearchPoint, int, int] | None = None
-            for p_next, k_next in cheaper_neighbours(p, k, current.cloud_calls):
-                for a_next in [a, *(float(x) for x in smoothings if float(x) != a)]:
-                    point = evaluate("stage1", make(p_next, k_next, a_next, s0), threshold)
+            for p_next, k_next in self.cheaper_neighbours(p, k, current.cloud_calls):
+                for a_next in [a, *(float(x) for x in self.smoothings if float(x) != a)]:
+                    point = self.evaluate("stage1", self.make(p_next, k_next, a_next, self.s0), threshold)
                     if point.feasible:
                         if best is None or point.sort_key() < best[0].sort_key():
                             best = (point, p_next, k_next)
@@ -272,26 +299,21 @@ def two_stage_search(
                 break
             current, p, k = best
             a = current.params.smoothing
+        return current
 
-        # 2. stage two: greedy over s with (p, k, a) fixed
-        def at_switch(s: int) -> CollaborationParams:
-            return dataclasses.replace(current.params, switch_step=s)
-
+    def stage_two(self, current: SearchPoint, threshold: float) -> None:
+        """Greedy over s with (p, k, a) fixed: earlier switches while feasible, else later until feasible."""
         candidates = switch_candidates(current.params)
         if current.feasible:
-            for s in reversed([s for s in candidates if s < s0]):
-                if not evaluate("stage2", at_switch(s), threshold).feasible:
+            for s in reversed([s for s in candidates if s < self.s0]):
+                at_s = dataclasses.replace(current.params, switch_step=s)
+                if not self.evaluate("stage2", at_s, threshold).feasible:
                     break
         else:
-            for s in (s for s in candidates if s > s0):
-                if evaluate("stage2", at_switch(s), threshold).feasible:
+            for s in (s for s in candidates if s > self.s0):
+                at_s = dataclasses.replace(current.params, switch_step=s)
+                if self.evaluate("stage2", at_s, threshold).feasible:
                     break
-    finally:
-        bar.close()
-
-    feasible = [point for point in log if point.feasible]
-    chosen = min(feasible, key=SearchPoint.sort_key)  # the baseline is always feasible
-    return SearchResult(chosen, baseline.quality, threshold, target, log)
 
 
 def make_measure(

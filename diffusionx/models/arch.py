@@ -19,9 +19,12 @@ upcasts on the CPU, fp16 on CUDA loads as stored.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:  # diffusers is imported where a model is built (it is slow to import)
+    from diffusers import ModelMixin
 
 from diffusionx.models.tiny_random import build_once, cache_dir
 
@@ -170,7 +173,7 @@ def ensure_arch_pair() -> Path:
     return build_once(arch_dir(), build_arch_pair)
 
 
-def _random_component(subfolder: str, seed: int, dtype: torch.dtype) -> torch.nn.Module:
+def _random_component(subfolder: str, seed: int, dtype: torch.dtype) -> ModelMixin:
     # PyTorch's default initialisation (fan-in scaled) keeps activations finite through 860M random
     # parameters, in fp16 too; it runs on the CPU in fp32, then the weights are cast for storage
     torch.manual_seed(seed)

@@ -13,12 +13,16 @@ The profile is `diffusionx gpu-bench`'s JSON (`models.{edge,cloud}.rows[].step.s
 here). `DIFFUSIONX_GPU_PROFILE` names the file to use. Between measured batch sizes `t(b)` is linear; past
 the last it extends the last segment.
 
-Images come from a cheap stand-in: the embedded shapes edge UNet computes each step (32x32 latents, a few
-ms), and the wait pads the step to `t(b)`. Where this differs from a GPU: the stand-in's compute and
-everything else in the process share the machine's cores, so a step whose stand-in compute alone exceeds
-`t(b)` (a busy machine) takes longer than the GPU would (`GpuTimedUNet.overruns` counts them); the host
-work of a request (PNG coding, VAE at 32x32, Python) is a CPU's, not a GPU host's; quality is the stand-in's
-(shapes world, edge UNet), not SD's; memory limits (OOM at large batches) are not modelled.
+Images come from a cheap stand-in, `ZeroNoise`: a noise estimate of zero, so the scheduler's trajectory
+runs (a preview decodes its scaled starting noise, a finalize its scaled, noised input image) at the cost of
+a tensor fill. Why not a real small UNet: a UNet's call costs the host tens of milliseconds of Python and
+kernel dispatch whatever its size, about a GPU step itself, so on a few shared cores the stand-ins of all
+replicas made the CPU, not the modelled GPUs, the bottleneck; a GPU step costs its host next to nothing.
+Where this differs from a GPU: the host work of a request (HTTP, Ray Serve, PNG coding, VAE at 32x32,
+Python) is a CPU's and shares the machine's cores, so a busy machine still slows requests down, and a step
+that starts late takes longer than `t(b)` (`GpuTimedUNet.overruns` counts steps whose stand-in alone took
+longer than `t(b)`); images are not SD's (quality is not what these models are for); memory limits (OOM at
+large batches) are not modelled.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import time
 from bisect import bisect_left
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -105,6 +109,34 @@ def load_profile(path: str | Path | None = None) -> GpuProfile:
     return parse_profile(report, str(path))
 
 
+class ZeroNoise(torch.nn.Module):
+    """The stand-in noise estimate of a GPU-timed model (module docstring): zeros shaped like the sample, with
+    the configuration, dtype and device of the UNet it stands in for."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    @property
+    def config(self) -> Any:
+        return self.unet.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        dtype: torch.dtype = cast(torch.dtype, self.unet.dtype)
+        return dtype
+
+    @property
+    def device(self) -> torch.device:
+        device: torch.device = cast(torch.device, self.unet.device)
+        return device
+
+    def forward(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        return UNet2DConditionOutput(sample=torch.zeros_like(sample))
+
+
 class GpuTimedUNet(torch.nn.Module):
     """A UNet whose call lasts `t(b)`: the stand-in computes the output, then a wait pads it.
 
@@ -113,7 +145,7 @@ class GpuTimedUNet(torch.nn.Module):
 
     def __init__(self, standin: torch.nn.Module, times: StepTimes, rows_per_sample: int = 2) -> None:
         super().__init__()
-        self.standin = standin
+        self.standin: Any = standin  # a diffusers UNet: its config, dtype and device are read through
         self.times = times
         self.rows_per_sample = rows_per_sample
         self.overruns = 0  # steps whose stand-in compute alone took longer than t(b)

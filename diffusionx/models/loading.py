@@ -163,10 +163,10 @@ def load_model(
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise _not_available(spec, first_line) from None
     if spec.gpu_timed:  # keeps a GPU's time: each step waits t(b), the load waits the profile's load time
-        from diffusionx.models.gpu_timed import GpuTimedUNet, load_profile
+        from diffusionx.models.gpu_timed import GpuTimedUNet, ZeroNoise, load_profile
 
         times = load_profile().role(spec.gpu_timed)
-        unet = GpuTimedUNet(unet, times, rows_per_sample=2 if spec.guidance_scale > 1.0 else 1)
+        unet = GpuTimedUNet(ZeroNoise(unet), times, rows_per_sample=2 if spec.guidance_scale > 1.0 else 1)
         time.sleep(times.load_s)
     return LoadedModel(
         spec=spec,

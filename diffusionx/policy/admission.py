@@ -1,15 +1,15 @@
 """Admission control: refuse work at the door, at once, when it could not start within a bound.
 
-The ingress knows each tier's queue from two sources: the tier view that the replicas report to the shared
-state (`queued_steps` of all replicas, `replicas`, the step time; refreshed in the background, a view
-older than `view_max_age_s` is not trusted), and the work this ingress itself admitted and has not seen
+The ingress knows each tier's queue from two sources: the tier's `TierLoad` that the replicas report to the
+shared state (`queued_steps` of all replicas, `replicas`, the step time; refreshed in the background, a
+view older than `view_max_age_s` is not trusted), and the work this ingress itself admitted and has not seen
 finish (it counts up at once, while reports lag a burst). The work ahead of a new request is the larger of
 the two, and under a queue it drains one full batch of `B = max_batch_size` request-steps per batched step:
 
     wait_s = max(reported_queued_steps, own_queued_steps) * t(B) / (replicas * B)
 
-`t(B)` is the replicas' fitted time of a batched step at batch B (`step_time_s`, seeded by each replica's
-start-up warm-up), else their mean measured `seconds_per_step`. The fit matters: a step at batch 8 takes
+`t(B)` is the replicas' fitted time of a batched step at batch B (`TierLoad.step_s`, seeded by each
+replica's start-up warm-up). The fit matters: a step at batch 8 takes
 several times one at batch 1, and a view measured on lone requests would admit that many times too much
 work, which then bounced late off the tier's own bounded queue instead of being refused here.
 
@@ -36,6 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
+from diffusionx.policy.load import TierLoad
 from diffusionx.policy.tenants import RateRefusal, Tenants
 
 REFUSAL_MARK = "before new work starts"  # in every refusal's message (clients.shed_bench counts them by it)
@@ -88,7 +89,7 @@ class AdmissionControl:
         self.max_wait_s = max_wait_s
         self.view_max_age_s = view_max_age_s
         self.clock = clock
-        self._view: dict[str, dict] = {}
+        self._view: dict[str, TierLoad] = {}
         self._view_at = -math.inf
         self.own_steps = dict.fromkeys(self.max_batch_sizes, 0)  # one counter per tier: never grows
         self.own_requests = dict.fromkeys(self.max_batch_sizes, 0)
@@ -99,28 +100,28 @@ class AdmissionControl:
         self.admitted = 0
         self.refused = 0
 
-    def update(self, tiers: Mapping[str, dict]) -> None:
-        """A fresh tier view (`/v1/stats` `tiers`: queued_steps, replicas, step_time_s, seconds_per_step)."""
-        self._view = {tier: dict(view) for tier, view in tiers.items()}
+    def update(self, tiers: Mapping[str, TierLoad]) -> None:
+        """A fresh view of every tier's load."""
+        self._view = dict(tiers)
         self._view_at = self.clock()
 
-    def _tier_view(self, tier: str) -> dict:
-        """The reported view of `tier`, or {} when it is older than `view_max_age_s` (not trusted)."""
+    def _tier_view(self, tier: str) -> TierLoad:
+        """The reported load of `tier`, or an empty one when it is older than `view_max_age_s` (not
+        trusted)."""
         fresh = self.clock() - self._view_at <= self.view_max_age_s
-        return self._view.get(tier, {}) if fresh else {}
+        return self._view.get(tier, TierLoad()) if fresh else TierLoad()
 
     def _step_s(self, tier: str) -> float | None:
         """Seconds per queued request-step on `tier` (t(B) / (replicas * B)); None before it is measured."""
         view = self._tier_view(tier)
         batch = self.max_batch_sizes.get(tier, 1)
-        fit = view.get("step_time_s")
-        seconds_per_step = fit[0] + fit[1] * batch if fit else view.get("seconds_per_step")
+        seconds_per_step = view.step_s(batch)
         if not seconds_per_step or seconds_per_step <= 0:
             return None
-        return seconds_per_step / (max(1, int(view.get("replicas", 1))) * batch)
+        return seconds_per_step / (max(1, view.replicas) * batch)
 
     def _queued_steps(self, tier: str) -> int:
-        return max(int(self._tier_view(tier).get("queued_steps", 0)), self.own_steps.get(tier, 0))
+        return max(self._tier_view(tier).queued_steps, self.own_steps.get(tier, 0))
 
     def wait_s(self, tier: str) -> float:
         """Expected seconds before new work on `tier` starts."""
@@ -129,15 +130,14 @@ class AdmissionControl:
 
     def capacity(self, tier: str) -> int | None:
         """Requests this ingress may have at `tier` before Serve would refuse the next (None: unbounded)."""
-        capacity = self._tier_view(tier).get("request_capacity")
-        return None if capacity is None else int(capacity)
+        return self._tier_view(tier).request_capacity
 
     def decide(self, needs: Mapping[str, int], owner: str = "") -> Refusal | RateRefusal | None:
         """None to admit a request of API key `owner` that needs `needs` (tier -> its request-steps), else
         why not."""
         if self.tenants is not None:
             self.tenants.seen(owner)
-            refusal = self.tenants.rates.check(owner)
+            refusal: Refusal | RateRefusal | None = self.tenants.rates.check(owner)
             shared = refusal is None and len(self.tenants.active()) > 1
             if shared:  # several keys active: the bounds are shared among them
                 refusal = self._decide_shared(needs, owner)

@@ -9,18 +9,25 @@ Signal. The ingress follows sessions (`diffusionx.policy.sessions.SessionTracker
 activity; every cloud replica reports it with its own work through Serve's custom autoscaling metrics
 (`session_stats`, next to `autoscaling_stats`): `N` sessions previewing, the measured share `f` of sessions
 that finalize, the measured mean time `L` from a session's first preview to its finalize, and the measured
-mean cloud steps `s` of a finalize. The replicas report their step time at a full batch, `t(B)`.
+mean cloud steps `s` of a finalize, and the rate `r` at which sessions start now (over the tracker's last
+`rate_window_s`). The replicas report their step time at a full batch, `t(B)`.
 
 Decision (`AheadPolicy`, a Serve custom policy like `QueuedStepsPolicy`). The previewing sessions will
-finalize at about `lambda = f * N / L` per second over the next `L` seconds (Little's law: `N` sessions that
-each take `L` seconds to reach their finalize start at `N / L` per second). Each finalize costs `s` steps
+finalize at about `f * N / L` per second on average over the next `L` seconds (Little's law: `N` sessions
+that each take `L` seconds to reach their finalize started at `N / L` per second), and the sessions
+starting now bring `f * r` finalizes per second `L` seconds from now. The forecast plans for the higher,
+`lambda = f * max(N / L, r)`: on a rising load the finalize rate that arrives a lead from now (a replica
+must be up by then: the mean over the lead alone lags by half a lead), on a falling one the sessions still
+previewing, so the forecast decays as they finalize. Each finalize costs `s` steps
 in batches of `B`, `s * t(B) / B` replica-seconds, so serving them takes
 `forecast = lambda * s * t(B) / B / target_utilization` replicas, where `target_utilization` (< 1) leaves
 room for part-full batches and the latency target. The policy asks for
 `max(forecast, work held / target_wait_s)`: the forecast scales up before the finalizes arrive, the
 reactive term (QueuedStepsPolicy's) covers work the forecast missed, and when sessions stop previewing the
 forecast falls and the tier scales down as the reactive policy would, after Serve's `downscale_delay_s`.
-Until `f`, `L` and `s` are measured (no finalize seen yet), the forecast is 0.
+Until `f`, `L` and `s` are measured (no finalize seen yet) the policy uses its priors (`prior_*` kwargs:
+what the operator measured on earlier traffic, e.g. the ingress's figures of yesterday; 0 = none), and
+without a prior the forecast is 0: a fresh deployment otherwise scales reactively until its first finalize.
 
 This module imports nothing from Ray and is tested with fake contexts.
 """
@@ -40,6 +47,7 @@ PREVIEWING_SESSIONS = "previewing_sessions"
 FINALIZE_SHARE = "finalize_share"
 PREVIEW_TO_FINALIZE_S = "preview_to_finalize_s"
 FINALIZE_STEPS = "finalize_steps"
+SESSION_STARTS_PER_S = "session_starts_per_s"
 
 
 def session_stats(activity: SessionActivity) -> dict[str, float]:
@@ -49,6 +57,7 @@ def session_stats(activity: SessionActivity) -> dict[str, float]:
         FINALIZE_SHARE: float(activity.finalize_share),
         PREVIEW_TO_FINALIZE_S: float(activity.preview_to_finalize_s),
         FINALIZE_STEPS: float(activity.finalize_steps),
+        SESSION_STARTS_PER_S: float(activity.starts_per_s),
     }
 
 
@@ -66,6 +75,10 @@ class AheadPolicy:
     target_wait_s: float = 10.0  # QueuedStepsPolicy's: seconds a replica may need to finish the work it holds
     default_step_s: float = 0.1  # a batched step's seconds before any replica has measured one
     target_utilization: float = 0.7  # share of a replica's full-batch throughput the forecast plans to use
+    # used until the ingress has measured them (module docstring); 0 = no prior
+    prior_finalize_share: float = 0.0
+    prior_preview_to_finalize_s: float = 0.0
+    prior_finalize_steps: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("target_wait_s", "default_step_s", "target_utilization"):
@@ -74,16 +87,23 @@ class AheadPolicy:
                 raise ValueError(f"{name}={value!r} is not allowed: use a number > 0")
         if self.target_utilization > 1:
             raise ValueError(f"target_utilization={self.target_utilization!r} is not allowed: use (0, 1]")
+        for name in ("prior_finalize_share", "prior_preview_to_finalize_s", "prior_finalize_steps"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}={value!r} is not allowed: use a number >= 0 (0: no prior)")
+        if self.prior_finalize_share > 1:
+            raise ValueError(f"prior_finalize_share={self.prior_finalize_share!r} is not allowed: use [0, 1]")
 
     def forecast(self, metrics: Mapping[str, Mapping[Any, float]], step_s: float) -> tuple[float, float]:
         """(replicas the coming finalizes need, their expected arrival rate per second)."""
         sessions = _latest(metrics, PREVIEWING_SESSIONS)
-        share = _latest(metrics, FINALIZE_SHARE)
-        lead_s = _latest(metrics, PREVIEW_TO_FINALIZE_S)
-        steps = _latest(metrics, FINALIZE_STEPS)
-        if min(sessions, share, lead_s, steps) <= 0:
+        share = _latest(metrics, FINALIZE_SHARE) or self.prior_finalize_share
+        lead_s = _latest(metrics, PREVIEW_TO_FINALIZE_S) or self.prior_preview_to_finalize_s
+        steps = _latest(metrics, FINALIZE_STEPS) or self.prior_finalize_steps
+        starts = _latest(metrics, SESSION_STARTS_PER_S)
+        if min(share, lead_s, steps) <= 0 or max(sessions, starts) <= 0:
             return 0.0, 0.0
-        rate = share * sessions / lead_s
+        rate = share * max(sessions / lead_s, starts)
         full = [s for s in metrics.get(FULL_BATCH_STEP_S, {}).values() if s > 0]
         full_batch_s = sum(full) / len(full) if full else step_s
         batch = max(1.0, _latest(metrics, MAX_BATCH_SIZE))

@@ -62,6 +62,9 @@ class PredictorConfig:
 
 
 class StrengthNet(torch.nn.Module):
+    feature_mean: torch.Tensor  # buffers: saved with the weights
+    feature_std: torch.Tensor
+
     def __init__(self, config: PredictorConfig) -> None:
         super().__init__()
         self.register_buffer("feature_mean", torch.zeros(config.input_dim))

@@ -20,7 +20,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from diffusionx.policy.cost import img2img_steps
 from diffusionx.policy.service_model import Arrivals, ReplicaLoad, choose_replica, predict_tier
+from diffusionx.requests import Route
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ class CloudLoad:
             "replicas": float(len(self.replicas)),
             "replica": float(index),
             "samples": float(len(replica.pool)),
-            "queued": float(len(replica.queued_steps)),
+            "queued": float(len(replica.queued)),
             "remaining_steps": float(replica.remaining_steps),
             "tier_remaining_steps": float(sum(r.remaining_steps for r in self.replicas)),
             "max_batch_size": float(replica.max_batch_size),
@@ -63,7 +65,7 @@ class RouterConfig:
 
 @dataclass(frozen=True)
 class RouteDecision:
-    route: str  # "cloud" | "cloud-reduced" | "edge-fallback"
+    route: Route
     strength: float
     num_inference_steps: int
     expected_latency_ms: float | None  # None: the cloud step time is not measured yet
@@ -79,7 +81,10 @@ class RouteDecision:
 
     @property
     def cloud_steps(self) -> int:
-        return 0 if self.route == "edge-fallback" else int(self.num_inference_steps * self.strength)
+        """The refinement's UNet calls on the cloud tier (`policy.cost`): none when it falls back."""
+        if self.route is Route.EDGE_FALLBACK:
+            return 0
+        return img2img_steps(self.num_inference_steps, self.strength)
 
 
 def expected_latency_ms(
@@ -116,58 +121,89 @@ def decide_route(
         raise ValueError(f"strength_predicted={strength_predicted} must be in [0, 1]")
     if num_inference_steps < 1:
         raise ValueError(f"num_inference_steps={num_inference_steps} must be >= 1")
-
-    def latency(steps: int, strength: float) -> float:
-        return expected_latency_ms(load, int(steps * strength), config, latency_scale, arrivals)
-
-    def decision(route: str, strength: float, steps: int, expected: float | None, why: str) -> RouteDecision:
-        return RouteDecision(route, strength, steps, expected, why, latency_scale)
-
+    # 1. the full refinement, when nothing constrains it or it fits the target
     if not load.measured:
         why = "no latency target" if latency_target_ms is None else "cloud step time not measured yet"
-        return decision("cloud", strength_predicted, num_inference_steps, None, f"full refinement: {why}")
-    full = latency(num_inference_steps, strength_predicted)
-    if latency_target_ms is None or full * latency_margin <= latency_target_ms:
+        reason = f"full refinement: {why}"
+        return RouteDecision(
+            Route.CLOUD, strength_predicted, num_inference_steps, None, reason, latency_scale
+        )
+    fit = _Fit(load, config, latency_scale, arrivals, latency_margin, latency_target_ms)
+    full = fit.expected(img2img_steps(num_inference_steps, strength_predicted))
+    if latency_target_ms is None or fit.fits(full):
         why = "no latency target" if latency_target_ms is None else "fits the latency target"
-        return decision("cloud", strength_predicted, num_inference_steps, full, f"full refinement: {why}")
-
-    # 2. fewer steps at the predicted strength
+        reason = f"full refinement: {why}"
+        return RouteDecision(
+            Route.CLOUD, strength_predicted, num_inference_steps, full, reason, latency_scale
+        )
+    # 2. fewer steps at the predicted strength; 3. lower strength at the fewest steps, down to the floor
     min_steps = min(config.min_steps, num_inference_steps)
-    for steps in range(num_inference_steps - 1, min_steps - 1, -1):
-        expected = latency(steps, strength_predicted)
-        if expected * latency_margin <= latency_target_ms:
-            return decision(
-                "cloud-reduced",
-                strength_predicted,
-                steps,
-                expected,
-                f"cut steps {num_inference_steps}->{steps} to meet {latency_target_ms:.0f} ms",
-            )
-    # 3. lower strength at the fewest steps, down to the quality floor
-    floor = min(config.strength_floor, strength_predicted)
-    for cloud_steps in range(int(min_steps * strength_predicted) - 1, -1, -1):
-        strength = (cloud_steps + 1e-9) / min_steps
-        if strength < floor:
-            break
-        expected = expected_latency_ms(load, cloud_steps, config, latency_scale, arrivals)
-        if expected * latency_margin <= latency_target_ms:
-            strength = math.ceil(strength * 1000) / 1000
-            return decision(
-                "cloud-reduced",
-                strength,
-                min_steps,
-                expected,
-                f"cut steps to {min_steps} and strength {strength_predicted:.2f}->{strength:.2f} "
-                f"to meet {latency_target_ms:.0f} ms",
-            )
+    reduced = _cut_steps(fit, strength_predicted, num_inference_steps, min_steps)
+    reduced = reduced or _cut_strength(fit, strength_predicted, min_steps)
+    if reduced is not None:
+        return reduced
     # 4. the cloud cannot meet the target within the quality floor
-    used = load.to_dict(int(num_inference_steps * strength_predicted))
-    return decision(
-        "edge-fallback",
+    floor = min(config.strength_floor, strength_predicted)
+    used = load.to_dict(img2img_steps(num_inference_steps, strength_predicted))
+    return RouteDecision(
+        Route.EDGE_FALLBACK,
         strength_predicted,
         num_inference_steps,
         config.overhead_ms * latency_scale,
         f"cloud expected {full:.0f} ms ({used['samples']:.0f} samples and {used['queued']:.0f} queued, "
         f"{used['remaining_steps']:.0f} steps, on replica {used['replica']:.0f} of {len(load.replicas)}) "
         f"exceeds {latency_target_ms:.0f} ms even at {min_steps} steps and strength {floor:.2f}",
+        latency_scale,
     )
+
+
+@dataclass(frozen=True)
+class _Fit:
+    """Expected latencies against a target, for one decision."""
+
+    load: CloudLoad
+    config: RouterConfig
+    latency_scale: float
+    arrivals: Arrivals | None
+    latency_margin: float
+    target_ms: float | None
+
+    def expected(self, cloud_steps: int) -> float:
+        return expected_latency_ms(self.load, cloud_steps, self.config, self.latency_scale, self.arrivals)
+
+    def fits(self, expected_ms: float) -> bool:
+        return self.target_ms is not None and expected_ms * self.latency_margin <= self.target_ms
+
+    def reduced(self, strength: float, steps: int, expected_ms: float, why: str) -> RouteDecision:
+        return RouteDecision(
+            Route.CLOUD_REDUCED,
+            strength,
+            steps,
+            expected_ms,
+            f"{why} to meet {self.target_ms:.0f} ms",
+            self.latency_scale,
+        )
+
+
+def _cut_steps(fit: _Fit, strength: float, num_inference_steps: int, min_steps: int) -> RouteDecision | None:
+    """The most steps, down to `min_steps`, at which the predicted strength fits the target."""
+    for steps in range(num_inference_steps - 1, min_steps - 1, -1):
+        expected = fit.expected(img2img_steps(steps, strength))
+        if fit.fits(expected):
+            return fit.reduced(strength, steps, expected, f"cut steps {num_inference_steps}->{steps}")
+    return None
+
+
+def _cut_strength(fit: _Fit, strength_predicted: float, min_steps: int) -> RouteDecision | None:
+    """The highest strength at `min_steps`, down to the quality floor, that fits the target."""
+    floor = min(fit.config.strength_floor, strength_predicted)
+    for cloud_steps in range(int(min_steps * strength_predicted) - 1, -1, -1):
+        strength = (cloud_steps + 1e-9) / min_steps
+        if strength < floor:
+            break
+        expected = fit.expected(cloud_steps)
+        if fit.fits(expected):
+            strength = math.ceil(strength * 1000) / 1000
+            why = f"cut steps to {min_steps} and strength {strength_predicted:.2f}->{strength:.2f}"
+            return fit.reduced(strength, min_steps, expected, why)
+    return None

@@ -39,6 +39,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+from diffusionx.policy.load import TierSnapshot
+
 FORGET = 0.97  # weight kept per observation: about the last 1 / (1 - 0.97) = 33 steps count
 MIN_SPREAD = 0.5  # weighted std of observed batch sizes above which the slope is fitted from them
 MIN_STEP_S = 1e-4  # floor of t(b): a fit never predicts a free or negative step
@@ -137,12 +139,12 @@ class ReplicaLoad:
     """What one cloud replica reports: its pool, its queue, its batch capacity and step time.
 
     `pool` holds `(key, remaining_steps)` of the samples in the step batcher (waiting and running) in
-    priority order; `queued_steps` the steps of each request queued in front of it, oldest first;
+    priority order; `queued` the steps of each request queued in front of it, oldest first;
     `step_time_s` is `(t0, t1)` of `StepTimeModel`, None when not measured yet.
     """
 
     pool: tuple[tuple[int, int], ...] = ()
-    queued_steps: tuple[int, ...] = ()
+    queued: tuple[int, ...] = ()
     max_batch_size: int = 1
     step_time_s: tuple[float, float] | None = None
 
@@ -152,11 +154,11 @@ class ReplicaLoad:
 
     @property
     def requests(self) -> int:
-        return len(self.pool) + len(self.queued_steps)
+        return len(self.pool) + len(self.queued)
 
     @property
     def remaining_steps(self) -> int:
-        return sum(remaining for _, remaining in self.pool) + sum(self.queued_steps)
+        return sum(remaining for _, remaining in self.pool) + sum(self.queued)
 
     def step_s(self, batch_size: int) -> float:
         if self.step_time_s is None:
@@ -166,22 +168,21 @@ class ReplicaLoad:
 
     def with_queued(self, steps: Sequence[int]) -> ReplicaLoad:
         """This load plus requests of `steps` steps queued behind it (sent after the snapshot was taken)."""
-        return replace(self, queued_steps=(*self.queued_steps, *steps))
+        return replace(self, queued=(*self.queued, *steps))
 
     @classmethod
-    def from_snapshot(cls, snapshot: dict) -> ReplicaLoad:
-        """From a `TierMonitor` snapshot dict (`pool`, `queued`, `queued_steps`, `max_batch_size`,
-        `step_time_s`). Requests still queued are only counted there, with their steps summed: each gets
-        the mean of what the pool does not account for."""
-        pool = tuple((int(key), int(remaining)) for key, remaining in snapshot.get("pool") or ())
-        queued = max(0, int(snapshot.get("queued", 0)))
-        unaccounted = int(snapshot.get("queued_steps", 0)) - sum(r for _, r in pool)
+    def from_snapshot(cls, snapshot: TierSnapshot) -> ReplicaLoad:
+        """From a replica's `TierSnapshot`. Requests still queued are only counted there, with their steps
+        summed: each gets the mean of what the pool does not account for."""
+        pool = tuple((int(key), int(remaining)) for key, remaining in snapshot.pool)
+        queued = max(0, snapshot.queued)
+        unaccounted = snapshot.queued_steps - sum(r for _, r in pool)
         each = max(1, round(unaccounted / queued)) if queued else 0
-        step_time = snapshot.get("step_time_s")
+        step_time = snapshot.step_time_s
         return cls(
             pool=pool,
-            queued_steps=(each,) * queued,
-            max_batch_size=max(1, int(snapshot.get("max_batch_size", 1))),
+            queued=(each,) * queued,
+            max_batch_size=max(1, snapshot.max_batch_size),
             step_time_s=None if step_time is None else (float(step_time[0]), float(step_time[1])),
         )
 
@@ -207,7 +208,7 @@ def expected_finish_s(
         return _replay_with_arrivals(replica, steps, step_in_flight_s, arrivals)
     # 1. everyone in priority order: the pool as it is, then the queued ones and the new one by key
     #    (stable sort: at equal keys the earlier arrival goes first, the new request last)
-    joining = [(s, s, False) for s in replica.queued_steps] + [(steps, steps, True)]
+    joining = [(s, s, False) for s in replica.queued] + [(steps, steps, True)]
     order = [(key, remaining, False) for key, remaining in replica.pool] + joining
     order.sort(key=lambda entry: entry[0])
     alive = [[remaining, is_new] for _, remaining, is_new in order]
@@ -242,7 +243,7 @@ def _replay_with_arrivals(
     deadline is not larger (ties to the earlier arrival). The new request keeps its deadline `steps`, and
     later arrivals' deadlines grow with j, so it always finishes."""
     entries = [(float(key), remaining, False) for key, remaining in replica.pool]
-    entries += [(float(s), s, False) for s in replica.queued_steps]
+    entries += [(float(s), s, False) for s in replica.queued]
     entries.append((float(steps), steps, True))
     entries.sort(key=lambda entry: entry[0])  # stable: ties keep arrival order, the new one last
     alive = [[deadline, remaining, is_new] for deadline, remaining, is_new in entries]

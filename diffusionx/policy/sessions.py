@@ -8,7 +8,8 @@ their preview ids (each new preview id joins its parent's session) and measures,
 - `previewing`: sessions with a preview and no finalize yet, active within `idle_s`;
 - `finalize_share`: of the sessions that ended (finalized, or idle for `idle_s`), the share that finalized;
 - `preview_to_finalize_s`: mean time from a session's first preview to its finalize;
-- `finalize_steps`: mean denoising steps a finalize ran on the cloud tier.
+- `finalize_steps`: mean denoising steps a finalize ran on the cloud tier;
+- `starts_per_s`: sessions started per second over the last `rate_window_s` (they finalize a lead later).
 
 Until a figure is measured it is reported as 0 (the policy then forecasts nothing). The tracker holds at
 most `max_sessions` sessions and `history` ended ones (oldest dropped first), so its memory is bounded.
@@ -31,6 +32,7 @@ class SessionActivity:
     finalize_share: float = 0.0
     preview_to_finalize_s: float = 0.0
     finalize_steps: float = 0.0
+    starts_per_s: float = 0.0
     taken_at: float = 0.0  # wall clock (time.time), to age out a silent source
 
     def to_dict(self) -> dict[str, float]:
@@ -52,6 +54,7 @@ def merge_activity(activities: Iterable[SessionActivity]) -> SessionActivity:
         finalize_share=mean("finalize_share"),
         preview_to_finalize_s=mean("preview_to_finalize_s"),
         finalize_steps=mean("finalize_steps"),
+        starts_per_s=sum(a.starts_per_s for a in items),
         taken_at=max((a.taken_at for a in items), default=0.0),
     )
 
@@ -68,11 +71,14 @@ class SessionTracker:
         idle_s: float = 120.0,
         history: int = 200,
         max_sessions: int = 100_000,
+        rate_window_s: float = 10.0,  # short enough to follow a ramp, long enough for tens of starts
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        if idle_s <= 0 or history < 1 or max_sessions < 1:
-            raise ValueError("idle_s must be > 0, history and max_sessions >= 1")
+        if idle_s <= 0 or history < 1 or max_sessions < 1 or rate_window_s <= 0:
+            raise ValueError("idle_s and rate_window_s must be > 0, history and max_sessions >= 1")
+        self.rate_window_s = rate_window_s
+        self._starts: deque[float] = deque()  # start times of the sessions of the last rate_window_s
         self.idle_s = idle_s
         self.max_sessions = max_sessions
         self._clock = clock
@@ -90,6 +96,7 @@ class SessionTracker:
         if session is None:
             session = _Session(started=now, last=now)
             self._sessions[id(session)] = session
+            self._starts.append(now)
         session.last = now
         self._by_preview[preview_id] = session
         self._by_preview.move_to_end(preview_id)
@@ -114,12 +121,16 @@ class SessionTracker:
             self._ended.append(False)
 
     def activity(self) -> SessionActivity:
-        self._expire(self._clock())
+        now = self._clock()
+        self._expire(now)
+        while self._starts and now - self._starts[0] > self.rate_window_s:
+            self._starts.popleft()
         ended = list(self._ended)
         return SessionActivity(
             previewing=len(self._sessions),
             finalize_share=sum(ended) / len(ended) if ended else 0.0,
             preview_to_finalize_s=sum(self._lead_s) / len(self._lead_s) if self._lead_s else 0.0,
             finalize_steps=sum(self._steps) / len(self._steps) if self._steps else 0.0,
+            starts_per_s=len(self._starts) / self.rate_window_s,
             taken_at=self._wall_clock(),
         )

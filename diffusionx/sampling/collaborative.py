@@ -349,10 +349,13 @@ def cloud_phase(cloud: LoadedModel, requests: Sequence[CollaborativeRequest]) ->
             if role == "cloud":
                 noise_pred = predict_noise(cloud.unet, latents, t, embeddings, guidance)  # eps_i
                 if p is not None and i == p - 1:
+                    assert noise_prev is not None  # p >= 2: step p-2 ran the cloud UNet
                     gradient = noise_pred - noise_prev  # g = eps_{p-1} - eps_{p-2}
                 elif p is not None and i >= p:
+                    assert noise_prev is not None
                     gradient = a * (noise_pred - noise_prev)  # g = a (eps_i - eps_{i-1})
             else:
+                assert noise_prev is not None and gradient is not None  # approximated only after p
                 noise_pred = noise_prev + gradient  # eps_hat_i = eps_{i-1} + g
             latents = scheduler.step(noise_pred, t, latents).prev_sample  # x_i -> x_{i+1}
             noise_prev = noise_pred

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from diffusionx.requests import InvalidRequestError
+
 RETRY_AFTER_S = 1  # a tier's own full queue (the backstop behind admission control)
 REPLACEMENT_RETRY_AFTER_S = 2  # a replica died and its retry failed too: the replacement is starting
 
@@ -28,3 +30,16 @@ class ReplicaGone(TierOverloaded):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, REPLACEMENT_RETRY_AFTER_S)
+
+
+def status_of(error: Exception) -> int:
+    """The HTTP status of an error that ends an event stream (the ingress's exception handlers' mapping)."""
+    if isinstance(error, InvalidRequestError):
+        return 422
+    if isinstance(error, PreviewNotFound):
+        return 404
+    if isinstance(error, RateLimited):
+        return 429
+    if isinstance(error, TierOverloaded):
+        return 503
+    return 500

@@ -123,10 +123,11 @@ class Guard:
         # 1. API keys
         owner = ""
         if config.keys_required and scope.get("path") not in PUBLIC_PATHS:
-            owner = config.authenticate(headers.get("authorization"))
-            if owner is None:
+            authenticated = config.authenticate(headers.get("authorization"))
+            if authenticated is None:
                 await _error(send, 401, "missing or wrong API key: send Authorization: Bearer <key>")
                 return
+            owner = authenticated
         scope.setdefault("state", {})["owner"] = owner
         if scope.get("method") != "POST":
             await self.app(scope, receive, send)

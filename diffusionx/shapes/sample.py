@@ -9,6 +9,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
@@ -92,7 +93,7 @@ SWEEP_GRID: dict[str, list[tuple[int, float]]] = {
 
 
 def sweep(root: str | Path, n: int, grid: dict[str, list[tuple[int, float]]] = SWEEP_GRID) -> dict:
-    rows = []
+    rows: list[dict[str, Any]] = []
     for variant, settings in grid.items():
         pipe = load_pipeline(root, variant)
         for steps, guidance in settings:

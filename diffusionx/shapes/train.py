@@ -31,6 +31,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -190,7 +191,7 @@ def warm_start(root: str, tokenizer: CLIPTokenizer, models: dict[str, torch.nn.M
     load_weights(models["unet_edge"], edge, "unet_edge")
     old_tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
     old = CLIPTextModel.from_pretrained(root, subfolder="text_encoder")
-    new = models["text_encoder"]
+    new: CLIPTextModel = models["text_encoder"]
     skip = ("token_embedding.weight", "position_embedding.weight")  # sizes follow the tokenizer
     old_state = {k: v for k, v in old.state_dict().items() if not k.endswith(skip)}
     missing, unexpected = new.load_state_dict(old_state, strict=False)
@@ -654,7 +655,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()})
+    options: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()}
+    config = TrainConfig(**options)
     train(config)
 
 

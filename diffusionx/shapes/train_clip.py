@@ -83,7 +83,7 @@ async def _session_outputs(tiers: Any, index: int, steps: Sequence[data.SessionS
         await modes.edit(tiers, Img2ImgRequest(steps[1].prompt, preview, edit_strength, seed=seed))
     ).image
     refine_strength = REFINE_STRENGTHS[(index // len(EDIT_STRENGTHS)) % len(REFINE_STRENGTHS)]
-    refined = await modes.finalize(tiers, steps[1].prompt, edited, seed=seed, strength=refine_strength)
+    refined = await modes.refine(tiers, steps[1].prompt, edited, seed=seed, strength=refine_strength)
     return [
         (_array(preview), steps[0].prompt, "preview"),
         (_array(edited), steps[1].prompt, "edit"),
@@ -215,13 +215,7 @@ def contrastive_loss(
     """Image -> (batch positives + own hard negatives) and text -> image cross-entropy (module docstring).
     `image_features`: the projected image features, when the caller has them already."""
     texts = positives + [t for row in negatives for t in row]
-    tokens = tokenizer(
-        texts,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    )
+    tokens = _tokens(tokenizer, texts)
     if image_features is None:
         image_features = _pooled(model.get_image_features(pixel_values=pixel_values))
     image = torch.nn.functional.normalize(image_features, dim=-1)
@@ -292,6 +286,16 @@ class AttributeHeads(torch.nn.Module):
         return total
 
 
+def _tokens(tokenizer: Any, texts: Sequence[str]) -> Any:
+    return tokenizer(
+        list(texts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+
+
 def _pooled(output: Any) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
@@ -310,13 +314,7 @@ def attribute_accuracy(
     for i, text in enumerate(captions):
         options = perturbations(text)
         texts = [text] + [t for a in ATTRIBUTES for t in options[a]]
-        tokens = tokenizer(
-            texts,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
+        tokens = _tokens(tokenizer, texts)
         scores = (
             torch.nn.functional.normalize(_pooled(model.get_text_features(**tokens)), dim=-1) @ image[i]
         ).tolist()

@@ -1,4 +1,4 @@
-"""Workflows: each mode (preview, edit, finalize, cloud, edge, hybrid, ec-diff, diffusionx) written once as
+"""Workflows: each mode (preview, edit, refine, cloud, edge, hybrid, ec-diff, diffusionx) written once as
 an async function over tier callables (`modes`), and in-process tiers to run them (`local`).
 
 May import `diffusionx.requests`, `models`, `sampling`, `policy` and `engine`; never Ray. The ingress hands

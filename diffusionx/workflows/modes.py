@@ -7,17 +7,17 @@ DeploymentHandles, `diffusionx eval`, `compare`, `search` and the tests hand the
 - `preview`: text-to-image on the edge tier (its preview step count unless the request sets one).
 - `edit`: img2img of a previous image on the edge tier (a round-to-round edit); `edit_predicted` first asks
   the edit predictor for the strength (from the previous image, the new prompt and the previous prompt).
-- `finalize` (DiffusionX): 1. strength: the request's if given (the predictor is then not called), else the
-  predictor's; 2. route: the router trades strength and steps against the cloud load and the latency
-  target; 3. a speculation of the same refinement (below) answers if it finished (`hit`), or is promoted
-  and awaited if it runs and the route is that same full refinement (`promoted`); 4. otherwise (`miss`)
-  refine on the cloud tier (or, on `edge-fallback`, img2img on the edge tier).
-- `speculate`: after a preview or edit is answered, the refinement a finalize of it would run (predicted
+- `refine` (DiffusionX, `/v1/refine`): 1. strength: the request's if given (the predictor is then not
+  called), else the predictor's; 2. route: the router trades strength and steps against the cloud load and
+  the latency target; 3. a speculation of the same refinement (below) answers if it finished (`hit`), or is
+  promoted and awaited if it runs and the route is that same full refinement (`promoted`); 4. otherwise
+  (`miss`) refine on the cloud tier (or, on `edge-fallback`, img2img on the edge tier).
+- `speculate`: after a preview or edit is answered, the refinement a `refine` of it would run (predicted
   strength, the cloud's full steps, no latency target) is submitted as background work of the cloud tier
   when the speculation policy allows (`diffusionx.policy.speculation`); a session's newer preview
   supersedes it.
 - `generate` by mode:
-  - `diffusionx` (default): `preview` at the preview step count, then `finalize` of that preview;
+  - `diffusionx` (default): `preview` at the preview step count, then `refine` of that preview;
   - `cloud`: text-to-image on the cloud tier (its default step count);
   - `edge`: text-to-image on the edge tier (its default step count, not the preview count);
   - `hybrid`: Hybrid SD, cloud for the first `switch_step` steps, edge for the rest;
@@ -35,7 +35,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, TypedDict
+from typing import Any, Protocol, TypeVar
 
 from PIL import Image
 
@@ -47,22 +47,24 @@ from diffusionx.requests import (
     GenerationResult,
     Img2ImgRequest,
     InvalidRequestError,
+    Mode,
     PreviewRequest,
+    Route,
+    TierInfo,
     check_steps,
     check_strength,
 )
 from diffusionx.sampling.collaborative import CollaborationParams, CollaborativeRequest, PlanState
 
-MODES: tuple[str, ...] = ("diffusionx", "cloud", "edge", "hybrid", "ec-diff")
-DEFAULT_MODE = "diffusionx"
+DEFAULT_MODE = Mode.DIFFUSIONX
 
 # which optional request fields each mode reads
-_MODE_FIELDS: dict[str, frozenset[str]] = {
-    "diffusionx": frozenset({"strength", "preview_steps", "latency_target_ms"}),
-    "cloud": frozenset(),
-    "edge": frozenset(),
-    "hybrid": frozenset({"switch_step"}),
-    "ec-diff": frozenset({"switch_step", "warmup_steps", "approx_interval", "smoothing"}),
+_MODE_FIELDS: dict[Mode, frozenset[str]] = {
+    Mode.DIFFUSIONX: frozenset({"strength", "preview_steps", "latency_target_ms"}),
+    Mode.CLOUD: frozenset(),
+    Mode.EDGE: frozenset(),
+    Mode.HYBRID: frozenset({"switch_step"}),
+    Mode.EC_DIFF: frozenset({"switch_step", "warmup_steps", "approx_interval", "smoothing"}),
 }
 _OPTIONAL_FIELDS = tuple(sorted(set().union(*_MODE_FIELDS.values())))
 
@@ -70,18 +72,6 @@ _OPTIONAL_FIELDS = tuple(sorted(set().union(*_MODE_FIELDS.values())))
 # -- tiers -------------------------------------------------------------------------------------------------
 # `on_progress(step, total, tier)`: called after each denoising step of that request (streamed progress)
 Progress = Callable[[int, int, str], None]
-
-
-class TierInfo(TypedDict, total=False):
-    """A tier's fixed facts (`info()`): its model and default step counts, or its predictors' names."""
-
-    model: str
-    default_size: int
-    default_steps: int
-    preview_steps: int
-    family: str
-    predictor: str
-    edit_predictor: str
 
 
 class EdgeTier(Protocol):
@@ -130,25 +120,38 @@ class Tiers:
     cloud_load: Callable[[], Awaitable[CloudLoad]] | None = None  # None: an idle cloud (no wait)
     router: RouterConfig = field(default_factory=RouterConfig)
     default_latency_target_ms: float | None = None
-    # the router's expected latencies are multiplied by its scale; whoever measures a finalize's latency
+    # the router's expected latencies are multiplied by its scale; whoever measures a refinement's latency
     # observes it (the ingress, over the whole request); None: uncorrected
     latency_calibration: LatencyCalibration | None = None
     # the rate of cloud work the router sends, for the service model's replay of later arrivals
     cloud_arrivals: ArrivalRate | None = None
     speculation: SpeculationTier | None = None  # None: no speculative refinement
-    _info: dict[str, dict] = field(default_factory=dict, repr=False)
+    _info: dict[str, TierInfo] = field(default_factory=dict, repr=False)
 
-    def need(self, tier: str, mode: str) -> Any:
-        value = getattr(self, tier)
-        if value is None:
-            raise ValueError(f"mode '{mode}' needs the {tier} tier, but none was given")
-        return value
+    def need_edge(self, mode: str) -> EdgeTier:
+        return _needed(self.edge, "edge", mode)
 
-    async def info(self, tier: str) -> dict:
-        """The tier's model facts, fetched once (they are fixed for a deployment)."""
+    def need_cloud(self, mode: str) -> CloudTier:
+        return _needed(self.cloud, "cloud", mode)
+
+    def need_predictor(self, mode: str) -> PredictorTier:
+        return _needed(self.predictor, "predictor", mode)
+
+    async def info(self, tier: str) -> TierInfo:
+        """The edge or cloud tier's model facts, fetched once (they are fixed for a deployment)."""
         if tier not in self._info:
-            self._info[tier] = await self.need(tier, "info").info()
+            model_tier = self.need_edge("info") if tier == "edge" else self.need_cloud("info")
+            self._info[tier] = await model_tier.info()
         return self._info[tier]
+
+
+TierT = TypeVar("TierT")
+
+
+def _needed(value: TierT | None, tier: str, mode: str) -> TierT:
+    if value is None:
+        raise ValueError(f"mode '{mode}' needs the {tier} tier, but none was given")
+    return value
 
 
 # -- requests ------------------------------------------------------------------------------------------------
@@ -177,15 +180,17 @@ class GenerateRequest(PreviewRequest):
         # p, k, a and s are checked against N by CollaborationParams when the mode is known
 
 
-def check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise InvalidRequestError(f"mode={mode!r} is not allowed: use one of {', '.join(MODES)}")
-    return mode
+def check_mode(mode: Mode | str) -> Mode:
+    try:
+        return Mode(mode)
+    except ValueError:
+        allowed = ", ".join(m.value for m in Mode)
+        raise InvalidRequestError(f"mode={mode!r} is not allowed: use one of {allowed}") from None
 
 
-def check_fields(mode: str, request: PreviewRequest) -> None:
+def check_fields(mode: Mode | str, request: PreviewRequest) -> None:
     """Refuses a field the mode does not use, naming the modes that do."""
-    check_mode(mode)
+    mode = check_mode(mode)
     for name in _OPTIONAL_FIELDS:
         if getattr(request, name, None) is not None and name not in _MODE_FIELDS[mode]:
             users = [m for m, fields in _MODE_FIELDS.items() if name in fields]
@@ -194,14 +199,16 @@ def check_fields(mode: str, request: PreviewRequest) -> None:
             )
 
 
-def collaboration_params(mode: str, request: PreviewRequest, default_steps: int) -> CollaborationParams:
+def collaboration_params(
+    mode: Mode | str, request: PreviewRequest, default_steps: int
+) -> CollaborationParams:
     """The sampler parameters of a `hybrid` or `ec-diff` request (N defaults to the cloud's step count)."""
     steps = request.num_inference_steps or default_steps
-    if mode == "hybrid":
+    if mode == Mode.HYBRID:
         return CollaborationParams.hybrid(
             steps, switch_step=getattr(request, "switch_step", None), guidance_scale=request.guidance_scale
         )
-    if mode == "ec-diff":
+    if mode == Mode.EC_DIFF:
         return CollaborationParams.ec_diff(
             steps,
             switch_step=getattr(request, "switch_step", None),
@@ -234,14 +241,14 @@ async def preview(
     tiers: Tiers, request: PreviewRequest, on_progress: Progress | None = None
 ) -> GenerationResult:
     """A fast preview on the edge tier."""
-    return await tiers.need("edge", "preview").preview(request, **_progress(on_progress))
+    return await tiers.need_edge("preview").preview(request, **_progress(on_progress))
 
 
 async def edit(
     tiers: Tiers, request: Img2ImgRequest, on_progress: Progress | None = None
 ) -> GenerationResult:
     """A round-to-round edit of a previous image on the edge tier."""
-    return await tiers.need("edge", "edit").edit(request, **_progress(on_progress))
+    return await tiers.need_edge("edit").edit(request, **_progress(on_progress))
 
 
 async def edit_predicted(
@@ -257,7 +264,7 @@ async def edit_predicted(
 ) -> GenerationResult:
     """An edit at the strength the edit predictor gives (the result's `strength` is the one it used)."""
     start = time.perf_counter()
-    predictor = tiers.need("predictor", "edit")
+    predictor = tiers.need_predictor("edit")
     strength = check_strength(
         float(await predictor.predict_edit(prompt, image, previous_prompt)), "predicted edit strength"
     )
@@ -276,7 +283,7 @@ async def edit_predicted(
 
 
 @dataclass
-class Finalized:
+class Refined:
     result: GenerationResult
     strength_predicted: float | None  # None when the request gave the strength (no prediction made)
     decision: RouteDecision
@@ -303,7 +310,7 @@ async def speculate(
     if speculation is None or speculation.policy.mode == "off":
         return None
     steps = int((await tiers.info("cloud"))["default_steps"])
-    strength_task = tiers.need("predictor", "speculation").predict(prompt, image)
+    strength_task = tiers.need_predictor("speculation").predict(prompt, image)
     strength, replicas = await asyncio.gather(strength_task, speculation.replicas())
     strength = check_strength(float(strength), "predicted strength")
     cloud_steps = int(steps * strength)
@@ -317,7 +324,7 @@ async def speculate(
     return key
 
 
-async def finalize(
+async def refine(
     tiers: Tiers,
     prompt: str,
     image: Image.Image,
@@ -329,56 +336,35 @@ async def finalize(
     latency_target_ms: float | None = None,
     on_progress: Progress | None = None,
     preview: str | None = None,
-) -> Finalized:
-    """DiffusionX's finalize: predict the strength (unless given), route against the cloud load, then
+) -> Refined:
+    """DiffusionX's refinement: predict the strength (unless given), route against the cloud load, then
     answer from a speculation of the same refinement or refine. `preview` is the preview's digest (the
     speculation's key needs it; None: no speculation is looked up). `on_progress` hears of each denoising
     step of a refinement run here (a speculation answers without them)."""
-    cloud = tiers.need("cloud", "diffusionx")
+    cloud = tiers.need_cloud(Mode.DIFFUSIONX)
     timings: dict[str, float] = {}
-    start = time.perf_counter()
     # 1. strength and cloud load, concurrently; the predictor only when the request gave no strength
-    load_task = tiers.cloud_load() if tiers.cloud_load is not None else _idle_load()
-    if strength is None:
-        predictor = tiers.need("predictor", "diffusionx")
-        strength_predicted, load = await asyncio.gather(predictor.predict(prompt, image), load_task)
-        strength_predicted = check_strength(float(strength_predicted), "predicted strength")
-        timings["predict"] = _ms(start)
-    else:
-        strength_predicted, load = None, await load_task
+    strength_predicted, load = await _strength_and_load(tiers, prompt, image, strength, timings)
     # 2. route: strength and steps against the load and the latency target
     steps = num_inference_steps or int((await tiers.info("cloud"))["default_steps"])
     target = latency_target_ms if latency_target_ms is not None else tiers.default_latency_target_ms
     wanted = strength if strength is not None else strength_predicted
-    scale, margin = 1.0, 1.0
-    if tiers.latency_calibration is not None:
-        scale = tiers.latency_calibration.scale
-        margin = tiers.latency_calibration.margin(tiers.router.slo_quantile)
-    arrivals = tiers.cloud_arrivals.current() if tiers.cloud_arrivals is not None else None
-    decision = decide_route(
-        wanted,  # type: ignore[arg-type]
-        steps,
-        load,
-        target,
-        tiers.router,
-        latency_scale=scale,
-        arrivals=arrivals,
-        latency_margin=margin,
-    )
+    assert wanted is not None  # one of them is set by _strength_and_load
+    decision = _route(tiers, wanted, steps, load, target)
     # 3. a speculation of this refinement: finished (hit), or running and promoted when the route is that
     # same full refinement; a hit answers whatever the load, since it costs nothing more
     speculative = "off"
     if tiers.speculation is not None and preview is not None:
-        key = speculation_key(preview, prompt, seed, wanted, steps, guidance_scale)  # type: ignore[arg-type]
-        same = decision.route == "cloud" and decision.strength == wanted
+        key = speculation_key(preview, prompt, seed, wanted, steps, guidance_scale)
+        same = decision.route is Route.CLOUD and decision.strength == wanted
         claimed = await tiers.speculation.claim(key, promote=same and decision.num_inference_steps == steps)
         speculative = claimed.outcome
         if claimed.result is not None:
             if speculative == "hit":
                 decision = replace(
                     decision,
-                    route="cloud",
-                    strength=wanted,  # type: ignore[arg-type]
+                    route=Route.CLOUD,
+                    strength=wanted,
                     num_inference_steps=steps,
                     expected_latency_ms=None,  # nothing left to run: no prediction to make or check
                     reason="answered by a finished speculative refinement of this preview",
@@ -386,14 +372,14 @@ async def finalize(
             else:
                 decision = replace(decision, reason=f"{decision.reason}; a running speculation promoted")
             timings.update(claimed.result.timings_ms)
-            return Finalized(claimed.result, strength_predicted, decision, load, timings, speculative)
+            return Refined(claimed.result, strength_predicted, decision, load, timings, speculative)
     if tiers.cloud_arrivals is not None:
         tiers.cloud_arrivals.record(decision.cloud_steps)
     # 4. refine on the cloud tier, or on the edge tier when the cloud cannot make the target. The edge
     # refines on its own edit schedule (None: the tier's `edit_steps`), not the cloud's: a fallback exists
-    # to be fast, and the cloud's 20-50 steps on the edge cost it 2.5-6x its usual work just when many
-    # finalizes fall back at once.
-    fallback = decision.route == "edge-fallback"
+    # to be fast, and the cloud's longer schedule on the edge would cost it several times its usual work
+    # just when many refinements fall back at once.
+    fallback = decision.route is Route.EDGE_FALLBACK
     request = Img2ImgRequest(
         prompt,
         image,
@@ -404,12 +390,49 @@ async def finalize(
     )
     progress = _progress(on_progress)
     if fallback:
-        result = await tiers.need("edge", "edge-fallback").edit(request, **progress)
+        result = await tiers.need_edge(Route.EDGE_FALLBACK).edit(request, **progress)
         decision = replace(decision, num_inference_steps=result.num_inference_steps)
     else:
         result = await cloud.refine(request, **progress)
     timings.update(result.timings_ms)
-    return Finalized(result, strength_predicted, decision, load, timings, speculative)
+    return Refined(result, strength_predicted, decision, load, timings, speculative)
+
+
+async def _strength_and_load(
+    tiers: Tiers, prompt: str, image: Image.Image, strength: float | None, timings: dict[str, float]
+) -> tuple[float | None, CloudLoad]:
+    """The predicted strength (None when the request gave one) and the cloud load, fetched concurrently."""
+    start = time.perf_counter()
+    load_task = tiers.cloud_load() if tiers.cloud_load is not None else _idle_load()
+    if strength is not None:
+        return None, await load_task
+    predictor = tiers.need_predictor(Mode.DIFFUSIONX)
+    predicted, load = await asyncio.gather(predictor.predict(prompt, image), load_task)
+    timings["predict"] = _ms(start)
+    return check_strength(float(predicted), "predicted strength"), load
+
+
+def _route(
+    tiers: Tiers, strength: float, steps: int, load: CloudLoad, target_ms: float | None
+) -> RouteDecision:
+    """The router's decision with the tiers' calibration and arrival rate (the caller records the cloud work
+    it sends)."""
+    scale, margin = 1.0, 1.0
+    if tiers.latency_calibration is not None:
+        scale = tiers.latency_calibration.scale
+        margin = tiers.latency_calibration.margin(tiers.router.slo_quantile)
+    arrivals = tiers.cloud_arrivals.current() if tiers.cloud_arrivals is not None else None
+    decision = decide_route(
+        strength,
+        steps,
+        load,
+        target_ms,
+        tiers.router,
+        latency_scale=scale,
+        arrivals=arrivals,
+        latency_margin=margin,
+    )
+    return decision
 
 
 async def _idle_load() -> CloudLoad:
@@ -422,38 +445,48 @@ class Generated:
     parameters: dict[str, Any] = field(default_factory=dict)  # what the mode resolved (route, p, k, a, s)
 
 
-async def generate(tiers: Tiers, mode: str, request: PreviewRequest) -> Generated:
+async def generate(tiers: Tiers, mode: Mode | str, request: PreviewRequest) -> Generated:
     """One-shot text-to-image in `mode` (see the module docstring)."""
     check_fields(mode, request)
+    mode = Mode(mode)
     # 1. single-model baselines
-    if mode == "cloud":
-        cloud = tiers.need("cloud", mode)
-        return Generated(await cloud.generate(_plain(request, request.num_inference_steps)))
-    if mode == "edge":
-        edge = tiers.need("edge", mode)
+    if mode is Mode.CLOUD:
+        cloud = tiers.need_cloud(mode)
+        steps = request.num_inference_steps or int((await tiers.info("cloud"))["default_steps"])
+        return Generated(await cloud.generate(_plain(request, steps)))
+    if mode is Mode.EDGE:
+        edge = tiers.need_edge(mode)
         steps = request.num_inference_steps or int((await tiers.info("edge"))["default_steps"])
         return Generated(await edge.preview(_plain(request, steps)))
     # 2. EC-Diff / Hybrid SD: the cloud plans steps 0..s-1, its latents go to the edge, which finishes
-    if mode in ("hybrid", "ec-diff"):
-        cloud, edge = tiers.need("cloud", mode), tiers.need("edge", mode)
-        default_steps = int((await tiers.info("cloud"))["default_steps"])
-        params = collaboration_params(mode, request, default_steps)
-        plan = cloud.plan(
-            CollaborativeRequest(request.prompt, request.seed, request.width, request.height, params)
-        )
-        result = await edge.finish(plan)  # the plan is handed over as it is, not fetched here
-        return Generated(
-            result,
-            {
-                "switch_step": params.switch_step,
-                "warmup_steps": params.warmup_steps,
-                "approx_interval": params.approx_interval if params.approximates else None,
-                "smoothing": params.smoothing if params.approximates else None,
-            },
-        )
+    if mode in (Mode.HYBRID, Mode.EC_DIFF):
+        return await _generate_collaborative(tiers, mode, request)
     # 3. DiffusionX: edge preview, then predicted-strength cloud refine of the preview
+    return await _generate_diffusionx(tiers, request)
+
+
+async def _generate_collaborative(tiers: Tiers, mode: Mode, request: PreviewRequest) -> Generated:
+    cloud, edge = tiers.need_cloud(mode), tiers.need_edge(mode)
+    default_steps = int((await tiers.info("cloud"))["default_steps"])
+    params = collaboration_params(mode, request, default_steps)
+    plan = cloud.plan(
+        CollaborativeRequest(request.prompt, request.seed, request.width, request.height, params)
+    )
+    result = await edge.finish(plan)  # the plan is handed over as it is, not fetched here
+    return Generated(
+        result,
+        {
+            "switch_step": params.switch_step,
+            "warmup_steps": params.warmup_steps,
+            "approx_interval": params.approx_interval if params.approximates else None,
+            "smoothing": params.smoothing if params.approximates else None,
+        },
+    )
+
+
+async def _generate_diffusionx(tiers: Tiers, request: PreviewRequest) -> Generated:
     previewed = await preview(tiers, _plain(request, getattr(request, "preview_steps", None)))
-    final = await finalize(
+    final = await refine(
         tiers,
         request.prompt,
         previewed.image,

@@ -1,9 +1,9 @@
 """The serving path at production size: serve_config_arch.yaml (SD v1.5 / Tiny-SD architectures, random
 weights) on a local Ray cluster at 512x512. Previews, an edit, refinements (one alone, two of different
 strengths sharing UNet steps), EC-Diff, and the replicas' memory at batch 1 and at the configured batch
-size. Slow (several minutes on 2 cores):
-`pytest -m slow tests/integration/test_arch_serving.py -s` prints the memory
-table that serve_config_arch.yaml's comments quote (and writes it as JSON to $DIFFUSIONX_ARCH_MEMORY_JSON).
+size. Slow (several minutes on 2 cores): `pytest -m slow tests/integration/test_arch_serving.py -s` prints
+the memory table that serve_config_arch.yaml's comments quote (and writes it as JSON to
+$DIFFUSIONX_ARCH_MEMORY_JSON).
 """
 
 from __future__ import annotations

@@ -10,7 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import yaml
 from PIL import Image
+
+from tests.integration.conftest import TEST_CONFIG
 
 pytestmark = pytest.mark.ray
 
@@ -422,7 +425,7 @@ def test_the_same_workflows_in_process_and_served_give_the_same_images_and_costs
         out["preview"] = (result.image, result.unet_calls.to_dict())
         result = await modes.edit(tiers, Img2ImgRequest(base["prompt"], edited_from, 0.5, base["seed"]))
         out["edit"] = (result.image, result.unet_calls.to_dict())
-        final = await modes.finalize(tiers, base["prompt"], edited_from, seed=base["seed"], strength=0.7)
+        final = await modes.refine(tiers, base["prompt"], edited_from, seed=base["seed"], strength=0.7)
         out["refine"] = (final.result.image, final.result.unet_calls.to_dict())
         return out
 
@@ -453,16 +456,24 @@ def test_two_cloud_replicas_with_uneven_load_route_by_expected_finish(serve_url)
 
     from deployments.cloud import CloudRefiner
     from deployments.state import SharedState
+    from diffusionx.policy.load import TierSnapshot
     from diffusionx.requests import Img2ImgRequest
 
+    # the request router as the application's config sets it (its one place)
+    [app] = yaml.safe_load(TEST_CONFIG.read_text())["applications"]
+    [cloud_options] = [d for d in app["deployments"] if d["name"] == "CloudRefiner"]
+    state = SharedState.options(ray_actor_options={"num_cpus": 0}).bind()
     cloud = CloudRefiner.options(
-        num_replicas=2, autoscaling_config=None, ray_actor_options={"num_cpus": 0.1}
-    ).bind("tiny-random", SharedState.bind(), device="cpu", max_batch_size=1, torch_threads=1)
+        num_replicas=2,
+        autoscaling_config=None,
+        ray_actor_options={"num_cpus": 0.1},
+        request_router_config=cloud_options["request_router_config"],
+    ).bind("tiny-random", state, device="cpu", max_batch_size=1, torch_threads=1)
     handle = serve.run(cloud, name="router-test", route_prefix=None)
-    state = serve.get_deployment_handle("SharedState", app_name="router-test")
+    state_handle = serve.get_deployment_handle("SharedState", app_name="router-test")
 
-    def replicas() -> list[dict]:
-        return state.tier.remote("cloud").result()["per_replica"]
+    def replicas() -> list[TierSnapshot]:
+        return list(state_handle.tier.remote("cloud").result().per_replica)
 
     def refinement(seed: int, steps: int) -> Img2ImgRequest:
         image = Image.new("RGB", (32, 32), (seed * 40 % 256, 90, 160))
@@ -475,16 +486,16 @@ def test_two_cloud_replicas_with_uneven_load_route_by_expected_finish(serve_url)
         long_one = handle.refine.remote(refinement(0, 200))  # seconds of work
         # 1. wait until one replica has started the long refinement and its stats say so
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not any(r["pool"] for r in replicas()):
+        while time.monotonic() < deadline and not any(r.pool for r in replicas()):
             time.sleep(0.02)
         time.sleep(0.6)  # > request_routing_stats_period_s: the router has stats with the long one
         # 2. another long one: behind the first there (its key is higher), alone on the other replica
         second = handle.refine.remote(refinement(1, 200))
         long_one.result(timeout_s=120), second.result(timeout_s=120)
         deadline = time.monotonic() + 10  # the replicas report after their last step
-        while time.monotonic() < deadline and sum(r["requests_served"] for r in replicas()) < 2:
+        while time.monotonic() < deadline and sum(r.requests_served for r in replicas()) < 2:
             time.sleep(0.1)
-        assert sorted(r["requests_served"] for r in replicas()) == [1, 1], "both went to one replica"
+        assert sorted(r.requests_served for r in replicas()) == [1, 1], "both went to one replica"
     finally:
         serve.delete("router-test")
 

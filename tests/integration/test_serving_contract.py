@@ -1,8 +1,7 @@
 """The live API against its own OpenAPI document (schemathesis) and hostile input over real HTTP.
 
 Runs against the session's local Ray Serve application (tests/integration/serve_config_test.yaml: the real
-app with
-tiny-random models), so what is checked is what the proxy, the guard and the routes really answer.
+app with tiny-random models), so what is checked is what the proxy, the guard and the routes really answer.
 Schemathesis generates valid and invalid bodies for every operation (a few hundred cases) and checks that
 each answer's status is documented, its content type is the documented one and its body matches the
 documented schema; and that no case gets a 5xx.

@@ -37,6 +37,9 @@ def test_preview_think_finalize_is_a_hit_with_the_pixels_of_no_speculation(http)
     preview = http.post("/v1/preview", json=body).json()
     # think time: the speculation is registered and, the tier being idle, done
     wait_for(lambda: speculation_stats(http)["held"] >= 1)
+    # the registry learns of a speculation as its replica takes it; give the replica the think time to run
+    # it (an idle tiny-random tier needs well under a second) before reading that it holds none
+    time.sleep(2.0)
     wait_for(lambda: all(r["background_requests"] == 0 for r in cloud_replicas(http)))
     refine = {"prompt": body["prompt"], "seed": 11, "preview_id": preview["preview_id"]}
     hit = http.post("/v1/refine", json=refine)
@@ -86,12 +89,14 @@ def test_a_foreground_burst_keeps_the_slots_and_a_speculation_waits_for_it(http,
         )
         steps_left = waiting[0]["background_steps"]
         samples = []
-        for _ in range(5):  # while foreground samples wait for a slot, the speculation does not advance
+        # while foreground samples wait for a slot, the speculation does not advance: its remaining steps
+        # never fall below what they were when it was first seen waiting
+        for _ in range(5):
             time.sleep(0.1)
             replica = cloud_replicas(http)[0]
             if len(replica["pool"]) > replica["max_batch_size"]:
                 samples.append(replica["background_steps"])
-        assert samples and all(steps == steps_left for steps in samples), (steps_left, samples)
+        assert samples and all(steps >= steps_left for steps in samples), (steps_left, samples)
         responses = [future.result() for future in burst]
     assert all(response.status_code == 200 for response in responses)
     # the burst is over: the speculation resumes and answers the session's finalize

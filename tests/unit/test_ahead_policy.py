@@ -7,7 +7,7 @@ from ray.serve import autoscaling_policy as serve_policy
 from ray.serve._private.autoscaling_state import _resolve_policy_callable
 from ray.serve.autoscaling_policy import replica_queue_length_autoscaling_policy
 
-from diffusionx.policy.ahead import AheadPolicy, session_stats
+from diffusionx.policy.ahead import SESSION_STARTS_PER_S, AheadPolicy, session_stats
 from diffusionx.policy.autoscaling import QueuedStepsPolicy
 from diffusionx.policy.sessions import SessionActivity, SessionTracker, merge_activity
 from tests.unit.test_autoscaling_policy import config, context, replica
@@ -127,3 +127,43 @@ def test_serve_scales_up_after_the_upscale_delay_and_down_only_after_the_downsca
         decisions.append(decision)
         clock["now"] += 5.0
     assert decisions[:12] == [3] * 12 and decisions[12] == 1
+
+
+def test_priors_stand_in_until_the_ingress_has_measured_a_finalize():
+    """No finalize seen yet (share, lead and steps 0): the priors give the forecast; measured figures win."""
+    fresh = context({"a": {**replica(0, 0, step_s=0.1, batch=8), **previewing(80, 0.0, 0.0, 0.0)}})
+    assert AheadPolicy(target_utilization=0.5)(fresh)[1]["forecast_replicas"] == 0.0
+    priors = {"prior_finalize_share": 1.0, "prior_preview_to_finalize_s": 20.0, "prior_finalize_steps": 10.0}
+    # as the first test: 80 / 20 s x 10 steps x 0.1 s / 8 at 50% -> 1 replica
+    assert AheadPolicy(target_utilization=0.5, **priors)(fresh)[0] == pytest.approx(1.0)
+    measured = context({"a": {**replica(0, 0, step_s=0.1, batch=8), **previewing(80, 1.0, 40.0, 10.0)}})
+    assert AheadPolicy(target_utilization=0.5, **priors)(measured)[0] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="prior_finalize_share"):
+        AheadPolicy(prior_finalize_share=2.0)
+    with pytest.raises(ValueError, match="prior_preview_to_finalize_s"):
+        AheadPolicy(prior_preview_to_finalize_s=-1.0)
+
+
+def test_tracker_measures_the_rate_sessions_start_over_its_window():
+    clock = Clock()
+    tracker = SessionTracker(rate_window_s=10.0, clock=clock, wall_clock=clock)
+    for i in range(5):  # 5 sessions at 100..104, an edit that starts none
+        clock.now = 100.0 + i
+        tracker.preview(f"s{i}")
+    tracker.preview("s0-edit", parent_id="s0")
+    assert tracker.activity().starts_per_s == pytest.approx(0.5)
+    clock.now = 112.5  # the starts at 100, 101 and 102 are older than 10 s
+    assert tracker.activity().starts_per_s == pytest.approx(0.2)
+    merged = merge_activity([tracker.activity(), SessionActivity(starts_per_s=1.0)])
+    assert merged.starts_per_s == pytest.approx(1.2)
+
+
+def test_on_a_rising_load_the_forecast_plans_for_the_sessions_starting_now():
+    """40 sessions previewing over a 20 s lead (2/s on average) while 6 start per second now: the finalizes
+    a lead from now come at 6/s, and the policy asks for those; once starts stop, the sessions previewing."""
+    rising = {**replica(0, 0, step_s=0.1, batch=8), **previewing(40), SESSION_STARTS_PER_S: 6.0}
+    desired, state = AheadPolicy(target_utilization=0.5)(context({"a": rising}))
+    # 6/s x 10 steps x 0.1 s / 8 = 0.75 replica-s per s, at 50%: 1.5 replicas
+    assert state["finalizes_per_s"] == pytest.approx(6.0) and desired == pytest.approx(1.5)
+    falling = {**rising, SESSION_STARTS_PER_S: 0.0}
+    assert AheadPolicy(target_utilization=0.5)(context({"a": falling}))[1]["finalizes_per_s"] == 2.0

@@ -14,7 +14,7 @@ from ray.serve.autoscaling_policy import replica_queue_length_autoscaling_policy
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
 from ray.serve.schema import ServeDeploySchema
 
-from diffusionx.engine.monitor import TierMonitor, snapshot_dict
+from diffusionx.engine.monitor import TierMonitor
 from diffusionx.policy.autoscaling import (
     BATCHED_STEP_S,
     FULL_BATCH_STEP_S,
@@ -84,8 +84,9 @@ def replica(requests: int, steps_each: int, step_s: float = 0.1, batch: int = 8)
     monitor.max_batch_size = batch
     for _ in range(requests):
         monitor.enqueue(steps_each)
-    monitor.seconds_per_step = step_s
-    return autoscaling_stats(snapshot_dict(monitor.snapshot()))
+    if step_s > 0:
+        monitor.step_time.seed([(1, step_s)])  # a constant step time (0: not measured)
+    return autoscaling_stats(monitor.snapshot().to_dict())
 
 
 def test_batched_steps_counts_model_calls_not_request_steps():
@@ -107,22 +108,21 @@ def test_replica_stats_come_from_the_monitor_snapshot():
         MAX_BATCH_SIZE: 8.0,
         FULL_BATCH_STEP_S: 0.2,
     }
-    idle = autoscaling_stats(snapshot_dict(TierMonitor().snapshot()))
+    idle = autoscaling_stats(TierMonitor().snapshot().to_dict())
     assert idle[QUEUED_BATCHED_STEPS] == 0.0 and idle[BATCHED_STEP_S] == 0.0  # not measured yet
 
 
 def test_replica_step_time_is_the_fitted_t_of_b_at_the_batch_its_work_runs_in():
     monitor = TierMonitor()
     monitor.max_batch_size = 8
-    monitor.seconds_per_step = 1.0  # the mean over all batch sizes: only a fallback
     monitor.step_time.seed([(1, 0.10), (8, 0.24)])  # t(b) = 0.08 + 0.02 b
     for _ in range(3):
         monitor.enqueue(10)
-    stats = autoscaling_stats(snapshot_dict(monitor.snapshot()))
+    stats = autoscaling_stats(monitor.snapshot().to_dict())
     assert stats[BATCHED_STEP_S] == pytest.approx(0.14) and stats[FULL_BATCH_STEP_S] == pytest.approx(0.24)
     for _ in range(20):
         monitor.enqueue(10)
-    assert autoscaling_stats(snapshot_dict(monitor.snapshot()))[BATCHED_STEP_S] == pytest.approx(0.24)
+    assert autoscaling_stats(monitor.snapshot().to_dict())[BATCHED_STEP_S] == pytest.approx(0.24)
 
 
 def test_policy_scales_on_steps_where_the_default_sees_equal_request_counts():

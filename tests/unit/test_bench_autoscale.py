@@ -8,8 +8,13 @@ import yaml
 
 from clients.bench_autoscale import (
     Ramp,
+    back_at_start,
     build_timeline,
     cloud_autoscaling,
+    edge_autoscaling,
+    edge_replicas_for,
+    edge_step,
+    session_priors,
     slo_attainment,
     summarize,
     time_to_capacity,
@@ -112,6 +117,8 @@ def test_node_types_carry_the_tier_resources_the_config_asks_for():
         [(resource, need)] = options["resources"].items()
         per_node = int(min(node[resource] / need, node["CPU"] / options["num_cpus"]))
         assert per_node >= 1, tier
+        if tier == "cloud":  # one GPU per cloud node: cloud nodes follow cloud replicas
+            assert per_node == 1
         other = "edge_node" if tier == "cloud" else "cloud_node"
         assert other not in node
         assert (
@@ -139,3 +146,44 @@ def test_the_delayed_provider_waits_before_it_creates_a_node(monkeypatch):
     provider = delayed_node_provider.DelayedFakeProvider({"node_start_delay_s": 12.0}, "test")
     provider.create_node_with_resources_and_labels({}, {}, 1, {"CPU": 1}, {})
     assert events == [("sleep", 12.0), ("create", 1)]
+
+
+def test_edge_replicas_serve_the_peak_previews_at_half_their_full_batch_throughput():
+    # 2 sessions/s x 4 previews x 8 steps x 0.2 s / 16 per batch = 0.8 replica-s per s -> 1.6 -> 2
+    assert edge_replicas_for(2.0, 4, 8, 0.2, 16) == 2
+    assert edge_replicas_for(0.01, 1, 1, 0.01, 16) == 1
+    assert edge_replicas_for(5.0, 4, 8, 0.2, 16) == 4  # 2.0 -> 4.0 exactly
+    with pytest.raises(ValueError):
+        edge_replicas_for(1.0, 4, 8, 0.0, 16)
+    steps, batch, step_s = edge_step(AUTOSCALE_CONFIG)  # tiny-sd-gpu-timed on the shipped profile
+    assert (steps, batch) == (8, 16) and step_s == pytest.approx(0.18643)
+    edge = edge_autoscaling(3)
+    assert edge["min_replicas"] == edge["max_replicas"] == 3 and "upscale_delay_s" in edge
+
+
+def test_session_priors_are_the_share_lead_and_steps_an_earlier_run_measured():
+    rows = [
+        {"session": 0, "kind": "preview", "arrival_s": 1.0},
+        {"session": 0, "kind": "edit", "arrival_s": 9.0},
+        {"session": 0, "kind": "finalize", "arrival_s": 21.0},  # 20 s after its first preview
+        {"session": 1, "kind": "preview", "arrival_s": 2.0},
+        {"session": 1, "kind": "finalize", "arrival_s": 32.0},  # 30 s
+        {"session": 2, "kind": "preview", "arrival_s": 3.0},  # never finalized
+    ]
+    assert session_priors(rows, 30.0) == {
+        "prior_finalize_share": pytest.approx(2 / 3, abs=1e-4),
+        "prior_preview_to_finalize_s": 25.0,
+        "prior_finalize_steps": 30.0,
+    }
+    assert session_priors(rows[-1:], 30.0) == {}
+    ahead = cloud_autoscaling("ahead", session_priors(rows, 30.0))["policy"]["policy_kwargs"]
+    assert ahead["prior_preview_to_finalize_s"] == 25.0 and ahead["target_wait_s"] > 0
+
+
+def test_the_cooldown_ends_once_replicas_and_nodes_are_back_where_they_started():
+    up = [sample(0, 1, 3), sample(2, 2, 4), sample(4, 3, 5)]
+    assert not back_at_start(up)
+    assert not back_at_start([sample(t, 1, 3) for t in range(6)])  # never left: keep watching
+    down = [*up, sample(6, 1, 5), sample(8, 1, 3), sample(10, 1, 3)]
+    assert not back_at_start(down)  # two samples back, three needed
+    assert back_at_start([*down, sample(12, 1, 3)])

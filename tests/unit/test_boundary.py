@@ -7,6 +7,7 @@ import asyncio
 import hmac
 import io
 from contextlib import ExitStack
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -14,7 +15,7 @@ import pytest
 from fastapi import FastAPI, Request
 from PIL import Image
 
-from diffusionx.engine.monitor import TierMonitor, merge_snapshots, snapshot_dict
+from diffusionx.engine.monitor import TierLoad, TierMonitor, TierSnapshot, merge_snapshots
 from diffusionx.imaging import claimed_png_size, decode_png
 from diffusionx.policy.admission import AdmissionControl
 from diffusionx.requests import InvalidRequestError
@@ -151,10 +152,10 @@ def test_admission_refuses_at_once_with_retry_after_from_the_drain_time():
     # no measured step time yet: nothing is refused here (the tier's bounded queue is the backstop)
     assert admission.decide({"cloud": 20}) is None
     # 2 replicas x 4 per batch, 0.1 s a step: 80 queued request-steps drain in 1 s -> admit
-    admission.update({"cloud": {"queued_steps": 80, "replicas": 2, "seconds_per_step": 0.1}})
+    admission.update({"cloud": TierLoad(queued_steps=80, replicas=2, step_time_s=(0.1, 0.0))})
     assert admission.wait_s("cloud") == pytest.approx(1.0) and admission.decide({"cloud": 20}) is None
     # 300 steps: 3.75 s > 2 s -> refused, Retry-After = ceil(3.75 - 2) = 2 s
-    admission.update({"cloud": {"queued_steps": 300, "replicas": 2, "seconds_per_step": 0.1}})
+    admission.update({"cloud": TierLoad(queued_steps=300, replicas=2, step_time_s=(0.1, 0.0))})
     refusal = admission.decide({"edge": 5, "cloud": 20})
     assert refusal is not None and refusal.tier == "cloud" and refusal.retry_after_s == 2
     assert "cloud tier" in refusal.message and "retry in 2 s" in refusal.message
@@ -168,7 +169,7 @@ def test_admission_refuses_at_once_with_retry_after_from_the_drain_time():
 def test_admission_counts_its_own_admitted_work_while_reports_lag_a_burst():
     clock = FakeClock()
     admission = AdmissionControl({"cloud": 1}, max_wait_s=1.0, clock=clock)
-    admission.update({"cloud": {"queued_steps": 0, "replicas": 1, "seconds_per_step": 0.1}})
+    admission.update({"cloud": TierLoad(queued_steps=0, replicas=1, step_time_s=(0.1, 0.0))})
     decisions = []
     with admission.admit({"cloud": 8}), admission.admit({"cloud": 8}):  # 16 steps in flight: 1.6 s
         decisions.append(admission.decide({"cloud": 8}))
@@ -181,19 +182,19 @@ def test_admission_drains_at_the_fitted_step_time_of_a_full_batch():
     clock = FakeClock()
     admission = AdmissionControl({"cloud": 8}, max_wait_s=2.0, clock=clock)
     # measured on lone requests: 0.02 s a step; the fit says a batch of 8 takes 0.02 + 0.01 * 8 = 0.1 s
-    view = {"queued_steps": 200, "replicas": 1, "seconds_per_step": 0.02, "step_time_s": [0.02, 0.01]}
+    view = TierLoad(queued_steps=200, replicas=1, seconds_per_step=0.02, step_time_s=(0.02, 0.01))
     admission.update({"cloud": view})
     assert admission.wait_s("cloud") == pytest.approx(200 * 0.1 / 8)  # 2.5 s, not 0.5 s
     refusal = admission.decide({"cloud": 10})
     assert refusal is not None and refusal.retry_after_s == 1
-    admission.update({"cloud": {**view, "step_time_s": None}})  # no fit: the mean step time
-    assert admission.wait_s("cloud") == pytest.approx(200 * 0.02 / 8)
+    admission.update({"cloud": replace(view, step_time_s=None)})  # not measured: no time bound
+    assert admission.wait_s("cloud") == 0.0
 
 
-def replica_snapshot(max_ongoing: int, max_queued: int) -> dict:
+def replica_snapshot(max_ongoing: int, max_queued: int) -> TierSnapshot:
     monitor = TierMonitor()
     monitor.max_ongoing_requests, monitor.max_queued_requests = max_ongoing, max_queued
-    return snapshot_dict(monitor.snapshot())
+    return monitor.snapshot()
 
 
 def test_admission_refuses_at_the_door_before_the_tiers_bounded_queue_is_full():
@@ -201,8 +202,8 @@ def test_admission_refuses_at_the_door_before_the_tiers_bounded_queue_is_full():
     admission = AdmissionControl({"cloud": 8}, max_wait_s=10.0, clock=clock)
     # 2 replicas x max_ongoing 4 + a caller queue of 2: the 11th request would get Serve's BackPressureError
     view = merge_snapshots([replica_snapshot(4, 2), replica_snapshot(4, 2)])
-    assert view["request_capacity"] == 10
-    admission.update({"cloud": {**view, "seconds_per_step": 0.1}})
+    assert view.request_capacity == 10
+    admission.update({"cloud": replace(view, step_time_s=(0.1, 0.0))})
     with ExitStack() as admitted:
         for _ in range(10):  # 10 requests of 10 steps: 100 steps drain in 100 * 0.1 / (2 * 8) = 0.6 s
             assert admission.decide({"cloud": 10}) is None
@@ -212,6 +213,6 @@ def test_admission_refuses_at_the_door_before_the_tiers_bounded_queue_is_full():
     assert admission.decide({"cloud": 10}) is None  # the requests finished: room again
     assert admission.own_requests == {"cloud": 0}
     # an unbounded caller queue (-1), or a replica that does not say (outside Serve): no request bound
-    assert merge_snapshots([replica_snapshot(4, -1)])["request_capacity"] is None
-    assert merge_snapshots([snapshot_dict(TierMonitor().snapshot())])["request_capacity"] is None
+    assert merge_snapshots([replica_snapshot(4, -1)]).request_capacity is None
+    assert merge_snapshots([TierMonitor().snapshot()]).request_capacity is None
     assert admission.capacity("edge") is None

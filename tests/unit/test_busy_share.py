@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from diffusionx.engine.monitor import TierMonitor, snapshot_dict
+from diffusionx.engine.monitor import TierMonitor
 from diffusionx.policy.busy import BusyShare
 from diffusionx.policy.speculation import SpeculationPolicy, idle_share
 
@@ -54,7 +54,7 @@ def run_load(utilization: float, service_s: float = 1.0, seconds: float = 120.0)
         else:
             monitor.completed(1)
     clock.now = free_at  # the moment the last request left: the pool is empty
-    return snapshot_dict(monitor.snapshot()), monitor.busy.at(clock.now)
+    return monitor.snapshot().to_dict(), monitor.busy.at(clock.now)
 
 
 def test_at_twice_capacity_the_policy_sees_a_busy_tier_even_with_an_empty_pool():

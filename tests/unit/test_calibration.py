@@ -79,7 +79,7 @@ def test_arrival_rate_counts_the_window_and_forgets_older_events():
 
 def test_replay_with_arrivals_is_the_exact_replay_when_none_come():
     busy = ReplicaLoad(
-        pool=((3, 3), (8, 8), (12, 12)), queued_steps=(6,), max_batch_size=2, step_time_s=(0.02, 0.01)
+        pool=((3, 3), (8, 8), (12, 12)), queued=(6,), max_batch_size=2, step_time_s=(0.02, 0.01)
     )
     for steps in (1, 5, 10, 20):
         exact = expected_finish_s(busy, steps)

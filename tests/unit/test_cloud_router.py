@@ -7,7 +7,6 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -18,6 +17,7 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.schema import ServeDeploySchema
 
 from deployments.cloud_router import StepAwareRouter, request_steps
+from diffusionx.policy.cost import StepDefaults
 from diffusionx.policy.speculation import Pinned
 from diffusionx.requests import Img2ImgRequest, PreviewRequest
 from diffusionx.sampling.collaborative import CollaborationParams, CollaborativeRequest
@@ -40,8 +40,18 @@ class FakeReplica:
 
 
 @dataclass
+class FakeMetadata:
+    call_method: str
+
+
+@dataclass
 class FakePending:
     args: list[Any]
+    method: str = "refine"
+
+    @property
+    def metadata(self) -> FakeMetadata:
+        return FakeMetadata(self.method)
 
 
 def stats(pool: list[tuple[int, int]], taken_at: float, batch: int = 4) -> dict[str, Any]:
@@ -76,13 +86,18 @@ def ranked(router: StepAwareRouter, replicas: list[FakeReplica], pending: FakePe
 
 
 def test_request_steps_reads_each_kind_of_cloud_request():
-    assert request_steps(refinement(40, 0.5)) == 20
-    assert request_steps(refinement(40, 0.01)) == 1  # a refinement is at least one step
-    assert request_steps(FakePending([PreviewRequest("a cat", 0, num_inference_steps=12)])) == 12
+    defaults = StepDefaults(default_steps=30)
+    assert request_steps(refinement(40, 0.5), defaults) == 20
+    assert request_steps(refinement(40, 0.01), defaults) == 0  # int(0.4): the sampler runs no step
+    text = PreviewRequest("a cat", 0, num_inference_steps=12)
+    assert request_steps(FakePending([text], "generate"), defaults) == 12
     plan = CollaborativeRequest("a cat", 0, None, None, CollaborationParams.hybrid(20, switch_step=7))
-    assert request_steps(FakePending([plan])) == 7
-    assert request_steps(FakePending([PreviewRequest("a cat", 0)])) == 1  # the model's default: unknown
-    assert request_steps(None) == 1
+    assert request_steps(FakePending([plan], "plan"), defaults) == 7
+    ec_diff = CollaborativeRequest("a cat", 0, None, None, CollaborationParams())  # p=7, k=2, s=37 of 50
+    assert request_steps(FakePending([ec_diff], "plan"), defaults) == 17  # its cloud UNet calls, not s
+    assert request_steps(FakePending([PreviewRequest("a cat", 0)], "generate"), defaults) == 30
+    assert request_steps(FakePending([refinement().args[0]], "refine_stream"), defaults) == 10
+    assert request_steps(None, defaults) == 1
 
 
 def test_uneven_load_sends_the_request_where_it_finishes_first():
@@ -130,8 +145,7 @@ def test_speculation_calls_go_to_their_replica_and_speculations_are_not_counted_
     # its replica gone: ranked as usual (the replica it lands on answers that it holds no such speculation)
     assert ranked(router, [idle], FakePending([Pinned("key", "busy")])) == ["idle"]
     # a speculation is ranked like a refinement (to the idlest replica) but is not counted as sent
-    speculate = FakePending(refinement().args)
-    speculate.metadata = SimpleNamespace(call_method="speculate")  # type: ignore[attr-defined]
+    speculate = FakePending(refinement().args, method="speculate")
     assert ranked(router, [busy, idle], speculate)[0] == "idle"
     router.on_request_routed(speculate, idle.replica_id, None)  # type: ignore[arg-type]
     router.on_request_routed(FakePending([Pinned("key", "idle")]), idle.replica_id, None)  # type: ignore[arg-type]
@@ -156,7 +170,7 @@ def test_router_kwargs_are_refused_by_name():
 
 
 @pytest.mark.parametrize("path", sorted(ROOT.glob("serve_config*.yaml")), ids=lambda p: p.name)
-def test_shipped_configs_and_the_deployment_use_the_step_aware_router(path):
+def test_every_shipped_config_uses_the_step_aware_router(path):
     from deployments.cloud import CloudRefiner
 
     [app] = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text())).applications
@@ -164,6 +178,4 @@ def test_shipped_configs_and_the_deployment_use_the_step_aware_router(path):
     config = RequestRouterConfig(**cloud.request_router_config)  # the schema keeps it as a dict
     assert config.request_router_class == "deployments.cloud_router.StepAwareRouter"
     assert config.get_serialized_request_router_cls()  # the class imports
-    deployed = CloudRefiner._deployment_config.request_router_config
-    assert deployed.request_router_class == config.request_router_class
     assert hasattr(CloudRefiner.func_or_class, "record_routing_stats")

@@ -9,7 +9,12 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from deployments.app import build_app
-from diffusionx.app_config import AppArgs
+from deployments.cloud import CloudRefiner
+from deployments.edge import EdgePreviewer
+from deployments.ingress import DiffusionXIngress
+from deployments.predictor import StrengthPredictor
+from deployments.state import SharedState
+from diffusionx.app_config import SERVE_REPLICA_ENV, AppArgs
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = [
@@ -69,8 +74,33 @@ def test_ingress_never_queues_in_serve_so_every_503_carries_retry_after(path):
     ingress that queue must be unbounded, so overload is always answered by admission control."""
     schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
     [app] = schema.applications
-    ingress = [d for d in app.deployments if d.name == "DiffusionXIngress"]
-    for deployment in ingress:  # a config that leaves the ingress out keeps the code's defaults (-1)
-        fields = deployment.model_dump(exclude_unset=True)
-        assert fields.get("max_queued_requests", -1) == -1, f"{path.name}: ingress max_queued_requests"
-        assert fields.get("max_ongoing_requests", 1024) >= 1024, f"{path.name}: ingress max_ongoing_requests"
+    [ingress] = [d for d in app.deployments if d.name == "DiffusionXIngress"]
+    fields = ingress.model_dump(exclude_unset=True)
+    assert fields.get("max_queued_requests") == -1, f"{path.name}: ingress max_queued_requests"
+    assert fields.get("max_ongoing_requests", 0) >= 1024, f"{path.name}: ingress max_ongoing_requests"
+
+
+def serve_configs() -> list[tuple[str, dict]]:
+    """(name, Serve config) of every shipped config, the test app's and the KubeRay manifest's."""
+    configs = [(path.name, yaml.safe_load(path.read_text())) for path in CONFIGS]
+    manifest = yaml.safe_load((ROOT / "deploy/kuberay/rayservice.yaml").read_text())
+    return [*configs, ("rayservice.yaml", yaml.safe_load(manifest["spec"]["serveConfigV2"]))]
+
+
+@pytest.mark.parametrize(("name", "config"), serve_configs(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_config_runs_serves_low_overhead_path_on_its_replicas(name, config):
+    [app] = config["applications"]
+    assert app["runtime_env"]["env_vars"] == SERVE_REPLICA_ENV, name
+
+
+@pytest.mark.parametrize(("name", "config"), serve_configs(), ids=lambda v: v if isinstance(v, str) else "")
+def test_a_deployment_option_is_set_in_the_decorator_or_the_configs_not_both(name, config):
+    """One place for each default: an option a config sets is not also a number in the decorator."""
+    decorated = {
+        deployment.name: deployment._deployment_config.user_configured_option_names - {"name"}
+        for deployment in (CloudRefiner, DiffusionXIngress, EdgePreviewer, SharedState, StrengthPredictor)
+    }
+    [app] = config["applications"]
+    for deployment in app["deployments"]:
+        both = decorated[deployment["name"]] & set(deployment)
+        assert not both, f"{name}: {deployment['name']} sets {sorted(both)} in its decorator and the config"

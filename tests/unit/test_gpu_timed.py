@@ -94,3 +94,19 @@ def test_loading_a_gpu_timed_model_waits_the_load_time_and_wraps_the_unet(tmp_pa
     model = loading.load_model("sd15-gpu-timed", device="cpu")
     assert isinstance(model.unet, GpuTimedUNet) and waited == [7.0]
     assert model.unet.config.in_channels == model.latent_channels == 4
+
+
+def test_the_loaded_standin_is_zero_noise_shaped_like_the_sample(monkeypatch):
+    from diffusionx.models import loading
+    from diffusionx.models.gpu_timed import ZeroNoise
+
+    monkeypatch.setattr(loading.time, "sleep", lambda _s: None)
+    model = loading.load_model("tiny-sd-gpu-timed", device="cpu")
+    assert isinstance(model.unet.standin, ZeroNoise)
+    waits: list[float] = []
+    model.unet.sleep = waits.append
+    latents = torch.randn(4, 4, 8, 8)  # 2 samples under guidance
+    context = torch.zeros(4, 77, model.unet.config.cross_attention_dim)
+    out = model.unet(latents, 10, encoder_hidden_states=context)
+    assert out.sample.shape == latents.shape and not out.sample.any()
+    assert len(waits) == 1 and waits[0] > 0  # t(2) of the shipped profile, padded

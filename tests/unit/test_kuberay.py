@@ -63,7 +63,7 @@ def test_each_tier_has_a_gpu_group_with_its_tier_resource(manifest, serve_config
 
 
 def test_every_pod_runs_serve_with_the_low_overhead_env_of_the_local_app(manifest):
-    from deployments.local import SERVE_FAST_PATH_ENV
+    from diffusionx.app_config import SERVE_FAST_PATH_ENV
 
     cluster = manifest["spec"]["rayClusterConfig"]
     pods = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]

@@ -114,12 +114,12 @@ def test_workflows_stream_every_denoising_step_of_previews_edits_and_refinements
         await modes.edit(tiers, edit, on_progress=record)
         assert steps == [(1, 3, "edge"), (2, 3, "edge"), (3, 3, "edge")]
         steps.clear()
-        final = await modes.finalize(
+        final = await modes.refine(
             tiers, "a blue circle", preview.image, strength=0.4, num_inference_steps=10, on_progress=record
         )
         assert steps == [(i, 4, "cloud") for i in range(1, 5)] and final.result.unet_calls.cloud == 4
         # without a listener the same image comes back
-        again = await modes.finalize(
+        again = await modes.refine(
             tiers, "a blue circle", preview.image, strength=0.4, num_inference_steps=10
         )
         assert list(again.result.image.getdata()) == list(final.result.image.getdata())

@@ -8,12 +8,12 @@ from PIL import Image
 
 from diffusionx.policy.router import CloudLoad
 from diffusionx.policy.service_model import ReplicaLoad
-from diffusionx.requests import GenerationResult, InvalidRequestError, PreviewRequest, UnetCalls
+from diffusionx.requests import GenerationResult, InvalidRequestError, Mode, PreviewRequest, UnetCalls
 from diffusionx.sampling.collaborative import CollaborationParams, expected_unet_calls
 from diffusionx.sampling.generation import text_to_image
 from diffusionx.workflows import modes
 from diffusionx.workflows.local import generate_all, local_tiers
-from diffusionx.workflows.modes import MODES, GenerateRequest, Tiers, collaboration_params
+from diffusionx.workflows.modes import GenerateRequest, Tiers, collaboration_params
 
 
 def pixels(image: Image.Image) -> np.ndarray:
@@ -27,7 +27,7 @@ def generate(mode, cloud, edge, requests, **tier_options):
 
 
 def test_modes_are_the_designed_ones():
-    assert MODES == ("diffusionx", "cloud", "edge", "hybrid", "ec-diff")
+    assert [m.value for m in Mode] == ["diffusionx", "cloud", "edge", "hybrid", "ec-diff"]
 
 
 def test_cloud_mode_is_text_to_image_on_the_cloud(tiny_cloud, tiny_edge):
@@ -177,7 +177,7 @@ def test_tier_info_is_fetched_once_and_the_plan_goes_to_the_edge_unresolved():
 def test_an_edge_fallback_refines_on_the_edges_own_schedule(tiny_cloud, tiny_edge):
     """A finalize the cloud cannot serve in time falls back to the edge with the edge's edit steps, not
     the cloud's (the response reports the steps that ran)."""
-    busy = ReplicaLoad(pool=((1, 1000),), queued_steps=(), max_batch_size=1, step_time_s=(0.05, 0.0))
+    busy = ReplicaLoad(pool=((1, 1000),), queued=(), max_batch_size=1, step_time_s=(0.05, 0.0))
 
     async def loaded() -> CloudLoad:
         return CloudLoad((busy,))
@@ -186,8 +186,8 @@ def test_an_edge_fallback_refines_on_the_edges_own_schedule(tiny_cloud, tiny_edg
     tiers.cloud_load = loaded
     image = Image.new("RGB", (32, 32), (200, 30, 30))
 
-    async def run() -> modes.Finalized:
-        return await modes.finalize(
+    async def run() -> modes.Refined:
+        return await modes.refine(
             tiers, "a cat", image, strength=1.0, num_inference_steps=12, latency_target_ms=100
         )
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from diffusionx.policy.load import TierSnapshot
 from diffusionx.policy.service_model import (
     ReplicaLoad,
     StepTimeModel,
@@ -40,7 +41,7 @@ def snapshot(pool: list[SimSample], queued: list[SimSample], step_time: tuple[fl
     ranked = sorted(pool, key=lambda s: s.priority)
     return ReplicaLoad(
         pool=tuple((s.priority[0], s.remaining) for s in ranked),
-        queued_steps=tuple(s.steps for s in queued),
+        queued=tuple(s.steps for s in queued),
         max_batch_size=B,
         step_time_s=step_time,
     )
@@ -238,24 +239,23 @@ def test_the_request_goes_where_it_is_expected_to_finish_first():
 def test_requests_sent_after_the_snapshot_queue_behind_it():
     load = ReplicaLoad(pool=((3, 3),), max_batch_size=1, step_time_s=(1.0, 0.0))
     later = load.with_queued([4, 2])
-    assert later.queued_steps == (4, 2) and later.requests == 3
+    assert later.queued == (4, 2) and later.requests == 3
     # B=1, in key order: the queued 2, the pooled 3, the queued 4, then the new 5: 14 steps
     assert expected_finish_s(later, 5, step_in_flight_s=0.0) == 14.0
 
 
 def test_snapshot_spreads_unadmitted_steps_over_queued_requests():
-    load = ReplicaLoad.from_snapshot(
-        {
-            "pool": [[3, 8], [10, 10]],
-            "queued": 2,
-            "queued_steps": 18 + 30,
-            "max_batch_size": 4,
-            "step_time_s": [0.01, 0.002],
-        }
-    )
-    assert load.pool == ((3, 8), (10, 10)) and load.queued_steps == (15, 15)
+    report = {
+        "pool": [[3, 8], [10, 10]],
+        "queued": 2,
+        "queued_steps": 18 + 30,
+        "max_batch_size": 4,
+        "step_time_s": [0.01, 0.002],
+    }
+    load = ReplicaLoad.from_snapshot(TierSnapshot.from_dict(report))
+    assert load.pool == ((3, 8), (10, 10)) and load.queued == (15, 15)
     assert load.max_batch_size == 4 and load.step_time_s == (0.01, 0.002)
-    assert ReplicaLoad.from_snapshot({"queued": 0}).step_time_s is None
+    assert ReplicaLoad.from_snapshot(TierSnapshot(queued=0)).step_time_s is None
 
 
 def test_bad_inputs_are_refused():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from diffusionx.api import GenerateBody, PreviewBody, RefineBody
-from diffusionx.engine.monitor import TierMonitor, merge_snapshots, snapshot_dict
+from diffusionx.engine.monitor import TierMonitor, TierSnapshot, merge_snapshots
 from diffusionx.engine.preview_cache import ENTRY_OVERHEAD_BYTES, PreviewCache
 from diffusionx.imaging import decode_png_base64, encode_png_base64
 from diffusionx.policy.strength import HeuristicStrengthConfig, predict_strength, residual_noise
@@ -41,14 +42,19 @@ def test_tier_monitor_tracks_queue_batches_and_step_time():
     monitor.ran(2, 10, elapsed_s=1.0)
     monitor.progressed(20)
     monitor.completed(2)
-    snap = snapshot_dict(monitor.snapshot())
-    assert snap["queued_steps"] == 20 and snap["recent_batch_sizes"] == [2]
-    assert snap["seconds_per_step"] == pytest.approx(0.1) and snap["requests_served"] == 2
-    other = {**snap, "seconds_per_step": 0.3, "recent_batch_sizes": [5], "step_time_s": [0.1, 0.3]}
-    merged = merge_snapshots([{**snap, "step_time_s": [0.1, 0.1]}, other])
-    assert merged["step_time_s"] == pytest.approx([0.1, 0.2])  # the mean fit
-    assert merged["replicas"] == 2 and merged["queued_steps"] == 40
-    assert merged["recent_batch_sizes"] == [2, 5] and merged["seconds_per_step"] == pytest.approx(0.2)
+    snap = monitor.snapshot()
+    assert snap.queued_steps == 20 and snap.recent_batch_sizes == [2]
+    # one step-time estimator: the fitted t(b) at the mean recent batch size
+    assert snap.seconds_per_step == pytest.approx(0.1) and snap.requests_served == 2
+    assert snap.step_time_s == pytest.approx([0.1, 0.0])
+    assert TierSnapshot.from_dict({**snap.to_dict(), "newer_field": 1}) == snap
+    other = replace(snap, seconds_per_step=0.3, recent_batch_sizes=[5], step_time_s=[0.1, 0.3])
+    merged = merge_snapshots([replace(snap, step_time_s=[0.1, 0.1]), other])
+    assert merged.step_time_s == pytest.approx((0.1, 0.2))  # the mean fit
+    assert merged.replicas == 2 and merged.queued_steps == 40
+    assert merged.recent_batch_sizes == (2, 5) and merged.seconds_per_step == pytest.approx(0.2)
+    assert merged.to_dict()["step_time_s"] == pytest.approx([0.1, 0.2])
+    assert merged.to_dict()["per_replica"][1]["step_time_s"] == [0.1, 0.3]
 
 
 def test_preview_cache_is_bounded_by_bytes_and_age_and_scoped_to_its_owner():

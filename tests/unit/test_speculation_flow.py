@@ -45,7 +45,7 @@ async def preview_of(tiers: Tiers, prompt: str, seed: int):
 
 
 async def finalize(tiers: Tiers, prompt: str, image, digest: str | None, seed: int):
-    return await modes.finalize(tiers, prompt, image, seed=seed, preview=digest)
+    return await modes.refine(tiers, prompt, image, seed=seed, preview=digest)
 
 
 def pixels(result) -> np.ndarray:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusionx.engine.monitor import TierMonitor, merge_snapshots, snapshot_dict
+from diffusionx.engine.monitor import TierMonitor, merge_snapshots
 from diffusionx.engine.step_warmup import measure_step_time
 from diffusionx.policy.service_model import ReplicaLoad, StepTimeModel, expected_finish_s
 from diffusionx.requests import Img2ImgRequest
@@ -65,9 +65,9 @@ def test_a_replica_snapshot_carries_what_the_service_model_reads():
         monitor.enqueue(steps)
     monitor.admit(1)
     monitor.pool = [(10, 10)]
-    merged = merge_snapshots([snapshot_dict(monitor.snapshot())])
-    load = ReplicaLoad.from_snapshot(merged["per_replica"][0])
-    assert load.pool == ((10, 10),) and load.queued_steps == (8, 8) and load.max_batch_size == 4
+    merged = merge_snapshots([monitor.snapshot()])
+    load = ReplicaLoad.from_snapshot(merged.per_replica[0])
+    assert load.pool == ((10, 10),) and load.queued == (8, 8) and load.max_batch_size == 4
     assert load.step_time_s == pytest.approx((0.01, 0.01))
 
 

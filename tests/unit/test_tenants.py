@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from diffusionx.app_config import AppArgs
 from diffusionx.policy.admission import AdmissionControl, ShareRefusal
+from diffusionx.policy.load import TierLoad
 from diffusionx.policy.tenants import ApiKey, RateLimits, Tenants, parse_key_line, weighted_allocation
 from diffusionx.serving.guard import GuardConfig, load_api_keys, owner_of
 
@@ -74,7 +75,7 @@ def shared_admission(clock: FakeClock, **weights: float) -> AdmissionControl:
     tenants = Tenants([(name, ApiKey(key=name, weight=w)) for name, w in weights.items()], clock=clock)
     admission = AdmissionControl({"cloud": 4}, max_wait_s=1.0, clock=clock, tenants=tenants)
     # 1 replica x batch 4, 0.1 s a batched step: 40 request-steps start within 1 s
-    admission.update({"cloud": {"queued_steps": 0, "replicas": 1, "seconds_per_step": 0.1}})
+    admission.update({"cloud": TierLoad(queued_steps=0, replicas=1, step_time_s=(0.1, 0.0))})
     return admission
 
 
@@ -133,7 +134,7 @@ def test_the_queue_bound_is_shared_by_weight_too():
     clock = FakeClock()
     tenants = Tenants([("a", ApiKey(key="a")), ("b", ApiKey(key="b"))], clock=clock)
     admission = AdmissionControl({"cloud": 4}, max_wait_s=100.0, clock=clock, tenants=tenants)
-    admission.update({"cloud": {"replicas": 1, "seconds_per_step": 0.001, "request_capacity": 6}})
+    admission.update({"cloud": TierLoad(replicas=1, step_time_s=(0.001, 0.0), request_capacity=6)})
     admission.decide({"cloud": 1}, "b")
     with ExitStack() as held:
         for _ in range(3):
@@ -159,7 +160,7 @@ def test_reported_work_the_ingress_did_not_admit_stops_borrowing_not_a_key_withi
     admission.decide({"cloud": 1}, "b")  # b active: a's share is 20 of the 40 request-steps
     # the tiers report 60 queued request-steps this ingress does not hold (lagging reports, or another
     # ingress replica's work): the tier as a whole is past its bound (1.5 s > 1 s)
-    admission.update({"cloud": {"queued_steps": 60, "replicas": 1, "seconds_per_step": 0.1}})
+    admission.update({"cloud": TierLoad(queued_steps=60, replicas=1, step_time_s=(0.1, 0.0))})
     with ExitStack() as held:
         assert admission.decide({"cloud": 10}, "a") is None  # within its share: admitted
         held.enter_context(admission.admit({"cloud": 10}, "a"))

@@ -7,7 +7,7 @@ runs as served, through the workflows on in-process tiers:
    (`learned`: the served edit predictor, `heuristic`, `fixed-s`), each judged with `targets.edit_ok`;
    the session carries the learned edit on (the image the server would have shown);
 2. finalize the final preview with every refine method: `learned` and `heuristic` through the predictor
-   tier (the strength is predicted inside `workflows.modes.finalize`), `fixed-s` with the strength given;
+   tier (the strength is predicted inside `workflows.modes.refine`), `fixed-s` with the strength given;
    a full cloud generation of the same prompt and seed is the reference.
 Quality is the mean judge accuracy (and exact-match rate) on the final prompt, cost the mean cloud UNet
 calls per session. The target is the reference's mean accuracy minus `TARGET_MARGIN`. The edit methods'
@@ -26,7 +26,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,16 +84,16 @@ async def eval_session(
         image, previous_prompt = results["learned"].image, step.prompt
     # 2. finalize the final preview with every refine method; the full cloud generation as reference
     prompt = steps[-1].prompt
-    jobs = {
+    refine_jobs: dict[str, Awaitable[modes.Generated | modes.Refined]] = {
         "cloud (full generation)": modes.generate(learned, "cloud", PreviewRequest(prompt, seed)),
-        "learned": modes.finalize(learned, prompt, image, seed=seed),
-        "heuristic": modes.finalize(heuristic, prompt, image, seed=seed),
+        "learned": modes.refine(learned, prompt, image, seed=seed),
+        "heuristic": modes.refine(heuristic, prompt, image, seed=seed),
     }
     for s in FIXED_STRENGTHS:
-        jobs[f"fixed-{s}"] = modes.finalize(learned, prompt, image, seed=seed, strength=s)
+        refine_jobs[f"fixed-{s}"] = modes.refine(learned, prompt, image, seed=seed, strength=s)
     refine_rows = []
     preview_wrong = float(score(image, prompt)["exact"] == 0.0)  # what a predictor should recognise
-    for method, done in zip(jobs, await asyncio.gather(*jobs.values()), strict=True):
+    for method, done in zip(refine_jobs, await asyncio.gather(*refine_jobs.values()), strict=True):
         result = done.result
         scores = score(result.image, prompt)
         refine_rows.append(
@@ -142,6 +142,12 @@ def wrong_preview_auc(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     }
 
 
+def _cold(predictor: Callable[..., float], *args: Any) -> float:
+    """One prediction with a cold text cache: the prompt and its perturbations are encoded anew."""
+    _clear_alignment_cache(predictor)
+    return predictor(*args)
+
+
 def _clear_alignment_cache(predictor: Any) -> None:
     alignment = getattr(predictor, "alignment", None)
     if alignment is not None:
@@ -180,9 +186,62 @@ def evaluate(
         cloud, edge, max_batch_size=64, predict=predict_strength, predict_edit=heuristic_edit_strength
     )
     sessions = make_session_steps(n_sessions, rounds, seed=session_seed)
+    start = time.perf_counter()
+    edit_rows, refine_rows = _run_sessions(learned, heuristic, sessions, image_seed, concurrency, progress)
+    seconds = time.perf_counter() - start
+    aucs = wrong_preview_auc(refine_rows)
+    wrong_previews = int(sum(r["preview_wrong"] for r in refine_rows if r["method"] == "learned"))
+    refine_by_method = _means(refine_rows, ("quality", "cloud_unet_calls", "exact_match", "strength"))
+    reference = refine_by_method.pop("cloud (full generation)")
+    edit_by_method = _means(edit_rows, ("ok", "edge_unet_calls", "accuracy", "strength"))
+    edit_target = (
+        max(v["ok"] for k, v in edit_by_method.items() if k.startswith("fixed-")) - EDIT_TARGET_MARGIN
+    )
+    probe = sessions[0][0].prompt
+    timing = _cpu_timing(learned, refine_predictor, edit_predictor, probe, image_seed)
+    return {
+        "target": reference["quality"] - TARGET_MARGIN,
+        "methods": {
+            m: {"quality": v["quality"], "cloud_unet_calls": v["cloud_unet_calls"]}
+            for m, v in refine_by_method.items()
+        },
+        "edit": {
+            "target": edit_target,
+            "methods": {
+                m: {"quality": v["ok"], "edge_unet_calls": v["edge_unet_calls"], "accuracy": v["accuracy"]}
+                for m, v in edit_by_method.items()
+            },
+        },
+        "reference": {"method": "cloud (full generation)", **reference},
+        "wrong_preview_auc": aucs["learned"],
+        "wrong_preview_auc_by_method": aucs,
+        "wrong_previews": wrong_previews,
+        "exact_match": {m: v["exact_match"] for m, v in refine_by_method.items()},
+        "mean_strength": {m: v["strength"] for m, v in refine_by_method.items()},
+        "edit_mean_strength": {m: v["strength"] for m, v in edit_by_method.items()},
+        "sessions": n_sessions,
+        "rounds": rounds,
+        "seconds": round(seconds, 1),
+        "timing": timing,
+        "predictors": {
+            "refine": getattr(refine_predictor, "name", "heuristic"),
+            "edit": getattr(edit_predictor, "name", "heuristic"),
+        },
+    }
+
+
+def _run_sessions(
+    learned: Tiers,
+    heuristic: Tiers,
+    sessions: list[list[SessionStep]],
+    image_seed: int,
+    concurrency: int,
+    progress: bool,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(edit rows, refine rows) of every session, `concurrency` sessions at a time."""
     edit_rows: list[dict[str, Any]] = []
     refine_rows: list[dict[str, Any]] = []
-    start = time.perf_counter()
+    n_sessions = len(sessions)
     with tqdm(total=n_sessions, desc="eval", unit="session", file=sys.stderr, disable=not progress) as bar:
         for begin in range(0, n_sessions, concurrency):
             chunk = range(begin, min(n_sessions, begin + concurrency))
@@ -198,62 +257,32 @@ def evaluate(
                 edit_rows += edits
                 refine_rows += refines
             bar.update(len(chunk))
-    seconds = time.perf_counter() - start
-    aucs = wrong_preview_auc(refine_rows)
-    wrong_previews = int(sum(r["preview_wrong"] for r in refine_rows if r["method"] == "learned"))
-    refine = _means(refine_rows, ("quality", "cloud_unet_calls", "exact_match", "strength"))
-    reference = refine.pop("cloud (full generation)")
-    edits = _means(edit_rows, ("ok", "edge_unet_calls", "accuracy", "strength"))
-    edit_target = max(v["ok"] for k, v in edits.items() if k.startswith("fixed-")) - EDIT_TARGET_MARGIN
-    # CPU cost of one prediction against one edge preview (single requests, one torch thread as the
-    # predictor replica runs: with more threads, process CPU time counts their spin-waits)
-    probe = sessions[0][0].prompt
+    return edit_rows, refine_rows
+
+
+def _cpu_timing(
+    learned: Tiers,
+    refine_predictor: Callable[..., float],
+    edit_predictor: Callable[..., float],
+    probe: str,
+    image_seed: int,
+) -> dict[str, float]:
+    """CPU cost of one prediction against one edge preview (single requests, one torch thread as the
+    predictor replica runs: with more threads, process CPU time counts their spin-waits)."""
     image = asyncio.run(modes.preview(learned, PreviewRequest(probe, image_seed))).image
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        timing = {
+        return {
             # a cold text cache: each request's prompt and its perturbations are encoded anew
-            "refine_predict_cpu_ms": cpu_ms(
-                lambda: (_clear_alignment_cache(refine_predictor), refine_predictor(probe, image))
-            ),
-            "edit_predict_cpu_ms": cpu_ms(
-                lambda: (_clear_alignment_cache(edit_predictor), edit_predictor(probe, image, probe))
-            ),
+            "refine_predict_cpu_ms": cpu_ms(lambda: _cold(refine_predictor, probe, image)),
+            "edit_predict_cpu_ms": cpu_ms(lambda: _cold(edit_predictor, probe, image, probe)),
             "edge_preview_cpu_ms": cpu_ms(
                 lambda: asyncio.run(modes.preview(learned, PreviewRequest(probe, image_seed))), repeats=5
             ),
         }
     finally:
         torch.set_num_threads(threads)
-    return {
-        "target": reference["quality"] - TARGET_MARGIN,
-        "methods": {
-            m: {"quality": v["quality"], "cloud_unet_calls": v["cloud_unet_calls"]} for m, v in refine.items()
-        },
-        "edit": {
-            "target": edit_target,
-            "methods": {
-                m: {"quality": v["ok"], "edge_unet_calls": v["edge_unet_calls"], "accuracy": v["accuracy"]}
-                for m, v in edits.items()
-            },
-        },
-        "reference": {"method": "cloud (full generation)", **reference},
-        "wrong_preview_auc": aucs["learned"],
-        "wrong_preview_auc_by_method": aucs,
-        "wrong_previews": wrong_previews,
-        "exact_match": {m: v["exact_match"] for m, v in refine.items()},
-        "mean_strength": {m: v["strength"] for m, v in refine.items()},
-        "edit_mean_strength": {m: v["strength"] for m, v in edits.items()},
-        "sessions": n_sessions,
-        "rounds": rounds,
-        "seconds": round(seconds, 1),
-        "timing": timing,
-        "predictors": {
-            "refine": getattr(refine_predictor, "name", "heuristic"),
-            "edit": getattr(edit_predictor, "name", "heuristic"),
-        },
-    }
 
 
 def cheapest_reaching(
@@ -390,6 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as error:
         parser.error(str(error))
     cloud, edge = load_pair("diffusionx", args.cloud, args.edge, args.device)
+    assert cloud is not None and edge is not None  # diffusionx mode loads both
     report = evaluate(
         cloud,
         edge,

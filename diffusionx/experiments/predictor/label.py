@@ -95,7 +95,7 @@ async def label_session(
         results = await asyncio.gather(
             *(modes.edit(tiers, Img2ImgRequest(step.prompt, image, s, seed=seed)) for s in EDIT_GRID)
         )
-        trials = []
+        trials: list[dict[str, Any]] = []
         for strength, result in zip(EDIT_GRID, results, strict=True):
             scores = _scores(result.image, step.prompt)
             ok = edit_ok(scores, previous_scores, step.change or "")
@@ -123,7 +123,7 @@ async def label_session(
     cloud_scores = _scores(cloud.image, prompt)
     trials = []
     for strength in REFINE_GRID:
-        final = await modes.finalize(tiers, prompt, image, seed=seed, strength=strength)
+        final = await modes.refine(tiers, prompt, image, seed=seed, strength=strength)
         scores = _scores(final.result.image, prompt)
         trials.append({"strength": strength, "cloud_calls": final.result.unet_calls.cloud, **scores})
         if refine_reached(scores["accuracy"], cloud_scores["accuracy"]):

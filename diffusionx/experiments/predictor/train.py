@@ -239,7 +239,7 @@ def train_predictor(
     )
     predictor = LearnedStrengthPredictor(config, net, embedder, alignment)
     subset = Examples(
-        *(
+        *(  # type: ignore[arg-type]  # the same fields, each list or array kept as it was
             [v for v, keep in zip(value, validation, strict=True) if keep]
             if isinstance(value, list)
             else value[validation]
