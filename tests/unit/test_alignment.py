@@ -104,7 +104,8 @@ def test_contrastive_training_separates_a_caption_from_its_perturbations(tiny_cl
         optimizer.step()
     assert loss.item() < 0.5 * first
     after = attribute_accuracy(model, tiny_clip.tokenizer, pixels, captions)
-    assert after["all"] > before["all"], (before, after)
+    mean = lambda accuracy: float(np.mean([accuracy[a] for a in ATTRIBUTES]))  # noqa: E731
+    assert mean(after) >= mean(before) + 0.15, (before, after)
 
 
 def test_the_judge_captions_what_a_model_output_shows():
