@@ -62,23 +62,20 @@ app = FastAPI(
 add_web_page(app)  # GET /: the session page (deployments/static)
 
 
-class _GuardSettings:
-    """The guard's settings of this replica: the app (and so the middleware) is built before the
-    replica's constructor runs, which sets them from the application's args through `configure_guard`.
-    Serve ships the ingress class by value, so what its constructor names directly is a copy; a module-level
-    function travels by reference and reaches the settings the middleware reads."""
-
-    config = GuardConfig()
-
-    def __call__(self) -> GuardConfig:
-        return self.config
+# The guard's settings of this replica, set by its constructor from the application's args. Serve ships the
+# ingress class (and the app with its middleware) by value, so an object the middleware holds would be a
+# copy; module-level functions travel by reference, so the middleware and the constructor both go through
+# these two and meet in this module's globals.
+_guard_config = GuardConfig()
 
 
-guard_config = _GuardSettings()
+def guard_config() -> GuardConfig:
+    return _guard_config
 
 
 def configure_guard(config: GuardConfig) -> None:
-    guard_config.config = config
+    global _guard_config
+    _guard_config = config
 
 
 app.add_middleware(Guard, config=guard_config)
