@@ -115,9 +115,7 @@ def start_local_app(
     config = load_config(config_path, overrides, port, deployment_options)
     prepare_models(config.applications[0].args)
     if not ray.is_initialized():
-        # inherited by the raylet and every worker it starts
-        for name, value in {**SERVE_FAST_PATH_ENV, **LOCAL_DRAINING_ENV, **haproxy_ports_env()}.items():
-            os.environ.setdefault(name, value)
+        set_local_ray_env()
         env = {k: v for k, v in os.environ.items() if k.startswith(("HF_", "DIFFUSIONX_", "OMP_"))}
         sigterm = signal.getsignal(signal.SIGTERM)
         ray.init(
@@ -151,6 +149,10 @@ def start_local_app(
     return url
 
 
+# the HAProxy ports this process chose last (a user's own setting is never replaced)
+_chosen_haproxy_ports: dict[str, str] = {}
+
+
 def haproxy_ports_env() -> dict[str, str]:
     """Free local ports for HAProxy's stats page and metrics exporter (Serve's defaults, 8404 and 9101,
     are fixed: a second local application, e.g. the tests beside `diffusionx serve`, could not start)."""
@@ -161,6 +163,19 @@ def haproxy_ports_env() -> dict[str, str]:
             "RAY_SERVE_HAPROXY_STATS_PORT": str(stats.getsockname()[1]),
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics.getsockname()[1]),
         }
+
+
+def set_local_ray_env() -> None:
+    """The environment every process of a Ray started from here inherits (raylets, workers, proxies):
+    the fast path, local draining, and HAProxy ports free now. Called before each new local Ray: ports
+    chosen for an earlier Ray may have been taken since by any process on the machine (a later Ray's
+    HAProxy could then not bind and Serve would not start), so they are chosen again; variables the user
+    set are kept."""
+    for name, value in {**SERVE_FAST_PATH_ENV, **LOCAL_DRAINING_ENV}.items():
+        os.environ.setdefault(name, value)
+    for name, value in haproxy_ports_env().items():
+        if os.environ.get(name, _chosen_haproxy_ports.get(name)) == _chosen_haproxy_ports.get(name):
+            os.environ[name] = _chosen_haproxy_ports[name] = value
 
 
 def prepare_models(args: dict[str, Any]) -> None:

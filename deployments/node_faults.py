@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import threading
 import time
@@ -100,10 +99,8 @@ def start_cluster(port: int, overrides: dict[str, Any]) -> tuple[Any, dict[str, 
 
     from deployments.local import (
         AUTOSCALE_CONFIG,
-        LOCAL_DRAINING_ENV,
-        SERVE_FAST_PATH_ENV,
-        haproxy_ports_env,
         load_config,
+        set_local_ray_env,
         wait_until_healthy,
     )
 
@@ -114,8 +111,7 @@ def start_cluster(port: int, overrides: dict[str, Any]) -> tuple[Any, dict[str, 
         port=port,
         deployment_options={"EdgePreviewer": fixed, "CloudRefiner": fixed},
     )
-    for name, value in {**SERVE_FAST_PATH_ENV, **LOCAL_DRAINING_ENV, **haproxy_ports_env()}.items():
-        os.environ.setdefault(name, value)  # inherited by every node's raylet and workers
+    set_local_ray_env()  # inherited by every node's raylet and workers
     cluster = Cluster()
     nodes: dict[str, list[Any]] = {"cloud": [], "edge": []}
     try:
@@ -124,7 +120,9 @@ def start_cluster(port: int, overrides: dict[str, Any]) -> tuple[Any, dict[str, 
             nodes["cloud"].append(cluster.add_node(num_cpus=2, resources={"cloud_node": REPLICAS}))
         nodes["edge"].append(cluster.add_node(num_cpus=2, resources={"edge_node": REPLICAS}))
         ray.init(address=cluster.address, namespace=APP, logging_level=logging.WARNING)
-        client = serve_api.serve_start(http_options=config.http_options.model_dump())
+        client = serve_api.serve_start(
+            http_options=config.http_options.model_dump(), proxy_location=config.proxy_location
+        )
         client.deploy_apps(config, _blocking=False)
         url = f"http://127.0.0.1:{port}"
         wait_until_healthy(url, timeout_s=300)

@@ -26,7 +26,13 @@ def test_cloud_replicas_land_on_cloud_nodes_and_edge_replicas_on_edge_nodes():
     from ray.cluster_utils import Cluster
     from ray.serve._private import api as serve_api
 
-    from deployments.local import AUTOSCALE_CONFIG, load_config, stop_local_app, wait_until_healthy
+    from deployments.local import (
+        AUTOSCALE_CONFIG,
+        load_config,
+        set_local_ray_env,
+        stop_local_app,
+        wait_until_healthy,
+    )
 
     two = {"num_replicas": 2, "autoscaling_config": None}  # two per tier, so each could go anywhere
     config = load_config(
@@ -36,6 +42,7 @@ def test_cloud_replicas_land_on_cloud_nodes_and_edge_replicas_on_edge_nodes():
         deployment_options={"EdgePreviewer": two, "CloudRefiner": two},
     )
     stop_local_app()  # one Ray per process: end the shared app (own_ray_cluster tests run last)
+    set_local_ray_env()  # as `diffusionx serve` does: fresh HAProxy ports among them
     cluster = Cluster()
     try:
         # every node has CPUs to spare: only the tier resources keep replicas apart
@@ -43,7 +50,9 @@ def test_cloud_replicas_land_on_cloud_nodes_and_edge_replicas_on_edge_nodes():
         cloud_node = cluster.add_node(num_cpus=2, resources={"cloud_node": 2})
         edge_node = cluster.add_node(num_cpus=2, resources={"edge_node": 2})
         ray.init(address=cluster.address, namespace="diffusionx", logging_level="WARNING")
-        client = serve_api.serve_start(http_options=config.http_options.model_dump())
+        client = serve_api.serve_start(
+            http_options=config.http_options.model_dump(), proxy_location=config.proxy_location
+        )
         client.deploy_apps(config, _blocking=False)
         wait_until_healthy(f"http://127.0.0.1:{PORT}", timeout_s=240)
         cloud = replica_nodes("CloudRefiner")
