@@ -30,10 +30,11 @@ ramp, on Ray's local autoscaling cluster with replicas that keep a GPU's time.
    `autoscale.png`.
 
 Each summary holds the peak offered load, cloud replicas and nodes min/max/end, scale-up and scale-down
-times, replica- and node-seconds, finalize latency, `slo_attainment` (finalizes that ended 200 within the
-SLO, of all finalizes sent) and `time_to_capacity_s` (from the start of the load's rise to the first
-sample with the replicas the peak needs running). `offered_rps` is the rate of requests sent (all kinds)
-and the p95 is over finalizes that ended, both in the `--window-s` before each sample. `DIR` defaults to
+times, replica- and node-seconds (over one span for every policy, `measured_span_s`), finalize latency,
+`slo_attainment` (finalizes that ended 200 within the SLO, of all finalizes sent) and `time_to_capacity_s`
+(from the start of the load's rise to the first sample with the replicas the peak needs running).
+`offered_rps` is the rate of requests sent (all kinds) and the p95 is over finalizes that ended, both in
+the `--window-s` before each sample. `DIR` defaults to
 `bench_results/autoscale/`.
 
 Ray: each policy's cluster is this bench's own (a head on port 6379 and fake nodes); it refuses to start
@@ -94,7 +95,7 @@ class Ramp:
         return up + hold + down
 
 
-QUICK = Ramp(peak_rate=0.0, up_s=30.0, hold_s=30.0, down_s=20.0)  # peak_rate: sized from the capacity
+QUICK = Ramp(peak_rate=0.0, up_s=30.0, hold_s=60.0, down_s=20.0)  # peak_rate: sized from the capacity
 FULL = Ramp(peak_rate=0.0, up_s=120.0, hold_s=120.0, down_s=90.0)
 
 
@@ -132,8 +133,12 @@ def build_timeline(samples: list[dict[str, Any]], rows: list[dict[str, Any]], wi
     return timeline
 
 
-def _integral(times: list[float], values: list[float]) -> float:
-    """Seconds x value, each sample's value held until the next sample."""
+def _integral(times: list[float], values: list[float], until_s: float | None = None) -> float:
+    """Seconds x value, each sample's value held until the next sample; with `until_s`, over [first
+    sample, until_s]: the last value held to it, samples after it left out."""
+    if until_s is not None:
+        kept = [(t, v) for t, v in zip(times, values, strict=True) if t <= until_s]
+        times, values = [t for t, _ in kept] + [until_s], [v for _, v in kept] + [0.0]
     return float(sum(v * (b - a) for a, b, v in zip(times, times[1:], values, strict=False)))
 
 
@@ -157,14 +162,23 @@ def slo_attainment(rows: list[dict[str, Any]], slo_s: float) -> float | None:
 
 
 def back_at_start(samples: list[dict[str, Any]], settle: int = 3) -> bool:
-    """Whether the cloud replicas and the nodes are back where they started for the last `settle` samples
-    (after having left it): the scale-down is over, the cool-down can end before `--cooldown-s`."""
+    """Whether the cloud replicas are back where they started and the nodes at their fewest, for the last
+    `settle` samples (after having left it): the scale-down is over, the cool-down can end before
+    `--cooldown-s`. The nodes' fewest, not their first: an idle node of the start-up (the sizing's
+    restart) may still be leaving when the load begins."""
     if len(samples) <= settle:
         return False
-    first = samples[0]
-    start = (first["replicas"]["cloud"], first["nodes"])
+    start = (samples[0]["replicas"]["cloud"], min(s["nodes"] for s in samples))
     moved = any((s["replicas"]["cloud"], s["nodes"]) != start for s in samples)
     return moved and all((s["replicas"]["cloud"], s["nodes"]) == start for s in samples[-settle:])
+
+
+def measured_span_s(ramp: Ramp, args: argparse.Namespace) -> float:
+    """The span every policy's replica- and node-seconds are counted over, from the load's start: the
+    arrivals, the sessions' drain and the whole cool-down, the longest a run samples. A run that ends
+    sooner (back at its start) is counted at its last sample's replicas to the end of the span, so a
+    policy is never charged for the seconds it took to settle, nor credited for stopping early."""
+    return ramp.duration_s + args.drain_s + args.cooldown_s
 
 
 def time_to_capacity(timeline: list[dict], needed: int) -> float | None:
@@ -178,11 +192,14 @@ def summarize(
     ramp: Ramp,
     slo_s: float | None = None,
     needed_cloud: int | None = None,
+    span_s: float | None = None,
 ) -> dict[str, Any]:
     """The figures of one run: peak offered load, cloud replicas and nodes min -> max -> end, time to
     scale up (load start to the first added cloud replica, and to the peak) and down (load falling to
     back at the minimum), replica- and node-seconds, finalize latency; with the SLO and the replicas the
-    peak needs, SLO attainment and time to capacity."""
+    peak needs, SLO attainment and time to capacity. Replica- and node-seconds are over [0, `span_s`]
+    when given (`measured_span_s`: the same span for every policy, whenever its run stopped sampling),
+    else over the samples."""
     times = [e["t_s"] for e in timeline]
     cloud = [e["replicas"]["cloud"] for e in timeline]
     nodes = [e["nodes"] for e in timeline]
@@ -201,9 +218,9 @@ def summarize(
             "cloud_back_to_min": None if cloud_down is None else round(cloud_down - down_start, 1),
             "nodes_back_to_min": None if nodes_down is None else round(nodes_down - down_start, 1),
         },
-        "cloud_replica_s": round(_integral(times, cloud), 1),
-        "tier_replica_s": round(_integral(times, [sum(e["replicas"].values()) for e in timeline]), 1),
-        "node_s": round(_integral(times, nodes), 1),
+        "cloud_replica_s": round(_integral(times, cloud, span_s), 1),
+        "tier_replica_s": round(_integral(times, [sum(e["replicas"].values()) for e in timeline], span_s), 1),
+        "node_s": round(_integral(times, nodes, span_s), 1),
         "finalize_latency_s": {
             "n": len(finals),
             "p50": round(float(np.median(finals)), 3) if finals else None,
@@ -512,7 +529,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n")[-1],
     )
-    parser.add_argument("--quick", action="store_true", help="short ramp: 30 s up, 30 s hold, 20 s down")
+    parser.add_argument("--quick", action="store_true", help="short ramp: 30 s up, 60 s hold, 20 s down")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT}/)")
     parser.add_argument("--policies", default=",".join(POLICIES), help="cloud policies to run, in order")
     parser.add_argument(
@@ -576,7 +593,9 @@ def main(argv: list[str] | None = None) -> int:
         rows, samples, sizing, ramp = run_policy(policy, args, ramp, sizing, priors)
         priors = priors or session_priors(rows, sizing.finalize_steps)  # the first run's, for `ahead`
         timeline = build_timeline(samples, rows, args.window_s)
-        summary = summarize(timeline, rows, ramp, sizing.slo_s, sizing.needed_cloud_replicas)
+        summary = summarize(
+            timeline, rows, ramp, sizing.slo_s, sizing.needed_cloud_replicas, measured_span_s(ramp, args)
+        )
         results[policy] = {
             "timeline": timeline,
             "summary": summary,
@@ -603,6 +622,7 @@ def main(argv: list[str] | None = None) -> int:
             "sample_s": args.sample_s,
             "window_s": args.window_s,
             "cooldown_s": args.cooldown_s,
+            "replica_s_span_s": measured_span_s(ramp, args),
             "config": "serve_config_autoscale.yaml",
             "wall_s": round(time.monotonic() - began, 1),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),

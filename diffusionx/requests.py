@@ -183,7 +183,10 @@ class PreviewRequest:
 @dataclass
 class Img2ImgRequest:
     """Img2img: noise `image` to `strength`, then denoise toward `prompt` (an edit on the edge tier, a
-    refinement on the cloud tier). Runs `int(num_inference_steps * strength)` UNet steps."""
+    refinement on the cloud tier). Runs `int(num_inference_steps * strength)` UNet steps.
+
+    `owner` (an API key's owner id, "" without keys) and `owner_weight` (that key's weight) say whose
+    work it is: the cloud tier's step batcher shares its slots among owners by weight."""
 
     prompt: str
     image: Image.Image
@@ -191,11 +194,15 @@ class Img2ImgRequest:
     seed: int = 0
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
+    owner: str = ""
+    owner_weight: float = 1.0
 
     def __post_init__(self) -> None:
         check_prompt(self.prompt)
         check_seed(self.seed)
         check_strength(self.strength)
+        if not self.owner_weight > 0:
+            raise InvalidRequestError(f"owner_weight={self.owner_weight} is not allowed: use a weight > 0")
         if not isinstance(self.image, Image.Image):
             raise InvalidRequestError(f"image must be a PIL image, got {type(self.image).__name__}")
         check_side("image width", self.image.width)

@@ -111,6 +111,32 @@ class _Sample:
         return self.ticket.arrival, 0
 
 
+def share_slots(samples: list[_Sample], slots: int) -> list[_Sample]:
+    """Up to `slots` of `samples` (given in priority order), shared among the requests' owners by weight:
+    each slot goes to the owner with the fewest slots per weight so far that still has a sample left
+    (weighted max-min fairness in whole slots; ties to the owner whose next sample comes first), and
+    each owner's samples in priority order. With one owner, or room for all: the first `slots`. Kept
+    in priority order."""
+    if len(samples) <= slots:
+        return samples
+    queues: dict[str, deque[int]] = {}
+    for index, sample in enumerate(samples):
+        queues.setdefault(sample.ticket.request.owner, deque()).append(index)
+    if len(queues) == 1:
+        return samples[:slots]
+    weights = {owner: samples[queue[0]].ticket.request.owner_weight for owner, queue in queues.items()}
+    taken = dict.fromkeys(queues, 0)
+    chosen: list[int] = []
+    while len(chosen) < slots:
+        owner = min(
+            (owner for owner, queue in queues.items() if queue),
+            key=lambda o: ((taken[o] + 1) / weights[o], queues[o][0]),
+        )
+        chosen.append(queues[owner].popleft())
+        taken[owner] += 1
+    return [samples[index] for index in sorted(chosen)]
+
+
 def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000.0, 3)
 
@@ -153,6 +179,12 @@ class StepBatcher:
     alone), which after rounding to 8-bit pixels leaves the images equal in the tests (within 1 level
     asserted). On GPUs (cuBLAS, cuDNN, attention kernels) the same holds, with larger last-bit noise in
     half precision.
+
+    Owners. When a group holds more samples than a batch, its slots are shared among the requests'
+    owners (`Img2ImgRequest.owner`, an API key's owner id) by their weights, each owner's samples taken
+    by the key above (`share_slots`): a key that floods the tier takes its share of every step, not
+    every slot, so another key's refinement starts at the next step instead of behind the flood. With
+    one owner (no API keys) this is the order above.
 
     Background samples (`add(..., background=True)`: speculative refinements nobody waits for yet) take
     only slots foreground samples leave. A step's batch is chosen among foreground samples as above; if
@@ -306,7 +338,7 @@ class StepBatcher:
             room = min(self.max_batch_size, max(1, int(self.background_limit(0))))
             return [sample for sample in background if sample.batch_key == key][:room]
         key = foreground[0].batch_key
-        batch = [sample for sample in foreground if sample.batch_key == key][: self.max_batch_size]
+        batch = share_slots([sample for sample in foreground if sample.batch_key == key], self.max_batch_size)
         if len(batch) < len(foreground):  # some foreground sample waits: every background sample does too
             return batch
         room = min(self.max_batch_size - len(batch), max(0, int(self.background_limit(len(batch)))))

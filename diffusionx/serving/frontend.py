@@ -261,6 +261,8 @@ class Frontend:
                 latency_target_ms=body.latency_target_ms,
                 on_progress=on_progress,
                 preview=preview_digest(png) if body.speculation == "on" else None,
+                owner=owner,
+                owner_weight=self.admission.tenants.weight(owner) if self.admission.tenants else 1.0,
             )
         result, decision = refined.result, refined.decision
         if self.sessions is not None:

@@ -336,11 +336,14 @@ async def refine(
     latency_target_ms: float | None = None,
     on_progress: Progress | None = None,
     preview: str | None = None,
+    owner: str = "",
+    owner_weight: float = 1.0,
 ) -> Refined:
     """DiffusionX's refinement: predict the strength (unless given), route against the cloud load, then
     answer from a speculation of the same refinement or refine. `preview` is the preview's digest (the
     speculation's key needs it; None: no speculation is looked up). `on_progress` hears of each denoising
-    step of a refinement run here (a speculation answers without them)."""
+    step of a refinement run here (a speculation answers without them). `owner` and `owner_weight`: whose
+    request it is (`Img2ImgRequest.owner`)."""
     cloud = tiers.need_cloud(Mode.DIFFUSIONX)
     timings: dict[str, float] = {}
     # 1. strength and cloud load, concurrently; the predictor only when the request gave no strength
@@ -387,6 +390,8 @@ async def refine(
         seed=seed,
         num_inference_steps=None if fallback else decision.num_inference_steps,
         guidance_scale=guidance_scale,
+        owner=owner,
+        owner_weight=owner_weight,
     )
     progress = _progress(on_progress)
     if fallback:

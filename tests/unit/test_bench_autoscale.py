@@ -187,3 +187,20 @@ def test_the_cooldown_ends_once_replicas_and_nodes_are_back_where_they_started()
     down = [*up, sample(6, 1, 5), sample(8, 1, 3), sample(10, 1, 3)]
     assert not back_at_start(down)  # two samples back, three needed
     assert back_at_start([*down, sample(12, 1, 3)])
+
+
+def test_replica_seconds_are_counted_over_the_given_span_whenever_the_run_stopped():
+    clouds = [1, 3, 3, 1]  # samples every 10 s; the run stopped sampling at 30 s
+    samples = [sample(10.0 * i, c, 3) for i, c in enumerate(clouds)]
+    timeline = build_timeline(samples, [], window_s=10.0)
+    assert summarize(timeline, [], RAMP)["cloud_replica_s"] == pytest.approx(70.0)
+    spanned = summarize(timeline, [], RAMP, span_s=50.0)
+    assert spanned["cloud_replica_s"] == pytest.approx(70.0 + 1 * 20.0)  # the last value held to the span
+    assert summarize(timeline, [], RAMP, span_s=15.0)["cloud_replica_s"] == pytest.approx(10.0 + 3 * 5.0)
+
+
+def test_the_cooldown_is_over_once_nodes_are_at_their_fewest_even_if_the_first_sample_had_more():
+    # an idle node of the start-up was still leaving when the load began
+    samples = [sample(0, 1, 4), sample(2, 1, 3), sample(4, 3, 5), sample(6, 1, 3), sample(8, 1, 3)]
+    assert not back_at_start(samples)
+    assert back_at_start([*samples, sample(10, 1, 3)])

@@ -410,3 +410,42 @@ def test_a_cancelled_background_sample_leaves_the_pool(tiny_cloud):
     batcher.step()
     assert batcher.cancel(speculative) and batcher.idle and batcher.background_work() == (0, 0)
     assert speculative.steps_run == 1 and not speculative.done
+
+
+def test_a_flooding_owner_takes_its_share_of_each_step_not_every_slot(tiny_cloud):
+    batcher = StepBatcher(tiny_cloud, max_batch_size=4)
+    image = picture(0)
+
+    def owned(owner: str, seed: int, weight: float = 1.0) -> Img2ImgRequest:
+        return Img2ImgRequest(
+            "a cat", image, 1.0, seed=seed, num_inference_steps=4, owner=owner, owner_weight=weight
+        )
+
+    flood = [batcher.add(owned("a", seed)) for seed in range(8)]  # eight 4-step samples of owner a
+    batcher.step()
+    assert sum(ticket.steps_run for ticket in flood) == 4  # alone, a takes every slot
+    light = batcher.add(owned("b", 100))  # arrives behind a's queue
+    batcher.step()
+    assert light.steps_run == 1  # runs at the next step: its owner's share is half of every step
+    assert sum(ticket.steps_run for ticket in flood) == 7
+    for _ in range(3):
+        batcher.step()
+    assert light.done  # four steps, as if alone, while a's flood waits its turn
+    assert sum(ticket.done for ticket in flood) < 8
+
+
+def test_owner_weights_share_slots_in_proportion():
+    def sample(owner: str, weight: float, arrival: int) -> step_batching._Sample:
+        request = SimpleNamespace(owner=owner, owner_weight=weight)
+        return SimpleNamespace(ticket=SimpleNamespace(request=request, arrival=arrival))  # type: ignore[return-value]
+
+    samples = [sample("a", 3.0, i) for i in range(10)] + [sample("b", 1.0, 10 + i) for i in range(10)]
+    chosen = step_batching.share_slots(samples, 8)
+    assert [s.ticket.request.owner for s in chosen].count("a") == 6  # 3:1 of 8 slots
+    assert [s.ticket.arrival for s in chosen] == [0, 1, 2, 3, 4, 5, 10, 11]  # each owner's first, in order
+    few = samples[:3] + samples[10:12]
+    assert step_batching.share_slots(few, 8) == few  # room for all: all of them
+    one_owner = samples[:10]
+    assert step_batching.share_slots(one_owner, 4) == one_owner[:4]  # no owners to share among
+    with pytest.raises(InvalidRequestError, match="owner_weight"):
+        Img2ImgRequest("a cat", picture(0), 0.5, owner_weight=0.0)
