@@ -38,9 +38,11 @@ import numpy as np
 
 from clients.loadgen import LoadgenConfig, run_loadgen, write_rows
 from clients.workload import poisson_arrivals
+from diffusionx.experiments.outputs import bench_results_dir
 
 DEPLOYMENTS = ("EdgePreviewer", "CloudRefiner", "StrengthPredictor", "DiffusionXIngress", "SharedState")
-DEFAULT_OUT = "soak_results"
+DEFAULT_OUT = bench_results_dir("soak")
+PROGRESS_EVERY_S = 60.0  # a progress line on stderr: a soak runs for many minutes
 
 
 def replica_rss() -> dict[str, float]:
@@ -76,18 +78,33 @@ def sample(url: str, t_s: float) -> dict[str, Any]:
     return row
 
 
-class Sampler(threading.Thread):
-    """Samples every `every_s` seconds from `start` until stopped."""
+def progress_line(row: dict[str, Any], duration_s: float) -> str:
+    """One sample as a progress line: time, queues, preview cache and the replicas' summed RSS."""
+    rss = sum(v for k, v in row.items() if k.startswith("rss_mib:") and v)
+    queues = ", ".join(f"{tier} queued {row.get(f'{tier}_queued')}" for tier in ("edge", "cloud"))
+    return (
+        f"soak {row['t_s'] / 60:.1f}/{duration_s / 60:.0f} min: {queues}, "
+        f"cache {row.get('cache_entries')} previews, replicas' RSS {rss:.0f} MiB"
+    )
 
-    def __init__(self, url: str, every_s: float, start: float) -> None:
+
+class Sampler(threading.Thread):
+    """Samples every `every_s` seconds from `start` until stopped; a progress line every minute."""
+
+    def __init__(self, url: str, every_s: float, start: float, duration_s: float) -> None:
         super().__init__(daemon=True)
-        self.url, self.every_s, self.start_at = url, every_s, start
+        self.url, self.every_s, self.start_at, self.duration_s = url, every_s, start, duration_s
         self.samples: list[dict[str, Any]] = []
         self.stopped = threading.Event()
 
     def run(self) -> None:
+        printed = -PROGRESS_EVERY_S
         while not self.stopped.is_set():
-            self.samples.append(sample(self.url, time.perf_counter() - self.start_at))
+            row = sample(self.url, time.perf_counter() - self.start_at)
+            self.samples.append(row)
+            if row["t_s"] - printed >= PROGRESS_EVERY_S:
+                print(progress_line(row, self.duration_s), file=sys.stderr, flush=True)
+                printed = row["t_s"]
             self.stopped.wait(self.every_s)
 
 
@@ -195,7 +212,7 @@ def soak(url: str, minutes: float, load: float, capacity: float, sample_s: float
     config = LoadgenConfig(url, "sessions", arrivals, duration_s, max_requests=10**7, drain_s=0.0, seed=seed)
     config.progress = False
     start = time.perf_counter()
-    sampler = Sampler(url, sample_s, start)
+    sampler = Sampler(url, sample_s, start, duration_s)
     sampler.start()
     rows, _ = asyncio.run(run_loadgen(config))
     sampler.stopped.set()
@@ -224,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-s", type=float, default=30.0)
     parser.add_argument("--sample-s", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=DEFAULT_OUT)
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT}/)")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON line, last")
     args = parser.parse_args(argv)
     if args.minutes <= 0 or not 0 < args.load <= 2:

@@ -40,3 +40,18 @@ def test_latency_percentiles_per_sample_window():
     add_latencies(samples, rows_ending([(5.0, 1.0), (15.0, 2.0), (16.0, 4.0)]), window_s=10.0)
     assert samples[0]["latency_s_p50"] == 1.0
     assert samples[1]["latency_s_p50"] == 3.0 and samples[1]["latency_s_p95"] == pytest.approx(3.9)
+
+
+def test_a_progress_line_names_the_time_queues_cache_and_memory():
+    from clients.soak_bench import progress_line
+
+    row = {
+        "t_s": 330.0,
+        "edge_queued": 2,
+        "cloud_queued": 5,
+        "cache_entries": 41,
+        "rss_mib:CloudRefiner:1": 600.0,
+        "rss_mib:EdgePreviewer:2": 400.0,
+    }
+    line = progress_line(row, duration_s=1800.0)
+    assert line == "soak 5.5/30 min: edge queued 2, cloud queued 5, cache 41 previews, replicas' RSS 1000 MiB"
