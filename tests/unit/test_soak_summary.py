@@ -33,6 +33,7 @@ def test_summary_compares_the_first_and_last_windows_after_the_warm_up():
     assert summary["errors"] == 1 and summary["requests"] == 41
     assert summary["p95_first_s"] == pytest.approx(1.0 + 0.05 * 2.0, abs=0.01)  # one slow of 20
     assert summary["p95_last_s"] == 2.0
+    assert summary["cache_mib"] == {"after_warm_up": None, "last": None}  # these samples have no cache
 
 
 def test_latency_percentiles_per_sample_window():
