@@ -9,20 +9,16 @@ Signal. The ingress follows sessions (`diffusionx.policy.sessions.SessionTracker
 activity; every cloud replica reports it with its own work through Serve's custom autoscaling metrics
 (`session_stats`, next to `autoscaling_stats`): `N` sessions previewing, the measured share `f` of sessions
 that finalize, the measured mean time `L` from a session's first preview to its finalize, and the measured
-mean cloud steps `s` of a finalize, the rate `r` at which sessions start now (over the tracker's last
-`rate_window_s`), and `d`, the previewing sessions due to finalize within the tracker's `due_horizon_s`
-(at least `L - due_horizon_s` old), per second of that horizon. The replicas report their step time at a
-full batch, `t(B)`.
+mean cloud steps `s` of a finalize, and the rate `r` at which sessions start now (over the tracker's last
+`rate_window_s`). The replicas report their step time at a full batch, `t(B)`.
 
 Decision (`AheadPolicy`, a Serve custom policy like `QueuedStepsPolicy`). The previewing sessions will
 finalize at about `f * N / L` per second on average over the next `L` seconds (Little's law: `N` sessions
 that each take `L` seconds to reach their finalize started at `N / L` per second), and the sessions
 starting now bring `f * r` finalizes per second `L` seconds from now. The forecast plans for the higher,
-`lambda = f * max(N / L, r, d)`: on a rising load the finalize rate that arrives a lead from now (a replica
+`lambda = f * max(N / L, r)`: on a rising load the finalize rate that arrives a lead from now (a replica
 must be up by then: the mean over the lead alone lags by half a lead), on a falling one the sessions still
-previewing, so the forecast decays as they finalize, but not below the finalizes due within the horizon
-(at the tail of a wave the sessions left are the old ones, whose finalizes all come soon: the mean over
-the whole lead would let the tier scale down under them). Each finalize costs `s` steps
+previewing, so the forecast decays as they finalize. Each finalize costs `s` steps
 in batches of `B`, `s * t(B) / B` replica-seconds, so serving them takes
 `forecast = lambda * s * t(B) / B / target_utilization` replicas, where `target_utilization` (< 1) leaves
 room for part-full batches and the latency target. The policy asks for
@@ -52,7 +48,6 @@ FINALIZE_SHARE = "finalize_share"
 PREVIEW_TO_FINALIZE_S = "preview_to_finalize_s"
 FINALIZE_STEPS = "finalize_steps"
 SESSION_STARTS_PER_S = "session_starts_per_s"
-SESSIONS_DUE_PER_S = "sessions_due_per_s"
 
 
 def session_stats(activity: SessionActivity) -> dict[str, float]:
@@ -63,7 +58,6 @@ def session_stats(activity: SessionActivity) -> dict[str, float]:
         PREVIEW_TO_FINALIZE_S: float(activity.preview_to_finalize_s),
         FINALIZE_STEPS: float(activity.finalize_steps),
         SESSION_STARTS_PER_S: float(activity.starts_per_s),
-        SESSIONS_DUE_PER_S: float(activity.due_per_s),
     }
 
 
@@ -107,10 +101,9 @@ class AheadPolicy:
         lead_s = _latest(metrics, PREVIEW_TO_FINALIZE_S) or self.prior_preview_to_finalize_s
         steps = _latest(metrics, FINALIZE_STEPS) or self.prior_finalize_steps
         starts = _latest(metrics, SESSION_STARTS_PER_S)
-        due = _latest(metrics, SESSIONS_DUE_PER_S)
         if min(share, lead_s, steps) <= 0 or max(sessions, starts) <= 0:
             return 0.0, 0.0
-        rate = share * max(sessions / lead_s, starts, due)
+        rate = share * max(sessions / lead_s, starts)
         full = [s for s in metrics.get(FULL_BATCH_STEP_S, {}).values() if s > 0]
         full_batch_s = sum(full) / len(full) if full else step_s
         batch = max(1.0, _latest(metrics, MAX_BATCH_SIZE))

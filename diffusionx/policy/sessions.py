@@ -9,11 +9,7 @@ their preview ids (each new preview id joins its parent's session) and measures,
 - `finalize_share`: of the sessions that ended (finalized, or idle for `idle_s`), the share that finalized;
 - `preview_to_finalize_s`: mean time from a session's first preview to its finalize;
 - `finalize_steps`: mean denoising steps a finalize ran on the cloud tier;
-- `starts_per_s`: sessions started per second over the last `rate_window_s` (they finalize a lead later);
-- `due_per_s`: previewing sessions at least `preview_to_finalize_s - due_horizon_s` old (due to finalize
-  within the next `due_horizon_s`, or overdue), per second of that horizon. On a steady load it equals the
-  mean rate `previewing / preview_to_finalize_s`; once arrivals fall, the sessions left are the old ones,
-  whose finalizes all come within the horizon, and the mean over the whole lead would understate them.
+- `starts_per_s`: sessions started per second over the last `rate_window_s` (they finalize a lead later).
 
 Until a figure is measured it is reported as 0 (the policy then forecasts nothing). The tracker holds at
 most `max_sessions` sessions and `history` ended ones (oldest dropped first), so its memory is bounded.
@@ -37,7 +33,6 @@ class SessionActivity:
     preview_to_finalize_s: float = 0.0
     finalize_steps: float = 0.0
     starts_per_s: float = 0.0
-    due_per_s: float = 0.0
     taken_at: float = 0.0  # wall clock (time.time), to age out a silent source
 
     def to_dict(self) -> dict[str, float]:
@@ -60,7 +55,6 @@ def merge_activity(activities: Iterable[SessionActivity]) -> SessionActivity:
         preview_to_finalize_s=mean("preview_to_finalize_s"),
         finalize_steps=mean("finalize_steps"),
         starts_per_s=sum(a.starts_per_s for a in items),
-        due_per_s=sum(a.due_per_s for a in items),
         taken_at=max((a.taken_at for a in items), default=0.0),
     )
 
@@ -78,16 +72,12 @@ class SessionTracker:
         history: int = 200,
         max_sessions: int = 100_000,
         rate_window_s: float = 10.0,  # short enough to follow a ramp, long enough for tens of starts
-        due_horizon_s: float = 30.0,  # about a replica's start: finalizes due sooner need one running now
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        if idle_s <= 0 or history < 1 or max_sessions < 1 or rate_window_s <= 0 or due_horizon_s <= 0:
-            raise ValueError(
-                "idle_s, rate_window_s and due_horizon_s must be > 0, history and max_sessions >= 1"
-            )
+        if idle_s <= 0 or history < 1 or max_sessions < 1 or rate_window_s <= 0:
+            raise ValueError("idle_s and rate_window_s must be > 0, history and max_sessions >= 1")
         self.rate_window_s = rate_window_s
-        self.due_horizon_s = due_horizon_s
         self._starts: deque[float] = deque()  # start times of the sessions of the last rate_window_s
         self.idle_s = idle_s
         self.max_sessions = max_sessions
@@ -136,18 +126,11 @@ class SessionTracker:
         while self._starts and now - self._starts[0] > self.rate_window_s:
             self._starts.popleft()
         ended = list(self._ended)
-        lead_s = sum(self._lead_s) / len(self._lead_s) if self._lead_s else 0.0
-        due = (
-            sum(1 for s in self._sessions.values() if now - s.started >= lead_s - self.due_horizon_s)
-            if lead_s > 0
-            else 0
-        )
         return SessionActivity(
             previewing=len(self._sessions),
             finalize_share=sum(ended) / len(ended) if ended else 0.0,
-            preview_to_finalize_s=lead_s,
+            preview_to_finalize_s=sum(self._lead_s) / len(self._lead_s) if self._lead_s else 0.0,
             finalize_steps=sum(self._steps) / len(self._steps) if self._steps else 0.0,
             starts_per_s=len(self._starts) / self.rate_window_s,
-            due_per_s=due / self.due_horizon_s,
             taken_at=self._wall_clock(),
         )

@@ -7,7 +7,7 @@ from ray.serve import autoscaling_policy as serve_policy
 from ray.serve._private.autoscaling_state import _resolve_policy_callable
 from ray.serve.autoscaling_policy import replica_queue_length_autoscaling_policy
 
-from diffusionx.policy.ahead import SESSION_STARTS_PER_S, SESSIONS_DUE_PER_S, AheadPolicy, session_stats
+from diffusionx.policy.ahead import SESSION_STARTS_PER_S, AheadPolicy, session_stats
 from diffusionx.policy.autoscaling import QueuedStepsPolicy
 from diffusionx.policy.sessions import SessionActivity, SessionTracker, merge_activity
 from tests.unit.test_autoscaling_policy import config, context, replica
@@ -167,30 +167,3 @@ def test_on_a_rising_load_the_forecast_plans_for_the_sessions_starting_now():
     assert state["finalizes_per_s"] == pytest.approx(6.0) and desired == pytest.approx(1.5)
     falling = {**rising, SESSION_STARTS_PER_S: 0.0}
     assert AheadPolicy(target_utilization=0.5)(context({"a": falling}))[1]["finalizes_per_s"] == 2.0
-
-
-def test_tracker_counts_the_sessions_due_within_its_horizon():
-    clock = Clock()
-    tracker = SessionTracker(due_horizon_s=10.0, clock=clock, wall_clock=clock)
-    clock.now = 0.0
-    tracker.preview("done")
-    clock.now = 40.0
-    tracker.finalize("done", 8)  # lead 40 s measured
-    for i, started in enumerate((5.0, 25.0, 31.0, 35.0)):
-        clock.now = started
-        tracker.preview(f"s{i}")
-    clock.now = 45.0  # ages 40, 20, 14, 10: due within 10 s of a 40 s lead means at least 30 s old
-    assert tracker.activity().due_per_s == pytest.approx(1 / 10.0)  # the 40 s old one, overdue
-    clock.now = 56.0  # ages 51, 31, 25, 21
-    assert tracker.activity().due_per_s == pytest.approx(2 / 10.0)
-    assert SessionTracker(clock=clock, wall_clock=clock).activity().due_per_s == 0.0  # no lead measured yet
-    assert merge_activity([SessionActivity(due_per_s=0.2), SessionActivity(due_per_s=0.3)]).due_per_s == 0.5
-
-
-def test_at_the_tail_of_a_wave_the_forecast_keeps_replicas_for_the_finalizes_due_soon():
-    """20 sessions left over a 60 s lead is 1/3 per second on average, but all of them are due within the
-    horizon (2/s): the policy keeps the replicas those need instead of scaling down under them."""
-    tail = {**replica(0, 0, step_s=0.1, batch=8), **previewing(20, 1.0, 60.0, 10.0), SESSIONS_DUE_PER_S: 2.0}
-    desired, state = AheadPolicy(target_utilization=0.5)(context({"a": tail}))
-    assert state["finalizes_per_s"] == pytest.approx(2.0)
-    assert desired == pytest.approx(2.0 * 10 * 0.1 / 8 / 0.5)
