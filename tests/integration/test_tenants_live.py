@@ -53,6 +53,7 @@ def test_keys_share_the_cloud_tier_by_weight_and_a_key_over_its_rate_gets_429():
     assert first.status_code == 200
     assert second.status_code == 429 and int(second.headers["Retry-After"]) >= 1
     assert "0.2 requests per second" in second.json()["error"]
-    if b["refused"]:  # the target, not met yet: B waits behind A's queued work (one FIFO queue),
-        # so its own work in flight grows with that wait and its bursts pass its half of a small bound
+    if b["refused"]:  # the target; `diffusionx bench tenants` on the embedded app meets it (B 0 of
+        # 198 refused, docs/results.md), but this short run on the small test tier (batch 4, 8 requests per
+        # replica, 40-step refinements) still sees B's bursts pass its share of the bound at times
         pytest.xfail(f"B refused {b['refused']} of {b['requests']}: {b['refusal_examples'][:1]}")
