@@ -174,7 +174,7 @@ def set_local_ray_env() -> None:
     for name, value in {**SERVE_FAST_PATH_ENV, **LOCAL_DRAINING_ENV}.items():
         os.environ.setdefault(name, value)
     for name, value in haproxy_ports_env().items():
-        if os.environ.get(name, _chosen_haproxy_ports.get(name)) == _chosen_haproxy_ports.get(name):
+        if name not in os.environ or os.environ[name] == _chosen_haproxy_ports.get(name):
             os.environ[name] = _chosen_haproxy_ports[name] = value
 
 
