@@ -196,3 +196,18 @@ def test_an_edge_fallback_refines_on_the_edges_own_schedule(tiny_cloud, tiny_edg
     assert final.decision.route == "edge-fallback" and edge_steps != 12
     assert final.decision.num_inference_steps == edge_steps
     assert final.result.unet_calls.edge == edge_steps and final.result.unet_calls.cloud == 0
+
+
+def test_a_refinement_carries_its_owner_and_weight_to_the_cloud_tier():
+    """The step batcher shares slots by owner: the request it gets must name whose it is."""
+
+    class RecordingCloud(FakeTiers):
+        async def refine(self, request, on_progress=None):
+            self.calls.append(f"refine({request.owner},{request.owner_weight})")
+            return GenerationResult(request.image, request.seed, UnetCalls(cloud=4), 8)
+
+    cloud = RecordingCloud()
+    tiers = Tiers(cloud=cloud)
+    image = Image.new("RGB", (8, 8))
+    asyncio.run(modes.refine(tiers, "a cat", image, strength=0.5, owner="key-a", owner_weight=2.0))
+    assert "refine(key-a,2.0)" in cloud.calls
