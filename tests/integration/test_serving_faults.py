@@ -4,6 +4,8 @@ suite on the session's application; the issue's full load (48 sessions from 16 t
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from deployments.faults import DEPLOYMENTS, sessions_under_kill, wait_until_serving
@@ -17,7 +19,7 @@ def test_killing_every_replica_of_a_deployment_loses_no_session(serve_url, deplo
     row = sessions_under_kill(serve_url, deployment, sessions=12, threads=6, kill_after_s=0.8)
     assert row["replicas_killed"] >= 1, row
     assert row["in_flight_at_kill"] > 0, row  # the kill hit sessions in flight
-    assert row["failed"] == 0, row
+    assert row["failed"] == 0, json.dumps(row)  # a string: pytest shows it whole, errors included
     wait_until_serving(serve_url, deployment)
 
 
