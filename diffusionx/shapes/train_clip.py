@@ -301,16 +301,16 @@ def _pooled(output: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def attribute_accuracy(
+def caption_margins(
     model: Any, tokenizer: Any, pixel_values: torch.Tensor, captions: Sequence[str]
-) -> dict[str, float]:
-    """Per attribute: the share of images whose caption scores above every one-attribute perturbation of
-    that attribute (images whose caption has none are not counted); "all": above every perturbation."""
+) -> list[dict[str, float]]:
+    """Per image: for each attribute, its caption's score minus the best score among that attribute's
+    one-attribute perturbations (attributes whose caption has none are left out)."""
     model.eval()
     image = torch.nn.functional.normalize(
         _pooled(model.get_image_features(pixel_values=pixel_values)), dim=-1
     )
-    wins: dict[str, list[float]] = {a: [] for a in (*ATTRIBUTES, "all")}
+    margins: list[dict[str, float]] = []
     for i, text in enumerate(captions):
         options = perturbations(text)
         texts = [text] + [t for a in ATTRIBUTES for t in options[a]]
@@ -318,18 +318,41 @@ def attribute_accuracy(
         scores = (
             torch.nn.functional.normalize(_pooled(model.get_text_features(**tokens)), dim=-1) @ image[i]
         ).tolist()
+        row: dict[str, float] = {}
         start = 1
-        every = True
         for attribute in ATTRIBUTES:
             part = scores[start : start + len(options[attribute])]
             start += len(options[attribute])
             if part:
-                won = scores[0] > max(part)
-                wins[attribute].append(float(won))
-                every &= won
-        wins["all"].append(float(every))
+                row[attribute] = scores[0] - max(part)
+        margins.append(row)
     model.train()
+    return margins
+
+
+def attribute_accuracy(
+    model: Any, tokenizer: Any, pixel_values: torch.Tensor, captions: Sequence[str]
+) -> dict[str, float]:
+    """Per attribute: the share of images whose caption scores above every one-attribute perturbation of
+    that attribute (images whose caption has none are not counted); "all": above every perturbation."""
+    wins: dict[str, list[float]] = {a: [] for a in (*ATTRIBUTES, "all")}
+    for row in caption_margins(model, tokenizer, pixel_values, captions):
+        for attribute, margin in row.items():
+            wins[attribute].append(float(margin > 0))
+        wins["all"].append(float(all(m > 0 for m in row.values())))
     return {a: round(float(np.mean(v)), 4) if v else float("nan") for a, v in wins.items()}
+
+
+def wrong_auc(
+    model: Any, tokenizer: Any, pixel_values: torch.Tensor, prompts: Sequence[str], wrong: Sequence[bool]
+) -> float:
+    """ROC AUC of the negated smallest margin (prompt against every one-attribute perturbation) as a score
+    for "the judge finds the image wrong for its prompt": how well the alignment model alone tells a wrong
+    preview from a right one, which is what the strength predictors read from it."""
+    from diffusionx.experiments.predictor.evaluate import roc_auc
+
+    margins = caption_margins(model, tokenizer, pixel_values, prompts)
+    return round(roc_auc([-min(m.values(), default=0.0) for m in margins], list(wrong)), 4)
 
 
 def learning_rate(base: float, step: int, progress: float, warmup_steps: int = 100) -> float:
@@ -390,7 +413,7 @@ one-attribute perturbation of the prompt.
 
 Trained with
 
-    {command}
+{commands}
 
 on clean renders of procedural training scenes and on what the embedded models produce (edge previews,
 edge edits, cloud refinements of {sessions} sessions of session seed {session_seed}), each captioned by
@@ -404,6 +427,9 @@ Attribute accuracy (for each held-out image, its caption scores above every pert
 |---|{rule}|
 | clean held-out renders ({n_clean}) | {clean} |
 | held-out edge previews the judge finds right ({n_previews}) | {previews} |
+
+Wrong-preview AUC: over all {n_all_previews} held-out edge previews, the negated smallest margin of the
+prompt against its perturbations, as a score for "the judge finds the preview wrong": {wrong_auc:.3f}.
 """
 
 
@@ -414,7 +440,9 @@ def write_card(directory: Path, row: dict[str, Any], settings: dict[str, Any], m
             vision_layers=model.config.vision_config.num_hidden_layers,
             width=model.config.vision_config.hidden_size,
             parameters=sum(p.numel() for p in model.parameters()),
-            command=settings["command"],
+            commands="\n".join(
+                f"    {c}" + (f"  # resumed at step {s}" if s else "") for s, c in settings["commands"]
+            ),
             sessions=settings["sessions"],
             session_seed=CLIP_SESSION_SEED,
             step=row["step"],
@@ -425,6 +453,8 @@ def write_card(directory: Path, row: dict[str, Any], settings: dict[str, Any], m
             n_previews=row["n_previews"],
             clean=" | ".join(f"{row['clean'][c]:.3f}" for c in columns),
             previews=" | ".join(f"{row['previews'][c]:.3f}" for c in columns),
+            n_all_previews=row["n_all_previews"],
+            wrong_auc=row["previews_wrong_auc"],
         )
     )
 
@@ -473,11 +503,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
-    settings = {
-        "command": "diffusionx train-clip " + " ".join(argv if argv is not None else sys.argv[2:]),
-        "sessions": args.sessions,
-        "seed": args.seed,
-    }
+    command = "diffusionx train-clip " + " ".join(argv if argv is not None else sys.argv[2:])
+    settings = {"commands": [(0, command)], "sessions": args.sessions, "seed": args.seed}
 
     # 1. model outputs and held-out previews (cached)
     from diffusionx.experiments.evaluation import load_pair
@@ -500,7 +527,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         judge.score(Image.fromarray(p), t)["exact"] == 1.0
         for p, t in zip(heldout_previews.pixels, heldout_previews.prompts, strict=True)
     ]
-    preview_pixels = to_pixel_values(heldout_previews.pixels[np.array(right, bool)])
+    all_preview_pixels = to_pixel_values(heldout_previews.pixels)
+    preview_pixels = all_preview_pixels[torch.from_numpy(np.array(right, bool))]
     preview_captions = [t for t, ok in zip(heldout_previews.prompts, right, strict=True) if ok]
     clean_scenes = data.heldout_scenes(args.heldout, seed=0)
     clean_pixels = to_pixel_values(np.stack([_array(data.render(s)) for s in clean_scenes]))
@@ -525,6 +553,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed = state["step"], state["elapsed"]
         rng.setstate(state["rng"])
+        # a resumed run may change its budget or data; the card lists every command from its first step
+        history = [tuple(c) for c in state.get("commands", [(0, "(not recorded)")])]
+        settings["commands"] = history if history[-1][1] == command else [*history, (step, command)]
         print(f"resumed at step {step} ({elapsed / 60:.1f} min)", file=sys.stderr)
     scene_rng = data.scene_rng(args.seed * 1_000_003 + step, data.TRAIN_STREAM)
     model.train()
@@ -580,6 +611,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "n_previews": len(preview_captions),
                 "clean": attribute_accuracy(model, tokenizer, clean_pixels, clean_captions),
                 "previews": attribute_accuracy(model, tokenizer, preview_pixels, preview_captions),
+                "n_all_previews": len(right),
+                "previews_wrong_auc": wrong_auc(
+                    model, tokenizer, all_preview_pixels, heldout_previews.prompts, [not r for r in right]
+                ),
             }
             with metrics_path.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
@@ -591,6 +626,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "step": step,
                     "elapsed": elapsed,
                     "rng": rng.getstate(),
+                    "commands": settings["commands"],
                 },
                 checkpoint_path,
             )
