@@ -55,6 +55,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         # is still there when its claim arrives
         speculation_ttl_s=config.speculation_ttl_s + SPECULATION_TTL_GRACE_S,
         background_max_slowdown=config.speculation_max_slowdown,
+        idle_host=config.speculation_idle_host,
     )
     predictor = deployment(StrengthPredictor).bind(
         state,

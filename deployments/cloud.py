@@ -15,12 +15,13 @@ from ray import serve
 
 from deployments.metrics import speculation_metrics
 from deployments.tier import ServedTier, lower_cpu_priority, set_torch_threads
+from diffusionx.engine.host_share import HostIdle
 from diffusionx.engine.speculation import Claimed
 from diffusionx.engine.tiers import CloudModel
 from diffusionx.models.loading import load_model
 from diffusionx.policy.ahead import session_stats
 from diffusionx.policy.sessions import SessionActivity
-from diffusionx.policy.speculation import DEFAULT_MAX_SLOWDOWN, Pinned
+from diffusionx.policy.speculation import DEFAULT_MAX_SLOWDOWN, IfRunning, Pinned
 from diffusionx.requests import GenerationResult, Img2ImgRequest, PreviewRequest
 from diffusionx.sampling.collaborative import CollaborativeRequest, PlanState
 
@@ -45,16 +46,19 @@ class CloudRefiner(ServedTier):
         nice: int = 0,
         speculation_ttl_s: float = 120.0,
         background_max_slowdown: float = DEFAULT_MAX_SLOWDOWN,
+        idle_host: bool = True,
     ) -> None:
         set_torch_threads(torch_threads)
         lower_cpu_priority(nice)
+        loaded = load_model(model, device=device)
         engine = CloudModel(
-            load_model(model, device=device),
+            loaded,
             max_batch_size,
             step_batching,
             step_order=step_order,
             speculation_ttl_s=speculation_ttl_s,
             background_max_slowdown=background_max_slowdown,
+            background_gate=HostIdle() if idle_host and loaded.device.type == "cpu" else None,
         )
         self._serve(engine, state, max_batch_size, batch_wait_timeout_s)
         if engine.speculations is not None:
@@ -92,9 +96,9 @@ class CloudRefiner(ServedTier):
         self._on_change()
         return self._replica_id if self.engine.speculations is not None else None
 
-    async def claim_speculation(self, pinned: Pinned, promote: bool) -> Claimed:
+    async def claim_speculation(self, pinned: Pinned, if_running: IfRunning) -> Claimed:
         """A finalize's claim: hit (the result), promoted (awaited as foreground work) or miss."""
-        return await self.engine.claim_speculation(pinned.key, promote)
+        return await self.engine.claim_speculation(pinned.key, if_running)
 
     async def drop_speculation(self, pinned: Pinned) -> int:
         """Drops a superseded or expired speculation; the UNet calls it wasted."""

@@ -47,19 +47,28 @@ class SharedState:
         speculation_metrics().counted(before, self._speculations.counts)
         return outcome
 
-    async def register_speculation(self, key: str, replica_id: str, session: str) -> list[Pinned]:
-        """Records where a speculation runs; returns those it supersedes or that expired, for the caller
-        to drop on their replicas."""
-        gone = self._counting(lambda: self._speculations.register(key, replica_id, session, time.time()))
-        return [Pinned(entry.key, entry.replica_id) for entry in gone]
+    async def register_speculation(
+        self, key: str, replica_id: str, session: str, strength: float
+    ) -> list[Pinned]:
+        """Records where a speculation runs and at which strength; returns those it supersedes or that
+        expired, for the caller to drop on their replicas."""
+        gone = self._counting(
+            lambda: self._speculations.register(key, replica_id, session, time.time(), strength)
+        )
+        return [Pinned(entry.key, entry.replica_id, entry.strength) for entry in gone]
 
-    async def claim_speculation(self, key: str) -> Pinned | None:
-        """Where the speculation of `key` runs (it leaves the registry); None: none (a miss)."""
-        entry = self._counting(lambda: self._speculations.claim(key, time.time()))
-        return None if entry is None else Pinned(entry.key, entry.replica_id)
+    async def locate_speculation(self, key: str) -> Pinned | None:
+        """Where the speculation of `key` runs, and its strength; None: none (a miss, counted)."""
+        entry = self._counting(lambda: self._speculations.locate(key, time.time()))
+        return None if entry is None else Pinned(entry.key, entry.replica_id, entry.strength)
+
+    async def settle_speculation(self, key: str, result: str) -> None:
+        """How a claim of `key` ended (hit, promoted, or miss: dropped, another strength, or lost): it
+        leaves the registry, and the result is counted."""
+        self._counting(lambda: self._speculations.settle(key, result))
 
     async def count_speculation(self, result: str) -> None:
-        """What the replica said of a claimed speculation (hit, promoted, or miss when it was lost)."""
+        """A result of a speculation that stays registered (a finalize at another strength: a miss)."""
         self._counting(lambda: self._speculations.count(result))
 
     def _speculation_stats(self) -> dict:

@@ -149,7 +149,10 @@ class RefineResponse(BaseModel):
     num_inference_steps: int
     route: Route
     reason: str
-    load: dict[str, float]
+    load: dict[str, float] = Field(
+        description="The cloud load the router read (empty when a finished speculation answered: nothing "
+        "was routed)."
+    )
     expected_latency_ms: float | None = Field(
         None, description="The router's predicted latency of this refinement (None: not measured yet)."
     )

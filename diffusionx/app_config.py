@@ -147,6 +147,12 @@ class AppArgs(BaseModel):
         "samples, by the cloud replica's fitted step time t(b): flat on a GPU below its batch capacity "
         "(they share), steep on a CPU (speculation runs only on an otherwise idle step).",
     )
+    speculation_idle_host: bool = Field(
+        True,
+        description="CPU cloud replicas: a speculative step runs only while the host has a core that no "
+        "other process is using (tiers that share a machine are not slowed by speculation). No effect on "
+        "GPU replicas.",
+    )
     max_body_bytes: int = Field(
         12 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024, description="Largest request body; larger: 413."
     )

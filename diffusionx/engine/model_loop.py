@@ -42,6 +42,7 @@ injected, so tests drive the loop with fake models and a fake clock. Not thread-
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -154,6 +155,8 @@ class ModelLoop:
         run_blocking: RunBlocking = _in_thread,
         on_change: Callable[[], None] | None = None,
         observer: LoopObserver | None = None,
+        background_gate: Callable[[], bool] | None = None,
+        background_poll_s: float = 0.01,
     ) -> None:
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size!r} is not allowed: use an integer >= 1")
@@ -165,6 +168,11 @@ class ModelLoop:
         self._run_blocking = run_blocking
         self.on_change: Callable[[], None] = on_change or (lambda: None)  # e.g. report the new load
         self.observer = observer or LoopObserver()
+        # whether a step of background work alone may run now (e.g. `engine.host_share.HostIdle` on a CPU
+        # replica); while it says no, the loop looks again every `background_poll_s`
+        self.background_gate: Callable[[], bool] = background_gate or (lambda: True)
+        self.background_poll_s = background_poll_s
+        self._arrived = asyncio.Event()
         self._running: list[Job] = []  # the whole batch in the model right now
         self._functions: dict[str, BatchFunction] = {}
         self._step_kind: str | None = None
@@ -234,6 +242,7 @@ class ModelLoop:
             if job.state == SUBMITTED:
                 job.state = WAITING
                 self._waiting.append(job)
+        self._arrived.set()  # a loop waiting on the background gate looks at once
         if self._waiting and (self._task is None or self._task.done()):
             self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -313,9 +322,13 @@ class ModelLoop:
                 if self._stepper is not None:
                     await self._admit_stepped()
                     others_wait = any(job.kind != self._step_kind for job in self._waiting)
-                    # a step of background work alone never holds up a waiting whole batch
+                    # a step of background work alone never holds up a waiting whole batch, and runs
+                    # only when the gate lets it
                     if self._stepping and (not others_wait or self._stepper.has_foreground):
-                        await self._step_once()
+                        if self._stepper.has_foreground or self.background_gate():
+                            await self._step_once()
+                        elif not others_wait:
+                            await self._wait_for_arrival(self.background_poll_s)
                 if any(job.kind != self._step_kind for job in self._waiting):
                     await self._run_whole_batch()
             except Exception as error:
@@ -324,6 +337,12 @@ class ModelLoop:
                     self._finish(job, error)
                 self._stepping.clear()
                 self._waiting.clear()
+
+    async def _wait_for_arrival(self, timeout_s: float) -> None:
+        """Until a job is released or `timeout_s` passes."""
+        self._arrived.clear()
+        with contextlib.suppress(asyncio.TimeoutError):  # Python 3.10's is not the builtin
+            await asyncio.wait_for(self._arrived.wait(), timeout_s)
 
     def _finish(self, job: Job, outcome: Any) -> None:
         """Ends a running or waiting job with a result or an exception; releases its remaining load."""

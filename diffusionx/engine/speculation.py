@@ -5,9 +5,10 @@ DeploymentHandles and the shared state, `deployments.speculation`).
 A speculation is a background job of the replica's model loop (`ModelLoop.submit(..., background=True)`):
 it runs only on capacity foreground work leaves, and is never load. The store keeps it by key until it is
 claimed by a finalize, dropped (its session's newer preview superseded it) or older than `ttl_s`. A claim
-of a finished one is a `hit` (its result at once); of a running one, when the finalize would run the same
-refinement in the foreground, `promoted` (it becomes foreground work and the claim waits for it);
-otherwise a `miss` (it is dropped). Its UNet calls are counted `used` (run in the background and then
+of a finished one is a `hit` (its result at once). A running one is kept while the finalize has not
+routed yet (`running`: the finalize claims it again once it knows its route), `promoted` when the
+finalize would run the same refinement in the foreground (it becomes foreground work and the claim waits
+for it), otherwise a `miss` (it is dropped). Its UNet calls are counted `used` (run in the background and then
 answered a finalize) or `wasted` (run in the background and dropped).
 """
 
@@ -16,19 +17,21 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from diffusionx.engine.model_loop import Job, ModelLoop
-from diffusionx.policy.speculation import SpeculationPolicy, SpeculationRegistry
+from diffusionx.policy.speculation import IfRunning, SpeculationPolicy, SpeculationRegistry
 
 
 @dataclass
 class Claimed:
-    """What a claim found: `hit` or `promoted` with the refinement's result, or `miss` (result None)."""
+    """What a claim found: `hit` or `promoted` with the refinement's result, `running` (kept, result None)
+    or `miss` (result None). `strength`: what the speculation refines at (None on a miss)."""
 
     outcome: str
     result: Any = None
+    strength: float | None = None
 
 
 @dataclass
@@ -61,20 +64,24 @@ class SpeculationStore:
         self.loop.release([job])
         return True
 
-    async def claim(self, key: str, promote: bool) -> Claimed:
-        """The speculation of `key` for a finalize (module docstring). It leaves the store either way."""
+    async def claim(self, key: str, if_running: IfRunning) -> Claimed:
+        """The speculation of `key` for a finalize (module docstring). It leaves the store unless it is
+        running and `if_running` is "keep"."""
         self.expire()
-        held = self._held.pop(key, None)
+        held = self._held.get(key)
         if held is None:
             return Claimed("miss")
         job = held.job
+        if not job.future.done() and if_running == "keep":
+            return Claimed("running")
+        del self._held[key]
         if job.future.done():
             if job.future.cancelled() or job.future.exception() is not None:
                 self._count("wasted", self._background_steps(job))
                 return Claimed("miss")
             self._count("used", job.steps)
             return Claimed("hit", job.future.result())
-        if not promote:
+        if if_running == "drop":
             self._drop(job)
             return Claimed("miss")
         self._count("used", self._background_steps(job))
@@ -145,12 +152,18 @@ class LocalSpeculation:
 
     async def submit(self, key: str, session: str, request: Any, steps: int) -> None:
         self.store.submit(key, request, steps)
-        for gone in self.registry.register(key, self.replica_id, session, self.clock()):
+        now = self.clock()
+        for gone in self.registry.register(key, self.replica_id, session, now, request.strength):
             self.store.drop(gone.key)
 
-    async def claim(self, key: str, promote: bool) -> Claimed:
-        if self.registry.claim(key, self.clock()) is None:
+    async def claim(self, key: str, strength: float | None, if_running: IfRunning) -> Claimed:
+        entry = self.registry.locate(key, self.clock())
+        if entry is None:
             return Claimed("miss")
-        claimed = await self.store.claim(key, promote)
-        self.registry.count(claimed.outcome)
-        return claimed
+        if strength is not None and strength != entry.strength:
+            self.registry.count("miss")  # another strength: not this refinement (it stays for others)
+            return Claimed("miss")
+        claimed = await self.store.claim(key, if_running)
+        if claimed.outcome != "running":
+            self.registry.settle(key, claimed.outcome)
+        return replace(claimed, strength=entry.strength)

@@ -25,7 +25,7 @@ from diffusionx.policy.cost import StepDefaults, Work, request_cost
 from diffusionx.policy.load import TierSnapshot
 from diffusionx.policy.router import CloudLoad
 from diffusionx.policy.service_model import ReplicaLoad
-from diffusionx.policy.speculation import DEFAULT_MAX_SLOWDOWN, affordable_background
+from diffusionx.policy.speculation import DEFAULT_MAX_SLOWDOWN, IfRunning, affordable_background
 from diffusionx.policy.strength import predict_strength
 from diffusionx.requests import GenerationResult, Img2ImgRequest, PreviewRequest, TierInfo
 from diffusionx.sampling.collaborative import (
@@ -142,10 +142,13 @@ class CloudModel(_Tier):
         step_order: str = "sjf",
         background_max_slowdown: float = DEFAULT_MAX_SLOWDOWN,
         speculation_ttl_s: float = 120.0,
+        background_gate: Callable[[], bool] | None = None,
         **loop,
     ):
         super().__init__(max_batch_size, **loop)
         self.model = model
+        if background_gate is not None:  # e.g. `engine.host_share.HostIdle` on a CPU replica
+            self.loop.background_gate = background_gate
         if step_batching:  # refinements of any strength share UNet batches, joining between steps
             batcher = StepBatcher(model, max_batch_size, "cloud", step_order)
             # speculative (background) samples share a foreground step only as far as the service
@@ -215,11 +218,11 @@ class CloudModel(_Tier):
             return False
         return self.speculations.submit(key, request, steps)
 
-    async def claim_speculation(self, key: str, promote: bool) -> Claimed:
-        """A refine's claim of the speculation of `key`: hit, promoted (awaited) or miss."""
+    async def claim_speculation(self, key: str, if_running: IfRunning) -> Claimed:
+        """A refine's claim of the speculation of `key`: hit, running (kept), promoted (awaited) or miss."""
         if self.speculations is None:
             return Claimed("miss")
-        return await self.speculations.claim(key, promote)
+        return await self.speculations.claim(key, if_running)
 
     def drop_speculation(self, key: str) -> int:
         """Drops a superseded speculation; returns the UNet calls it wasted."""

@@ -3,8 +3,8 @@
 A finalize refines the last preview at the strength the predictor gives it, and the user looks at that
 preview for seconds before asking. So the workflow submits the refinement as soon as the preview is
 answered, as background work (`StepBatcher`'s background class), and a finalize of the same (preview,
-prompt, seed, strength, steps) is answered from it. The decisions here are pure functions and a small
-registry, tested without Ray:
+prompt, seed, steps) at the speculation's strength is answered from it. The decisions here are pure
+functions and a small registry, tested without Ray:
 
 - `affordable_background`: how many background samples a step may add to `f` foreground samples. None
   while foreground samples wait for a slot (the batcher enforces that); otherwise the empty slots whose
@@ -17,11 +17,19 @@ registry, tested without Ray:
   batch slots over all slots now, from the replicas' reported foreground pools and queues, and the share
   of recent time the replicas held no foreground work) is at least `idle_floor` and the
   speculative steps already queued on the tier are within `max_steps`.
-- `speculation_key`: what a finalize must match to use a speculation.
-- `SpeculationRegistry`: key -> the replica it runs on, per session (a newer preview of a session
-  supersedes its older speculation) and with a TTL, and the counts by result. The serving application
-  keeps one in its shared state actor so any ingress replica finds a speculation; the cloud replica that
-  runs it keeps the job (`diffusionx.engine.speculation.SpeculationStore`).
+- `speculation_key`: what a finalize must match to use a speculation. The strength is not part of it: the
+  registry keeps the strength the speculation runs at, so a finalize finds a finished speculation before
+  it predicts anything (the prediction was made when the speculation was submitted, from the same preview
+  and prompt; a finalize that names another strength does not use it).
+- `SpeculationRegistry`: key -> the replica it runs on and its strength, per session (a newer preview of a
+  session supersedes its older speculation) and with a TTL, and the counts by result. The serving
+  application keeps one in its shared state actor so any ingress replica finds a speculation; the cloud
+  replica that runs it keeps the job (`diffusionx.engine.speculation.SpeculationStore`).
+
+A finalize locates its speculation in the registry, then claims it from the replica: a finished one is a
+`hit` at once; a running one is kept while the finalize predicts and routes (`running`), then promoted
+when the route is that same refinement, or dropped (`miss`). The registry forgets a speculation when its
+claim settles (hit, promoted or miss).
 """
 
 from __future__ import annotations
@@ -34,6 +42,9 @@ from typing import Literal
 SpeculationMode = Literal["off", "idle"]
 SPECULATION_MODES: tuple[str, ...] = ("off", "idle")
 RESULTS: tuple[str, ...] = ("hit", "promoted", "miss", "superseded", "expired")
+# what a claim does with a speculation still running: keep it (the finalize has not routed yet), promote it
+# to the foreground and wait for it, or drop it
+IfRunning = Literal["keep", "promote", "drop"]
 DEFAULT_MAX_SLOWDOWN = 0.05  # a foreground step may be this much slower for sharing it with background
 
 
@@ -118,25 +129,25 @@ def speculation_key(
     digest: str,
     prompt: str,
     seed: int,
-    strength: float,
     num_inference_steps: int,
     guidance_scale: float | None,
 ) -> str:
-    """What a finalize must match to use a speculation: same preview, prompt, seed, strength, steps and
-    guidance give the same pixels."""
+    """What a finalize must match to use a speculation: same preview, prompt, seed, steps and guidance, at
+    the strength the registry keeps with it, give the same pixels."""
     guidance = "default" if guidance_scale is None else repr(float(guidance_scale))
-    text = "\x1f".join((digest, prompt, str(seed), repr(float(strength)), str(num_inference_steps), guidance))
+    text = "\x1f".join((digest, prompt, str(seed), str(num_inference_steps), guidance))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 @dataclass
 class Registered:
-    """Where a speculation runs."""
+    """Where a speculation runs, and at which strength."""
 
     key: str
     replica_id: str
     session: str
     created_at: float
+    strength: float
 
 
 @dataclass
@@ -151,7 +162,9 @@ class SpeculationRegistry:
     by_session: dict[str, str] = field(default_factory=dict)  # session -> key
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RESULTS, 0))
 
-    def register(self, key: str, replica_id: str, session: str, now: float) -> list[Registered]:
+    def register(
+        self, key: str, replica_id: str, session: str, now: float, strength: float
+    ) -> list[Registered]:
         """Records a speculation; returns those it supersedes (the session's older one; a re-registered
         key is replaced) and those expired by now: the caller drops them on their replicas."""
         gone = self.expire(now)
@@ -164,22 +177,28 @@ class SpeculationRegistry:
                 continue  # the same speculation again, on the same replica: nothing to drop
             gone.append(entry)
             self.counts["superseded"] += 1
-        self.entries[key] = Registered(key, replica_id, session, now)
+        self.entries[key] = Registered(key, replica_id, session, now, strength)
         self.by_session[session] = key
         return gone
 
-    def claim(self, key: str, now: float) -> Registered | None:
-        """Takes the speculation of `key` out of the registry (one finalize claims it); None and a miss
-        counted when there is none."""
+    def locate(self, key: str, now: float) -> Registered | None:
+        """The speculation of `key` for a finalize to claim; None and a miss counted when there is none.
+        It stays registered until the claim settles (`settle`)."""
         entry = self.entries.get(key)
         if entry is not None and now - entry.created_at > self.ttl_s:
             self.expire(now)
             entry = None
         if entry is None:
             self.counts["miss"] += 1
-            return None
-        self._forget(entry)
         return entry
+
+    def settle(self, key: str, result: str) -> None:
+        """A claim of `key` ended in `result` (hit, promoted, or miss: dropped or lost on its replica): the
+        speculation leaves the registry and the result is counted."""
+        self.count(result)
+        entry = self.entries.get(key)
+        if entry is not None:
+            self._forget(entry)
 
     def expire(self, now: float) -> list[Registered]:
         """Drops speculations older than the TTL, counted as expired; returns them."""
@@ -203,7 +222,9 @@ class SpeculationRegistry:
 @dataclass(frozen=True)
 class Pinned:
     """A call about one speculation, for the replica that runs it: the cloud tier's request router sends
-    it to `replica_id` (any other replica answers that it holds no such speculation)."""
+    it to `replica_id` (any other replica answers that it holds no such speculation). `strength`: what
+    the speculation refines at (a finalize that names another strength does not use it)."""
 
     key: str
     replica_id: str
+    strength: float = 0.0

@@ -284,7 +284,10 @@ class Frontend:
             num_inference_steps=decision.num_inference_steps,
             route=decision.route,
             reason=decision.reason,
-            load={**refined.load.to_dict(decision.cloud_steps), "latency_scale": decision.latency_scale},
+            # a hit reads no load: nothing was routed
+            load={}
+            if refined.speculative == "hit"
+            else {**refined.load.to_dict(decision.cloud_steps), "latency_scale": decision.latency_scale},
             expected_latency_ms=decision.expected_latency_ms,
             unet_calls=result.unet_calls.to_dict(),
             timings_ms={**refined.timings_ms, "server_total": _ms(start)},

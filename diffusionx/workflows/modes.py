@@ -42,7 +42,7 @@ from PIL import Image
 from diffusionx.engine.speculation import Claimed
 from diffusionx.policy.calibration import ArrivalRate, LatencyCalibration
 from diffusionx.policy.router import CloudLoad, RouteDecision, RouterConfig, decide_route
-from diffusionx.policy.speculation import SpeculationPolicy, speculation_key
+from diffusionx.policy.speculation import IfRunning, SpeculationPolicy, speculation_key
 from diffusionx.requests import (
     GenerationResult,
     Img2ImgRequest,
@@ -102,7 +102,7 @@ class SpeculationTier(Protocol):
 
     async def replicas(self) -> list[dict]: ...  # the cloud replicas' load reports (TierMonitor snapshots)
     async def submit(self, key: str, session: str, request: Img2ImgRequest, steps: int) -> None: ...
-    async def claim(self, key: str, promote: bool) -> Claimed: ...
+    async def claim(self, key: str, strength: float | None, if_running: IfRunning) -> Claimed: ...
 
 
 class PredictorTier(Protocol):
@@ -316,7 +316,7 @@ async def speculate(
     cloud_steps = int(steps * strength)
     if cloud_steps == 0 or not speculation.policy.allows(replicas, cloud_steps):
         return None
-    key = speculation_key(preview, prompt, seed, strength, steps, guidance_scale)
+    key = speculation_key(preview, prompt, seed, steps, guidance_scale)
     request = Img2ImgRequest(
         prompt, image, strength, seed=seed, num_inference_steps=steps, guidance_scale=guidance_scale
     )
@@ -339,46 +339,62 @@ async def refine(
     owner: str = "",
     owner_weight: float = 1.0,
 ) -> Refined:
-    """DiffusionX's refinement: predict the strength (unless given), route against the cloud load, then
-    answer from a speculation of the same refinement or refine. `preview` is the preview's digest (the
-    speculation's key needs it; None: no speculation is looked up). `on_progress` hears of each denoising
-    step of a refinement run here (a speculation answers without them). `owner` and `owner_weight`: whose
-    request it is (`Img2ImgRequest.owner`)."""
+    """DiffusionX's refinement: a finished speculation of it answers at once; otherwise predict the strength
+    (unless given), route against the cloud load, then promote a running speculation of the same
+    refinement or refine. `preview` is the preview's digest (the speculation's key needs it; None: no
+    speculation is looked up). `on_progress` hears of each denoising step of a refinement run here (a
+    speculation answers without them). `owner` and `owner_weight`: whose request it is
+    (`Img2ImgRequest.owner`)."""
     cloud = tiers.need_cloud(Mode.DIFFUSIONX)
     timings: dict[str, float] = {}
-    # 1. strength and cloud load, concurrently; the predictor only when the request gave no strength
-    strength_predicted, load = await _strength_and_load(tiers, prompt, image, strength, timings)
-    # 2. route: strength and steps against the load and the latency target
     steps = num_inference_steps or int((await tiers.info("cloud"))["default_steps"])
+    # 1. a speculation of this refinement: a finished one answers before anything is predicted or routed
+    # (its strength was predicted from this preview and prompt when it was submitted); a running one is
+    # kept until the route is known
+    key = None
+    claimed = Claimed("off")
+    if tiers.speculation is not None and preview is not None:
+        key = speculation_key(preview, prompt, seed, steps, guidance_scale)
+        claimed = await tiers.speculation.claim(key, strength, "keep")
+        if claimed.outcome == "hit":
+            assert claimed.strength is not None and claimed.result is not None
+            decision = RouteDecision(
+                route=Route.CLOUD,
+                strength=claimed.strength,
+                num_inference_steps=steps,
+                expected_latency_ms=None,  # nothing left to run: no prediction to make or check
+                reason="answered by a finished speculative refinement of this preview",
+            )
+            timings.update(claimed.result.timings_ms)
+            predicted = claimed.strength if strength is None else None
+            return Refined(claimed.result, predicted, decision, CloudLoad(), timings, "hit")
+    # 2. strength and cloud load, concurrently; the predictor only when the request gave no strength
+    strength_predicted, load = await _strength_and_load(tiers, prompt, image, strength, timings)
+    # 3. route: strength and steps against the load and the latency target
     target = latency_target_ms if latency_target_ms is not None else tiers.default_latency_target_ms
     wanted = strength if strength is not None else strength_predicted
     assert wanted is not None  # one of them is set by _strength_and_load
     decision = _route(tiers, wanted, steps, load, target)
-    # 3. a speculation of this refinement: finished (hit), or running and promoted when the route is that
-    # same full refinement; a hit answers whatever the load, since it costs nothing more
-    speculative = "off"
-    if tiers.speculation is not None and preview is not None:
-        key = speculation_key(preview, prompt, seed, wanted, steps, guidance_scale)
-        same = decision.route is Route.CLOUD and decision.strength == wanted
-        claimed = await tiers.speculation.claim(key, promote=same and decision.num_inference_steps == steps)
+    # 4. a running speculation is promoted when the route is that same full refinement, else dropped
+    speculative = claimed.outcome
+    if claimed.outcome == "running" and tiers.speculation is not None and key is not None:
+        same = (
+            decision.route is Route.CLOUD
+            and decision.strength == claimed.strength
+            and decision.num_inference_steps == steps
+        )
+        if_running: IfRunning = "promote" if same else "drop"
+        claimed = await tiers.speculation.claim(key, claimed.strength, if_running)
         speculative = claimed.outcome
-        if claimed.result is not None:
-            if speculative == "hit":
-                decision = replace(
-                    decision,
-                    route=Route.CLOUD,
-                    strength=wanted,
-                    num_inference_steps=steps,
-                    expected_latency_ms=None,  # nothing left to run: no prediction to make or check
-                    reason="answered by a finished speculative refinement of this preview",
-                )
-            else:
-                decision = replace(decision, reason=f"{decision.reason}; a running speculation promoted")
+        if claimed.result is not None:  # promoted, or finished in the meantime
+            promoted = speculative == "promoted"
+            reason = "a running speculation promoted" if promoted else "a speculation finished"
+            decision = replace(decision, reason=f"{decision.reason}; {reason}")
             timings.update(claimed.result.timings_ms)
             return Refined(claimed.result, strength_predicted, decision, load, timings, speculative)
     if tiers.cloud_arrivals is not None:
         tiers.cloud_arrivals.record(decision.cloud_steps)
-    # 4. refine on the cloud tier, or on the edge tier when the cloud cannot make the target. The edge
+    # 5. refine on the cloud tier, or on the edge tier when the cloud cannot make the target. The edge
     # refines on its own edit schedule (None: the tier's `edit_steps`), not the cloud's: a fallback exists
     # to be fast, and the cloud's longer schedule on the edge would cost it several times its usual work
     # just when many refinements fall back at once.

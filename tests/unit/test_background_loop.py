@@ -207,3 +207,24 @@ def test_a_waiting_whole_batch_is_not_held_up_by_background_steps(tiny_cloud):
         await loop.wait(speculative)
 
     asyncio.run(scenario())
+
+
+def test_background_steps_wait_for_the_gate_and_foreground_does_not(tiny_cloud):
+    async def scenario():
+        loop, _batcher, runner, _clock = make_loop(tiny_cloud)
+        open_gate = False
+        loop.background_gate = lambda: open_gate
+        loop.background_poll_s = 0.001
+        speculative = loop.submit("refine", refinement(1, steps=4), 4, background=True)
+        loop.release([speculative])
+        for _ in range(20):  # the host is busy: the background job is admitted but takes no step
+            await asyncio.sleep(0.002)
+        assert speculative.steps_done == 0 and not speculative.future.done()
+        foreground = await loop.run("refine", refinement(2, steps=3), 3)  # runs at once, gate or not
+        assert foreground is not None and speculative.steps_done == 0
+        open_gate = True  # the host is idle again: the background job runs to its end
+        result = await asyncio.wait_for(loop.wait(speculative), 5.0)
+        assert result is not None and speculative.steps_done == 4
+        assert runner.hold is False
+
+    asyncio.run(scenario())

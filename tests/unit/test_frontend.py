@@ -55,7 +55,7 @@ class Observer:
 def test_a_preview_id_is_answered_from_the_store_before_and_after_its_put_lands():
     async def scenario() -> None:
         cache = SharedCache()
-        store = PreviewStore(cache.put, cache.get)
+        store = PreviewStore(cache.put, cache.get, recent_bytes=0)  # no recent previews kept here
         preview_id = store.store(b"png", "alice")
         assert store.in_flight == 1 and await store.load(preview_id, "alice") == b"png"  # still in flight
         with pytest.raises(PreviewNotFound, match="unknown or has expired"):
@@ -71,6 +71,30 @@ def test_a_preview_id_is_answered_from_the_store_before_and_after_its_put_lands(
         assert store.in_flight == 0  # a failed put leaves the map too (logged)
         with pytest.raises(PreviewNotFound):
             await store.load(lost, "alice")
+
+    asyncio.run(scenario())
+
+
+def test_the_latest_previews_are_answered_without_the_shared_cache_within_a_byte_bound():
+    async def scenario() -> None:
+        cache = SharedCache()
+        cache.landed.set()
+        store = PreviewStore(cache.put, cache.get, recent_bytes=10)
+        first = store.store(b"aaaa", "alice")
+        second = store.store(b"bbbb", "alice")
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        cache.pngs.clear()  # the shared cache evicted them: this ingress still has both
+        assert await store.load(first, "alice") == b"aaaa" and await store.load(second, "alice") == b"bbbb"
+        with pytest.raises(PreviewNotFound):
+            await store.load(first, "bob")  # another key's preview, even here
+        third = store.store(b"cccc", "alice")  # 12 bytes > 10: the least recently used (second) goes
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        cache.pngs.clear()
+        assert await store.load(third, "alice") == b"cccc" and await store.load(first, "alice") == b"aaaa"
+        with pytest.raises(PreviewNotFound):
+            await store.load(second, "alice")
 
     asyncio.run(scenario())
 

@@ -24,14 +24,26 @@ class Clock:
         return self.now
 
 
-def make_tiers(tiny_cloud, tiny_edge, policy: SpeculationPolicy | None = None, clock=None):
+class CountingPredictor:
+    """The refine predictor's strength, counting its calls."""
+
+    def __init__(self, strength: float) -> None:
+        self.strength = strength
+        self.calls = 0
+
+    def __call__(self, prompt, image) -> float:
+        self.calls += 1
+        return self.strength
+
+
+def make_tiers(tiny_cloud, tiny_edge, policy: SpeculationPolicy | None = None, clock=None, predictor=None):
     clock = clock or Clock()
     cloud = CloudModel(tiny_cloud, max_batch_size=2, warm_up=False, speculation_ttl_s=30.0, clock=clock)
     speculation = LocalSpeculation(cloud.speculations, policy or SpeculationPolicy(ttl_s=30.0), clock)
     tiers = Tiers(
         edge=EdgeModel(tiny_edge, 4),
         cloud=cloud,
-        predictor=PredictorModel(lambda prompt, image: 0.6),
+        predictor=PredictorModel(predictor or (lambda prompt, image: 0.6)),
         cloud_load=cloud.load,
         speculation=speculation,
     )
@@ -44,8 +56,8 @@ async def preview_of(tiers: Tiers, prompt: str, seed: int):
     return imaging.decode_png(png), preview_digest(png)
 
 
-async def finalize(tiers: Tiers, prompt: str, image, digest: str | None, seed: int):
-    return await modes.refine(tiers, prompt, image, seed=seed, preview=digest)
+async def finalize(tiers: Tiers, prompt: str, image, digest: str | None, seed: int, strength=None):
+    return await modes.refine(tiers, prompt, image, seed=seed, preview=digest, strength=strength)
 
 
 def pixels(result) -> np.ndarray:
@@ -54,14 +66,18 @@ def pixels(result) -> np.ndarray:
 
 def test_a_finished_speculation_answers_the_finalize_with_the_same_pixels(tiny_cloud, tiny_edge):
     async def scenario():
-        tiers, cloud, speculation, _clock = make_tiers(tiny_cloud, tiny_edge)
+        predictor = CountingPredictor(0.6)
+        tiers, cloud, speculation, _clock = make_tiers(tiny_cloud, tiny_edge, predictor=predictor)
         image, digest = await preview_of(tiers, "a red circle", 3)
         key = await modes.speculate(tiers, "a red circle", image, digest, session="s", seed=3)
         assert key is not None and cloud.loop.background_work()[0] == 1
         assert cloud.loop.work().running_requests == 0 and cloud.loop.monitor.queued_steps == 0  # not load
         while cloud.loop.busy:  # think time: the idle replica runs it
             await asyncio.sleep(0.01)
+        assert predictor.calls == 1  # the speculation's
         hit = await finalize(tiers, "a red circle", image, digest, 3)
+        assert predictor.calls == 1  # a hit answers before anything is predicted
+        assert hit.strength_predicted == 0.6 and hit.decision.expected_latency_ms is None
         off = await finalize(tiers, "a red circle", image, None, 3)
         assert (hit.speculative, off.speculative) == ("hit", "off")
         assert np.array_equal(pixels(hit.result), pixels(off.result))
@@ -79,7 +95,7 @@ def test_a_finished_speculation_answers_the_finalize_with_the_same_pixels(tiny_c
 
 def test_a_running_speculation_is_promoted_and_a_different_request_misses(tiny_cloud, tiny_edge):
     async def scenario():
-        tiers, _cloud, speculation, _clock = make_tiers(tiny_cloud, tiny_edge)
+        tiers, cloud, speculation, _clock = make_tiers(tiny_cloud, tiny_edge)
         image, digest = await preview_of(tiers, "a blue square", 5)
         await modes.speculate(tiers, "a blue square", image, digest, session="s", seed=5)
         promoted = await finalize(tiers, "a blue square", image, digest, 5)  # before it could finish
@@ -90,6 +106,12 @@ def test_a_running_speculation_is_promoted_and_a_different_request_misses(tiny_c
         other_seed = await finalize(tiers, "a blue square", image, digest, 6)
         assert other_seed.speculative == "miss"
         assert speculation.registry.counts["promoted"] == 1
+        # a finalize at another strength is another refinement: it misses, and the speculation stays
+        other_strength = await finalize(tiers, "a blue square", image, digest, 5, strength=0.3)
+        assert other_strength.speculative == "miss" and cloud.speculations.held == 1
+        same = await finalize(tiers, "a blue square", image, digest, 5, strength=0.6)
+        assert same.speculative in ("hit", "promoted")
+        assert np.array_equal(pixels(same.result), pixels(off.result))
 
     asyncio.run(scenario())
 

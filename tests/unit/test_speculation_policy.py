@@ -42,39 +42,39 @@ def test_policy_submits_only_above_the_idle_floor_and_within_the_speculative_bou
         SpeculationPolicy(mode="maybe")  # type: ignore[arg-type]
 
 
-def test_key_changes_with_every_input_that_changes_the_pixels():
+def test_key_changes_with_every_input_that_changes_the_pixels_but_the_strength():
     digest = preview_digest(b"png bytes")
-    base = ("a cat", 1, 0.5, 20, None)
+    base = ("a cat", 1, 20, None)
     key = speculation_key(digest, *base)
     assert key == speculation_key(preview_digest(b"png bytes"), *base)
     others = [
         speculation_key(preview_digest(b"other png"), *base),
-        speculation_key(digest, "a dog", 1, 0.5, 20, None),
-        speculation_key(digest, "a cat", 2, 0.5, 20, None),
-        speculation_key(digest, "a cat", 1, 0.6, 20, None),
-        speculation_key(digest, "a cat", 1, 0.5, 25, None),
-        speculation_key(digest, "a cat", 1, 0.5, 20, 7.5),
+        speculation_key(digest, "a dog", 1, 20, None),
+        speculation_key(digest, "a cat", 2, 20, None),
+        speculation_key(digest, "a cat", 1, 25, None),
+        speculation_key(digest, "a cat", 1, 20, 7.5),
     ]
     assert key not in others and len(set(others)) == len(others)
 
 
 def test_registry_supersedes_per_session_expires_by_ttl_and_counts_results():
     registry = SpeculationRegistry(ttl_s=10.0)
-    assert registry.register("k1", "replica-a", "s1", now=0.0) == []
-    assert registry.register("k2", "replica-b", "s2", now=1.0) == []
+    assert registry.register("k1", "replica-a", "s1", now=0.0, strength=0.3) == []
+    assert registry.register("k2", "replica-b", "s2", now=1.0, strength=0.3) == []
     # a newer preview of session s1 supersedes k1: the caller drops it on replica-a
-    [superseded] = registry.register("k3", "replica-b", "s1", now=2.0)
+    [superseded] = registry.register("k3", "replica-b", "s1", now=2.0, strength=0.5)
     assert (superseded.key, superseded.replica_id) == ("k1", "replica-a")
-    assert registry.claim("k1", now=3.0) is None  # gone: a miss
-    entry = registry.claim("k3", now=3.0)
-    assert entry is not None and entry.replica_id == "replica-b"
-    assert registry.claim("k3", now=3.5) is None  # one finalize claims it
-    registry.count("hit")
+    assert registry.locate("k1", now=3.0) is None  # gone: a miss
+    entry = registry.locate("k3", now=3.0)
+    assert entry is not None and (entry.replica_id, entry.strength) == ("replica-b", 0.5)
+    assert registry.locate("k3", now=3.2) is not None  # still there while its claim is open ("running")
+    registry.settle("k3", "hit")
+    assert registry.locate("k3", now=3.5) is None  # one finalize claims it: settled, gone
     # the same speculation again on the same replica is not a supersession
-    assert registry.register("k4", "replica-a", "s3", now=4.0) == []
-    assert registry.register("k4", "replica-a", "s3", now=4.5) == []
-    expired = registry.register("k5", "replica-a", "s4", now=12.0)  # k2 (t=1) is past its TTL
+    assert registry.register("k4", "replica-a", "s3", now=4.0, strength=0.3) == []
+    assert registry.register("k4", "replica-a", "s3", now=4.5, strength=0.3) == []
+    expired = registry.register("k5", "replica-a", "s4", now=12.0, strength=0.3)  # k2 (t=1) is past its TTL
     assert [e.key for e in expired] == ["k2"]
-    assert registry.claim("k4", now=15.0) is None  # t=4.5 + 10 < 15: expired, and a miss
+    assert registry.locate("k4", now=15.0) is None  # t=4.5 + 10 < 15: expired, and a miss
     assert registry.counts == {"hit": 1, "promoted": 0, "miss": 3, "superseded": 1, "expired": 2}
     assert set(registry.entries) == {"k5"} and registry.by_session == {"s4": "k5"}
