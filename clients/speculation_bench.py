@@ -20,7 +20,9 @@ runs send `"speculation": "off"` on each refine (the server still speculates, no
 Per run: `finalize_latency_s_p50`, `_p95`, `session_latency_s_mean`, `slo_attainment`, `quality`,
 `cloud_unet_calls` (per session: every response's cloud calls, a speculation's answer counted once, plus
 the speculative calls wasted) and `wasted_cloud_unet_calls` (per session, from `/v1/stats`), plus
-`speculative` (finalizes by hit | promoted | miss | off).
+`speculative` (finalizes by hit | promoted | miss | off), and `cloud_replica_s` (live cloud replicas x the
+run's wall time: the application does not autoscale here, so it differs between runs only by how long
+they take to drain).
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -48,6 +52,7 @@ FIELDS = (
     "quality",
     "cloud_unet_calls",
     "wasted_cloud_unet_calls",
+    "cloud_replica_s",
 )
 
 
@@ -73,33 +78,48 @@ def loadgen_config(
     )
 
 
-def _wasted(url: str) -> int:
+def _stats(url: str) -> tuple[int, int]:
+    """(speculative UNet calls wasted so far, live cloud replicas) from `/v1/stats`."""
     stats = httpx.get(f"{url}/v1/stats", timeout=30.0).json()
-    return int(((stats.get("speculation") or {}).get("unet_calls") or {}).get("wasted", 0))
+    wasted = int(((stats.get("speculation") or {}).get("unet_calls") or {}).get("wasted", 0))
+    replicas = int(((stats.get("tiers") or {}).get("cloud") or {}).get("replicas", 0))
+    return wasted, replicas
 
 
-def run_together(url: str, configs: list[LoadgenConfig], quality: bool) -> tuple[list[list[dict]], int]:
-    """Runs the loadgen configs at once; their rows, and the speculative UNet calls wasted meanwhile."""
+@dataclass
+class Together:
+    rows: list[list[dict]]  # per config
+    wasted: int  # speculative UNet calls wasted during the run
+    cloud_replica_s: float  # live cloud replicas x the run's wall time (the compare app does not autoscale)
+
+
+def run_together(url: str, configs: list[LoadgenConfig], quality: bool) -> Together:
+    """Runs the loadgen configs at once: their rows, the speculative UNet calls wasted meanwhile, and the
+    cloud replica-seconds the run held."""
     judge = shapes_judge() if quality else None
-    wasted_before = _wasted(url)
+    wasted_before, replicas = _stats(url)
+    start = time.perf_counter()
 
     async def run() -> list[list[dict]]:
         outcomes = await asyncio.gather(*(run_loadgen(config, judge=judge) for config in configs))
         return [rows for rows, _ in outcomes]
 
     rows = asyncio.run(run())
-    return rows, _wasted(url) - wasted_before
+    seconds = time.perf_counter() - start
+    wasted_after, replicas_after = _stats(url)
+    return Together(rows, wasted_after - wasted_before, round(max(replicas, replicas_after) * seconds, 1))
 
 
 def figures(
     session_rows: list[dict[str, Any]],
     all_rows: list[dict[str, Any]],
-    wasted: int,
+    run: Together,
     target_ms: float | None,
     summarize: Callable[[list[dict[str, Any]], float | None], dict[str, Any]],
 ) -> dict[str, Any]:
     """The run's figures (module docstring): session figures from the sessions' rows, SLO attainment
     over every finalize of the run."""
+    wasted = run.wasted
     sessions = summarize(session_rows, target_ms)
     slo = summarize(all_rows, target_ms)["slo_attainment"]
     count = max(1, sessions["sessions"])
@@ -113,6 +133,7 @@ def figures(
         "quality": sessions["quality"],
         "cloud_unet_calls": None if cloud is None else round(cloud + wasted / count, 4),
         "wasted_cloud_unet_calls": round(wasted / count, 4),
+        "cloud_replica_s": run.cloud_replica_s,
         "speculative": dict(Counter(str(row.get("speculative") or "none") for row in finalizes)),
         "sessions": sessions["sessions"],
         "errors": sessions["errors"],
@@ -131,16 +152,15 @@ def run_speculation(
     `target_ms` is the router experiment's latency target, `capacity_of(url, steps)` the tier's capacity
     in finalizes of `steps` cloud steps per second."""
     runs: dict[str, list[dict[str, Any]]] = {}
-    wasted: dict[str, int] = {}
     urls = {"on": url, "off": url}  # `url` serves the default, `speculation: idle`
     off_extra: dict[str, Any] = {"speculation": "off"}
     if restart is not None:
         off_extra = {}
     # 1. the steps of a session's finalize (predicted strength), unloaded
     gaps = [GAP_S * i for i in range(UNLOADED)]
-    [runs["spec-unloaded"]], _ = run_together(
+    [runs["spec-unloaded"]] = run_together(
         urls["on"], [loadgen_config(urls["on"], "finalize", gaps, settings, speculation="off")], False
-    )
+    ).rows
     ok = [r for r in runs["spec-unloaded"] if str(r["status"]) == "200"]
     if not ok:
         raise RuntimeError(f"no unloaded finalize succeeded: {runs['spec-unloaded'][:1]}")
@@ -177,11 +197,12 @@ def run_speculation(
         here = urls[state]
         extra = {} if state == "on" else off_extra
         # 2. low load: sessions alone
-        [rows], wasted[f"low-{state}"] = run_together(
+        low = run_together(
             here, [loadgen_config(here, "sessions", sessions, settings, **extra)], settings.quality
         )
+        [rows] = low.rows
         runs[f"spec-low-{state}"] = rows
-        summary["low_load"][state] = figures(rows, rows, wasted[f"low-{state}"], target_ms, summarize)
+        summary["low_load"][state] = figures(rows, rows, low, target_ms, summarize)
         # 3. high load: the same sessions with the target, beside finalizes at load_x capacity
         session_config = loadgen_config(
             here, "sessions", sessions, settings, latency_target_ms=target_ms, **extra
@@ -195,20 +216,19 @@ def run_speculation(
             finalize_strength=settings.finalize_strength,
             speculation="off",
         )
-        (session_rows, load_rows), wasted[f"high-{state}"] = run_together(
-            here, [session_config, load_config], settings.quality
-        )
+        high = run_together(here, [session_config, load_config], settings.quality)
+        session_rows, load_rows = high.rows
         runs[f"spec-high-{state}"] = session_rows
         runs[f"spec-high-{state}-load"] = load_rows
         summary["high_load"][state] = figures(
-            session_rows, session_rows + load_rows, wasted[f"high-{state}"], target_ms, summarize
+            session_rows, session_rows + load_rows, high, target_ms, summarize
         )
     # the paper's reference: the same sessions, edge only
-    [rows], _ = run_together(
+    [rows] = run_together(
         urls["off"],
         [loadgen_config(urls["off"], "sessions", sessions, settings, mode="edge")],
         settings.quality,
-    )
+    ).rows
     runs["spec-low-edge"] = rows
     summary["low_load"]["edge_only_session_latency_s_mean"] = summarize(rows, None)["session_latency_s_mean"]
     return summary, runs
