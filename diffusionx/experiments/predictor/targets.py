@@ -25,6 +25,15 @@ EDIT_GRID: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
 FIXED_STRENGTHS: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0)  # the fixed baselines of `predictor eval`
 # a method reaches the refine target when its mean accuracy is within this of the full cloud generation's
 TARGET_MARGIN = 0.01
+# The refine predictor learns the label, but at least this strength for a preview the judge finds wrong.
+# The label alone says how much refinement reaches the cloud's own accuracy on the prompt, and on the label
+# sessions 124 of 196 wrong previews reach it at 0.05-0.1: the cloud's full generation gets the same
+# attribute wrong there, so refining lightly loses nothing against it. But a light refinement keeps the
+# preview wrong for sure, while one at 0.3 (6 of 20 steps) redraws shapes and gives the cloud a chance to
+# get them right; and a predictor that learns the label alone cannot tell a wrong preview from a right one
+# by its strength (the labels themselves rank wrong previews at ROC AUC 0.85). The predictor is served
+# without the judge: it reads the preview through the alignment model (`policy.features`).
+WRONG_PREVIEW_MIN_STRENGTH = 0.3
 
 # the judge attribute a session change touches ("add" brings a shape: its colour must appear)
 CHANGE_ATTRIBUTE: dict[str, str] = {

@@ -2,7 +2,9 @@
 
 Algorithm, for each predictor (`refine`: final preview + final prompt; `edit`: previous image + new prompt
 + previous prompt):
-1. features (`policy.features`) of every labelled example; targets 1[label <= s_k] over the grid;
+1. features (`policy.features`) of every labelled example; targets 1[target <= s_k] over the grid, where
+   the target is the label, and for the refine predictor at least `WRONG_PREVIEW_MIN_STRENGTH` on a
+   preview the judge finds wrong (`targets.py` says why);
 2. split by session: every fifth session is validation, the rest training;
 3. train the MLP of `policy.learned` (full-batch AdamW, binary cross-entropy, seeded), keeping the epoch with
    the lowest validation loss (early stopping);
@@ -33,7 +35,12 @@ import torch
 
 from diffusionx import imaging
 from diffusionx.experiments.predictor.label import DEFAULT_OUT, read_records
-from diffusionx.experiments.predictor.targets import EDIT_GRID, REFINE_GRID, TARGET_MARGIN
+from diffusionx.experiments.predictor.targets import (
+    EDIT_GRID,
+    REFINE_GRID,
+    TARGET_MARGIN,
+    WRONG_PREVIEW_MIN_STRENGTH,
+)
 from diffusionx.policy.features import TextEmbedder, build_features, feature_dim
 from diffusionx.policy.learned import WEIGHTS_DIR, LearnedStrengthPredictor, PredictorConfig, StrengthNet
 
@@ -59,6 +66,9 @@ class Examples:
     quality: np.ndarray  # (E, K) measured quality per grid strength (NaN: not run)
     calls: np.ndarray  # (E, K) UNet calls per grid strength
     reference: np.ndarray  # (E,) refine: the full cloud generation's accuracy; edit: unused (NaN)
+    # (E,) grid index the net learns: the label, or for the refine predictor at least
+    # `WRONG_PREVIEW_MIN_STRENGTH` on a preview the judge finds wrong (targets.py says why)
+    targets: np.ndarray
 
 
 def refine_examples(records: Sequence[dict[str, Any]]) -> Examples:
@@ -70,29 +80,35 @@ def refine_examples(records: Sequence[dict[str, Any]]) -> Examples:
         calls[i] = [int(full_calls * s) for s in REFINE_GRID]
         for trial in row["trials"]:
             quality[i, REFINE_GRID.index(trial["strength"])] = trial["accuracy"]
+    labels = np.array([REFINE_GRID.index(row["label"]) for row in rows])
+    wrong = np.array([row["preview_scores"]["exact"] < 1.0 for row in rows], dtype=bool)
+    floor = REFINE_GRID.index(WRONG_PREVIEW_MIN_STRENGTH)
     return Examples(
         sessions=[r["session"] for r in records],
         prompts=[row["prompt"] for row in rows],
         images=[imaging.decode_png_base64(row["image"]) for row in rows],
         previous_prompts=[None] * len(rows),  # a finalize carries no history
-        labels=np.array([REFINE_GRID.index(row["label"]) for row in rows]),
+        labels=labels,
         quality=quality,
         calls=calls,
         reference=np.array([row["cloud"]["accuracy"] for row in rows]),
+        targets=np.where(wrong, np.maximum(labels, floor), labels),
     )
 
 
 def edit_examples(records: Sequence[dict[str, Any]]) -> Examples:
     rows = [(r["session"], e) for r in records for e in r["edits"]]
+    labels = np.array([EDIT_GRID.index(e["label"]) for _, e in rows])
     return Examples(
         sessions=[session for session, _ in rows],
         prompts=[e["prompt"] for _, e in rows],
         images=[imaging.decode_png_base64(e["image"]) for _, e in rows],
         previous_prompts=[e["previous_prompt"] for _, e in rows],
-        labels=np.array([EDIT_GRID.index(e["label"]) for _, e in rows]),
+        labels=labels,
         quality=np.array([[float(t["ok"]) for t in e["trials"]] for _, e in rows]),
         calls=np.array([[t["edge_calls"] for t in e["trials"]] for _, e in rows], dtype=float),
         reference=np.full(len(rows), np.nan),
+        targets=labels,
     )
 
 
@@ -231,11 +247,11 @@ def train_predictor(
     )
     net, fitted = fit(
         features[~validation],
-        examples.labels[~validation],
+        examples.targets[~validation],
         config,
         epochs,
         seed,
-        validation=(features[validation], examples.labels[validation]),
+        validation=(features[validation], examples.targets[validation]),
     )
     predictor = LearnedStrengthPredictor(config, net, embedder, alignment)
     subset = Examples(
@@ -252,6 +268,7 @@ def train_predictor(
                 examples.quality,
                 examples.calls,
                 examples.reference,
+                examples.targets,
             )
         )
     )
