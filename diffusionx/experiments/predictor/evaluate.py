@@ -104,6 +104,8 @@ async def eval_session(
                 "cloud_unet_calls": result.unet_calls.cloud,
                 "strength": 1.0 if result.strength is None else result.strength,  # text-to-image: 1
                 "preview_wrong": preview_wrong,
+                "preview": image,  # the final preview and its prompt, for the alignment model's own AUC
+                "prompt": prompt,
             }
         )
     return edit_rows, refine_rows
@@ -140,6 +142,21 @@ def wrong_preview_auc(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
         for method, group in by_method.items()
         if method in ("learned", "heuristic")
     }
+
+
+def alignment_margin_auc(alignment: Any, rows: Sequence[dict[str, Any]]) -> float | None:
+    """The ROC AUC of the alignment model's own smallest margin (negated) as a score for "the final preview
+    is wrong", over the same previews as `wrong_preview_auc` (what the refine predictor reads, before it
+    turns it into a strength); None without an alignment model."""
+    if alignment is None:
+        return None
+    from diffusionx.policy.features import alignment_features
+
+    learned = [r for r in rows if r["method"] == "learned"]
+    if not learned:
+        return None
+    margins = alignment_features(alignment, [r["prompt"] for r in learned], [r["preview"] for r in learned])
+    return roc_auc([-float(m) for m in margins[:, -1]], [r["preview_wrong"] for r in learned])
 
 
 def _cold(predictor: Callable[..., float], *args: Any) -> float:
@@ -190,6 +207,7 @@ def evaluate(
     edit_rows, refine_rows = _run_sessions(learned, heuristic, sessions, image_seed, concurrency, progress)
     seconds = time.perf_counter() - start
     aucs = wrong_preview_auc(refine_rows)
+    margin_auc = alignment_margin_auc(getattr(refine_predictor, "alignment", None), refine_rows)
     wrong_previews = int(sum(r["preview_wrong"] for r in refine_rows if r["method"] == "learned"))
     refine_by_method = _means(refine_rows, ("quality", "cloud_unet_calls", "exact_match", "strength"))
     reference = refine_by_method.pop("cloud (full generation)")
@@ -215,6 +233,7 @@ def evaluate(
         "reference": {"method": "cloud (full generation)", **reference},
         "wrong_preview_auc": aucs["learned"],
         "wrong_preview_auc_by_method": aucs,
+        "alignment_margin_auc": margin_auc,
         "wrong_previews": wrong_previews,
         "exact_match": {m: v["exact_match"] for m, v in refine_by_method.items()},
         "mean_strength": {m: v["strength"] for m, v in refine_by_method.items()},
