@@ -69,9 +69,13 @@ class Examples:
     # (E,) grid index the net learns: the label, or for the refine predictor at least
     # `WRONG_PREVIEW_MIN_STRENGTH` on a preview the judge finds wrong (targets.py says why)
     targets: np.ndarray
+    wrong: np.ndarray  # (E,) refine: the judge finds the preview wrong; edit: all False
 
 
-def refine_examples(records: Sequence[dict[str, Any]]) -> Examples:
+def refine_examples(
+    records: Sequence[dict[str, Any]], wrong_min_strength: float = WRONG_PREVIEW_MIN_STRENGTH
+) -> Examples:
+    """`wrong_min_strength`: the least strength the predictor learns for a wrong preview (0: the label)."""
     rows = [r["refine"] for r in records]
     quality = np.full((len(rows), len(REFINE_GRID)), np.nan)
     calls = np.zeros((len(rows), len(REFINE_GRID)))
@@ -82,7 +86,7 @@ def refine_examples(records: Sequence[dict[str, Any]]) -> Examples:
             quality[i, REFINE_GRID.index(trial["strength"])] = trial["accuracy"]
     labels = np.array([REFINE_GRID.index(row["label"]) for row in rows])
     wrong = np.array([row["preview_scores"]["exact"] < 1.0 for row in rows], dtype=bool)
-    floor = REFINE_GRID.index(WRONG_PREVIEW_MIN_STRENGTH)
+    floor = int(np.searchsorted(REFINE_GRID, wrong_min_strength - 1e-9)) if wrong_min_strength > 0 else 0
     return Examples(
         sessions=[r["session"] for r in records],
         prompts=[row["prompt"] for row in rows],
@@ -93,6 +97,7 @@ def refine_examples(records: Sequence[dict[str, Any]]) -> Examples:
         calls=calls,
         reference=np.array([row["cloud"]["accuracy"] for row in rows]),
         targets=np.where(wrong, np.maximum(labels, floor), labels),
+        wrong=wrong,
     )
 
 
@@ -109,6 +114,7 @@ def edit_examples(records: Sequence[dict[str, Any]]) -> Examples:
         calls=np.array([[t["edge_calls"] for t in e["trials"]] for _, e in rows], dtype=float),
         reference=np.full(len(rows), np.nan),
         targets=labels,
+        wrong=np.zeros(len(rows), dtype=bool),
     )
 
 
@@ -210,7 +216,14 @@ def choose_threshold(
     threshold, quality, calls = (
         min(meeting, key=lambda c: (c[2], -c[1])) if meeting else max(candidates, key=lambda c: c[1])
     )
+    extra: dict[str, float] = {}
+    if kind == "refine" and examples.wrong.any() and not examples.wrong.all():
+        from diffusionx.experiments.predictor.evaluate import roc_auc
+
+        chosen = predictor.choose(probs, threshold)
+        extra["wrong_preview_auc"] = round(roc_auc(chosen, examples.wrong.tolist()), 4)
     return threshold, {
+        **extra,
         "target": target,
         "slack": slack,
         "quality": quality,
@@ -269,6 +282,7 @@ def train_predictor(
                 examples.calls,
                 examples.reference,
                 examples.targets,
+                examples.wrong,
             )
         )
     )
@@ -299,6 +313,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0, help="torch seed of the initial weights")
     parser.add_argument(
+        "--hidden", type=int, default=8, help="hidden units of each predictor's MLP (default 8)"
+    )
+    parser.add_argument(
+        "--wrong-preview-min-strength",
+        type=float,
+        default=WRONG_PREVIEW_MIN_STRENGTH,
+        help="the least refine strength learnt for a preview the judge finds wrong (0: the label alone; "
+        f"default {WRONG_PREVIEW_MIN_STRENGTH})",
+    )
+    parser.add_argument(
         "--alignment-model",
         default="shapes-clip",
         help="the CLIP whose image-prompt features the predictors read (a registered name, hub id or local "
@@ -326,15 +350,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         alignment = load_alignment_model(args.alignment_model, device="cpu")
     report: dict[str, Any] = {"sessions": len(records)}
-    for kind, examples in (("refine", refine_examples(records)), ("edit", edit_examples(records))):
+    if args.hidden < 1 or args.epochs < 1:
+        print("diffusionx predictor train: error: --hidden and --epochs must be >= 1", file=sys.stderr)
+        return 2
+    if not 0 <= args.wrong_preview_min_strength <= 1:
+        print(
+            f"diffusionx predictor train: error: --wrong-preview-min-strength="
+            f"{args.wrong_preview_min_strength} is not allowed: use 0..1",
+            file=sys.stderr,
+        )
+        return 2
+    refine = refine_examples(records, args.wrong_preview_min_strength)
+    for kind, examples in (("refine", refine), ("edit", edit_examples(records))):
         predictor = train_predictor(
             kind,
             examples,
             embedder,
             alignment=alignment,
             epochs=args.epochs,
+            hidden=args.hidden,
             seed=args.seed,
-            provenance={"data": str(args.data), "sessions": len(records), **settings},
+            provenance={
+                "data": str(args.data),
+                "sessions": len(records),
+                "wrong_preview_min_strength": args.wrong_preview_min_strength,
+                **settings,
+            },
         )
         path = predictor.save(Path(args.out_dir) / f"{args.prefix}-{kind}.safetensors")
         report[kind] = {
