@@ -32,6 +32,7 @@ class TierMonitor:
         self.max_batch_size = 1
         self.max_ongoing_requests: int | None = None  # set by the serving replica
         self.max_queued_requests: int | None = None
+        self.host_idle: Callable[[], bool] = lambda: True  # the loop's background gate, when it has one
         self.background_requests = 0  # set by the model loop: speculative work, not load
         self.background_steps = 0
         self.speculative_unet_calls = {"used": 0, "wasted": 0}  # counted by a SpeculationStore
@@ -104,4 +105,5 @@ class TierMonitor:
             background_steps=self.background_steps,
             speculative_unet_calls=dict(self.speculative_unet_calls),
             busy_share=self.busy.at(self.clock()),
+            host_idle=self.host_idle(),
         )

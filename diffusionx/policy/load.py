@@ -37,6 +37,9 @@ class TierSnapshot:
     speculative_unet_calls: dict[str, int] = field(default_factory=lambda: {"used": 0, "wasted": 0})
     # recent share of time with foreground work queued or running (`diffusionx.policy.busy`)
     busy_share: float = 0.0
+    # whether the replica's background gate lets speculative steps run now (a CPU replica: the host has a
+    # core free of other processes, `engine.host_share`); always True without a gate
+    host_idle: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -15,8 +15,11 @@ functions and a small registry, tested without Ray:
   runs one sample at a time, only when the tier is idle.
 - `SpeculationPolicy.allows`: submit only when the tier's idle capacity (`idle_share`: the lower of free
   batch slots over all slots now, from the replicas' reported foreground pools and queues, and the share
-  of recent time the replicas held no foreground work) is at least `idle_floor` and the
-  speculative steps already queued on the tier are within `max_steps`.
+  of recent time the replicas held no foreground work) is at least `idle_floor`, some replica's
+  background gate is open (`host_idle`: a CPU replica runs speculative steps only while the host has a
+  core to spare, so one submitted while the host is busy would only wait) and the speculative steps
+  already queued on the tier are within `max_steps`. The workflow asks before it predicts the strength
+  (`allows` without steps), so a busy tier costs no prediction either.
 - `speculation_key`: what a finalize must match to use a speculation. The strength is not part of it: the
   registry keeps the strength the speculation runs at, so a finalize finds a finished speculation before
   it predicts anything (the prediction was made when the speculation was submitted, from the same preview
@@ -90,13 +93,16 @@ class SpeculationPolicy:
         if self.ttl_s <= 0:
             raise ValueError(f"speculation_ttl_s={self.ttl_s} is not allowed: use > 0")
 
-    def allows(self, replicas: Sequence[dict], steps: int) -> bool:
+    def allows(self, replicas: Sequence[dict], steps: int = 0) -> bool:
         """Whether a speculation of `steps` steps may join the tier whose replicas reported `replicas`
-        (`TierMonitor` snapshot dicts: `pool`, `queued`, `max_batch_size`, `background_steps`)."""
+        (`TierMonitor` snapshot dicts: `pool`, `queued`, `max_batch_size`, `background_steps`,
+        `host_idle`)."""
         if self.mode == "off" or not replicas:
             return False
-        return idle_share(replicas) >= self.idle_floor and (
-            background_steps(replicas) + steps <= self.max_steps
+        return (
+            idle_share(replicas) >= self.idle_floor
+            and any(r.get("host_idle", True) for r in replicas)
+            and background_steps(replicas) + steps <= self.max_steps
         )
 
 

@@ -310,8 +310,10 @@ async def speculate(
     if speculation is None or speculation.policy.mode == "off":
         return None
     steps = int((await tiers.info("cloud"))["default_steps"])
-    strength_task = tiers.need_predictor("speculation").predict(prompt, image)
-    strength, replicas = await asyncio.gather(strength_task, speculation.replicas())
+    replicas = await speculation.replicas()
+    if not speculation.policy.allows(replicas):  # a busy tier: not even a prediction
+        return None
+    strength = await tiers.need_predictor("speculation").predict(prompt, image)
     strength = check_strength(float(strength), "predicted strength")
     cloud_steps = int(steps * strength)
     if cloud_steps == 0 or not speculation.policy.allows(replicas, cloud_steps):
