@@ -3,12 +3,14 @@
 On a GPU a background step uses the device's idle time. On a CPU replica the "device" is the host's cores,
 which the edge replica, the predictor and the ingress may share (the embedded application runs every tier
 on one machine): a background step that runs while they compute slows their requests as much as a
-foreground step would. So on CPU a step of background work alone
-- runs only while the host has a core that no other process is using (`HostIdle`: the host's busy CPU
-  time from `/proc/stat`, less this process's own, over the last `window_s`), and
-- runs on `threads` torch threads (`LimitedThreads`, one by default), so it takes at most that many cores.
+foreground step would. So on CPU a step of background work alone runs only while the host has a core that
+no other process is using (`HostIdle`: the host's busy CPU time from `/proc/stat`, less this process's
+own, over the last `window_s`); a request of another tier that arrives meanwhile shares the cores with at
+most the one background step in flight.
 
-`/proc/stat` is Linux's; elsewhere `HostIdle` always answers idle and only the thread limit applies.
+The step keeps the replica's torch threads: fewer threads would change the floating-point order of the
+UNet's reductions, and a speculation must give the pixels of the same refinement run in the foreground.
+`/proc/stat` is Linux's; elsewhere `HostIdle` always answers idle.
 """
 
 from __future__ import annotations
@@ -61,16 +63,17 @@ class HostIdle:
         self.others_cores = 0.0
 
     def __call__(self) -> bool:
+        now = self._clock()
+        if self._last is not None and now - self._last[0] < self.window_s:
+            return self.idle  # within the window: no file read (the model loop asks every few ms)
         busy = self._busy_s()
         if busy is None:
             return True
-        now, own = self._clock(), self._own_s()
+        own = self._own_s()
         if self._last is None:
             self._last = (now, busy, own)
             return self.idle
         then, busy_then, own_then = self._last
-        if now - then < self.window_s:
-            return self.idle
         self.others_cores = max(0.0, (busy - busy_then) - (own - own_then)) / (now - then)
         self.idle = self.cores - self.others_cores >= self.free_cores
         self._last = (now, busy, own)

@@ -360,13 +360,7 @@ async def refine(
         claimed = await tiers.speculation.claim(key, strength, "keep")
         if claimed.outcome == "hit":
             assert claimed.strength is not None and claimed.result is not None
-            decision = RouteDecision(
-                route=Route.CLOUD,
-                strength=claimed.strength,
-                num_inference_steps=steps,
-                expected_latency_ms=None,  # nothing left to run: no prediction to make or check
-                reason="answered by a finished speculative refinement of this preview",
-            )
+            decision = _hit_decision(claimed.strength, steps)
             timings.update(claimed.result.timings_ms)
             predicted = claimed.strength if strength is None else None
             return Refined(claimed.result, predicted, decision, CloudLoad(), timings, "hit")
@@ -388,10 +382,12 @@ async def refine(
         if_running: IfRunning = "promote" if same else "drop"
         claimed = await tiers.speculation.claim(key, claimed.strength, if_running)
         speculative = claimed.outcome
-        if claimed.result is not None:  # promoted, or finished in the meantime
-            promoted = speculative == "promoted"
-            reason = "a running speculation promoted" if promoted else "a speculation finished"
-            decision = replace(decision, reason=f"{decision.reason}; {reason}")
+        if claimed.result is not None:  # promoted, or finished in the meantime (what it ran, not the route)
+            assert claimed.strength is not None
+            if speculative == "hit":
+                decision = _hit_decision(claimed.strength, steps)
+            else:
+                decision = replace(decision, reason=f"{decision.reason}; a running speculation promoted")
             timings.update(claimed.result.timings_ms)
             return Refined(claimed.result, strength_predicted, decision, load, timings, speculative)
     if tiers.cloud_arrivals is not None:
@@ -419,6 +415,17 @@ async def refine(
         result = await cloud.refine(request, **progress)
     timings.update(result.timings_ms)
     return Refined(result, strength_predicted, decision, load, timings, speculative)
+
+
+def _hit_decision(strength: float, steps: int) -> RouteDecision:
+    """The decision a finished speculation answered with: the full refinement it ran."""
+    return RouteDecision(
+        route=Route.CLOUD,
+        strength=strength,
+        num_inference_steps=steps,
+        expected_latency_ms=None,  # nothing left to run: no prediction to make or check
+        reason="answered by a finished speculative refinement of this preview",
+    )
 
 
 async def _strength_and_load(
