@@ -100,6 +100,10 @@ class CloudRefiner(ServedTier):
         """A finalize's claim: hit (the result), promoted (awaited as foreground work) or miss."""
         return await self.engine.claim_speculation(pinned.key, if_running)
 
+    async def peek_speculation(self, pinned: Pinned) -> Claimed:
+        """The speculation as it stands, not claimed: hit (finished, with its result), running or miss."""
+        return self.engine.peek_speculation(pinned.key)
+
     async def drop_speculation(self, pinned: Pinned) -> int:
         """Drops a superseded or expired speculation; the UNet calls it wasted."""
         wasted = self.engine.drop_speculation(pinned.key)

@@ -10,8 +10,15 @@ locates its speculation in the registry (one state call; none found is a miss), 
 replica; how the claim settled (hit, promoted, or miss when it was dropped or lost) is told to the
 registry without holding up the response. An ingress remembers where the speculations it submitted run
 (`recent` of them), so a finalize that comes back to it claims from the replica without the state call:
-a hit is then one call. The replica stays the judge: a speculation the registry superseded or expired
-has been dropped there, and its claim is a miss."""
+a hit is then one call. It also fetches what they produced: it peeks at the replica, first
+`FETCH_FIRST_S` after submitting and then at doubling intervals (at most `FETCH_MAX_S` apart) until the
+speculation finished, left, or its TTL passed, and keeps the finished results (`finished_bytes` of images,
+least recently fetched dropped first). A finalize that comes back to it is then answered at once, with no
+call at all, and the claim that tells the replica and the registry it was used runs after the answer.
+Peeks, not one call held open until the speculation finishes: an open call would count as a request in
+flight on the cloud replica, and speculation never counts as load. The replica stays the judge of
+whether it has a speculation: one the registry superseded or expired has been dropped there, and its
+claim is a miss."""
 
 from __future__ import annotations
 
@@ -30,13 +37,30 @@ from diffusionx.requests import Img2ImgRequest
 
 logger = logging.getLogger(__name__)
 
+FETCH_FIRST_S = 0.05  # the first peek after submitting: a short refinement on an idle replica is done
+FETCH_MAX_S = 1.0  # the longest wait between peeks
+
+
+def _image_bytes(result: Any) -> int:
+    image = getattr(result, "image", None)
+    return 1 if image is None else image.width * image.height * len(image.getbands())
+
 
 class HandleSpeculation:
-    def __init__(self, cloud: Any, state: Any, policy: SpeculationPolicy, recent: int = 10_000) -> None:
+    def __init__(
+        self,
+        cloud: Any,
+        state: Any,
+        policy: SpeculationPolicy,
+        recent: int = 10_000,
+        finished_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
         self.cloud = cloud  # the CloudRefiner handle
         self.state = state  # the SharedState handle
         self.policy = policy
         self._submitted: LRUCache[str, Pinned] = LRUCache(maxsize=recent)  # key -> where it runs
+        # key -> the finished result, fetched from its replica (module docstring)
+        self._finished: LRUCache[str, Any] = LRUCache(maxsize=finished_bytes, getsizeof=_image_bytes)
         self._ask = ask  # retries a dead replica; a full queue is TierOverloaded
         self._tasks: set[asyncio.Task] = set()  # fire-and-forget calls in flight
 
@@ -49,13 +73,39 @@ class HandleSpeculation:
         if replica_id is None:
             return
         gone = await self._ask(self.state.register_speculation, key, replica_id, session, request.strength)
-        self._submitted[key] = Pinned(key, replica_id, request.strength)
-        for pinned in gone:
-            self._submitted.pop(pinned.key, None)
-        await asyncio.gather(*(self._ask(self.cloud.drop_speculation, pinned) for pinned in gone))
+        pinned = self._submitted[key] = Pinned(key, replica_id, request.strength)
+        self._finished.pop(key, None)  # a key submitted again: what it produced before is not kept twice
+        for old in gone:
+            self._submitted.pop(old.key, None)
+            self._finished.pop(old.key, None)
+        self.later(self._fetch(pinned))
+        await asyncio.gather(*(self._ask(self.cloud.drop_speculation, old) for old in gone))
+
+    async def _fetch(self, pinned: Pinned) -> None:
+        """Peeks at the speculation until it finished (its result is kept), left, or its TTL passed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.policy.ttl_s
+        delay = FETCH_FIRST_S
+        while loop.time() + delay < deadline:
+            await asyncio.sleep(delay)
+            if self._submitted.get(pinned.key) is not pinned:
+                return  # claimed, superseded or forgotten meanwhile
+            peeked: Claimed = await self._ask(self.cloud.peek_speculation, pinned)
+            if peeked.outcome == "hit":
+                if self._submitted.get(pinned.key) is pinned:
+                    self._finished[pinned.key] = peeked.result
+                return
+            if peeked.outcome != "running":
+                return
+            delay = min(2 * delay, FETCH_MAX_S)
 
     async def claim(self, key: str, strength: float | None, if_running: IfRunning) -> Claimed:
         pinned: Pinned | None = self._submitted.get(key)
+        if pinned is not None and key in self._finished and strength in (None, pinned.strength):
+            result = self._finished.pop(key)
+            del self._submitted[key]
+            self.later(self._settle_used(pinned))
+            return Claimed("hit", result, pinned.strength)
         if pinned is None:
             pinned = await self._ask(self.state.locate_speculation, key)
         if pinned is None:
@@ -68,6 +118,14 @@ class HandleSpeculation:
             self._submitted.pop(key, None)
             self.later(self.state.settle_speculation.remote(key, claimed.outcome))
         return replace(claimed, strength=pinned.strength)
+
+    async def _settle_used(self, pinned: Pinned) -> None:
+        """After a finalize was answered from a fetched result: the replica counts the speculation used and
+        lets it go, the registry counts the hit."""
+        claimed: Claimed = await self._ask(self.cloud.claim_speculation, pinned, "drop")
+        if claimed.outcome != "hit":  # dropped there meanwhile (its TTL): the answer stands, the count too
+            logger.debug("speculation %s answered, then its replica said %s", pinned.key, claimed.outcome)
+        await self._ask(self.state.settle_speculation, pinned.key, "hit")
 
     def later(self, call: Any) -> None:
         """Runs an awaitable without waiting for it (its failure is logged, not raised)."""

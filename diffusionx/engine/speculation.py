@@ -88,6 +88,20 @@ class SpeculationStore:
         self.loop.promote(job)
         return Claimed("promoted", await self.loop.wait(job))
 
+    def peek(self, key: str) -> Claimed:
+        """The speculation of `key` without claiming it: `hit` with its result once it finished, `running`,
+        or `miss` (none held, or it failed). It stays in the store until a claim, drop or its TTL."""
+        self.expire()
+        held = self._held.get(key)
+        if held is None:
+            return Claimed("miss")
+        future = held.job.future
+        if not future.done():
+            return Claimed("running")
+        if future.cancelled() or future.exception() is not None:
+            return Claimed("miss")
+        return Claimed("hit", future.result())
+
     def drop(self, key: str) -> int:
         """Drops the speculation of `key` (superseded); returns the UNet calls it wasted."""
         held = self._held.pop(key, None)

@@ -225,6 +225,10 @@ class CloudModel(_Tier):
             return Claimed("miss")
         return await self.speculations.claim(key, if_running)
 
+    def peek_speculation(self, key: str) -> Claimed:
+        """The speculation of `key` as it stands, not claimed (`SpeculationStore.peek`)."""
+        return Claimed("miss") if self.speculations is None else self.speculations.peek(key)
+
     def drop_speculation(self, key: str) -> int:
         """Drops a superseded speculation; returns the UNet calls it wasted."""
         return 0 if self.speculations is None else self.speculations.drop(key)

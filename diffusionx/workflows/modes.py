@@ -301,18 +301,27 @@ async def speculate(
     session: str,
     seed: int = 0,
     guidance_scale: float | None = None,
+    current: Callable[[], bool] = lambda: True,
 ) -> str | None:
     """Submits the refinement a finalize of this preview would run, as speculative background work of the
     cloud tier, when the policy allows; returns its key (None when nothing was submitted). `preview` is
     the preview's digest (`policy.speculation.preview_digest` of its PNG), `session` the session whose
-    older speculation it supersedes."""
+    older speculation it supersedes. A tier that does not allow it now is asked again after the policy's
+    `waits()`, while `current()` (is this still the session's newest preview?) holds."""
     speculation = tiers.speculation
     if speculation is None or speculation.policy.mode == "off":
         return None
     steps = int((await tiers.info("cloud"))["default_steps"])
     replicas = await speculation.replicas()
-    if not speculation.policy.allows(replicas):  # a busy tier: not even a prediction
-        return None
+    pauses = iter(speculation.policy.waits())
+    while not speculation.policy.allows(replicas):  # a busy tier: not even a prediction, until it is idle
+        pause = next(pauses, None)
+        if pause is None or not current():
+            return None
+        await asyncio.sleep(pause)
+        if not current():  # the session's newer preview speculates instead
+            return None
+        replicas = await speculation.replicas()
     strength = await tiers.need_predictor("speculation").predict(prompt, image)
     strength = check_strength(float(strength), "predicted strength")
     cloud_steps = int(steps * strength)
@@ -329,7 +338,7 @@ async def speculate(
 async def refine(
     tiers: Tiers,
     prompt: str,
-    image: Image.Image,
+    image: Image.Image | Callable[[], Awaitable[Image.Image]],
     *,
     seed: int = 0,
     guidance_scale: float | None = None,
@@ -346,7 +355,7 @@ async def refine(
     refinement or refine. `preview` is the preview's digest (the speculation's key needs it; None: no
     speculation is looked up). `on_progress` hears of each denoising step of a refinement run here (a
     speculation answers without them). `owner` and `owner_weight`: whose request it is
-    (`Img2ImgRequest.owner`)."""
+    (`Img2ImgRequest.owner`). `image` may be a function that decodes it: a hit never needs it."""
     cloud = tiers.need_cloud(Mode.DIFFUSIONX)
     timings: dict[str, float] = {}
     steps = num_inference_steps or int((await tiers.info("cloud"))["default_steps"])
@@ -364,6 +373,8 @@ async def refine(
             timings.update(claimed.result.timings_ms)
             predicted = claimed.strength if strength is None else None
             return Refined(claimed.result, predicted, decision, CloudLoad(), timings, "hit")
+    if callable(image):
+        image = await image()
     # 2. strength and cloud load, concurrently; the predictor only when the request gave no strength
     strength_predicted, load = await _strength_and_load(tiers, prompt, image, strength, timings)
     # 3. route: strength and steps against the load and the latency target

@@ -1,0 +1,113 @@
+"""The ingress side of speculation over fake DeploymentHandles: a finished speculation is fetched by peeks and
+answers its finalize with no call to the cloud tier on the answer's path; the claim follows the answer."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+from PIL import Image
+
+from deployments.speculation import HandleSpeculation
+from diffusionx.engine.speculation import Claimed
+from diffusionx.policy.speculation import Pinned, SpeculationPolicy
+from diffusionx.requests import Img2ImgRequest
+
+
+class Method:
+    """A handle method: `.remote(*args)` awaits `answer(*args)`; every call is recorded."""
+
+    def __init__(self, name: str, calls: list, answer: Any) -> None:
+        self.name, self.calls, self.answer = name, calls, answer
+
+    def remote(self, *args: Any) -> Any:
+        self.calls.append((self.name, args))
+
+        async def call() -> Any:
+            return self.answer(*args)
+
+        return call()
+
+
+class FakeCloud:
+    """A cloud replica holding one speculation that finishes after `running_peeks` peeks."""
+
+    def __init__(self, calls: list, running_peeks: int) -> None:
+        self.result = SimpleNamespace(image=Image.new("RGB", (8, 8)), unet_calls=None)
+        self.left = running_peeks
+        self.speculate = Method("speculate", calls, lambda request, key: "replica-1")
+        self.peek_speculation = Method("peek", calls, self._peek)
+        self.claim_speculation = Method(
+            "claim", calls, lambda pinned, if_running: Claimed("hit", self.result)
+        )
+        self.drop_speculation = Method("drop", calls, lambda pinned: 0)
+
+    def _peek(self, pinned: Pinned) -> Claimed:
+        self.left -= 1
+        return Claimed("running") if self.left >= 0 else Claimed("hit", self.result)
+
+
+def fake_state(calls: list) -> SimpleNamespace:
+    return SimpleNamespace(
+        register_speculation=Method("register", calls, lambda *args: []),
+        locate_speculation=Method("locate", calls, lambda key: None),
+        settle_speculation=Method("settle", calls, lambda key, result: None),
+        count_speculation=Method("count", calls, lambda result: None),
+    )
+
+
+def request(strength: float = 0.3) -> Img2ImgRequest:
+    return Img2ImgRequest("a cat", Image.new("RGB", (8, 8)), strength, seed=1, num_inference_steps=20)
+
+
+def test_a_fetched_speculation_answers_without_a_call_and_is_claimed_after():
+    async def scenario():
+        calls: list = []
+        cloud = FakeCloud(calls, running_peeks=2)
+        speculation = HandleSpeculation(cloud, fake_state(calls), SpeculationPolicy())
+        await speculation.submit("k", "session", request(), 6)
+        while not speculation._finished:  # peeks at 0.05, 0.1, 0.2 s: running, running, finished
+            await asyncio.sleep(0.01)
+        assert [name for name, _ in calls].count("peek") == 3
+        before = len(calls)
+        claimed = await speculation.claim("k", None, "keep")
+        assert claimed.outcome == "hit" and claimed.result is cloud.result and claimed.strength == 0.3
+        assert len(calls) == before  # answered with no call
+        await asyncio.gather(*speculation._tasks)
+        after = [(name, args[-1]) for name, args in calls[before:]]
+        assert after == [
+            ("claim", "drop"),
+            ("settle", "hit"),
+        ]  # the replica lets it go, the registry counts it
+        assert (await speculation.claim("k", None, "keep")).outcome == "miss"  # answered once from here
+
+    asyncio.run(scenario())
+
+
+def test_a_finalize_before_the_fetch_claims_from_the_replica_and_stops_the_peeks():
+    async def scenario():
+        calls: list = []
+        cloud = FakeCloud(calls, running_peeks=100)
+        speculation = HandleSpeculation(cloud, fake_state(calls), SpeculationPolicy())
+        await speculation.submit("k", "session", request(), 6)
+        claimed = await speculation.claim("k", None, "keep")
+        assert claimed.outcome == "hit" and ("claim", (Pinned("k", "replica-1", 0.3), "keep")) in calls
+        await asyncio.sleep(0.2)
+        assert [name for name, _ in calls].count("peek") <= 1  # the peeks end once the key was claimed
+
+    asyncio.run(scenario())
+
+
+def test_another_strength_is_not_answered_from_the_fetched_result():
+    async def scenario():
+        calls: list = []
+        cloud = FakeCloud(calls, running_peeks=0)
+        speculation = HandleSpeculation(cloud, fake_state(calls), SpeculationPolicy())
+        await speculation.submit("k", "session", request(0.3), 6)
+        while not speculation._finished:
+            await asyncio.sleep(0.01)
+        assert (await speculation.claim("k", 0.5, "keep")).outcome == "miss"
+        assert "k" in speculation._finished  # it stays for a finalize at its strength
+
+    asyncio.run(scenario())
