@@ -139,13 +139,6 @@ class AppArgs(BaseModel):
     speculation_ttl_s: float = Field(
         120.0, gt=0, le=24 * 3600, description="Seconds an unclaimed speculation is kept."
     )
-    speculation_wait_s: float = Field(
-        2.0,
-        ge=0.0,
-        le=600.0,
-        description="Seconds a speculation waits for the cloud tier (or its host) to be idle enough before "
-        "it is given up; a newer preview of the session ends the wait.",
-    )
     speculation_max_slowdown: float = Field(
         DEFAULT_MAX_SLOWDOWN,
         ge=0.0,
@@ -183,5 +176,4 @@ class AppArgs(BaseModel):
             idle_floor=self.speculation_idle_floor,
             max_steps=self.speculation_max_steps,
             ttl_s=self.speculation_ttl_s,
-            wait_s=self.speculation_wait_s,
         )

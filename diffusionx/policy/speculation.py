@@ -49,7 +49,6 @@ RESULTS: tuple[str, ...] = ("hit", "promoted", "miss", "superseded", "expired")
 # to the foreground and wait for it, or drop it
 IfRunning = Literal["keep", "promote", "drop"]
 DEFAULT_MAX_SLOWDOWN = 0.05  # a foreground step may be this much slower for sharing it with background
-WAIT_FIRST_S = 0.05  # the first pause of a submission the tier did not allow yet
 
 
 def affordable_background(
@@ -83,7 +82,6 @@ class SpeculationPolicy:
     idle_floor: float = 0.5  # least share of the tier's batch slots free of foreground work
     max_steps: int = 400  # most speculative denoising steps queued on the tier
     ttl_s: float = 120.0  # a speculation not claimed within this is dropped
-    wait_s: float = 2.0  # how long a submission waits for the tier to allow it (`waits`)
 
     def __post_init__(self) -> None:
         if self.mode not in SPECULATION_MODES:
@@ -94,20 +92,6 @@ class SpeculationPolicy:
             raise ValueError(f"speculation_max_steps={self.max_steps} is not allowed: use >= 1")
         if self.ttl_s <= 0:
             raise ValueError(f"speculation_ttl_s={self.ttl_s} is not allowed: use > 0")
-        if self.wait_s < 0:
-            raise ValueError(f"speculation_wait_s={self.wait_s} is not allowed: use >= 0")
-
-    def waits(self) -> list[float]:
-        """The pauses before asking again whether a speculation may join a tier that did not allow it:
-        doubling from `WAIT_FIRST_S`, `wait_s` in all. The tier is busy for moments (a preview, another
-        finalize), while the user looks at the preview for seconds: a speculation given up at the first
-        busy moment would miss a finalize that an idle moment later could have answered."""
-        pauses: list[float] = []
-        delay = WAIT_FIRST_S
-        while sum(pauses) + delay <= self.wait_s + 1e-9:
-            pauses.append(delay)
-            delay *= 2
-        return pauses
 
     def allows(self, replicas: Sequence[dict], steps: int = 0) -> bool:
         """Whether a speculation of `steps` steps may join the tier whose replicas reported `replicas`

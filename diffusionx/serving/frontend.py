@@ -23,7 +23,6 @@ import time
 from collections.abc import Coroutine
 from typing import Any, Protocol
 
-from cachetools import LRUCache
 from PIL import Image
 
 from diffusionx import imaging
@@ -45,8 +44,6 @@ from diffusionx.serving.preview_store import PreviewStore
 from diffusionx.workflows import cost, modes
 from diffusionx.workflows.cost import TierNeeds
 from diffusionx.workflows.modes import GenerateRequest, Progress, Tiers
-
-NEWEST_SESSIONS = 10_000  # sessions whose newest preview the frontend remembers
 
 # a PNG of at most this many pixels encodes in well under a millisecond: inline it is cheaper than the
 # hop to a worker thread; larger images go to a thread so that the event loop stays free
@@ -110,9 +107,6 @@ class Frontend:
         self.observer = observer
         self.sessions = sessions  # follows sessions by their preview ids (the cloud's leading indicator)
         self._background: set[asyncio.Task] = set()  # speculations being submitted, off the requests' path
-        # session -> the digest of its newest preview: a speculation waiting for an idle tier gives up
-        # once its session has moved on
-        self._newest: LRUCache[str, str] = LRUCache(maxsize=NEWEST_SESSIONS)
 
     # -- admission ---------------------------------------------------------------------------------------
     async def step_defaults(self, tier: str) -> StepDefaults:
@@ -180,20 +174,16 @@ class Frontend:
             logger.warning("speculation not submitted: %r", task.exception())
 
     async def _speculate(self, body: PreviewBody, png: bytes, session: str) -> None:
-        """Speculates the refinement of this preview (the workflow decides whether the policy allows, and
-        waits for it while this is its session's newest preview)."""
-        digest = preview_digest(png)
-        self._newest[session] = digest
+        """Speculates the refinement of this preview (the workflow decides whether the policy allows)."""
         image = await asyncio.to_thread(imaging.decode_png, png)
         await modes.speculate(
             self.tiers,
             body.prompt,
             image,
-            digest,
+            preview_digest(png),
             session=session,
             seed=body.seed,
             guidance_scale=body.guidance_scale,
-            current=lambda: self._newest.get(session) == digest,
         )
 
     async def preview(

@@ -301,27 +301,18 @@ async def speculate(
     session: str,
     seed: int = 0,
     guidance_scale: float | None = None,
-    current: Callable[[], bool] = lambda: True,
 ) -> str | None:
     """Submits the refinement a finalize of this preview would run, as speculative background work of the
     cloud tier, when the policy allows; returns its key (None when nothing was submitted). `preview` is
     the preview's digest (`policy.speculation.preview_digest` of its PNG), `session` the session whose
-    older speculation it supersedes. A tier that does not allow it now is asked again after the policy's
-    `waits()`, while `current()` (is this still the session's newest preview?) holds."""
+    older speculation it supersedes."""
     speculation = tiers.speculation
     if speculation is None or speculation.policy.mode == "off":
         return None
     steps = int((await tiers.info("cloud"))["default_steps"])
     replicas = await speculation.replicas()
-    pauses = iter(speculation.policy.waits())
-    while not speculation.policy.allows(replicas):  # a busy tier: not even a prediction, until it is idle
-        pause = next(pauses, None)
-        if pause is None or not current():
-            return None
-        await asyncio.sleep(pause)
-        if not current():  # the session's newer preview speculates instead
-            return None
-        replicas = await speculation.replicas()
+    if not speculation.policy.allows(replicas):  # a busy tier: not even a prediction
+        return None
     strength = await tiers.need_predictor("speculation").predict(prompt, image)
     strength = check_strength(float(strength), "predicted strength")
     cloud_steps = int(steps * strength)

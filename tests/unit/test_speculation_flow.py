@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
-import pytest
 
 from diffusionx import imaging
 from diffusionx.engine.speculation import LocalSpeculation
@@ -142,7 +141,7 @@ def test_the_policy_declines_when_the_tier_is_busy_or_speculation_is_off(tiny_cl
         tiers, cloud, _speculation, _clock = make_tiers(tiny_cloud, tiny_edge, SpeculationPolicy(mode="off"))
         image, digest = await preview_of(tiers, "a cat", 2)
         assert await modes.speculate(tiers, "a cat", image, digest, session="s", seed=2) is None
-        busy_policy = SpeculationPolicy(idle_floor=0.6, wait_s=0.0)  # no waiting for an idle tier
+        busy_policy = SpeculationPolicy(idle_floor=0.6)
         tiers, cloud, _speculation, _clock = make_tiers(tiny_cloud, tiny_edge, busy_policy)
         running = asyncio.create_task(finalize(tiers, "a dog", image, None, 9))  # 1 of 2 slots busy
         while not cloud.loop.monitor.pool:
@@ -152,34 +151,3 @@ def test_the_policy_declines_when_the_tier_is_busy_or_speculation_is_off(tiny_cl
         assert await modes.speculate(tiers, "a cat", image, digest, session="s", seed=2) is not None
 
     asyncio.run(scenario())
-
-
-def test_a_speculation_waits_for_the_busy_tier_while_its_preview_is_the_newest(tiny_cloud, tiny_edge):
-    """The tier is busy for a moment (a finalize): the speculation is submitted once it is idle, unless
-    the session moved on to a newer preview meanwhile."""
-
-    async def scenario():
-        tiers, cloud, _speculation, _clock = make_tiers(
-            tiny_cloud, tiny_edge, SpeculationPolicy(idle_floor=0.6, wait_s=30.0)
-        )
-        image, digest = await preview_of(tiers, "a cat", 2)
-        running = asyncio.create_task(finalize(tiers, "a dog", image, None, 9))  # 1 of 2 slots busy
-        while not cloud.loop.monitor.pool:
-            await asyncio.sleep(0)
-        moved_on = await modes.speculate(
-            tiers, "a cat", image, digest, session="s", seed=2, current=lambda: False
-        )
-        assert moved_on is None and not running.done()  # given up at once, not after the finalize
-        key = await modes.speculate(tiers, "a cat", image, digest, session="s", seed=2)
-        assert key is not None and running.done()  # waited for the finalize, then submitted
-        assert cloud.speculations.held == 1
-
-    asyncio.run(scenario())
-
-
-def test_waits_double_up_to_the_policys_wait():
-    assert SpeculationPolicy(wait_s=0.0).waits() == []
-    assert SpeculationPolicy(wait_s=0.4).waits() == pytest.approx([0.05, 0.1, 0.2])
-    assert sum(SpeculationPolicy(wait_s=2.0).waits()) <= 2.0
-    with pytest.raises(ValueError, match="speculation_wait_s"):
-        SpeculationPolicy(wait_s=-1.0)
