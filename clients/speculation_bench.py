@@ -13,16 +13,16 @@ Method (every figure through HTTP with `clients.loadgen`):
    beforehand arrive at `--load-x` times the capacity of the router experiment's finalizes (at
    `--finalize-strength`, the same target): on and off. SLO attainment is over every finalize of the run
    (the sessions' and the load's); the other figures are the sessions'.
-"On" is the application as started (the default, `speculation: idle`); "off" is the same application
-restarted with `speculation: off` when the bench runs the local application; against `--url` the off
+"On" is the application as configured (the default, `speculation: idle`) and "off" the same with
+`speculation: off`, each started afresh when the bench runs the local application (so both start with the
+configured replicas, whatever the earlier steps scaled); against `--url` the off
 runs send `"speculation": "off"` on each refine (the server still speculates, nothing uses it).
 
 Per run: `finalize_latency_s_p50`, `_p95`, `session_latency_s_mean`, `slo_attainment`, `quality`,
 `cloud_unet_calls` (per session: every response's cloud calls, a speculation's answer counted once, plus
 the speculative calls wasted) and `wasted_cloud_unet_calls` (per session, from `/v1/stats`), plus
-`speculative` (finalizes by hit | promoted | miss | off), and `cloud_replica_s` (live cloud replicas x the
-run's wall time: the application does not autoscale here, so it differs between runs only by how long
-they take to drain).
+`speculative` (finalizes by hit | promoted | miss | off), and `cloud_replica_s` (the live cloud
+replicas, the more of the run's start and end, x its wall time).
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def _stats(url: str) -> tuple[int, int]:
 class Together:
     rows: list[list[dict]]  # per config
     wasted: int  # speculative UNet calls wasted during the run
-    cloud_replica_s: float  # live cloud replicas x the run's wall time (the compare app does not autoscale)
+    cloud_replica_s: float  # live cloud replicas (the more of start and end) x the run's wall time
 
 
 def run_together(url: str, configs: list[LoadgenConfig], quality: bool) -> Together:
@@ -152,10 +152,13 @@ def run_speculation(
     `target_ms` is the router experiment's latency target, `capacity_of(url, steps)` the tier's capacity
     in finalizes of `steps` cloud steps per second."""
     runs: dict[str, list[dict[str, Any]]] = {}
-    urls = {"on": url, "off": url}  # `url` serves the default, `speculation: idle`
     off_extra: dict[str, Any] = {"speculation": "off"}
     if restart is not None:
+        # a fresh application for "on" as for "off": the steps before this one may have scaled the cloud
+        # tier up (the embedded config autoscales it, 1-2 replicas), and "on" would run with more replicas
+        url = restart({})
         off_extra = {}
+    urls = {"on": url, "off": url}  # `url` serves the default, `speculation: idle`
     # 1. the steps of a session's finalize (predicted strength), unloaded
     gaps = [GAP_S * i for i in range(UNLOADED)]
     [runs["spec-unloaded"]] = run_together(
