@@ -76,7 +76,7 @@ class SpeculationStore:
             return Claimed("running")
         del self._held[key]
         if job.future.done():
-            if job.future.cancelled() or job.future.exception() is not None:
+            if not _succeeded(job):
                 self._count("wasted", self._background_steps(job))
                 return Claimed("miss")
             self._count("used", job.steps)
@@ -95,12 +95,9 @@ class SpeculationStore:
         held = self._held.get(key)
         if held is None:
             return Claimed("miss")
-        future = held.job.future
-        if not future.done():
+        if not held.job.future.done():
             return Claimed("running")
-        if future.cancelled() or future.exception() is not None:
-            return Claimed("miss")
-        return Claimed("hit", future.result())
+        return Claimed("hit", held.job.future.result()) if _succeeded(held.job) else Claimed("miss")
 
     def drop(self, key: str) -> int:
         """Drops the speculation of `key` (superseded); returns the UNet calls it wasted."""
@@ -129,7 +126,7 @@ class SpeculationStore:
     @staticmethod
     def _background_steps(job: Job) -> int:
         """UNet calls the job ran as background work (a finished job ran all of them)."""
-        if job.future.done() and not job.future.cancelled() and job.future.exception() is None:
+        if _succeeded(job):
             return job.steps
         return job.steps_done
 
@@ -137,6 +134,12 @@ class SpeculationStore:
         if calls > 0:
             self.unet_calls[outcome] += calls
             self.on_unet_calls(outcome, calls)
+
+
+def _succeeded(job: Job) -> bool:
+    """Whether the job finished with a result (not running, cancelled or failed)."""
+    future = job.future
+    return future.done() and not future.cancelled() and future.exception() is None
 
 
 def _retrieve(future: asyncio.Future) -> None:

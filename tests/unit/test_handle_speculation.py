@@ -61,14 +61,22 @@ def request(strength: float = 0.3) -> Img2ImgRequest:
     return Img2ImgRequest("a cat", Image.new("RGB", (8, 8)), strength, seed=1, num_inference_steps=20)
 
 
+async def submitted(running_peeks: int, fetched: bool) -> tuple[list, FakeCloud, HandleSpeculation]:
+    """(the calls, the cloud, the ingress side) once speculation "k" at strength 0.3 was submitted, and
+    with `fetched` once the ingress holds its result."""
+    calls: list = []
+    cloud = FakeCloud(calls, running_peeks)
+    speculation = HandleSpeculation(cloud, fake_state(calls), SpeculationPolicy())
+    await speculation.submit("k", "session", request(), 6)
+    while fetched and not speculation._finished:
+        await asyncio.sleep(0.01)
+    return calls, cloud, speculation
+
+
 def test_a_fetched_speculation_answers_without_a_call_and_is_claimed_after():
     async def scenario():
-        calls: list = []
-        cloud = FakeCloud(calls, running_peeks=2)
-        speculation = HandleSpeculation(cloud, fake_state(calls), SpeculationPolicy())
-        await speculation.submit("k", "session", request(), 6)
-        while not speculation._finished:  # peeks at 0.05, 0.1, 0.2 s: running, running, finished
-            await asyncio.sleep(0.01)
+        # peeks at 0.05, 0.1, 0.2 s: running, running, finished
+        calls, cloud, speculation = await submitted(running_peeks=2, fetched=True)
         assert [name for name, _ in calls].count("peek") == 3
         before = len(calls)
         claimed = await speculation.claim("k", None, "keep")
@@ -76,10 +84,8 @@ def test_a_fetched_speculation_answers_without_a_call_and_is_claimed_after():
         assert len(calls) == before  # answered with no call
         await asyncio.gather(*speculation._tasks)
         after = [(name, args[-1]) for name, args in calls[before:]]
-        assert after == [
-            ("claim", "drop"),
-            ("settle", "hit"),
-        ]  # the replica lets it go, the registry counts it
+        # the replica lets it go, the registry counts it
+        assert after == [("claim", "drop"), ("settle", "hit")]
         assert (await speculation.claim("k", None, "keep")).outcome == "miss"  # answered once from here
 
     asyncio.run(scenario())
@@ -87,10 +93,7 @@ def test_a_fetched_speculation_answers_without_a_call_and_is_claimed_after():
 
 def test_a_finalize_before_the_fetch_claims_from_the_replica_and_stops_the_peeks():
     async def scenario():
-        calls: list = []
-        cloud = FakeCloud(calls, running_peeks=100)
-        speculation = HandleSpeculation(cloud, fake_state(calls), SpeculationPolicy())
-        await speculation.submit("k", "session", request(), 6)
+        calls, _cloud, speculation = await submitted(running_peeks=100, fetched=False)
         claimed = await speculation.claim("k", None, "keep")
         assert claimed.outcome == "hit" and ("claim", (Pinned("k", "replica-1", 0.3), "keep")) in calls
         await asyncio.sleep(0.2)
@@ -101,12 +104,7 @@ def test_a_finalize_before_the_fetch_claims_from_the_replica_and_stops_the_peeks
 
 def test_another_strength_is_not_answered_from_the_fetched_result():
     async def scenario():
-        calls: list = []
-        cloud = FakeCloud(calls, running_peeks=0)
-        speculation = HandleSpeculation(cloud, fake_state(calls), SpeculationPolicy())
-        await speculation.submit("k", "session", request(0.3), 6)
-        while not speculation._finished:
-            await asyncio.sleep(0.01)
+        _calls, _cloud, speculation = await submitted(running_peeks=0, fetched=True)  # at strength 0.3
         assert (await speculation.claim("k", 0.5, "keep")).outcome == "miss"
         assert "k" in speculation._finished  # it stays for a finalize at its strength
 
