@@ -2,13 +2,19 @@
 DiffusionX sessions with speculative refinement on and off, on the same arrivals and think times.
 
 Method (every figure through HTTP with `clients.loadgen`):
-1. Capacity. `UNLOADED` finalizes at the predicted strength, one at a time, give the cloud steps of a
-   session's finalize; with the cloud replicas' published service model (`/v1/stats`) the tier's capacity
-   is `replicas * B / (steps * t(B))` finalizes per second (`compare_bench.capacity_per_s`).
+1. Capacity. `UNLOADED` sessions one at a time (speculation off) give a session's cloud steps (its
+   finalize at the predicted strength) and edge steps (its previews and edits); with each tier's published
+   service model (`/v1/stats`) a tier's capacity is `replicas * B / (steps * t(B))` requests per second
+   (`compare_bench.capacity_per_s`): finalizes per second on the cloud tier, sessions per second on the
+   edge tier.
 2. Low load. Sessions (`--rounds` rounds, think times of mean `--think-s`) arriving at `--spec-low-x`
-   times that capacity (`--spec-max-session-rate` caps it only when given), reported as
-   `offered_x_capacity`: once with speculation on, once off, and once in edge-only mode (every round a
-   one-shot edge image), the edge-only session latency being the paper's reference.
+   times the lower of the two capacities (`--spec-max-session-rate` caps it only when given), reported as
+   `offered_x_capacity` (and `offered_x_cloud_capacity`, `bottleneck`): once with speculation on, once
+   off, and once in edge-only mode (every round a one-shot edge image), the edge-only session latency
+   being the paper's reference. Low load is sized on the lower capacity because a finalize at the
+   predicted strength is a few cloud steps, so the sessions that load the cloud tier to 0.3x can hold the
+   edge tier far beyond its capacity (and, where the tiers share a machine's cores, the cloud's cores too):
+   that would measure a queue of previews, not a tier with idle capacity.
 3. High load. The same sessions with the router's latency target, while finalizes of previews made
    beforehand arrive at `--load-x` times the capacity of the router experiment's finalizes (at
    `--finalize-strength`, the same target): on and off. SLO attainment is over every finalize of the run
@@ -42,8 +48,8 @@ import numpy as np
 from clients.loadgen import LoadgenConfig, run_loadgen, shapes_judge
 from clients.workload import poisson_arrivals
 
-UNLOADED = 6  # finalizes one at a time (GAP_S apart) for the steps of a session's finalize
-GAP_S = 1.0
+UNLOADED = 6  # sessions one at a time for a session's steps on each tier
+UNLOADED_GAP_X = 2.0  # their arrivals this many times a session's mean think time apart
 FIELDS = (
     "finalize_latency_s_p50",
     "finalize_latency_s_p95",
@@ -144,13 +150,13 @@ def run_speculation(
     url: str,
     settings: argparse.Namespace,
     summarize: Callable[[list[dict[str, Any]], float | None], dict[str, Any]],
-    capacity_of: Callable[[str, float], float],
+    capacity_of: Callable[..., float],
     target_ms: float,
     restart: Callable[[dict[str, Any]], str] | None = None,
 ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     """Steps 1-3 of the module docstring; the summary's `speculation` entry and the runs' rows.
-    `target_ms` is the router experiment's latency target, `capacity_of(url, steps)` the tier's capacity
-    in finalizes of `steps` cloud steps per second."""
+    `target_ms` is the router experiment's latency target, `capacity_of(url, steps, tier="cloud")` a
+    tier's capacity in requests of `steps` steps per second."""
     runs: dict[str, list[dict[str, Any]]] = {}
     off_extra: dict[str, Any] = {"speculation": "off"}
     if restart is not None:
@@ -159,23 +165,24 @@ def run_speculation(
         url = restart({})
         off_extra = {}
     urls = {"on": url, "off": url}  # `url` serves the default, `speculation: idle`
-    # 1. the steps of a session's finalize (predicted strength), unloaded
-    gaps = [GAP_S * i for i in range(UNLOADED)]
+    # 1. a session's steps on each tier, from sessions one at a time (speculation off: the finalize's
+    # cloud steps are those of its predicted strength)
+    gaps = [settings.rounds * settings.think_s * UNLOADED_GAP_X * i for i in range(UNLOADED)]
     [runs["spec-unloaded"]] = run_together(
-        urls["on"], [loadgen_config(urls["on"], "finalize", gaps, settings, speculation="off")], False
+        urls["on"], [loadgen_config(urls["on"], "sessions", gaps, settings, speculation="off")], False
     ).rows
-    ok = [r for r in runs["spec-unloaded"] if str(r["status"]) == "200"]
-    if not ok:
-        raise RuntimeError(f"no unloaded finalize succeeded: {runs['spec-unloaded'][:1]}")
-    steps = float(np.mean([max(1.0, float(r["cloud_unet_calls"])) for r in ok]))
+    steps, edge_steps = session_steps(runs["spec-unloaded"])
     capacity = capacity_of(urls["on"], steps)
-    rate = settings.spec_low_x * capacity
+    edge_capacity = capacity_of(urls["on"], edge_steps, "edge")
+    bottleneck = min(capacity, edge_capacity)
+    rate = settings.spec_low_x * bottleneck
     if settings.spec_max_session_rate is not None:
         rate = min(rate, settings.spec_max_session_rate)
     sessions = poisson_arrivals(rate, 3600.0, settings.sessions, random.Random(settings.seed + 7))
     print(
-        f"speculation: session finalizes take {steps:.1f} cloud steps; capacity {capacity:.2f}/s; "
-        f"low load: {settings.sessions} sessions at {rate:.2f}/s ({rate / capacity:.2f}x)",
+        f"speculation: a session takes {steps:.1f} cloud steps (capacity {capacity:.2f} finalizes/s) and "
+        f"{edge_steps:.1f} edge steps (capacity {edge_capacity:.2f} sessions/s); low load: "
+        f"{settings.sessions} sessions at {rate:.2f}/s ({rate / bottleneck:.2f}x the lower)",
         flush=True,
     )
     # 1b. the high-load finalizes: the router experiment's (strength, target) at load_x its capacity
@@ -185,14 +192,20 @@ def run_speculation(
         load_rate, settings.load_s, settings.max_finalizes, random.Random(settings.seed + 8)
     )
     summary: dict[str, Any] = {
-        "low_load": {"offered_x_capacity": round(rate / capacity, 4)},
+        "low_load": {
+            "offered_x_capacity": round(rate / bottleneck, 4),
+            "offered_x_cloud_capacity": round(rate / capacity, 4),
+            "bottleneck": "cloud" if capacity <= edge_capacity else "edge",
+        },
         "high_load": {
             "offered_x_capacity": settings.load_x,
             "latency_target_ms": target_ms,
             "finalize_strength": settings.finalize_strength,
         },
         "session_finalize_cloud_steps": round(steps, 2),
+        "session_edge_steps": round(edge_steps, 2),
         "capacity_finalizes_per_s": round(capacity, 4),
+        "edge_capacity_sessions_per_s": round(edge_capacity, 4),
     }
     for state in ("on", "off"):
         if restart is not None and state == "off":
@@ -235,6 +248,21 @@ def run_speculation(
     runs["spec-low-edge"] = rows
     summary["low_load"]["edge_only_session_latency_s_mean"] = summarize(rows, None)["session_latency_s_mean"]
     return summary, runs
+
+
+def session_steps(rows: list[dict[str, Any]]) -> tuple[float, float]:
+    """(cloud steps of a session's finalize, edge steps of its previews and edits), means over the
+    sessions whose every request succeeded."""
+    by_session: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_session.setdefault(str(row.get("session", "")), []).append(row)
+    complete = [g for g in by_session.values() if all(str(r["status"]) == "200" for r in g)]
+    finalizes = [r for g in complete for r in g if r["kind"] == "finalize"]
+    if not finalizes:
+        raise RuntimeError(f"no unloaded session succeeded: {rows[:1]}")
+    cloud = float(np.mean([max(1.0, float(r["cloud_unet_calls"])) for r in finalizes]))
+    edge = float(np.mean([sum(float(r["edge_unet_calls"] or 0) for r in g) for g in complete]))
+    return cloud, max(1.0, edge)
 
 
 def _full_steps(url: str) -> int:

@@ -149,7 +149,7 @@ class CloudModel(_Tier):
         self.model = model
         if background_gate is not None:  # e.g. `engine.host_share.HostIdle` on a CPU replica
             self.loop.background_gate = background_gate
-            self.loop.monitor.host_idle = background_gate  # reported, so speculation is not even submitted
+            self.loop.monitor.host_idle = background_gate  # reported in the tier's stats
         if step_batching:  # refinements of any strength share UNet batches, joining between steps
             batcher = StepBatcher(model, max_batch_size, "cloud", step_order)
             # speculative (background) samples share a foreground step only as far as the service

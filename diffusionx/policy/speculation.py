@@ -15,11 +15,13 @@ functions and a small registry, tested without Ray:
   runs one sample at a time, only when the tier is idle.
 - `SpeculationPolicy.allows`: submit only when the tier's idle capacity (`idle_share`: the lower of free
   batch slots over all slots now, from the replicas' reported foreground pools and queues, and the share
-  of recent time the replicas held no foreground work) is at least `idle_floor`, some replica's
-  background gate is open (`host_idle`: a CPU replica runs speculative steps only while the host has a
-  core to spare, so one submitted while the host is busy would only wait) and the speculative steps
+  of recent time the replicas held no foreground work) is at least `idle_floor` and the speculative steps
   already queued on the tier are within `max_steps`. The workflow asks before it predicts the strength
-  (`allows` without steps), so a busy tier costs no prediction either.
+  (`allows` without steps), so a busy tier costs no prediction either. A replica's background gate
+  (`host_idle`: a CPU replica runs speculative steps only while the host has a core to spare) is not
+  asked: a preview is answered just after the edge computed it, so the host looks busy at exactly the
+  moment a speculation is submitted; submitted anyway, it waits in the replica's pool and runs in the
+  host's next idle moments (the think time), which is what it is for.
 - `speculation_key`: what a finalize must match to use a speculation. The strength is not part of it: the
   registry keeps the strength the speculation runs at, so a finalize finds a finished speculation before
   it predicts anything (the prediction was made when the speculation was submitted, from the same preview
@@ -95,15 +97,11 @@ class SpeculationPolicy:
 
     def allows(self, replicas: Sequence[dict], steps: int = 0) -> bool:
         """Whether a speculation of `steps` steps may join the tier whose replicas reported `replicas`
-        (`TierMonitor` snapshot dicts: `pool`, `queued`, `max_batch_size`, `background_steps`,
-        `host_idle`)."""
+        (`TierMonitor` snapshot dicts: `pool`, `queued`, `max_batch_size`, `background_steps`)."""
         if self.mode == "off" or not replicas:
             return False
-        return (
-            idle_share(replicas) >= self.idle_floor
-            and any(r.get("host_idle", True) for r in replicas)
-            and background_steps(replicas) + steps <= self.max_steps
-        )
+        queued = background_steps(replicas) + steps
+        return idle_share(replicas) >= self.idle_floor and queued <= self.max_steps
 
 
 def idle_share(replicas: Sequence[dict]) -> float:

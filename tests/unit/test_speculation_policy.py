@@ -38,10 +38,10 @@ def test_policy_submits_only_above_the_idle_floor_and_within_the_speculative_bou
     assert not policy.allows([{**idle, "background_steps": 15}], 10)  # 15 + 10 > 20 queued
     assert not SpeculationPolicy(mode="off").allows([idle], 10)
     assert not policy.allows([], 10)  # no replica reported: no capacity known
-    # a CPU replica whose host has no core to spare would only hold it: not submitted, nor predicted
+    # a CPU replica whose host is busy right now (the edge just made the preview) holds it until a core is
+    # free: submitted all the same
     busy_host = {**idle, "host_idle": False}
-    assert not policy.allows([busy_host]) and not policy.allows([busy_host], 10)
-    assert policy.allows([busy_host, idle], 10)  # another replica can run it
+    assert policy.allows([busy_host]) and policy.allows([busy_host], 10)
     assert policy.allows([idle])  # before the strength is known: the tier is idle enough
     with pytest.raises(ValueError, match="speculation='maybe' is not allowed"):
         SpeculationPolicy(mode="maybe")  # type: ignore[arg-type]
