@@ -2,19 +2,19 @@
 DiffusionX sessions with speculative refinement on and off, on the same arrivals and think times.
 
 Method (every figure through HTTP with `clients.loadgen`):
-1. Capacity. `UNLOADED` sessions one at a time (speculation off) give a session's cloud steps (its
-   finalize at the predicted strength) and edge steps (its previews and edits); with each tier's published
-   service model (`/v1/stats`) a tier's capacity is `replicas * B / (steps * t(B))` requests per second
-   (`compare_bench.capacity_per_s`): finalizes per second on the cloud tier, sessions per second on the
-   edge tier.
+1. Capacity. `UNLOADED` sessions one at a time (speculation off) give the cloud steps of a session's
+   finalize at the predicted strength; with the cloud replicas' published service model (`/v1/stats`) the
+   cloud tier's capacity is `replicas * B / (steps * t(B))` finalizes per second
+   (`compare_bench.capacity_per_s`). `BURST` sessions sent at once with no think time give the sessions
+   per second the whole application completes (previews, edits, predictions and finalizes).
 2. Low load. Sessions (`--rounds` rounds, think times of mean `--think-s`) arriving at `--spec-low-x`
-   times the lower of the two capacities (`--spec-max-session-rate` caps it only when given), reported as
-   `offered_x_capacity` (and `offered_x_cloud_capacity`, `bottleneck`): once with speculation on, once
+   times the lower of the two (`--spec-max-session-rate` caps it only when given), reported as
+   `offered_x_capacity` (with `offered_x_cloud_capacity` and `bottleneck`): once with speculation on, once
    off, and once in edge-only mode (every round a one-shot edge image), the edge-only session latency
-   being the paper's reference. Low load is sized on the lower capacity because a finalize at the
-   predicted strength is a few cloud steps, so the sessions that load the cloud tier to 0.3x can hold the
-   edge tier far beyond its capacity (and, where the tiers share a machine's cores, the cloud's cores too):
-   that would measure a queue of previews, not a tier with idle capacity.
+   being the paper's reference. A finalize at the predicted strength is a few cloud steps, so sessions that
+   load the cloud tier to 0.3x can hold the edge tier (and, where the tiers share a machine's cores, the
+   cloud's cores too) far beyond its capacity: that would measure a queue of previews, not a tier with
+   idle capacity.
 3. High load. The same sessions with the router's latency target, while finalizes of previews made
    beforehand arrive at `--load-x` times the capacity of the router experiment's finalizes (at
    `--finalize-strength`, the same target): on and off. SLO attainment is over every finalize of the run
@@ -39,7 +39,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
@@ -48,8 +48,9 @@ import numpy as np
 from clients.loadgen import LoadgenConfig, run_loadgen, shapes_judge
 from clients.workload import poisson_arrivals
 
-UNLOADED = 6  # sessions one at a time for a session's steps on each tier
+UNLOADED = 6  # sessions one at a time for the cloud steps of a session's finalize
 UNLOADED_GAP_X = 2.0  # their arrivals this many times a session's mean think time apart
+BURST = 24  # sessions arriving at once with no think time: the sessions per second the application completes
 FIELDS = (
     "finalize_latency_s_p50",
     "finalize_latency_s_p95",
@@ -165,23 +166,27 @@ def run_speculation(
         url = restart({})
         off_extra = {}
     urls = {"on": url, "off": url}  # `url` serves the default, `speculation: idle`
-    # 1. a session's steps on each tier, from sessions one at a time (speculation off: the finalize's
-    # cloud steps are those of its predicted strength)
+    # 1. a session's cloud steps, from sessions one at a time (speculation off: the finalize's steps are
+    # those of its predicted strength), and the sessions per second the application completes
     gaps = [settings.rounds * settings.think_s * UNLOADED_GAP_X * i for i in range(UNLOADED)]
     [runs["spec-unloaded"]] = run_together(
         urls["on"], [loadgen_config(urls["on"], "sessions", gaps, settings, speculation="off")], False
     ).rows
-    steps, edge_steps = session_steps(runs["spec-unloaded"])
+    steps = finalize_steps(runs["spec-unloaded"])
     capacity = capacity_of(urls["on"], steps)
-    edge_capacity = capacity_of(urls["on"], edge_steps, "edge")
-    bottleneck = min(capacity, edge_capacity)
+    burst = replace(
+        loadgen_config(urls["on"], "sessions", [0.0] * BURST, settings, speculation="off"), think_s=0.0
+    )
+    [runs["spec-burst"]] = run_together(urls["on"], [burst], False).rows
+    session_capacity = sessions_per_s(runs["spec-burst"])
+    bottleneck = min(capacity, session_capacity)
     rate = settings.spec_low_x * bottleneck
     if settings.spec_max_session_rate is not None:
         rate = min(rate, settings.spec_max_session_rate)
     sessions = poisson_arrivals(rate, 3600.0, settings.sessions, random.Random(settings.seed + 7))
     print(
-        f"speculation: a session takes {steps:.1f} cloud steps (capacity {capacity:.2f} finalizes/s) and "
-        f"{edge_steps:.1f} edge steps (capacity {edge_capacity:.2f} sessions/s); low load: "
+        f"speculation: a session's finalize takes {steps:.1f} cloud steps (cloud capacity {capacity:.2f} "
+        f"finalizes/s); the application completes {session_capacity:.2f} sessions/s; low load: "
         f"{settings.sessions} sessions at {rate:.2f}/s ({rate / bottleneck:.2f}x the lower)",
         flush=True,
     )
@@ -195,7 +200,7 @@ def run_speculation(
         "low_load": {
             "offered_x_capacity": round(rate / bottleneck, 4),
             "offered_x_cloud_capacity": round(rate / capacity, 4),
-            "bottleneck": "cloud" if capacity <= edge_capacity else "edge",
+            "bottleneck": "cloud" if capacity <= session_capacity else "sessions",
         },
         "high_load": {
             "offered_x_capacity": settings.load_x,
@@ -203,9 +208,8 @@ def run_speculation(
             "finalize_strength": settings.finalize_strength,
         },
         "session_finalize_cloud_steps": round(steps, 2),
-        "session_edge_steps": round(edge_steps, 2),
         "capacity_finalizes_per_s": round(capacity, 4),
-        "edge_capacity_sessions_per_s": round(edge_capacity, 4),
+        "session_capacity_per_s": round(session_capacity, 4),
     }
     for state in ("on", "off"):
         if restart is not None and state == "off":
@@ -250,19 +254,30 @@ def run_speculation(
     return summary, runs
 
 
-def session_steps(rows: list[dict[str, Any]]) -> tuple[float, float]:
-    """(cloud steps of a session's finalize, edge steps of its previews and edits), means over the
-    sessions whose every request succeeded."""
+def _complete_sessions(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     by_session: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         by_session.setdefault(str(row.get("session", "")), []).append(row)
-    complete = [g for g in by_session.values() if all(str(r["status"]) == "200" for r in g)]
-    finalizes = [r for g in complete for r in g if r["kind"] == "finalize"]
+    return [g for g in by_session.values() if all(str(r["status"]) == "200" for r in g)]
+
+
+def finalize_steps(rows: list[dict[str, Any]]) -> float:
+    """Mean cloud steps of a session's finalize, over the sessions whose every request succeeded."""
+    finalizes = [r for g in _complete_sessions(rows) for r in g if r["kind"] == "finalize"]
     if not finalizes:
         raise RuntimeError(f"no unloaded session succeeded: {rows[:1]}")
-    cloud = float(np.mean([max(1.0, float(r["cloud_unet_calls"])) for r in finalizes]))
-    edge = float(np.mean([sum(float(r["edge_unet_calls"] or 0) for r in g) for g in complete]))
-    return cloud, max(1.0, edge)
+    return float(np.mean([max(1.0, float(r["cloud_unet_calls"])) for r in finalizes]))
+
+
+def sessions_per_s(rows: list[dict[str, Any]]) -> float:
+    """Sessions completed per second by a burst of sessions sent at once: the completed sessions over the
+    time from the first request to the last answer."""
+    complete = _complete_sessions(rows)
+    if not complete:
+        raise RuntimeError(f"no session of the burst succeeded: {rows[:1]}")
+    start = min(float(r["arrival_s"]) for r in rows)
+    end = max(float(r["arrival_s"]) + float(r["e2e_ms"]) / 1000.0 for g in complete for r in g)
+    return len(complete) / max(1e-3, end - start)
 
 
 def _full_steps(url: str) -> int:
