@@ -25,9 +25,11 @@ room for part-full batches and the latency target. The policy asks for
 `max(forecast, work held / target_wait_s)`: the forecast scales up before the finalizes arrive, the
 reactive term (QueuedStepsPolicy's) covers work the forecast missed, and when sessions stop previewing the
 forecast falls and the tier scales down as the reactive policy would, after Serve's `downscale_delay_s`.
-Until `f`, `L` and `s` are measured (no finalize seen yet) the policy uses its priors (`prior_*` kwargs:
-what the operator measured on earlier traffic, e.g. the ingress's figures of yesterday; 0 = none), and
-without a prior the forecast is 0: a fresh deployment otherwise scales reactively until its first finalize.
+Until `f` and `L` are measured (on whole cohorts of sessions, `SessionTracker`'s `mature_s` after their
+start) and `s` (no finalize seen yet) the policy uses its priors (`prior_*` kwargs: what the operator
+measured on earlier traffic, e.g. the ingress's figures of yesterday; 0 = none), then the measured figures
+weighed against the priors by the sessions they rest on (a prior weighs as `prior_sessions`); without a
+prior the forecast is 0: a fresh deployment otherwise scales reactively until its first cohort matures.
 
 This module imports nothing from Ray and is tested with fake contexts.
 """
@@ -48,6 +50,7 @@ FINALIZE_SHARE = "finalize_share"
 PREVIEW_TO_FINALIZE_S = "preview_to_finalize_s"
 FINALIZE_STEPS = "finalize_steps"
 SESSION_STARTS_PER_S = "session_starts_per_s"
+MEASURED_SESSIONS = "measured_sessions"
 
 
 def session_stats(activity: SessionActivity) -> dict[str, float]:
@@ -58,6 +61,7 @@ def session_stats(activity: SessionActivity) -> dict[str, float]:
         PREVIEW_TO_FINALIZE_S: float(activity.preview_to_finalize_s),
         FINALIZE_STEPS: float(activity.finalize_steps),
         SESSION_STARTS_PER_S: float(activity.starts_per_s),
+        MEASURED_SESSIONS: float(activity.measured_sessions),
     }
 
 
@@ -79,9 +83,10 @@ class AheadPolicy:
     prior_finalize_share: float = 0.0
     prior_preview_to_finalize_s: float = 0.0
     prior_finalize_steps: float = 0.0
+    prior_sessions: float = 50.0  # how many measured sessions a prior weighs as, against the measured figures
 
     def __post_init__(self) -> None:
-        for name in ("target_wait_s", "default_step_s", "target_utilization"):
+        for name in ("target_wait_s", "default_step_s", "target_utilization", "prior_sessions"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name}={value!r} is not allowed: use a number > 0")
@@ -97,8 +102,11 @@ class AheadPolicy:
     def forecast(self, metrics: Mapping[str, Mapping[Any, float]], step_s: float) -> tuple[float, float]:
         """(replicas the coming finalizes need, their expected arrival rate per second)."""
         sessions = _latest(metrics, PREVIEWING_SESSIONS)
-        share = _latest(metrics, FINALIZE_SHARE) or self.prior_finalize_share
-        lead_s = _latest(metrics, PREVIEW_TO_FINALIZE_S) or self.prior_preview_to_finalize_s
+        measured = _latest(metrics, MEASURED_SESSIONS)
+        share = self._with_prior(_latest(metrics, FINALIZE_SHARE), self.prior_finalize_share, measured)
+        lead_s = self._with_prior(
+            _latest(metrics, PREVIEW_TO_FINALIZE_S), self.prior_preview_to_finalize_s, measured
+        )
         steps = _latest(metrics, FINALIZE_STEPS) or self.prior_finalize_steps
         starts = _latest(metrics, SESSION_STARTS_PER_S)
         if min(share, lead_s, steps) <= 0 or max(sessions, starts) <= 0:
@@ -109,6 +117,13 @@ class AheadPolicy:
         batch = max(1.0, _latest(metrics, MAX_BATCH_SIZE))
         replica_s_each = steps * full_batch_s / batch
         return rate * replica_s_each / self.target_utilization, rate
+
+    def _with_prior(self, value: float, prior: float, measured: float) -> float:
+        """A measured figure weighed against its prior by the sessions it rests on (`prior_sessions` for
+        the prior), so the first few mature sessions do not displace what the operator measured."""
+        if value <= 0 or prior <= 0:
+            return value or prior
+        return (measured * value + self.prior_sessions * prior) / (measured + self.prior_sessions)
 
     def __call__(self, ctx: Any) -> tuple[float, dict[str, Any]]:
         held = held_work(ctx, self.default_step_s)

@@ -6,13 +6,22 @@ announce the finalizes of the next `preview-to-finalize` seconds. `SessionTracke
 their preview ids (each new preview id joins its parent's session) and measures, over its recent history:
 
 - `previewing`: sessions with a preview and no finalize yet, active within `idle_s`;
-- `finalize_share`: of the sessions that ended (finalized, or idle for `idle_s`), the share that finalized;
-- `preview_to_finalize_s`: mean time from a session's first preview to its finalize;
+- `finalize_share`: of the sessions started at least `mature_s` ago, the share that finalized;
+- `preview_to_finalize_s`: their mean time from the first preview to the finalize;
+- `measured_sessions`: how many sessions those two figures rest on;
 - `finalize_steps`: mean denoising steps a finalize ran on the cloud tier;
 - `starts_per_s`: sessions started per second over the last `rate_window_s` (they finalize a lead later).
 
-Until a figure is measured it is reported as 0 (the policy then forecasts nothing). The tracker holds at
-most `max_sessions` sessions and `history` ended ones (oldest dropped first), so its memory is bounded.
+The share and the lead are measured on whole cohorts (sessions started `mature_s` ago or earlier, by then
+finalized, abandoned or open for longer than any session the policy plans for), not on the sessions that
+have ended so far: while a load rises, the sessions that have finalized are the short ones, and the
+abandoned ones end only `idle_s` after their last preview, so figures over ended sessions read the lead
+short and the share high (in the quick autoscaling bench, a lead of 32 s at 45 s into the ramp against
+61 s over whole sessions), which sizes the tier for finalizes that come later than it plans.
+
+Until a figure is measured it is reported as 0 (the policy then uses its prior, or forecasts nothing). The
+tracker holds at most `max_sessions` sessions and `history` measured ones (oldest dropped first), so its
+memory is bounded.
 Ray-free, with an injected clock; the ingress feeds it and publishes `activity()` (deployments/state.py).
 """
 
@@ -34,6 +43,7 @@ class SessionActivity:
     finalize_steps: float = 0.0
     starts_per_s: float = 0.0
     taken_at: float = 0.0  # wall clock (time.time), to age out a silent source
+    measured_sessions: int = 0  # the mature sessions `finalize_share` and `preview_to_finalize_s` rest on
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -50,6 +60,7 @@ def merge_activity(activities: Iterable[SessionActivity]) -> SessionActivity:
         return sum(v * w for v, w in pairs) / sum(w for _, w in pairs) if pairs else 0.0
 
     return SessionActivity(
+        measured_sessions=sum(a.measured_sessions for a in items),
         previewing=previewing,
         finalize_share=mean("finalize_share"),
         preview_to_finalize_s=mean("preview_to_finalize_s"),
@@ -63,6 +74,7 @@ def merge_activity(activities: Iterable[SessionActivity]) -> SessionActivity:
 class _Session:
     started: float
     last: float
+    lead_s: float | None = None  # first preview to finalize, once finalized
 
 
 class SessionTracker:
@@ -71,13 +83,17 @@ class SessionTracker:
         idle_s: float = 120.0,
         history: int = 200,
         max_sessions: int = 100_000,
-        rate_window_s: float = 10.0,  # short enough to follow a ramp, long enough for tens of starts
+        rate_window_s: float = 20.0,  # follows a ramp within seconds, over tens of starts (less noise)
+        mature_s: float | None = None,  # a session's outcome counts this long after its start (2 x idle_s)
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        if idle_s <= 0 or history < 1 or max_sessions < 1 or rate_window_s <= 0:
-            raise ValueError("idle_s and rate_window_s must be > 0, history and max_sessions >= 1")
+        mature_s = 2.0 * idle_s if mature_s is None else mature_s
+        if idle_s <= 0 or history < 1 or max_sessions < 1 or rate_window_s <= 0 or mature_s <= 0:
+            raise ValueError("idle_s, rate_window_s and mature_s must be > 0, history and max_sessions >= 1")
         self.rate_window_s = rate_window_s
+        self.mature_s = mature_s
+        self._cohort: deque[_Session] = deque(maxlen=max_sessions)  # started, not yet mature, oldest first
         self._starts: deque[float] = deque()  # start times of the sessions of the last rate_window_s
         self.idle_s = idle_s
         self.max_sessions = max_sessions
@@ -85,7 +101,7 @@ class SessionTracker:
         self._wall_clock = wall_clock
         self._by_preview: OrderedDict[str, _Session] = OrderedDict()  # preview id -> its session
         self._sessions: dict[int, _Session] = {}  # id(session) -> session, the open ones
-        self._ended: deque[bool] = deque(maxlen=history)  # finalized?
+        self._ended: deque[bool] = deque(maxlen=history)  # mature sessions: finalized?
         self._lead_s: deque[float] = deque(maxlen=history)
         self._steps: deque[float] = deque(maxlen=history)
 
@@ -96,6 +112,7 @@ class SessionTracker:
         if session is None:
             session = _Session(started=now, last=now)
             self._sessions[id(session)] = session
+            self._cohort.append(session)
             self._starts.append(now)
         session.last = now
         self._by_preview[preview_id] = session
@@ -112,17 +129,24 @@ class SessionTracker:
         if session is None or id(session) not in self._sessions:
             return  # an image sent inline, a session already finalized, or one forgotten
         del self._sessions[id(session)]
-        self._ended.append(True)
-        self._lead_s.append(now - session.started)
+        session.lead_s = now - session.started
 
     def _expire(self, now: float) -> None:
         for key in [k for k, s in self._sessions.items() if now - s.last > self.idle_s]:
             del self._sessions[key]
-            self._ended.append(False)
+
+    def _measure(self, now: float) -> None:
+        """Counts the outcome of every session that has become mature."""
+        while self._cohort and now - self._cohort[0].started >= self.mature_s:
+            session = self._cohort.popleft()
+            self._ended.append(session.lead_s is not None)
+            if session.lead_s is not None:
+                self._lead_s.append(session.lead_s)
 
     def activity(self) -> SessionActivity:
         now = self._clock()
         self._expire(now)
+        self._measure(now)
         while self._starts and now - self._starts[0] > self.rate_window_s:
             self._starts.popleft()
         ended = list(self._ended)
@@ -133,4 +157,5 @@ class SessionTracker:
             finalize_steps=sum(self._steps) / len(self._steps) if self._steps else 0.0,
             starts_per_s=len(self._starts) / self.rate_window_s,
             taken_at=self._wall_clock(),
+            measured_sessions=len(ended),
         )

@@ -25,7 +25,7 @@ class Clock:
 
 def test_tracker_follows_sessions_by_preview_ids_and_measures_share_lead_and_steps():
     clock = Clock()
-    tracker = SessionTracker(idle_s=30.0, clock=clock, wall_clock=clock)
+    tracker = SessionTracker(idle_s=30.0, mature_s=60.0, clock=clock, wall_clock=clock)
     tracker.preview("a1")  # session A starts at 100
     tracker.preview("b1")  # session B starts at 100
     clock.now = 110.0
@@ -34,13 +34,37 @@ def test_tracker_follows_sessions_by_preview_ids_and_measures_share_lead_and_ste
     clock.now = 120.0
     tracker.finalize("a2", cloud_steps=10)  # A finalizes 20 s after its first preview
     activity = tracker.activity()
-    assert (activity.previewing, activity.finalize_share) == (1, 1.0)
-    assert activity.preview_to_finalize_s == pytest.approx(20.0) and activity.finalize_steps == 10.0
+    assert activity.previewing == 1 and activity.finalize_steps == 10.0
+    # share and lead wait for the cohort to mature: B may still finalize, later than A
+    assert (activity.finalize_share, activity.preview_to_finalize_s, activity.measured_sessions) == (0, 0, 0)
     tracker.finalize("a2", cloud_steps=6)  # a retry of the same finalize: steps count, the session once
     clock.now = 131.0  # B idle for 31 s: abandoned
+    assert tracker.activity().previewing == 0
+    clock.now = 160.0  # A and B started 60 s ago: measured
     activity = tracker.activity()
-    assert activity.previewing == 0 and activity.finalize_share == pytest.approx(0.5)
-    assert activity.finalize_steps == pytest.approx(8.0) and activity.taken_at == 131.0
+    assert activity.finalize_share == pytest.approx(0.5) and activity.measured_sessions == 2
+    assert activity.preview_to_finalize_s == pytest.approx(20.0)
+    assert activity.finalize_steps == pytest.approx(8.0) and activity.taken_at == 160.0
+
+
+def test_a_rising_load_does_not_read_the_lead_from_its_quickest_sessions():
+    """Sessions start every second, and each finalizes 60 s later, but one in ten only 10 s later: at
+    70 s only quick ones and a few slow ones have finalized; whole cohorts give the lead the load has."""
+    clock = Clock()
+    tracker = SessionTracker(idle_s=70.0, mature_s=90.0, clock=clock, wall_clock=clock)
+    finalizes: dict[float, str] = {}
+    for second in range(200):
+        clock.now = 100.0 + second
+        if clock.now in finalizes:
+            tracker.finalize(finalizes.pop(clock.now), cloud_steps=10)
+        if second < 100:
+            tracker.preview(f"s{second}")
+            finalizes[clock.now + (10.0 if second % 10 == 0 else 60.0)] = f"s{second}"
+        if second == 70:
+            assert tracker.activity().preview_to_finalize_s == 0.0  # no cohort has matured yet
+    activity = tracker.activity()
+    assert activity.preview_to_finalize_s == pytest.approx(0.9 * 60.0 + 0.1 * 10.0, abs=0.5)
+    assert activity.finalize_share == 1.0 and activity.measured_sessions == 100
 
 
 def test_merged_activity_adds_sessions_and_weights_figures_by_them():
@@ -53,8 +77,10 @@ def test_merged_activity_adds_sessions_and_weights_figures_by_them():
     assert merge_activity([]) == SessionActivity()
 
 
-def previewing(sessions: int, share: float = 1.0, lead_s: float = 20.0, steps: float = 10.0) -> dict:
-    return session_stats(SessionActivity(sessions, share, lead_s, steps))
+def previewing(
+    sessions: int, share: float = 1.0, lead_s: float = 20.0, steps: float = 10.0, measured: int = 0
+) -> dict:
+    return session_stats(SessionActivity(sessions, share, lead_s, steps, measured_sessions=measured))
 
 
 def test_policy_scales_for_the_coming_finalizes_before_any_work_arrives():
@@ -130,14 +156,23 @@ def test_serve_scales_up_after_the_upscale_delay_and_down_only_after_the_downsca
 
 
 def test_priors_stand_in_until_the_ingress_has_measured_a_finalize():
-    """No finalize seen yet (share, lead and steps 0): the priors give the forecast; measured figures win."""
+    """No finalize seen yet (share, lead and steps 0): the priors give the forecast; measured figures are
+    weighed against them by the sessions they rest on, a prior weighing as `prior_sessions`."""
     fresh = context({"a": {**replica(0, 0, step_s=0.1, batch=8), **previewing(80, 0.0, 0.0, 0.0)}})
     assert AheadPolicy(target_utilization=0.5)(fresh)[1]["forecast_replicas"] == 0.0
     priors = {"prior_finalize_share": 1.0, "prior_preview_to_finalize_s": 20.0, "prior_finalize_steps": 10.0}
     # as the first test: 80 / 20 s x 10 steps x 0.1 s / 8 at 50% -> 1 replica
     assert AheadPolicy(target_utilization=0.5, **priors)(fresh)[0] == pytest.approx(1.0)
-    measured = context({"a": {**replica(0, 0, step_s=0.1, batch=8), **previewing(80, 1.0, 40.0, 10.0)}})
-    assert AheadPolicy(target_utilization=0.5, **priors)(measured)[0] == pytest.approx(0.5)
+
+    def measured(sessions: int) -> object:
+        stats = previewing(80, 1.0, 40.0, 10.0, sessions)
+        return context({"a": {**replica(0, 0, step_s=0.1, batch=8), **stats}})
+
+    # a lead of 40 s measured on 50 sessions against the prior's 20 s weighing as 50: 30 s -> 2/3 replica
+    policy = AheadPolicy(target_utilization=0.5, prior_sessions=50.0, **priors)
+    assert policy(measured(50))[0] == pytest.approx(80 / 30 * 10 * 0.1 / 8 / 0.5)
+    assert policy(measured(100_000))[0] == pytest.approx(0.5, rel=1e-3)  # many sessions: the measured lead
+    assert AheadPolicy(target_utilization=0.5)(measured(1))[0] == pytest.approx(0.5)  # no prior: measured
     with pytest.raises(ValueError, match="prior_finalize_share"):
         AheadPolicy(prior_finalize_share=2.0)
     with pytest.raises(ValueError, match="prior_preview_to_finalize_s"):
