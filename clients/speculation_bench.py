@@ -5,8 +5,8 @@ Method (every figure through HTTP with `clients.loadgen`):
 1. Capacity. `UNLOADED` sessions one at a time (speculation off) give the cloud steps of a session's
    finalize at the predicted strength; with the cloud replicas' published service model (`/v1/stats`) the
    cloud tier's capacity is `replicas * B / (steps * t(B))` finalizes per second
-   (`compare_bench.capacity_per_s`). `BURST` sessions sent at once with no think time give the sessions
-   per second the whole application completes (previews, edits, predictions and finalizes).
+   (`compare_bench.capacity_per_s`). `--sessions` sessions sent at once with no think time give the
+   sessions per second the whole application completes (previews, edits, predictions and finalizes).
 2. Low load. Sessions (`--rounds` rounds, think times of mean `--think-s`) arriving at `--spec-low-x`
    times the lower of the two (`--spec-max-session-rate` caps it only when given), reported as
    `offered_x_capacity` (with `offered_x_cloud_capacity` and `bottleneck`): once with speculation on, once
@@ -50,7 +50,7 @@ from clients.workload import poisson_arrivals
 
 UNLOADED = 6  # sessions one at a time for the cloud steps of a session's finalize
 UNLOADED_GAP_X = 2.0  # their arrivals this many times a session's mean think time apart
-BURST = 24  # sessions arriving at once with no think time: the sessions per second the application completes
+MEASURE_SEED_OFFSET = 1000  # the capacity measurements' sessions: other prompts and seeds
 FIELDS = (
     "finalize_latency_s_p50",
     "finalize_latency_s_p95",
@@ -168,16 +168,16 @@ def run_speculation(
     urls = {"on": url, "off": url}  # `url` serves the default, `speculation: idle`
     # 1. a session's cloud steps, from sessions one at a time (speculation off: the finalize's steps are
     # those of its predicted strength), and the sessions per second the application completes
+    # (other prompts than the measured sessions': the speculations these previews leave behind must not
+    # answer the measured sessions' finalizes)
+    other = settings.seed + MEASURE_SEED_OFFSET
     gaps = [settings.rounds * settings.think_s * UNLOADED_GAP_X * i for i in range(UNLOADED)]
-    [runs["spec-unloaded"]] = run_together(
-        urls["on"], [loadgen_config(urls["on"], "sessions", gaps, settings, speculation="off")], False
-    ).rows
+    unloaded = loadgen_config(urls["on"], "sessions", gaps, settings, speculation="off")
+    [runs["spec-unloaded"]] = run_together(urls["on"], [replace(unloaded, seed=other)], False).rows
     steps = finalize_steps(runs["spec-unloaded"])
     capacity = capacity_of(urls["on"], steps)
-    burst = replace(
-        loadgen_config(urls["on"], "sessions", [0.0] * BURST, settings, speculation="off"), think_s=0.0
-    )
-    [runs["spec-burst"]] = run_together(urls["on"], [burst], False).rows
+    burst = loadgen_config(urls["on"], "sessions", [0.0] * settings.sessions, settings, speculation="off")
+    [runs["spec-burst"]] = run_together(urls["on"], [replace(burst, seed=other, think_s=0.0)], False).rows
     session_capacity = sessions_per_s(runs["spec-burst"])
     bottleneck = min(capacity, session_capacity)
     rate = settings.spec_low_x * bottleneck

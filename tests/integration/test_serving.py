@@ -529,6 +529,14 @@ def test_bench_compare_report_counts_every_request_and_adds_up(serve_url, tmp_pa
             assert set(speculation[load][state]) >= set(SPECULATION_FIELDS), (load, state)
     assert speculation["low_load"]["off"]["speculative"] == {"off": 2}  # bypassed on every finalize
     assert speculation["low_load"]["edge_only_session_latency_s_mean"] is not None
+    # low load is sized on the lower of the cloud's finalize capacity and the sessions the app completes
+    capacities = {
+        "cloud": speculation["capacity_finalizes_per_s"],
+        "sessions": speculation["session_capacity_per_s"],
+    }
+    assert min(capacities.values()) > 0 and speculation["low_load"]["bottleneck"] == min(
+        capacities, key=capacities.get
+    )
     rows = list(csv.DictReader((tmp_path / "requests.csv").open()))
     for run, counts in summary["counts"].items():
         mine = [row for row in rows if row["run"] == run]
