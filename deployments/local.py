@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import socket
 import sys
@@ -153,16 +154,33 @@ def start_local_app(
 _chosen_haproxy_ports: dict[str, str] = {}
 
 
+# HAProxy's ports are drawn from here: below Serve's replica ports (30000 up) and the kernel's ephemeral
+# range (32768 up), above Ray's worker ports (10002-19999). A port the kernel hands out (bind to 0) is an
+# ephemeral one, which Ray's processes starting meanwhile may take before HAProxy binds it.
+HAPROXY_PORT_RANGE = (21000, 29000)
+
+
+def _free_port(taken: set[int], rng: random.Random) -> int:
+    for _ in range(200):
+        port = rng.randrange(*HAPROXY_PORT_RANGE)
+        if port in taken:
+            continue
+        with socket.socket() as probe:  # HAProxy binds every interface
+            try:
+                probe.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port for HAProxy in {HAPROXY_PORT_RANGE}")
+
+
 def haproxy_ports_env() -> dict[str, str]:
     """Free local ports for HAProxy's stats page and metrics exporter (Serve's defaults, 8404 and 9101,
     are fixed: a second local application, e.g. the tests beside `diffusionx serve`, could not start)."""
-    with socket.socket() as stats, socket.socket() as metrics:  # both open at once: two distinct ports
-        stats.bind(("127.0.0.1", 0))
-        metrics.bind(("127.0.0.1", 0))
-        return {
-            "RAY_SERVE_HAPROXY_STATS_PORT": str(stats.getsockname()[1]),
-            "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics.getsockname()[1]),
-        }
+    rng = random.Random()
+    stats = _free_port(set(), rng)
+    metrics = _free_port({stats}, rng)
+    return {"RAY_SERVE_HAPROXY_STATS_PORT": str(stats), "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics)}
 
 
 def set_local_ray_env() -> None:
