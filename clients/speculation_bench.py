@@ -2,19 +2,20 @@
 DiffusionX sessions with speculative refinement on and off, on the same arrivals and think times.
 
 Method (every figure through HTTP with `clients.loadgen`):
-1. Capacity. `UNLOADED` sessions one at a time (speculation off) give the cloud steps of a session's
-   finalize at the predicted strength; with the cloud replicas' published service model (`/v1/stats`) the
-   cloud tier's capacity is `replicas * B / (steps * t(B))` finalizes per second
-   (`compare_bench.capacity_per_s`). `--sessions` sessions sent at once with no think time give the
-   sessions per second the whole application completes (previews, edits, predictions and finalizes).
+1. Capacity. `UNLOADED` sessions one at a time (speculation off, other prompts than the measured
+   sessions') give the cloud steps of a session's finalize at the predicted strength; with the cloud
+   replicas' published service model (`/v1/stats`) the cloud tier's capacity is
+   `replicas * B / (steps * t(B))` finalizes per second (`compare_bench.capacity_per_s`). Their summed
+   request latency `S` (a preview, the edits, the finalize) gives the sessions per second the application
+   serves one request at a time, `1 / S`.
 2. Low load. Sessions (`--rounds` rounds, think times of mean `--think-s`) arriving at `--spec-low-x`
    times the lower of the two (`--spec-max-session-rate` caps it only when given), reported as
    `offered_x_capacity` (with `offered_x_cloud_capacity` and `bottleneck`): once with speculation on, once
    off, and once in edge-only mode (every round a one-shot edge image), the edge-only session latency
-   being the paper's reference. A finalize at the predicted strength is a few cloud steps, so sessions that
-   load the cloud tier to 0.3x can hold the edge tier (and, where the tiers share a machine's cores, the
-   cloud's cores too) far beyond its capacity: that would measure a queue of previews, not a tier with
-   idle capacity.
+   being the paper's reference. Why not the cloud's capacity alone: a finalize at the predicted strength
+   is a few cloud steps, so the sessions that load the cloud tier to 0.3x hold the edge tier (and, where
+   the tiers share a machine's cores, the cloud's cores too) far beyond what it serves, and at a low load
+   requests do not batch, so `1 / S`, not the batched throughput, is what the application serves then.
 3. High load. The same sessions with the router's latency target, while finalizes of previews made
    beforehand arrive at `--load-x` times the capacity of the router experiment's finalizes (at
    `--finalize-strength`, the same target): on and off. SLO attainment is over every finalize of the run
@@ -176,9 +177,7 @@ def run_speculation(
     [runs["spec-unloaded"]] = run_together(urls["on"], [replace(unloaded, seed=other)], False).rows
     steps = finalize_steps(runs["spec-unloaded"])
     capacity = capacity_of(urls["on"], steps)
-    burst = loadgen_config(urls["on"], "sessions", [0.0] * settings.sessions, settings, speculation="off")
-    [runs["spec-burst"]] = run_together(urls["on"], [replace(burst, seed=other, think_s=0.0)], False).rows
-    session_capacity = sessions_per_s(runs["spec-burst"])
+    session_capacity = sessions_per_s(runs["spec-unloaded"])
     bottleneck = min(capacity, session_capacity)
     rate = settings.spec_low_x * bottleneck
     if settings.spec_max_session_rate is not None:
@@ -186,7 +185,7 @@ def run_speculation(
     sessions = poisson_arrivals(rate, 3600.0, settings.sessions, random.Random(settings.seed + 7))
     print(
         f"speculation: a session's finalize takes {steps:.1f} cloud steps (cloud capacity {capacity:.2f} "
-        f"finalizes/s); the application completes {session_capacity:.2f} sessions/s; low load: "
+        f"finalizes/s); the application serves {session_capacity:.2f} sessions/s unbatched; low load: "
         f"{settings.sessions} sessions at {rate:.2f}/s ({rate / bottleneck:.2f}x the lower)",
         flush=True,
     )
@@ -270,14 +269,12 @@ def finalize_steps(rows: list[dict[str, Any]]) -> float:
 
 
 def sessions_per_s(rows: list[dict[str, Any]]) -> float:
-    """Sessions completed per second by a burst of sessions sent at once: the completed sessions over the
-    time from the first request to the last answer."""
+    """Sessions per second the application serves one request at a time: 1 / the mean summed request
+    latency of a session sent alone."""
     complete = _complete_sessions(rows)
     if not complete:
-        raise RuntimeError(f"no session of the burst succeeded: {rows[:1]}")
-    start = min(float(r["arrival_s"]) for r in rows)
-    end = max(float(r["arrival_s"]) + float(r["e2e_ms"]) / 1000.0 for g in complete for r in g)
-    return len(complete) / max(1e-3, end - start)
+        raise RuntimeError(f"no unloaded session succeeded: {rows[:1]}")
+    return 1.0 / max(1e-3, float(np.mean([sum(float(r["e2e_ms"]) for r in g) / 1000.0 for g in complete])))
 
 
 def _full_steps(url: str) -> int:
