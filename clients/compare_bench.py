@@ -157,29 +157,23 @@ def _loadgen(url: str, workload: str, arrivals: list[float], settings: argparse.
 
 def _cloud_service(url: str) -> dict[str, Any]:
     """The cloud tier of GET /v1/stats as sent (with each replica's published service model)."""
-    return tier_service(url, "cloud")
-
-
-def tier_service(url: str, tier: str) -> dict[str, Any]:
-    """One tier of GET /v1/stats as sent (with each replica's published service model)."""
     response = httpx.get(f"{url}/v1/stats", timeout=30.0)
     response.raise_for_status()
-    return response.json()["tiers"][tier]
+    return response.json()["tiers"]["cloud"]
 
 
-def capacity_per_s(tier: dict[str, Any], steps_each: float) -> float:
-    """Requests of `steps_each` denoising steps per second a tier sustains (finalizes on the cloud tier,
-    sessions' previews and edits on the edge): each replica runs B samples per batched step."""
+def capacity_per_s(cloud: dict[str, Any], finalize_steps: float) -> float:
+    """Finalizes per second the cloud tier sustains: each replica runs B samples per batched step."""
     total = 0.0
-    for replica in tier.get("per_replica") or []:
+    for replica in cloud.get("per_replica") or []:
         step_time = replica.get("step_time_s")
         if not step_time:
             continue
         t0, t1 = step_time
         batch = int(replica.get("max_batch_size", 1))
-        total += batch / (max(1.0, steps_each) * max(1e-4, t0 + t1 * batch))
+        total += batch / (max(1.0, finalize_steps) * max(1e-4, t0 + t1 * batch))
     if total <= 0:
-        raise RuntimeError("the tier published no step time: cannot size the load")
+        raise RuntimeError("the cloud tier published no step time: cannot size the load")
     return total
 
 
@@ -263,8 +257,8 @@ def run_compare(url: str, settings: argparse.Namespace, restart=None) -> dict[st
     return summary
 
 
-def _capacity_of(url: str, steps: float, tier: str = "cloud") -> float:
-    return capacity_per_s(tier_service(url, tier), steps)
+def _capacity_of(url: str, steps: float) -> float:
+    return capacity_per_s(_cloud_service(url), steps)
 
 
 def _speculation_only(

@@ -152,13 +152,13 @@ def run_speculation(
     url: str,
     settings: argparse.Namespace,
     summarize: Callable[[list[dict[str, Any]], float | None], dict[str, Any]],
-    capacity_of: Callable[..., float],
+    capacity_of: Callable[[str, float], float],
     target_ms: float,
     restart: Callable[[dict[str, Any]], str] | None = None,
 ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     """Steps 1-3 of the module docstring; the summary's `speculation` entry and the runs' rows.
-    `target_ms` is the router experiment's latency target, `capacity_of(url, steps, tier="cloud")` a
-    tier's capacity in requests of `steps` steps per second."""
+    `target_ms` is the router experiment's latency target, `capacity_of(url, steps)` the tier's capacity
+    in finalizes of `steps` cloud steps per second."""
     runs: dict[str, list[dict[str, Any]]] = {}
     off_extra: dict[str, Any] = {"speculation": "off"}
     if restart is not None:
@@ -168,7 +168,7 @@ def run_speculation(
         off_extra = {}
     urls = {"on": url, "off": url}  # `url` serves the default, `speculation: idle`
     # 1. a session's cloud steps, from sessions one at a time (speculation off: the finalize's steps are
-    # those of its predicted strength), and the sessions per second the application completes
+    # those of its predicted strength) and the sessions per second the application serves unbatched
     # (other prompts than the measured sessions': the speculations these previews leave behind must not
     # answer the measured sessions' finalizes)
     other = settings.seed + MEASURE_SEED_OFFSET
