@@ -10,17 +10,14 @@ most the one background step in flight.
 
 The step keeps the replica's torch threads: fewer threads would change the floating-point order of the
 UNet's reductions, and a speculation must give the pixels of the same refinement run in the foreground.
-It runs at the lowest CPU priority instead (`LowPriority`), so a request of another tier that arrives
-during it gets the cores first. `/proc/stat` is Linux's; elsewhere `HostIdle` always answers idle.
+`/proc/stat` is Linux's; elsewhere `HostIdle` always answers idle.
 """
 
 from __future__ import annotations
 
 import os
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
 from pathlib import Path
 
 PROC_STAT = Path("/proc/stat")
@@ -81,86 +78,3 @@ class HostIdle:
         self.idle = self.cores - self.others_cores >= self.free_cores
         self._last = (now, busy, own)
         return self.idle
-
-
-def _threads() -> list[int]:
-    """This process's thread ids (Linux: /proc/self/task); empty elsewhere."""
-    try:
-        return [int(name) for name in os.listdir("/proc/self/task")]
-    except OSError:
-        return []
-
-
-def _nice(tid: int) -> int:
-    return os.getpriority(os.PRIO_PROCESS, tid)
-
-
-def _set_nice(tid: int, value: int) -> None:
-    os.setpriority(os.PRIO_PROCESS, tid, value)
-
-
-class LowPriority:
-    """Runs a block (a step of speculative work alone) with this process's threads at the lowest CPU
-    priority (`nice` 19), then puts them back. `HostIdle` lets the step start while a core is free, but a
-    preview that arrives during it would share the cores with it as an equal; at nice 19 the host's
-    scheduler gives that preview's threads the cores first (weight 15 against 1024), which is what "idle
-    capacity only" means on shared cores. Priorities do not change what the step computes, so a
-    speculation's pixels stay those of the same refinement run in the foreground.
-
-    Putting a thread back from nice 19 is raising its priority, which Linux allows only with
-    CAP_SYS_NICE or a high enough RLIMIT_NICE: `available` says whether this process may (probed once on
-    a thread of its own); where it may not, the block runs at its normal priority. The thread functions are
-    injected for tests."""
-
-    def __init__(
-        self,
-        nice: int = 19,
-        threads: Callable[[], list[int]] = _threads,
-        get_nice: Callable[[int], int] = _nice,
-        set_nice: Callable[[int, int], None] = _set_nice,
-        available: bool | None = None,
-    ) -> None:
-        self.nice = nice
-        self._threads, self._get, self._set = threads, get_nice, set_nice
-        self.available = self._probe() if available is None else available
-
-    def _probe(self) -> bool:
-        if not hasattr(os, "setpriority") or not self._threads():
-            return False
-        allowed: list[bool] = []
-
-        def attempt() -> None:  # on a thread that ends here, so a failed restore leaves nothing behind
-            tid = threading.get_native_id()
-            before = self._get(tid)
-            try:
-                self._set(tid, min(19, before + 1))
-                self._set(tid, before)
-                allowed.append(True)
-            except OSError:
-                allowed.append(False)
-
-        probe = threading.Thread(target=attempt, name="nice-probe")
-        probe.start()
-        probe.join()
-        return bool(allowed and allowed[0])
-
-    @contextmanager
-    def __call__(self) -> Iterator[None]:
-        if not self.available:
-            yield
-            return
-        changed: dict[int, int] = {}
-        for tid in self._threads():
-            try:
-                before = self._get(tid)
-                if before < self.nice:
-                    self._set(tid, self.nice)
-                    changed[tid] = before
-            except OSError:  # a thread that ended meanwhile
-                continue
-        try:
-            yield
-        finally:
-            for tid, before in changed.items():
-                with suppress(OSError):
-                    self._set(tid, before)

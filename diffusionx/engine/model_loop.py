@@ -47,7 +47,6 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, TypeVar
 
@@ -173,9 +172,6 @@ class ModelLoop:
         # replica); while it says no, the loop looks again every `background_poll_s`
         self.background_gate: Callable[[], bool] = background_gate or (lambda: True)
         self.background_poll_s = background_poll_s
-        # what a step of background work alone runs in (e.g. `engine.host_share.LowPriority` on a CPU
-        # replica: the lowest CPU priority, so other tiers' requests get the shared cores first)
-        self.background_priority: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext
         self._arrived = asyncio.Event()
         self._running: list[Job] = []  # the whole batch in the model right now
         self._functions: dict[str, BatchFunction] = {}
@@ -329,10 +325,8 @@ class ModelLoop:
                     # a step of background work alone never holds up a waiting whole batch, and runs
                     # only when the gate lets it
                     if self._stepping and (not others_wait or self._stepper.has_foreground):
-                        if self._stepper.has_foreground:
+                        if self._stepper.has_foreground or self.background_gate():
                             await self._step_once()
-                        elif self.background_gate():
-                            await self._step_once(background_only=True)
                         elif not others_wait:
                             await self._wait_for_arrival(self.background_poll_s)
                 if any(job.kind != self._step_kind for job in self._waiting):
@@ -493,19 +487,11 @@ class ModelLoop:
         self.monitor.pool = stepper.priorities()
         self._note_background()
 
-    async def _step_once(self, background_only: bool = False) -> None:
+    async def _step_once(self) -> None:
         stepper = self._stepper
         assert stepper is not None
-        step = stepper.step
-        if background_only:
-            priority = self.background_priority
-
-            def step() -> list[SteppedTicket]:
-                with priority():
-                    return stepper.step()
-
         started = self._clock()
-        finished = await self._run_blocking(step)
+        finished = await self._run_blocking(stepper.step)
         elapsed = self._clock() - started
         advanced = 0
         for ticket, job in list(self._stepping.items()):

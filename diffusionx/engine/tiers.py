@@ -9,7 +9,6 @@ wrap the same objects, so the batching that is measured is the batching that is 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import time
@@ -144,7 +143,6 @@ class CloudModel(_Tier):
         background_max_slowdown: float = DEFAULT_MAX_SLOWDOWN,
         speculation_ttl_s: float = 120.0,
         background_gate: Callable[[], bool] | None = None,
-        background_priority: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
         **loop,
     ):
         super().__init__(max_batch_size, **loop)
@@ -152,8 +150,6 @@ class CloudModel(_Tier):
         if background_gate is not None:  # e.g. `engine.host_share.HostIdle` on a CPU replica
             self.loop.background_gate = background_gate
             self.loop.monitor.host_idle = background_gate  # reported in the tier's stats
-        if background_priority is not None:  # e.g. `engine.host_share.LowPriority` on a CPU replica
-            self.loop.background_priority = background_priority
         if step_batching:  # refinements of any strength share UNet batches, joining between steps
             batcher = StepBatcher(model, max_batch_size, "cloud", step_order)
             # speculative (background) samples share a foreground step only as far as the service

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import threading
 from pathlib import Path
 
 import pytest
 
-from diffusionx.engine.host_share import HostIdle, LowPriority, host_busy_s
+from diffusionx.engine.host_share import HostIdle, host_busy_s
 
 
 class Counters:
@@ -56,46 +54,3 @@ def test_without_proc_stat_the_host_always_counts_as_idle(tmp_path: Path):
     assert busy is not None and busy > 0
     with pytest.raises(ValueError, match="must be > 0"):
         HostIdle(window_s=0)
-
-
-def test_low_priority_lowers_every_thread_for_the_block_and_puts_each_back():
-    nice = {1: 0, 2: 5, 3: 19}
-
-    def set_nice(tid: int, value: int) -> None:
-        nice[tid] = value
-
-    def get_nice(tid: int) -> int:
-        if tid == 4:
-            raise ProcessLookupError("the thread ended")
-        return nice[tid]
-
-    low = LowPriority(threads=lambda: [1, 2, 3, 4], get_nice=get_nice, set_nice=set_nice, available=True)
-    with low():
-        assert nice == {1: 19, 2: 19, 3: 19}
-    assert nice == {1: 0, 2: 5, 3: 19}  # each back where it was; one already at 19 is left alone
-    with pytest.raises(RuntimeError), low():  # also when the block fails
-        raise RuntimeError("step failed")
-    assert nice == {1: 0, 2: 5, 3: 19}
-
-
-def test_low_priority_does_nothing_where_the_process_may_not_raise_a_priority_again():
-    nice = {1: 0}
-
-    def refuse_raising(tid: int, value: int) -> None:
-        if value < nice.get(tid, 0):
-            raise PermissionError("needs CAP_SYS_NICE")
-        nice[tid] = value
-
-    low = LowPriority(threads=lambda: [1], get_nice=lambda tid: nice.get(tid, 0), set_nice=refuse_raising)
-    assert not low.available  # probed on a thread of its own, which then ended at its lowered priority
-    with low():
-        assert nice[1] == 0
-
-
-def test_low_priority_on_this_machine_is_probed_and_leaves_the_threads_as_they_were():
-    low = LowPriority()
-    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    with low():
-        if low.available:
-            assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == 19
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
