@@ -18,11 +18,10 @@ functions and a small registry, tested without Ray:
   of recent time the replicas held no foreground work) is at least `idle_floor` and the speculative steps
   already queued on the tier are within `max_steps`. The workflow asks before it predicts the strength
   (`allows` without steps), so a busy tier costs no prediction either. A replica's background gate
-  (`host_idle`: a CPU replica runs speculative steps only while the host has a core to spare) is asked
-  only while the tier holds foreground work: a preview is answered just after the edge computed it, so
-  the host looks busy at exactly the moment a speculation is submitted; on a wholly idle tier the
-  speculation is submitted anyway, waits in the replica's pool and runs in the host's idle moments (the
-  think time). Under load the gate keeps speculations, and the calls that follow each, off a busy host.
+  (`host_idle`: a CPU replica runs speculative steps only while the host has a core to spare) is not
+  asked: a preview is answered just after the edge computed it, so the host looks busy at exactly the
+  moment a speculation is submitted; submitted anyway, it waits in the replica's pool and runs in the
+  host's next idle moments (the think time), which is what it is for.
 - `speculation_key`: what a finalize must match to use a speculation. The strength is not part of it: the
   registry keeps the strength the speculation runs at, so a finalize finds a finished speculation before
   it predicts anything (the prediction was made when the speculation was submitted, from the same preview
@@ -101,13 +100,8 @@ class SpeculationPolicy:
         (`TierMonitor` snapshot dicts: `pool`, `queued`, `max_batch_size`, `background_steps`)."""
         if self.mode == "off" or not replicas:
             return False
-        share = idle_share(replicas)
-        # a tier with foreground work also needs a replica whose host has a core to spare now (on a busy
-        # host a speculation would only wait, and the calls that follow it are load); a wholly idle tier
-        # takes it whatever its host does at this moment (module docstring)
-        host = share >= 1.0 or any(r.get("host_idle", True) for r in replicas)
         queued = background_steps(replicas) + steps
-        return share >= self.idle_floor and host and queued <= self.max_steps
+        return idle_share(replicas) >= self.idle_floor and queued <= self.max_steps
 
 
 def idle_share(replicas: Sequence[dict]) -> float:
