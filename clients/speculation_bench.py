@@ -177,7 +177,11 @@ def run_speculation(
     [runs["spec-unloaded"]] = run_together(urls["on"], [replace(unloaded, seed=other)], False).rows
     steps = finalize_steps(runs["spec-unloaded"])
     capacity = capacity_of(urls["on"], steps)
-    session_capacity = sessions_per_s(runs["spec-unloaded"])
+    # sessions per second the application serves one request at a time: 1 / a lone session's summed latency
+    session_s = summarize(runs["spec-unloaded"], None)["session_latency_s_mean"]
+    if not session_s:
+        raise RuntimeError(f"no unloaded session succeeded: {runs['spec-unloaded'][:1]}")
+    session_capacity = 1.0 / session_s
     bottleneck = min(capacity, session_capacity)
     rate = settings.spec_low_x * bottleneck
     if settings.spec_max_session_rate is not None:
@@ -253,28 +257,12 @@ def run_speculation(
     return summary, runs
 
 
-def _complete_sessions(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    by_session: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        by_session.setdefault(str(row.get("session", "")), []).append(row)
-    return [g for g in by_session.values() if all(str(r["status"]) == "200" for r in g)]
-
-
 def finalize_steps(rows: list[dict[str, Any]]) -> float:
-    """Mean cloud steps of a session's finalize, over the sessions whose every request succeeded."""
-    finalizes = [r for g in _complete_sessions(rows) for r in g if r["kind"] == "finalize"]
-    if not finalizes:
-        raise RuntimeError(f"no unloaded session succeeded: {rows[:1]}")
-    return float(np.mean([max(1.0, float(r["cloud_unet_calls"])) for r in finalizes]))
-
-
-def sessions_per_s(rows: list[dict[str, Any]]) -> float:
-    """Sessions per second the application serves one request at a time: 1 / the mean summed request
-    latency of a session sent alone."""
-    complete = _complete_sessions(rows)
-    if not complete:
-        raise RuntimeError(f"no unloaded session succeeded: {rows[:1]}")
-    return 1.0 / max(1e-3, float(np.mean([sum(float(r["e2e_ms"]) for r in g) / 1000.0 for g in complete])))
+    """Mean cloud steps of the 2xx finalizes of unloaded sessions."""
+    ok = [r for r in rows if r["kind"] == "finalize" and str(r["status"]) == "200"]
+    if not ok:
+        raise RuntimeError(f"no unloaded finalize succeeded: {rows[:1]}")
+    return float(np.mean([max(1.0, float(r["cloud_unet_calls"])) for r in ok]))
 
 
 def _full_steps(url: str) -> int:

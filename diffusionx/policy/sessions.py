@@ -60,13 +60,13 @@ def merge_activity(activities: Iterable[SessionActivity]) -> SessionActivity:
         return sum(v * w for v, w in pairs) / sum(w for _, w in pairs) if pairs else 0.0
 
     return SessionActivity(
-        measured_sessions=sum(a.measured_sessions for a in items),
         previewing=previewing,
         finalize_share=mean("finalize_share"),
         preview_to_finalize_s=mean("preview_to_finalize_s"),
         finalize_steps=mean("finalize_steps"),
         starts_per_s=sum(a.starts_per_s for a in items),
         taken_at=max((a.taken_at for a in items), default=0.0),
+        measured_sessions=sum(a.measured_sessions for a in items),
     )
 
 
