@@ -41,6 +41,9 @@ OBJECT_STORE_BYTES = 200 * 1024 * 1024
 # holds one cloud replica (1 GPU, 1 `cloud_node`), so cloud nodes follow cloud replicas one for one, up to
 # CloudRefiner's max_replicas; an edge node holds up to four edge replicas (a quarter GPU each), up to
 # EdgePreviewer's max_replicas. Each node declares 1 CPU (a replica asks for 0.5 and waits for its GPU time).
+# One node of each type is the group's minimum (`min_workers`, a KubeRay worker group's `minReplicas`): the
+# tiers' minimum replicas always need it, so it is launched with the head rather than when Serve first
+# places a replica, and it is never given back.
 HEAD_RESOURCES = {"CPU": 2, "head_node": 1}
 CLOUD_MAX_REPLICAS = 4
 EDGE_REPLICAS_PER_NODE = 4
@@ -48,7 +51,7 @@ NODE_TYPES: dict[str, dict[str, Any]] = {
     "cloud": {
         "resources": {"CPU": 1, "cloud_node": 1, "object_store_memory": OBJECT_STORE_BYTES},
         "node_config": {},
-        "min_workers": 0,
+        "min_workers": 1,
         "max_workers": CLOUD_MAX_REPLICAS,
     },
     "edge": {
@@ -58,11 +61,11 @@ NODE_TYPES: dict[str, dict[str, Any]] = {
             "object_store_memory": OBJECT_STORE_BYTES,
         },
         "node_config": {},
-        "min_workers": 0,
+        "min_workers": 1,
         "max_workers": 1,
     },
 }
-IDLE_TIMEOUT_MINUTES = 0.25  # a node with nothing on it for 15 s goes away
+IDLE_TIMEOUT_MINUTES = 0.1  # a node with nothing on it for 6 s goes away (Ray's fake provider default)
 
 # what `fake_multi_node/example.yaml` holds besides the node types (Ray's own defaults for this provider)
 _BASE_CONFIG: dict[str, Any] = {
@@ -94,6 +97,9 @@ _BASE_CONFIG: dict[str, Any] = {
 
 
 GCS_PORT = 6379  # the fake provider's nodes join the head there
+# seconds the cluster's processes get to exit on SIGTERM before SIGKILL (`ray stop` gives its own 10 s;
+# this cluster is thrown away, and a raylet that drains would only delay the next policy's cluster)
+STOP_GRACE_S = 5.0
 DELAYED_PROVIDER = "deployments.delayed_node_provider.DelayedFakeProvider"
 
 
@@ -158,7 +164,7 @@ class LocalAutoscalingCluster(AutoscalingCluster):
         for process in started:
             with contextlib.suppress(psutil.Error):
                 process.terminate()
-        _, alive = psutil.wait_procs(started, timeout=15.0)
+        _, alive = psutil.wait_procs(started, timeout=STOP_GRACE_S)
         for process in alive + _processes_of(head.pid, session):
             with contextlib.suppress(psutil.Error):
                 process.kill()
