@@ -30,7 +30,8 @@ ramp, on Ray's local autoscaling cluster with replicas that keep a GPU's time.
    `autoscale.png`.
 
 Each summary holds the peak offered load, cloud replicas and nodes min/max/end, scale-up and scale-down
-times, replica- and node-seconds (over one span for every policy, `measured_span_s`), finalize latency,
+times, replica- and node-seconds (over one span for every policy, `measured_span_s`), the replica-seconds
+of replicas that exactly follow the finalizes that arrived (`exact_cloud_replica_s`), finalize latency,
 `slo_attainment` (finalizes that ended 200 within the SLO, of all finalizes sent) and `time_to_capacity_s`
 (from the start of the load's rise to the first sample with the replicas the peak needs running).
 `offered_rps` is the rate of requests sent (all kinds) and the p95 is over finalizes that ended, both in
@@ -152,6 +153,24 @@ def _back_to(times: list[float], values: list[float], level: float, after_s: flo
     return found
 
 
+def exact_replica_s(
+    rows: list[dict[str, Any]], capacity_per_replica: float, span_s: float, window_s: float = 20.0
+) -> float:
+    """Cloud replica-seconds over [0, `span_s`] of replicas that exactly follow the finalizes that arrived:
+    each second, the finalizes sent in the `window_s` around it over one replica's capacity, rounded up, at
+    least 1; up the instant they are needed and gone the instant they are not (no provisioning time, no
+    downscale delay, no headroom). No policy can do this; it is what a run's replica-seconds are read
+    against, since a policy that did not serve the wave (shed it, or let it queue) used fewer."""
+    if capacity_per_replica <= 0 or window_s <= 0:
+        raise ValueError(f"capacity_per_replica={capacity_per_replica} and window_s={window_s} must be > 0")
+    arrivals = np.sort([float(r["arrival_s"]) for r in rows if r["kind"] == "finalize"])
+    seconds = np.arange(math.ceil(span_s))
+    half = window_s / 2
+    sent = np.searchsorted(arrivals, seconds + half) - np.searchsorted(arrivals, seconds - half)
+    needed = np.maximum(1, np.ceil(sent / window_s / capacity_per_replica - 1e-9))
+    return float(needed.sum())
+
+
 def slo_attainment(rows: list[dict[str, Any]], slo_s: float) -> float | None:
     """Share of the finalizes sent that ended 200 within `slo_s` (refused or failed ones miss)."""
     finals = [r for r in rows if r["kind"] == "finalize"]
@@ -193,11 +212,13 @@ def summarize(
     slo_s: float | None = None,
     needed_cloud: int | None = None,
     span_s: float | None = None,
+    capacity_per_replica: float | None = None,
 ) -> dict[str, Any]:
     """The figures of one run: peak offered load, cloud replicas and nodes min -> max -> end, time to
     scale up (load start to the first added cloud replica, and to the peak) and down (load falling to
     back at the minimum), replica- and node-seconds, finalize latency; with the SLO and the replicas the
-    peak needs, SLO attainment and time to capacity. Replica- and node-seconds are over [0, `span_s`]
+    peak needs, SLO attainment and time to capacity; with one replica's capacity, `exact_replica_s`.
+    Replica- and node-seconds are over [0, `span_s`]
     when given (`measured_span_s`: the same span for every policy, whenever its run stopped sampling),
     else over the samples."""
     times = [e["t_s"] for e in timeline]
@@ -221,6 +242,11 @@ def summarize(
         "cloud_replica_s": round(_integral(times, cloud, span_s), 1),
         "tier_replica_s": round(_integral(times, [sum(e["replicas"].values()) for e in timeline], span_s), 1),
         "node_s": round(_integral(times, nodes, span_s), 1),
+        "exact_cloud_replica_s": (
+            None
+            if capacity_per_replica is None or span_s is None
+            else round(exact_replica_s(rows, capacity_per_replica, span_s), 1)
+        ),
         "finalize_latency_s": {
             "n": len(finals),
             "p50": round(float(np.median(finals)), 3) if finals else None,
@@ -594,7 +620,13 @@ def main(argv: list[str] | None = None) -> int:
         priors = priors or session_priors(rows, sizing.finalize_steps)  # the first run's, for `ahead`
         timeline = build_timeline(samples, rows, args.window_s)
         summary = summarize(
-            timeline, rows, ramp, sizing.slo_s, sizing.needed_cloud_replicas, measured_span_s(ramp, args)
+            timeline,
+            rows,
+            ramp,
+            sizing.slo_s,
+            sizing.needed_cloud_replicas,
+            measured_span_s(ramp, args),
+            sizing.capacity_per_replica,
         )
         results[policy] = {
             "timeline": timeline,
@@ -633,6 +665,7 @@ def main(argv: list[str] | None = None) -> int:
                 key: result["summary"][key]
                 for key in (
                     "cloud_replica_s",
+                    "exact_cloud_replica_s",
                     "node_s",
                     "finalize_latency_s",
                     "slo_attainment",

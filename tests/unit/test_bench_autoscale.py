@@ -204,3 +204,17 @@ def test_the_cooldown_is_over_once_nodes_are_at_their_fewest_even_if_the_first_s
     samples = [sample(0, 1, 4), sample(2, 1, 3), sample(4, 3, 5), sample(6, 1, 3), sample(8, 1, 3)]
     assert not back_at_start(samples)
     assert back_at_start([*samples, sample(10, 1, 3)])
+
+
+def test_exact_replica_s_follows_the_finalizes_that_arrived():
+    from clients.bench_autoscale import exact_replica_s
+
+    # 2 finalizes/s over [10, 30), capacity 1/s per replica: 2 replicas for the 19 seconds whose whole
+    # 2-s window lies in it (11-29), the 1 minimum for the other 41 of 60
+    rows = [row(10.0 + i * 0.5, "finalize", 100.0) for i in range(40)]
+    rows += [row(5.0, "preview", 10.0)]  # previews are not the cloud's work
+    assert exact_replica_s(rows, capacity_per_replica=1.0, span_s=60.0, window_s=2.0) == 19 * 2 + 41
+    assert exact_replica_s(rows, capacity_per_replica=4.0, span_s=60.0, window_s=2.0) == 60.0
+    assert exact_replica_s([], capacity_per_replica=1.0, span_s=30.0) == 30.0
+    with pytest.raises(ValueError, match="capacity_per_replica"):
+        exact_replica_s(rows, capacity_per_replica=0.0, span_s=60.0)
