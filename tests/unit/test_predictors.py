@@ -118,7 +118,18 @@ def test_label_train_eval_end_to_end_on_tiny_random_sessions(tmp_path, capsys):
     assert refine.config.input_dim == feature_dim(refine.embedder.dim, alignment=True)
 
     plot = tmp_path / "pareto.png"
-    args = ["--sessions", "2", "--json", "--plot", str(plot), *models]
+    args = [
+        "--sessions",
+        "2",
+        "--json",
+        "--plot",
+        str(plot),
+        "--session-seed",
+        "0",
+        "--image-seed",
+        "7",
+        *models,
+    ]
     args += ["--refine-predictor", str(weights / "t-refine.safetensors")]
     args += ["--edit-predictor", str(weights / "t-edit.safetensors")]
     assert evaluate.main(args) == 0
@@ -138,6 +149,7 @@ def test_label_train_eval_end_to_end_on_tiny_random_sessions(tmp_path, capsys):
     assert report["target"] == pytest.approx(report["reference"]["quality"] - 0.01)
     assert set(report["edit"]["methods"]) == set(report["methods"])
     assert report["timing"]["refine_predict_cpu_ms"] > 0
+    assert (report["session_seed"], report["image_seed"]) == (0, 7)
     assert set(report["wrong_preview_auc_by_method"]) == {"learned", "heuristic"}
     assert "wrong_preview_auc" in report and 0 <= report["wrong_previews"] <= 2
     assert plot.exists() and Image.open(plot).size[0] > 500

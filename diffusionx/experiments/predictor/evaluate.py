@@ -240,6 +240,8 @@ def evaluate(
         "edit_mean_strength": {m: v["strength"] for m, v in edit_by_method.items()},
         "sessions": n_sessions,
         "rounds": rounds,
+        "session_seed": session_seed,
+        "image_seed": image_seed,
         "seconds": round(seconds, 1),
         "timing": timing,
         "predictors": {
@@ -422,6 +424,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--refine-predictor", default="shapes-refine", help="shipped name or .safetensors path"
     )
     parser.add_argument("--edit-predictor", default="shapes-edit", help="shipped name or .safetensors path")
+    parser.add_argument(
+        "--session-seed",
+        type=int,
+        default=EVAL_SESSION_SEED,
+        help=f"seed of the session prompts (default {EVAL_SESSION_SEED}, held out; 0: the labels' prompts, "
+        "which `loadgen` and `bench compare` also send)",
+    )
+    parser.add_argument(
+        "--image-seed",
+        type=int,
+        default=EVAL_IMAGE_SEED,
+        help=f"session i's image seed is this + i (default {EVAL_IMAGE_SEED}; `bench compare --seed S`: S)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--plot", default="runs/predictor/pareto.png", help="Pareto plot (PNG) path")
     add_session_options(parser)
@@ -446,6 +461,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         edit_predictor,
         args.sessions,
         args.rounds,
+        session_seed=args.session_seed,
+        image_seed=args.image_seed,
         concurrency=args.concurrency,
         progress=not args.no_progress,
     )
