@@ -12,9 +12,11 @@ registry without holding up the response. An ingress remembers where the specula
 (`recent` of them), so a finalize that comes back to it claims from the replica without the state call:
 a hit is then one call. It also fetches what they produced: it peeks at the replica, first
 `FETCH_FIRST_S` after submitting and then at doubling intervals (at most `FETCH_MAX_S` apart) until the
-speculation finished, left, or its TTL passed, and keeps the finished results (`finished_bytes` of images,
-least recently fetched dropped first). A finalize that comes back to it is then answered at once, with no
-call at all, and the claim that tells the replica and the registry it was used runs after the answer.
+speculation finished, left, or its TTL passed (no peek while foreground requests wait in the tier's
+queues, `policy.speculation.foreground_waiting`: a peek would take their place), and keeps the finished
+results (`finished_bytes` of images, least recently fetched dropped first). A finalize that comes back
+to it is then answered at once, with no call at all, and the claim that tells the replica and the
+registry it was used runs after the answer.
 Peeks, not one call held open until the speculation finishes: an open call would count as a request in
 flight on the cloud replica, and speculation never counts as load. The replica stays the judge of
 whether it has a speculation: one the registry superseded or expired has been dropped there, and its
@@ -32,7 +34,7 @@ from cachetools import LRUCache
 from deployments.handles import ask
 from diffusionx.engine.speculation import Claimed
 from diffusionx.policy.load import TierLoad
-from diffusionx.policy.speculation import IfRunning, Pinned, SpeculationPolicy
+from diffusionx.policy.speculation import IfRunning, Pinned, SpeculationPolicy, foreground_waiting
 from diffusionx.requests import Img2ImgRequest
 
 logger = logging.getLogger(__name__)
@@ -90,6 +92,9 @@ class HandleSpeculation:
             await asyncio.sleep(delay)
             if self._submitted.get(pinned.key) is not pinned:
                 return  # claimed, superseded or forgotten meanwhile
+            if foreground_waiting(await self.replicas()):  # it is not running; peek later
+                delay = min(2 * delay, FETCH_MAX_S)
+                continue
             peeked: Claimed = await self._ask(self.cloud.peek_speculation, pinned)
             if peeked.outcome == "hit":
                 if self._submitted.get(pinned.key) is pinned:

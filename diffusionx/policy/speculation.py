@@ -120,6 +120,13 @@ def idle_share(replicas: Sequence[dict]) -> float:
     return min((slots - busy) / slots, recent_idle)
 
 
+def foreground_waiting(replicas: Sequence[dict]) -> bool:
+    """Whether foreground requests wait in a replica's queue. No speculation runs then (it takes only batch
+    slots foreground work leaves empty), and a call about one (a peek) would take a place in the queue
+    those requests wait for, which admission control sizes for foreground work alone."""
+    return any(int(r.get("queued", 0)) > 0 for r in replicas)
+
+
 def background_steps(replicas: Sequence[dict]) -> int:
     return sum(int(r.get("background_steps", 0)) for r in replicas)
 

@@ -54,6 +54,7 @@ def fake_state(calls: list) -> SimpleNamespace:
         locate_speculation=Method("locate", calls, lambda key: None),
         settle_speculation=Method("settle", calls, lambda key, result: None),
         count_speculation=Method("count", calls, lambda result: None),
+        tier=Method("tier", calls, lambda tier: SimpleNamespace(per_replica=[])),  # nothing queued
     )
 
 
@@ -109,3 +110,25 @@ def test_another_strength_is_not_answered_from_the_fetched_result():
         assert "k" in speculation._finished  # it stays for a finalize at its strength
 
     asyncio.run(scenario())
+
+
+def test_no_peek_while_foreground_requests_wait_in_the_tier_queue():
+    async def run() -> list:
+        calls: list = []
+        cloud = FakeCloud(calls, running_peeks=0)
+        queued = {"n": 3}  # foreground requests waiting on the replica, until the test empties the queue
+        snapshot = SimpleNamespace(to_dict=lambda: {"queued": queued["n"], "pool": [], "max_batch_size": 4})
+        state = fake_state(calls)
+        state.tier = Method("tier", calls, lambda tier: SimpleNamespace(per_replica=[snapshot]))
+        speculation = HandleSpeculation(cloud, state, SpeculationPolicy())
+        await speculation.submit("k", "session", request(), 6)
+        await asyncio.sleep(0.5)  # past several peek times: the tier was asked, the replica was not
+        assert [name for name, _ in calls].count("tier") >= 2
+        assert "peek" not in [name for name, _ in calls]
+        queued["n"] = 0
+        while not speculation._finished:
+            await asyncio.sleep(0.01)
+        return calls
+
+    calls = asyncio.run(run())
+    assert [name for name, _ in calls].count("peek") == 1  # once the queue emptied, one peek found it done

@@ -83,3 +83,11 @@ def test_registry_supersedes_per_session_expires_by_ttl_and_counts_results():
     assert registry.locate("k4", now=15.0) is None  # t=4.5 + 10 < 15: expired, and a miss
     assert registry.counts == {"hit": 1, "promoted": 0, "miss": 3, "superseded": 1, "expired": 2}
     assert set(registry.entries) == {"k5"} and registry.by_session == {"s4": "k5"}
+
+
+def test_foreground_waiting_is_any_replica_with_queued_requests():
+    from diffusionx.policy.speculation import foreground_waiting
+
+    assert not foreground_waiting([])
+    assert not foreground_waiting([{"queued": 0, "pool": [1, 2]}, {"max_batch_size": 4}])
+    assert foreground_waiting([{"queued": 0}, {"queued": 2}])
