@@ -218,9 +218,8 @@ def summarize(
     scale up (load start to the first added cloud replica, and to the peak) and down (load falling to
     back at the minimum), replica- and node-seconds, finalize latency; with the SLO and the replicas the
     peak needs, SLO attainment and time to capacity; with one replica's capacity, `exact_replica_s`.
-    Replica- and node-seconds are over [0, `span_s`]
-    when given (`measured_span_s`: the same span for every policy, whenever its run stopped sampling),
-    else over the samples."""
+    Replica- and node-seconds are over [0, `span_s`] when given (`measured_span_s`: the same span for
+    every policy, whenever its run stopped sampling), else over the samples."""
     times = [e["t_s"] for e in timeline]
     cloud = [e["replicas"]["cloud"] for e in timeline]
     nodes = [e["nodes"] for e in timeline]
