@@ -139,6 +139,14 @@ class AppArgs(BaseModel):
     speculation_ttl_s: float = Field(
         120.0, gt=0, le=24 * 3600, description="Seconds an unclaimed speculation is kept."
     )
+    speculation_min_finalize_chance: float = Field(
+        0.2,
+        ge=0.0,
+        le=1.0,
+        description="Speculate on a preview only when, of the recent sessions at its round, at least this "
+        "share finalized there (rather than edited again): a speculation of a preview that is edited "
+        "again is wasted. Until five sessions have left a round it is speculated on; 0: every round.",
+    )
     speculation_max_slowdown: float = Field(
         DEFAULT_MAX_SLOWDOWN,
         ge=0.0,
@@ -176,4 +184,5 @@ class AppArgs(BaseModel):
             idle_floor=self.speculation_idle_floor,
             max_steps=self.speculation_max_steps,
             ttl_s=self.speculation_ttl_s,
+            min_finalize_chance=self.speculation_min_finalize_chance,
         )

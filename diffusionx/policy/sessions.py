@@ -10,7 +10,10 @@ their preview ids (each new preview id joins its parent's session) and measures,
 - `preview_to_finalize_s`: their mean time from the first preview to the finalize;
 - `measured_sessions`: how many sessions those two figures rest on;
 - `finalize_steps`: mean denoising steps a finalize ran on the cloud tier;
-- `starts_per_s`: sessions started per second over the last `rate_window_s` (they finalize a lead later).
+- `starts_per_s`: sessions started per second over the last `rate_window_s` (they finalize a lead later);
+- `finalize_chance(preview_id)`: of the recent sessions that reached the round this preview's session is
+  at, the share that finalized at that round rather than previewing again or going idle (speculation asks
+  it: a speculative refinement of a preview the session will edit again is wasted work).
 
 The share and the lead are measured on whole cohorts (sessions started `mature_s` ago or earlier, by then
 finalized, abandoned or open for longer than any session the policy plans for), not on the sessions that
@@ -75,6 +78,11 @@ class _Session:
     started: float
     last: float
     lead_s: float | None = None  # first preview to finalize, once finalized
+    rounds: int = 1  # previews made in the session so far
+
+
+MAX_ROUND = 8  # rounds beyond this share one finalize chance (few sessions get there)
+MIN_ROUND_OUTCOMES = 5  # outcomes of a round before its finalize chance is read (else unknown: None)
 
 
 class SessionTracker:
@@ -104,6 +112,8 @@ class SessionTracker:
         self._ended: deque[bool] = deque(maxlen=history)  # mature sessions: finalized?
         self._lead_s: deque[float] = deque(maxlen=history)
         self._steps: deque[float] = deque(maxlen=history)
+        # (round, finalized there?): what recent sessions did after a round's preview
+        self._round_outcomes: deque[tuple[int, bool]] = deque(maxlen=history)
 
     def preview(self, preview_id: str, parent_id: str | None = None) -> None:
         """A preview was made: `parent_id` (the preview it edits) joins its session, else it starts one."""
@@ -114,6 +124,9 @@ class SessionTracker:
             self._sessions[id(session)] = session
             self._cohort.append(session)
             self._starts.append(now)
+        elif id(session) in self._sessions:  # it previewed again instead of finalizing that round
+            self._round_outcomes.append((min(session.rounds, MAX_ROUND), False))
+            session.rounds += 1
         session.last = now
         self._by_preview[preview_id] = session
         self._by_preview.move_to_end(preview_id)
@@ -130,10 +143,26 @@ class SessionTracker:
             return  # an image sent inline, a session already finalized, or one forgotten
         del self._sessions[id(session)]
         session.lead_s = now - session.started
+        self._round_outcomes.append((min(session.rounds, MAX_ROUND), True))
+
+    def finalize_chance(self, preview_id: str) -> float | None:
+        """The share of recent sessions at this preview's round that finalized at that round (module
+        docstring); None while fewer than `MIN_ROUND_OUTCOMES` sessions have left that round, or for a
+        preview the tracker does not follow."""
+        session = self._by_preview.get(preview_id)
+        if session is None or id(session) not in self._sessions:
+            return None
+        self._expire(self._clock())
+        at = min(session.rounds, MAX_ROUND)
+        outcomes = [finalized for round_, finalized in self._round_outcomes if round_ == at]
+        if len(outcomes) < MIN_ROUND_OUTCOMES:
+            return None
+        return sum(outcomes) / len(outcomes)
 
     def _expire(self, now: float) -> None:
         for key in [k for k, s in self._sessions.items() if now - s.last > self.idle_s]:
-            del self._sessions[key]
+            session = self._sessions.pop(key)
+            self._round_outcomes.append((min(session.rounds, MAX_ROUND), False))  # went idle at that round
 
     def _measure(self, now: float) -> None:
         """Counts the outcome of every session that has become mature."""

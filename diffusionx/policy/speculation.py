@@ -22,6 +22,15 @@ functions and a small registry, tested without Ray:
   asked: a preview is answered just after the edge computed it, so the host looks busy at exactly the
   moment a speculation is submitted; submitted anyway, it waits in the replica's pool and runs in the
   host's next idle moments (the think time), which is what it is for.
+- `SpeculationPolicy.worth`: speculate on a preview only when sessions at its round finalize there often
+  enough (`finalize_chance`, measured by the ingress's `SessionTracker`: of the recent sessions that left
+  that round, the share that finalized rather than previewed again or went idle) of at least
+  `min_finalize_chance`; unknown (too few sessions measured) counts as worth it. A speculation on a preview
+  the session then edits is superseded: all of its work is wasted, and on a machine whose cores the tiers
+  share it slows the next previews of every session. At a chance of `p`, a speculation that is used costs
+  `(1 - p) / p` wasted ones on average: 4 at the default floor of 0.2. Sessions that always run a fixed
+  number of rounds then speculate only on their last one; sessions whose length varies keep speculating
+  on every round whose chance is above the floor.
 - `speculation_key`: what a finalize must match to use a speculation. The strength is not part of it: the
   registry keeps the strength the speculation runs at, so a finalize finds a finished speculation before
   it predicts anything (the prediction was made when the speculation was submitted, from the same preview
@@ -84,6 +93,7 @@ class SpeculationPolicy:
     idle_floor: float = 0.5  # least share of the tier's batch slots free of foreground work
     max_steps: int = 400  # most speculative denoising steps queued on the tier
     ttl_s: float = 120.0  # a speculation not claimed within this is dropped
+    min_finalize_chance: float = 0.2  # least measured chance that the session finalizes this preview
 
     def __post_init__(self) -> None:
         if self.mode not in SPECULATION_MODES:
@@ -94,6 +104,17 @@ class SpeculationPolicy:
             raise ValueError(f"speculation_max_steps={self.max_steps} is not allowed: use >= 1")
         if self.ttl_s <= 0:
             raise ValueError(f"speculation_ttl_s={self.ttl_s} is not allowed: use > 0")
+        if not 0.0 <= self.min_finalize_chance <= 1.0:
+            raise ValueError(
+                f"speculation_min_finalize_chance={self.min_finalize_chance} is not allowed: use 0..1"
+            )
+
+    def worth(self, finalize_chance: float | None) -> bool:
+        """Whether a preview whose session finalizes at its round with `finalize_chance` (None: not
+        measured yet) is worth a speculation (module docstring)."""
+        if self.mode == "off":
+            return False
+        return finalize_chance is None or finalize_chance >= self.min_finalize_chance
 
     def allows(self, replicas: Sequence[dict], steps: int = 0) -> bool:
         """Whether a speculation of `steps` steps may join the tier whose replicas reported `replicas`

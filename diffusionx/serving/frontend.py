@@ -222,10 +222,13 @@ class Frontend:
                     predicted = result.strength
         png = await encode_png(result.image)
         preview_id = self.previews.store(png, owner)
-        if self.tiers.speculation is not None:  # after the answer, off its path
-            self._later(self._speculate(body, png, body.session_id or preview_id))
+        chance = None
         if self.sessions is not None:
             self.sessions.preview(preview_id, body.preview_id)
+            chance = self.sessions.finalize_chance(preview_id)
+        speculation = self.tiers.speculation
+        if speculation is not None and speculation.policy.worth(chance):  # after the answer, off its path
+            self._later(self._speculate(body, png, body.session_id or preview_id))
         self.observer.request_done("preview", "edit" if is_edit else "edge", time.perf_counter() - start)
         return PreviewResponse(
             preview_id=preview_id,

@@ -151,3 +151,60 @@ def test_the_policy_declines_when_the_tier_is_busy_or_speculation_is_off(tiny_cl
         assert await modes.speculate(tiers, "a cat", image, digest, session="s", seed=2) is not None
 
     asyncio.run(scenario())
+
+
+def test_the_ingress_speculates_only_on_rounds_whose_sessions_finalize_there(tiny_cloud, tiny_edge):
+    """Sessions of two rounds: once five have been measured, a first preview is not speculated on (every
+    session edited it), its edit is."""
+    from diffusionx.api import PreviewBody
+    from diffusionx.policy.admission import AdmissionControl
+    from diffusionx.policy.sessions import MIN_ROUND_OUTCOMES, SessionTracker
+    from diffusionx.serving.frontend import Frontend
+    from diffusionx.serving.preview_store import PreviewStore
+
+    async def scenario():
+        tiers, _cloud, speculation, _clock = make_tiers(tiny_cloud, tiny_edge)
+        submitted: list[str] = []
+        submit = speculation.submit
+
+        async def counting_submit(key, session, request, steps):
+            submitted.append(session)
+            await submit(key, session, request, steps)
+
+        speculation.submit = counting_submit  # type: ignore[method-assign]
+        sessions = SessionTracker()
+        for n in range(MIN_ROUND_OUTCOMES):
+            sessions.preview(f"s{n}-1")
+            sessions.preview(f"s{n}-2", parent_id=f"s{n}-1")
+            sessions.finalize(f"s{n}-2", cloud_steps=5)
+        pngs: dict[tuple[str, str], bytes] = {}
+
+        async def put(png: bytes, preview_id: str, owner: str) -> object:
+            pngs[(preview_id, owner)] = png
+            return preview_id
+
+        async def get(preview_id: str, owner: str) -> bytes | None:
+            return pngs.get((preview_id, owner))
+
+        class Observer:
+            def request_done(self, endpoint: str, route: str, seconds: float) -> None:
+                pass
+
+        admission = AdmissionControl({"edge": 4, "cloud": 4}, max_wait_s=10.0)
+        service = Frontend(tiers, admission, PreviewStore(put, get), Observer(), sessions)
+
+        async def preview(body: PreviewBody):
+            answer = await service.preview(body, "", await service.preview_needs(body))
+            await asyncio.gather(*service._background)  # the speculation is submitted off the answer's path
+            return answer
+
+        first = await preview(PreviewBody(prompt="a cat", seed=1, session_id="new"))
+        assert submitted == []  # round 1: every measured session edited it
+        await preview(
+            PreviewBody(
+                prompt="a black cat", preview_id=first.preview_id, strength=0.5, seed=1, session_id="new"
+            )
+        )
+        assert submitted == ["new"]  # round 2: every measured session finalized it
+
+    asyncio.run(scenario())
