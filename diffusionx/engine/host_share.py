@@ -4,9 +4,13 @@ On a GPU a background step uses the device's idle time. On a CPU replica the "de
 which the edge replica, the predictor and the ingress may share (the embedded application runs every tier
 on one machine): a background step that runs while they compute slows their requests as much as a
 foreground step would. So on CPU a step of background work alone runs only while the host has a core that
-no other process is using (`HostIdle`: the host's busy CPU time from `/proc/stat`, less this process's
-own, over the last `window_s`); a request of another tier that arrives meanwhile shares the cores with at
-most the one background step in flight.
+no other process is using, and half a core besides (`HostIdle`: the host's busy CPU time from
+`/proc/stat`, less this process's own, over the last `window_s`, leaves `free_cores` = 1.5); a request of
+another tier that arrives meanwhile shares the cores with at most the one background step in flight. The
+half core is for what a request needs beside its model: the proxy, the ingress and the predictor. With a
+core alone, on a 2-core host a speculative step runs beside every preview the edge computes on the other
+core, and the preview's other processes wait for both; an idle Ray host's own processes use well under
+half a core, so the step still runs whenever no request is being computed.
 
 The step keeps the replica's torch threads: fewer threads would change the floating-point order of the
 UNet's reductions, and a speculation must give the pixels of the same refinement run in the foreground.
@@ -38,7 +42,7 @@ def host_busy_s(stat: Path = PROC_STAT) -> float | None:
 
 
 class HostIdle:
-    """Whether the host has a core free of other processes now: over the last `window_s` (at least), the
+    """Whether the host has `free_cores` free of other processes now: over the last `window_s` (at least), the
     cores other processes used (host busy time less this process's) are at most `cores - free_cores`.
     Callers ask often; it re-measures once a window has passed and answers the last decision meanwhile.
     The clocks are injected for tests."""
@@ -46,7 +50,7 @@ class HostIdle:
     def __init__(
         self,
         window_s: float = 0.05,
-        free_cores: float = 1.0,
+        free_cores: float = 1.5,  # a core for the step, half a core for other requests' light work
         cores: int | None = None,
         busy_s: Callable[[], float | None] = host_busy_s,
         own_s: Callable[[], float] = time.process_time,
