@@ -80,6 +80,11 @@ class _Session:
     lead_s: float | None = None  # first preview to finalize, once finalized
     rounds: int = 1  # previews made in the session so far
 
+    @property
+    def round_bucket(self) -> int:
+        """The round its finalize chance is counted under."""
+        return min(self.rounds, MAX_ROUND)
+
 
 MAX_ROUND = 8  # rounds beyond this share one finalize chance (few sessions get there)
 MIN_ROUND_OUTCOMES = 5  # outcomes of a round before its finalize chance is read (else unknown: None)
@@ -125,7 +130,7 @@ class SessionTracker:
             self._cohort.append(session)
             self._starts.append(now)
         elif id(session) in self._sessions:  # it previewed again instead of finalizing that round
-            self._round_outcomes.append((min(session.rounds, MAX_ROUND), False))
+            self._round_outcomes.append((session.round_bucket, False))
             session.rounds += 1
         session.last = now
         self._by_preview[preview_id] = session
@@ -143,7 +148,7 @@ class SessionTracker:
             return  # an image sent inline, a session already finalized, or one forgotten
         del self._sessions[id(session)]
         session.lead_s = now - session.started
-        self._round_outcomes.append((min(session.rounds, MAX_ROUND), True))
+        self._round_outcomes.append((session.round_bucket, True))
 
     def finalize_chance(self, preview_id: str) -> float | None:
         """The share of recent sessions at this preview's round that finalized at that round (module
@@ -153,7 +158,7 @@ class SessionTracker:
         if session is None or id(session) not in self._sessions:
             return None
         self._expire(self._clock())
-        at = min(session.rounds, MAX_ROUND)
+        at = session.round_bucket
         outcomes = [finalized for round_, finalized in self._round_outcomes if round_ == at]
         if len(outcomes) < MIN_ROUND_OUTCOMES:
             return None
@@ -162,7 +167,7 @@ class SessionTracker:
     def _expire(self, now: float) -> None:
         for key in [k for k, s in self._sessions.items() if now - s.last > self.idle_s]:
             session = self._sessions.pop(key)
-            self._round_outcomes.append((min(session.rounds, MAX_ROUND), False))  # went idle at that round
+            self._round_outcomes.append((session.round_bucket, False))  # went idle at that round
 
     def _measure(self, now: float) -> None:
         """Counts the outcome of every session that has become mature."""

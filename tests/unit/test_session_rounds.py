@@ -7,14 +7,7 @@ import pytest
 
 from diffusionx.policy.sessions import MAX_ROUND, MIN_ROUND_OUTCOMES, SessionTracker
 from diffusionx.policy.speculation import SpeculationPolicy
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fakes import FakeClock as Clock
 
 
 def run_session(tracker: SessionTracker, name: str, rounds: int, finalize: bool = True) -> str:
