@@ -12,10 +12,13 @@ Method (every figure through HTTP with `clients.loadgen`):
    times the lower of the two (`--spec-max-session-rate` caps it only when given), reported as
    `offered_x_capacity` (with `offered_x_cloud_capacity` and `bottleneck`): once with speculation on, once
    off, and once in edge-only mode (every round a one-shot edge image), the edge-only session latency
-   being the paper's reference. Why not the cloud's capacity alone: a finalize at the predicted strength
-   is a few cloud steps, so the sessions that load the cloud tier to 0.3x hold the edge tier (and, where
-   the tiers share a machine's cores, the cloud's cores too) far beyond what it serves, and at a low load
-   requests do not batch, so `1 / S`, not the batched throughput, is what the application serves then.
+   being the paper's reference. The edge-only run follows the "on" run on the same application, so that
+   the two are measured side by side (this machine's speed drifts by as much as the ratio's margin over a
+   few minutes); each low-load run starts `SETTLE_S` after the run before it. Why not the cloud's
+   capacity alone: a finalize at the predicted strength is a few cloud steps, so the sessions that load
+   the cloud tier to 0.3x hold the edge tier (and, where the tiers share a machine's cores, the cloud's
+   cores too) far beyond what it serves, and at a low load requests do not batch, so `1 / S`, not the
+   batched throughput, is what the application serves then.
 3. High load. The same sessions with the router's latency target, while finalizes of previews made
    beforehand arrive at `--load-x` times the capacity of the router experiment's finalizes (at
    `--finalize-strength`, the same target): on and off. SLO attainment is over every finalize of the run
@@ -52,6 +55,7 @@ from clients.workload import poisson_arrivals
 UNLOADED = 6  # sessions one at a time for the cloud steps of a session's finalize
 UNLOADED_GAP_X = 2.0  # their arrivals this many times a session's mean think time apart
 MEASURE_SEED_OFFSET = 1000  # the capacity measurements' sessions: other prompts and seeds
+SETTLE_S = 5.0  # before each low-load run: the speculations of the run before it finish meanwhile
 FIELDS = (
     "finalize_latency_s_p50",
     "finalize_latency_s_p95",
@@ -220,12 +224,23 @@ def run_speculation(
         here = urls[state]
         extra = {} if state == "on" else off_extra
         # 2. low load: sessions alone
+        time.sleep(SETTLE_S)
         low = run_together(
             here, [loadgen_config(here, "sessions", sessions, settings, **extra)], settings.quality
         )
         [rows] = low.rows
         runs[f"spec-low-{state}"] = rows
         summary["low_load"][state] = figures(rows, rows, low, target_ms, summarize)
+        if state == "on":
+            # the paper's reference, the same sessions edge only (one-shot edge images: nothing to
+            # speculate on), next in time on the same application, so that the ratio compares like with like
+            time.sleep(SETTLE_S)
+            edge_config = loadgen_config(here, "sessions", sessions, settings, mode="edge")
+            [edge_rows] = run_together(here, [edge_config], settings.quality).rows
+            runs["spec-low-edge"] = edge_rows
+            summary["low_load"]["edge_only_session_latency_s_mean"] = summarize(edge_rows, None)[
+                "session_latency_s_mean"
+            ]
         # 3. high load: the same sessions with the target, beside finalizes at load_x capacity
         session_config = loadgen_config(
             here, "sessions", sessions, settings, latency_target_ms=target_ms, **extra
@@ -246,14 +261,6 @@ def run_speculation(
         summary["high_load"][state] = figures(
             session_rows, session_rows + load_rows, high, target_ms, summarize
         )
-    # the paper's reference: the same sessions, edge only
-    [rows] = run_together(
-        urls["off"],
-        [loadgen_config(urls["off"], "sessions", sessions, settings, mode="edge")],
-        settings.quality,
-    ).rows
-    runs["spec-low-edge"] = rows
-    summary["low_load"]["edge_only_session_latency_s_mean"] = summarize(rows, None)["session_latency_s_mean"]
     return summary, runs
 
 

@@ -40,6 +40,8 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         torch_threads=config.torch_threads,
         edit_steps=config.edit_steps,
         nice=config.model_nice,
+        edit_predictor=config.edit_predictor if config.edit_predictor_on == "edge" else None,
+        alignment_model=config.alignment_model,
     )
     cloud = deployment(CloudRefiner).bind(
         config.cloud_model,

@@ -1,5 +1,7 @@
 """EdgePreviewer: the light model. Previews (text-to-image), round-to-round edits (img2img) and the edge
-part of EC-Diff / Hybrid SD (`finish`), batched by the library's `EdgeModel`."""
+part of EC-Diff / Hybrid SD (`finish`), batched by the library's `EdgeModel`. With `edit_predictor` (the
+app's `edit_predictor_on: edge`) it also predicts the strength of an edit that names none
+(`edit_predicted`)."""
 
 from __future__ import annotations
 
@@ -8,10 +10,16 @@ from typing import Any
 
 from ray import serve
 
-from deployments.tier import ServedTier, lower_cpu_priority, set_torch_threads
+from deployments.tier import ServedTier, edit_strength_function, lower_cpu_priority, set_torch_threads
 from diffusionx.engine.tiers import EdgeModel
 from diffusionx.models.loading import load_model
-from diffusionx.requests import GenerationResult, Img2ImgRequest, PreviewRequest
+from diffusionx.requests import (
+    EditRequest,
+    GenerationResult,
+    Img2ImgRequest,
+    PreviewRequest,
+    with_predict_time,
+)
 from diffusionx.sampling.collaborative import PlanState
 
 
@@ -29,10 +37,15 @@ class EdgePreviewer(ServedTier):
         torch_threads: int | None = None,
         edit_steps: int | None = None,
         nice: int = 0,
+        edit_predictor: str | None = None,
+        alignment_model: str | None = None,
     ) -> None:
         set_torch_threads(torch_threads)
         lower_cpu_priority(nice)
-        engine = EdgeModel(load_model(model, device=device), max_batch_size, edit_steps)
+        predict_edit = None
+        if edit_predictor is not None:  # the app's edit_predictor_on: edge
+            predict_edit = edit_strength_function(edit_predictor, alignment_model)
+        engine = EdgeModel(load_model(model, device=device), max_batch_size, edit_steps, predict_edit)
         self._serve(engine, state, max_batch_size, batch_wait_timeout_s)
 
     async def preview(self, request: PreviewRequest) -> GenerationResult:
@@ -49,6 +62,16 @@ class EdgePreviewer(ServedTier):
     async def edit_stream(self, request: Img2ImgRequest) -> AsyncIterator[tuple[str, Any]]:
         async for item in self._stream("edit", request):
             yield item
+
+    async def edit_predicted(self, request: EditRequest) -> GenerationResult:
+        """An edit at this replica's predicted strength (with `edit_predictor`): one hop for both."""
+        edit, predict_ms = await self.engine.predicted(request)
+        return with_predict_time(await self._submit("edit", edit), predict_ms)
+
+    async def edit_predicted_stream(self, request: EditRequest) -> AsyncIterator[tuple[str, Any]]:
+        edit, predict_ms = await self.engine.predicted(request)
+        async for kind, item in self._stream("edit", edit):
+            yield kind, with_predict_time(item, predict_ms) if kind == "result" else item
 
     async def finish(self, state: PlanState) -> GenerationResult:
         """EC-Diff / Hybrid SD, edge part: steps s..N-1 from the cloud's latents, then decode."""

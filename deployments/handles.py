@@ -20,7 +20,7 @@ from ray.exceptions import ObjectLostError, RayActorError, WorkerCrashedError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 from diffusionx.engine.progress import PROGRESS
-from diffusionx.requests import GenerationResult, Img2ImgRequest, PreviewRequest, TierInfo
+from diffusionx.requests import EditRequest, GenerationResult, Img2ImgRequest, PreviewRequest, TierInfo
 from diffusionx.sampling.collaborative import CollaborativeRequest, PlanState
 from diffusionx.serving.errors import ReplicaGone, TierOverloaded
 from diffusionx.workflows.modes import Progress
@@ -122,6 +122,13 @@ class EdgeHandle(_HandleTier):
         if on_progress is not None:
             return await ask_stream(self.handle.edit_stream, request, on_progress=on_progress)
         return await ask(self.handle.edit, request)
+
+    async def edit_predicted(
+        self, request: EditRequest, on_progress: Progress | None = None
+    ) -> GenerationResult:
+        if on_progress is not None:
+            return await ask_stream(self.handle.edit_predicted_stream, request, on_progress=on_progress)
+        return await ask(self.handle.edit_predicted, request)
 
     async def finish(self, state: Awaitable[PlanState]) -> GenerationResult:
         """Serve resolves a plan's DeploymentResponse for the edge replica, so the latents go from the cloud

@@ -10,9 +10,9 @@ from typing import Any
 from PIL import Image
 from ray import serve
 
-from deployments.tier import ServedTier, set_torch_threads
-from diffusionx.engine.tiers import PredictorModel, heuristic_edit_strength
-from diffusionx.policy.learned import load_predictor, strength_function
+from deployments.tier import ServedTier, edit_strength_function, set_torch_threads
+from diffusionx.engine.tiers import PredictorModel
+from diffusionx.policy.learned import strength_function
 
 
 @serve.deployment(
@@ -32,11 +32,7 @@ class StrengthPredictor(ServedTier):
     ) -> None:
         set_torch_threads(1)
         refine = strength_function(refine_predictor, alignment_model)
-        edit = (
-            heuristic_edit_strength
-            if edit_predictor == "heuristic"
-            else load_predictor(edit_predictor, alignment_model=alignment_model)
-        )
+        edit = edit_strength_function(edit_predictor, alignment_model)
         engine = PredictorModel(refine, max_batch_size, predict_edit=edit)
         self._serve(engine, state, max_batch_size, batch_wait_timeout_s)
 

@@ -84,6 +84,12 @@ class AppArgs(BaseModel):
         description="Edit strength predictor for previews of a previous image without a strength: a learned "
         "predictor's name or path, or 'heuristic'.",
     )
+    edit_predictor_on: Literal["edge", "predictor"] = Field(
+        "edge",
+        description="Where an edit's strength is predicted: 'edge', in the edge replica that runs the edit "
+        "(one call per edit; every edge replica loads the edit predictor and its CLIP), or 'predictor', in "
+        "the StrengthPredictor deployment (one copy of them; one more call per edit).",
+    )
     alignment_model: str | None = Field(
         None,
         description="The CLIP checkpoint (registered name, hub id or local path) learned predictors read "

@@ -98,6 +98,12 @@ class GenerationResult:
     batch_size: int = 1
 
 
+def with_predict_time(result: GenerationResult, predict_ms: float) -> GenerationResult:
+    """`result` with the strength prediction's milliseconds first among its timings."""
+    result.timings_ms = {"predict": predict_ms, **result.timings_ms}
+    return result
+
+
 def check_prompt(prompt: str) -> str:
     if not isinstance(prompt, str) or not prompt.strip():
         raise InvalidRequestError("prompt must be a non-empty string")
@@ -178,6 +184,35 @@ class PreviewRequest:
             check_steps(self.num_inference_steps)
         if self.guidance_scale is not None:
             check_guidance(self.guidance_scale)
+
+
+@dataclass
+class EditRequest:
+    """A round-to-round edit whose strength the edge tier's own edit predictor picks (`EdgeModel` built
+    with `predict_edit`): the previous image, the new prompt and the previous one."""
+
+    prompt: str
+    image: Image.Image
+    previous_prompt: str | None = None
+    seed: int = 0
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+
+    def __post_init__(self) -> None:
+        self.at(1.0)  # checks the fields as the edit it becomes, before its strength is predicted
+        if self.previous_prompt is not None:
+            check_prompt(self.previous_prompt)
+
+    def at(self, strength: float) -> Img2ImgRequest:
+        """The edit at `strength` (validated there, with the rest of the request)."""
+        return Img2ImgRequest(
+            self.prompt,
+            self.image,
+            check_strength(strength, "predicted edit strength"),
+            seed=self.seed,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+        )
 
 
 @dataclass

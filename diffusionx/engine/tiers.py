@@ -27,7 +27,14 @@ from diffusionx.policy.router import CloudLoad
 from diffusionx.policy.service_model import ReplicaLoad
 from diffusionx.policy.speculation import DEFAULT_MAX_SLOWDOWN, IfRunning, affordable_background
 from diffusionx.policy.strength import predict_strength
-from diffusionx.requests import GenerationResult, Img2ImgRequest, PreviewRequest, TierInfo
+from diffusionx.requests import (
+    EditRequest,
+    GenerationResult,
+    Img2ImgRequest,
+    PreviewRequest,
+    TierInfo,
+    with_predict_time,
+)
 from diffusionx.sampling.collaborative import (
     CollaborativeRequest,
     PlanState,
@@ -70,27 +77,63 @@ class _Tier:
 
 
 class EdgeModel(_Tier):
-    """The light model: previews (text-to-image), edits (img2img) and the edge part of EC-Diff / Hybrid."""
+    """The light model: previews (text-to-image), edits (img2img) and the edge part of EC-Diff / Hybrid.
+
+    Built with `predict_edit`, it also predicts the strength of an edit that names none (`edit_predicted`),
+    in its own batching loop beside the model's: the edit then costs one call to this tier instead of one
+    to the predictor tier and one here (the predictor tier's hop is about as long as the UNet steps an edit
+    saves over a preview)."""
 
     tier = "edge"
 
-    def __init__(self, model: LoadedModel, max_batch_size: int = 8, edit_steps: int | None = None, **loop):
+    def __init__(
+        self,
+        model: LoadedModel,
+        max_batch_size: int = 8,
+        edit_steps: int | None = None,
+        predict_edit: EditStrengthFunction | None = None,
+        **loop,
+    ):
         super().__init__(max_batch_size, **loop)
         self.model = model
         self.edit_steps = edit_steps or model.spec.default_steps
+        self.edit_strengths: PredictorModel | None = None
+        if predict_edit is not None:
+            self.edit_strengths = PredictorModel(
+                max_batch_size=max_batch_size, predict_edit=predict_edit, **loop
+            )
         self.loop.register("preview", lambda requests, on_step=None: preview(model, requests, on_step))
         self.loop.register("edit", lambda requests, on_step=None: edit(model, requests, on_step))
         self.loop.register("finish", lambda states: edge_phase(model, states))
 
     async def info(self) -> TierInfo:
         spec = self.model.spec
-        return {
+        info: TierInfo = {
             "model": spec.name,
             "default_size": spec.default_size,
             "preview_steps": spec.preview_steps,
             "default_steps": spec.default_steps,
             "edit_steps": self.edit_steps,
         }
+        if self.edit_strengths is not None:  # the workflows send it edits without a strength
+            info["edit_predictor"] = self.edit_strengths.names["edit"]
+        return info
+
+    async def predicted(self, request: EditRequest) -> tuple[Img2ImgRequest, float]:
+        """The edit at this tier's predicted strength, and the prediction's milliseconds."""
+        if self.edit_strengths is None:
+            raise ValueError("this edge tier has no edit predictor: give the edit a strength")
+        start = time.perf_counter()
+        strength = await self.edit_strengths.predict_edit(
+            request.prompt, request.image, request.previous_prompt
+        )
+        return request.at(float(strength)), round((time.perf_counter() - start) * 1000.0, 3)
+
+    async def edit_predicted(
+        self, request: EditRequest, on_progress: TierProgress | None = None
+    ) -> GenerationResult:
+        edit_request, predict_ms = await self.predicted(request)
+        return with_predict_time(await self.edit(edit_request, on_progress=on_progress), predict_ms)
 
     @property
     def defaults(self) -> StepDefaults:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Literal
 
 from diffusionx.engine.tiers import (
     CloudModel,
@@ -32,11 +33,14 @@ def local_tiers(
     predict: StrengthFunction = predict_strength,
     predict_edit: EditStrengthFunction = heuristic_edit_strength,
     router: RouterConfig | None = None,
+    edit_predictor_on: Literal["edge", "predictor"] = "predictor",
 ) -> Tiers:
-    """Tiers over in-process models; each model loop merges up to `max_batch_size` concurrent requests."""
+    """Tiers over in-process models; each model loop merges up to `max_batch_size` concurrent requests.
+    `edit_predictor_on` as the app arg: which tier predicts an edit's strength."""
     cloud_tier = CloudModel(cloud, max_batch_size) if cloud is not None else None
+    on_edge = predict_edit if edit_predictor_on == "edge" else None
     return Tiers(
-        edge=EdgeModel(edge, max_batch_size) if edge is not None else None,
+        edge=EdgeModel(edge, max_batch_size, predict_edit=on_edge) if edge is not None else None,
         cloud=cloud_tier,
         predictor=PredictorModel(predict, max_batch_size, predict_edit=predict_edit),
         cloud_load=cloud_tier.load if cloud_tier is not None else None,

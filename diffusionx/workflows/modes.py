@@ -44,6 +44,7 @@ from diffusionx.policy.calibration import ArrivalRate, LatencyCalibration
 from diffusionx.policy.router import CloudLoad, RouteDecision, RouterConfig, decide_route
 from diffusionx.policy.speculation import IfRunning, SpeculationPolicy, speculation_key
 from diffusionx.requests import (
+    EditRequest,
     GenerationResult,
     Img2ImgRequest,
     InvalidRequestError,
@@ -53,6 +54,7 @@ from diffusionx.requests import (
     TierInfo,
     check_steps,
     check_strength,
+    with_predict_time,
 )
 from diffusionx.sampling.collaborative import CollaborationParams, CollaborativeRequest, PlanState
 
@@ -81,6 +83,9 @@ class EdgeTier(Protocol):
     ) -> GenerationResult: ...
     async def edit(
         self, request: Img2ImgRequest, on_progress: Progress | None = None
+    ) -> GenerationResult: ...
+    async def edit_predicted(  # only where `info()` names an `edit_predictor`
+        self, request: EditRequest, on_progress: Progress | None = None
     ) -> GenerationResult: ...
     async def finish(self, state: Awaitable[PlanState]) -> GenerationResult: ...
 
@@ -262,24 +267,25 @@ async def edit_predicted(
     guidance_scale: float | None = None,
     on_progress: Progress | None = None,
 ) -> GenerationResult:
-    """An edit at the strength the edit predictor gives (the result's `strength` is the one it used)."""
-    start = time.perf_counter()
-    predictor = tiers.need_predictor("edit")
-    strength = check_strength(
-        float(await predictor.predict_edit(prompt, image, previous_prompt)), "predicted edit strength"
-    )
-    predict_ms = _ms(start)
-    request = Img2ImgRequest(
+    """An edit at the strength the edit predictor gives (the result's `strength` is the one it used): the
+    edge tier's own when it has one (its `info` names an `edit_predictor`; one call), else the predictor
+    tier's, then the edge's edit."""
+    request = EditRequest(
         prompt,
         image,
-        strength,
+        previous_prompt,
         seed=seed,
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale,
     )
-    result = await edit(tiers, request, on_progress)
-    result.timings_ms = {"predict": predict_ms, **result.timings_ms}
-    return result
+    edge = tiers.need_edge("edit")
+    if (await tiers.info("edge")).get("edit_predictor"):
+        return await edge.edit_predicted(request, **_progress(on_progress))
+    start = time.perf_counter()
+    strength = await tiers.need_predictor("edit").predict_edit(prompt, image, previous_prompt)
+    predict_ms = _ms(start)
+    result = await edit(tiers, request.at(float(strength)), on_progress)
+    return with_predict_time(result, predict_ms)
 
 
 @dataclass

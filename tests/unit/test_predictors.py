@@ -177,6 +177,37 @@ def test_edit_without_strength_uses_the_edit_predictor(picture):
     assert result.strength in EDIT_GRID and "predict" in result.timings_ms
 
 
+def test_an_edge_tier_with_the_edit_predictor_predicts_and_edits_in_one_call(picture):
+    """`edit_predictor_on: edge`: the edge tier picks the strength itself (the predictor tier is not asked)
+    and edits to the same pixels as the predictor tier's strength would."""
+    from diffusionx.models.loading import load_model
+    from diffusionx.requests import EditRequest, InvalidRequestError
+    from diffusionx.workflows import modes
+    from diffusionx.workflows.local import local_tiers
+
+    edge = load_model("tiny-random-edge")
+    predicted = load_predictor("shapes-edit")
+    on_edge = local_tiers(None, edge, predict_edit=predicted, edit_predictor_on="edge")
+    on_predictor = local_tiers(None, edge, predict_edit=predicted)
+
+    async def refuse(*_: object) -> float:
+        raise AssertionError("the predictor tier was asked for an edit's strength")
+
+    on_edge.predictor.predict_edit = refuse  # type: ignore[method-assign]
+    assert asyncio.run(on_edge.info("edge"))["edit_predictor"] == predicted.name
+    assert "edit_predictor" not in asyncio.run(on_predictor.info("edge"))
+    one = asyncio.run(modes.edit_predicted(on_edge, EDITED, picture, PROMPT, seed=3))
+    two = asyncio.run(modes.edit_predicted(on_predictor, EDITED, picture, PROMPT, seed=3))
+    assert one.strength == two.strength == predicted(EDITED, picture, PROMPT)
+    assert np.array_equal(np.asarray(one.image), np.asarray(two.image))
+    assert next(iter(one.timings_ms)) == "predict" and one.unet_calls == two.unet_calls
+    # an edge tier without the predictor says what to do; a bad edit fails before any prediction
+    with pytest.raises(ValueError, match="no edit predictor"):
+        asyncio.run(on_predictor.edge.edit_predicted(EditRequest(EDITED, picture, PROMPT)))
+    with pytest.raises(InvalidRequestError, match="prompt"):
+        EditRequest("", picture, PROMPT)
+
+
 def test_the_carried_edit_is_the_predictors_pick_on_the_grid_else_the_label():
     assert label._carried(0.5, None) == 0.5  # --carry smallest-ok
     assert label._carried(0.5, 1.0) == 1.0 and label._carried(0.25, 0.7) == 0.75
