@@ -14,11 +14,15 @@ Method (every figure through HTTP with `clients.loadgen`):
    off, and once in edge-only mode (every round a one-shot edge image), the edge-only session latency
    being the paper's reference. The edge-only run follows the "on" run on the same application, so that
    the two are measured side by side (this machine's speed drifts by as much as the ratio's margin over a
-   few minutes); each low-load run starts `SETTLE_S` after the run before it. Why not the cloud's
-   capacity alone: a finalize at the predicted strength is a few cloud steps, so the sessions that load
-   the cloud tier to 0.3x hold the edge tier (and, where the tiers share a machine's cores, the cloud's
-   cores too) far beyond what it serves, and at a low load requests do not batch, so `1 / S`, not the
-   batched throughput, is what the application serves then.
+   few minutes). Each application first serves the same schedule of other sessions unmeasured: the
+   first bursts a fresh application serves are slower (new batch shapes), and the edge-only run, which
+   follows, would otherwise be measured warm against a cold "on" run (rows `spec-warm-on`, `-off`).
+   Each low-load run starts a few think times (`SETTLE_THINK_TIMES`, at most `SETTLE_S`) after the run
+   before it. Why not the cloud's capacity alone: a
+   finalize at the predicted strength is a few cloud steps, so the sessions that load the cloud tier to
+   0.3x hold the edge tier (and, where the tiers share a machine's cores, the cloud's cores too) far
+   beyond what it serves, and at a low load requests do not batch, so `1 / S`, not the batched
+   throughput, is what the application serves then.
 3. High load. The same sessions with the router's latency target, while finalizes of previews made
    beforehand arrive at `--load-x` times the capacity of the router experiment's finalizes (at
    `--finalize-strength`, the same target): on and off. SLO attainment is over every finalize of the run
@@ -55,7 +59,11 @@ from clients.workload import poisson_arrivals
 UNLOADED = 6  # sessions one at a time for the cloud steps of a session's finalize
 UNLOADED_GAP_X = 2.0  # their arrivals this many times a session's mean think time apart
 MEASURE_SEED_OFFSET = 1000  # the capacity measurements' sessions: other prompts and seeds
-SETTLE_S = 5.0  # before each low-load run: the speculations of the run before it finish meanwhile
+WARM_SEED_OFFSET = 2000  # the warm-up sessions before each application's low-load run: other prompts
+# before each low-load run, this many mean think times (at most SETTLE_S): the speculations of the run
+# before it, each meant to finish within a think time, finish meanwhile
+SETTLE_THINK_TIMES = 5.0
+SETTLE_S = 5.0
 FIELDS = (
     "finalize_latency_s_p50",
     "finalize_latency_s_p95",
@@ -218,13 +226,19 @@ def run_speculation(
         "capacity_finalizes_per_s": round(capacity, 4),
         "session_capacity_per_s": round(session_capacity, 4),
     }
+    settle_s = min(SETTLE_S, SETTLE_THINK_TIMES * settings.think_s)
     for state in ("on", "off"):
         if restart is not None and state == "off":
             urls["off"] = restart({"speculation": "off"})
         here = urls[state]
         extra = {} if state == "on" else off_extra
-        # 2. low load: sessions alone
-        time.sleep(SETTLE_S)
+        # 2. low load: sessions alone, after the same schedule of other sessions unmeasured (a fresh
+        # application's first bursts pay for their first batch shapes; the runs after do not)
+        warm = loadgen_config(here, "sessions", sessions, settings, **extra)
+        [runs[f"spec-warm-{state}"]] = run_together(
+            here, [replace(warm, seed=settings.seed + WARM_SEED_OFFSET)], False
+        ).rows
+        time.sleep(settle_s)
         low = run_together(
             here, [loadgen_config(here, "sessions", sessions, settings, **extra)], settings.quality
         )
@@ -234,7 +248,7 @@ def run_speculation(
         if state == "on":
             # the paper's reference, the same sessions edge only (one-shot edge images: nothing to
             # speculate on), next in time on the same application, so that the ratio compares like with like
-            time.sleep(SETTLE_S)
+            time.sleep(settle_s)
             edge_config = loadgen_config(here, "sessions", sessions, settings, mode="edge")
             [edge_rows] = run_together(here, [edge_config], settings.quality).rows
             runs["spec-low-edge"] = edge_rows

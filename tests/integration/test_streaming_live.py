@@ -72,6 +72,25 @@ def test_preview_and_refine_stream_one_event_per_step_then_the_normal_response(h
     assert final["image"] == plain["image"] and final["unet_calls"]["cloud"] == 10
 
 
+def test_a_predicted_edit_streams_its_steps_then_the_plain_answer(http, serve_url):
+    """An edit without a strength: the edge replica predicts it and edits in the same streamed call."""
+    first = http.post("/v1/preview", json={"prompt": "a red circle", "seed": 5}).json()
+    body = {
+        "prompt": "a blue circle",
+        "previous_prompt": "a red circle",
+        "preview_id": first["preview_id"],
+        "seed": 5,
+    }
+    events, _ = stream(serve_url, "/v1/preview", body)
+    (name, result), progress = events[-1], events[:-1]
+    plain = http.post("/v1/preview", json=body).json()
+    assert name == "result" and result["image"] == plain["image"]
+    assert result["strength"] == result["strength_predicted"] == plain["strength_predicted"]
+    assert "predict" in result["timings_ms"]
+    steps = result["unet_calls"]["edge"]
+    assert [(e["step"], e["tier"]) for _, e in progress] == [(i, "edge") for i in range(1, steps + 1)]
+
+
 def test_a_request_that_fails_before_any_step_gets_its_usual_error_response(serve_url):
     response = httpx.post(
         f"{serve_url}/v1/refine", json={"prompt": "a", "preview_id": "missing"}, headers=SSE, timeout=60
