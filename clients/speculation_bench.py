@@ -14,15 +14,15 @@ Method (every figure through HTTP with `clients.loadgen`):
    off, and once in edge-only mode (every round a one-shot edge image), the edge-only session latency
    being the paper's reference. The edge-only run follows the "on" run on the same application, so that
    the two are measured side by side (this machine's speed drifts by as much as the ratio's margin over a
-   few minutes). Each application first serves the same schedule of other sessions unmeasured: the
-   first bursts a fresh application serves are slower (new batch shapes), and the edge-only run, which
-   follows, would otherwise be measured warm against a cold "on" run (rows `spec-warm-on`, `-off`).
-   Each low-load run starts a few think times (`SETTLE_THINK_TIMES`, at most `SETTLE_S`) after the run
-   before it. Why not the cloud's capacity alone: a
-   finalize at the predicted strength is a few cloud steps, so the sessions that load the cloud tier to
-   0.3x hold the edge tier (and, where the tiers share a machine's cores, the cloud's cores too) far
-   beyond what it serves, and at a low load requests do not batch, so `1 / S`, not the batched
-   throughput, is what the application serves then.
+   few minutes); it runs after the "off" run too (`edge_only_beside_off_session_latency_s_mean`), so that
+   both high-load runs follow the same runs. Each application first serves the same schedule of other
+   sessions, unmeasured (rows `spec-warm-on`, `-off`): a fresh application's first loaded run is slower
+   than the ones after it, and the edge-only run, which follows, would be measured warm against a cold
+   "on" run. Each low-load run starts a few think times (`SETTLE_THINK_TIMES`, at most `SETTLE_S`) after
+   the run before it. Why not the cloud's capacity alone: a finalize at the predicted strength is a few
+   cloud steps, so the sessions that load the cloud tier to 0.3x hold the edge tier (and, where the tiers
+   share a machine's cores, the cloud's cores too) far beyond what it serves, and at a low load requests
+   do not batch, so `1 / S`, not the batched throughput, is what the application serves then.
 3. High load. The same sessions with the router's latency target, while finalizes of previews made
    beforehand arrive at `--load-x` times the capacity of the router experiment's finalizes (at
    `--finalize-strength`, the same target): on and off. SLO attainment is over every finalize of the run
@@ -233,7 +233,7 @@ def run_speculation(
         here = urls[state]
         extra = {} if state == "on" else off_extra
         # 2. low load: sessions alone, after the same schedule of other sessions unmeasured (a fresh
-        # application's first bursts pay for their first batch shapes; the runs after do not)
+        # application's first loaded run is slower than the ones after it)
         warm = loadgen_config(here, "sessions", sessions, settings, **extra)
         [runs[f"spec-warm-{state}"]] = run_together(
             here, [replace(warm, seed=settings.seed + WARM_SEED_OFFSET)], False
@@ -245,13 +245,17 @@ def run_speculation(
         [rows] = low.rows
         runs[f"spec-low-{state}"] = rows
         summary["low_load"][state] = figures(rows, rows, low, target_ms, summarize)
+        # the paper's reference, the same sessions edge only (one-shot edge images: nothing to speculate
+        # on), next in time on the same application, so that the ratio compares like with like; on both
+        # applications, so that both high-load runs follow the same runs
+        time.sleep(settle_s)
+        edge_config = loadgen_config(here, "sessions", sessions, settings, mode="edge")
+        [edge_rows] = run_together(here, [edge_config], settings.quality).rows
+        runs[f"spec-low-edge-{state}"] = edge_rows
+        summary["low_load"][f"edge_only_beside_{state}_session_latency_s_mean"] = summarize(edge_rows, None)[
+            "session_latency_s_mean"
+        ]
         if state == "on":
-            # the paper's reference, the same sessions edge only (one-shot edge images: nothing to
-            # speculate on), next in time on the same application, so that the ratio compares like with like
-            time.sleep(settle_s)
-            edge_config = loadgen_config(here, "sessions", sessions, settings, mode="edge")
-            [edge_rows] = run_together(here, [edge_config], settings.quality).rows
-            runs["spec-low-edge"] = edge_rows
             summary["low_load"]["edge_only_session_latency_s_mean"] = summarize(edge_rows, None)[
                 "session_latency_s_mean"
             ]
