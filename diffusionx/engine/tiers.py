@@ -81,8 +81,8 @@ class EdgeModel(_Tier):
 
     Built with `predict_edit`, it also predicts the strength of an edit that names none (`edit_predicted`),
     in its own batching loop beside the model's: the edit then costs one call to this tier instead of one
-    to the predictor tier and one here (the predictor tier's hop is about as long as the UNet steps an edit
-    saves over a preview)."""
+    to the predictor tier and one here (an edit saves a preview only some of its UNet steps, and a call
+    between deployments costs a good part of what it saves)."""
 
     tier = "edge"
 
