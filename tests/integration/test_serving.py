@@ -529,6 +529,10 @@ def test_bench_compare_report_counts_every_request_and_adds_up(serve_url, tmp_pa
             assert set(speculation[load][state]) >= set(SPECULATION_FIELDS), (load, state)
     assert speculation["low_load"]["off"]["speculative"] == {"off": 2}  # bypassed on every finalize
     assert speculation["low_load"]["edge_only_session_latency_s_mean"] is not None
+    # the edge-only sessions run beside each low-load run, after an unmeasured pass of other sessions
+    low = speculation["low_load"]
+    assert low["edge_only_session_latency_s_mean"] == low["edge_only_beside_on_session_latency_s_mean"]
+    assert low["edge_only_beside_off_session_latency_s_mean"] is not None
     # low load is sized on the lower of the cloud's finalize capacity and the sessions the app completes
     capacities = {
         "cloud": speculation["capacity_finalizes_per_s"],
@@ -546,6 +550,8 @@ def test_bench_compare_report_counts_every_request_and_adds_up(serve_url, tmp_pa
         assert counts["sessions"] == len(sessions)
         assert abs(summary_cost(summary, run) * len(sessions) - total_cloud) < 1e-2 * len(sessions), run
     assert summary["counts"]["mode-diffusionx"]["sessions"] == 2  # every session sent was counted
+    for run in ("spec-warm-on", "spec-warm-off", "spec-low-edge-on", "spec-low-edge-off"):
+        assert summary["counts"][run]["sessions"] == 2, run
     offered = saved["router"]["offered_finalizes"]
     assert (
         summary["counts"]["policy-router"]["finalizes"]
