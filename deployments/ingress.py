@@ -151,6 +151,11 @@ class DiffusionXIngress:
         keys = load_api_keys(self.args.api_keys)
         configure_guard(GuardConfig(keys, self.args.max_body_bytes))
         speculation = self.args.speculation_policy()
+        admission = AdmissionControl(
+            {"edge": self.args.edge_max_batch_size, "cloud": self.args.cloud_max_batch_size},
+            max_wait_s=self.args.admission_max_wait_s,
+            tenants=Tenants((owner_of(key.key), key) for key in keys) if keys else None,
+        )
         tiers = Tiers(
             edge=EdgeHandle(edge),
             cloud=CloudHandle(cloud),
@@ -162,12 +167,9 @@ class DiffusionXIngress:
             default_latency_target_ms=self.args.default_latency_target_ms,
             latency_calibration=LatencyCalibration(),
             cloud_arrivals=ArrivalRate(),
-            speculation=None if speculation.mode == "off" else HandleSpeculation(cloud, state, speculation),
-        )
-        admission = AdmissionControl(
-            {"edge": self.args.edge_max_batch_size, "cloud": self.args.cloud_max_batch_size},
-            max_wait_s=self.args.admission_max_wait_s,
-            tenants=Tenants((owner_of(key.key), key) for key in keys) if keys else None,
+            speculation=None
+            if speculation.mode == "off"
+            else HandleSpeculation(cloud, state, speculation, hold=admission.holding),
         )
         self.metrics = ingress_metrics()
         self.sessions = SessionTracker()  # the cloud's leading indicator (policy.ahead), sent with each load

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from typing import Any
 
@@ -56,8 +58,12 @@ class HandleSpeculation:
         policy: SpeculationPolicy,
         recent: int = 10_000,
         finished_bytes: int = 64 * 1024 * 1024,
+        hold: Callable[[str], AbstractContextManager[object]] = lambda tier: nullcontext(),
     ) -> None:
         self.cloud = cloud  # the CloudRefiner handle
+        # counts each call to the cloud replicas while it runs (`AdmissionControl.holding`): it takes one of
+        # the request slots Serve bounds there, which admission control shares out
+        self.hold = hold
         self.state = state  # the SharedState handle
         self.policy = policy
         self._submitted: LRUCache[str, Pinned] = LRUCache(maxsize=recent)  # key -> where it runs
@@ -71,7 +77,7 @@ class HandleSpeculation:
         return [snapshot.to_dict() for snapshot in tier.per_replica]
 
     async def submit(self, key: str, session: str, request: Img2ImgRequest, steps: int) -> None:
-        replica_id = await self._ask(self.cloud.speculate, request, key)
+        replica_id = await self._on_cloud("speculate", request, key)
         if replica_id is None:
             return
         gone = await self._ask(self.state.register_speculation, key, replica_id, session, request.strength)
@@ -81,7 +87,7 @@ class HandleSpeculation:
             self._submitted.pop(old.key, None)
             self._finished.pop(old.key, None)
         self.later(self._fetch(pinned))
-        await asyncio.gather(*(self._ask(self.cloud.drop_speculation, old) for old in gone))
+        await asyncio.gather(*(self._on_cloud("drop_speculation", old) for old in gone))
 
     async def _fetch(self, pinned: Pinned) -> None:
         """Peeks at the speculation until it finished (its result is kept), left, or its TTL passed."""
@@ -95,7 +101,7 @@ class HandleSpeculation:
             if foreground_waiting(await self.replicas()):  # it is not running; peek later
                 delay = min(2 * delay, FETCH_MAX_S)
                 continue
-            peeked: Claimed = await self._ask(self.cloud.peek_speculation, pinned)
+            peeked: Claimed = await self._on_cloud("peek_speculation", pinned)
             if peeked.outcome == "hit":
                 if self._submitted.get(pinned.key) is pinned:
                     self._finished[pinned.key] = peeked.result
@@ -118,7 +124,7 @@ class HandleSpeculation:
         if strength is not None and strength != pinned.strength:
             self.later(self.state.count_speculation.remote("miss"))  # another strength: it stays for others
             return Claimed("miss")
-        claimed: Claimed = await self._ask(self.cloud.claim_speculation, pinned, if_running)
+        claimed: Claimed = await self._on_cloud("claim_speculation", pinned, if_running)
         if claimed.outcome != "running":
             self._submitted.pop(key, None)
             self.later(self.state.settle_speculation.remote(key, claimed.outcome))
@@ -127,10 +133,15 @@ class HandleSpeculation:
     async def _settle_used(self, pinned: Pinned) -> None:
         """After a finalize was answered from a fetched result: the replica counts the speculation used and
         lets it go, the registry counts the hit."""
-        claimed: Claimed = await self._ask(self.cloud.claim_speculation, pinned, "drop")
+        claimed: Claimed = await self._on_cloud("claim_speculation", pinned, "drop")
         if claimed.outcome != "hit":  # dropped there meanwhile (its TTL): the answer stands, the count too
             logger.debug("speculation %s answered, then its replica said %s", pinned.key, claimed.outcome)
         await self._ask(self.state.settle_speculation, pinned.key, "hit")
+
+    async def _on_cloud(self, method: str, *args: Any) -> Any:
+        """A call to the cloud replicas' `method`, counted as a request there while it runs."""
+        with self.hold("cloud"):
+            return await self._ask(getattr(self.cloud, method), *args)
 
     def later(self, call: Any) -> None:
         """Runs an awaitable without waiting for it (its failure is logged, not raised)."""

@@ -190,6 +190,18 @@ class AdmissionControl:
         return None
 
     @contextmanager
+    def holding(self, tier: str) -> Iterator[None]:
+        """Counts a call this ingress makes to `tier` outside any admitted request (speculation's calls to
+        the cloud replicas: submit, peek, claim, drop) as one of its requests there while it runs: it takes
+        one of the request slots Serve bounds (`capacity`), and a burst admitted without it would find one
+        slot fewer and bounce off Serve's queue instead of being refused here."""
+        self.own_requests[tier] = self.own_requests.get(tier, 0) + 1
+        try:
+            yield
+        finally:
+            self.own_requests[tier] -= 1
+
+    @contextmanager
     def admit(self, needs: Mapping[str, int], owner: str = "") -> Iterator[None]:
         """Counts `needs` (and one request per tier) as this ingress's queued work, and as `owner`'s, while
         the block runs."""

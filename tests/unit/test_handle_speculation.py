@@ -132,3 +132,33 @@ def test_no_peek_while_foreground_requests_wait_in_the_tier_queue():
 
     calls = asyncio.run(run())
     assert [name for name, _ in calls].count("peek") == 1  # once the queue emptied, one peek found it done
+
+
+def test_every_call_to_the_cloud_replicas_holds_a_request_slot_in_admission_control():
+    """Submit, peek and claim each take one of the request slots Serve bounds on the cloud replicas while
+    they run, so admission control counts them (a burst would otherwise bounce off Serve's queue)."""
+    from diffusionx.policy.admission import AdmissionControl
+
+    admission = AdmissionControl({"cloud": 4})
+    seen: list[tuple[str, int]] = []
+
+    async def scenario() -> None:
+        calls: list = []
+        cloud = FakeCloud(calls, running_peeks=1)
+        for name in ("speculate", "peek_speculation", "claim_speculation"):
+            method = getattr(cloud, name)
+            answer = method.answer
+            method.answer = lambda *args, _name=name, _answer=answer: (
+                seen.append((_name, admission.own_requests.get("cloud", 0))) or _answer(*args)
+            )
+        speculation = HandleSpeculation(cloud, fake_state(calls), SpeculationPolicy(), hold=admission.holding)
+        await speculation.submit("k", "session", request(), 6)
+        while not speculation._finished:
+            await asyncio.sleep(0.01)
+        await speculation.claim("k", None, "keep")
+        await asyncio.gather(*speculation._tasks)
+
+    asyncio.run(scenario())
+    assert {name for name, _ in seen} == {"speculate", "peek_speculation", "claim_speculation"}
+    assert all(held == 1 for _, held in seen), seen
+    assert admission.own_requests["cloud"] == 0  # released after each call
