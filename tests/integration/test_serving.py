@@ -488,7 +488,10 @@ def test_two_cloud_replicas_with_uneven_load_route_by_expected_finish(serve_url)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not any(r.pool for r in replicas()):
             time.sleep(0.02)
-        time.sleep(0.6)  # > request_routing_stats_period_s: the router has stats with the long one
+        # the router has stats with the long one: a few request_routing_stats_period_s (0.5 s), since on
+        # a busy 2-core host a stats call can come a period late (with one period and a bit, the second
+        # refinement sometimes followed the first)
+        time.sleep(2.0)
         # 2. another long one: behind the first there (its key is higher), alone on the other replica
         second = handle.refine.remote(refinement(1, 200))
         long_one.result(timeout_s=120), second.result(timeout_s=120)
