@@ -234,14 +234,12 @@ def run_speculation(
         extra = {} if state == "on" else off_extra
         # 2. low load: sessions alone, after the same schedule of other sessions unmeasured (a fresh
         # application's first loaded run is slower than the ones after it)
-        warm = loadgen_config(here, "sessions", sessions, settings, **extra)
+        low_config = loadgen_config(here, "sessions", sessions, settings, **extra)
         [runs[f"spec-warm-{state}"]] = run_together(
-            here, [replace(warm, seed=settings.seed + WARM_SEED_OFFSET)], False
+            here, [replace(low_config, seed=settings.seed + WARM_SEED_OFFSET)], False
         ).rows
         time.sleep(settle_s)
-        low = run_together(
-            here, [loadgen_config(here, "sessions", sessions, settings, **extra)], settings.quality
-        )
+        low = run_together(here, [low_config], settings.quality)
         [rows] = low.rows
         runs[f"spec-low-{state}"] = rows
         summary["low_load"][state] = figures(rows, rows, low, target_ms, summarize)
@@ -252,13 +250,10 @@ def run_speculation(
         edge_config = loadgen_config(here, "sessions", sessions, settings, mode="edge")
         [edge_rows] = run_together(here, [edge_config], settings.quality).rows
         runs[f"spec-low-edge-{state}"] = edge_rows
-        summary["low_load"][f"edge_only_beside_{state}_session_latency_s_mean"] = summarize(edge_rows, None)[
-            "session_latency_s_mean"
-        ]
-        if state == "on":
-            summary["low_load"]["edge_only_session_latency_s_mean"] = summarize(edge_rows, None)[
-                "session_latency_s_mean"
-            ]
+        edge_only_s = summarize(edge_rows, None)["session_latency_s_mean"]
+        summary["low_load"][f"edge_only_beside_{state}_session_latency_s_mean"] = edge_only_s
+        if state == "on":  # the reference: measured beside the sessions with speculation
+            summary["low_load"]["edge_only_session_latency_s_mean"] = edge_only_s
         # 3. high load: the same sessions with the target, beside finalizes at load_x capacity
         session_config = loadgen_config(
             here, "sessions", sessions, settings, latency_target_ms=target_ms, **extra

@@ -10,9 +10,10 @@ from typing import Any
 
 from ray import serve
 
-from deployments.tier import ServedTier, edit_strength_function, lower_cpu_priority, set_torch_threads
+from deployments.tier import ServedTier, lower_cpu_priority, set_torch_threads
 from diffusionx.engine.tiers import EdgeModel
 from diffusionx.models.loading import load_model
+from diffusionx.policy.learned import edit_strength_function
 from diffusionx.requests import (
     EditRequest,
     GenerationResult,

@@ -10,9 +10,9 @@ from typing import Any
 from PIL import Image
 from ray import serve
 
-from deployments.tier import ServedTier, edit_strength_function, set_torch_threads
+from deployments.tier import ServedTier, set_torch_threads
 from diffusionx.engine.tiers import PredictorModel
-from diffusionx.policy.learned import strength_function
+from diffusionx.policy.learned import edit_strength_function, strength_function
 
 
 @serve.deployment(

@@ -24,9 +24,7 @@ from deployments.metrics import TierMetrics
 from diffusionx.engine.model_loop import Job, ProgressCallback
 from diffusionx.engine.progress import Report, stream_progress
 from diffusionx.engine.reporter import CoalescingReporter
-from diffusionx.engine.tiers import EditStrengthFunction, heuristic_edit_strength
 from diffusionx.policy.autoscaling import autoscaling_stats
-from diffusionx.policy.learned import load_predictor
 
 
 class ServedTier:
@@ -110,14 +108,6 @@ class ServedTier:
     async def check_health(self) -> None:
         """Called by Serve every health_check_period_s; doubles as the stats heartbeat."""
         self._reporter.request()
-
-
-def edit_strength_function(name: str, alignment_model: str | None = None) -> EditStrengthFunction:
-    """What `edit_predictor` names: "heuristic" or a learned predictor (reading `alignment_model` instead of
-    the CLIP its config names, when given)."""
-    if name == "heuristic":
-        return heuristic_edit_strength
-    return load_predictor(name, alignment_model=alignment_model)
 
 
 def set_torch_threads(torch_threads: int | None) -> None:

@@ -26,7 +26,7 @@ from diffusionx.policy.load import TierSnapshot
 from diffusionx.policy.router import CloudLoad
 from diffusionx.policy.service_model import ReplicaLoad
 from diffusionx.policy.speculation import DEFAULT_MAX_SLOWDOWN, IfRunning, affordable_background
-from diffusionx.policy.strength import predict_strength
+from diffusionx.policy.strength import EditStrengthFunction, heuristic_edit_strength, predict_strength
 from diffusionx.requests import (
     EditRequest,
     GenerationResult,
@@ -287,13 +287,6 @@ class CloudModel(_Tier):
 
 
 StrengthFunction = Callable[[str, Image.Image], float]  # (prompt, preview) -> refine strength
-# (prompt, previous image, previous prompt or None) -> edit strength
-EditStrengthFunction = Callable[[str, Image.Image, str | None], float]
-
-
-def heuristic_edit_strength(prompt: str, image: Image.Image, previous_prompt: str | None = None) -> float:
-    """The heuristic's twin for edits: the same formula on the image to edit and the new prompt."""
-    return predict_strength(prompt, image)
 
 
 class PredictorModel(_Tier):

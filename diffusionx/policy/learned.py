@@ -32,7 +32,7 @@ from diffusionx.policy.features import TextEmbedder, build_features
 
 if TYPE_CHECKING:
     from diffusionx.models.alignment import AlignmentModel
-from diffusionx.policy.strength import predict_strength
+from diffusionx.policy.strength import EditStrengthFunction, heuristic_edit_strength, predict_strength
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 KINDS = ("refine", "edit")
@@ -160,6 +160,14 @@ def strength_function(name: str, alignment_model: str | None = None) -> Callable
     `alignment_model` instead of the CLIP its config names, when given)."""
     if name == "heuristic":
         return predict_strength
+    return load_predictor(name, alignment_model=alignment_model)
+
+
+def edit_strength_function(name: str, alignment_model: str | None = None) -> EditStrengthFunction:
+    """What `edit_predictor` names: "heuristic" (`policy.strength.heuristic_edit_strength`) or a learned
+    predictor (reading `alignment_model` instead of the CLIP its config names, when given)."""
+    if name == "heuristic":
+        return heuristic_edit_strength
     return load_predictor(name, alignment_model=alignment_model)
 
 

@@ -18,6 +18,7 @@ documented heuristic (the learned predictor replaces it later, behind the same f
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,3 +62,12 @@ def predict_strength(prompt: str, image: Image.Image, config: HeuristicStrengthC
         + config.w_detail * prompt_detail(prompt, config.detail_words)
     )
     return float(np.clip(strength, config.s_min, config.s_max))
+
+
+# (prompt, previous image, previous prompt or None) -> edit strength
+EditStrengthFunction = Callable[[str, Image.Image, str | None], float]
+
+
+def heuristic_edit_strength(prompt: str, image: Image.Image, previous_prompt: str | None = None) -> float:
+    """The heuristic's twin for edits: the same formula on the image to edit and the new prompt."""
+    return predict_strength(prompt, image)

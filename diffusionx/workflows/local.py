@@ -10,17 +10,10 @@ import asyncio
 from collections.abc import Sequence
 from typing import Literal
 
-from diffusionx.engine.tiers import (
-    CloudModel,
-    EdgeModel,
-    EditStrengthFunction,
-    PredictorModel,
-    StrengthFunction,
-    heuristic_edit_strength,
-)
+from diffusionx.engine.tiers import CloudModel, EdgeModel, PredictorModel, StrengthFunction
 from diffusionx.models.loading import LoadedModel
 from diffusionx.policy.router import RouterConfig
-from diffusionx.policy.strength import predict_strength
+from diffusionx.policy.strength import EditStrengthFunction, heuristic_edit_strength, predict_strength
 from diffusionx.requests import PreviewRequest
 from diffusionx.workflows.modes import Generated, Tiers, generate
 

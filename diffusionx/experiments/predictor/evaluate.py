@@ -33,14 +33,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from diffusionx.engine.tiers import heuristic_edit_strength
 from diffusionx.experiments.evaluation import load_pair
 from diffusionx.experiments.predictor.label import add_session_options, check_session_args
 from diffusionx.experiments.predictor.targets import FIXED_STRENGTHS, TARGET_MARGIN, edit_ok
 from diffusionx.experiments.predictor.train import EDIT_TARGET_MARGIN
 from diffusionx.models.loading import LoadedModel
 from diffusionx.policy.learned import load_predictor
-from diffusionx.policy.strength import predict_strength
+from diffusionx.policy.strength import heuristic_edit_strength, predict_strength
 from diffusionx.requests import Img2ImgRequest, PreviewRequest
 from diffusionx.shapes.data import SessionStep, make_session_steps
 from diffusionx.shapes.judge import score
