@@ -17,10 +17,8 @@ Background jobs (`submit(..., background=True)`: speculative refinements, step-b
 never counted as load: not in the monitor's queue, in-flight work or pool, not in `work()`. In the step
 batcher they take only the slots foreground leaves (`StepBatcher`), and the loop does not run a step made
 of background samples alone while a whole batch of another kind waits, so foreground work waits for at
-most the one step already in flight. With a `background_priority` (`engine.host_share.IdleThreadPriority` on
-a CPU replica) a step or join of background jobs alone runs at the OS's idle priority, and a foreground
-job's arrival (`submit`, `promote`) returns it to normal priority at once. `promote(job)` turns a
-background job into a foreground one (counted from then on with its remaining steps); `cancel` drops it.
+most the one step already in flight. `promote(job)` turns a background job into a foreground one (counted
+from then on with its remaining steps); `cancel` drops it.
 
 Never losing a request:
 - a model call that raises fails the jobs it concerns with that error: a merged batch that fails is re-run
@@ -97,16 +95,6 @@ class StepEngine(Protocol[TicketT]):
     def idle(self) -> bool: ...
 
 
-class BackgroundPriority(Protocol):
-    """How the loop runs work of background jobs alone (`engine.host_share.IdleThreadPriority`)."""
-
-    def allow(self) -> None: ...  # the next `run` may go at background priority
-
-    def restore(self) -> None: ...  # foreground arrived: what runs at background priority goes on normally
-
-    def run(self, function: Callable[..., Any], *args: Any) -> Any: ...  # in the worker thread
-
-
 class LoopObserver:
     """Hears what the loop does (default: nothing). A deployment subclasses it to export metrics."""
 
@@ -169,7 +157,6 @@ class ModelLoop:
         observer: LoopObserver | None = None,
         background_gate: Callable[[], bool] | None = None,
         background_poll_s: float = 0.01,
-        background_priority: BackgroundPriority | None = None,
     ) -> None:
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size!r} is not allowed: use an integer >= 1")
@@ -185,7 +172,6 @@ class ModelLoop:
         # replica); while it says no, the loop looks again every `background_poll_s`
         self.background_gate: Callable[[], bool] = background_gate or (lambda: True)
         self.background_poll_s = background_poll_s
-        self.background_priority = background_priority
         self._arrived = asyncio.Event()
         self._running: list[Job] = []  # the whole batch in the model right now
         self._functions: dict[str, BatchFunction] = {}
@@ -229,20 +215,8 @@ class ModelLoop:
         job.background = background
         if not background:
             self.monitor.enqueue(steps)
-            self._foreground_arrived()
         self.on_change()
         return job
-
-    def _foreground_arrived(self) -> None:
-        if self.background_priority is not None:
-            self.background_priority.restore()
-
-    async def _run_background_alone(self, function: Callable[[], Any]) -> Any:
-        """`function()` (a step or join of background jobs alone) off the loop, at background priority."""
-        if self.background_priority is None:
-            return await self._run_blocking(function)
-        self.background_priority.allow()
-        return await self._run_blocking(self.background_priority.run, function)
 
     def promote(self, job: Job) -> bool:
         """A background job becomes foreground (someone waits for it): counted as load from now on with
@@ -250,7 +224,6 @@ class ModelLoop:
         if not job.background or job.state in (DONE, CANCELLED):
             return False
         job.background = False
-        self._foreground_arrived()
         remaining = job.steps - job.steps_done
         self.monitor.enqueue(remaining)
         if job.state == RUNNING:  # in the step batcher, or being added to it (`_admit_stepped` promotes it)
@@ -492,10 +465,7 @@ class ModelLoop:
             job.started_at = admitted_at
         self._joining = joining
         try:
-            if all(backgrounds):  # e.g. a speculation's VAE encode
-                added = await self._run_background_alone(add_all)
-            else:
-                added = await self._run_blocking(add_all)
+            added = await self._run_blocking(add_all)
         finally:
             self._joining = []
         for job, entry, background in zip(joining, added, backgrounds, strict=True):
@@ -521,10 +491,7 @@ class ModelLoop:
         stepper = self._stepper
         assert stepper is not None
         started = self._clock()
-        if stepper.has_foreground:
-            finished = await self._run_blocking(stepper.step)
-        else:
-            finished = await self._run_background_alone(stepper.step)
+        finished = await self._run_blocking(stepper.step)
         elapsed = self._clock() - started
         advanced = 0
         for ticket, job in list(self._stepping.items()):

@@ -17,14 +17,7 @@ from typing import Any
 
 from PIL import Image
 
-from diffusionx.engine.model_loop import (
-    BackgroundPriority,
-    JobSpec,
-    ModelLoop,
-    ProgressCallback,
-    RunBlocking,
-    _in_thread,
-)
+from diffusionx.engine.model_loop import JobSpec, ModelLoop, ProgressCallback, RunBlocking, _in_thread
 from diffusionx.engine.speculation import Claimed, SpeculationStore
 from diffusionx.engine.step_warmup import measure_step_time
 from diffusionx.models.loading import LoadedModel
@@ -193,7 +186,6 @@ class CloudModel(_Tier):
         background_max_slowdown: float = DEFAULT_MAX_SLOWDOWN,
         speculation_ttl_s: float = 120.0,
         background_gate: Callable[[], bool] | None = None,
-        background_priority: BackgroundPriority | None = None,
         **loop,
     ):
         super().__init__(max_batch_size, **loop)
@@ -201,8 +193,6 @@ class CloudModel(_Tier):
         if background_gate is not None:  # e.g. `engine.host_share.HostIdle` on a CPU replica
             self.loop.background_gate = background_gate
             self.loop.monitor.host_idle = background_gate  # reported in the tier's stats
-        # e.g. `engine.host_share.IdleThreadPriority` on a CPU replica
-        self.loop.background_priority = background_priority
         if step_batching:  # refinements of any strength share UNet batches, joining between steps
             batcher = StepBatcher(model, max_batch_size, "cloud", step_order)
             # speculative (background) samples share a foreground step only as far as the service

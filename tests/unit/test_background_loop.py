@@ -37,8 +37,7 @@ class StepRunner:
 
     async def __call__(self, function, *args):
         await asyncio.sleep(0)
-        called = args[0] if getattr(function, "__name__", "") == "run" and args else function  # at a priority
-        if getattr(called, "__name__", "") == "step":
+        if getattr(function, "__name__", "") == "step":
             if self.hold:
                 self.in_flight.set()
                 await self.release.wait()
@@ -227,54 +226,5 @@ def test_background_steps_wait_for_the_gate_and_foreground_does_not(tiny_cloud):
         result = await asyncio.wait_for(loop.wait(speculative), 5.0)
         assert result is not None and speculative.steps_done == 4
         assert runner.hold is False
-
-    asyncio.run(scenario())
-
-
-class RecordingPriority:
-    """A `BackgroundPriority` that records what the loop asks of it and runs calls inline."""
-
-    def __init__(self) -> None:
-        self.events: list[str] = []
-
-    def allow(self) -> None:
-        self.events.append("allow")
-
-    def restore(self) -> None:
-        self.events.append("restore")
-
-    def run(self, function, *args):
-        self.events.append(f"idle:{getattr(function, '__name__', 'call')}")
-        return function(*args)
-
-
-def test_background_work_alone_runs_at_background_priority_and_foreground_takes_it_back(tiny_cloud):
-    async def scenario():
-        loop, _batcher, runner, _clock = make_loop(tiny_cloud)
-        priority = RecordingPriority()
-        loop.background_priority = priority
-        speculative = loop.submit("refine", refinement(1), 10, background=True)
-        loop.release([speculative])
-        while speculative.steps_done < 2:
-            await asyncio.sleep(0)
-        # the join (VAE encode) and every step so far ran at background priority, each allowed first
-        assert priority.events[:2] == ["allow", "idle:add_all"]
-        done = 2 * speculative.steps_done
-        assert priority.events[2 : 2 + done] == ["allow", "idle:step"] * speculative.steps_done
-        assert priority.events[2 + done :] in ([], ["allow"])  # the next step, dispatched
-        runner.hold = True
-        await runner.in_flight.wait()  # a background step is in flight...
-        priority.events.clear()
-        foreground = asyncio.create_task(loop.run("refine", refinement(7, 0.2), 2))
-        await asyncio.sleep(0)
-        assert priority.events == ["restore"]  # ...and the arrival takes it back at once
-        runner.release.set()
-        await foreground
-        # foreground steps (and the foreground join) run at normal priority: no allow, no idle run
-        assert "idle:add_all" not in priority.events[2:]
-        resumed = priority.events.index("idle:step", 2) if "idle:step" in priority.events[2:] else None
-        assert resumed is None or priority.events[resumed - 1] == "allow"
-        assert loop.promote(speculative) and priority.events[-1] == "restore"
-        await loop.wait(speculative)
 
     asyncio.run(scenario())
