@@ -9,6 +9,7 @@ wrap the same objects, so the batching that is measured is the batching that is 
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import time
@@ -51,6 +52,18 @@ def _with_tier(on_progress: TierProgress, tier: str, step: int, total: int) -> N
     on_progress(step, total, tier)
 
 
+def one_at_a_time(run_blocking: RunBlocking) -> RunBlocking:
+    """`run_blocking` for loops whose blocking calls must not overlap: each waits for the one before it
+    (first come, first served)."""
+    turn = asyncio.Lock()
+
+    async def run(function: Callable[..., Any], *args: Any) -> Any:
+        async with turn:
+            return await run_blocking(function, *args)
+
+    return run
+
+
 class _Tier:
     tier = ""
 
@@ -82,7 +95,10 @@ class EdgeModel(_Tier):
     Built with `predict_edit`, it also predicts the strength of an edit that names none (`edit_predicted`),
     in its own batching loop beside the model's: the edit then costs one call to this tier instead of one
     to the predictor tier and one here (an edit saves a preview only some of its UNet steps, and a call
-    between deployments costs a good part of what it saves)."""
+    between deployments costs a good part of what it saves). The two loops' model calls take turns
+    (`one_at_a_time`): run side by side in one process they would share its GIL, and a prediction made
+    beside a running preview slows that preview by about the prediction's own time, while the edit it
+    is for waits for the model anyway."""
 
     tier = "edge"
 
@@ -92,15 +108,21 @@ class EdgeModel(_Tier):
         max_batch_size: int = 8,
         edit_steps: int | None = None,
         predict_edit: EditStrengthFunction | None = None,
-        **loop,
+        clock: Callable[[], float] = time.perf_counter,
+        run_blocking: RunBlocking = _in_thread,
     ):
-        super().__init__(max_batch_size, **loop)
+        if predict_edit is not None:
+            run_blocking = one_at_a_time(run_blocking)
+        super().__init__(max_batch_size, clock=clock, run_blocking=run_blocking)
         self.model = model
         self.edit_steps = edit_steps or model.spec.default_steps
         self.edit_strengths: PredictorModel | None = None
         if predict_edit is not None:
             self.edit_strengths = PredictorModel(
-                max_batch_size=max_batch_size, predict_edit=predict_edit, **loop
+                max_batch_size=max_batch_size,
+                predict_edit=predict_edit,
+                clock=clock,
+                run_blocking=run_blocking,
             )
         self.loop.register("preview", lambda requests, on_step=None: preview(model, requests, on_step))
         self.loop.register("edit", lambda requests, on_step=None: edit(model, requests, on_step))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import numpy as np
 import pytest
@@ -206,6 +207,41 @@ def test_an_edge_tier_with_the_edit_predictor_predicts_and_edits_in_one_call(pic
         asyncio.run(on_predictor.edge.edit_predicted(EditRequest(EDITED, picture, PROMPT)))
     with pytest.raises(InvalidRequestError, match="prompt"):
         EditRequest("", picture, PROMPT)
+
+
+def test_an_edge_tiers_predictions_and_model_calls_take_turns(picture):
+    """In one process a prediction beside a running preview would share the GIL with it: the edge tier's
+    edit predictions and its model's batches never run at the same time, and both still answer."""
+    from diffusionx.engine.tiers import EdgeModel
+    from diffusionx.models.loading import load_model
+    from diffusionx.requests import EditRequest, PreviewRequest
+
+    running, most = 0, 0
+
+    async def counting(function, *args):
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        try:
+            return await asyncio.to_thread(function, *args)
+        finally:
+            running -= 1
+
+    def slow_predict(prompt: str, image: Image.Image, previous_prompt: str | None) -> float:
+        time.sleep(0.05)  # long enough to overlap the preview if nothing kept them apart
+        return 0.5
+
+    edge = EdgeModel(load_model("tiny-random-edge"), 4, predict_edit=slow_predict, run_blocking=counting)
+
+    async def both():
+        return await asyncio.gather(
+            edge.preview(PreviewRequest(PROMPT, seed=1)),
+            edge.edit_predicted(EditRequest(EDITED, picture, PROMPT)),
+            edge.edit_predicted(EditRequest(PROMPT, picture, EDITED)),
+        )
+
+    preview, edited, again = asyncio.run(both())
+    assert most == 1 and edited.strength == again.strength == 0.5 and preview.image.size == edited.image.size
 
 
 def test_the_carried_edit_is_the_predictors_pick_on_the_grid_else_the_label():
