@@ -242,6 +242,7 @@ def test_an_edge_tiers_predictions_and_model_calls_take_turns(picture):
 
     preview, edited, again = asyncio.run(both())
     assert most == 1 and edited.strength == again.strength == 0.5 and preview.image.size == edited.image.size
+    assert len(asyncio.run(both())) == 3 and most == 1  # the same tier under another event loop
 
 
 def test_the_carried_edit_is_the_predictors_pick_on_the_grid_else_the_label():
