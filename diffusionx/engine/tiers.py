@@ -69,6 +69,11 @@ def one_at_a_time(run_blocking: RunBlocking) -> RunBlocking:
     return run
 
 
+def computes_on_host(model: LoadedModel) -> bool:
+    """Whether the model's denoising runs on the host's CPU (not a GPU, nor a GPU-timed stand-in)."""
+    return model.device.type == "cpu" and not model.spec.gpu_timed
+
+
 class _Tier:
     tier = ""
 
@@ -100,10 +105,12 @@ class EdgeModel(_Tier):
     Built with `predict_edit`, it also predicts the strength of an edit that names none (`edit_predicted`),
     in its own batching loop beside the model's: the edit then costs one call to this tier instead of one
     to the predictor tier and one here (an edit saves a preview only some of its UNet steps, and a call
-    between deployments costs a good part of what it saves). The two loops' model calls take turns
-    (`one_at_a_time`): run side by side in one process they would share its GIL, and a prediction made
-    beside a running preview slows that preview by about the prediction's own time, while the edit it
-    is for waits for the model anyway."""
+    between deployments costs a good part of what it saves). Where the model computes on the host's
+    CPU (`computes_on_host`), the two loops' model calls take turns (`one_at_a_time`): side by side in one
+    process they would share its GIL, and a prediction made beside a running preview slows that preview
+    by about the prediction's own time, while the edit it is for waits for the model anyway. On a GPU, or
+    a GPU-timed stand-in that waits a GPU's time, the model's calls hold the GIL little and the two
+    overlap as before."""
 
     tier = "edge"
 
@@ -116,7 +123,7 @@ class EdgeModel(_Tier):
         clock: Callable[[], float] = time.perf_counter,
         run_blocking: RunBlocking = _in_thread,
     ):
-        if predict_edit is not None:
+        if predict_edit is not None and computes_on_host(model):
             run_blocking = one_at_a_time(run_blocking)
         super().__init__(max_batch_size, clock=clock, run_blocking=run_blocking)
         self.model = model

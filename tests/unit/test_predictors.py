@@ -4,6 +4,7 @@ end to end on a handful of tiny-random sessions; the edit workflow uses the edit
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 
@@ -243,6 +244,12 @@ def test_an_edge_tiers_predictions_and_model_calls_take_turns(picture):
     preview, edited, again = asyncio.run(both())
     assert most == 1 and edited.strength == again.strength == 0.5 and preview.image.size == edited.image.size
     assert len(asyncio.run(both())) == 3 and most == 1  # the same tier under another event loop
+    # a GPU-timed stand-in waits a GPU's time instead of computing: its calls overlap as on a GPU
+    timed = dataclasses.replace(edge.model, spec=dataclasses.replace(edge.model.spec, gpu_timed="edge"))
+    most = 0
+    edge = EdgeModel(timed, 4, predict_edit=slow_predict, run_blocking=counting)
+    asyncio.run(both())
+    assert most == 2
 
 
 def test_the_carried_edit_is_the_predictors_pick_on_the_grid_else_the_label():
