@@ -56,14 +56,14 @@ def one_at_a_time(run_blocking: RunBlocking) -> RunBlocking:
     """`run_blocking` for loops whose blocking calls must not overlap: each waits for the one before it
     (first come, first served). One lock per event loop: in-process callers may run the same tiers under
     successive `asyncio.run`s, and an asyncio lock belongs to one loop."""
-    turns: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
+    turn: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
 
     async def run(function: Callable[..., Any], *args: Any) -> Any:
+        nonlocal turn
         loop = asyncio.get_running_loop()
-        if loop not in turns:
-            turns.clear()  # an earlier loop's lock is of no use once a new loop runs
-            turns[loop] = asyncio.Lock()
-        async with turns[loop]:
+        if turn is None or turn[0] is not loop:
+            turn = (loop, asyncio.Lock())
+        async with turn[1]:
             return await run_blocking(function, *args)
 
     return run
