@@ -9,9 +9,10 @@ ramp, on Ray's local autoscaling cluster with replicas that keep a GPU's time.
    profile, each replica start its load time; `--gpu-profile`, default the shipped A100 profile), so a
    replica adds capacity as a GPU would. Policies: `default` (Serve's request-count policy), `work`
    (`QueuedStepsPolicy`, the config's), `ahead` (`AheadPolicy`: the work held plus the finalizes the
-   previewing sessions will bring; its priors, used until the ingress has seen a finalize, are what the
-   first policy's run of the same workload measured, `session_priors`, as a deployment starts from its
-   earlier traffic); same bounds and delays.
+   previewing sessions will bring; its priors, used until the ingress has measured whole cohorts, are what
+   the first policy's run of the same workload measured, `session_priors`, as a deployment starts from its
+   earlier traffic; its horizon is this cluster's time from a decision to a serving replica,
+   `ahead_horizon_s`); same bounds and delays.
 2. On the first cluster, before its ramp, size the experiment from one cloud replica: a few finalizes one
    at a time give the steps of a finalize and the unloaded latency; the replica's published service model
    (`t(b)`, batch capacity `B`) gives its capacity, `B / (steps * t(B))` finalizes per second (as `bench
@@ -379,10 +380,10 @@ def measure_sizing(url: str, args: argparse.Namespace) -> Sizing:
     )
 
 
-def cloud_autoscaling(policy: str, priors: dict[str, float] | None = None) -> dict[str, Any]:
+def cloud_autoscaling(policy: str, ahead_kwargs: dict[str, float] | None = None) -> dict[str, Any]:
     """The cloud tier's autoscaling_config for `policy`: the config's (work), the same without the custom
-    policy (default: Serve's on target_ongoing_requests), or the config's kwargs with `AheadPolicy` and its
-    `priors` (ahead); same bounds and delays."""
+    policy (default: Serve's on target_ongoing_requests), or the config's kwargs with `AheadPolicy` and
+    `ahead_kwargs` (its priors and horizon; ahead); same bounds and delays."""
     import yaml
 
     from deployments.local import AUTOSCALE_CONFIG
@@ -394,7 +395,7 @@ def cloud_autoscaling(policy: str, priors: dict[str, float] | None = None) -> di
         autoscaling.pop("policy", None)
     elif policy == "ahead":
         kwargs = dict(autoscaling["policy"].get("policy_kwargs", {}))
-        kwargs = {**kwargs, **AHEAD_KWARGS, **(priors or {})}
+        kwargs = {**kwargs, **AHEAD_KWARGS, **(ahead_kwargs or {})}
         autoscaling["policy"] = {"policy_function": AHEAD_POLICY, "policy_kwargs": kwargs}
     return autoscaling
 
@@ -438,6 +439,7 @@ def session_priors(rows: list[dict[str, Any]], finalize_steps: float) -> dict[st
     return {
         "prior_finalize_share": round(len(leads) / len(first), 4),
         "prior_preview_to_finalize_s": round(sum(leads) / len(leads), 2),
+        "prior_preview_to_finalize_sd_s": round(float(np.std(leads)), 2),
         "prior_finalize_steps": round(finalize_steps, 2),
     }
 
@@ -445,12 +447,29 @@ def session_priors(rows: list[dict[str, Any]], finalize_steps: float) -> dict[st
 AHEAD_KWARGS = {"target_utilization": 0.85}  # of full-batch throughput: batches stay part-full, latency low
 
 
+def ahead_horizon_s(node_start_s: float) -> float:
+    """`AheadPolicy.horizon_s` on this bench's cluster: from the policy's decision to a new replica serving,
+    the metrics' look-back (the policy reads the sessions as they were up to that long ago), Serve's
+    upscale delay, the node's start-up and the model's load on the GPU profile."""
+    import yaml
+
+    from deployments.local import AUTOSCALE_CONFIG
+    from diffusionx.models.gpu_timed import load_profile
+    from diffusionx.models.registry import get_spec
+
+    raw = yaml.safe_load(Path(AUTOSCALE_CONFIG).read_text())
+    app = raw["applications"][0]
+    cloud = next(d for d in app["deployments"] if d["name"] == "CloudRefiner")["autoscaling_config"]
+    load_s = load_profile().role(get_spec(app["args"]["cloud_model"]).gpu_timed).load_s
+    return float(cloud["look_back_period_s"] + cloud["upscale_delay_s"] + node_start_s + load_s)
+
+
 def run_policy(
     policy: str,
     args: argparse.Namespace,
     ramp: Ramp | None,
     sizing: Sizing | None,
-    priors: dict[str, float] | None = None,
+    ahead_kwargs: dict[str, float] | None = None,
 ) -> tuple:
     """One policy on a fresh cluster: (rows, samples, sizing, ramp); sizes the ramp first when not given."""
     from deployments.autoscaling_cluster import start_cluster, stop_cluster
@@ -460,7 +479,7 @@ def run_policy(
     cluster = start_cluster(node_start_delay_s=args.node_start_s)
     try:
         options: dict[str, dict[str, Any]] = {
-            "CloudRefiner": {"autoscaling_config": cloud_autoscaling(policy, priors)}
+            "CloudRefiner": {"autoscaling_config": cloud_autoscaling(policy, ahead_kwargs)}
         }
         if sizing is not None:
             options["EdgePreviewer"] = {"autoscaling_config": edge_autoscaling(sizing.edge_replicas)}
@@ -613,10 +632,12 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     ramp: Ramp | None = None
     sizing: Sizing | None = None
-    priors: dict[str, float] = {}
+    ahead_kwargs: dict[str, float] = {}  # the first run's session priors and the cluster's horizon
     for policy in args.policies:
-        rows, samples, sizing, ramp = run_policy(policy, args, ramp, sizing, priors)
-        priors = priors or session_priors(rows, sizing.finalize_steps)  # the first run's, for `ahead`
+        rows, samples, sizing, ramp = run_policy(policy, args, ramp, sizing, ahead_kwargs)
+        if not ahead_kwargs:
+            horizon_s = ahead_horizon_s(args.node_start_s)
+            ahead_kwargs = {**session_priors(rows, sizing.finalize_steps), "horizon_s": horizon_s}
         timeline = build_timeline(samples, rows, args.window_s)
         summary = summarize(
             timeline,
@@ -649,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
             "finalize_strength": args.finalize_strength,
             "node_start_s": args.node_start_s,
             "gpu_profile": args.gpu_profile or "diffusionx/models/gpu_profiles/a100-sd15-tiny-sd.json",
-            "ahead_policy_kwargs": {**AHEAD_KWARGS, **priors},
+            "ahead_policy_kwargs": {**AHEAD_KWARGS, **ahead_kwargs},
             "sample_s": args.sample_s,
             "window_s": args.window_s,
             "cooldown_s": args.cooldown_s,

@@ -8,7 +8,10 @@ their preview ids (each new preview id joins its parent's session) and measures,
 - `previewing`: sessions with a preview and no finalize yet, active within `idle_s`;
 - `finalize_share`: of the sessions started at least `mature_s` ago, the share that finalized;
 - `preview_to_finalize_s`: their mean time from the first preview to the finalize;
-- `measured_sessions`: how many sessions those two figures rest on;
+- `preview_to_finalize_sd_s`: the spread (standard deviation) of that time over the same sessions;
+- `measured_sessions`: how many sessions those figures rest on;
+- `previewing_by_age`: the sessions previewing counted by their age (time since their first preview) in
+  `AGE_BIN_S` bins, the last bin holding every older one: which of them are due to finalize soon;
 - `finalize_steps`: mean denoising steps a finalize ran on the cloud tier;
 - `starts_per_s`: sessions started per second over the last `rate_window_s` (they finalize a lead later);
 - `finalize_chance(preview_id)`: of the recent sessions that reached the round this preview's session is
@@ -30,10 +33,14 @@ Ray-free, with an injected clock; the ingress feeds it and publishes `activity()
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+
+AGE_BIN_S = 5.0  # seconds per bin of `previewing_by_age`
+AGE_BINS = 48  # bins: sessions previewing for 240 s or more share the last one
 
 
 @dataclass(frozen=True)
@@ -47,9 +54,15 @@ class SessionActivity:
     starts_per_s: float = 0.0
     taken_at: float = 0.0  # wall clock (time.time), to age out a silent source
     measured_sessions: int = 0  # the mature sessions `finalize_share` and `preview_to_finalize_s` rest on
+    preview_to_finalize_sd_s: float = 0.0
+    previewing_by_age: tuple[int, ...] = ()  # AGE_BIN_S bins (module docstring)
 
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
+    def __post_init__(self) -> None:
+        # a dict sent between processes carries the bins as a list
+        object.__setattr__(self, "previewing_by_age", tuple(int(n) for n in self.previewing_by_age))
+
+    def to_dict(self) -> dict[str, float | list[int]]:
+        return {**asdict(self), "previewing_by_age": list(self.previewing_by_age)}
 
 
 def merge_activity(activities: Iterable[SessionActivity]) -> SessionActivity:
@@ -62,6 +75,7 @@ def merge_activity(activities: Iterable[SessionActivity]) -> SessionActivity:
         pairs = [(getattr(a, name), w) for a, w in zip(items, weights, strict=True) if getattr(a, name) > 0]
         return sum(v * w for v, w in pairs) / sum(w for _, w in pairs) if pairs else 0.0
 
+    bins = max((len(a.previewing_by_age) for a in items), default=0)
     return SessionActivity(
         previewing=previewing,
         finalize_share=mean("finalize_share"),
@@ -70,6 +84,10 @@ def merge_activity(activities: Iterable[SessionActivity]) -> SessionActivity:
         starts_per_s=sum(a.starts_per_s for a in items),
         taken_at=max((a.taken_at for a in items), default=0.0),
         measured_sessions=sum(a.measured_sessions for a in items),
+        preview_to_finalize_sd_s=mean("preview_to_finalize_sd_s"),
+        previewing_by_age=tuple(
+            sum(a.previewing_by_age[i] for a in items if i < len(a.previewing_by_age)) for i in range(bins)
+        ),
     )
 
 
@@ -184,6 +202,10 @@ class SessionTracker:
         while self._starts and now - self._starts[0] > self.rate_window_s:
             self._starts.popleft()
         ended = list(self._ended)
+        leads = list(self._lead_s)
+        by_age = [0] * AGE_BINS
+        for session in self._sessions.values():
+            by_age[min(AGE_BINS - 1, int((now - session.started) / AGE_BIN_S))] += 1
         return SessionActivity(
             previewing=len(self._sessions),
             finalize_share=sum(ended) / len(ended) if ended else 0.0,
@@ -192,4 +214,6 @@ class SessionTracker:
             starts_per_s=len(self._starts) / self.rate_window_s,
             taken_at=self._wall_clock(),
             measured_sessions=len(ended),
+            preview_to_finalize_sd_s=statistics.pstdev(leads) if len(leads) > 1 else 0.0,
+            previewing_by_age=tuple(by_age),
         )

@@ -8,6 +8,7 @@ import yaml
 
 from clients.bench_autoscale import (
     Ramp,
+    ahead_horizon_s,
     back_at_start,
     build_timeline,
     cloud_autoscaling,
@@ -173,11 +174,17 @@ def test_session_priors_are_the_share_lead_and_steps_an_earlier_run_measured():
     assert session_priors(rows, 30.0) == {
         "prior_finalize_share": pytest.approx(2 / 3, abs=1e-4),
         "prior_preview_to_finalize_s": 25.0,
+        "prior_preview_to_finalize_sd_s": 5.0,
         "prior_finalize_steps": 30.0,
     }
     assert session_priors(rows[-1:], 30.0) == {}
     ahead = cloud_autoscaling("ahead", session_priors(rows, 30.0))["policy"]["policy_kwargs"]
     assert ahead["prior_preview_to_finalize_s"] == 25.0 and ahead["target_wait_s"] > 0
+
+
+def test_the_ahead_horizon_adds_up_the_clusters_delays_from_decision_to_serving_replica():
+    # serve_config_autoscale.yaml: look-back 10 s, upscale delay 5 s; the shipped profile's SD v1.5 load 10 s
+    assert ahead_horizon_s(15.0) == pytest.approx(10.0 + 5.0 + 15.0 + 10.0)
 
 
 def test_the_cooldown_ends_once_replicas_and_nodes_are_back_where_they_started():
