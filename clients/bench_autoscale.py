@@ -447,10 +447,26 @@ def session_priors(rows: list[dict[str, Any]], finalize_steps: float) -> dict[st
 AHEAD_KWARGS = {"target_utilization": 0.85}  # of full-batch throughput: batches stay part-full, latency low
 
 
-def ahead_horizon_s(node_start_s: float) -> float:
-    """`AheadPolicy.horizon_s` on this bench's cluster: from the policy's decision to a new replica serving,
-    the metrics' look-back (the policy reads the sessions as they were up to that long ago), Serve's
-    upscale delay, the node's start-up and the model's load on the GPU profile."""
+def replica_start_s(samples: list[dict[str, Any]], tier: str = "cloud") -> float | None:
+    """The median time from Serve asking for another replica of `tier` to its running (a node's start-up,
+    the replica's process and model load), over the scale-ups of a run's samples (`asked` and `replicas`
+    per tier); None when the run never scaled up."""
+    lags = []
+    for i in range(1, len(samples)):
+        before, now = samples[i - 1]["asked"][tier], samples[i]["asked"][tier]
+        for target in range(before + 1, now + 1):  # the (target)th replica asked for at this sample
+            running = next((s["t_s"] for s in samples[i:] if s["replicas"][tier] >= target), None)
+            if running is not None:
+                lags.append(running - samples[i]["t_s"])
+    return float(np.median(lags)) if lags else None
+
+
+def ahead_horizon_s(start_s: float | None, node_start_s: float) -> float:
+    """`AheadPolicy.horizon_s` on this bench's cluster: from the policy's decision to a new replica serving.
+    Serve's upscale delay, the metrics' lag (half the look-back they are averaged over, and a report
+    period), then a replica's start-up as the first run measured it (`replica_start_s`), or without one
+    the node's start-up and the model's load on the GPU profile (a lower bound: the replica's process
+    starts too)."""
     import yaml
 
     from deployments.local import AUTOSCALE_CONFIG
@@ -460,8 +476,10 @@ def ahead_horizon_s(node_start_s: float) -> float:
     raw = yaml.safe_load(Path(AUTOSCALE_CONFIG).read_text())
     app = raw["applications"][0]
     cloud = next(d for d in app["deployments"] if d["name"] == "CloudRefiner")["autoscaling_config"]
-    load_s = load_profile().role(get_spec(app["args"]["cloud_model"]).gpu_timed).load_s
-    return float(cloud["look_back_period_s"] + cloud["upscale_delay_s"] + node_start_s + load_s)
+    if start_s is None:
+        start_s = node_start_s + load_profile().role(get_spec(app["args"]["cloud_model"]).gpu_timed).load_s
+    lag_s = cloud["look_back_period_s"] / 2 + cloud["metrics_interval_s"]
+    return round(float(cloud["upscale_delay_s"] + lag_s + start_s), 1)
 
 
 def run_policy(
@@ -633,10 +651,12 @@ def main(argv: list[str] | None = None) -> int:
     ramp: Ramp | None = None
     sizing: Sizing | None = None
     ahead_kwargs: dict[str, float] = {}  # the first run's session priors and the cluster's horizon
+    start_s: float | None = None  # a cloud replica's start-up, measured in the first run
     for policy in args.policies:
         rows, samples, sizing, ramp = run_policy(policy, args, ramp, sizing, ahead_kwargs)
         if not ahead_kwargs:
-            horizon_s = ahead_horizon_s(args.node_start_s)
+            start_s = replica_start_s(samples)
+            horizon_s = ahead_horizon_s(start_s, args.node_start_s)
             ahead_kwargs = {**session_priors(rows, sizing.finalize_steps), "horizon_s": horizon_s}
         timeline = build_timeline(samples, rows, args.window_s)
         summary = summarize(
@@ -671,6 +691,7 @@ def main(argv: list[str] | None = None) -> int:
             "node_start_s": args.node_start_s,
             "gpu_profile": args.gpu_profile or "diffusionx/models/gpu_profiles/a100-sd15-tiny-sd.json",
             "ahead_policy_kwargs": {**AHEAD_KWARGS, **ahead_kwargs},
+            "cloud_replica_start_s": start_s,
             "sample_s": args.sample_s,
             "window_s": args.window_s,
             "cooldown_s": args.cooldown_s,

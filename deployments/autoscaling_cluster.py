@@ -249,31 +249,36 @@ def stop_cluster(cluster: LocalAutoscalingCluster) -> None:
 
 @dataclass
 class ClusterSample:
-    """Running replicas per tier and alive nodes (head included; by type in `nodes_by_type`)."""
+    """Running replicas per tier, replicas Serve has asked for (running or on their way: pending a node,
+    starting), and alive nodes (head included; by type in `nodes_by_type`)."""
 
     replicas: dict[str, int]
     nodes: int
     nodes_by_type: dict[str, int]
+    asked: dict[str, int]
 
 
 TIER_DEPLOYMENTS = {"edge": "EdgePreviewer", "cloud": "CloudRefiner", "predictor": "StrengthPredictor"}
 
 
 def sample_cluster(app: str = "diffusionx") -> ClusterSample:
-    """What Serve and the GCS say now: RUNNING replicas of each tier, alive nodes."""
+    """What Serve and the GCS say now: replicas of each tier running and asked for, alive nodes."""
     import ray
     from ray import serve
     from ray.serve.schema import ReplicaState
 
     status = serve.status().applications.get(app)
-    replicas = {}
+    replicas, asked = {}, {}
+    leaving = (ReplicaState.STOPPING, ReplicaState.STOPPED)
     for tier, name in TIER_DEPLOYMENTS.items():
         deployment = status.deployments.get(name) if status is not None else None
-        replicas[tier] = int(deployment.replica_states.get(ReplicaState.RUNNING, 0)) if deployment else 0
+        states = deployment.replica_states if deployment else {}
+        replicas[tier] = int(states.get(ReplicaState.RUNNING, 0))
+        asked[tier] = sum(int(n) for state, n in states.items() if state not in leaving)
     alive = [node for node in ray.nodes() if node.get("Alive")]
     by_type = {"head": 0, "cloud": 0, "edge": 0}
     for node in alive:
         resources = node.get("Resources", {})
         kind = "cloud" if "cloud_node" in resources else "edge" if "edge_node" in resources else "head"
         by_type[kind] += 1
-    return ClusterSample(replicas=replicas, nodes=len(alive), nodes_by_type=by_type)
+    return ClusterSample(replicas=replicas, nodes=len(alive), nodes_by_type=by_type, asked=asked)

@@ -15,6 +15,7 @@ from clients.bench_autoscale import (
     edge_autoscaling,
     edge_replicas_for,
     edge_step,
+    replica_start_s,
     session_priors,
     slo_attainment,
     summarize,
@@ -182,9 +183,21 @@ def test_session_priors_are_the_share_lead_and_steps_an_earlier_run_measured():
     assert ahead["prior_preview_to_finalize_s"] == 25.0 and ahead["target_wait_s"] > 0
 
 
-def test_the_ahead_horizon_adds_up_the_clusters_delays_from_decision_to_serving_replica():
-    # serve_config_autoscale.yaml: look-back 10 s, upscale delay 5 s; the shipped profile's SD v1.5 load 10 s
-    assert ahead_horizon_s(15.0) == pytest.approx(10.0 + 5.0 + 15.0 + 10.0)
+def test_the_ahead_horizon_adds_up_the_delays_from_decision_to_a_serving_replica():
+    """serve_config_autoscale.yaml: upscale delay 5 s, metrics averaged over 10 s (5 s behind) and reported
+    every 2 s; then the replica's start-up as measured, else node start-up and the profile's load (10 s)."""
+    assert ahead_horizon_s(40.0, node_start_s=15.0) == pytest.approx(5.0 + 5.0 + 2.0 + 40.0)
+    assert ahead_horizon_s(None, node_start_s=15.0) == pytest.approx(5.0 + 5.0 + 2.0 + 15.0 + 10.0)
+
+
+def test_a_replicas_start_up_is_measured_from_serve_asking_for_it_to_its_running():
+    def at(t: float, asked: int, running: int) -> dict:
+        return {"t_s": t, "asked": {"cloud": asked}, "replicas": {"cloud": running}}
+
+    # asked for a 2nd at 10 s (running at 40 s: 30 s), a 3rd and 4th at 20 s (50 s, 60 s: 30 s, 40 s)
+    samples = [at(0, 1, 1), at(10, 2, 1), at(20, 4, 1), at(40, 4, 2), at(50, 4, 3), at(60, 4, 4)]
+    assert replica_start_s(samples) == pytest.approx(30.0)
+    assert replica_start_s([at(0, 1, 1), at(10, 1, 1)]) is None  # never scaled up
 
 
 def test_the_cooldown_ends_once_replicas_and_nodes_are_back_where_they_started():
