@@ -127,6 +127,7 @@ def build_timeline(samples: list[dict[str, Any]], rows: list[dict[str, Any]], wi
                 "t_s": round(t, 2),
                 "offered_rps": round(sent / span, 3) if span > 0 else 0.0,
                 "replicas": dict(sample["replicas"]),
+                "asked": dict(sample.get("asked", {})),
                 "nodes": sample["nodes"],
                 "queued_steps": sample["queued_steps"],
                 "finalize_latency_s_p95": p95(ended),
@@ -448,9 +449,10 @@ AHEAD_KWARGS = {"target_utilization": 0.85}  # of full-batch throughput: batches
 
 
 def replica_start_s(samples: list[dict[str, Any]], tier: str = "cloud") -> float | None:
-    """The median time from Serve asking for another replica of `tier` to its running (a node's start-up,
+    """The longest time from Serve asking for another replica of `tier` to its running (a node's start-up,
     the replica's process and model load), over the scale-ups of a run's samples (`asked` and `replicas`
-    per tier); None when the run never scaled up."""
+    per tier): a forecast planned for the typical start-up is late for every slower one (on this host a
+    replica's process starts slower while the load runs); None when the run never scaled up."""
     lags = []
     for i in range(1, len(samples)):
         before, now = samples[i - 1]["asked"][tier], samples[i]["asked"][tier]
@@ -458,15 +460,15 @@ def replica_start_s(samples: list[dict[str, Any]], tier: str = "cloud") -> float
             running = next((s["t_s"] for s in samples[i:] if s["replicas"][tier] >= target), None)
             if running is not None:
                 lags.append(running - samples[i]["t_s"])
-    return float(np.median(lags)) if lags else None
+    return max(lags) if lags else None
 
 
 def ahead_horizon_s(start_s: float | None, node_start_s: float) -> float:
-    """`AheadPolicy.horizon_s` on this bench's cluster: from the policy's decision to a new replica serving.
-    Serve's upscale delay, the metrics' lag (half the look-back they are averaged over, and a report
-    period), then a replica's start-up as the first run measured it (`replica_start_s`), or without one
-    the node's start-up and the model's load on the GPU profile (a lower bound: the replica's process
-    starts too)."""
+    """`AheadPolicy.horizon_s` on this bench's cluster: from the session activity the policy reads to a new
+    replica serving. Serve's upscale delay, the metrics' look-back (they are averaged over it) and report
+    period, then a replica's start-up as the first run measured it (`replica_start_s`), or without one the
+    node's start-up and the model's load on the GPU profile (a lower bound: the replica's process starts
+    too)."""
     import yaml
 
     from deployments.local import AUTOSCALE_CONFIG
@@ -478,7 +480,7 @@ def ahead_horizon_s(start_s: float | None, node_start_s: float) -> float:
     cloud = next(d for d in app["deployments"] if d["name"] == "CloudRefiner")["autoscaling_config"]
     if start_s is None:
         start_s = node_start_s + load_profile().role(get_spec(app["args"]["cloud_model"]).gpu_timed).load_s
-    lag_s = cloud["look_back_period_s"] / 2 + cloud["metrics_interval_s"]
+    lag_s = cloud["look_back_period_s"] + cloud["metrics_interval_s"]
     return round(float(cloud["upscale_delay_s"] + lag_s + start_s), 1)
 
 

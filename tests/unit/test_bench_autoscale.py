@@ -51,7 +51,7 @@ def test_timeline_has_the_issue_fields_rates_and_windowed_p95():
     rows += [row(2.0, "finalize", 2000.0), row(3.0, "finalize", 4000.0), row(4.0, "finalize", 1, 503)]
     timeline = build_timeline([sample(5.0, 1, 3, 40), sample(10.0, 2, 4, 80)], rows, window_s=5.0)
     assert set(timeline[0]) == {
-        "t_s", "offered_rps", "replicas", "nodes", "queued_steps", "finalize_latency_s_p95"
+        "t_s", "offered_rps", "replicas", "asked", "nodes", "queued_steps", "finalize_latency_s_p95"
     }  # fmt: skip
     assert set(timeline[0]["replicas"]) == {"edge", "cloud", "predictor"}
     # (0, 5]: previews at 1.0 ... 5.0 (9) and the three finalizes: 12 in 5 s
@@ -184,10 +184,10 @@ def test_session_priors_are_the_share_lead_and_steps_an_earlier_run_measured():
 
 
 def test_the_ahead_horizon_adds_up_the_delays_from_decision_to_a_serving_replica():
-    """serve_config_autoscale.yaml: upscale delay 5 s, metrics averaged over 10 s (5 s behind) and reported
-    every 2 s; then the replica's start-up as measured, else node start-up and the profile's load (10 s)."""
-    assert ahead_horizon_s(40.0, node_start_s=15.0) == pytest.approx(5.0 + 5.0 + 2.0 + 40.0)
-    assert ahead_horizon_s(None, node_start_s=15.0) == pytest.approx(5.0 + 5.0 + 2.0 + 15.0 + 10.0)
+    """serve_config_autoscale.yaml: upscale delay 5 s, metrics averaged over 10 s and reported every 2 s;
+    then the replica's start-up as measured, else node start-up and the profile's load (10 s)."""
+    assert ahead_horizon_s(40.0, node_start_s=15.0) == pytest.approx(5.0 + 10.0 + 2.0 + 40.0)
+    assert ahead_horizon_s(None, node_start_s=15.0) == pytest.approx(5.0 + 10.0 + 2.0 + 15.0 + 10.0)
 
 
 def test_a_replicas_start_up_is_measured_from_serve_asking_for_it_to_its_running():
@@ -196,7 +196,7 @@ def test_a_replicas_start_up_is_measured_from_serve_asking_for_it_to_its_running
 
     # asked for a 2nd at 10 s (running at 40 s: 30 s), a 3rd and 4th at 20 s (50 s, 60 s: 30 s, 40 s)
     samples = [at(0, 1, 1), at(10, 2, 1), at(20, 4, 1), at(40, 4, 2), at(50, 4, 3), at(60, 4, 4)]
-    assert replica_start_s(samples) == pytest.approx(30.0)
+    assert replica_start_s(samples) == pytest.approx(40.0)  # the slowest
     assert replica_start_s([at(0, 1, 1), at(10, 1, 1)]) is None  # never scaled up
 
 
