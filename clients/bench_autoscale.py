@@ -381,17 +381,27 @@ def measure_sizing(url: str, args: argparse.Namespace) -> Sizing:
     )
 
 
-def cloud_autoscaling(policy: str, ahead_kwargs: dict[str, float] | None = None) -> dict[str, Any]:
-    """The cloud tier's autoscaling_config for `policy`: the config's (work), the same without the custom
-    policy (default: Serve's on target_ongoing_requests), or the config's kwargs with `AheadPolicy` and
-    `ahead_kwargs` (its priors and horizon; ahead); same bounds and delays."""
+def _config_app() -> dict[str, Any]:
+    """The application of `serve_config_autoscale.yaml`, as written."""
     import yaml
 
     from deployments.local import AUTOSCALE_CONFIG
 
-    raw = yaml.safe_load(Path(AUTOSCALE_CONFIG).read_text())
-    cloud = next(d for d in raw["applications"][0]["deployments"] if d["name"] == "CloudRefiner")
-    autoscaling = dict(cloud["autoscaling_config"])
+    app: dict[str, Any] = yaml.safe_load(Path(AUTOSCALE_CONFIG).read_text())["applications"][0]
+    return app
+
+
+def _autoscaling_config(deployment: str) -> dict[str, Any]:
+    """A copy of `deployment`'s autoscaling_config in the experiment's config."""
+    found = next(d for d in _config_app()["deployments"] if d["name"] == deployment)
+    return dict(found["autoscaling_config"])
+
+
+def cloud_autoscaling(policy: str, ahead_kwargs: dict[str, float] | None = None) -> dict[str, Any]:
+    """The cloud tier's autoscaling_config for `policy`: the config's (work), the same without the custom
+    policy (default: Serve's on target_ongoing_requests), or the config's kwargs with `AheadPolicy` and
+    `ahead_kwargs` (its priors and horizon; ahead); same bounds and delays."""
+    autoscaling = _autoscaling_config("CloudRefiner")
     if policy == "default":
         autoscaling.pop("policy", None)
     elif policy == "ahead":
@@ -403,13 +413,7 @@ def cloud_autoscaling(policy: str, ahead_kwargs: dict[str, float] | None = None)
 
 def edge_autoscaling(replicas: int) -> dict[str, Any]:
     """The edge tier's autoscaling_config held at `replicas` (min = max): the experiment is the cloud's."""
-    import yaml
-
-    from deployments.local import AUTOSCALE_CONFIG
-
-    raw = yaml.safe_load(Path(AUTOSCALE_CONFIG).read_text())
-    edge = next(d for d in raw["applications"][0]["deployments"] if d["name"] == "EdgePreviewer")
-    return {**edge["autoscaling_config"], "min_replicas": replicas, "max_replicas": replicas}
+    return {**_autoscaling_config("EdgePreviewer"), "min_replicas": replicas, "max_replicas": replicas}
 
 
 def _wait_for_edge(replicas: int, timeout_s: float = 180.0) -> None:
@@ -469,17 +473,13 @@ def ahead_horizon_s(start_s: float | None, node_start_s: float) -> float:
     period, then a replica's start-up as the first run measured it (`replica_start_s`), or without one the
     node's start-up and the model's load on the GPU profile (a lower bound: the replica's process starts
     too)."""
-    import yaml
-
-    from deployments.local import AUTOSCALE_CONFIG
     from diffusionx.models.gpu_timed import load_profile
     from diffusionx.models.registry import get_spec
 
-    raw = yaml.safe_load(Path(AUTOSCALE_CONFIG).read_text())
-    app = raw["applications"][0]
-    cloud = next(d for d in app["deployments"] if d["name"] == "CloudRefiner")["autoscaling_config"]
+    cloud = _autoscaling_config("CloudRefiner")
     if start_s is None:
-        start_s = node_start_s + load_profile().role(get_spec(app["args"]["cloud_model"]).gpu_timed).load_s
+        model = get_spec(_config_app()["args"]["cloud_model"])
+        start_s = node_start_s + load_profile().role(model.gpu_timed).load_s
     lag_s = cloud["look_back_period_s"] + cloud["metrics_interval_s"]
     return round(float(cloud["upscale_delay_s"] + lag_s + start_s), 1)
 

@@ -54,10 +54,11 @@ FINALIZE_SHARE = "finalize_share"
 PREVIEW_TO_FINALIZE_S = "preview_to_finalize_s"
 PREVIEW_TO_FINALIZE_SD_S = "preview_to_finalize_sd_s"
 PREVIEWING_AGE = "previewing_age_{}"  # sessions previewing in age bin i (AGE_BIN_S wide)
-DEFAULT_LEAD_CV = 0.3  # a session's lead varies with its rounds and think times: spread until measured
 FINALIZE_STEPS = "finalize_steps"
 SESSION_STARTS_PER_S = "session_starts_per_s"
 MEASURED_SESSIONS = "measured_sessions"
+
+DEFAULT_LEAD_CV = 0.3  # a session's lead varies with its rounds and think times: spread until measured
 
 
 def session_stats(activity: SessionActivity) -> dict[str, float]:
@@ -90,20 +91,23 @@ def finalize_rates(
     def survival(x: float) -> float:
         return 0.5 * math.erfc((x - lead_s) / scale)
 
+    intervals = max(1, math.ceil(horizon_s / AGE_BIN_S))
+    due = [0.0] * intervals  # expected finalizes in each interval
+    for i, count in enumerate(by_age):
+        if count <= 0:
+            continue
+        age = (i + 0.5) * AGE_BIN_S
+        still_open = 1.0 - share + share * survival(age)
+        if still_open < 1e-12:  # every session finalizes and this one is long overdue: now
+            due[0] += count
+            continue
+        for k in range(intervals):
+            x0, x1 = k * AGE_BIN_S, (k + 1) * AGE_BIN_S
+            due[k] += count * share * (survival(age + x0) - survival(age + x1)) / still_open
     rates = []
-    for k in range(max(1, math.ceil(horizon_s / AGE_BIN_S))):
-        x0, x1 = k * AGE_BIN_S, (k + 1) * AGE_BIN_S
-        due = 0.0
-        for i, count in enumerate(by_age):
-            if count <= 0:
-                continue
-            age = (i + 0.5) * AGE_BIN_S
-            still_open = 1.0 - share + share * survival(age)
-            if still_open < 1e-12:  # every session finalizes and this one is long overdue: now
-                due += count if k == 0 else 0.0
-                continue
-            due += count * share * (survival(age + x0) - survival(age + x1)) / still_open
-        rates.append(due / AGE_BIN_S + share * starts_per_s * (1.0 - survival((x0 + x1) / 2.0)))
+    for k, expected in enumerate(due):
+        starting = share * starts_per_s * (1.0 - survival((k + 0.5) * AGE_BIN_S))
+        rates.append(expected / AGE_BIN_S + starting)
     return rates
 
 
