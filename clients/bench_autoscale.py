@@ -12,7 +12,8 @@ ramp, on Ray's local autoscaling cluster with replicas that keep a GPU's time.
    previewing sessions will bring; its priors, used until the ingress has measured whole cohorts, are what
    the first policy's run of the same workload measured, `session_priors`, as a deployment starts from its
    earlier traffic; its horizon is this cluster's time from a decision to a serving replica,
-   `ahead_horizon_s`); same bounds and delays.
+   `ahead_horizon_s`); same bounds and upscale delay, and for `ahead` a downscale delay as short as the
+   upscale delay, since its forecast holds the replicas the horizon needs (`cloud_autoscaling`).
 2. On the first cluster, before its ramp, size the experiment from one cloud replica: a few finalizes one
    at a time give the steps of a finalize and the unloaded latency; the replica's published service model
    (`t(b)`, batch capacity `B`) gives its capacity, `B / (steps * t(B))` finalizes per second (as `bench
@@ -400,7 +401,11 @@ def _autoscaling_config(deployment: str) -> dict[str, Any]:
 def cloud_autoscaling(policy: str, ahead_kwargs: dict[str, float] | None = None) -> dict[str, Any]:
     """The cloud tier's autoscaling_config for `policy`: the config's (work), the same without the custom
     policy (default: Serve's on target_ongoing_requests), or the config's kwargs with `AheadPolicy` and
-    `ahead_kwargs` (its priors and horizon; ahead); same bounds and delays."""
+    `ahead_kwargs` (its priors and horizon; ahead); same bounds and upscale delay. The ahead policy's
+    downscale delay is its upscale delay: Serve's longer one holds a reactive policy's replicas through a
+    lull it cannot tell from the end of the load, while the forecast already keeps every replica that the
+    next `horizon_s` needs (one given back now can be asked for again in time), so the delay has only the
+    metrics' noise left to cover, as on the way up (docs/autoscaling.md)."""
     autoscaling = _autoscaling_config("CloudRefiner")
     if policy == "default":
         autoscaling.pop("policy", None)
@@ -408,6 +413,7 @@ def cloud_autoscaling(policy: str, ahead_kwargs: dict[str, float] | None = None)
         kwargs = dict(autoscaling["policy"].get("policy_kwargs", {}))
         kwargs = {**kwargs, **AHEAD_KWARGS, **(ahead_kwargs or {})}
         autoscaling["policy"] = {"policy_function": AHEAD_POLICY, "policy_kwargs": kwargs}
+        autoscaling["downscale_delay_s"] = autoscaling["upscale_delay_s"]
     return autoscaling
 
 
