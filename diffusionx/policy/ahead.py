@@ -27,7 +27,9 @@ costs `s` steps in batches of `B`, `s * t(B) / B` replica-seconds, so the peak r
 `forecast = lambda * s * t(B) / B / target_utilization` replicas, where `target_utilization` (< 1)
 leaves room for part-full batches and the latency target. The policy asks for
 `max(forecast, work held / target_wait_s)`: the reactive term (QueuedStepsPolicy's) covers work the
-forecast missed; Serve's `downscale_delay_s` applies on the way down.
+forecast missed; Serve's delays apply as to any policy. The forecast already holds every replica the
+next `horizon_s` needs (one given back now can be asked for again in time), so `downscale_delay_s` need
+only cover the metrics' noise, like `upscale_delay_s` (docs/autoscaling.md).
 Until `f`, `L` and `sd` are measured (on whole cohorts of sessions, `SessionTracker`'s `mature_s` after
 their start) and `s` (no finalize seen yet) the policy uses its priors (`prior_*` kwargs: what the operator
 measured on earlier traffic, e.g. the ingress's figures of yesterday; 0 = none), then the measured figures
