@@ -392,9 +392,9 @@ def _config_app() -> dict[str, Any]:
     return app
 
 
-def _autoscaling_config(deployment: str) -> dict[str, Any]:
-    """A copy of `deployment`'s autoscaling_config in the experiment's config."""
-    found = next(d for d in _config_app()["deployments"] if d["name"] == deployment)
+def _autoscaling_config(deployment: str, app: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A copy of `deployment`'s autoscaling_config in the experiment's config (`app`: one already read)."""
+    found = next(d for d in (app or _config_app())["deployments"] if d["name"] == deployment)
     return dict(found["autoscaling_config"])
 
 
@@ -482,9 +482,10 @@ def ahead_horizon_s(start_s: float | None, node_start_s: float) -> float:
     from diffusionx.models.gpu_timed import load_profile
     from diffusionx.models.registry import get_spec
 
-    cloud = _autoscaling_config("CloudRefiner")
+    app = _config_app()
+    cloud = _autoscaling_config("CloudRefiner", app)
     if start_s is None:
-        model = get_spec(_config_app()["args"]["cloud_model"])
+        model = get_spec(app["args"]["cloud_model"])
         start_s = node_start_s + load_profile().role(model.gpu_timed).load_s
     lag_s = cloud["look_back_period_s"] + cloud["metrics_interval_s"]
     return round(float(cloud["upscale_delay_s"] + lag_s + start_s), 1)
