@@ -228,3 +228,64 @@ def test_background_steps_wait_for_the_gate_and_foreground_does_not(tiny_cloud):
         assert runner.hold is False
 
     asyncio.run(scenario())
+
+
+def test_steps_of_background_work_alone_run_on_the_background_runner(tiny_cloud):
+    """A step with no foreground sample goes to `run_background` (on a CPU replica: the lowest-priority
+    thread); a step that holds foreground work stays on the normal runner."""
+
+    async def scenario():
+        loop, _batcher, runner, clock = make_loop(tiny_cloud)
+        background_runner = StepRunner(clock)
+        used: list[str] = []
+
+        async def normal(function, *args):
+            used.append("normal")
+            return await runner(function, *args)
+
+        async def background(function, *args):
+            used.append("background")
+            return await background_runner(function, *args)
+
+        loop._run_blocking = normal
+        loop.run_background = background
+        speculative = loop.submit("refine", refinement(1, steps=3), 3, background=True)
+        loop.release([speculative])
+        await asyncio.wait_for(loop.wait(speculative), 5.0)
+        assert used == ["background"] * 4  # its preparation (encoding the preview) and its 3 steps
+        used.clear()
+        await loop.run("refine", refinement(2, steps=2), 2)
+        assert used == ["normal"] * 3
+
+    asyncio.run(scenario())
+
+
+def test_a_speculation_on_the_low_priority_thread_gives_the_foreground_pixels(tiny_cloud):
+    """The real runners: the background steps on `LowPriorityThread` (nice 19 on Linux), the foreground on
+    worker threads; the same refinement gives the same pixels either way."""
+    import os
+    import sys
+    import threading
+
+    from diffusionx.engine.host_share import LowPriorityThread
+
+    low = LowPriorityThread()
+
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    async def scenario():
+        if sys.platform.startswith("linux"):
+            assert await low(niceness) == 19
+            assert niceness() < 19  # the caller's thread keeps its priority
+        loop = ModelLoop(2, run_background=low)
+        batcher = StepBatcher(tiny_cloud, 2)
+        batcher.background_limit = lambda foreground: 0
+        loop.enable_step_batching("refine", batcher)
+        speculative = loop.submit("refine", refinement(5, steps=4), 4, background=True)
+        loop.release([speculative])
+        in_background = await asyncio.wait_for(loop.wait(speculative), 30.0)
+        in_foreground = await loop.run("refine", refinement(5, steps=4), 4)
+        assert np.array_equal(np.asarray(in_background.image), np.asarray(in_foreground.image))
+
+    asyncio.run(scenario())
