@@ -15,7 +15,7 @@ from ray import serve
 
 from deployments.metrics import speculation_metrics
 from deployments.tier import ServedTier, lower_cpu_priority, set_torch_threads
-from diffusionx.engine.host_share import HostIdle, LowPriorityThread
+from diffusionx.engine.host_share import HostIdle
 from diffusionx.engine.speculation import Claimed
 from diffusionx.engine.tiers import CloudModel
 from diffusionx.models.loading import load_model
@@ -51,8 +51,6 @@ class CloudRefiner(ServedTier):
         set_torch_threads(torch_threads)
         lower_cpu_priority(nice)
         loaded = load_model(model, device=device)
-        # a CPU replica's cores are the host's: background steps take only what the other tiers leave
-        shares_host = idle_host and loaded.device.type == "cpu"
         engine = CloudModel(
             loaded,
             max_batch_size,
@@ -60,8 +58,7 @@ class CloudRefiner(ServedTier):
             step_order=step_order,
             speculation_ttl_s=speculation_ttl_s,
             background_max_slowdown=background_max_slowdown,
-            background_gate=HostIdle() if shares_host else None,
-            run_background=LowPriorityThread() if shares_host else None,
+            background_gate=HostIdle() if idle_host and loaded.device.type == "cpu" else None,
         )
         self._serve(engine, state, max_batch_size, batch_wait_timeout_s)
         if engine.speculations is not None:

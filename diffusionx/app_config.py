@@ -165,9 +165,7 @@ class AppArgs(BaseModel):
         True,
         description="CPU cloud replicas: a speculative step runs only while the host has a core and a half "
         "that no other process is using (a core for the step, half a core for the other tiers' requests: "
-        "tiers that share a machine are not slowed by speculation), and at the lowest CPU priority (nice 19, "
-        "its own thread), so a request that arrives during the step takes the core first. No effect on GPU "
-        "replicas.",
+        "tiers that share a machine are not slowed by speculation). No effect on GPU replicas.",
     )
     max_body_bytes: int = Field(
         12 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024, description="Largest request body; larger: 413."

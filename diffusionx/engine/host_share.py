@@ -12,35 +12,17 @@ core alone, on a 2-core host a speculative step runs beside every preview the ed
 core, and the preview's other processes wait for both; an idle Ray host's own processes use well under
 half a core, so the step still runs whenever no request is being computed.
 
-Once a background step runs, the gate cannot take its core back for the step's duration: a preview that
-arrives meanwhile would share the cores with it as with a foreground step. So a step of background work
-alone runs on its own worker thread at the lowest CPU priority (`LowPriorityThread`, nice 19 for that
-thread and the torch threads it starts): the kernel's scheduler then gives any other runnable thread of
-the host (the edge, the proxy, the ingress, this replica's own event loop) the core first, and the step
-takes only what they leave. A foreground step, or one that mixes foreground and background samples,
-stays on the normal-priority threads.
-
 The step keeps the replica's torch threads: fewer threads would change the floating-point order of the
 UNet's reductions, and a speculation must give the pixels of the same refinement run in the foreground.
-`/proc/stat` and per-thread niceness are Linux's; elsewhere `HostIdle` always answers idle and
-`LowPriorityThread` runs at the process's priority.
+`/proc/stat` is Linux's; elsewhere `HostIdle` always answers idle.
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
-import logging
 import os
-import sys
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
-
-logger = logging.getLogger(__name__)
 
 PROC_STAT = Path("/proc/stat")
 # /proc/stat's first line: cpu user nice system idle iowait irq softirq steal ...; busy = all but idle, iowait
@@ -100,37 +82,3 @@ class HostIdle:
         self.idle = self.cores - self.others_cores >= self.free_cores
         self._last = (now, busy, own)
         return self.idle
-
-
-LOWEST_PRIORITY = 19  # the largest niceness Linux allows
-
-
-def _lower_thread_priority(niceness: int) -> None:
-    """Raises the calling thread's niceness to `niceness` (Linux: per thread; raising it needs no privilege,
-    and the threads it starts later, torch's OpenMP team among them, inherit it)."""
-    if not sys.platform.startswith("linux"):
-        return  # PRIO_PROCESS would name the whole process elsewhere
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, max(niceness, os.getpriority(os.PRIO_PROCESS, tid)))
-    except OSError as error:
-        logger.warning("background steps keep the normal CPU priority: %s", error)
-
-
-class LowPriorityThread:
-    """A `ModelLoop` runner (`await runner(function, *args)`) on one worker thread of the lowest CPU
-    priority, for steps of background work alone (see the module docstring). One thread: a replica runs
-    one step at a time anyway, and the thread's torch threads are started once, at its priority."""
-
-    def __init__(self, niceness: int = LOWEST_PRIORITY) -> None:
-        self.niceness = niceness
-        self._executor = ThreadPoolExecutor(
-            max_workers=1,
-            thread_name_prefix="background-step",
-            initializer=_lower_thread_priority,
-            initargs=(niceness,),
-        )
-
-    async def __call__(self, function: Callable[..., Any], *args: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(function, *args))

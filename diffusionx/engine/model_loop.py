@@ -17,10 +17,8 @@ Background jobs (`submit(..., background=True)`: speculative refinements, step-b
 never counted as load: not in the monitor's queue, in-flight work or pool, not in `work()`. In the step
 batcher they take only the slots foreground leaves (`StepBatcher`), and the loop does not run a step made
 of background samples alone while a whole batch of another kind waits, so foreground work waits for at
-most the one step already in flight. A step of background samples alone, and the preparation of background
-jobs alone, run on `run_background` (a CPU replica: `engine.host_share.LowPriorityThread`, so the one
-step in flight yields the cores to whatever else the host runs). `promote(job)` turns a background job
-into a foreground one (counted from then on with its remaining steps); `cancel` drops it.
+most the one step already in flight. `promote(job)` turns a background job into a foreground one (counted
+from then on with its remaining steps); `cancel` drops it.
 
 Never losing a request:
 - a model call that raises fails the jobs it concerns with that error: a merged batch that fails is re-run
@@ -159,7 +157,6 @@ class ModelLoop:
         observer: LoopObserver | None = None,
         background_gate: Callable[[], bool] | None = None,
         background_poll_s: float = 0.01,
-        run_background: RunBlocking | None = None,
     ) -> None:
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size!r} is not allowed: use an integer >= 1")
@@ -175,9 +172,6 @@ class ModelLoop:
         # replica); while it says no, the loop looks again every `background_poll_s`
         self.background_gate: Callable[[], bool] = background_gate or (lambda: True)
         self.background_poll_s = background_poll_s
-        # how a step of background work alone is run (e.g. `engine.host_share.LowPriorityThread` on a CPU
-        # replica, so the step takes only the CPU nobody else wants); default: as every other call
-        self.run_background: RunBlocking = run_background or run_blocking
         self._arrived = asyncio.Event()
         self._running: list[Job] = []  # the whole batch in the model right now
         self._functions: dict[str, BatchFunction] = {}
@@ -471,8 +465,7 @@ class ModelLoop:
             job.started_at = admitted_at
         self._joining = joining
         try:
-            run = self.run_background if all(backgrounds) else self._run_blocking  # preparing is work too
-            added = await run(add_all)
+            added = await self._run_blocking(add_all)
         finally:
             self._joining = []
         for job, entry, background in zip(joining, added, backgrounds, strict=True):
@@ -498,8 +491,7 @@ class ModelLoop:
         stepper = self._stepper
         assert stepper is not None
         started = self._clock()
-        run = self._run_blocking if stepper.has_foreground else self.run_background
-        finished = await run(stepper.step)
+        finished = await self._run_blocking(stepper.step)
         elapsed = self._clock() - started
         advanced = 0
         for ticket, job in list(self._stepping.items()):

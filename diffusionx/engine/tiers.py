@@ -220,7 +220,6 @@ class CloudModel(_Tier):
         background_max_slowdown: float = DEFAULT_MAX_SLOWDOWN,
         speculation_ttl_s: float = 120.0,
         background_gate: Callable[[], bool] | None = None,
-        run_background: RunBlocking | None = None,
         **loop,
     ):
         super().__init__(max_batch_size, **loop)
@@ -228,8 +227,6 @@ class CloudModel(_Tier):
         if background_gate is not None:  # e.g. `engine.host_share.HostIdle` on a CPU replica
             self.loop.background_gate = background_gate
             self.loop.monitor.host_idle = background_gate  # reported in the tier's stats
-        if run_background is not None:  # e.g. `engine.host_share.LowPriorityThread` on a CPU replica
-            self.loop.run_background = run_background
         if step_batching:  # refinements of any strength share UNet batches, joining between steps
             batcher = StepBatcher(model, max_batch_size, "cloud", step_order)
             # speculative (background) samples share a foreground step only as far as the service
