@@ -401,11 +401,8 @@ def _autoscaling_config(deployment: str, app: dict[str, Any] | None = None) -> d
 def cloud_autoscaling(policy: str, ahead_kwargs: dict[str, float] | None = None) -> dict[str, Any]:
     """The cloud tier's autoscaling_config for `policy`: the config's (work), the same without the custom
     policy (default: Serve's on target_ongoing_requests), or the config's kwargs with `AheadPolicy` and
-    `ahead_kwargs` (its priors and horizon; ahead); same bounds and upscale delay. The ahead policy's
-    downscale delay is its upscale delay: Serve's longer one holds a reactive policy's replicas through a
-    lull it cannot tell from the end of the load, while the forecast already keeps every replica that the
-    next `horizon_s` needs (one given back now can be asked for again in time), so the delay has only the
-    metrics' noise left to cover, as on the way up (docs/autoscaling.md)."""
+    `ahead_kwargs` (its priors and horizon; ahead); same bounds and upscale delay, and for ahead a
+    downscale delay equal to the upscale delay (`diffusionx.policy.ahead` says why)."""
     autoscaling = _autoscaling_config("CloudRefiner")
     if policy == "default":
         autoscaling.pop("policy", None)
