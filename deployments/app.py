@@ -39,6 +39,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         batch_wait_timeout_s=config.edge_batch_wait_timeout_s,
         torch_threads=config.torch_threads,
         edit_steps=config.edit_steps,
+        prepare_edits=config.prepare_edits,
         nice=config.model_nice,
         edit_predictor=config.edit_predictor if config.edit_predictor_on == "edge" else None,
         alignment_model=config.alignment_model,

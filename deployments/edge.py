@@ -11,6 +11,7 @@ from typing import Any
 from ray import serve
 
 from deployments.tier import ServedTier, lower_cpu_priority, set_torch_threads
+from diffusionx.engine.host_share import HostIdle
 from diffusionx.engine.tiers import EdgeModel
 from diffusionx.models.loading import load_model
 from diffusionx.policy.learned import edit_strength_function
@@ -37,6 +38,7 @@ class EdgePreviewer(ServedTier):
         batch_wait_timeout_s: float = 0.0,
         torch_threads: int | None = None,
         edit_steps: int | None = None,
+        prepare_edits: bool = False,
         nice: int = 0,
         edit_predictor: str | None = None,
         alignment_model: str | None = None,
@@ -46,7 +48,15 @@ class EdgePreviewer(ServedTier):
         predict_edit = None
         if edit_predictor is not None:  # the app's edit_predictor_on: edge
             predict_edit = edit_strength_function(edit_predictor, alignment_model)
-        engine = EdgeModel(load_model(model, device=device), max_batch_size, edit_steps, predict_edit)
+        loaded = load_model(model, device=device)
+        engine = EdgeModel(
+            loaded,
+            max_batch_size,
+            edit_steps,
+            predict_edit,
+            prepare_edits=prepare_edits,
+            prepare_gate=HostIdle() if loaded.device.type == "cpu" else None,
+        )
         self._serve(engine, state, max_batch_size, batch_wait_timeout_s)
 
     async def preview(self, request: PreviewRequest) -> GenerationResult:

@@ -76,7 +76,9 @@ class ServedTier:
         except asyncio.CancelledError:
             loop.cancel(job)
             raise
-        return await loop.wait(job)
+        result = await loop.wait(job)
+        self.engine.answered(method, result)
+        return result
 
     async def _stream(self, method: str, *args: Any) -> AsyncIterator[tuple[str, Any]]:
         """`_submit` as a stream for `handle.options(stream=True)`: `("progress", (step, total, tier))` after

@@ -115,6 +115,13 @@ class AppArgs(BaseModel):
         None, gt=0, description="Router target for requests that set none; unset: always refine fully."
     )
     edit_steps: int | None = Field(None, ge=1, le=200, description="Full-schedule steps of a preview edit.")
+    prepare_edits: bool = Field(
+        True,
+        description="The edge replica prepares the next edit of each image it answers (the image's VAE "
+        "latents and its alignment embedding, which do not depend on the next prompt) while it has no "
+        "request and, on a CPU host, the host has a core and a half free; an edit of that image then skips "
+        "them. False: every edit computes them.",
+    )
     admission_max_wait_s: float = Field(
         10.0,
         gt=0,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import struct
 import warnings
@@ -22,6 +23,14 @@ def encode_png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def image_key(image: Image.Image) -> bytes:
+    """A digest of an image's pixels, size and mode: the key of caches of what is computed from an image
+    (the same pixels arriving again, e.g. a preview sent back as the next edit's input, find it)."""
+    digest = hashlib.blake2b(image.tobytes(), digest_size=16)
+    digest.update(f"{image.mode}{image.size}".encode())
+    return digest.digest()
 
 
 def encode_png_base64(image: Image.Image) -> str:

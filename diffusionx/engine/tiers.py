@@ -18,6 +18,7 @@ from typing import Any
 
 from PIL import Image
 
+from diffusionx.engine.edit_preparation import EditPreparation
 from diffusionx.engine.model_loop import JobSpec, ModelLoop, ProgressCallback, RunBlocking, _in_thread
 from diffusionx.engine.speculation import Claimed, SpeculationStore
 from diffusionx.engine.step_warmup import measure_step_time
@@ -96,7 +97,13 @@ class _Tier:
         report: ProgressCallback | None = None
         if on_progress is not None:
             report = functools.partial(_with_tier, on_progress, self.tier)
-        return await self.loop.run(*self.job(method, *args), on_progress=report)
+        result = await self.loop.run(*self.job(method, *args), on_progress=report)
+        self.answered(method, result)
+        return result
+
+    def answered(self, method: str, result: Any) -> None:
+        """A request of `method` was answered with `result` (on the event loop; the deployments call it
+        too). Default: nothing."""
 
 
 class EdgeModel(_Tier):
@@ -122,8 +129,10 @@ class EdgeModel(_Tier):
         predict_edit: EditStrengthFunction | None = None,
         clock: Callable[[], float] = time.perf_counter,
         run_blocking: RunBlocking = _in_thread,
+        prepare_edits: bool = False,
+        prepare_gate: Callable[[], bool] | None = None,
     ):
-        if predict_edit is not None and computes_on_host(model):
+        if (predict_edit is not None or prepare_edits) and computes_on_host(model):
             run_blocking = one_at_a_time(run_blocking)
         super().__init__(max_batch_size, clock=clock, run_blocking=run_blocking)
         self.model = model
@@ -136,8 +145,16 @@ class EdgeModel(_Tier):
                 clock=clock,
                 run_blocking=run_blocking,
             )
+        # the work of a session's next edit that does not need its prompt, done while idle (see the module)
+        self.preparation: EditPreparation | None = None
+        if prepare_edits:
+            gate = prepare_gate or (lambda: True)
+            self.preparation = EditPreparation(
+                model, run_blocking, idle=lambda: self._idle() and gate(), predictor=predict_edit
+            )
+        encode = self.preparation.encoded.encode if self.preparation is not None else None
         self.loop.register("preview", lambda requests, on_step=None: preview(model, requests, on_step))
-        self.loop.register("edit", lambda requests, on_step=None: edit(model, requests, on_step))
+        self.loop.register("edit", lambda requests, on_step=None: edit(model, requests, on_step, encode))
         self.loop.register("finish", lambda states: edge_phase(model, states))
 
     async def info(self) -> TierInfo:
@@ -152,6 +169,16 @@ class EdgeModel(_Tier):
         if self.edit_strengths is not None:  # the workflows send it edits without a strength
             info["edit_predictor"] = self.edit_strengths.names["edit"]
         return info
+
+    def _idle(self) -> bool:
+        loops = [self.loop] + ([self.edit_strengths.loop] if self.edit_strengths is not None else [])
+        works = [loop.work() for loop in loops]
+        return all(not (work.queued_requests or work.running_requests) for work in works)
+
+    def answered(self, method: str, result: Any) -> None:
+        """A preview or edit answered: prepare the next edit of its image (with `prepare_edits`)."""
+        if self.preparation is not None and method in ("preview", "edit"):
+            self.preparation.answered(result.image)
 
     async def predicted(self, request: EditRequest) -> tuple[Img2ImgRequest, float]:
         """The edit at this tier's predicted strength, and the prediction's milliseconds."""

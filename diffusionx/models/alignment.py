@@ -14,18 +14,20 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from cachetools import LRUCache
 from PIL import Image
 
+from diffusionx.imaging import image_key
 from diffusionx.models.loading import ModelNotAvailableError, _not_available, select_device
 from diffusionx.models.registry import PACKAGE_DIR, ModelSpec
 from diffusionx.models.tiny_random import build_once, cache_dir
 
 SHAPES_CLIP_DIR = PACKAGE_DIR / "models" / "shapes_clip"
+IMAGE_CACHE_ENTRIES = 1024  # a few KB each: the recent sessions' previews
 TINY_RANDOM_CLIP_VERSION = "v1"
 
 
@@ -77,8 +79,11 @@ def get_alignment_spec(name_or_path: str) -> AlignmentSpec:
 class AlignmentModel:
     """A CLIPModel with its tokenizer and image processor; `similarity` is cosine similarity in [-1, 1].
 
-    Text embeddings are cached (prompts and their perturbations repeat across requests), image embeddings
-    are not. Thread-safe: one lock around the model, which serves one request batch at a time anyway."""
+    Text embeddings are cached (prompts and their perturbations repeat across requests), and so are image
+    embeddings, by pixels (`imaging.image_key`): a served preview comes back as the input of the session's
+    next edit, whose prediction then finds the embedding that `image_embeddings` made for it beforehand (the
+    edge tier does that while it is idle, `engine.tiers.EdgeModel`). Thread-safe: one lock around the
+    model, which serves one request batch at a time anyway, and one around the caches."""
 
     def __init__(self, name: str, model: Any, tokenizer: Any, processor: Any, device: torch.device) -> None:
         self.name = name
@@ -87,11 +92,16 @@ class AlignmentModel:
         self.processor = processor
         self.device = device
         self._text_cache: LRUCache[str, np.ndarray] = LRUCache(maxsize=65_536)
+        self._image_cache: LRUCache[bytes, np.ndarray] = LRUCache(maxsize=IMAGE_CACHE_ENTRIES)
         self._lock = threading.Lock()
+        self._cache_lock = threading.Lock()
 
     def clear_cache(self) -> None:
-        """Forgets the cached text embeddings (to time a prediction as a request with new prompts pays it)."""
-        self._text_cache.clear()
+        """Forgets the cached embeddings (to time a prediction as a request with new prompts and images
+        pays it)."""
+        with self._cache_lock:
+            self._text_cache.clear()
+            self._image_cache.clear()
 
     @property
     def dim(self) -> int:
@@ -103,10 +113,12 @@ class AlignmentModel:
         return self.processor(images=rgb, return_tensors="pt")["pixel_values"]
 
     def text_inputs(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        # padded to the longest text only: CLIP's text tower attends causally and pools at the end of the
+        # text, so padding after it changes no embedding, and the shorter batch costs less
         return dict(
             self.tokenizer(
                 list(texts),
-                padding="max_length",
+                padding="longest",
                 max_length=self.tokenizer.model_max_length,
                 truncation=True,
                 return_tensors="pt",
@@ -115,25 +127,42 @@ class AlignmentModel:
 
     @torch.no_grad()
     def image_embeddings(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """(B, D) unit vectors."""
-        pixels = self.pixel_values(images).to(self.device, self.model.dtype)
-        with self._lock:
-            out = self.model.get_image_features(pixel_values=pixels)
-        return _unit(_features(out))
+        """(B, D) unit vectors (cached per image)."""
+        keys = [image_key(image.convert("RGB")) for image in images]
+        vectors = self._cached(self._image_cache, keys)
+        missing = [i for i, vector in enumerate(vectors) if vector is None]
+        if missing:
+            pixels = self.pixel_values([images[i] for i in missing]).to(self.device, self.model.dtype)
+            with self._lock:
+                out = self.model.get_image_features(pixel_values=pixels)
+            with self._cache_lock:
+                for i, vector in zip(missing, _unit(_features(out)), strict=True):
+                    vectors[i] = self._image_cache[keys[i]] = vector
+        if not images:
+            return np.zeros((0, self.dim), np.float32)
+        return np.stack(cast(list[np.ndarray], vectors))  # every row filled above
 
     @torch.no_grad()
     def text_embeddings(self, texts: Sequence[str]) -> np.ndarray:
         """(N, D) unit vectors (cached per text)."""
-        missing = list(dict.fromkeys(t for t in texts if t not in self._text_cache))
+        vectors = self._cached(self._text_cache, texts)
+        missing = list(dict.fromkeys(t for t, vector in zip(texts, vectors, strict=True) if vector is None))
         if missing:
             inputs = {k: v.to(self.device) for k, v in self.text_inputs(missing).items()}
             with self._lock:
                 out = self.model.get_text_features(**inputs)
-            for text, vector in zip(missing, _unit(_features(out)), strict=True):
-                self._text_cache[text] = vector
+            computed = dict(zip(missing, _unit(_features(out)), strict=True))
+            with self._cache_lock:
+                self._text_cache.update(computed)
+            pairs = zip(texts, vectors, strict=True)
+            vectors = [computed[t] if vector is None else vector for t, vector in pairs]
         if not texts:
             return np.zeros((0, self.dim), np.float32)
-        return np.stack([self._text_cache[t] for t in texts])
+        return np.stack(cast(list[np.ndarray], vectors))  # every row filled above
+
+    def _cached(self, cache: LRUCache, keys: Sequence[Any]) -> list[np.ndarray | None]:
+        with self._cache_lock:
+            return [cache.get(key) for key in keys]
 
     def similarity(self, images: Sequence[Image.Image], texts: Sequence[str]) -> np.ndarray:
         """(B, N) cosine similarity of every image to every text."""

@@ -93,10 +93,8 @@ class TextEmbedder:
     def dim(self) -> int:
         return int(self.text_encoder.config.hidden_size)
 
-    @torch.no_grad()
-    def encode(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(hidden (B, L, D), token ids (B, L), attention mask (B, L)) of padded prompts."""
-        batch = tokenize(
+    def _tokens(self, prompts: Sequence[str]) -> Any:
+        return tokenize(
             self.tokenizer,
             prompts,
             padding="max_length",
@@ -104,6 +102,15 @@ class TextEmbedder:
             truncation=True,
             return_tensors="pt",
         )
+
+    def token_ids(self, prompts: Sequence[str]) -> np.ndarray:
+        """(B, L) token ids of padded prompts, as `encode` gives them (without running the encoder)."""
+        return self._tokens(prompts).input_ids.numpy()
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(hidden (B, L, D), token ids (B, L), attention mask (B, L)) of padded prompts."""
+        batch = self._tokens(prompts)
         hidden = self.text_encoder(batch.input_ids).last_hidden_state.float()
         return hidden.numpy(), batch.input_ids.numpy(), batch.attention_mask.numpy()
 
@@ -165,7 +172,7 @@ def build_features(
         for p, prompt in zip(previous_prompts or [None] * len(prompts), prompts, strict=True)
     ]
     hidden, ids, mask = embedder.encode(list(prompts))
-    _, previous_ids, _ = embedder.encode(previous)
+    previous_ids = embedder.token_ids(previous)
     changed_positions = (ids != previous_ids) & (mask > 0)  # (B, L): tokens that differ, position by position
     pixels = np.stack([image_features(image) for image in images])
     changed = np.array([[word_change(b, a)] for b, a in zip(previous, prompts, strict=True)], np.float32)

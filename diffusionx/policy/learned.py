@@ -132,6 +132,12 @@ class LearnedStrengthPredictor:
         features = build_features(self.embedder, prompts, images, previous_prompts, self.alignment)
         return self.choose(self.probabilities(features))
 
+    def prepare(self, images: Sequence[Image.Image]) -> None:
+        """Computes beforehand what a prediction takes from these images alone (their alignment
+        embeddings, which the alignment model keeps by pixels); nothing without an alignment model."""
+        if self.alignment is not None:
+            self.alignment.image_embeddings(images)
+
     def __call__(self, prompt: str, image: Image.Image, previous_prompt: str | None = None) -> float:
         return self.predict([prompt], [image], [previous_prompt])[0]
 

@@ -152,6 +152,7 @@ def denoise(
 
 
 StepCallback = Callable[[Sequence[Any], int, int], None]  # (the requests of a batch, step, total steps)
+ImageEncoder = Callable[[Sequence[Image.Image]], torch.Tensor]  # images -> (B, C, h, w) x_0 latents
 
 
 def _group_callback(on_step: StepCallback | None, group: Sequence[Any]) -> Callable[[int, int], None] | None:
@@ -232,10 +233,15 @@ def text_to_image(
 
 
 def img2img(
-    model: LoadedModel, requests: Sequence[Img2ImgRequest], tier: str, on_step: StepCallback | None = None
+    model: LoadedModel,
+    requests: Sequence[Img2ImgRequest],
+    tier: str,
+    on_step: StepCallback | None = None,
+    encode: ImageEncoder | None = None,
 ) -> list[GenerationResult]:
     """Img2img at each request's strength: int(steps * strength) UNet calls, counted on `tier`; `on_step`
-    as in `text_to_image`.
+    as in `text_to_image`; `encode(images)` gives the input images' latents (default: `encode_images`;
+    the edge passes one that finds latents prepared beforehand, `engine.edit_preparation`).
 
     Requests are bucketed by (size, steps, strength, guidance) so that every sample in a batch starts at the
     same timestep. Strength 0 returns the input image unchanged at no cost.
@@ -267,7 +273,8 @@ def img2img(
             ]
         # 2. encode prompts and images; q_sample x_0 -> x_t at the first kept timestep
         embeddings = encode_prompt(model, [r.prompt for r in group], guidance)
-        init_latents = encode_images(model, [r.image for r in group])
+        images = [r.image for r in group]
+        init_latents = encode(images) if encode is not None else encode_images(model, images)
         noise = seeded_noise([r.seed for r in group], tuple(init_latents.shape[1:]), model)
         latents = scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(len(group)))
         encode_ms = _ms(start)
@@ -298,10 +305,13 @@ def preview(
 
 
 def edit(
-    edge: LoadedModel, requests: Sequence[Img2ImgRequest], on_step: StepCallback | None = None
+    edge: LoadedModel,
+    requests: Sequence[Img2ImgRequest],
+    on_step: StepCallback | None = None,
+    encode: ImageEncoder | None = None,
 ) -> list[GenerationResult]:
     """Round-to-round edit: move a previous preview toward a new prompt at an edit strength, on the edge."""
-    return img2img(edge, requests, tier="edge", on_step=on_step)
+    return img2img(edge, requests, tier="edge", on_step=on_step, encode=encode)
 
 
 def refine(
