@@ -10,6 +10,7 @@ from typing import Any
 
 from ray import serve
 
+from deployments.metrics import edit_preparation_metrics
 from deployments.tier import ServedTier, lower_cpu_priority, set_torch_threads
 from diffusionx.engine.host_share import HostIdle
 from diffusionx.engine.tiers import EdgeModel
@@ -58,6 +59,10 @@ class EdgePreviewer(ServedTier):
             prepare_gate=HostIdle() if loaded.device.type == "cpu" else None,
         )
         self._serve(engine, state, max_batch_size, batch_wait_timeout_s)
+        if engine.preparation is not None:
+            metrics = edit_preparation_metrics()
+            engine.preparation.on_result = metrics.result
+            engine.preparation.encoded.on_lookup = metrics.lookup
 
     async def preview(self, request: PreviewRequest) -> GenerationResult:
         return await self._submit("preview", request)

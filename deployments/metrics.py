@@ -24,6 +24,12 @@ Ingress:
 - `diffusionx_retries_total`: requests that are retries, by `endpoint` (counter; a client marks a retry
   with the `X-DiffusionX-Attempt` header, 2 for the first retry).
 
+Edge replicas with `prepare_edits` (`diffusionx.engine.edit_preparation`):
+- `diffusionx_edit_preparations_total`: answered images whose next edit was prepared, by `result`
+  (`prepared` | `skipped`: the replica or host was not idle in time | `failed`) (counter);
+- `diffusionx_edit_inputs_total`: edit inputs by `result` (`hit`: their latents were prepared | `miss`)
+  (counter).
+
 Speculative refinement (`diffusionx.policy.speculation`):
 - `diffusionx_speculative_unet_calls_total`: UNet calls speculation ran in the background, by `outcome`
   (`used`: they answered a finalize; `wasted`: dropped, superseded or expired) (counter, cloud replicas);
@@ -203,6 +209,36 @@ class SpeculationMetrics:
         for result, count in after.items():
             if count > before.get(result, 0):
                 self.results.inc(count - before.get(result, 0), tags={"result": result})
+
+
+class EditPreparationMetrics:
+    """The edge's preparation of next edits (`diffusionx.engine.edit_preparation`)."""
+
+    def __init__(self) -> None:
+        self.results = Counter(
+            "diffusionx_edit_preparations_total",
+            description="Answered images whose next edit the edge prepared while idle, by result (prepared "
+            "| skipped: not idle in time | failed).",
+            tag_keys=("result",),
+        )
+        self.inputs = Counter(
+            "diffusionx_edit_inputs_total",
+            description="Edit inputs by whether their latents were prepared (hit | miss).",
+            tag_keys=("result",),
+        )
+
+    def result(self, result: str) -> None:
+        self.results.inc(1, tags={"result": result})
+
+    def lookup(self, hits: int, misses: int) -> None:
+        for result, count in (("hit", hits), ("miss", misses)):
+            if count:
+                self.inputs.inc(count, tags={"result": result})
+
+
+@functools.cache
+def edit_preparation_metrics() -> EditPreparationMetrics:
+    return EditPreparationMetrics()
 
 
 @functools.cache

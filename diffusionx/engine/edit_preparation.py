@@ -57,6 +57,8 @@ class EncodedImages:
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+        # (hits, misses) of each encode, e.g. for a metric (from the worker thread that runs the edit)
+        self.on_lookup: Callable[[int, int], None] = lambda hits, misses: None
 
     def prepare(self, image: Image.Image) -> None:
         key = image_key(image.convert("RGB"))
@@ -72,6 +74,7 @@ class EncodedImages:
         missing = [i for i, row in enumerate(rows) if row is None]
         self.hits += len(rows) - len(missing)
         self.misses += len(missing)
+        self.on_lookup(len(rows) - len(missing), len(missing))
         if missing:
             for i, row in zip(missing, encode_images(self.model, [images[i] for i in missing]), strict=True):
                 rows[i] = row
@@ -101,6 +104,7 @@ class EditPreparation:
         self._tasks: set[asyncio.Task] = set()
         self.prepared = 0
         self.skipped = 0
+        self.on_result: Callable[[str], None] = lambda result: None  # prepared | skipped | failed
 
     def answered(self, image: Image.Image) -> None:
         """Called on the event loop when a preview or edit of `image` was answered."""
@@ -113,13 +117,17 @@ class EditPreparation:
         while not self._idle():
             if self._clock() >= deadline:
                 self.skipped += 1
+                self.on_result("skipped")
                 return
             await asyncio.sleep(PREPARE_POLL_S)
         try:
             await self._run_blocking(self._prepare, image)
-            self.prepared += 1
         except Exception:  # only an optimisation: the edit then computes what it needs itself
             logger.warning("preparing an edit's input failed", exc_info=True)
+            self.on_result("failed")
+            return
+        self.prepared += 1
+        self.on_result("prepared")
 
     def _prepare(self, image: Image.Image) -> None:
         self.encoded.prepare(image)

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import deployments.metrics as metrics
-from deployments.metrics import IngressMetrics, SpeculationMetrics, TierMetrics
+from deployments.metrics import EditPreparationMetrics, IngressMetrics, SpeculationMetrics, TierMetrics
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "diffusionx.json"
 
@@ -18,13 +18,14 @@ def exported_names() -> set[str]:
         *vars(TierMetrics("edge")).values(),
         *vars(IngressMetrics()).values(),
         *vars(SpeculationMetrics()).values(),
+        *vars(EditPreparationMetrics()).values(),
     ]
     return {obj._name for obj in objects if hasattr(obj, "_name")}
 
 
 def test_names_are_prefixed_documented_and_carry_units():
     names = exported_names()
-    assert len(names) == 17
+    assert len(names) == 19
     for name in names:
         assert name.startswith("diffusionx_"), name
         assert name.endswith(("_seconds", "_samples", "_ratio", "_total", "_requests", "_steps")), name
