@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from PIL import Image
 from ray import serve
 
 from deployments.metrics import edit_preparation_metrics
@@ -88,6 +89,11 @@ class EdgePreviewer(ServedTier):
         edit, predict_ms = await self.engine.predicted(request)
         async for kind, item in self._stream("edit", edit):
             yield kind, with_predict_time(item, predict_ms) if kind == "result" else item
+
+    async def prepare_edit(self, image: Image.Image) -> None:
+        """The ingress answered `image` and its session will probably edit it: prepare that edit while this
+        replica is idle (returns at once)."""
+        await self.engine.prepare_edit(image)
 
     async def finish(self, state: PlanState) -> GenerationResult:
         """EC-Diff / Hybrid SD, edge part: steps s..N-1 from the cloud's latents, then decode."""

@@ -130,6 +130,9 @@ class EdgeHandle(_HandleTier):
             return await ask_stream(self.handle.edit_predicted_stream, request, on_progress=on_progress)
         return await ask(self.handle.edit_predicted, request)
 
+    async def prepare_edit(self, image: Image.Image) -> None:
+        await ask(self.handle.prepare_edit, image)
+
     async def finish(self, state: Awaitable[PlanState]) -> GenerationResult:
         """Serve resolves a plan's DeploymentResponse for the edge replica, so the latents go from the cloud
         replica to the edge replica without passing through here. If a replica died (the edge's, or the

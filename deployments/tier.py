@@ -76,9 +76,7 @@ class ServedTier:
         except asyncio.CancelledError:
             loop.cancel(job)
             raise
-        result = await loop.wait(job)
-        self.engine.answered(method, result)
-        return result
+        return await loop.wait(job)
 
     async def _stream(self, method: str, *args: Any) -> AsyncIterator[tuple[str, Any]]:
         """`_submit` as a stream for `handle.options(stream=True)`: `("progress", (step, total, tier))` after

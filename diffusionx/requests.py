@@ -60,6 +60,7 @@ class TierInfo(TypedDict, total=False):
     family: str
     predictor: str
     edit_predictor: str
+    prepares_edits: bool
 
 
 class InvalidRequestError(ValueError):

@@ -2,12 +2,14 @@
 
 A preview (or edit) the edge answers is the input of the session's next edit, seconds later: that edit
 VAE-encodes it, and its strength prediction embeds it with the alignment model (CLIP), both before any of
-its UNet steps run. Neither depends on the next prompt. So after answering, the edge tier computes both
-for the image it answered once the replica has no request and (on a CPU host) the host has a core and a
-half free of other processes (the gate of speculative refinement, `engine.host_share.HostIdle`), and keeps
-them by pixels (`imaging.image_key`): the edit that arrives with the same image takes them instead of
-computing them. What is prepared and never used is a VAE encode and an image embedding per session (its
-last round's), on capacity nobody else wanted.
+its UNet steps run. Neither depends on the next prompt. So when the ingress has answered an image that its
+session will probably edit (`policy.sessions.edit_likely`), it asks the edge tier to prepare that edit
+(`EdgeModel.prepare_edit`); the replica computes both once it has no request and (on a CPU host) the host
+has a core and a half free of other processes (the gate of speculative refinement,
+`engine.host_share.HostIdle`), and keeps them by pixels (`imaging.image_key`): the edit that arrives with
+the same image takes them instead of computing them. What is prepared and never used (the session
+finalized, or its edit went to another edge replica) is a VAE encode and an image embedding, on capacity
+nobody else wanted.
 
 The latents come from an encode of the image alone; an edit that encodes its input in a batch with others
 gets them equal up to floating-point rounding, so the in-process tiers (the experiments, whose figures are
@@ -82,7 +84,7 @@ class EncodedImages:
 
 
 class EditPreparation:
-    """Schedules, for each image the edge answers, the work of the next edit of it (`answered`), run when
+    """Schedules the work of the next edit of an image the edge answered (`prepare_later`), run when
     `idle()` says so within `PREPARE_WITHIN_S`, through the tier's `run_blocking` (which takes turns with its
     model calls where the model computes on the host's CPU)."""
 
@@ -106,8 +108,8 @@ class EditPreparation:
         self.skipped = 0
         self.on_result: Callable[[str], None] = lambda result: None  # prepared | skipped | failed
 
-    def answered(self, image: Image.Image) -> None:
-        """Called on the event loop when a preview or edit of `image` was answered."""
+    def prepare_later(self, image: Image.Image) -> None:
+        """Prepares the next edit of `image` once idle (on the event loop; returns at once)."""
         task = asyncio.get_running_loop().create_task(self._prepare_when_idle(image))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

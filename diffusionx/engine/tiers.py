@@ -97,13 +97,7 @@ class _Tier:
         report: ProgressCallback | None = None
         if on_progress is not None:
             report = functools.partial(_with_tier, on_progress, self.tier)
-        result = await self.loop.run(*self.job(method, *args), on_progress=report)
-        self.answered(method, result)
-        return result
-
-    def answered(self, method: str, result: Any) -> None:
-        """A request of `method` was answered with `result` (on the event loop; the deployments call it
-        too). Default: nothing."""
+        return await self.loop.run(*self.job(method, *args), on_progress=report)
 
 
 class EdgeModel(_Tier):
@@ -168,6 +162,8 @@ class EdgeModel(_Tier):
         }
         if self.edit_strengths is not None:  # the workflows send it edits without a strength
             info["edit_predictor"] = self.edit_strengths.names["edit"]
+        if self.preparation is not None:  # the ingress asks it to prepare the edits sessions will send
+            info["prepares_edits"] = True
         return info
 
     def _idle(self) -> bool:
@@ -175,10 +171,11 @@ class EdgeModel(_Tier):
         works = [loop.work() for loop in loops]
         return all(not (work.queued_requests or work.running_requests) for work in works)
 
-    def answered(self, method: str, result: Any) -> None:
-        """A preview or edit answered: prepare the next edit of its image (with `prepare_edits`)."""
-        if self.preparation is not None and method in ("preview", "edit"):
-            self.preparation.answered(result.image)
+    async def prepare_edit(self, image: Image.Image) -> None:
+        """`image` was answered and its session will probably edit it: prepare that edit while idle (with
+        `prepare_edits`; returns at once)."""
+        if self.preparation is not None:
+            self.preparation.prepare_later(image)
 
     async def predicted(self, request: EditRequest) -> tuple[Img2ImgRequest, float]:
         """The edit at this tier's predicted strength, and the prediction's milliseconds."""

@@ -16,7 +16,8 @@ their preview ids (each new preview id joins its parent's session) and measures,
 - `starts_per_s`: sessions started per second over the last `rate_window_s` (they finalize a lead later);
 - `finalize_chance(preview_id)`: of the recent sessions that reached the round this preview's session is
   at, the share that finalized at that round rather than previewing again or going idle (speculation asks
-  it: a speculative refinement of a preview the session will edit again is wasted work).
+  it: a speculative refinement of a preview the session will edit again is wasted work; `edit_likely`
+  reads it the other way, for the edge's preparation of the next edit).
 
 The share and the lead are measured on whole cohorts (sessions started `mature_s` ago or earlier, by then
 finalized, abandoned or open for longer than any session the policy plans for), not on the sessions that
@@ -106,6 +107,15 @@ class _Session:
 
 MAX_ROUND = 8  # rounds beyond this share one finalize chance (few sessions get there)
 MIN_ROUND_OUTCOMES = 5  # outcomes of a round before its finalize chance is read (else unknown: None)
+# a preview is worth preparing an edit of unless this share of its round's sessions finalize there: the
+# preparation runs on idle capacity only, so it need not pay for itself, only be used now and then
+EDIT_LIKELY_BELOW_FINALIZE_CHANCE = 0.9
+
+
+def edit_likely(finalize_chance: float | None) -> bool:
+    """Whether a preview whose session finalizes at its round with `finalize_chance` (None: not measured
+    yet) may well be edited next (`engine.edit_preparation`)."""
+    return finalize_chance is None or finalize_chance < EDIT_LIKELY_BELOW_FINALIZE_CHANCE
 
 
 class SessionTracker:

@@ -36,7 +36,7 @@ from diffusionx.api import (
 )
 from diffusionx.policy.admission import AdmissionControl
 from diffusionx.policy.cost import StepDefaults
-from diffusionx.policy.sessions import SessionTracker
+from diffusionx.policy.sessions import SessionTracker, edit_likely
 from diffusionx.policy.speculation import preview_digest
 from diffusionx.requests import Img2ImgRequest, PreviewRequest, Route
 from diffusionx.serving.errors import RateLimited, TierOverloaded
@@ -171,7 +171,9 @@ class Frontend:
     def _done(self, task: asyncio.Task) -> None:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            logger.warning("speculation not submitted: %r", task.exception())
+            logger.warning(
+                "work after an answer (speculation, edit preparation) failed: %r", task.exception()
+            )
 
     async def _speculate(self, body: PreviewBody, png: bytes, session: str) -> None:
         """Speculates the refinement of this preview (the workflow decides whether the policy allows)."""
@@ -229,6 +231,8 @@ class Frontend:
         speculation = self.tiers.speculation
         if speculation is not None and speculation.policy.worth(chance):  # after the answer, off its path
             self._later(self._speculate(body, png, body.session_id or preview_id))
+        if edit_likely(chance) and (await self.tiers.info("edge")).get("prepares_edits"):
+            self._later(self.tiers.need_edge("preview").prepare_edit(result.image))
         self.observer.request_done("preview", "edit" if is_edit else "edge", time.perf_counter() - start)
         return PreviewResponse(
             preview_id=preview_id,

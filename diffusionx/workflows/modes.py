@@ -88,6 +88,7 @@ class EdgeTier(Protocol):
         self, request: EditRequest, on_progress: Progress | None = None
     ) -> GenerationResult: ...
     async def finish(self, state: Awaitable[PlanState]) -> GenerationResult: ...
+    async def prepare_edit(self, image: Image.Image) -> None: ...  # only where `info()` has prepares_edits
 
 
 class CloudTier(Protocol):

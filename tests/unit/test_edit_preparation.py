@@ -66,14 +66,14 @@ def test_preparation_waits_for_idle_and_gives_up_after_its_window(tiny_edge):
     preparation = EditPreparation(tiny_edge, in_line, idle=lambda: idle[0], clock=clock, within_s=1.0)
 
     async def scenario():
-        preparation.answered(picture(5))
+        preparation.prepare_later(picture(5))
         await asyncio.sleep(0.05)  # busy: polled, not prepared
         assert preparation.prepared == 0 and preparation.skipped == 0
         idle[0] = True
         await preparation.drain()
         assert preparation.prepared == 1
         idle[0] = False
-        preparation.answered(picture(6))
+        preparation.prepare_later(picture(6))
         await asyncio.sleep(0.03)
         clock.now = 1.0  # the window has passed while busy: skipped
         await preparation.drain()
@@ -90,7 +90,7 @@ def test_a_failed_preparation_is_logged_and_the_edit_encodes_its_input_itself(ti
     preparation = EditPreparation(tiny_edge, failing, idle=lambda: True)
 
     async def scenario():
-        preparation.answered(picture(7))
+        preparation.prepare_later(picture(7))
         await preparation.drain()
 
     with caplog.at_level(logging.WARNING):
@@ -115,23 +115,25 @@ class PreparingPredictor:
         return 0.5
 
 
-def test_the_edge_prepares_the_image_it_answered_and_the_next_edit_of_it_takes_it(tiny_edge):
+def test_the_edge_prepares_an_image_when_asked_and_the_next_edit_of_it_takes_it(tiny_edge):
     predictor = PreparingPredictor()
     edge = EdgeModel(tiny_edge, 4, edit_steps=6, predict_edit=predictor, prepare_edits=True)
     assert edge.preparation is not None
 
     async def session():
+        assert (await edge.info())["prepares_edits"] is True
         preview = await edge.preview(PreviewRequest(PROMPT, seed=1))
+        await edge.prepare_edit(preview.image)
         await edge.preparation.drain()
         edited = await edge.edit_predicted(EditRequest(EDITED, preview.image, PROMPT, seed=1))
-        await edge.preparation.drain()
         return preview, edited
 
-    preview, edited = asyncio.run(session())
-    assert predictor.prepared[0] == preview.image.tobytes() == predictor.predicted[0]
-    assert predictor.prepared[1] == edited.image.tobytes()  # the edit's answer is prepared in turn
+    preview, _edited = asyncio.run(session())
+    assert predictor.prepared == [preview.image.tobytes()] == predictor.predicted
     assert edge.preparation.encoded.hits == 1 and edge.preparation.encoded.misses == 0
-    assert EdgeModel(tiny_edge, 4).preparation is None  # off unless asked for (in-process experiments)
+    plain = EdgeModel(tiny_edge, 4)  # off unless asked for (in-process experiments)
+    assert plain.preparation is None and "prepares_edits" not in asyncio.run(plain.info())
+    asyncio.run(plain.prepare_edit(preview.image))  # nothing to do
 
 
 def test_alignment_embeddings_are_cached_by_pixels_and_padding_to_the_longest_text_changes_none():
@@ -155,3 +157,60 @@ def test_the_previous_prompts_token_ids_are_those_the_encoder_reads():
     embedder = TextEmbedder.load("tiny-random")
     _, ids, _ = embedder.encode([PROMPT, EDITED])
     assert np.array_equal(embedder.token_ids([PROMPT, EDITED]), ids)
+
+
+def test_the_ingress_asks_the_edge_to_prepare_previews_their_sessions_will_probably_edit(tiny_edge):
+    """Sessions of two rounds, once five were measured: a first preview (every session edited it) is
+    prepared and its edit finds it; the edit (every session finalized it then) is not prepared."""
+    from diffusionx.api import PreviewBody
+    from diffusionx.engine.tiers import PredictorModel
+    from diffusionx.policy.admission import AdmissionControl
+    from diffusionx.policy.sessions import MIN_ROUND_OUTCOMES, SessionTracker, edit_likely
+    from diffusionx.serving.frontend import Frontend
+    from diffusionx.serving.preview_store import PreviewStore
+    from diffusionx.workflows.modes import Tiers
+
+    assert edit_likely(None) and edit_likely(0.5) and not edit_likely(0.95)
+    edge = EdgeModel(tiny_edge, 4, edit_steps=6, prepare_edits=True)
+    assert edge.preparation is not None
+    sessions = SessionTracker()
+    for n in range(MIN_ROUND_OUTCOMES):
+        sessions.preview(f"s{n}-1")
+        sessions.preview(f"s{n}-2", parent_id=f"s{n}-1")
+        sessions.finalize(f"s{n}-2", cloud_steps=5)
+    pngs: dict[tuple[str, str], bytes] = {}
+
+    async def put(png: bytes, preview_id: str, owner: str) -> object:
+        pngs[(preview_id, owner)] = png
+        return preview_id
+
+    async def get(preview_id: str, owner: str) -> bytes | None:
+        return pngs.get((preview_id, owner))
+
+    class Observer:
+        def request_done(self, endpoint: str, route: str, seconds: float) -> None:
+            pass
+
+    async def scenario():
+        tiers = Tiers(edge=edge, predictor=PredictorModel())
+        service = Frontend(
+            tiers,
+            AdmissionControl({"edge": 4}, max_wait_s=10.0),
+            PreviewStore(put, get),
+            Observer(),
+            sessions,
+        )
+
+        async def preview(body: PreviewBody):
+            answer = await service.preview(body, "", await service.preview_needs(body))
+            await asyncio.gather(*service._background)
+            await edge.preparation.drain()
+            return answer
+
+        first = await preview(PreviewBody(prompt=PROMPT, seed=1, session_id="new"))
+        assert edge.preparation.prepared == 1
+        await preview(PreviewBody(prompt=EDITED, preview_id=first.preview_id, strength=0.5, seed=1))
+        assert edge.preparation.prepared == 1  # round 2: every measured session finalized there
+        assert (edge.preparation.encoded.hits, edge.preparation.encoded.misses) == (1, 0)
+
+    asyncio.run(scenario())
