@@ -117,10 +117,10 @@ class AppArgs(BaseModel):
     edit_steps: int | None = Field(None, ge=1, le=200, description="Full-schedule steps of a preview edit.")
     prepare_edits: bool = Field(
         True,
-        description="The edge replica prepares the next edit of each image it answers (the image's VAE "
-        "latents and its alignment embedding, which do not depend on the next prompt) while it has no "
-        "request and, on a CPU host, the host has a core and a half free; an edit of that image then skips "
-        "them. False: every edit computes them.",
+        description="The ingress asks the edge to prepare the next edit of a preview its session will "
+        "probably edit (the image's VAE latents and its alignment embedding, which do not depend on the "
+        "next prompt); the edge replica does it while it has no request and, on a CPU host, the host has a "
+        "core and a half free, and an edit of that image then skips them. False: every edit computes them.",
     )
     admission_max_wait_s: float = Field(
         10.0,

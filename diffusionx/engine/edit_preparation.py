@@ -73,9 +73,9 @@ class EncodedImages:
         keys = [image_key(image.convert("RGB")) for image in images]
         with self._lock:
             rows: list[torch.Tensor | None] = [self._latents.get(key) for key in keys]
-        missing = [i for i, row in enumerate(rows) if row is None]
-        self.hits += len(rows) - len(missing)
-        self.misses += len(missing)
+            missing = [i for i, row in enumerate(rows) if row is None]
+            self.hits += len(rows) - len(missing)
+            self.misses += len(missing)
         self.on_lookup(len(rows) - len(missing), len(missing))
         if missing:
             for i, row in zip(missing, encode_images(self.model, [images[i] for i in missing]), strict=True):
@@ -93,7 +93,7 @@ class EditPreparation:
         model: LoadedModel,
         run_blocking: RunBlocking,
         idle: Callable[[], bool],
-        predictor: object | None = None,
+        predictor: Callable[..., float] | None = None,
         clock: Callable[[], float] = time.monotonic,
         within_s: float = PREPARE_WITHIN_S,
     ) -> None:
@@ -140,11 +140,3 @@ class EditPreparation:
         """Waits for the preparations in flight (tests, shutdown)."""
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    def stats(self) -> dict[str, int]:
-        return {
-            "prepared": self.prepared,
-            "skipped": self.skipped,
-            "hits": self.encoded.hits,
-            "misses": self.encoded.misses,
-        }
