@@ -40,6 +40,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         torch_threads=config.torch_threads,
         edit_steps=config.edit_steps,
         prepare_edits=config.prepare_edits,
+        idle_host=config.speculation_idle_host,
         nice=config.model_nice,
         edit_predictor=config.edit_predictor if config.edit_predictor_on == "edge" else None,
         alignment_model=config.alignment_model,

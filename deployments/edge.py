@@ -41,6 +41,7 @@ class EdgePreviewer(ServedTier):
         torch_threads: int | None = None,
         edit_steps: int | None = None,
         prepare_edits: bool = False,
+        idle_host: bool = True,
         nice: int = 0,
         edit_predictor: str | None = None,
         alignment_model: str | None = None,
@@ -57,7 +58,7 @@ class EdgePreviewer(ServedTier):
             edit_steps,
             predict_edit,
             prepare_edits=prepare_edits,
-            prepare_gate=HostIdle() if loaded.device.type == "cpu" else None,
+            prepare_gate=HostIdle() if idle_host and loaded.device.type == "cpu" else None,
         )
         self._serve(engine, state, max_batch_size, batch_wait_timeout_s)
         if engine.preparation is not None:

@@ -170,9 +170,10 @@ class AppArgs(BaseModel):
     )
     speculation_idle_host: bool = Field(
         True,
-        description="CPU cloud replicas: a speculative step runs only while the host has a core and a half "
-        "that no other process is using (a core for the step, half a core for the other tiers' requests: "
-        "tiers that share a machine are not slowed by speculation). No effect on GPU replicas.",
+        description="CPU replicas: a speculative step (cloud) or an edit's preparation (edge) runs only "
+        "while the host has a core and a half that no other process is using (a core for the work, half a "
+        "core for the other tiers' requests: tiers that share a machine are not slowed by background work). "
+        "No effect on GPU replicas.",
     )
     max_body_bytes: int = Field(
         12 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024, description="Largest request body; larger: 413."

@@ -28,6 +28,8 @@ EXPECTED = [
     "diffusionx_strength_predicted_ratio",
     "diffusionx_strength_used_ratio",
     "diffusionx_retries_total",
+    "diffusionx_edit_preparations_total",
+    "diffusionx_edit_inputs_total",
 ]
 
 
@@ -36,6 +38,12 @@ def test_scraping_the_metrics_port_shows_the_diffusionx_series(http):
     final = http.post(
         "/v1/refine", json={"prompt": "a red circle", "preview_id": preview["preview_id"]}
     ).json()
+    # an edit of it (predicted strength) finds its input prepared by the edge meanwhile
+    time.sleep(0.5)
+    edited = http.post(
+        "/v1/preview", json={"prompt": "a blue circle", "seed": 1, "preview_id": preview["preview_id"]}
+    )
+    assert edited.status_code == 200
     # a client's retry is marked with the attempt header and counted
     again = http.post(
         "/v1/preview", json={"prompt": "a red circle", "seed": 1}, headers={"X-DiffusionX-Attempt": "2"}
@@ -44,15 +52,17 @@ def test_scraping_the_metrics_port_shows_the_diffusionx_series(http):
     url = http.get("/v1/stats").json()["metrics_url"]
     assert url.endswith(f":{TEST_METRICS_PORT}/metrics"), url
 
+    hit = re.compile(r'^ray_diffusionx_edit_inputs_total\{[^}]*result="hit"[^}]*\} [1-9]', re.MULTILINE)
     deadline = time.monotonic() + 60
-    missing = EXPECTED
-    while missing and time.monotonic() < deadline:  # replicas report every second in the tests
+    missing, text = EXPECTED, ""
+    while (missing or not hit.search(text)) and time.monotonic() < deadline:  # reported every second
         text = httpx.get(url, timeout=10).text
         names = set(re.findall(r"^ray_(diffusionx_\w+?)(?:_bucket|_count|_sum)?\{", text, re.MULTILINE))
         missing = [name for name in EXPECTED if name not in names]
-        if missing:
+        if missing or not hit.search(text):
             time.sleep(1)
     assert not missing, f"not exported after 60 s: {missing}"
+    assert hit.search(text), "the edit did not find its input prepared"
     # the series carry their labels: the tier, and the route the router took
     assert re.search(r'^ray_diffusionx_model_seconds_count\{[^}]*tier="edge"', text, re.MULTILINE)
     route = final["route"]
