@@ -9,6 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import pytest
 import yaml
 from PIL import Image
@@ -24,6 +25,10 @@ def png_b64(image: Image.Image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode()
+
+
+def pixels(data: str) -> np.ndarray:
+    return np.asarray(decode(data), dtype=np.int16)
 
 
 def decode(data: str) -> Image.Image:
@@ -80,7 +85,9 @@ def test_multi_round_session_over_http(http):
         "/v1/refine",
         json={"prompt": "a blue circle", "seed": 7, "image": edited["image"], "num_inference_steps": 20},
     ).json()
-    assert again["image"] == final["image"]
+    # `final` may be a speculation's, which can have shared its steps with the first preview's (superseded)
+    # speculation: equal up to the kernels' last bits, at most 1 level (sampling/step_batching.py)
+    assert np.abs(pixels(again["image"]) - pixels(final["image"])).max() <= 1
     # a strength override is used as given
     forced = http.post(
         "/v1/refine",
@@ -337,7 +344,6 @@ def test_demo_runs_end_to_end_through_the_http_client(serve_url, tmp_path):
 def test_refinements_of_different_strengths_share_cloud_batches(http, serve_url):
     """Step-level batching: concurrent refinements at mixed strengths run in shared UNet batches and each
     still gets the image it would get alone."""
-    import numpy as np
 
     from diffusionx.models.loading import load_model
     from diffusionx.requests import Img2ImgRequest
@@ -401,8 +407,6 @@ def test_the_same_workflows_in_process_and_served_give_the_same_images_and_costs
     """Every mode runs the library's workflow both ways: on in-process tiers and through the live Serve
     application (DeploymentHandle-backed tiers). Same seed, same models: same pixels, same unet_calls."""
     import asyncio
-
-    import numpy as np
 
     from diffusionx.models.loading import load_model
     from diffusionx.requests import Img2ImgRequest, PreviewRequest
