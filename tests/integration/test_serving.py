@@ -480,7 +480,10 @@ def test_two_cloud_replicas_with_uneven_load_route_by_expected_finish(serve_url)
         return list(state_handle.tier.remote("cloud").result().per_replica)
 
     def refinement(seed: int, steps: int) -> Img2ImgRequest:
-        image = Image.new("RGB", (32, 32), (seed * 40 % 256, 90, 160))
+        # 96 x 96: 200 steps take several seconds (7 s in process here), well past the wait below; at
+        # 32 x 32 (about 1.2 s) the first could end before the second was sent, and two idle replicas
+        # may both take the second
+        image = Image.new("RGB", (96, 96), (seed * 40 % 256, 90, 160))
         return Img2ImgRequest("a red circle", image, 1.0, seed=seed, num_inference_steps=steps)
 
     try:
