@@ -200,3 +200,34 @@ def png_claiming(width: int, height: int) -> bytes:
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     signature = b"\x89PNG\r\n\x1a\n"
     return signature + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def two_round_frontend(tiers: Any, capacity: dict[str, int]) -> Any:
+    """The ingress's `Frontend` over `tiers`, with an in-memory preview store, no observer, and a session
+    tracker that has measured enough sessions of two rounds (each edited its first preview and finalized
+    its edit) to read each round's finalize chance: 0 at round 1, 1 at round 2."""
+    from diffusionx.policy.admission import AdmissionControl
+    from diffusionx.policy.sessions import MIN_ROUND_OUTCOMES, SessionTracker
+    from diffusionx.serving.frontend import Frontend
+    from diffusionx.serving.preview_store import PreviewStore
+
+    sessions = SessionTracker()
+    for n in range(MIN_ROUND_OUTCOMES):
+        sessions.preview(f"s{n}-1")
+        sessions.preview(f"s{n}-2", parent_id=f"s{n}-1")
+        sessions.finalize(f"s{n}-2", cloud_steps=5)
+    pngs: dict[tuple[str, str], bytes] = {}
+
+    async def put(png: bytes, preview_id: str, owner: str) -> object:
+        pngs[(preview_id, owner)] = png
+        return preview_id
+
+    async def get(preview_id: str, owner: str) -> bytes | None:
+        return pngs.get((preview_id, owner))
+
+    class Observer:
+        def request_done(self, endpoint: str, route: str, seconds: float) -> None:
+            pass
+
+    admission = AdmissionControl(capacity, max_wait_s=10.0)
+    return Frontend(tiers, admission, PreviewStore(put, get), Observer(), sessions)

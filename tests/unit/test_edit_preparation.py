@@ -18,6 +18,7 @@ from diffusionx.models.alignment import load_alignment_model
 from diffusionx.policy.features import TextEmbedder
 from diffusionx.requests import EditRequest, Img2ImgRequest, PreviewRequest
 from diffusionx.sampling.generation import edit, encode_images
+from tests.fakes import two_round_frontend
 
 PROMPT = "a large red circle on the left and a small blue square on the right, white background"
 EDITED = "a large green circle on the left and a small blue square on the right, white background"
@@ -164,42 +165,16 @@ def test_the_ingress_asks_the_edge_to_prepare_previews_their_sessions_will_proba
     prepared and its edit finds it; the edit (every session finalized it then) is not prepared."""
     from diffusionx.api import PreviewBody
     from diffusionx.engine.tiers import PredictorModel
-    from diffusionx.policy.admission import AdmissionControl
-    from diffusionx.policy.sessions import MIN_ROUND_OUTCOMES, SessionTracker, edit_likely
-    from diffusionx.serving.frontend import Frontend
-    from diffusionx.serving.preview_store import PreviewStore
+    from diffusionx.policy.sessions import edit_likely
     from diffusionx.workflows.modes import Tiers
 
     assert edit_likely(None) and edit_likely(0.5) and not edit_likely(0.95)
     edge = EdgeModel(tiny_edge, 4, edit_steps=6, prepare_edits=True)
     assert edge.preparation is not None
-    sessions = SessionTracker()
-    for n in range(MIN_ROUND_OUTCOMES):
-        sessions.preview(f"s{n}-1")
-        sessions.preview(f"s{n}-2", parent_id=f"s{n}-1")
-        sessions.finalize(f"s{n}-2", cloud_steps=5)
-    pngs: dict[tuple[str, str], bytes] = {}
-
-    async def put(png: bytes, preview_id: str, owner: str) -> object:
-        pngs[(preview_id, owner)] = png
-        return preview_id
-
-    async def get(preview_id: str, owner: str) -> bytes | None:
-        return pngs.get((preview_id, owner))
-
-    class Observer:
-        def request_done(self, endpoint: str, route: str, seconds: float) -> None:
-            pass
 
     async def scenario():
         tiers = Tiers(edge=edge, predictor=PredictorModel())
-        service = Frontend(
-            tiers,
-            AdmissionControl({"edge": 4}, max_wait_s=10.0),
-            PreviewStore(put, get),
-            Observer(),
-            sessions,
-        )
+        service = two_round_frontend(tiers, {"edge": 4})
 
         async def preview(body: PreviewBody):
             answer = await service.preview(body, "", await service.preview_needs(body))

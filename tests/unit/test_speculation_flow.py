@@ -14,6 +14,7 @@ from diffusionx.policy.speculation import SpeculationPolicy, preview_digest
 from diffusionx.requests import PreviewRequest
 from diffusionx.workflows import modes
 from diffusionx.workflows.modes import Tiers
+from tests.fakes import two_round_frontend
 
 
 class Clock:
@@ -157,10 +158,6 @@ def test_the_ingress_speculates_only_on_rounds_whose_sessions_finalize_there(tin
     """Sessions of two rounds: once five have been measured, a first preview is not speculated on (every
     session edited it), its edit is."""
     from diffusionx.api import PreviewBody
-    from diffusionx.policy.admission import AdmissionControl
-    from diffusionx.policy.sessions import MIN_ROUND_OUTCOMES, SessionTracker
-    from diffusionx.serving.frontend import Frontend
-    from diffusionx.serving.preview_store import PreviewStore
 
     async def scenario():
         tiers, _cloud, speculation, _clock = make_tiers(tiny_cloud, tiny_edge)
@@ -172,26 +169,7 @@ def test_the_ingress_speculates_only_on_rounds_whose_sessions_finalize_there(tin
             await submit(key, session, request, steps)
 
         speculation.submit = counting_submit  # type: ignore[method-assign]
-        sessions = SessionTracker()
-        for n in range(MIN_ROUND_OUTCOMES):
-            sessions.preview(f"s{n}-1")
-            sessions.preview(f"s{n}-2", parent_id=f"s{n}-1")
-            sessions.finalize(f"s{n}-2", cloud_steps=5)
-        pngs: dict[tuple[str, str], bytes] = {}
-
-        async def put(png: bytes, preview_id: str, owner: str) -> object:
-            pngs[(preview_id, owner)] = png
-            return preview_id
-
-        async def get(preview_id: str, owner: str) -> bytes | None:
-            return pngs.get((preview_id, owner))
-
-        class Observer:
-            def request_done(self, endpoint: str, route: str, seconds: float) -> None:
-                pass
-
-        admission = AdmissionControl({"edge": 4, "cloud": 4}, max_wait_s=10.0)
-        service = Frontend(tiers, admission, PreviewStore(put, get), Observer(), sessions)
+        service = two_round_frontend(tiers, {"edge": 4, "cloud": 4})
 
         async def preview(body: PreviewBody):
             answer = await service.preview(body, "", await service.preview_needs(body))
