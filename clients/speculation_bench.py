@@ -11,15 +11,18 @@ Method (every figure through HTTP with `clients.loadgen`):
 2. Low load. Sessions (`--rounds` rounds, think times of mean `--think-s`) arriving at `--spec-low-x`
    times the lower of the two (`--spec-max-session-rate` caps it only when given), reported as
    `offered_x_capacity` (with `offered_x_cloud_capacity` and `bottleneck`): once with speculation on, once
-   off, and once in edge-only mode (every round a one-shot edge image), the edge-only session latency
-   being the paper's reference. The edge-only run follows the "on" run on the same application, so that
-   the two are measured side by side (this machine's speed drifts by as much as the ratio's margin over a
-   few minutes); it runs after the "off" run too (`edge_only_beside_off_session_latency_s_mean`), so that
-   both high-load runs follow the same runs. Each application first serves the same schedule of other
-   sessions, unmeasured (rows `spec-warm-on`, `-off`): a fresh application's first loaded run is slower
-   than the ones after it, and the edge-only run, which follows, would be measured warm against a cold
-   "on" run. Each low-load run starts a few think times (`SETTLE_THINK_TIMES`, at most `SETTLE_S`) after
-   the run before it. Why not the cloud's capacity alone: a finalize at the predicted strength is a few
+   off. The paper's reference, the same sessions in edge-only mode (every round a one-shot edge image),
+   runs interleaved with each: one Poisson schedule of twice the sessions at that rate, whose arrivals
+   alternate between a DiffusionX session and the edge-only run of the same session (same prompts, seeds
+   and think times), so that both are measured in the same seconds under the same load. Run one after
+   the other, the two were a minute apart, and this machine's speed drifts by as much as the ratio's
+   margin over a minute (the ratio moved between 0.81x and 1.16x over seven runs of one code); alternated,
+   drift reaches both alike. The DiffusionX arrivals are the same for "on" and "off";
+   `edge_only_session_latency_s_mean` is the reference beside "on" (`edge_only_beside_off_...` beside
+   "off"). Each application first serves the same kind of schedule of other sessions, unmeasured (rows
+   `spec-warm-on`, `-off`): a fresh application's first loaded run is slower than the ones after it. Each
+   low-load run starts a few think times (`SETTLE_THINK_TIMES`, at most `SETTLE_S`) after the run before
+   it. Why not the cloud's capacity alone: a finalize at the predicted strength is a few
    cloud steps, so the sessions that load the cloud tier to 0.3x hold the edge tier (and, where the tiers
    share a machine's cores, the cloud's cores too) far beyond what it serves, and at a low load requests
    do not batch, so `1 / S`, not the batched throughput, is what the application serves then.
@@ -199,10 +202,14 @@ def run_speculation(
     if settings.spec_max_session_rate is not None:
         rate = min(rate, settings.spec_max_session_rate)
     sessions = poisson_arrivals(rate, 3600.0, settings.sessions, random.Random(settings.seed + 7))
+    # low load: the DiffusionX sessions and their edge-only reference alternate in one schedule
+    low_arrivals = poisson_arrivals(rate, 3600.0, 2 * settings.sessions, random.Random(settings.seed + 9))
+    diffusionx_arrivals, edge_arrivals = low_arrivals[0::2], low_arrivals[1::2]
     print(
         f"speculation: a session's finalize takes {steps:.1f} cloud steps (cloud capacity {capacity:.2f} "
         f"finalizes/s); the application serves {session_capacity:.2f} sessions/s unbatched; low load: "
-        f"{settings.sessions} sessions at {rate:.2f}/s ({rate / bottleneck:.2f}x the lower)",
+        f"{settings.sessions} sessions and their edge-only runs alternating at {rate:.2f}/s "
+        f"({rate / bottleneck:.2f}x the lower)",
         flush=True,
     )
     # 1b. the high-load finalizes: the router experiment's (strength, target) at load_x its capacity
@@ -232,24 +239,20 @@ def run_speculation(
             urls["off"] = restart({"speculation": "off"})
         here = urls[state]
         extra = {} if state == "on" else off_extra
-        # 2. low load: sessions alone, after the same schedule of other sessions unmeasured (a fresh
-        # application's first loaded run is slower than the ones after it)
-        low_config = loadgen_config(here, "sessions", sessions, settings, **extra)
-        [runs[f"spec-warm-{state}"]] = run_together(
-            here, [replace(low_config, seed=settings.seed + WARM_SEED_OFFSET)], False
-        ).rows
+        # 2. low load: DiffusionX sessions and the same sessions edge only (one-shot edge images: nothing
+        # to speculate on), alternating in one schedule, after the same kind of schedule of other
+        # sessions unmeasured (a fresh application's first loaded run is slower than the ones after it)
+        low_config = loadgen_config(here, "sessions", diffusionx_arrivals, settings, **extra)
+        edge_config = loadgen_config(here, "sessions", edge_arrivals, settings, mode="edge")
+        warm_seed = settings.seed + WARM_SEED_OFFSET
+        warm = [replace(config, seed=warm_seed) for config in (low_config, edge_config)]
+        runs[f"spec-warm-{state}"], runs[f"spec-warm-edge-{state}"] = run_together(here, warm, False).rows
         time.sleep(settle_s)
-        low = run_together(here, [low_config], settings.quality)
-        [rows] = low.rows
+        low = run_together(here, [low_config, edge_config], settings.quality)
+        rows, edge_rows = low.rows
         runs[f"spec-low-{state}"] = rows
-        summary["low_load"][state] = figures(rows, rows, low, target_ms, summarize)
-        # the paper's reference, the same sessions edge only (one-shot edge images: nothing to speculate
-        # on), next in time on the same application, so that the ratio compares like with like; on both
-        # applications, so that both high-load runs follow the same runs
-        time.sleep(settle_s)
-        edge_config = loadgen_config(here, "sessions", sessions, settings, mode="edge")
-        [edge_rows] = run_together(here, [edge_config], settings.quality).rows
         runs[f"spec-low-edge-{state}"] = edge_rows
+        summary["low_load"][state] = figures(rows, rows, low, target_ms, summarize)
         edge_only_s = summarize(edge_rows, None)["session_latency_s_mean"]
         summary["low_load"][f"edge_only_beside_{state}_session_latency_s_mean"] = edge_only_s
         if state == "on":  # the reference: measured beside the sessions with speculation
