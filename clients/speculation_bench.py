@@ -204,9 +204,9 @@ def run_speculation(
     if settings.spec_max_session_rate is not None:
         rate = min(rate, settings.spec_max_session_rate)
     sessions = poisson_arrivals(rate, 3600.0, settings.sessions, random.Random(settings.seed + 7))
-    # low load: the DiffusionX sessions and their edge-only reference alternate in one schedule
-    low_arrivals = poisson_arrivals(rate, 3600.0, 2 * settings.sessions, random.Random(settings.seed + 9))
-    diffusionx_arrivals, edge_arrivals = low_arrivals[0::2], low_arrivals[1::2]
+    diffusionx_arrivals, edge_arrivals = alternating_arrivals(
+        rate, settings.sessions, random.Random(settings.seed + 9)
+    )
     print(
         f"speculation: a session's finalize takes {steps:.1f} cloud steps (cloud capacity {capacity:.2f} "
         f"finalizes/s); the application serves {session_capacity:.2f} sessions/s unbatched; low load: "
@@ -284,6 +284,15 @@ def run_speculation(
             session_rows, session_rows + load_rows, high, target_ms, summarize
         )
     return summary, runs
+
+
+def alternating_arrivals(rate: float, sessions: int, rng: random.Random) -> tuple[list[float], list[float]]:
+    """The low-load schedule: `2 * sessions` Poisson arrivals at `rate` per second, alternately a
+    DiffusionX session's and the same session's edge-only run (module docstring, step 2)."""
+    arrivals = poisson_arrivals(rate, 3600.0, 2 * sessions, rng)
+    if len(arrivals) < 2 * sessions:
+        raise ValueError(f"{sessions} sessions at {rate}/s do not arrive within an hour: raise the rate")
+    return arrivals[0::2], arrivals[1::2]
 
 
 def finalize_steps(rows: list[dict[str, Any]]) -> float:
