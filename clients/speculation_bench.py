@@ -14,20 +14,20 @@ Method (every figure through HTTP with `clients.loadgen`):
    off. The paper's reference, the same sessions in edge-only mode (every round a one-shot edge image),
    runs interleaved with each: one Poisson schedule of twice the sessions at that rate, whose arrivals
    alternate between a DiffusionX session and the edge-only run of the same session (same prompts, seeds
-   and think times), so that both are measured in the same seconds under the same load. Run one after
-   the other, the two were a minute apart, and this machine's speed drifts by as much as the ratio's
-   margin over a minute (the ratio moved between 0.81x and 1.16x over seven runs of one code); alternated,
-   drift reaches both alike. The DiffusionX arrivals are the same for "on" and "off";
-   `edge_only_session_latency_s_mean` is the reference beside "on" (`edge_only_beside_off_...` beside
-   "off"). Each application first serves the same kind of schedule of other sessions, unmeasured (rows
-   `spec-warm-on`, `-off`): a fresh application's first loaded run is slower than the ones after it (a
-   local application is started afresh after step 1, whose sessions' speculations, bypassed by their
-   finalizes, would otherwise expire in a measured run and count as its wasted work). Each
-   low-load run starts a few think times (`SETTLE_THINK_TIMES`, at most `SETTLE_S`) after the run before
-   it. Why not the cloud's capacity alone: a finalize at the predicted strength is a few
-   cloud steps, so the sessions that load the cloud tier to 0.3x hold the edge tier (and, where the tiers
-   share a machine's cores, the cloud's cores too) far beyond what it serves, and at a low load requests
-   do not batch, so `1 / S`, not the batched throughput, is what the application serves then.
+   and think times), so that both are measured in the same seconds under the same load: run one after
+   the other, they would be a minute apart, and a shared machine's speed drifts by as much as the ratio's
+   margin over a minute; alternated, drift reaches both alike (docs/results.md, Speculation). The
+   DiffusionX arrivals are the same for "on" and "off"; `edge_only_session_latency_s_mean` is the
+   reference beside "on" (`edge_only_beside_off_...` beside "off"). Each application first serves the
+   same kind of schedule of other sessions, unmeasured (rows `spec-warm-on`, `-off`): a fresh
+   application's first loaded run is slower than the ones after it (a local application is started afresh
+   after step 1, whose sessions' speculations, bypassed by their finalizes, would otherwise expire in a
+   measured run and count as its wasted work). Each low-load run starts a few think times
+   (`SETTLE_THINK_TIMES`, at most `SETTLE_S`) after the run before it. Why not the cloud's capacity alone:
+   a finalize at the predicted strength is a few cloud steps, so the sessions that load the cloud tier to
+   0.3x hold the edge tier (and, where the tiers share a machine's cores, the cloud's cores too) far
+   beyond what it serves, and at a low load requests do not batch, so `1 / S`, not the batched
+   throughput, is what the application serves then.
 3. High load. The same sessions with the router's latency target, while finalizes of previews made
    beforehand arrive at `--load-x` times the capacity of the router experiment's finalizes (at
    `--finalize-strength`, the same target): on and off. SLO attainment is over every finalize of the run
