@@ -17,6 +17,15 @@ expected) (`alpha` per observation, so the last ~1/alpha requests dominate), exp
 latency by it. A log-space mean is used so that one outlier (a garbage-collection pause, a replica
 restart) moves the scale by a bounded factor.
 
+The scale is learned only from requests the router sent to the cloud, so once it is high enough that every
+route falls back to the edge it would never be measured again: a few slow requests at the start of a
+burst would keep the cloud unused for the rest of the burst while the edge floods. Evidence
+therefore goes stale: once the newest observation is older than `stale_after_s`, the learned log ratio
+and its variance decay toward none (the service model's own expectation) with half-life `half_life_s`,
+and the next observation updates from what is left. While observations keep arriving the decay does not
+apply; after a quiet spell the router trusts the service model again, which is also right when the
+quiet means the load that caused the multiple has gone.
+
 A corrected expectation is a median: half the requests take longer. `margin(quantile)` is the factor
 from the median to that quantile, `exp(z * std)` with the exponentially weighted standard deviation of
 the log ratios (normal in log space); the router fits a route to the target only when expected x margin
@@ -69,15 +78,23 @@ class LatencyCalibration:
     min_samples: int = 3
     min_scale: float = 0.5
     max_scale: float = 8.0
+    stale_after_s: float = 2.0  # evidence this old starts to decay (the arrival rate's window)
+    half_life_s: float = 5.0  # then halves this often
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False)
     samples: int = field(default=0, init=False)
     _log_ratio: float = field(default=0.0, init=False, repr=False)
     _log_variance: float = field(default=0.0, init=False, repr=False)
+    _observed_at: float = field(default=0.0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.alpha <= 1.0:
             raise ValueError(f"alpha={self.alpha} must be in (0, 1]")
         if not 0.0 < self.min_scale <= 1.0 <= self.max_scale:
             raise ValueError(f"need 0 < min_scale <= 1 <= max_scale, not {self.min_scale}, {self.max_scale}")
+        if self.stale_after_s < 0.0 or self.half_life_s <= 0.0:
+            raise ValueError(
+                f"need stale_after_s >= 0 and half_life_s > 0, not {self.stale_after_s}, {self.half_life_s}"
+            )
 
     def observe(self, expected_ms: float | None, measured_ms: float) -> None:
         """One request the router sent to the cloud: its uncorrected expected and its measured latency.
@@ -88,11 +105,21 @@ class LatencyCalibration:
         ratio = math.log(measured_ms / expected_ms)
         if self.samples == 0:  # the first sample sets the mean; later ones move it by alpha
             self._log_ratio = ratio
-        else:  # exponentially weighted mean and variance (West's incremental form)
-            deviation = ratio - self._log_ratio
-            self._log_ratio += self.alpha * deviation
-            self._log_variance = (1 - self.alpha) * (self._log_variance + self.alpha * deviation**2)
+        else:  # exponentially weighted mean and variance (West's incremental form), from the decayed state
+            log_ratio, log_variance = self._current()
+            deviation = ratio - log_ratio
+            self._log_ratio = log_ratio + self.alpha * deviation
+            self._log_variance = (1 - self.alpha) * (log_variance + self.alpha * deviation**2)
+        self._observed_at = self.clock()
         self.samples += 1
+
+    def _current(self) -> tuple[float, float]:
+        """The learned log ratio and variance, decayed by the staleness of the newest observation."""
+        stale_s = self.clock() - self._observed_at - self.stale_after_s
+        if stale_s <= 0.0:
+            return self._log_ratio, self._log_variance
+        kept = 0.5 ** (stale_s / self.half_life_s)
+        return self._log_ratio * kept, self._log_variance * kept
 
     def margin(self, quantile: float) -> float:
         """The factor from the corrected (median) expectation to its `quantile` (1.0 before
@@ -102,11 +129,11 @@ class LatencyCalibration:
         if self.samples < self.min_samples:
             return 1.0
         z = NormalDist().inv_cdf(quantile)
-        return min(self.max_scale, math.exp(z * math.sqrt(self._log_variance)))
+        return min(self.max_scale, math.exp(z * math.sqrt(self._current()[1])))
 
     @property
     def scale(self) -> float:
         """The factor to multiply expected latencies by (1.0 before `min_samples` observations)."""
         if self.samples < self.min_samples:
             return 1.0
-        return min(self.max_scale, max(self.min_scale, math.exp(self._log_ratio)))
+        return min(self.max_scale, max(self.min_scale, math.exp(self._current()[0])))

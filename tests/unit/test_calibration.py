@@ -50,6 +50,36 @@ def test_bad_settings_are_refused():
         LatencyCalibration(min_scale=2.0)
 
 
+def test_stale_evidence_decays_toward_the_service_model_so_the_router_measures_the_cloud_again():
+    now = [0.0]
+    calibration = LatencyCalibration(
+        alpha=0.5, min_samples=1, stale_after_s=2.0, half_life_s=5.0, clock=lambda: now[0]
+    )
+    for t in (0.0, 0.1, 0.2):  # a slow start: measured 6x the expectation, with some spread
+        now[0] = t
+        calibration.observe(100.0, 600.0 if t != 0.1 else 300.0)
+    learned, margin = calibration.scale, calibration.margin(0.99)
+    assert learned > 4.0 and margin > 1.5
+
+    def route() -> str:
+        scale, margin = calibration.scale, calibration.margin(0.99)
+        return decide_route(1.0, 20, IDLE, 1500, CONFIG, latency_scale=scale, latency_margin=margin).route
+
+    assert route() == "edge-fallback"  # nothing fits: no cloud request, so no new observation
+    now[0] = 2.2  # fresh while within stale_after_s of the newest observation
+    assert calibration.scale == pytest.approx(learned) and calibration.margin(0.99) == pytest.approx(margin)
+    now[0] = 2.2 + 5.0  # one half-life later: half the log ratio, half the log variance
+    assert calibration.scale == pytest.approx(math.sqrt(learned))
+    assert math.log(calibration.margin(0.99)) == pytest.approx(math.log(margin) / math.sqrt(2.0))
+    now[0] = 2.2 + 30.0
+    assert calibration.scale == pytest.approx(1.0, abs=0.05) and route() == "cloud"
+    # the next observation updates from what is left, not from the stale 6x
+    calibration.observe(100.0, 120.0)
+    assert calibration.scale == pytest.approx(math.sqrt(1.2 * learned ** (0.5**6)), rel=1e-6)
+    with pytest.raises(ValueError, match="half_life_s"):
+        LatencyCalibration(half_life_s=0.0)
+
+
 def test_router_cuts_by_the_calibrated_latency_and_reports_the_scale():
     # 20 steps at 50 ms + 50 ms overhead = 1050 ms: fits 1500 ms uncorrected
     plain = decide_route(1.0, 20, IDLE, 1500, CONFIG)
