@@ -49,7 +49,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from clients import speculation_bench
+from clients import loadgen_rows, speculation_bench
 from clients.client import AsyncDiffusionXClient
 from clients.loadgen import COLUMNS, clip_judge, run_loadgen, shapes_judge
 from clients.workload import poisson_arrivals
@@ -73,14 +73,6 @@ FIELDS = (
 
 
 # -- the report, from rows ---------------------------------------------------------------------------------
-def _ok(row: dict[str, Any]) -> bool:
-    return str(row["status"]) == "200"
-
-
-def _num(value: Any) -> float | None:
-    return None if value in ("", None) else float(value)
-
-
 def _mean(values: list[float]) -> float | None:
     return round(float(np.mean(values)), 4) if values else None
 
@@ -94,29 +86,23 @@ def summarize(rows: list[dict[str, Any]], latency_target_ms: float | None) -> di
     finalize is its own session). Costs are means per session over every request sent (a failed request
     cost what it reported: nothing); quality and latencies are over the 2xx finalizes; SLO attainment is the
     share of all finalizes sent that were answered 2xx within the target."""
-    sessions: dict[str, list[dict[str, Any]]] = {}
-    for index, row in enumerate(rows):
-        key = str(row.get("session", "")) or f"request-{index}"
-        sessions.setdefault(key, []).append(row)
+    sessions = loadgen_rows.sessions(rows)
     finalizes = [row for row in rows if row["kind"] == "finalize"]
-    ok_final = [row for row in finalizes if _ok(row)]
-    latencies = [float(row["e2e_ms"]) / 1000.0 for row in ok_final]
-    complete = [
-        group for group in sessions.values() if all(_ok(r) for r in group) and group[-1]["kind"] == "finalize"
-    ]
-    quality = [q for q in (_num(row["quality"]) for row in ok_final) if q is not None]
+    ok_final = [row for row in finalizes if loadgen_rows.ok(row)]
+    latencies = loadgen_rows.finalize_latencies_s(rows)
+    quality = [q for q in (loadgen_rows.number(row["quality"]) for row in ok_final) if q is not None]
     within = [
         row for row in ok_final if latency_target_ms is not None and float(row["e2e_ms"]) <= latency_target_ms
     ]
     return {
-        "session_latency_s_mean": _mean([sum(float(r["e2e_ms"]) for r in g) / 1000.0 for g in complete]),
+        "session_latency_s_mean": _mean(list(loadgen_rows.session_latencies_s(rows).values())),
         "finalize_latency_s_p50": _pct(latencies, 50),
         "finalize_latency_s_p95": _pct(latencies, 95),
         "cloud_unet_calls": _mean(
-            [sum(_num(r["cloud_unet_calls"]) or 0.0 for r in g) for g in sessions.values()]
+            [sum(loadgen_rows.number(r["cloud_unet_calls"]) or 0.0 for r in g) for g in sessions.values()]
         ),
         "edge_unet_calls": _mean(
-            [sum(_num(r["edge_unet_calls"]) or 0.0 for r in g) for g in sessions.values()]
+            [sum(loadgen_rows.number(r["edge_unet_calls"]) or 0.0 for r in g) for g in sessions.values()]
         ),
         "quality": _mean(quality),
         "slo_attainment": None
@@ -125,7 +111,7 @@ def summarize(rows: list[dict[str, Any]], latency_target_ms: float | None) -> di
         "requests": len(rows),
         "sessions": len(sessions),
         "finalizes": len(finalizes),
-        "errors": sum(1 for row in rows if not _ok(row)),
+        "errors": sum(1 for row in rows if not loadgen_rows.ok(row)),
     }
 
 
@@ -135,9 +121,9 @@ def calibration(rows: list[dict[str, Any]]) -> dict[str, Any]:
         float(row["expected_latency_ms"]) / float(row["e2e_ms"])
         for row in rows
         if row["kind"] == "finalize"
-        and _ok(row)
+        and loadgen_rows.ok(row)
         and row["route"] in ("cloud", "cloud-reduced")
-        and _num(row["expected_latency_ms"])
+        and loadgen_rows.number(row["expected_latency_ms"])
         and float(row["e2e_ms"]) > 0
     ]
     return {"expected_over_measured_median": _pct(ratios, 50), "n": len(ratios)}
@@ -202,7 +188,7 @@ def run_compare(url: str, settings: argparse.Namespace, restart=None) -> dict[st
     strength = settings.finalize_strength
     gaps = [UNLOADED_GAP_S * i for i in range(UNLOADED_FINALIZES)]
     runs["unloaded"] = _loadgen(url, "finalize", gaps, settings, finalize_strength=strength)
-    unloaded = [r for r in runs["unloaded"] if r["kind"] == "finalize" and _ok(r)]
+    unloaded = [r for r in runs["unloaded"] if r["kind"] == "finalize" and loadgen_rows.ok(r)]
     if not unloaded:
         raise RuntimeError(f"no unloaded finalize succeeded: cannot size the load ({runs['unloaded'][:1]})")
     steps = float(np.mean([float(r["cloud_unet_calls"]) for r in unloaded]))
@@ -315,7 +301,7 @@ def _public(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def _final_mean(rows: list[dict[str, Any]]) -> float | None:
-    return _mean([float(r["e2e_ms"]) / 1000.0 for r in rows if r["kind"] == "finalize" and _ok(r)])
+    return _mean(loadgen_rows.finalize_latencies_s(rows))
 
 
 # -- outputs ---------------------------------------------------------------------------------------------
@@ -338,7 +324,7 @@ def plot(summary: dict[str, Any], runs: dict[str, list[dict[str, Any]]], out: Pa
     import matplotlib.pyplot as plt
 
     def cdf(axis, rows: list[dict[str, Any]], label: str) -> None:
-        values = np.sort([float(r["e2e_ms"]) / 1000.0 for r in rows if r["kind"] == "finalize" and _ok(r)])
+        values = np.sort(loadgen_rows.finalize_latencies_s(rows))
         if values.size:
             axis.plot(values, np.arange(1, values.size + 1) / values.size, label=label)
 
@@ -376,8 +362,8 @@ def plot(summary: dict[str, Any], runs: dict[str, list[dict[str, Any]]], out: Pa
         (float(r["e2e_ms"]), float(r["expected_latency_ms"]))
         for r in runs["policy-router"]
         if r["kind"] == "finalize"
-        and _ok(r)
-        and _num(r["expected_latency_ms"])
+        and loadgen_rows.ok(r)
+        and loadgen_rows.number(r["expected_latency_ms"])
         and r["route"] != "edge-fallback"
     ]
     if pairs:

@@ -41,7 +41,10 @@ Per run: `finalize_latency_s_p50`, `_p95`, `session_latency_s_mean`, `slo_attain
 `cloud_unet_calls` (per session: every response's cloud calls, a speculation's answer counted once, plus
 the speculative calls wasted) and `wasted_cloud_unet_calls` (per session, from `/v1/stats`), plus
 `speculative` (finalizes by hit | promoted | miss | off), and `cloud_replica_s` (the live cloud
-replicas, the more of the run's start and end, x its wall time).
+replicas, the more of the run's start and end, x its wall time). Across the runs, with 95% intervals
+(`clients.uncertainty`): `low_load.session_latency_x_edge_only` (the DiffusionX sessions with speculation
+over their interleaved edge-only runs, paired by session) and `high_load.slo_attainment_on_minus_off`. A
+run of the default size cannot resolve a few percent either way: its interval says how far to trust it.
 """
 
 from __future__ import annotations
@@ -58,7 +61,9 @@ from typing import Any
 import httpx
 import numpy as np
 
+from clients import loadgen_rows
 from clients.loadgen import LoadgenConfig, run_loadgen, shapes_judge
+from clients.uncertainty import paired_ratio, proportion_difference
 from clients.workload import poisson_arrivals
 
 UNLOADED = 6  # sessions one at a time for the cloud steps of a session's finalize
@@ -283,7 +288,41 @@ def run_speculation(
         summary["high_load"][state] = figures(
             session_rows, session_rows + load_rows, high, target_ms, summarize
         )
+    summary["low_load"]["session_latency_x_edge_only"] = session_ratio(
+        runs["spec-low-on"], runs["spec-low-edge-on"]
+    )
+    summary["high_load"]["slo_attainment_on_minus_off"] = slo_difference(
+        [runs[f"spec-high-{state}"] + runs[f"spec-high-{state}-load"] for state in ("on", "off")],
+        target_ms,
+        summarize,
+    )
     return summary, runs
+
+
+def session_ratio(sessions: list[dict[str, Any]], edge_only: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """DiffusionX sessions' mean latency over the same sessions' edge-only runs, paired by session, with
+    its 95% interval (`clients.uncertainty.paired_ratio`); None with fewer than two complete pairs."""
+    ours, theirs = loadgen_rows.session_latencies_s(sessions), loadgen_rows.session_latencies_s(edge_only)
+    paired = sorted(set(ours) & set(theirs))
+    if len(paired) < 2:
+        return None
+    return paired_ratio([ours[key] for key in paired], [theirs[key] for key in paired])
+
+
+def slo_difference(
+    runs: list[list[dict[str, Any]]],
+    target_ms: float,
+    summarize: Callable[[list[dict[str, Any]], float | None], dict[str, Any]],
+) -> dict[str, Any] | None:
+    """SLO attainment of the first run minus the second's, over their finalizes, with its 95% interval
+    (`clients.uncertainty.proportion_difference`); None when either sent no finalize."""
+    counts = []
+    for rows in runs:
+        figures = summarize(rows, target_ms)
+        if not figures["finalizes"]:
+            return None
+        counts += [round(figures["slo_attainment"] * figures["finalizes"]), figures["finalizes"]]
+    return proportion_difference(*counts)
 
 
 def alternating_arrivals(rate: float, sessions: int, rng: random.Random) -> tuple[list[float], list[float]]:
@@ -319,13 +358,7 @@ def plot(runs: dict[str, list[dict[str, Any]]], out: Any) -> None:
     for axis, load in zip(axes, ("low", "high"), strict=True):
         for state in ("on", "off"):
             rows = runs.get(f"spec-{load}-{state}", [])
-            values = np.sort(
-                [
-                    float(r["e2e_ms"]) / 1000.0
-                    for r in rows
-                    if r["kind"] == "finalize" and str(r["status"]) == "200"
-                ]
-            )
+            values = np.sort(loadgen_rows.finalize_latencies_s(rows))
             if values.size:
                 axis.plot(values, np.arange(1, values.size + 1) / values.size, label=f"speculation {state}")
         axis.set(title=f"session finalize latency, {load} load", xlabel="seconds", ylabel="CDF")
