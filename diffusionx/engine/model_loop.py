@@ -490,6 +490,7 @@ class ModelLoop:
     async def _step_once(self) -> None:
         stepper = self._stepper
         assert stepper is not None
+        foreground = stepper.has_foreground
         started = self._clock()
         finished = await self._run_blocking(stepper.step)
         elapsed = self._clock() - started
@@ -504,7 +505,11 @@ class ModelLoop:
                 if job.on_progress is not None:
                     job.on_progress(ticket.steps_run, job.steps)
         if advanced:
-            self.monitor.ran(advanced, 1, elapsed)
+            # a step of background work alone is not load, and it runs only when the background gate says
+            # the host is idle: its time is the idle host's, faster than what a foreground step costs under
+            # load, so it would teach the service model's step time (`monitor.step_time`) too low
+            if foreground:
+                self.monitor.ran(advanced, 1, elapsed)
             self.observer.batch_ran(self._step_kind or "", advanced, 1, elapsed)
         self.monitor.pool = stepper.priorities()
         for ticket in finished:

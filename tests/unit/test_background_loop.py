@@ -228,3 +228,19 @@ def test_background_steps_wait_for_the_gate_and_foreground_does_not(tiny_cloud):
         assert runner.hold is False
 
     asyncio.run(scenario())
+
+
+def test_steps_of_background_work_alone_do_not_teach_the_step_time(tiny_cloud):
+    # they run only while the gate says the host is idle: their time is not what a foreground step costs
+    async def scenario():
+        loop, _batcher, _runner, _clock = make_loop(tiny_cloud)
+        job = loop.submit("refine", refinement(1, steps=4), 4, background=True)
+        loop.release([job])
+        await loop.wait(job)
+        assert loop.monitor.step_time.observations == 0 and not loop.monitor.step_time.measured
+        assert list(loop.monitor.batch_sizes) == []
+        await loop.run("refine", refinement(2, steps=4), 4)
+        assert loop.monitor.step_time.observations == 4
+        assert loop.monitor.step_time.coefficients() == pytest.approx((STEP_S, 0.0))
+
+    asyncio.run(scenario())
