@@ -91,9 +91,6 @@ def summarize(rows: list[dict[str, Any]], latency_target_ms: float | None) -> di
     ok_final = [row for row in finalizes if loadgen_rows.ok(row)]
     latencies = loadgen_rows.finalize_latencies_s(rows)
     quality = [q for q in (loadgen_rows.number(row["quality"]) for row in ok_final) if q is not None]
-    within = [
-        row for row in ok_final if latency_target_ms is not None and float(row["e2e_ms"]) <= latency_target_ms
-    ]
     return {
         "session_latency_s_mean": _mean(list(loadgen_rows.session_latencies_s(rows).values())),
         "finalize_latency_s_p50": _pct(latencies, 50),
@@ -105,14 +102,19 @@ def summarize(rows: list[dict[str, Any]], latency_target_ms: float | None) -> di
             [sum(loadgen_rows.number(r["edge_unet_calls"]) or 0.0 for r in g) for g in sessions.values()]
         ),
         "quality": _mean(quality),
-        "slo_attainment": None
-        if latency_target_ms is None or not finalizes
-        else round(len(within) / len(finalizes), 4),
+        "slo_attainment": _slo_attainment(rows, latency_target_ms),
         "requests": len(rows),
         "sessions": len(sessions),
         "finalizes": len(finalizes),
         "errors": sum(1 for row in rows if not loadgen_rows.ok(row)),
     }
+
+
+def _slo_attainment(rows: list[dict[str, Any]], latency_target_ms: float | None) -> float | None:
+    if latency_target_ms is None:
+        return None
+    within, sent = loadgen_rows.finalizes_within(rows, latency_target_ms)
+    return round(within / sent, 4) if sent else None
 
 
 def calibration(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -37,3 +37,10 @@ def session_latencies_s(rows: list[dict[str, Any]]) -> dict[str, float]:
 def finalize_latencies_s(rows: list[dict[str, Any]]) -> list[float]:
     """The latencies in seconds of the 2xx finalizes, in row order."""
     return [float(row["e2e_ms"]) / 1000.0 for row in rows if row["kind"] == "finalize" and ok(row)]
+
+
+def finalizes_within(rows: list[dict[str, Any]], target_ms: float) -> tuple[int, int]:
+    """(finalizes answered 2xx within `target_ms`, finalizes sent): SLO attainment's two counts."""
+    finalizes = [row for row in rows if row["kind"] == "finalize"]
+    within = sum(1 for row in finalizes if ok(row) and float(row["e2e_ms"]) <= target_ms)
+    return within, len(finalizes)

@@ -292,9 +292,7 @@ def run_speculation(
         runs["spec-low-on"], runs["spec-low-edge-on"]
     )
     summary["high_load"]["slo_attainment_on_minus_off"] = slo_difference(
-        [runs[f"spec-high-{state}"] + runs[f"spec-high-{state}-load"] for state in ("on", "off")],
-        target_ms,
-        summarize,
+        [runs[f"spec-high-{state}"] + runs[f"spec-high-{state}-load"] for state in ("on", "off")], target_ms
     )
     return summary, runs
 
@@ -309,20 +307,13 @@ def session_ratio(sessions: list[dict[str, Any]], edge_only: list[dict[str, Any]
     return paired_ratio([ours[key] for key in paired], [theirs[key] for key in paired])
 
 
-def slo_difference(
-    runs: list[list[dict[str, Any]]],
-    target_ms: float,
-    summarize: Callable[[list[dict[str, Any]], float | None], dict[str, Any]],
-) -> dict[str, Any] | None:
+def slo_difference(runs: list[list[dict[str, Any]]], target_ms: float) -> dict[str, Any] | None:
     """SLO attainment of the first run minus the second's, over their finalizes, with its 95% interval
     (`clients.uncertainty.proportion_difference`); None when either sent no finalize."""
-    counts = []
-    for rows in runs:
-        figures = summarize(rows, target_ms)
-        if not figures["finalizes"]:
-            return None
-        counts += [round(figures["slo_attainment"] * figures["finalizes"]), figures["finalizes"]]
-    return proportion_difference(*counts)
+    counts = [loadgen_rows.finalizes_within(rows, target_ms) for rows in runs]
+    if any(sent == 0 for _, sent in counts):
+        return None
+    return proportion_difference(*(count for pair in counts for count in pair))
 
 
 def alternating_arrivals(rate: float, sessions: int, rng: random.Random) -> tuple[list[float], list[float]]:

@@ -5,7 +5,6 @@ import random
 
 import pytest
 
-from clients.compare_bench import summarize
 from clients.speculation_bench import alternating_arrivals, session_ratio, slo_difference
 
 
@@ -62,8 +61,8 @@ def test_slo_difference_counts_every_finalize_of_each_run():
             row.update(session="", quality="", cloud_unet_calls=0, edge_unet_calls=0, index=index)
         return rows
 
-    difference = slo_difference([finalizes(380, 15, 5), finalizes(372, 28, 0)], 1000.0, summarize)
+    difference = slo_difference([finalizes(380, 15, 5), finalizes(372, 28, 0)], 1000.0)
     assert difference is not None and difference["totals"] == [400, 400]
     assert difference["difference"] == pytest.approx(0.95 - 0.93)
     assert difference["ci95"][0] < 0 < difference["ci95"][1]  # 400 finalizes each cannot resolve 0.02
-    assert slo_difference([finalizes(1, 0, 0), []], 1000.0, summarize) is None
+    assert slo_difference([finalizes(1, 0, 0), []], 1000.0) is None
