@@ -14,15 +14,20 @@ constant multiple of the prediction at a given load, and the multiple grows with
 server measured for the whole request. `scale` is the exponentially weighted mean of log(measured /
 expected) (`alpha` per observation, so the last ~1/alpha requests dominate), exponentiated and clamped to
 [`min_scale`, `max_scale`]; it is 1.0 until `min_samples` were seen. The router multiplies every expected
-latency by it. A log-space mean is used so that one outlier (a garbage-collection pause, a replica
+latency by it. While the evidence is thin the weight is that of a plain mean instead, 1/(n + 1) for the
+evidence of n observations when that is more than `alpha` (the bias-corrected exponentially weighted
+mean): with `alpha` alone the first observation, which at the start of a burst is the one request that
+found the cloud idle, would keep most of its weight for the next ~1/alpha requests while the queue they
+meet makes each slower. A log-space mean is used so that one outlier (a garbage-collection pause, a replica
 restart) moves the scale by a bounded factor.
 
 The scale is learned only from requests the router sent to the cloud, so once it is high enough that every
 route falls back to the edge it would never be measured again: a few slow requests at the start of a
 burst would keep the cloud unused for the rest of the burst while the edge floods. Evidence
-therefore goes stale: once the newest observation is older than `stale_after_s`, the learned log ratio
-and its variance decay toward none (the service model's own expectation) with half-life `half_life_s`,
-and the next observation updates from what is left. While observations keep arriving the decay does not
+therefore goes stale: once the newest observation is older than `stale_after_s`, the learned log ratio,
+its variance and the weight of the evidence decay toward none (the service model's own expectation) with
+half-life `half_life_s`, and the next observation updates from what is left, with the weight its own
+evidence then has against the decayed one. While observations keep arriving the decay does not
 apply; after a quiet spell the router trusts the service model again, which is also right when the
 quiet means the load that caused the multiple has gone.
 
@@ -85,6 +90,7 @@ class LatencyCalibration:
     _log_ratio: float = field(default=0.0, init=False, repr=False)
     _log_variance: float = field(default=0.0, init=False, repr=False)
     _observed_at: float = field(default=0.0, init=False, repr=False)
+    _evidence: float = field(default=0.0, init=False, repr=False)  # observations' weight, at most 1/alpha - 1
 
     def __post_init__(self) -> None:
         if not 0.0 < self.alpha <= 1.0:
@@ -103,23 +109,25 @@ class LatencyCalibration:
         if expected_ms is None or expected_ms <= 0.0 or measured_ms <= 0.0:
             return
         ratio = math.log(measured_ms / expected_ms)
-        if self.samples == 0:  # the first sample sets the mean; later ones move it by alpha
-            self._log_ratio = ratio
-        else:  # exponentially weighted mean and variance (West's incremental form), from the decayed state
-            log_ratio, log_variance = self._current()
-            deviation = ratio - log_ratio
-            self._log_ratio = log_ratio + self.alpha * deviation
-            self._log_variance = (1 - self.alpha) * (log_variance + self.alpha * deviation**2)
+        # exponentially weighted mean and variance (West's incremental form), from the decayed state; the
+        # first observation (no evidence: weight 1) sets the mean, thin evidence weighs as a plain mean's
+        log_ratio, log_variance, evidence = self._current()
+        weight = max(self.alpha, 1.0 / (evidence + 1.0))
+        deviation = ratio - log_ratio
+        self._log_ratio = log_ratio + weight * deviation
+        self._log_variance = (1 - weight) * (log_variance + weight * deviation**2)
+        self._evidence = min(evidence + 1.0, 1.0 / self.alpha - 1.0)
         self._observed_at = self.clock()
         self.samples += 1
 
-    def _current(self) -> tuple[float, float]:
-        """The learned log ratio and variance, decayed by the staleness of the newest observation."""
+    def _current(self) -> tuple[float, float, float]:
+        """The learned log ratio, variance and evidence weight, decayed by the staleness of the newest
+        observation."""
         stale_s = self.clock() - self._observed_at - self.stale_after_s
-        if stale_s <= 0.0:
-            return self._log_ratio, self._log_variance
+        if self.samples == 0 or stale_s <= 0.0:
+            return self._log_ratio, self._log_variance, self._evidence
         kept = 0.5 ** (stale_s / self.half_life_s)
-        return self._log_ratio * kept, self._log_variance * kept
+        return self._log_ratio * kept, self._log_variance * kept, self._evidence * kept
 
     def margin(self, quantile: float) -> float:
         """The factor from the corrected (median) expectation to its `quantile` (1.0 before

@@ -36,6 +36,19 @@ def test_scale_follows_the_recent_ratio_in_log_space_and_is_clamped():
     assert calibration.scale == pytest.approx(0.8, rel=1e-3)  # back down once the load is gone
 
 
+def test_thin_evidence_weighs_as_a_plain_mean_until_alpha_takes_over():
+    # a burst's first request found the cloud idle; the next ones meet its queue
+    calibration = LatencyCalibration(alpha=0.1, min_samples=3)
+    for measured in (100.0, 200.0, 200.0):
+        calibration.observe(100.0, measured)
+    assert calibration.scale == pytest.approx(2 ** (2 / 3))  # the log-mean of 1, 2, 2 (alpha alone: 1.14)
+    for _ in range(30):
+        calibration.observe(100.0, 200.0)
+    before = math.log(calibration.scale)
+    calibration.observe(100.0, 400.0)  # with ~1/alpha observations behind it, one moves the mean by alpha
+    assert math.log(calibration.scale) == pytest.approx(before + 0.1 * (math.log(4.0) - before))
+
+
 def test_requests_without_an_expectation_are_ignored():
     calibration = LatencyCalibration(min_samples=1)
     calibration.observe(None, 500.0)
@@ -73,9 +86,11 @@ def test_stale_evidence_decays_toward_the_service_model_so_the_router_measures_t
     assert math.log(calibration.margin(0.99)) == pytest.approx(math.log(margin) / math.sqrt(2.0))
     now[0] = 2.2 + 30.0
     assert calibration.scale == pytest.approx(1.0, abs=0.05) and route() == "cloud"
-    # the next observation updates from what is left, not from the stale 6x
+    # the next observation updates from what is left, not from the stale 6x, and weighs as much against it
+    # as its own evidence against what is left of the old (1 : 1/64, the old evidence decayed 6 half-lives)
     calibration.observe(100.0, 120.0)
-    assert calibration.scale == pytest.approx(math.sqrt(1.2 * learned ** (0.5**6)), rel=1e-6)
+    left = math.log(learned) * 0.5**6
+    assert math.log(calibration.scale) == pytest.approx(left + (64 / 65) * (math.log(1.2) - left), rel=1e-6)
     with pytest.raises(ValueError, match="half_life_s"):
         LatencyCalibration(half_life_s=0.0)
 
