@@ -52,14 +52,27 @@ from diffusionx.policy.service_model import Arrivals
 class ArrivalRate:
     """Refinements the router sent to the cloud over the last `window_s` seconds: their rate and mean
     steps, as `Arrivals` for the service model. Keeps at most `max_events` (a bounded deque: nothing grows
-    per request); a rate above `max_events / window_s` is under-counted, far above any tier's capacity."""
+    per request); a rate above `max_events / window_s` is under-counted, far above any tier's capacity.
+
+    The rate is the window's count over its length, or, once `burst_events` or more fell in it, the rate
+    since the oldest of them, (n - 1) / its age, when that is higher: at the start of a burst the window
+    still holds the quiet before it, and n / window_s would count a tenth of a second of 10/s as 0.5/s, so
+    the service model would expect the first requests' batches to stay as small as they are when routed
+    (the router's latency calibration, which would correct that, has no evidence yet at a burst's start).
+    In steady traffic the two agree on average; the few sparse events a low load brings stay below
+    `burst_events`, so two requests that happen to arrive together do not read as a burst."""
 
     def __init__(
-        self, window_s: float = 2.0, max_events: int = 4096, clock: Callable[[], float] = time.monotonic
+        self,
+        window_s: float = 2.0,
+        max_events: int = 4096,
+        burst_events: int = 4,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if window_s <= 0:
-            raise ValueError(f"window_s={window_s} must be > 0")
+        if window_s <= 0 or burst_events < 2:
+            raise ValueError(f"need window_s > 0 and burst_events >= 2, not {window_s}, {burst_events}")
         self.window_s = window_s
+        self.burst_events = burst_events
         self.clock = clock
         self._events: deque[tuple[float, int]] = deque(maxlen=max_events)
 
@@ -73,8 +86,13 @@ class ArrivalRate:
             self._events.popleft()
         if not self._events:
             return Arrivals()
-        mean_steps = round(sum(steps for _, steps in self._events) / len(self._events))
-        return Arrivals(len(self._events) / self.window_s, max(1, mean_steps))
+        count = len(self._events)
+        rate = count / self.window_s
+        age = now - self._events[0][0]
+        if count >= self.burst_events and age > 0:
+            rate = max(rate, (count - 1) / age)
+        mean_steps = round(sum(steps for _, steps in self._events) / count)
+        return Arrivals(rate, max(1, mean_steps))
 
 
 @dataclass

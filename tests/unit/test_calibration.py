@@ -120,6 +120,25 @@ def test_arrival_rate_counts_the_window_and_forgets_older_events():
     assert rate.current() == Arrivals(2 / 2.0, 25)
     now[0] = 10.0
     assert rate.current() == Arrivals()
+    with pytest.raises(ValueError, match="burst_events"):
+        ArrivalRate(burst_events=1)
+
+
+def test_arrival_rate_at_a_bursts_start_is_the_rate_since_it_began():
+    now = [0.0]
+    rate = ArrivalRate(window_s=2.0, burst_events=4, clock=lambda: now[0])
+    for t in (10.0, 10.1, 10.2):  # three at once after a quiet spell: not yet a burst
+        now[0] = t
+        rate.record(20)
+    assert rate.current() == Arrivals(3 / 2.0, 20)
+    now[0] = 10.3
+    rate.record(20)
+    assert rate.current() == Arrivals(pytest.approx(3 / 0.3), 20)  # 10/s, not the window's 4 / 2 s
+    for tenth in range(104, 124):  # the burst goes on at 10/s until the window holds nothing else
+        now[0] = tenth / 10
+        rate.record(20)
+    now[0] = 12.35  # 20 events in the window: the window's 10/s (their span says 19 / 1.95 s)
+    assert rate.current() == Arrivals(pytest.approx(10.0), 20)
 
 
 def test_replay_with_arrivals_is_the_exact_replay_when_none_come():
