@@ -128,9 +128,10 @@ class LatencyCalibration:
             return
         ratio = math.log(measured_ms / expected_ms)
         # exponentially weighted mean and variance (West's incremental form), from the decayed state; the
-        # first observation (no evidence: weight 1) sets the mean, thin evidence weighs as a plain mean's
+        # first observation (no evidence: weight 1) sets the mean, thin evidence weighs as a plain mean's,
+        # and since the evidence is capped at 1/alpha - 1 the weight never falls below alpha
         log_ratio, log_variance, evidence = self._current()
-        weight = max(self.alpha, 1.0 / (evidence + 1.0))
+        weight = 1.0 / (evidence + 1.0)
         deviation = ratio - log_ratio
         self._log_ratio = log_ratio + weight * deviation
         self._log_variance = (1 - weight) * (log_variance + weight * deviation**2)
@@ -142,7 +143,7 @@ class LatencyCalibration:
         """The learned log ratio, variance and evidence weight, decayed by the staleness of the newest
         observation."""
         stale_s = self.clock() - self._observed_at - self.stale_after_s
-        if self.samples == 0 or stale_s <= 0.0:
+        if stale_s <= 0.0:
             return self._log_ratio, self._log_variance, self._evidence
         kept = 0.5 ** (stale_s / self.half_life_s)
         return self._log_ratio * kept, self._log_variance * kept, self._evidence * kept
