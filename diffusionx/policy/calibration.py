@@ -24,17 +24,24 @@ restart) moves the scale by a bounded factor.
 The scale is learned only from requests the router sent to the cloud, so once it is high enough that every
 route falls back to the edge it would never be measured again: a few slow requests at the start of a
 burst would keep the cloud unused for the rest of the burst while the edge floods. Evidence
-therefore goes stale: once the newest observation is older than `stale_after_s`, the learned log ratio,
-its variance and the weight of the evidence decay toward none (the service model's own expectation) with
-half-life `half_life_s`, and the next observation updates from what is left, with the weight its own
-evidence then has against the decayed one. While observations keep arriving the decay does not
-apply; after a quiet spell the router trusts the service model again, which is also right when the
-quiet means the load that caused the multiple has gone.
+therefore goes stale: once the newest observation is older than `stale_after_s`, the learned log ratio
+and the weight of the evidence decay toward none (the service model's own expectation, with the prior
+spread below) with half-life `half_life_s`, and the next observation updates from what is left, with the
+weight its own evidence then has against the decayed one. While observations keep arriving the decay
+does not apply; after a quiet spell the router trusts the service model's mean again, which is also
+right when the quiet means the load that caused the multiple has gone.
 
 A corrected expectation is a median: half the requests take longer. `margin(quantile)` is the factor
-from the median to that quantile, `exp(z * std)` with the exponentially weighted standard deviation of
-the log ratios (normal in log space); the router fits a route to the target only when expected x margin
-is within it, so the target holds for about that share of requests.
+from the median to that quantile, `exp(z * std)` with the standard deviation of the log ratios (normal in
+log space); the router fits a route to the target only when expected x margin is within it, so the target
+holds for about that share of requests. The spread is the exponentially weighted one shrunk toward a
+prior, `prior_log_std` worth `prior_weight` observations: the observations' squared deviations and the
+prior's over their degrees of freedom (one fewer than the evidence: the first observation sets the mean
+and says nothing about the spread). Without it the margin would be 1.0 exactly when the router knows
+least, before any observation and after a quiet spell, which is the start of a burst: the service model
+then expects the requests to share batches as small as they are when routed, and the first ones routed
+meet the queue of the ones after them. Evidence going stale therefore decays the spread toward the
+prior's, not toward none; with ~1/alpha observations behind it the prior holds about one tenth.
 """
 
 from __future__ import annotations
@@ -103,6 +110,8 @@ class LatencyCalibration:
     max_scale: float = 8.0
     stale_after_s: float = 2.0  # evidence this old starts to decay (the arrival rate's window)
     half_life_s: float = 5.0  # then halves this often
+    prior_log_std: float = 0.15  # the spread of log(measured / expected) assumed without evidence
+    prior_weight: float = 1.0  # how many observations' degrees of freedom the prior spread is worth
     clock: Callable[[], float] = field(default=time.monotonic, repr=False)
     samples: int = field(default=0, init=False)
     _log_ratio: float = field(default=0.0, init=False, repr=False)
@@ -118,6 +127,10 @@ class LatencyCalibration:
         if self.stale_after_s < 0.0 or self.half_life_s <= 0.0:
             raise ValueError(
                 f"need stale_after_s >= 0 and half_life_s > 0, not {self.stale_after_s}, {self.half_life_s}"
+            )
+        if self.prior_log_std < 0.0 or self.prior_weight <= 0.0:
+            raise ValueError(
+                f"need prior_log_std >= 0 and prior_weight > 0, not {self.prior_log_std}, {self.prior_weight}"
             )
 
     def observe(self, expected_ms: float | None, measured_ms: float) -> None:
@@ -140,23 +153,30 @@ class LatencyCalibration:
         self.samples += 1
 
     def _current(self) -> tuple[float, float, float]:
-        """The learned log ratio, variance and evidence weight, decayed by the staleness of the newest
-        observation."""
+        """The learned log ratio, variance and evidence weight, the ratio and the evidence decayed by the
+        staleness of the newest observation (the variance is what the evidence left says about the
+        spread; `spread_variance` weighs it against the prior by that evidence)."""
         stale_s = self.clock() - self._observed_at - self.stale_after_s
         if stale_s <= 0.0:
             return self._log_ratio, self._log_variance, self._evidence
         kept = 0.5 ** (stale_s / self.half_life_s)
-        return self._log_ratio * kept, self._log_variance * kept, self._evidence * kept
+        return self._log_ratio * kept, self._log_variance, self._evidence * kept
+
+    def spread_variance(self) -> float:
+        """The variance of the log ratio: the observations' shrunk toward the prior's (module docstring).
+        `evidence * variance` is their weighted sum of squared deviations; it has one degree of freedom
+        fewer than the evidence."""
+        _, variance, evidence = self._current()
+        prior = self.prior_weight * self.prior_log_std**2
+        return (evidence * variance + prior) / (max(0.0, evidence - 1.0) + self.prior_weight)
 
     def margin(self, quantile: float) -> float:
-        """The factor from the corrected (median) expectation to its `quantile` (1.0 before
-        `min_samples` observations, and at most `max_scale`)."""
+        """The factor from the corrected (median) expectation to its `quantile`, at most `max_scale`:
+        the prior spread's before any observation."""
         if not 0.5 <= quantile < 1.0:
             raise ValueError(f"quantile={quantile} must be in [0.5, 1)")
-        if self.samples < self.min_samples:
-            return 1.0
         z = NormalDist().inv_cdf(quantile)
-        return min(self.max_scale, math.exp(z * math.sqrt(self._current()[1])))
+        return min(self.max_scale, math.exp(z * math.sqrt(self.spread_variance())))
 
     @property
     def scale(self) -> float:

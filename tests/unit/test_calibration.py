@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 import pytest
 
@@ -81,11 +82,13 @@ def test_stale_evidence_decays_toward_the_service_model_so_the_router_measures_t
     assert route() == "edge-fallback"  # nothing fits: no cloud request, so no new observation
     now[0] = 2.2  # fresh while within stale_after_s of the newest observation
     assert calibration.scale == pytest.approx(learned) and calibration.margin(0.99) == pytest.approx(margin)
-    now[0] = 2.2 + 5.0  # one half-life later: half the log ratio, half the log variance
+    now[0] = 2.2 + 5.0  # one half-life later: half the log ratio; the spread on its way to the prior's
     assert calibration.scale == pytest.approx(math.sqrt(learned))
-    assert math.log(calibration.margin(0.99)) == pytest.approx(math.log(margin) / math.sqrt(2.0))
+    prior_margin = math.exp(NormalDist().inv_cdf(0.99) * calibration.prior_log_std)
+    assert prior_margin < calibration.margin(0.99) < margin
     now[0] = 2.2 + 30.0
-    assert calibration.scale == pytest.approx(1.0, abs=0.05) and route() == "cloud"
+    assert calibration.scale == pytest.approx(1.0, abs=0.05) and route() != "edge-fallback"  # measured again
+    assert calibration.margin(0.99) == pytest.approx(prior_margin, rel=0.05)
     # the next observation updates from what is left, not from the stale 6x, and weighs as much against it
     # as its own evidence against what is left of the old (1 : 1/64, the old evidence decayed 6 half-lives)
     calibration.observe(100.0, 120.0)
@@ -180,7 +183,11 @@ def test_margin_grows_with_the_spread_of_the_ratios_and_the_router_keeps_it():
     for i in range(40):
         steady.observe(100.0, 150.0)
         noisy.observe(100.0, 100.0 if i % 2 else 225.0)  # the same log-mean (1.5x), spread out
-    assert steady.scale == pytest.approx(1.5) and steady.margin(0.9) == pytest.approx(1.0)
+    # no spread observed: what is left is the prior's, over the evidence's degrees of freedom and its own
+    # (alpha 0.2 caps the evidence at 4 observations: 3 + 1)
+    z90 = NormalDist().inv_cdf(0.9)
+    assert steady.scale == pytest.approx(1.5)
+    assert steady.margin(0.9) == pytest.approx(math.exp(z90 * steady.prior_log_std / 2))
     assert noisy.margin(0.9) > 1.3 and noisy.margin(0.5) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="quantile"):
         noisy.margin(1.0)
@@ -188,3 +195,23 @@ def test_margin_grows_with_the_spread_of_the_ratios_and_the_router_keeps_it():
     assert decide_route(1.0, 20, IDLE, 1500, CONFIG).route == "cloud"
     decision = decide_route(1.0, 20, IDLE, 1500, CONFIG, latency_margin=1.5)
     assert decision.route == "cloud-reduced" and decision.expected_latency_ms * 1.5 <= 1500
+
+
+def test_without_evidence_the_margin_is_the_prior_spreads_and_a_route_keeps_it():
+    # the start of a burst after a quiet spell: no observation yet, so nothing says the service model is
+    # exact, and a route that fits the target only as a point estimate is cut
+    calibration = LatencyCalibration(prior_log_std=0.15, prior_weight=1.0)
+    z99 = NormalDist().inv_cdf(0.99)
+    assert calibration.scale == 1.0
+    assert calibration.margin(0.99) == pytest.approx(math.exp(z99 * 0.15))
+    calibration.observe(100.0, 100.0)  # one observation sets the mean and says nothing about the spread
+    assert calibration.margin(0.99) == pytest.approx(math.exp(z99 * 0.15))
+    calibration.observe(100.0, 100.0)  # a second one that agrees: one degree of freedom against the prior's
+    assert calibration.margin(0.99) == pytest.approx(math.exp(z99 * 0.15 / math.sqrt(2)))
+    # 1050 ms expected fits 1250 ms as a median, not with the prior margin (1.42x) to the 99th percentile
+    assert decide_route(1.0, 20, IDLE, 1250, CONFIG).route == "cloud"
+    fresh = LatencyCalibration().margin(0.99)
+    decision = decide_route(1.0, 20, IDLE, 1250, CONFIG, latency_margin=fresh)
+    assert decision.route == "cloud-reduced" and decision.expected_latency_ms * fresh <= 1250
+    with pytest.raises(ValueError, match="prior_weight"):
+        LatencyCalibration(prior_weight=0.0)
