@@ -35,7 +35,9 @@ Method (every figure through HTTP with `clients.loadgen`):
 "On" is the application as configured (the default, `speculation: idle`) and "off" the same with
 `speculation: off`, each started afresh when the bench runs the local application (so both start with the
 configured replicas, whatever the earlier steps scaled); against `--url` the off
-runs send `"speculation": "off"` on each refine (the server still speculates, nothing uses it).
+runs send `"speculation": "off"` on each refine (the server still speculates, nothing uses it). The arm
+that runs first is "on" (`--speculation-first off` swaps them: a difference that follows the order, not
+the arm, is the machine's drift).
 
 Per run: `finalize_latency_s_p50`, `_p95`, `session_latency_s_mean`, `slo_attainment`, `quality`,
 `cloud_unet_calls` (per session: every response's cloud calls, a speculation's answer counted once, plus
@@ -225,9 +227,11 @@ def run_speculation(
     load_arrivals = poisson_arrivals(
         load_rate, settings.load_s, settings.max_finalizes, random.Random(settings.seed + 8)
     )
-    if restart is not None:
+    order = ("on", "off") if settings.speculation_first == "on" else ("off", "on")
+    if restart is not None and order[0] == "on":
         # the server speculated on step 1's sessions' previews, and their finalizes bypassed it: those
         # speculations would expire a TTL later, in whichever run is then measured, as its wasted work
+        # (an "off" arm first restarts below)
         urls["on"] = urls["off"] = restart({})
     summary: dict[str, Any] = {
         "low_load": {
@@ -245,9 +249,9 @@ def run_speculation(
         "session_capacity_per_s": round(session_capacity, 4),
     }
     settle_s = min(SETTLE_S, SETTLE_THINK_TIMES * settings.think_s)
-    for state in ("on", "off"):
-        if restart is not None and state == "off":
-            urls["off"] = restart({"speculation": "off"})
+    for index, state in enumerate(order):
+        if restart is not None and (state == "off" or index > 0):
+            urls[state] = restart({} if state == "on" else {"speculation": "off"})
         here = urls[state]
         extra = {} if state == "on" else off_extra
         # 2. low load: DiffusionX sessions and the same sessions edge only (one-shot edge images: nothing
@@ -362,6 +366,13 @@ def plot(runs: dict[str, list[dict[str, Any]]], out: Any) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--speculation-only", action="store_true", help="run only the speculation experiment (step 5)"
+    )
+    parser.add_argument(
+        "--speculation-first",
+        choices=("on", "off"),
+        default="on",
+        help="speculation: which arm runs first (on); the arms run one after the other, so a machine "
+        "whose speed drifts reaches the second differently: run both orders to see how much",
     )
     parser.add_argument(
         "--spec-low-x", type=float, default=0.3, help="speculation: low-load sessions, x capacity (0.3)"

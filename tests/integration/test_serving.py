@@ -525,6 +525,7 @@ def test_bench_compare_report_counts_every_request_and_adds_up(serve_url, tmp_pa
         load_s=2.0, max_finalizes=8, target_x=2.5, finalize_strength=1.0, preview_pool=2, drain_s=60.0,
         timeout_s=120.0, seed=5,
         no_progress=True, quality=False, speculation_only=False, spec_low_x=0.3, spec_max_session_rate=4.0,
+        speculation_first="off",
     )  # fmt: skip
     summary = run_compare(serve_url, settings)
     saved = json.loads((tmp_path / "summary.json").read_text())
