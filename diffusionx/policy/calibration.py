@@ -13,35 +13,36 @@ constant multiple of the prediction at a given load, and the multiple grows with
 `observe(expected_ms, measured_ms)` with the prediction made without correction and the latency the
 server measured for the whole request. `scale` is the exponentially weighted mean of log(measured /
 expected) (`alpha` per observation, so the last ~1/alpha requests dominate), exponentiated and clamped to
-[`min_scale`, `max_scale`]; it is 1.0 until `min_samples` were seen. The router multiplies every expected
-latency by it. While the evidence is thin the weight is that of a plain mean instead, 1/(n + 1) for the
-evidence of n observations when that is more than `alpha` (the bias-corrected exponentially weighted
-mean): with `alpha` alone the first observation, which at the start of a burst is the one request that
-found the cloud idle, would keep most of its weight for the next ~1/alpha requests while the queue they
-meet makes each slower. A log-space mean is used so that one outlier (a garbage-collection pause, a replica
-restart) moves the scale by a bounded factor.
+[`min_scale`, `max_scale`]. The router multiplies every expected latency by it. A log-space mean is used
+so that one outlier (a garbage-collection pause, a replica restart) moves the scale by a bounded factor.
+
+A corrected expectation is a median: half the requests take longer. `margin(quantile)` is the factor
+from the median to that quantile, `exp(z * std)` with the exponentially weighted standard deviation of
+the log ratios (normal in log space); the router fits a route to the target only when expected x margin
+is within it, so the target holds for about that share of requests.
+
+Before any observation the calibration holds a prior: the service model's own expectation (log ratio 0)
+with a spread of `prior_log_std`, worth `prior_weight` observations. Each observation weighs 1/(n + 1)
+against the evidence of n before it (the prior's included), a plain mean's weight, until that falls to
+`alpha` (the evidence is capped at 1/alpha - 1). So the first observation moves the scale halfway to
+itself and, by as much as it deviates from the service model, widens the spread: at the start of a burst
+after a quiet spell, which is when the router knows least, the first refinement that comes back slow says
+that the ones routed after it will meet a queue, and the router cuts their steps at once. Without a prior,
+a first observation would either set the scale alone (and with `alpha` alone, hold most of it for the
+next ~1/alpha requests, while at a burst's start it is the one request that found the cloud idle) or be
+ignored until a few more arrived, and the margin would be 1.0: the router would route a burst's first
+requests as if the service model were exact, though it expects them to share batches as small as they
+are when routed. With ~1/alpha observations behind it the prior is forgotten.
 
 The scale is learned only from requests the router sent to the cloud, so once it is high enough that every
 route falls back to the edge it would never be measured again: a few slow requests at the start of a
 burst would keep the cloud unused for the rest of the burst while the edge floods. Evidence
-therefore goes stale: once the newest observation is older than `stale_after_s`, the learned log ratio
-and the weight of the evidence decay toward none (the service model's own expectation, with the prior
-spread below) with half-life `half_life_s`, and the next observation updates from what is left, with the
-weight its own evidence then has against the decayed one. While observations keep arriving the decay
-does not apply; after a quiet spell the router trusts the service model's mean again, which is also
-right when the quiet means the load that caused the multiple has gone.
-
-A corrected expectation is a median: half the requests take longer. `margin(quantile)` is the factor
-from the median to that quantile, `exp(z * std)` with the standard deviation of the log ratios (normal in
-log space); the router fits a route to the target only when expected x margin is within it, so the target
-holds for about that share of requests. The spread is the exponentially weighted one shrunk toward a
-prior, `prior_log_std` worth `prior_weight` observations: the observations' squared deviations and the
-prior's over their degrees of freedom (one fewer than the evidence: the first observation sets the mean
-and says nothing about the spread). Without it the margin would be 1.0 exactly when the router knows
-least, before any observation and after a quiet spell, which is the start of a burst: the service model
-then expects the requests to share batches as small as they are when routed, and the first ones routed
-meet the queue of the ones after them. Evidence going stale therefore decays the spread toward the
-prior's, not toward none; with ~1/alpha observations behind it the prior holds about one tenth.
+therefore goes stale: once the newest observation is older than `stale_after_s`, the learned log ratio,
+its variance and the weight of the evidence decay toward the prior's with half-life `half_life_s`, and
+the next observation updates from what is left, with the weight its own evidence then has against the
+decayed one. While observations keep arriving the decay does not apply; after a quiet spell the router
+trusts the service model again, as much as before any observation, which is also right when the quiet
+means the load that caused the multiple has gone.
 """
 
 from __future__ import annotations
@@ -105,13 +106,12 @@ class ArrivalRate:
 @dataclass
 class LatencyCalibration:
     alpha: float = 0.1
-    min_samples: int = 3
     min_scale: float = 0.5
     max_scale: float = 8.0
     stale_after_s: float = 2.0  # evidence this old starts to decay (the arrival rate's window)
     half_life_s: float = 5.0  # then halves this often
-    prior_log_std: float = 0.15  # the spread of log(measured / expected) assumed without evidence
-    prior_weight: float = 1.0  # how many observations' degrees of freedom the prior spread is worth
+    prior_log_std: float = 0.15  # the spread of log(measured / expected) assumed before any observation
+    prior_weight: float = 1.0  # how many observations the prior is worth
     clock: Callable[[], float] = field(default=time.monotonic, repr=False)
     samples: int = field(default=0, init=False)
     _log_ratio: float = field(default=0.0, init=False, repr=False)
@@ -128,10 +128,21 @@ class LatencyCalibration:
             raise ValueError(
                 f"need stale_after_s >= 0 and half_life_s > 0, not {self.stale_after_s}, {self.half_life_s}"
             )
-        if self.prior_log_std < 0.0 or self.prior_weight <= 0.0:
+        if self.prior_log_std < 0.0 or self.prior_weight < 0.0:
             raise ValueError(
-                f"need prior_log_std >= 0 and prior_weight > 0, not {self.prior_log_std}, {self.prior_weight}"
+                f"need prior_log_std >= 0 and prior_weight >= 0, not {self.prior_log_std}, "
+                f"{self.prior_weight}"
             )
+        _, self._log_variance, self._evidence = self._prior()
+
+    def _prior(self) -> tuple[float, float, float]:
+        """The state before any observation: log ratio 0 (the service model's expectation), the prior
+        variance, and its weight in observations (within the evidence's cap)."""
+        return 0.0, self.prior_log_std**2, min(self.prior_weight, self._max_evidence)
+
+    @property
+    def _max_evidence(self) -> float:
+        return 1.0 / self.alpha - 1.0
 
     def observe(self, expected_ms: float | None, measured_ms: float) -> None:
         """One request the router sent to the cloud: its uncorrected expected and its measured latency.
@@ -140,47 +151,39 @@ class LatencyCalibration:
         if expected_ms is None or expected_ms <= 0.0 or measured_ms <= 0.0:
             return
         ratio = math.log(measured_ms / expected_ms)
-        # exponentially weighted mean and variance (West's incremental form), from the decayed state; the
-        # first observation (no evidence: weight 1) sets the mean, thin evidence weighs as a plain mean's,
-        # and since the evidence is capped at 1/alpha - 1 the weight never falls below alpha
+        # exponentially weighted mean and variance (West's incremental form) from the decayed state, each
+        # observation weighing as in a plain mean against the evidence before it (module docstring)
         log_ratio, log_variance, evidence = self._current()
         weight = 1.0 / (evidence + 1.0)
         deviation = ratio - log_ratio
         self._log_ratio = log_ratio + weight * deviation
         self._log_variance = (1 - weight) * (log_variance + weight * deviation**2)
-        self._evidence = min(evidence + 1.0, 1.0 / self.alpha - 1.0)
+        self._evidence = min(evidence + 1.0, self._max_evidence)
         self._observed_at = self.clock()
         self.samples += 1
 
     def _current(self) -> tuple[float, float, float]:
-        """The learned log ratio, variance and evidence weight, the ratio and the evidence decayed by the
-        staleness of the newest observation (the variance is what the evidence left says about the
-        spread; `spread_variance` weighs it against the prior by that evidence)."""
+        """The learned log ratio, variance and evidence weight, decayed toward the prior's by the staleness
+        of the newest observation."""
         stale_s = self.clock() - self._observed_at - self.stale_after_s
-        if stale_s <= 0.0:
+        if stale_s <= 0.0 or self.samples == 0:
             return self._log_ratio, self._log_variance, self._evidence
         kept = 0.5 ** (stale_s / self.half_life_s)
-        return self._log_ratio * kept, self._log_variance, self._evidence * kept
-
-    def spread_variance(self) -> float:
-        """The variance of the log ratio: the observations' shrunk toward the prior's (module docstring).
-        `evidence * variance` is their weighted sum of squared deviations; it has one degree of freedom
-        fewer than the evidence."""
-        _, variance, evidence = self._current()
-        prior = self.prior_weight * self.prior_log_std**2
-        return (evidence * variance + prior) / (max(0.0, evidence - 1.0) + self.prior_weight)
+        _, variance, evidence = self._prior()
+        return (
+            self._log_ratio * kept,
+            variance + (self._log_variance - variance) * kept,
+            evidence + (self._evidence - evidence) * kept,
+        )
 
     def margin(self, quantile: float) -> float:
-        """The factor from the corrected (median) expectation to its `quantile`, at most `max_scale`:
-        the prior spread's before any observation."""
+        """The factor from the corrected (median) expectation to its `quantile` (at most `max_scale`)."""
         if not 0.5 <= quantile < 1.0:
             raise ValueError(f"quantile={quantile} must be in [0.5, 1)")
         z = NormalDist().inv_cdf(quantile)
-        return min(self.max_scale, math.exp(z * math.sqrt(self.spread_variance())))
+        return min(self.max_scale, math.exp(z * math.sqrt(self._current()[1])))
 
     @property
     def scale(self) -> float:
-        """The factor to multiply expected latencies by (1.0 before `min_samples` observations)."""
-        if self.samples < self.min_samples:
-            return 1.0
+        """The factor to multiply expected latencies by."""
         return min(self.max_scale, max(self.min_scale, math.exp(self._current()[0])))
