@@ -133,12 +133,11 @@ class LatencyCalibration:
                 f"need prior_log_std >= 0 and prior_weight >= 0, not {self.prior_log_std}, "
                 f"{self.prior_weight}"
             )
-        _, self._log_variance, self._evidence = self._prior()
+        self._log_variance, self._evidence = self._prior()  # the log ratio's prior is 0: the service model
 
-    def _prior(self) -> tuple[float, float, float]:
-        """The state before any observation: log ratio 0 (the service model's expectation), the prior
-        variance, and its weight in observations (within the evidence's cap)."""
-        return 0.0, self.prior_log_std**2, min(self.prior_weight, self._max_evidence)
+    def _prior(self) -> tuple[float, float]:
+        """The variance and the evidence before any observation (the prior's weight, within the cap)."""
+        return self.prior_log_std**2, min(self.prior_weight, self._max_evidence)
 
     @property
     def _max_evidence(self) -> float:
@@ -166,10 +165,10 @@ class LatencyCalibration:
         """The learned log ratio, variance and evidence weight, decayed toward the prior's by the staleness
         of the newest observation."""
         stale_s = self.clock() - self._observed_at - self.stale_after_s
-        if stale_s <= 0.0 or self.samples == 0:
+        if stale_s <= 0.0:
             return self._log_ratio, self._log_variance, self._evidence
-        kept = 0.5 ** (stale_s / self.half_life_s)
-        _, variance, evidence = self._prior()
+        kept = 0.5 ** (stale_s / self.half_life_s)  # the prior's own state decays to itself
+        variance, evidence = self._prior()
         return (
             self._log_ratio * kept,
             variance + (self._log_variance - variance) * kept,
