@@ -355,7 +355,7 @@ def edge_step(config_path: Path) -> tuple[int, int, float]:
 
 
 def measure_sizing(url: str, args: argparse.Namespace) -> Sizing:
-    from clients.compare_bench import _cloud_service, capacity_per_s
+    from clients.capacity import capacity_per_s, cloud_service
     from deployments.local import AUTOSCALE_CONFIG
 
     gaps = [UNLOADED_GAP_S * i for i in range(UNLOADED_FINALIZES)]
@@ -365,7 +365,7 @@ def measure_sizing(url: str, args: argparse.Namespace) -> Sizing:
     if not ok:
         raise RuntimeError(f"no unloaded finalize succeeded: cannot size the ramp ({rows[:1]})")
     steps = float(np.mean([float(r["cloud_unet_calls"]) for r in ok]))
-    cloud = _cloud_service(url)
+    cloud = cloud_service(url)
     replicas = max(1, len(cloud.get("per_replica") or []))
     capacity = capacity_per_s(cloud, steps) / replicas
     unloaded_s = float(np.median([float(r["e2e_ms"]) for r in ok])) / 1000.0

@@ -10,17 +10,19 @@ Method (every figure is measured through HTTP with `clients.loadgen`, the same c
 2. Capacity. The router experiment's finalizes refine at `--finalize-strength` (default 1.0, as a
    preview that needs a full redo; the learned predictor asks for 1-2 cloud steps on the shapes previews,
    which never loads the cloud tier: the ingress and the client would be the bottleneck, not what the
-   router decides on). `UNLOADED_FINALIZES` of them, one at a time, give the unloaded latency and the
-   cloud steps per finalize; with the cloud replicas' published service model (`/v1/stats`: step time
-   `t(b)`, batch capacity `B`) the capacity is `replicas * B / (steps * t(B))` finalizes per second. The
-   latency target is `--target-x` times the unloaded finalize p50.
+   router decides on). `UNLOADED_FINALIZES` of them, one at a time, give the unloaded latency; the
+   latency target is `--target-x` times its p50. The capacity is measured (`clients.capacity`):
+   `capacity.WAVES` times the cloud replicas' summed batch size of them at once (speculation off, no
+   target; run `capacity`) keep every batch full, and the rate at which the middle half of them
+   completes is the finalizes per second the tier sustains.
 3. Router against fixed. Finalizes of previews made beforehand, Poisson at `--load-x` times capacity for
    `--load-s` seconds, the same arrivals twice: `router` sends the latency target (the router cuts steps,
    strength, or falls back to the edge), `fixed` sends none (the given strength, full steps, no routing).
    SLO attainment is the share of finalizes answered 2xx within the target; the calibration is the median
    over the router's cloud-routed finalizes of expected / measured latency.
    Against the local application steps 2 and 3 each start it afresh (the modes and the router's run may
-   have scaled the cloud tier up, and replicas on one machine share its cores).
+   have scaled the cloud tier up, and replicas on one machine share its cores; the router starts without
+   the calibration the capacity run taught the application). With `--url` the router runs after it.
 4. Ordering. The `fixed` run again on an application whose step batcher runs in arrival order
    (`cloud_step_order: fifo`) against the default shortest-job-first (the `fixed` run of step 3).
    Needs the local application (skipped with `--url`).
@@ -46,10 +48,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 
 from clients import loadgen_rows, speculation_bench
+from clients.capacity import Capacity, capacity_run_size, measured_capacity
 from clients.client import AsyncDiffusionXClient
 from clients.loadgen import COLUMNS, clip_judge, run_loadgen, shapes_judge
 from clients.workload import poisson_arrivals
@@ -145,28 +147,6 @@ def _loadgen(url: str, workload: str, arrivals: list[float], settings: argparse.
     return rows
 
 
-def _cloud_service(url: str) -> dict[str, Any]:
-    """The cloud tier of GET /v1/stats as sent (with each replica's published service model)."""
-    response = httpx.get(f"{url}/v1/stats", timeout=30.0)
-    response.raise_for_status()
-    return response.json()["tiers"]["cloud"]
-
-
-def capacity_per_s(cloud: dict[str, Any], finalize_steps: float) -> float:
-    """Finalizes per second the cloud tier sustains: each replica runs B samples per batched step."""
-    total = 0.0
-    for replica in cloud.get("per_replica") or []:
-        step_time = replica.get("step_time_s")
-        if not step_time:
-            continue
-        t0, t1 = step_time
-        batch = int(replica.get("max_batch_size", 1))
-        total += batch / (max(1.0, finalize_steps) * max(1e-4, t0 + t1 * batch))
-    if total <= 0:
-        raise RuntimeError("the cloud tier published no step time: cannot size the load")
-    return total
-
-
 def run_compare(url: str, settings: argparse.Namespace, restart=None) -> dict[str, Any]:
     """Steps 1-4 of the module docstring against `url`; `restart(overrides) -> url` redeploys the local
     application with other args (None: skip the ordering experiment)."""
@@ -193,14 +173,18 @@ def run_compare(url: str, settings: argparse.Namespace, restart=None) -> dict[st
     unloaded = [r for r in runs["unloaded"] if r["kind"] == "finalize" and loadgen_rows.ok(r)]
     if not unloaded:
         raise RuntimeError(f"no unloaded finalize succeeded: cannot size the load ({runs['unloaded'][:1]})")
-    steps = float(np.mean([float(r["cloud_unet_calls"]) for r in unloaded]))
-    capacity = capacity_per_s(_cloud_service(url), steps)
     unloaded_ms = float(np.median([float(r["e2e_ms"]) for r in unloaded]))
     target_ms = round(settings.target_x * unloaded_ms, 1)
-    rate = settings.load_x * capacity
+    burst = [0.0] * capacity_run_size(url)
+    runs["capacity"] = _loadgen(
+        url, "finalize", burst, settings, finalize_strength=strength, speculation="off"
+    )
+    capacity = measured_capacity(runs["capacity"])
+    steps = capacity.steps
+    rate = settings.load_x * capacity.per_s
     print(
         f"compare: finalizes at strength {strength:g}: {steps:.1f} cloud steps, unloaded p50 "
-        f"{unloaded_ms:.0f} ms; capacity {capacity:.2f}/s; target {target_ms:.0f} ms; "
+        f"{unloaded_ms:.0f} ms; capacity {capacity.per_s:.2f}/s (measured); target {target_ms:.0f} ms; "
         f"offering {rate:.2f}/s for {settings.load_s:g} s",
         flush=True,
     )
@@ -210,6 +194,8 @@ def run_compare(url: str, settings: argparse.Namespace, restart=None) -> dict[st
     )
     if only:
         return _speculation_only(url, settings, runs, target_ms, unloaded_ms, capacity, restart, out)
+    if restart is not None:  # the router starts without what the capacity run taught the application
+        url = restart({})
     loaded = {"finalize_strength": strength}
     runs["policy-router"] = _loadgen(
         url, "finalize", arrivals, settings, latency_target_ms=target_ms, **loaded
@@ -223,7 +209,7 @@ def run_compare(url: str, settings: argparse.Namespace, restart=None) -> dict[st
         runs["order-fifo"] = _loadgen(fifo_url, "finalize", arrivals, settings, **loaded)
     # 5. speculation on and off
     speculation, speculation_runs = speculation_bench.run_speculation(
-        url, settings, summarize, _capacity_of, target_ms, restart
+        url, settings, summarize, capacity, target_ms, restart
     )
     runs.update(speculation_runs)
     summary = {
@@ -233,7 +219,7 @@ def run_compare(url: str, settings: argparse.Namespace, restart=None) -> dict[st
             "finalize_strength": strength,
             "unloaded_finalize_ms_p50": round(unloaded_ms, 1),
             "offered_load_x_capacity": settings.load_x,
-            "capacity_finalizes_per_s": round(capacity, 4),
+            "capacity_finalizes_per_s": round(capacity.per_s, 4),
             "offered_finalizes": len(arrivals),
             "policies": {
                 name: _public(summarize(runs[f"policy-{name}"], target_ms)) for name in ("router", "fixed")
@@ -254,23 +240,19 @@ def run_compare(url: str, settings: argparse.Namespace, restart=None) -> dict[st
     return summary
 
 
-def _capacity_of(url: str, steps: float) -> float:
-    return capacity_per_s(_cloud_service(url), steps)
-
-
 def _speculation_only(
     url: str,
     settings: argparse.Namespace,
     runs: dict[str, list[dict[str, Any]]],
     target_ms: float,
     unloaded_ms: float,
-    capacity: float,
+    capacity: Capacity,
     restart: Any,
     out: Path,
 ) -> dict[str, Any]:
     """Step 5 alone (after step 2 gave the latency target): summary.json with `router` and `speculation`."""
     speculation, speculation_runs = speculation_bench.run_speculation(
-        url, settings, summarize, _capacity_of, target_ms, restart
+        url, settings, summarize, capacity, target_ms, restart
     )
     runs.update(speculation_runs)
     summary = {
@@ -278,7 +260,7 @@ def _speculation_only(
             "latency_target_ms": target_ms,
             "finalize_strength": settings.finalize_strength,
             "unloaded_finalize_ms_p50": round(unloaded_ms, 1),
-            "capacity_finalizes_per_s": round(capacity, 4),
+            "capacity_finalizes_per_s": round(capacity.per_s, 4),
         },
         "speculation": speculation,
         "counts": {name: summarize(rows, target_ms) for name, rows in runs.items()},

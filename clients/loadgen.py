@@ -22,7 +22,8 @@ Workloads, each arrival being:
 
 `--out DIR/requests.csv` has one row per request sent, whatever happened to it (columns `COLUMNS`):
 `status` is the HTTP status, or the client error's name when there was none (e.g. `ConnectionFailed`);
-fields a response did not carry are empty. `arrival_s` is when the request was sent, from the start.
+fields a response did not carry are empty. `arrival_s` is when the request was sent, from the start;
+`e2e_ms` from then to the answer (judging its image comes after and is not counted).
 `quality` is the shapes judge's accuracy of the returned image against its prompt, when the server
 serves the shapes models. No request is sent after `--duration-s` plus `--drain-s` (sessions in flight
 finish their rounds until then); the run ends when every request sent has ended.
@@ -38,6 +39,7 @@ import asyncio
 import csv
 import functools
 import ipaddress
+import logging
 import random
 import sys
 import time
@@ -57,6 +59,8 @@ from clients.results import GenerateResult, PreviewResult, RefineResult
 from clients.workload import poisson_arrivals, ramp_arrivals, think_time_s, trace_arrivals
 from diffusionx.experiments.outputs import bench_results_dir
 from diffusionx.requests import Mode
+
+logger = logging.getLogger(__name__)
 
 COLUMNS = (
     "arrival_s",
@@ -126,14 +130,19 @@ class Recorder:
         try:
             result = await call()
             row["status"] = 200
-            row.update(describe(result))
-            if self.judge is not None:
-                row["quality"] = round(self.judge(result, prompt), 4)
         except DiffusionXError as error:
             row["status"] = error.status if error.status is not None else type(error).__name__
         except Exception as error:  # the run goes on; the row says what happened
             row["status"] = type(error).__name__
+        # the latency ends with the answer: judging its image is the bench's work, not the server's
         row["e2e_ms"] = round((time.perf_counter() - self.start - arrival_s) * 1000.0, 2)
+        if result is not None:
+            row.update(describe(result))
+            if self.judge is not None:
+                try:
+                    row["quality"] = round(self.judge(result, prompt), 4)
+                except Exception as error:  # the answer stands; only its quality is missing
+                    logger.warning("could not judge the image of a %s: %r", kind, error)
         self.rows.append(row)
         if self.bar is not None:
             self.bar.update(1)

@@ -3,11 +3,10 @@ DiffusionX sessions with speculative refinement on and off, on the same arrivals
 
 Method (every figure through HTTP with `clients.loadgen`):
 1. Capacity. `UNLOADED` sessions one at a time (speculation off, other prompts than the measured
-   sessions') give the cloud steps of a session's finalize at the predicted strength; with the cloud
-   replicas' published service model (`/v1/stats`) the cloud tier's capacity is
-   `replicas * B / (steps * t(B))` finalizes per second (`compare_bench.capacity_per_s`). Their summed
-   request latency `S` (a preview, the edits, the finalize) gives the sessions per second the application
-   serves one request at a time, `1 / S`.
+   sessions') give the cloud steps of a session's finalize at the predicted strength; the cloud tier's
+   capacity in such finalizes is the denoising steps per second `bench compare` measured in its capacity
+   run (`clients.capacity`) over those steps. Their summed request latency `S` (a preview, the edits,
+   the finalize) gives the sessions per second the application serves one request at a time, `1 / S`.
 2. Low load. Sessions (`--rounds` rounds, think times of mean `--think-s`) arriving at `--spec-low-x`
    times the lower of the two (`--spec-max-session-rate` caps it only when given), reported as
    `offered_x_capacity` (with `offered_x_cloud_capacity` and `bottleneck`): once with speculation on, once
@@ -29,7 +28,7 @@ Method (every figure through HTTP with `clients.loadgen`):
    beyond what it serves, and at a low load requests do not batch, so `1 / S`, not the batched
    throughput, is what the application serves then.
 3. High load. The same sessions with the router's latency target, while finalizes of previews made
-   beforehand arrive at `--load-x` times the capacity of the router experiment's finalizes (at
+   beforehand arrive at `--load-x` times the measured capacity of the router experiment's finalizes (at
    `--finalize-strength`, the same target): on and off. SLO attainment is over every finalize of the run
    (the sessions' and the load's); the other figures are the sessions'.
 "On" is the application as configured (the default, `speculation: idle`) and "off" the same with
@@ -64,6 +63,7 @@ import httpx
 import numpy as np
 
 from clients import loadgen_rows
+from clients.capacity import Capacity
 from clients.loadgen import LoadgenConfig, run_loadgen, shapes_judge
 from clients.uncertainty import paired_ratio, proportion_difference
 from clients.workload import poisson_arrivals
@@ -176,13 +176,13 @@ def run_speculation(
     url: str,
     settings: argparse.Namespace,
     summarize: Callable[[list[dict[str, Any]], float | None], dict[str, Any]],
-    capacity_of: Callable[[str, float], float],
+    capacity: Capacity,
     target_ms: float,
     restart: Callable[[dict[str, Any]], str] | None = None,
 ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     """Steps 1-3 of the module docstring; the summary's `speculation` entry and the runs' rows.
-    `target_ms` is the router experiment's latency target, `capacity_of(url, steps)` the tier's capacity
-    in finalizes of `steps` cloud steps per second."""
+    `target_ms` is the router experiment's latency target, `capacity` the cloud tier's, measured by
+    `bench compare`'s capacity run."""
     runs: dict[str, list[dict[str, Any]]] = {}
     off_extra: dict[str, Any] = {"speculation": "off"}
     if restart is not None:
@@ -200,13 +200,13 @@ def run_speculation(
     unloaded = loadgen_config(urls["on"], "sessions", gaps, settings, speculation="off")
     [runs["spec-unloaded"]] = run_together(urls["on"], [replace(unloaded, seed=other)], False).rows
     steps = finalize_steps(runs["spec-unloaded"])
-    capacity = capacity_of(urls["on"], steps)
+    session_finalizes_per_s = capacity.at(steps)
     # sessions per second the application serves one request at a time: 1 / a lone session's summed latency
     session_s = summarize(runs["spec-unloaded"], None)["session_latency_s_mean"]
     if not session_s:
         raise RuntimeError(f"no unloaded session succeeded: {runs['spec-unloaded'][:1]}")
     session_capacity = 1.0 / session_s
-    bottleneck = min(capacity, session_capacity)
+    bottleneck = min(session_finalizes_per_s, session_capacity)
     rate = settings.spec_low_x * bottleneck
     if settings.spec_max_session_rate is not None:
         rate = min(rate, settings.spec_max_session_rate)
@@ -215,15 +215,15 @@ def run_speculation(
         rate, settings.sessions, random.Random(settings.seed + 9)
     )
     print(
-        f"speculation: a session's finalize takes {steps:.1f} cloud steps (cloud capacity {capacity:.2f} "
+        f"speculation: a session's finalize takes {steps:.1f} cloud steps (cloud capacity "
+        f"{session_finalizes_per_s:.2f} "
         f"finalizes/s); the application serves {session_capacity:.2f} sessions/s unbatched; low load: "
         f"{settings.sessions} sessions and their edge-only runs alternating at {rate:.2f}/s "
         f"({rate / bottleneck:.2f}x the lower)",
         flush=True,
     )
     # 1b. the high-load finalizes: the router experiment's (strength, target) at load_x its capacity
-    load_capacity = capacity_of(urls["on"], settings.finalize_strength * _full_steps(urls["on"]))
-    load_rate = settings.load_x * load_capacity
+    load_rate = settings.load_x * capacity.per_s
     load_arrivals = poisson_arrivals(
         load_rate, settings.load_s, settings.max_finalizes, random.Random(settings.seed + 8)
     )
@@ -236,8 +236,8 @@ def run_speculation(
     summary: dict[str, Any] = {
         "low_load": {
             "offered_x_capacity": round(rate / bottleneck, 4),
-            "offered_x_cloud_capacity": round(rate / capacity, 4),
-            "bottleneck": "cloud" if capacity <= session_capacity else "sessions",
+            "offered_x_cloud_capacity": round(rate / session_finalizes_per_s, 4),
+            "bottleneck": "cloud" if session_finalizes_per_s <= session_capacity else "sessions",
         },
         "high_load": {
             "offered_x_capacity": settings.load_x,
@@ -245,7 +245,7 @@ def run_speculation(
             "finalize_strength": settings.finalize_strength,
         },
         "session_finalize_cloud_steps": round(steps, 2),
-        "capacity_finalizes_per_s": round(capacity, 4),
+        "capacity_finalizes_per_s": round(session_finalizes_per_s, 4),
         "session_capacity_per_s": round(session_capacity, 4),
     }
     settle_s = min(SETTLE_S, SETTLE_THINK_TIMES * settings.think_s)
@@ -335,11 +335,6 @@ def finalize_steps(rows: list[dict[str, Any]]) -> float:
     if not ok:
         raise RuntimeError(f"no unloaded finalize succeeded: {rows[:1]}")
     return float(np.mean([max(1.0, float(r["cloud_unet_calls"])) for r in ok]))
-
-
-def _full_steps(url: str) -> int:
-    health = httpx.get(f"{url}/v1/health", timeout=30.0).json()
-    return int((health.get("cloud") or {}).get("default_steps", 1))
 
 
 def plot(runs: dict[str, list[dict[str, Any]]], out: Any) -> None:

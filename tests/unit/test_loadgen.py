@@ -229,6 +229,30 @@ def test_finalize_workload_makes_previews_first_and_caps_requests():
     assert all(row["quality"] == "" for row in rows)  # no judge given
 
 
+def test_latency_ends_with_the_answer_not_with_judging_it(caplog):
+    """`e2e_ms` is the server's answer time: a judge slower than every answer is not in it, and a judge that
+    fails leaves the quality empty, not the request failed."""
+    import time
+
+    server = FlakyServer()
+
+    def slow_judge(result, prompt):
+        time.sleep(0.2)
+        return 1.0
+
+    def broken_judge(result, prompt):
+        raise ValueError("unreadable")
+
+    arrivals = [0.0, 0.001, 0.002]
+    rows, _ = asyncio.run(run_loadgen(config("preview", arrivals), httpx.MockTransport(server), slow_judge))
+    ok = [row for row in rows if row["status"] == 200]
+    assert ok and all(row["quality"] == 1.0 and row["e2e_ms"] < 150.0 for row in ok)
+    rows, _ = asyncio.run(run_loadgen(config("preview", arrivals), httpx.MockTransport(server), broken_judge))
+    ok = [row for row in rows if row["status"] == 200]
+    assert ok and all(row["quality"] == "" and row["route"] == "" for row in ok)
+    assert "could not judge" in caplog.text
+
+
 def test_preview_workload_stops_sending_after_the_time_limit():
     server = FlakyServer()
     rows, _ = asyncio.run(
