@@ -372,7 +372,11 @@ def test_refinements_of_different_strengths_share_cloud_batches(http, serve_url)
         answers = list(pool.map(one, strengths))
     assert [a["unet_calls"]["cloud"] for a in answers] == [int(20 * s) for s in strengths]
     assert max(a["timings_ms"]["batch_size"] for a in answers) > 1  # strengths shared a UNet batch
+    deadline = time.monotonic() + 10  # the replica reports its load after answering, not before
     stats = http.get("/v1/stats").json()["tiers"]["cloud"]
+    while time.monotonic() < deadline and stats["requests_served"] - before < 4:
+        time.sleep(0.1)
+        stats = http.get("/v1/stats").json()["tiers"]["cloud"]
     assert stats["requests_served"] - before == 4 and stats["queued_steps"] == 0 and stats["in_flight"] == 0
     cloud = load_model("tiny-random", device="cpu")
     for strength, answer in zip(strengths, answers, strict=True):
