@@ -34,7 +34,7 @@ def measured_capacity(rows: list[dict[str, Any]]) -> Capacity:
     """The capacity from a capacity run's rows (finalizes sent at once): the rate at which the middle half
     of its 2xx finalizes completed, the first and last quarters, where the batches fill and drain, left
     out."""
-    ok = [row for row in rows if row["kind"] == "finalize" and loadgen_rows.ok(row)]
+    ok = loadgen_rows.ok_finalizes(rows)
     done = sorted(float(row["arrival_s"]) + float(row["e2e_ms"]) / 1000.0 for row in ok)
     first, last = len(done) // 4, (3 * len(done)) // 4
     if last - first < 2 or done[last] <= done[first]:

@@ -170,7 +170,7 @@ def run_compare(url: str, settings: argparse.Namespace, restart=None) -> dict[st
     strength = settings.finalize_strength
     gaps = [UNLOADED_GAP_S * i for i in range(UNLOADED_FINALIZES)]
     runs["unloaded"] = _loadgen(url, "finalize", gaps, settings, finalize_strength=strength)
-    unloaded = [r for r in runs["unloaded"] if r["kind"] == "finalize" and loadgen_rows.ok(r)]
+    unloaded = loadgen_rows.ok_finalizes(runs["unloaded"])
     if not unloaded:
         raise RuntimeError(f"no unloaded finalize succeeded: cannot size the load ({runs['unloaded'][:1]})")
     unloaded_ms = float(np.median([float(r["e2e_ms"]) for r in unloaded]))
@@ -180,10 +180,9 @@ def run_compare(url: str, settings: argparse.Namespace, restart=None) -> dict[st
         url, "finalize", burst, settings, finalize_strength=strength, speculation="off"
     )
     capacity = measured_capacity(runs["capacity"])
-    steps = capacity.steps
     rate = settings.load_x * capacity.per_s
     print(
-        f"compare: finalizes at strength {strength:g}: {steps:.1f} cloud steps, unloaded p50 "
+        f"compare: finalizes at strength {strength:g}: {capacity.steps:.1f} cloud steps, unloaded p50 "
         f"{unloaded_ms:.0f} ms; capacity {capacity.per_s:.2f}/s (measured); target {target_ms:.0f} ms; "
         f"offering {rate:.2f}/s for {settings.load_s:g} s",
         flush=True,

@@ -34,9 +34,14 @@ def session_latencies_s(rows: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
+def ok_finalizes(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The finalizes answered 2xx, in row order."""
+    return [row for row in rows if row["kind"] == "finalize" and ok(row)]
+
+
 def finalize_latencies_s(rows: list[dict[str, Any]]) -> list[float]:
     """The latencies in seconds of the 2xx finalizes, in row order."""
-    return [float(row["e2e_ms"]) / 1000.0 for row in rows if row["kind"] == "finalize" and ok(row)]
+    return [float(row["e2e_ms"]) / 1000.0 for row in ok_finalizes(rows)]
 
 
 def finalizes_within(rows: list[dict[str, Any]], target_ms: float) -> tuple[int, int]:

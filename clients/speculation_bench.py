@@ -216,8 +216,8 @@ def run_speculation(
     )
     print(
         f"speculation: a session's finalize takes {steps:.1f} cloud steps (cloud capacity "
-        f"{session_finalizes_per_s:.2f} "
-        f"finalizes/s); the application serves {session_capacity:.2f} sessions/s unbatched; low load: "
+        f"{session_finalizes_per_s:.2f} finalizes/s); the application serves {session_capacity:.2f} "
+        f"sessions/s unbatched; low load: "
         f"{settings.sessions} sessions and their edge-only runs alternating at {rate:.2f}/s "
         f"({rate / bottleneck:.2f}x the lower)",
         flush=True,
@@ -331,7 +331,7 @@ def alternating_arrivals(rate: float, sessions: int, rng: random.Random) -> tupl
 
 def finalize_steps(rows: list[dict[str, Any]]) -> float:
     """Mean cloud steps of the 2xx finalizes of unloaded sessions."""
-    ok = [r for r in rows if r["kind"] == "finalize" and str(r["status"]) == "200"]
+    ok = loadgen_rows.ok_finalizes(rows)
     if not ok:
         raise RuntimeError(f"no unloaded finalize succeeded: {rows[:1]}")
     return float(np.mean([max(1.0, float(r["cloud_unet_calls"])) for r in ok]))
