@@ -131,7 +131,7 @@ class EdgeHandle(_HandleTier):
         return await ask(self.handle.edit_predicted, request)
 
     async def prepare_edit(self, image: Image.Image) -> None:
-        await ask(self.handle.prepare_edit, image)
+        await ask(self.handle.prepare_edit, image, retries=0)  # background work: lost with its replica
 
     async def finish(self, state: Awaitable[PlanState]) -> GenerationResult:
         """Serve resolves a plan's DeploymentResponse for the edge replica, so the latents go from the cloud

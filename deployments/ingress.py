@@ -169,7 +169,9 @@ class DiffusionXIngress:
             cloud_arrivals=ArrivalRate(),
             speculation=None
             if speculation.mode == "off"
-            else HandleSpeculation(cloud, state, speculation, hold=admission.holding),
+            else HandleSpeculation(
+                cloud, state, speculation, hold=admission.holding, room=admission.background_room
+            ),
         )
         self.metrics = ingress_metrics()
         self.sessions = SessionTracker()  # the cloud's leading indicator (policy.ahead), sent with each load

@@ -17,6 +17,9 @@ queues, `policy.speculation.foreground_waiting`: a peek would take their place),
 results (`finished_bytes` of images, least recently fetched dropped first). A finalize that comes back
 to it is then answered at once, with no call at all, and the claim that tells the replica and the
 registry it was used runs after the answer.
+A submit or a peek starts only while admission control finds room for a background call
+(`AdmissionControl.background_room`), and neither is sent again when its replica died: in Serve's queue
+it would take a place a user's request needs.
 Peeks, not one call held open until the speculation finishes: an open call would count as a request in
 flight on the cloud replica, and speculation never counts as load. The replica stays the judge of
 whether it has a speculation: one the registry superseded or expired has been dropped there, and its
@@ -59,11 +62,15 @@ class HandleSpeculation:
         recent: int = 10_000,
         finished_bytes: int = 64 * 1024 * 1024,
         hold: Callable[[str], AbstractContextManager[object]] = lambda tier: nullcontext(),
+        room: Callable[[str], bool] = lambda tier: True,
     ) -> None:
         self.cloud = cloud  # the CloudRefiner handle
         # counts each call to the cloud replicas while it runs (`AdmissionControl.holding`): it takes one of
         # the request slots Serve bounds there, which admission control shares out
         self.hold = hold
+        # whether a call that may wait for a free replica starts now (`AdmissionControl.background_room`):
+        # a submit or a peek waiting in Serve's queue would take a place a user's request needs
+        self.room = room
         self.state = state  # the SharedState handle
         self.policy = policy
         self._submitted: LRUCache[str, Pinned] = LRUCache(maxsize=recent)  # key -> where it runs
@@ -77,7 +84,9 @@ class HandleSpeculation:
         return [snapshot.to_dict() for snapshot in tier.per_replica]
 
     async def submit(self, key: str, session: str, request: Img2ImgRequest, steps: int) -> None:
-        replica_id = await self._on_cloud("speculate", request, key)
+        if not self.room("cloud"):
+            return
+        replica_id = await self._on_cloud("speculate", request, key, retries=0)
         if replica_id is None:
             return
         gone = await self._ask(self.state.register_speculation, key, replica_id, session, request.strength)
@@ -98,10 +107,11 @@ class HandleSpeculation:
             await asyncio.sleep(delay)
             if self._submitted.get(pinned.key) is not pinned:
                 return  # claimed, superseded or forgotten meanwhile
-            if foreground_waiting(await self.replicas()):  # it is not running; peek later
+            # no room for a call now, or foreground requests queued (it is not running then): peek later
+            if not self.room("cloud") or foreground_waiting(await self.replicas()):
                 delay = min(2 * delay, FETCH_MAX_S)
                 continue
-            peeked: Claimed = await self._on_cloud("peek_speculation", pinned)
+            peeked: Claimed = await self._on_cloud("peek_speculation", pinned, retries=0)
             if peeked.outcome == "hit":
                 if self._submitted.get(pinned.key) is pinned:
                     self._finished[pinned.key] = peeked.result
@@ -138,10 +148,12 @@ class HandleSpeculation:
             logger.debug("speculation %s answered, then its replica said %s", pinned.key, claimed.outcome)
         await self._ask(self.state.settle_speculation, pinned.key, "hit")
 
-    async def _on_cloud(self, method: str, *args: Any) -> Any:
-        """A call to the cloud replicas' `method`, counted as a request there while it runs."""
+    async def _on_cloud(self, method: str, *args: Any, retries: int = 1) -> Any:
+        """A call to the cloud replicas' `method`, counted as a request there while it runs. Background
+        calls (submit, peek) pass `retries=0`: one whose replica died is not sent again to wait for the
+        replacement (the speculation died with it)."""
         with self.hold("cloud"):
-            return await self._ask(getattr(self.cloud, method), *args)
+            return await self._ask(getattr(self.cloud, method), *args, retries=retries)
 
     def later(self, call: Any) -> None:
         """Runs an awaitable without waiting for it (its failure is logged, not raised)."""

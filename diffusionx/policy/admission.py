@@ -39,6 +39,7 @@ from typing import ClassVar
 from diffusionx.policy.load import TierLoad
 from diffusionx.policy.tenants import RateRefusal, Tenants
 
+BACKGROUND_CALLS = 4  # background calls one ingress has at a tier at once (`background_room`)
 REFUSAL_MARK = "before new work starts"  # in every refusal's message (clients.shed_bench counts them by it)
 
 
@@ -93,6 +94,7 @@ class AdmissionControl:
         self._view_at = -math.inf
         self.own_steps = dict.fromkeys(self.max_batch_sizes, 0)  # one counter per tier: never grows
         self.own_requests = dict.fromkeys(self.max_batch_sizes, 0)
+        self.background_requests = dict.fromkeys(self.max_batch_sizes, 0)  # `holding`'s calls
         self.tenants = tenants
         # per tier: each API key's admitted request-steps and requests (keys with work in flight only)
         self.owner_steps: dict[str, Counter[str]] = {tier: Counter() for tier in self.max_batch_sizes}
@@ -132,6 +134,25 @@ class AdmissionControl:
         """Requests this ingress may have at `tier` before Serve would refuse the next (None: unbounded)."""
         return self._tier_view(tier).request_capacity
 
+    def _requests(self, tier: str) -> int:
+        """This ingress's requests at `tier`: the admitted ones and the background calls (`holding`); Serve
+        bounds them together (one queue per caller and tier)."""
+        return self.own_requests.get(tier, 0) + self.background_requests.get(tier, 0)
+
+    def background_room(self, tier: str) -> bool:
+        """Whether a background call to `tier` (speculation's, edit preparation's) may start now. Serve
+        queues this ingress's calls to a tier in one bounded queue, and while the tier has no replica free
+        to take a call (one died and its replacement is starting, or foreground work fills them) a
+        background call would wait there in a place a user's request needs: under an outage, the previews
+        answered meanwhile would fill the queue with their speculations and push finalizes out as 503s. So
+        one starts only while this ingress's requests at the tier leave one of the replicas' request slots
+        free, and at most `BACKGROUND_CALLS` run at once (they are short: submit, peek, drop, prepare)."""
+        background = self.background_requests.get(tier, 0)
+        if background >= BACKGROUND_CALLS:
+            return False
+        slots = self._tier_view(tier).replica_slots
+        return slots is None or self.own_requests.get(tier, 0) + background < slots
+
     def decide(self, needs: Mapping[str, int], owner: str = "") -> Refusal | RateRefusal | None:
         """None to admit a request of API key `owner` that needs `needs` (tier -> its request-steps), else
         why not."""
@@ -151,7 +172,7 @@ class AdmissionControl:
                 self.refused += 1
                 return Refusal(tier, wait_s, max(1, math.ceil(wait_s - self.max_wait_s)))
             capacity = self.capacity(tier)
-            requests = self.own_requests.get(tier, 0)
+            requests = self._requests(tier)
             if capacity is not None and requests >= capacity:
                 # the queue is full: a slot frees when the excess over capacity has drained
                 drain_s = wait_s * (requests - capacity + 1) / requests
@@ -192,14 +213,15 @@ class AdmissionControl:
     @contextmanager
     def holding(self, tier: str) -> Iterator[None]:
         """Counts a call this ingress makes to `tier` outside any admitted request (speculation's calls to
-        the cloud replicas: submit, peek, claim, drop) as one of its requests there while it runs: it takes
-        one of the request slots Serve bounds (`capacity`), and a burst admitted without it would find one
-        slot fewer and bounce off Serve's queue instead of being refused here."""
-        self.own_requests[tier] = self.own_requests.get(tier, 0) + 1
+        the cloud replicas: submit, peek, claim, drop; edit preparation's to the edge) as one of its
+        requests there while it runs: it takes one of the request slots Serve bounds (`capacity`), and a
+        burst admitted without it would find one slot fewer and bounce off Serve's queue instead of being
+        refused here. Background calls that may wait ask `background_room` first."""
+        self.background_requests[tier] = self.background_requests.get(tier, 0) + 1
         try:
             yield
         finally:
-            self.own_requests[tier] -= 1
+            self.background_requests[tier] -= 1
 
     @contextmanager
     def admit(self, needs: Mapping[str, int], owner: str = "") -> Iterator[None]:

@@ -67,6 +67,15 @@ class TierLoad:
     request_capacity: int | None = None
     per_replica: tuple[TierSnapshot, ...] = ()
 
+    @property
+    def replica_slots(self) -> int | None:
+        """Requests the tier's replicas run at once (their max_ongoing_requests summed); None when a
+        replica does not say."""
+        slots = [s.max_ongoing_requests for s in self.per_replica]
+        if not slots or any(n is None for n in slots):
+            return None
+        return sum(n for n in slots if n is not None)
+
     def step_s(self, batch_size: int) -> float | None:
         """Seconds of one batched step of `batch_size` on the fitted t(b); None before any measurement."""
         if self.step_time_s is None:

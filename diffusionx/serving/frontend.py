@@ -175,6 +175,15 @@ class Frontend:
                 "work after an answer (speculation, edit preparation) failed: %r", task.exception()
             )
 
+    async def _prepare_edit(self, image: Image.Image) -> None:
+        """Asks the edge tier to prepare the edit this preview's session will probably send: background
+        work, sent only while admission control finds room for it (`AdmissionControl.background_room`) and
+        counted while it runs (`AdmissionControl.holding`)."""
+        if not self.admission.background_room("edge"):
+            return
+        with self.admission.holding("edge"):
+            await self.tiers.need_edge("preview").prepare_edit(image)
+
     async def _speculate(self, body: PreviewBody, png: bytes, session: str) -> None:
         """Speculates the refinement of this preview (the workflow decides whether the policy allows)."""
         image = await asyncio.to_thread(imaging.decode_png, png)
@@ -232,7 +241,7 @@ class Frontend:
         if speculation is not None and speculation.policy.worth(chance):  # after the answer, off its path
             self._later(self._speculate(body, png, body.session_id or preview_id))
         if edit_likely(chance) and (await self.tiers.info("edge")).get("prepares_edits"):
-            self._later(self.tiers.need_edge("preview").prepare_edit(result.image))
+            self._later(self._prepare_edit(result.image))
         self.observer.request_done("preview", "edit" if is_edit else "edge", time.perf_counter() - start)
         return PreviewResponse(
             preview_id=preview_id,

@@ -17,7 +17,7 @@ from PIL import Image
 
 from diffusionx.engine.monitor import TierLoad, TierMonitor, TierSnapshot, merge_snapshots
 from diffusionx.imaging import claimed_png_size, decode_png
-from diffusionx.policy.admission import AdmissionControl
+from diffusionx.policy.admission import BACKGROUND_CALLS, AdmissionControl
 from diffusionx.requests import InvalidRequestError
 from diffusionx.serving import guard as guard_module
 from diffusionx.serving.guard import Guard, GuardConfig, check_json, load_api_keys, owner_of
@@ -216,3 +216,32 @@ def test_admission_refuses_at_the_door_before_the_tiers_bounded_queue_is_full():
     assert merge_snapshots([replica_snapshot(4, -1)]).request_capacity is None
     assert merge_snapshots([TierMonitor().snapshot()]).request_capacity is None
     assert admission.capacity("edge") is None
+
+
+def test_background_calls_start_only_while_a_replica_slot_is_free_and_count_at_the_door():
+    """A background call (speculation's, edit preparation's) waiting in Serve's queue would take a place a
+    user's request needs (a replica died: every call waits for the replacement), so one starts only while
+    this ingress's requests leave a replica slot free, at most BACKGROUND_CALLS at once; while it runs it
+    counts at the door like an admitted request."""
+    admission = AdmissionControl({"cloud": 8}, max_wait_s=10.0, clock=FakeClock())
+    assert admission.background_room("cloud")  # no view: no bound known
+    view = merge_snapshots([replica_snapshot(4, 2), replica_snapshot(4, 2)])  # 8 slots, capacity 10
+    assert view.replica_slots == 8
+    admission.update({"cloud": replace(view, step_time_s=(0.1, 0.0))})
+    with ExitStack() as held:
+        for _ in range(BACKGROUND_CALLS):
+            assert admission.background_room("cloud")
+            held.enter_context(admission.holding("cloud"))
+        assert not admission.background_room("cloud")  # BACKGROUND_CALLS running
+        for _ in range(10 - BACKGROUND_CALLS):  # they take places at the door: room for 6 more requests
+            assert admission.decide({"cloud": 10}) is None
+            held.enter_context(admission.admit({"cloud": 10}))
+        assert admission.decide({"cloud": 10}) is not None
+    assert admission.background_requests == {"cloud": 0} and admission.own_requests == {"cloud": 0}
+    with ExitStack() as admitted:  # the foreground holds 7 of the 8 slots: one background call may start
+        for _ in range(7):
+            admitted.enter_context(admission.admit({"cloud": 10}))
+        assert admission.background_room("cloud")
+        with admission.holding("cloud"):
+            assert not admission.background_room("cloud")  # every slot taken: it would wait in the queue
+    assert merge_snapshots([TierMonitor().snapshot()]).replica_slots is None  # outside Serve: unknown

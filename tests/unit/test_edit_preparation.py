@@ -175,6 +175,14 @@ def test_the_ingress_asks_the_edge_to_prepare_previews_their_sessions_will_proba
     async def scenario():
         tiers = Tiers(edge=edge, predictor=PredictorModel())
         service = two_round_frontend(tiers, {"edge": 4})
+        held: list[int] = []  # the call takes a request slot at the edge: admission control counts it
+        prepare = edge.prepare_edit
+
+        async def counted_prepare(image):
+            held.append(service.admission.background_requests["edge"])
+            await prepare(image)
+
+        edge.prepare_edit = counted_prepare
 
         async def preview(body: PreviewBody):
             answer = await service.preview(body, "", await service.preview_needs(body))
@@ -183,7 +191,8 @@ def test_the_ingress_asks_the_edge_to_prepare_previews_their_sessions_will_proba
             return answer
 
         first = await preview(PreviewBody(prompt=PROMPT, seed=1, session_id="new"))
-        assert edge.preparation.prepared == 1
+        assert edge.preparation.prepared == 1 and held == [1]
+        assert service.admission.background_requests["edge"] == 0
         await preview(PreviewBody(prompt=EDITED, preview_id=first.preview_id, strength=0.5, seed=1))
         assert edge.preparation.prepared == 1  # round 2: every measured session finalized there
         assert (edge.preparation.encoded.hits, edge.preparation.encoded.misses) == (1, 0)

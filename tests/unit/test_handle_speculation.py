@@ -149,7 +149,7 @@ def test_every_call_to_the_cloud_replicas_holds_a_request_slot_in_admission_cont
             method = getattr(cloud, name)
             answer = method.answer
             method.answer = lambda *args, _name=name, _answer=answer: (
-                seen.append((_name, admission.own_requests.get("cloud", 0))) or _answer(*args)
+                seen.append((_name, admission.background_requests.get("cloud", 0))) or _answer(*args)
             )
         speculation = HandleSpeculation(cloud, fake_state(calls), SpeculationPolicy(), hold=admission.holding)
         await speculation.submit("k", "session", request(), 6)
@@ -161,4 +161,33 @@ def test_every_call_to_the_cloud_replicas_holds_a_request_slot_in_admission_cont
     asyncio.run(scenario())
     assert {name for name, _ in seen} == {"speculate", "peek_speculation", "claim_speculation"}
     assert all(held == 1 for _, held in seen), seen
-    assert admission.own_requests["cloud"] == 0  # released after each call
+    assert admission.background_requests["cloud"] == 0  # released after each call
+
+
+def test_no_submit_and_no_peek_while_admission_control_finds_no_room_for_a_background_call():
+    """A submit or a peek waiting in Serve's queue would take a place a user's request needs: without room
+    (`AdmissionControl.background_room`) nothing is submitted, and a submitted speculation is not peeked
+    at until there is room again."""
+    room = {"cloud": False}
+
+    async def scenario() -> list:
+        calls: list = []
+        cloud = FakeCloud(calls, running_peeks=0)
+        speculation = HandleSpeculation(
+            cloud, fake_state(calls), SpeculationPolicy(), room=lambda tier: room[tier]
+        )
+        await speculation.submit("k", "session", request(), 6)
+        assert calls == []  # nothing sent, not even to the state
+        room["cloud"] = True
+        await speculation.submit("k", "session", request(), 6)
+        room["cloud"] = False
+        await asyncio.sleep(0.3)  # past the first peeks' times
+        assert "peek" not in [name for name, _ in calls]
+        room["cloud"] = True
+        while not speculation._finished:
+            await asyncio.sleep(0.01)
+        return calls
+
+    calls = asyncio.run(scenario())
+    assert [name for name, _ in calls].count("speculate") == 1
+    assert [name for name, _ in calls].count("peek") == 1
