@@ -565,7 +565,7 @@ def test_bench_compare_report_counts_every_request_and_adds_up(serve_url, tmp_pa
         assert counts["sessions"] == len(sessions)
         assert abs(summary_cost(summary, run) * len(sessions) - total_cloud) < 1e-2 * len(sessions), run
     assert summary["counts"]["mode-diffusionx"]["sessions"] == 2  # every session sent was counted
-    for run in ("spec-warm-on", "spec-warm-off", "spec-low-edge-on", "spec-low-edge-off"):
+    for run in ("mode-warm", "spec-warm-on", "spec-warm-off", "spec-low-edge-on", "spec-low-edge-off"):
         assert summary["counts"][run]["sessions"] == 2, run
     offered = saved["router"]["offered_finalizes"]
     assert (
