@@ -8,7 +8,7 @@ Method (every figure is measured through HTTP with `clients.loadgen`, the same c
    latency is the sum of a session's request latencies; costs are UNet calls summed over the session;
    quality is the shapes judge's accuracy of the kept image against its prompt. Before them, the same
    schedule of other sessions in the `diffusionx` mode, unmeasured (run `mode-warm`): a fresh application's
-   first loaded run is slower than the ones after it, and the first mode would pay for it alone.
+   first loaded run can be slower than the ones after it, and the first mode would pay for that alone.
 2. Capacity. The router experiment's finalizes refine at `--finalize-strength` (default 1.0, as a
    preview that needs a full redo; the learned predictor asks for 1-2 cloud steps on the shapes previews,
    which never loads the cloud tier: the ingress and the client would be the bottleneck, not what the
@@ -161,9 +161,9 @@ def run_compare(url: str, settings: argparse.Namespace, restart=None) -> dict[st
         settings.session_rate, 3600.0, settings.sessions, random.Random(settings.seed)
     )
     if not only:
-        # unmeasured first: a fresh application's first loaded run is slower than the ones after it, and
-        # the first mode would pay for that alone; other sessions (another seed), so that none of their
-        # speculations or cached previews answers a measured session
+        # unmeasured first: a fresh application's first loaded run can be slower than the ones after it,
+        # and the first mode would pay for that alone; other sessions (another seed), so that none of
+        # their speculations or cached previews answers a measured session
         warm_seed = settings.seed + speculation_bench.WARM_SEED_OFFSET
         warm = argparse.Namespace(**{**vars(settings), "seed": warm_seed})
         runs["mode-warm"] = _loadgen(url, "sessions", session_arrivals, warm)
