@@ -47,6 +47,7 @@ import json
 import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -164,9 +165,9 @@ def run_compare(url: str, settings: argparse.Namespace, restart=None) -> dict[st
         # unmeasured first: a fresh application's first loaded run can be slower than the ones after it,
         # and the first mode would pay for that alone; other sessions (another seed), so that none of
         # their speculations or cached previews answers a measured session
-        warm_seed = settings.seed + speculation_bench.WARM_SEED_OFFSET
-        warm = argparse.Namespace(**{**vars(settings), "seed": warm_seed})
-        runs["mode-warm"] = _loadgen(url, "sessions", session_arrivals, warm)
+        warm = speculation_bench.loadgen_config(url, "sessions", session_arrivals, settings)
+        warm = replace(warm, seed=settings.seed + speculation_bench.WARM_SEED_OFFSET)
+        [runs["mode-warm"]] = speculation_bench.run_together(url, [warm], False).rows
     for mode in () if only else MODES:
         print(f"compare: mode {mode}: {settings.sessions} sessions x {settings.rounds} rounds", flush=True)
         runs[f"mode-{mode}"] = _loadgen(url, "sessions", session_arrivals, settings, mode=mode)
