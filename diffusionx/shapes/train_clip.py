@@ -376,6 +376,26 @@ def new_model(seed: int) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def init_model(directory: str) -> tuple[Any, Any]:
+    """An exported CLIPModel and its tokenizer, to train further (`--init`); a directory that does not hold
+    one is a clear error."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    path = Path(directory)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"--init {directory}: no CLIPModel there (expected a save_pretrained directory with config.json, "
+            f"like {SHAPES_CLIP_DIR})"
+        )
+    model = CLIPModel.from_pretrained(path)
+    if model.config.vision_config.image_size != IMAGE_SIZE:
+        raise ValueError(
+            f"--init {directory}: its vision tower reads {model.config.vision_config.image_size}px images; "
+            f"train-clip trains on {IMAGE_SIZE}px"
+        )
+    return model, CLIPTokenizer.from_pretrained(path)
+
+
 def init_position_embedding(model: Any, scale: float = 0.15) -> None:
     """Starts the vision tower's learned position embeddings from a 2D sine-cosine table (MAE's) at about
     the scale of the patch embeddings. CLIP's default (normal, std 0.02) makes the patches' positions a
@@ -441,7 +461,7 @@ def write_card(directory: Path, row: dict[str, Any], settings: dict[str, Any], m
             width=model.config.vision_config.hidden_size,
             parameters=sum(p.numel() for p in model.parameters()),
             commands="\n".join(
-                f"    {c}" + (f"  # resumed at step {s}" if s else "") for s, c in settings["commands"]
+                f"    {c}" + (f"  # resumed at step {s}" if s > 0 else "") for s, c in settings["commands"]
             ),
             sessions=settings["sessions"],
             session_seed=CLIP_SESSION_SEED,
@@ -457,6 +477,15 @@ def write_card(directory: Path, row: dict[str, Any], settings: dict[str, Any], m
             wrong_auc=row["previews_wrong_auc"],
         )
     )
+
+
+def card_commands(directory: Path) -> list[str]:
+    """The training commands a model card written by `write_card` lists (none without a card)."""
+    card = directory / "README.md"
+    if not card.exists():
+        return []
+    lines = card.read_text().split("Trained with", 1)[-1].split("on clean renders", 1)[0].splitlines()
+    return [line.strip() for line in lines if line.strip().startswith("diffusionx train-clip")]
 
 
 def export(model: Any, tokenizer: Any, directory: Path) -> None:
@@ -487,6 +516,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--export-every", type=int, default=250, help="steps between exports (default 250)")
     parser.add_argument("--heldout", type=int, default=400, help="held-out images per metric (default 400)")
     parser.add_argument("--seed", type=int, default=0, help="initialisation and sampling seed")
+    parser.add_argument(
+        "--init",
+        default=None,
+        help="start from this CLIPModel (a save_pretrained directory, e.g. the shipped shapes-clip) instead "
+        "of a new one; ignored when the run directory has a checkpoint",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -505,6 +540,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     command = "diffusionx train-clip " + " ".join(argv if argv is not None else sys.argv[2:])
     settings = {"commands": [(0, command)], "sessions": args.sessions, "seed": args.seed}
+    if args.init is not None:  # the card lists how the starting model was trained, then this run
+        settings["commands"] = [*((-1, c) for c in card_commands(Path(args.init))), (0, command)]
 
     # 1. model outputs and held-out previews (cached)
     from diffusionx.experiments.evaluation import load_pair
@@ -540,7 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     # 3. training (resumes from the checkpoint)
-    model, tokenizer = new_model(args.seed)
+    model, tokenizer = new_model(args.seed) if args.init is None else init_model(args.init)
     heads = AttributeHeads(model.config.vision_config.hidden_size)
     optimizer = torch.optim.AdamW([*model.parameters(), *heads.parameters()], lr=args.lr, weight_decay=0.01)
     checkpoint_path = run_dir / "checkpoint.pt"
