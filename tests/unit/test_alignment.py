@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from diffusionx.experiments.predictor.evaluate import roc_auc
-from diffusionx.models.alignment import get_alignment_spec, load_alignment_model
+from diffusionx.models.alignment import SHAPES_CLIP_DIR, get_alignment_spec, load_alignment_model
 from diffusionx.models.loading import ModelNotAvailableError
 from diffusionx.policy.features import ALIGNMENT_FEATURES, alignment_features
 from diffusionx.shapes import data
@@ -16,7 +16,9 @@ from diffusionx.shapes.perturb import ATTRIBUTES, perturbations
 from diffusionx.shapes.train_clip import (
     _array,
     attribute_accuracy,
+    card_commands,
     contrastive_loss,
+    init_model,
     seen_caption,
     to_pixel_values,
 )
@@ -134,3 +136,18 @@ def test_shipped_shapes_clip_tells_a_caption_from_its_perturbations():
     pixels = to_pixel_values(np.stack([_array(data.render(s)) for s in scenes]))
     accuracy = attribute_accuracy(model.model, model.tokenizer, pixels, [data.caption(s) for s in scenes])
     assert accuracy["all"] >= 0.95, accuracy
+
+
+def test_train_clip_init_continues_from_the_shipped_model_and_its_card(tmp_path):
+    """`train-clip --init`: the starting model is the exported one, weight for weight, and the new card
+    lists the commands that trained it; a directory without a CLIPModel is a clear error."""
+    shipped = load_alignment_model("shapes-clip", device="cpu")
+    model, tokenizer = init_model(str(SHAPES_CLIP_DIR))
+    for key, value in shipped.model.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert tokenizer("a red circle").input_ids == shipped.tokenizer("a red circle").input_ids
+    commands = card_commands(SHAPES_CLIP_DIR)
+    assert commands and all(c.startswith("diffusionx train-clip ") for c in commands)
+    assert card_commands(tmp_path) == []
+    with pytest.raises(FileNotFoundError, match="no CLIPModel there"):
+        init_model(str(tmp_path))
