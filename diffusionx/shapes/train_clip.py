@@ -9,14 +9,15 @@ Algorithm:
 2. What each output shows: the judge reads the image (`judge.describe`) and its caption becomes the
    positive; an output the judge cannot read as one or two shapes is left out. The prompt the output was
    made for is a negative when the judge disagrees with it (so a wrong preview scores its prompt low).
-3. Training, one CPU thread: each batch is half fresh clean renders of training scenes, half model
-   outputs. Image -> text: cross-entropy over the batch's positives plus `--negatives` one-attribute
-   perturbations of each image's positive (`shapes.perturb`: colour, kind, size, position with the swap
-   within a pair, background), sampled attribute first so every attribute is trained; text -> image:
-   cross-entropy over the batch's images. Duplicate captions in a batch are masked, not counted as
-   negatives. Beside it, linear read-outs of the vision tower (`AttributeHeads`, not exported) predict
-   each colour's shape attributes and the background from the pooled token, so the tower learns where
-   shapes are early (see the class). The text tower starts from the shipped text encoder and keeps its
+3. Training, one CPU thread: each batch is fresh clean renders of training scenes and model outputs
+   (`--output-share` of it, half by default; `--wrong-share` of those drawn from the outputs the judge finds
+   wrong for their prompt, the rest from all). Image -> text: cross-entropy over the batch's positives plus
+   `--negatives` one-attribute perturbations of each image's positive (`shapes.perturb`: colour, kind, size,
+   position with the swap within a pair, background), sampled attribute first so every attribute is trained;
+   text -> image: cross-entropy over the batch's images. Duplicate captions in a batch are masked, not
+   counted as negatives. Beside it, linear read-outs of the vision tower (`AttributeHeads`, not exported)
+   predict each colour's shape attributes and the background from the pooled token, so the tower learns
+   where shapes are early (see the class). The text tower starts from the shipped text encoder and keeps its
    tokenizer.
 4. Every `--export-every` steps: attribute accuracy on held-out clean renders and held-out edge previews
    (`attribute_accuracy`), one metrics row (JSON lines in the run directory), a resumable checkpoint, and
@@ -355,6 +356,14 @@ def wrong_auc(
     return round(roc_auc([-min(m.values(), default=0.0) for m in margins], list(wrong)), 4)
 
 
+def pick_output(rng: random.Random, n: int, wrong: Sequence[int], wrong_share: float | None) -> int:
+    """The index of a model output for a batch: with probability `wrong_share` one of the outputs wrong for
+    their prompt (`wrong`), otherwise (and always when `wrong_share` is None) any of the `n`."""
+    if wrong_share is not None and wrong and rng.random() < wrong_share:
+        return wrong[rng.randrange(len(wrong))]
+    return rng.randrange(n)
+
+
 def learning_rate(base: float, step: int, progress: float, warmup_steps: int = 100) -> float:
     """Linear warm-up over the first steps, then cosine decay over the time budget (`progress` in [0, 1])."""
     warmup = min(1.0, (step + 1) / warmup_steps)
@@ -511,6 +520,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--sessions", type=int, default=1536, help="sessions of model outputs (3 images each)"
     )
     parser.add_argument("--batch-size", type=int, default=96, help="images per step (default 96)")
+    parser.add_argument(
+        "--output-share",
+        type=float,
+        default=0.5,
+        help="share of each batch drawn from model outputs, the rest clean renders (default 0.5)",
+    )
+    parser.add_argument(
+        "--wrong-share",
+        type=float,
+        default=None,
+        help="share of the model outputs drawn from those the judge finds wrong for their prompt, whose "
+        "prompt is then a hard negative; the rest from all outputs (default: none, all drawn alike)",
+    )
     parser.add_argument("--negatives", type=int, default=6, help="hard negatives per image (default 6)")
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default 2e-3)")
     parser.add_argument("--export-every", type=int, default=250, help="steps between exports (default 250)")
@@ -534,6 +556,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(
                 f"--{name.replace('_', '-')}={getattr(args, name)} is not allowed: use an integer >= 1"
             )
+    for name in ("output_share", "wrong_share"):
+        value = getattr(args, name)
+        if value is not None and not 0.0 <= value <= 1.0:
+            parser.error(f"--{name.replace('_', '-')}={value} is not allowed: use a share in [0, 1]")
     torch.set_num_threads(1)
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -570,6 +596,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     clean_scenes = data.heldout_scenes(args.heldout, seed=0)
     clean_pixels = to_pixel_values(np.stack([_array(data.render(s)) for s in clean_scenes]))
     clean_captions = [data.caption(s) for s in clean_scenes]
+    wrong_outputs = [i for i, extra in enumerate(pool_extra) if extra is not None]
     print(
         f"model outputs: {len(outputs.prompts)}, readable: {len(pool_positive)}, "
         f"wrong for their prompt: {sum(e is not None for e in pool_extra)}",
@@ -608,9 +635,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     losses: list[float] = []
     while step < args.steps and time.perf_counter() - start < args.minutes * 60:
-        n_clean = args.batch_size // 2
+        n_clean = args.batch_size - round(args.batch_size * args.output_share)
         scenes = [data.random_scene(scene_rng) for _ in range(n_clean)]
-        picks = [rng.randrange(len(pool_positive)) for _ in range(args.batch_size - n_clean)]
+        picks = [
+            pick_output(rng, len(pool_positive), wrong_outputs, args.wrong_share)
+            for _ in range(args.batch_size - n_clean)
+        ]
         pixels = np.stack([_array(data.render(s)) for s in scenes] + [pool_pixels[i] for i in picks])
         positives = [data.caption(s) for s in scenes] + [pool_positive[i] for i in picks]
         extras = [None] * n_clean + [pool_extra[i] for i in picks]
