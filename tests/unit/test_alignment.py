@@ -19,6 +19,8 @@ from diffusionx.shapes.train_clip import (
     card_commands,
     contrastive_loss,
     init_model,
+    main,
+    pick_output,
     seen_caption,
     to_pixel_values,
 )
@@ -151,3 +153,17 @@ def test_train_clip_init_continues_from_the_shipped_model_and_its_card(tmp_path)
     assert card_commands(tmp_path) == []
     with pytest.raises(FileNotFoundError, match="no CLIPModel there"):
         init_model(str(tmp_path))
+
+
+def test_train_clip_draws_the_asked_share_of_wrong_outputs_and_refuses_shares_outside_0_1(capsys):
+    import random
+
+    rng, wrong = random.Random(0), [3, 7]
+    drawn = [pick_output(rng, 100, wrong, 0.5) for _ in range(4000)]
+    assert 0.47 < sum(i in wrong for i in drawn) / len(drawn) < 0.53
+    drawn = [pick_output(rng, 100, wrong, None) for _ in range(4000)]
+    assert sum(i in wrong for i in drawn) / len(drawn) < 0.04  # uniform: 2 in 100
+    for option in ("--output-share", "--wrong-share"):
+        with pytest.raises(SystemExit):
+            main([option, "1.5"])
+        assert f"{option}=1.5 is not allowed: use a share in [0, 1]" in capsys.readouterr().err
