@@ -18,6 +18,13 @@ One feature vector per (prompt, image, previous_prompt), concatenated in this or
   wrong). The refine predictor reads the final preview against the prompt, the edit predictor the previous
   image against the new prompt.
 
+A predictor reads one of two feature sets (`FEATURE_SETS`, named in its config): `full`, all of the above,
+or `alignment`, only the residual noise and the alignment features: what the CLIP sees of the image against
+the prompt, and how far the image still is from a clean one. The refine predictor reads `alignment`: with
+the thumbnail, the histogram and the prompt's embedding beside them, a few hundred labelled sessions
+teach the small MLP those inputs' noise, and its strength ranks wrong previews below what the CLIP's
+margin alone does (docs/results.md#strength-predictors).
+
 The text encoder is the one a model family ships (`TextEmbedder.load("shapes-cloud")`), so a predictor
 reads prompts exactly as the diffusion models of that family do.
 """
@@ -126,10 +133,22 @@ def _masked_mean(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 ALIGNMENT_FEATURES = 2 + len(ATTRIBUTES)  # similarity, a margin per attribute, the smallest margin
+FEATURE_SETS = ("full", "alignment")  # see the module docstring
 
 
-def feature_dim(text_dim: int, alignment: bool = False) -> int:
+def feature_dim(text_dim: int, alignment: bool = False, feature_set: str = "full") -> int:
+    check_feature_set(feature_set, alignment)
+    if feature_set == "alignment":
+        return 1 + ALIGNMENT_FEATURES
     return IMAGE_FEATURES + 2 * text_dim + 1 + (ALIGNMENT_FEATURES if alignment else 0)
+
+
+def check_feature_set(feature_set: str, alignment: bool) -> None:
+    """Refuses an unknown feature set, and `alignment` without an alignment model to read."""
+    if feature_set not in FEATURE_SETS:
+        raise ValueError(f"feature set {feature_set!r} is not one of {list(FEATURE_SETS)}")
+    if feature_set == "alignment" and not alignment:
+        raise ValueError("feature set 'alignment' needs an alignment model (a predictor that names one)")
 
 
 def alignment_features(
@@ -162,11 +181,17 @@ def build_features(
     images: Sequence[Image.Image],
     previous_prompts: Sequence[str | None] | None = None,
     alignment: AlignmentModel | None = None,
+    feature_set: str = "full",
 ) -> np.ndarray:
-    """(B, feature_dim) float32 feature matrix (see the module docstring); the alignment features last,
-    when an alignment model is given."""
+    """(B, feature_dim) float32 feature matrix of `feature_set` (see the module docstring); the alignment
+    features last, when an alignment model is given."""
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
+    check_feature_set(feature_set, alignment is not None)
+    if feature_set == "alignment":
+        assert alignment is not None  # checked above
+        noise = np.array([[residual_noise(image.convert("RGB"))] for image in images], np.float32)
+        return np.concatenate([noise, alignment_features(alignment, prompts, images)], axis=1)
     previous = [
         p if p is not None else prompt
         for p, prompt in zip(previous_prompts or [None] * len(prompts), prompts, strict=True)

@@ -1,13 +1,13 @@
 """Learned strength predictors: a small MLP that reads a preview, its prompt and the prompt's history and
 picks a strength from a grid.
 
-Model: features (`policy.features`, standardised with the training set's mean and std) -> Linear(F, H) ->
-ReLU -> Dropout -> Linear(H, K), one logit per grid strength s_k. Output k is the probability that s_k is
-enough, P(label <= s_k), where the label is the smallest measured grid strength that reached the quality
-target (`diffusionx predictor label`); it is trained with binary cross-entropy on the cumulative targets
-1[label <= s_k] (an ordinal regression, so "enough" is monotone in s). The prediction is the smallest s_k
-whose probability, made monotone by a running maximum, reaches `threshold`; the threshold is chosen on
-validation sessions to meet the quality target with the fewest UNet calls (`predictor train`).
+Model: features (`policy.features`, the set its config names, standardised with the training set's mean and
+std) -> Linear(F, H) -> ReLU -> Dropout -> Linear(H, K), one logit per grid strength s_k. Output k is the
+probability that s_k is enough, P(label <= s_k), where the label is the smallest measured grid strength that
+reached the quality target (`diffusionx predictor label`); it is trained with binary cross-entropy on the
+cumulative targets 1[label <= s_k] (an ordinal regression, so "enough" is monotone in s). The prediction is
+the smallest s_k whose probability, made monotone by a running maximum, reaches `threshold`; the threshold
+is chosen on validation sessions to meet the quality target with the fewest UNet calls (`predictor train`).
 
 Two predictors share this code: `refine` (the strength of the cloud refinement at finalize, from the final
 preview and its prompt) and `edit` (the strength of a round-to-round edit on the edge, from the previous
@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from diffusionx.policy.features import TextEmbedder, build_features
+from diffusionx.policy.features import TextEmbedder, build_features, check_feature_set
 
 if TYPE_CHECKING:
     from diffusionx.models.alignment import AlignmentModel
@@ -45,6 +45,7 @@ class PredictorConfig:
     text_model: str  # registry model whose tokenizer and text encoder embed prompts
     input_dim: int
     alignment_model: str | None = None  # the CLIP whose features it reads (models.alignment), if any
+    features: str = "full"  # which of `policy.features.FEATURE_SETS` it reads
     hidden: int = 8
     dropout: float = 0.5
     threshold: float = 0.5  # P(enough) a grid strength must reach to be picked
@@ -59,6 +60,7 @@ class PredictorConfig:
             or not 0 < self.grid[0] <= self.grid[-1] <= 1
         ):
             raise ValueError(f"grid={self.grid} must be ascending strengths in (0, 1]")
+        check_feature_set(self.features, self.alignment_model is not None)
 
 
 class StrengthNet(torch.nn.Module):
@@ -129,7 +131,9 @@ class LearnedStrengthPredictor:
         images: Sequence[Image.Image],
         previous_prompts: Sequence[str | None] | None = None,
     ) -> list[float]:
-        features = build_features(self.embedder, prompts, images, previous_prompts, self.alignment)
+        features = build_features(
+            self.embedder, prompts, images, previous_prompts, self.alignment, self.config.features
+        )
         return self.choose(self.probabilities(features))
 
     def prepare(self, images: Sequence[Image.Image]) -> None:

@@ -14,7 +14,14 @@ from PIL import Image
 
 from diffusionx.experiments.predictor import evaluate, label, train
 from diffusionx.experiments.predictor.targets import EDIT_GRID, REFINE_GRID, edit_ok, smallest
-from diffusionx.policy.features import TextEmbedder, build_features, feature_dim, word_change
+from diffusionx.policy.features import (
+    ALIGNMENT_FEATURES,
+    TextEmbedder,
+    alignment_features,
+    build_features,
+    feature_dim,
+    word_change,
+)
 from diffusionx.policy.learned import load_predictor, shipped_predictors, strength_function
 from diffusionx.policy.strength import predict_strength
 from diffusionx.shapes.data import Scene, Shape, render
@@ -62,6 +69,24 @@ def test_features_see_the_image_the_prompt_and_what_changed(picture):
     assert np.all(change[0] == 0)  # no history: nothing changed
     assert np.abs(change[1, :-1]).sum() > 0 and change[1, -1] == pytest.approx(word_change(PROMPT, EDITED))
     assert word_change(PROMPT, EDITED) == pytest.approx(2 / 18)  # "left" -> "right" of 9 + 9 words
+
+
+def test_the_alignment_feature_set_is_the_residual_noise_and_what_the_clip_sees(picture):
+    from diffusionx.models.alignment import load_alignment_model
+    from diffusionx.policy.strength import residual_noise
+
+    embedder = TextEmbedder.load("tiny-random")
+    clip = load_alignment_model("tiny-random-clip", device="cpu")
+    features = build_features(embedder, [PROMPT, EDITED], [picture, picture], None, clip, "alignment")
+    assert features.shape == (2, feature_dim(embedder.dim, True, "alignment")) == (2, 1 + ALIGNMENT_FEATURES)
+    assert features[:, 0] == pytest.approx([residual_noise(picture)] * 2)
+    assert np.allclose(features[:, 1:], alignment_features(clip, [PROMPT, EDITED], [picture, picture]))
+    full = build_features(embedder, [PROMPT], [picture], None, clip)
+    assert np.allclose(full[0, -ALIGNMENT_FEATURES:], features[0, 1:])  # the same CLIP features
+    with pytest.raises(ValueError, match="needs an alignment model"):
+        build_features(embedder, [PROMPT], [picture], None, None, "alignment")
+    with pytest.raises(ValueError, match=r"not one of \['full', 'alignment'\]"):
+        build_features(embedder, [PROMPT], [picture], None, clip, "pixels")
 
 
 def test_targets_define_edit_ok_and_the_smallest_good_strength():
@@ -117,7 +142,13 @@ def test_label_train_eval_end_to_end_on_tiny_random_sessions(tmp_path, capsys):
     refine = load_predictor(str(weights / "t-refine.safetensors"))
     assert refine.config.text_model == "tiny-random" and refine.config.trained["examples"] == 4
     assert refine.config.alignment_model == "tiny-random-clip" and refine.alignment is not None
-    assert refine.config.input_dim == feature_dim(refine.embedder.dim, alignment=True)
+    # the refine predictor reads the alignment set by default, the edit predictor the full one
+    assert refine.config.features == "alignment" and refine.config.input_dim == 1 + ALIGNMENT_FEATURES
+    edit = load_predictor(str(weights / "t-edit.safetensors"))
+    assert edit.config.features == "full"
+    assert edit.config.input_dim == feature_dim(edit.embedder.dim, alignment=True)
+    assert train.main(["--data", str(data), *options[:-1], "none", "--refine-features", "alignment"]) == 2
+    assert "need an alignment model" in capsys.readouterr().err
 
     plot = tmp_path / "pareto.png"
     args = [

@@ -2,7 +2,8 @@
 
 Algorithm, for each predictor (`refine`: final preview + final prompt; `edit`: previous image + new prompt
 + previous prompt):
-1. features (`policy.features`) of every labelled example; targets 1[target <= s_k] over the grid, where
+1. features (`policy.features`; the refine predictor reads the `alignment` set, the edit predictor the
+   `full` one) of every labelled example; targets 1[target <= s_k] over the grid, where
    the target is the label, and for the refine predictor at least `WRONG_PREVIEW_MIN_STRENGTH` on a
    preview the judge finds wrong (`targets.py` says why);
 2. split by session: every fifth session is validation, the rest training;
@@ -41,7 +42,7 @@ from diffusionx.experiments.predictor.targets import (
     TARGET_MARGIN,
     WRONG_PREVIEW_MIN_STRENGTH,
 )
-from diffusionx.policy.features import TextEmbedder, build_features, feature_dim
+from diffusionx.policy.features import FEATURE_SETS, TextEmbedder, build_features, feature_dim
 from diffusionx.policy.learned import WEIGHTS_DIR, LearnedStrengthPredictor, PredictorConfig, StrengthNet
 
 if TYPE_CHECKING:
@@ -241,11 +242,12 @@ def train_predictor(
     epochs: int = 600,
     hidden: int = 8,
     seed: int = 0,
+    feature_set: str = "full",
     provenance: dict[str, Any] | None = None,
 ) -> LearnedStrengthPredictor:
     grid = list(REFINE_GRID if kind == "refine" else EDIT_GRID)
     features = build_features(
-        embedder, examples.prompts, examples.images, examples.previous_prompts, alignment
+        embedder, examples.prompts, examples.images, examples.previous_prompts, alignment, feature_set
     )
     validation = np.array([s % VALIDATION_EVERY == 0 for s in examples.sessions])
     if validation.all() or not validation.any():
@@ -254,8 +256,9 @@ def train_predictor(
         kind,
         grid,
         embedder.source,
-        feature_dim(embedder.dim, alignment is not None),
+        feature_dim(embedder.dim, alignment is not None, feature_set),
         alignment_model=None if alignment is None else alignment.name,
+        features=feature_set,
         hidden=hidden,
     )
     net, fitted = fit(
@@ -328,6 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="the CLIP whose image-prompt features the predictors read (a registered name, hub id or local "
         "path; 'none' for the features without it; default shapes-clip)",
     )
+    for kind, default in (("refine", "alignment"), ("edit", "full")):
+        parser.add_argument(
+            f"--{kind}-features",
+            choices=FEATURE_SETS,
+            default=None,
+            help=f"what the {kind} predictor reads (policy.features; default {default}, full with "
+            "--alignment-model none)",
+        )
     return parser
 
 
@@ -360,6 +371,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    feature_sets = {
+        "refine": args.refine_features or ("alignment" if alignment is not None else "full"),
+        "edit": args.edit_features or "full",
+    }
+    if alignment is None and "alignment" in feature_sets.values():
+        print(
+            "diffusionx predictor train: error: the 'alignment' features need an alignment model: "
+            "drop --alignment-model none or use 'full'",
+            file=sys.stderr,
+        )
+        return 2
     refine = refine_examples(records, args.wrong_preview_min_strength)
     for kind, examples in (("refine", refine), ("edit", edit_examples(records))):
         predictor = train_predictor(
@@ -370,6 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             epochs=args.epochs,
             hidden=args.hidden,
             seed=args.seed,
+            feature_set=feature_sets[kind],
             provenance={
                 "data": str(args.data),
                 "sessions": len(records),
