@@ -18,12 +18,10 @@ One feature vector per (prompt, image, previous_prompt), concatenated in this or
   wrong). The refine predictor reads the final preview against the prompt, the edit predictor the previous
   image against the new prompt.
 
-A predictor reads one of two feature sets (`FEATURE_SETS`, named in its config): `full`, all of the above,
-or `alignment`, only the residual noise and the alignment features: what the CLIP sees of the image against
-the prompt, and how far the image still is from a clean one. The refine predictor reads `alignment`: with
-the thumbnail, the histogram and the prompt's embedding beside them, a few hundred labelled sessions
-teach the small MLP those inputs' noise, and its strength ranks wrong previews below what the CLIP's
-margin alone does (docs/results.md#strength-predictors).
+A predictor reads one of two feature sets (`FEATURE_SETS`, named in its config): `full`, all of the above
+(the shipped predictors), or `alignment`, only the residual noise and the alignment features (what the
+CLIP sees of the image against the prompt, and how far the image still is from a clean one), which
+`predictor train --refine-features alignment` trains (docs/results.md#strength-predictors compares them).
 
 The text encoder is the one a model family ships (`TextEmbedder.load("shapes-cloud")`), so a predictor
 reads prompts exactly as the diffusion models of that family do.

@@ -450,7 +450,8 @@ what the judge sees in it, with one-attribute perturbations as hard negatives
 (`diffusionx/shapes/train_clip.py`).
 
 Attribute accuracy (for each held-out image, its caption scores above every perturbation of that attribute;
-"all": above every perturbation), step {step}, {minutes:.1f} minutes on one CPU thread:
+"all": above every perturbation), step {step}, {minutes:.1f} minutes on one CPU thread (the run of the last
+command above):
 
 | images | {header} |
 |---|{rule}|

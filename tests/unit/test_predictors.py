@@ -136,13 +136,13 @@ def test_label_train_eval_end_to_end_on_tiny_random_sessions(tmp_path, capsys):
         "--alignment-model",
         "tiny-random-clip",
     ]
-    assert train.main(["--data", str(data), *options]) == 0
+    assert train.main(["--data", str(data), *options, "--refine-features", "alignment"]) == 0
     trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert trained["sessions"] == 4 and trained["refine"]["threshold"] in train.THRESHOLDS
     refine = load_predictor(str(weights / "t-refine.safetensors"))
     assert refine.config.text_model == "tiny-random" and refine.config.trained["examples"] == 4
     assert refine.config.alignment_model == "tiny-random-clip" and refine.alignment is not None
-    # the refine predictor reads the alignment set by default, the edit predictor the full one
+    # the refine predictor reads the feature set it was trained on, the edit predictor the default (full)
     assert refine.config.features == "alignment" and refine.config.input_dim == 1 + ALIGNMENT_FEATURES
     edit = load_predictor(str(weights / "t-edit.safetensors"))
     assert edit.config.features == "full"

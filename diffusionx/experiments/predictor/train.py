@@ -2,8 +2,8 @@
 
 Algorithm, for each predictor (`refine`: final preview + final prompt; `edit`: previous image + new prompt
 + previous prompt):
-1. features (`policy.features`; the refine predictor reads the `alignment` set, the edit predictor the
-   `full` one) of every labelled example; targets 1[target <= s_k] over the grid, where
+1. features (`policy.features`, the `full` set unless `--refine-features`/`--edit-features` say
+   otherwise) of every labelled example; targets 1[target <= s_k] over the grid, where
    the target is the label, and for the refine predictor at least `WRONG_PREVIEW_MIN_STRENGTH` on a
    preview the judge finds wrong (`targets.py` says why);
 2. split by session: every fifth session is validation, the rest training;
@@ -331,13 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the CLIP whose image-prompt features the predictors read (a registered name, hub id or local "
         "path; 'none' for the features without it; default shapes-clip)",
     )
-    for kind, default in (("refine", "alignment"), ("edit", "full")):
+    for kind in ("refine", "edit"):
         parser.add_argument(
             f"--{kind}-features",
             choices=FEATURE_SETS,
-            default=None,
-            help=f"what the {kind} predictor reads (policy.features; default {default}, full with "
-            "--alignment-model none)",
+            default="full",
+            help=f"what the {kind} predictor reads (policy.features; default full)",
         )
     return parser
 
@@ -371,10 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    feature_sets = {
-        "refine": args.refine_features or ("alignment" if alignment is not None else "full"),
-        "edit": args.edit_features or "full",
-    }
+    feature_sets = {"refine": args.refine_features, "edit": args.edit_features}
     if alignment is None and "alignment" in feature_sets.values():
         print(
             "diffusionx predictor train: error: the 'alignment' features need an alignment model: "
