@@ -636,7 +636,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     losses: list[float] = []
     while step < args.steps and time.perf_counter() - start < args.minutes * 60:
-        n_clean = args.batch_size - round(args.batch_size * args.output_share)
+        n_clean = int(args.batch_size * (1.0 - args.output_share))  # the default: batch_size // 2, as before
         scenes = [data.random_scene(scene_rng) for _ in range(n_clean)]
         picks = [
             pick_output(rng, len(pool_positive), wrong_outputs, args.wrong_share)
