@@ -6,8 +6,22 @@ std) -> Linear(F, H) -> ReLU -> Dropout -> Linear(H, K), one logit per grid stre
 probability that s_k is enough, P(label <= s_k), where the label is the smallest measured grid strength that
 reached the quality target (`diffusionx predictor label`); it is trained with binary cross-entropy on the
 cumulative targets 1[label <= s_k] (an ordinal regression, so "enough" is monotone in s). The prediction is
-the smallest s_k whose probability, made monotone by a running maximum, reaches `threshold`; the threshold
-is chosen on validation sessions to meet the quality target with the fewest UNet calls (`predictor train`).
+made by one of two decisions (`DECISIONS`, named in the config), on the probabilities made monotone by a
+running maximum:
+
+* `quantile`: the smallest s_k whose probability reaches `threshold` (the edit predictor; refine predictors
+  trained before the `risk` decision);
+* `risk` (the refine predictor): the strength rises with the probability that the preview is wrong, r =
+  1 - P(label < `wrong_from`), where `wrong_from` is the least strength the predictor learnt for a wrong
+  preview (`predictor train --wrong-preview-min-strength`): the smallest s_k >= s_1 + `risk_scale` * sqrt(r).
+  The quantile decision chooses from a two-humped distribution (a right preview needs 0.05-0.1, a wrong
+  one at least 0.3), so it jumps from the lightest strengths to 0.3 at one risk and gives every preview on
+  either side the same strength; the rising strength spends more calls where the risk is higher, and the
+  square root spreads the small risks most previews have over the grid's one-call steps (0.05-0.25), so
+  the strength orders previews by risk as the probability does (docs/results.md#strength-predictors).
+
+The decision's setting (`threshold` or `risk_scale`) is chosen on validation sessions to meet the quality
+target with the fewest UNet calls (`predictor train`).
 
 Two predictors share this code: `refine` (the strength of the cloud refinement at finalize, from the final
 preview and its prompt) and `edit` (the strength of a round-to-round edit on the edge, from the previous
@@ -36,6 +50,7 @@ from diffusionx.policy.strength import EditStrengthFunction, heuristic_edit_stre
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 KINDS = ("refine", "edit")
+DECISIONS = ("quantile", "risk")  # see the module docstring
 
 
 @dataclass
@@ -48,7 +63,10 @@ class PredictorConfig:
     features: str = "full"  # which of `policy.features.FEATURE_SETS` it reads
     hidden: int = 8
     dropout: float = 0.5
-    threshold: float = 0.5  # P(enough) a grid strength must reach to be picked
+    decision: str = "quantile"  # one of DECISIONS
+    threshold: float = 0.5  # quantile: P(enough) a grid strength must reach to be picked
+    wrong_from: float | None = None  # risk: the least strength learnt for a wrong preview
+    risk_scale: float = 0.0  # risk: how far the strength rises above the grid's lightest at certain risk
     trained: dict = field(default_factory=dict)  # provenance: label file, sessions, weights, metrics
 
     def __post_init__(self) -> None:
@@ -61,6 +79,15 @@ class PredictorConfig:
         ):
             raise ValueError(f"grid={self.grid} must be ascending strengths in (0, 1]")
         check_feature_set(self.features, self.alignment_model is not None)
+        if self.decision not in DECISIONS:
+            raise ValueError(f"predictor decision={self.decision!r} is not one of {list(DECISIONS)}")
+        if self.decision == "risk" and (
+            self.wrong_from is None or not self.grid[0] < self.wrong_from <= self.grid[-1]
+        ):
+            raise ValueError(
+                f"the risk decision needs wrong_from in ({self.grid[0]}, {self.grid[-1]}] "
+                f"(the least strength learnt for a wrong preview), not {self.wrong_from}"
+            )
 
 
 class StrengthNet(torch.nn.Module):
@@ -116,10 +143,21 @@ class LearnedStrengthPredictor:
         probs = torch.sigmoid(self.net(torch.from_numpy(features))).numpy()
         return np.maximum.accumulate(probs, axis=1)
 
-    def choose(self, probs: np.ndarray, threshold: float | None = None) -> list[float]:
-        """The smallest grid strength whose probability reaches the threshold (the largest if none does)."""
-        threshold = self.config.threshold if threshold is None else threshold
+    def risk(self, probs: np.ndarray) -> np.ndarray:
+        """(B,) the probability that each preview is wrong: that its label is `wrong_from` or more."""
+        below = [k for k, s in enumerate(self.config.grid) if s < (self.config.wrong_from or 0.0) - 1e-9]
+        return 1.0 - probs[:, below[-1]] if below else np.ones(len(probs))
+
+    def choose(self, probs: np.ndarray, setting: float | None = None) -> list[float]:
+        """The config's decision (see the module docstring) on (B, K) monotone probabilities; `setting`
+        overrides its `threshold` (quantile) or `risk_scale` (risk)."""
         grid = self.config.grid
+        if self.config.decision == "risk":
+            scale = self.config.risk_scale if setting is None else setting
+            wanted = grid[0] + scale * np.sqrt(self.risk(probs))
+            picks = np.minimum(np.searchsorted(grid, wanted - 1e-9), len(grid) - 1)
+            return [float(grid[k]) for k in picks]
+        threshold = self.config.threshold if setting is None else setting
         return [
             float(grid[int(np.argmax(row >= threshold))] if (row >= threshold).any() else grid[-1])
             for row in probs

@@ -22,7 +22,14 @@ from diffusionx.policy.features import (
     feature_dim,
     word_change,
 )
-from diffusionx.policy.learned import load_predictor, shipped_predictors, strength_function
+from diffusionx.policy.learned import (
+    LearnedStrengthPredictor,
+    PredictorConfig,
+    StrengthNet,
+    load_predictor,
+    shipped_predictors,
+    strength_function,
+)
 from diffusionx.policy.strength import predict_strength
 from diffusionx.shapes.data import Scene, Shape, render
 
@@ -52,6 +59,37 @@ def test_shipped_predictors_load_by_name_and_pick_grid_strengths(picture):
     ]
     # what it was trained on is recorded with the weights
     assert refine.config.trained["sessions"] >= 100 and 0 < refine.config.threshold < 1
+
+
+def _predictor(decision: str, **settings: float) -> LearnedStrengthPredictor:
+    config = PredictorConfig(
+        "refine", list(REFINE_GRID), "tiny-random", 4, decision=decision, wrong_from=0.3, **settings
+    )
+    return LearnedStrengthPredictor(config, StrengthNet(config), embedder=None)  # type: ignore[arg-type]
+
+
+def _probabilities(risks: list[float]) -> np.ndarray:
+    """Monotone P(label <= s_k): a right preview's label 0.05, a wrong one's 0.3, in these shares."""
+    grid = np.array(REFINE_GRID)
+    return np.array([np.where(grid < 0.3 - 1e-9, 1.0 - r, 1.0) for r in risks])
+
+
+def test_the_risk_decision_rises_with_the_risk_that_the_preview_is_wrong():
+    risks = [0.0, 0.01, 0.04, 0.1, 0.2, 0.4, 0.7, 1.0]
+    probs = _probabilities(risks)
+    risk = _predictor("risk", risk_scale=0.6)
+    assert risk.risk(probs) == pytest.approx(risks)
+    chosen = risk.choose(probs)
+    assert chosen == sorted(chosen) and chosen[0] == REFINE_GRID[0] and chosen[-1] == 0.7  # 0.05 + 0.6
+    assert len(set(chosen)) >= 6  # graded: the small risks spread over the one-call steps
+    assert all(s in REFINE_GRID for s in chosen) and risk.choose(probs, 0.0) == [0.05] * len(risks)
+    # the quantile decision on the same probabilities: two strengths, one jump at 1 - threshold
+    quantile = _predictor("quantile", threshold=0.85).choose(probs)
+    assert sorted(set(quantile)) == [0.05, 0.3]
+    with pytest.raises(ValueError, match="wrong_from"):
+        PredictorConfig("refine", list(REFINE_GRID), "tiny-random", 4, decision="risk")
+    with pytest.raises(ValueError, match="not one of"):
+        PredictorConfig("refine", list(REFINE_GRID), "tiny-random", 4, decision="mean")
 
 
 def test_predictor_names_select_heuristic_or_learned_and_a_missing_one_is_a_clear_error():
@@ -138,7 +176,9 @@ def test_label_train_eval_end_to_end_on_tiny_random_sessions(tmp_path, capsys):
     ]
     assert train.main(["--data", str(data), *options, "--refine-features", "alignment"]) == 0
     trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert trained["sessions"] == 4 and trained["refine"]["threshold"] in train.THRESHOLDS
+    assert trained["sessions"] == 4 and trained["refine"]["decision"] == "risk"
+    assert trained["refine"]["setting"] in train.RISK_SCALES
+    assert trained["edit"]["decision"] == "quantile" and trained["edit"]["setting"] in train.THRESHOLDS
     refine = load_predictor(str(weights / "t-refine.safetensors"))
     assert refine.config.text_model == "tiny-random" and refine.config.trained["examples"] == 4
     assert refine.config.alignment_model == "tiny-random-clip" and refine.alignment is not None
@@ -147,8 +187,11 @@ def test_label_train_eval_end_to_end_on_tiny_random_sessions(tmp_path, capsys):
     edit = load_predictor(str(weights / "t-edit.safetensors"))
     assert edit.config.features == "full"
     assert edit.config.input_dim == feature_dim(edit.embedder.dim, alignment=True)
+    assert refine.config.wrong_from == train.WRONG_PREVIEW_MIN_STRENGTH
     assert train.main(["--data", str(data), *options[:-1], "none", "--refine-features", "alignment"]) == 2
     assert "need an alignment model" in capsys.readouterr().err
+    assert train.main(["--data", str(data), *options, "--wrong-preview-min-strength", "0"]) == 2
+    assert "use --refine-decision quantile" in capsys.readouterr().err
 
     plot = tmp_path / "pareto.png"
     args = [

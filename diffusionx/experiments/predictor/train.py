@@ -9,8 +9,10 @@ Algorithm, for each predictor (`refine`: final preview + final prompt; `edit`: p
 2. split by session: every fifth session is validation, the rest training;
 3. train the MLP of `policy.learned` (full-batch AdamW, binary cross-entropy, seeded), keeping the epoch with
    the lowest validation loss (early stopping);
-4. pick the decision threshold on the validation sessions from what was measured there: the threshold with
-   the fewest UNet calls whose estimated quality meets the target (refine: mean judge accuracy within
+4. pick the setting of the predictor's decision (`policy.learned`: the refine predictor's `risk` scale
+   unless `--refine-decision quantile`, the edit predictor's `quantile` threshold) on the validation
+   sessions from what was measured there: the setting with the fewest UNet calls whose estimated quality
+   meets the target (refine: mean judge accuracy within
    `TARGET_MARGIN` of the full cloud generations'; edit: ok-rate within `EDIT_TARGET_MARGIN` of the best
    fixed grid strength's). A refine strength at or above a session's label is counted at the label's
    measured accuracy (labelling stops at the first strength that reaches the bar), one below it at its own;
@@ -43,14 +45,21 @@ from diffusionx.experiments.predictor.targets import (
     WRONG_PREVIEW_MIN_STRENGTH,
 )
 from diffusionx.policy.features import FEATURE_SETS, TextEmbedder, build_features, feature_dim
-from diffusionx.policy.learned import WEIGHTS_DIR, LearnedStrengthPredictor, PredictorConfig, StrengthNet
+from diffusionx.policy.learned import (
+    DECISIONS,
+    WEIGHTS_DIR,
+    LearnedStrengthPredictor,
+    PredictorConfig,
+    StrengthNet,
+)
 
 if TYPE_CHECKING:
     from diffusionx.models.alignment import AlignmentModel
 
 EDIT_TARGET_MARGIN = 0.02  # edit ok-rate the learned edit predictor may give up against the best fixed
 WEIGHT_DECAY = 0.1
-THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))
+THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))  # quantile decision's settings
+RISK_SCALES = tuple(round(t, 2) for t in np.arange(0.05, 1.01, 0.05))  # risk decision's settings
 VALIDATION_EVERY = 5  # session index % 5 == 0: validation
 
 
@@ -181,13 +190,14 @@ def fit(
     return net.eval(), best
 
 
-def choose_threshold(
+def choose_setting(
     kind: str, predictor: LearnedStrengthPredictor, features: np.ndarray, examples: Examples
 ) -> tuple[float, dict[str, float]]:
-    """The validation threshold with the fewest calls whose estimated quality meets the target.
+    """The validation setting of the predictor's decision (`threshold` for quantile, `risk_scale` for risk)
+    with the fewest calls whose estimated quality meets the target.
 
     For the refine predictor the target must be met by one standard error of the validation sessions'
-    mean quality: the cheapest threshold that meets it exactly on a few hundred sessions is as likely to
+    mean quality: the cheapest setting that meets it exactly on a few hundred sessions is as likely to
     miss it as to meet it on others (the held-out sessions of `predictor eval`)."""
     grid = predictor.config.grid
     if kind == "refine":
@@ -196,34 +206,27 @@ def choose_threshold(
         target = float(examples.quality.mean(0).max() - EDIT_TARGET_MARGIN)
     probs = predictor.probabilities(features)
     rows = np.arange(len(examples.labels))
-    candidates = []
-    for threshold in THRESHOLDS:
-        picks = np.array([grid.index(s) for s in predictor.choose(probs, threshold)])
-        quality = float(estimated_quality(kind, examples, picks).mean())
-        calls = float(examples.calls[rows, picks].mean())
-        candidates.append((threshold, quality, calls))
+    settings = RISK_SCALES if predictor.config.decision == "risk" else THRESHOLDS
+    candidates, per_session = [], []
+    for setting in settings:
+        picks = np.array([grid.index(s) for s in predictor.choose(probs, setting)])
+        quality = estimated_quality(kind, examples, picks)
+        per_session.append(quality)
+        candidates.append((setting, float(quality.mean()), float(examples.calls[rows, picks].mean())))
     slack = 0.0
-    if kind == "refine":
-        per_session = [
-            estimated_quality(kind, examples, np.array([grid.index(x) for x in predictor.choose(probs, t)]))
-            for t in THRESHOLDS
-        ]
-        slack = (
-            float(np.mean([q.std(ddof=1) for q in per_session]) / np.sqrt(len(rows)))
-            if len(rows) > 1
-            else 0.0
-        )
+    if kind == "refine" and len(rows) > 1:
+        slack = float(np.mean([q.std(ddof=1) for q in per_session]) / np.sqrt(len(rows)))
     meeting = [c for c in candidates if c[1] >= target + slack - 1e-9]
-    threshold, quality, calls = (
+    setting, quality, calls = (
         min(meeting, key=lambda c: (c[2], -c[1])) if meeting else max(candidates, key=lambda c: c[1])
     )
     extra: dict[str, float] = {}
     if kind == "refine" and examples.wrong.any() and not examples.wrong.all():
         from diffusionx.experiments.predictor.evaluate import roc_auc
 
-        chosen = predictor.choose(probs, threshold)
+        chosen = predictor.choose(probs, setting)
         extra["wrong_preview_auc"] = round(roc_auc(chosen, examples.wrong.tolist()), 4)
-    return threshold, {
+    return setting, {
         **extra,
         "target": target,
         "slack": slack,
@@ -243,8 +246,12 @@ def train_predictor(
     hidden: int = 8,
     seed: int = 0,
     feature_set: str = "full",
+    decision: str = "quantile",
+    wrong_from: float | None = None,
     provenance: dict[str, Any] | None = None,
 ) -> LearnedStrengthPredictor:
+    """`decision` and `wrong_from`: see `policy.learned` (risk: the refine predictor only, `wrong_from` the
+    least strength its targets give a wrong preview)."""
     grid = list(REFINE_GRID if kind == "refine" else EDIT_GRID)
     features = build_features(
         embedder, examples.prompts, examples.images, examples.previous_prompts, alignment, feature_set
@@ -260,6 +267,8 @@ def train_predictor(
         alignment_model=None if alignment is None else alignment.name,
         features=feature_set,
         hidden=hidden,
+        decision=decision,
+        wrong_from=wrong_from,
     )
     net, fitted = fit(
         features[~validation],
@@ -289,8 +298,11 @@ def train_predictor(
             )
         )
     )
-    threshold, metrics = choose_threshold(kind, predictor, features[validation], subset)
-    config.threshold = threshold
+    setting, metrics = choose_setting(kind, predictor, features[validation], subset)
+    if decision == "risk":
+        config.risk_scale = setting
+    else:
+        config.threshold = setting
     config.trained = {
         **(provenance or {}),
         "examples": len(examples.labels),
@@ -330,6 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="shapes-clip",
         help="the CLIP whose image-prompt features the predictors read (a registered name, hub id or local "
         "path; 'none' for the features without it; default shapes-clip)",
+    )
+    parser.add_argument(
+        "--refine-decision",
+        choices=DECISIONS,
+        default="risk",
+        help="how the refine predictor turns its probabilities into a strength (policy.learned): rising "
+        "with the risk that the preview is wrong (default), or the smallest strength enough with the "
+        "chosen probability (quantile, as the edit predictor)",
     )
     for kind in ("refine", "edit"):
         parser.add_argument(
@@ -378,6 +398,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.refine_decision == "risk" and not REFINE_GRID[0] < args.wrong_preview_min_strength:
+        print(
+            "diffusionx predictor train: error: --refine-decision risk reads the probability of the least "
+            f"strength learnt for a wrong preview; --wrong-preview-min-strength must be above "
+            f"{REFINE_GRID[0]}, or use --refine-decision quantile",
+            file=sys.stderr,
+        )
+        return 2
     refine = refine_examples(records, args.wrong_preview_min_strength)
     for kind, examples in (("refine", refine), ("edit", edit_examples(records))):
         predictor = train_predictor(
@@ -389,6 +417,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             hidden=args.hidden,
             seed=args.seed,
             feature_set=feature_sets[kind],
+            decision=args.refine_decision if kind == "refine" else "quantile",
+            wrong_from=args.wrong_preview_min_strength if kind == "refine" else None,
             provenance={
                 "data": str(args.data),
                 "sessions": len(records),
@@ -399,7 +429,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = predictor.save(Path(args.out_dir) / f"{args.prefix}-{kind}.safetensors")
         report[kind] = {
             "path": str(path),
-            "threshold": predictor.config.threshold,
+            "decision": predictor.config.decision,
+            "setting": (
+                predictor.config.risk_scale
+                if predictor.config.decision == "risk"
+                else predictor.config.threshold
+            ),
             **predictor.config.trained["validation"],
         }
     report["seconds"] = round(time.perf_counter() - start, 1)
