@@ -19,6 +19,9 @@ running maximum:
   either side the same strength; the rising strength spends more calls where the risk is higher, and the
   square root spreads the small risks most previews have over the grid's one-call steps (0.05-0.25), so
   the strength orders previews by risk as the probability does (docs/results.md#strength-predictors).
+  A preview more likely wrong than right gets at least `wrong_from` (`risk_scale` >= `min_risk_scale`):
+  below it the cloud keeps a wrong preview's shapes, and a scale chosen for calls alone would never
+  redraw them.
 
 The decision's setting (`threshold` or `risk_scale`) is chosen on validation sessions to meet the quality
 target with the fewest UNet calls (`predictor train`).
@@ -147,6 +150,11 @@ class LearnedStrengthPredictor:
         """(B,) the probability that each preview is wrong: that its label is `wrong_from` or more."""
         below = [k for k, s in enumerate(self.config.grid) if s < (self.config.wrong_from or 0.0) - 1e-9]
         return 1.0 - probs[:, below[-1]] if below else np.ones(len(probs))
+
+    @property
+    def min_risk_scale(self) -> float:
+        """The least `risk_scale` that refines a preview of risk 1/2 at `wrong_from` or more."""
+        return ((self.config.wrong_from or 0.0) - self.config.grid[0]) / float(np.sqrt(0.5))
 
     def choose(self, probs: np.ndarray, setting: float | None = None) -> list[float]:
         """The config's decision (see the module docstring) on (B, K) monotone probabilities; `setting`

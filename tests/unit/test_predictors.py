@@ -83,6 +83,9 @@ def test_the_risk_decision_rises_with_the_risk_that_the_preview_is_wrong():
     assert chosen == sorted(chosen) and chosen[0] == REFINE_GRID[0] and chosen[-1] == 0.7  # 0.05 + 0.6
     assert len(set(chosen)) >= 6  # graded: the small risks spread over the one-call steps
     assert all(s in REFINE_GRID for s in chosen) and risk.choose(probs, 0.0) == [0.05] * len(risks)
+    # the least scale train may choose refines a preview as likely wrong as right at wrong_from
+    assert risk.choose(_probabilities([0.5]), risk.min_risk_scale) == [0.3]
+    assert risk.choose(_probabilities([0.3]), risk.min_risk_scale) == [0.25]
     # the quantile decision on the same probabilities: two strengths, one jump at 1 - threshold
     quantile = _predictor("quantile", threshold=0.85).choose(probs)
     assert sorted(set(quantile)) == [0.05, 0.3]
@@ -177,7 +180,7 @@ def test_label_train_eval_end_to_end_on_tiny_random_sessions(tmp_path, capsys):
     assert train.main(["--data", str(data), *options, "--refine-features", "alignment"]) == 0
     trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert trained["sessions"] == 4 and trained["refine"]["decision"] == "risk"
-    assert trained["refine"]["setting"] in train.RISK_SCALES
+    assert trained["refine"]["setting"] in train.RISK_SCALES and trained["refine"]["setting"] >= 0.35
     assert trained["edit"]["decision"] == "quantile" and trained["edit"]["setting"] in train.THRESHOLDS
     refine = load_predictor(str(weights / "t-refine.safetensors"))
     assert refine.config.text_model == "tiny-random" and refine.config.trained["examples"] == 4

@@ -206,7 +206,9 @@ def choose_setting(
         target = float(examples.quality.mean(0).max() - EDIT_TARGET_MARGIN)
     probs = predictor.probabilities(features)
     rows = np.arange(len(examples.labels))
-    settings = RISK_SCALES if predictor.config.decision == "risk" else THRESHOLDS
+    settings = THRESHOLDS
+    if predictor.config.decision == "risk":
+        settings = tuple(s for s in RISK_SCALES if s >= predictor.min_risk_scale - 1e-9)
     candidates, per_session = [], []
     for setting in settings:
         picks = np.array([grid.index(s) for s in predictor.choose(probs, setting)])
