@@ -208,7 +208,8 @@ def choose_setting(
     rows = np.arange(len(examples.labels))
     settings = THRESHOLDS
     if predictor.config.decision == "risk":
-        settings = tuple(s for s in RISK_SCALES if s >= predictor.min_risk_scale - 1e-9)
+        least = predictor.min_risk_scale
+        settings = (round(least, 4), *(s for s in RISK_SCALES if s > least + 1e-9))
     candidates, per_session = [], []
     for setting in settings:
         picks = np.array([grid.index(s) for s in predictor.choose(probs, setting)])
