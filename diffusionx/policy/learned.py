@@ -147,9 +147,10 @@ class LearnedStrengthPredictor:
         return np.maximum.accumulate(probs, axis=1)
 
     def risk(self, probs: np.ndarray) -> np.ndarray:
-        """(B,) the probability that each preview is wrong: that its label is `wrong_from` or more."""
-        below = [k for k, s in enumerate(self.config.grid) if s < (self.config.wrong_from or 0.0) - 1e-9]
-        return 1.0 - probs[:, below[-1]] if below else np.ones(len(probs))
+        """(B,) the risk decision's probability that each preview is wrong: 1 - P(label < `wrong_from`)
+        (the config's check keeps a grid strength below `wrong_from`)."""
+        below = int(np.searchsorted(self.config.grid, (self.config.wrong_from or 1.0) - 1e-9)) - 1
+        return 1.0 - probs[:, below]
 
     @property
     def min_risk_scale(self) -> float:
