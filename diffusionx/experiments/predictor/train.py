@@ -213,9 +213,9 @@ def choose_setting(
     candidates, per_session = [], []
     for setting in settings:
         picks = np.array([grid.index(s) for s in predictor.choose(probs, setting)])
-        quality = estimated_quality(kind, examples, picks)
-        per_session.append(quality)
-        candidates.append((setting, float(quality.mean()), float(examples.calls[rows, picks].mean())))
+        session_quality = estimated_quality(kind, examples, picks)
+        per_session.append(session_quality)
+        candidates.append((setting, float(session_quality.mean()), float(examples.calls[rows, picks].mean())))
     slack = 0.0
     if kind == "refine" and len(rows) > 1:
         slack = float(np.mean([q.std(ddof=1) for q in per_session]) / np.sqrt(len(rows)))
