@@ -92,6 +92,18 @@ class PredictorConfig:
                 f"(the least strength learnt for a wrong preview), not {self.wrong_from}"
             )
 
+    @property
+    def setting(self) -> float:
+        """The decision's setting: `risk_scale` for the risk decision, `threshold` for the quantile one."""
+        return self.risk_scale if self.decision == "risk" else self.threshold
+
+    @setting.setter
+    def setting(self, value: float) -> None:
+        if self.decision == "risk":
+            self.risk_scale = value
+        else:
+            self.threshold = value
+
 
 class StrengthNet(torch.nn.Module):
     feature_mean: torch.Tensor  # buffers: saved with the weights
@@ -161,14 +173,13 @@ class LearnedStrengthPredictor:
         """The config's decision (see the module docstring) on (B, K) monotone probabilities; `setting`
         overrides its `threshold` (quantile) or `risk_scale` (risk)."""
         grid = self.config.grid
+        setting = self.config.setting if setting is None else setting
         if self.config.decision == "risk":
-            scale = self.config.risk_scale if setting is None else setting
-            wanted = grid[0] + scale * np.sqrt(self.risk(probs))
+            wanted = grid[0] + setting * np.sqrt(self.risk(probs))
             picks = np.minimum(np.searchsorted(grid, wanted - 1e-9), len(grid) - 1)
             return [float(grid[k]) for k in picks]
-        threshold = self.config.threshold if setting is None else setting
         return [
-            float(grid[int(np.argmax(row >= threshold))] if (row >= threshold).any() else grid[-1])
+            float(grid[int(np.argmax(row >= setting))] if (row >= setting).any() else grid[-1])
             for row in probs
         ]
 

@@ -301,11 +301,7 @@ def train_predictor(
             )
         )
     )
-    setting, metrics = choose_setting(kind, predictor, features[validation], subset)
-    if decision == "risk":
-        config.risk_scale = setting
-    else:
-        config.threshold = setting
+    config.setting, metrics = choose_setting(kind, predictor, features[validation], subset)
     config.trained = {
         **(provenance or {}),
         "examples": len(examples.labels),
@@ -433,11 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report[kind] = {
             "path": str(path),
             "decision": predictor.config.decision,
-            "setting": (
-                predictor.config.risk_scale
-                if predictor.config.decision == "risk"
-                else predictor.config.threshold
-            ),
+            "setting": predictor.config.setting,
             **predictor.config.trained["validation"],
         }
     report["seconds"] = round(time.perf_counter() - start, 1)
