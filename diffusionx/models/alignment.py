@@ -228,9 +228,10 @@ def load_alignment_model(name_or_path: str, device: str | torch.device | None = 
         return _loaded.setdefault(key, loaded)
 
 
-def shapes_clip_configs(text_config: dict[str, Any], image_size: int = 32) -> Any:
-    """The CLIPConfig of the shapes world's alignment model: a small ViT over `image_size` images (patches
-    of 4 pixels) beside a text tower shaped like the shipped text encoder (`text_config`)."""
+def shapes_clip_configs(text_config: dict[str, Any], image_size: int = 32, patch_size: int = 4) -> Any:
+    """The CLIPConfig of the shapes world's alignment model: a small ViT over `image_size` images (square
+    patches of `patch_size` pixels) beside a text tower shaped like the shipped text encoder
+    (`text_config`)."""
     from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
     width = int(text_config["hidden_size"])
@@ -240,7 +241,7 @@ def shapes_clip_configs(text_config: dict[str, Any], image_size: int = 32) -> An
         num_hidden_layers=4,
         num_attention_heads=4,
         image_size=image_size,
-        patch_size=4,
+        patch_size=patch_size,
         num_channels=3,
         projection_dim=width,
     )

@@ -55,6 +55,8 @@ HELDOUT_IMAGE_SEED = 300_000
 EDIT_STRENGTHS = (0.25, 0.5, 0.75, 1.0)
 REFINE_STRENGTHS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 IMAGE_SIZE = 32
+PATCH_SIZES = (2, 4, 8)  # divisors of IMAGE_SIZE
+OUTPUTS_SAVE_SECONDS = 60.0
 
 
 @dataclass
@@ -115,6 +117,7 @@ def make_outputs(
     rows = _load_rows(path)
     sessions = data.make_session_steps(n_sessions, rounds=2, seed=CLIP_SESSION_SEED)
     done = len(rows) // 3
+    saved = time.monotonic()
     with tqdm(
         total=n_sessions,
         initial=done,
@@ -131,7 +134,11 @@ def make_outputs(
 
             for session_rows in asyncio.run(run()):
                 rows.extend(session_rows)
-            _save_outputs(path, rows)
+            # every chunk rewrites the whole file: at tens of thousands of sessions that would cost more
+            # than the chunks themselves, so save once a minute (a resumed run redoes at most that)
+            if time.monotonic() - saved >= OUTPUTS_SAVE_SECONDS or chunk.stop == n_sessions:
+                _save_outputs(path, rows)
+                saved = time.monotonic()
             bar.update(len(chunk))
     return Outputs(np.stack([r[0] for r in rows]), [r[1] for r in rows], [r[2] for r in rows])
 
@@ -370,14 +377,15 @@ def learning_rate(base: float, step: int, progress: float, warmup_steps: int = 1
     return base * warmup * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(1.0, progress))))
 
 
-def new_model(seed: int) -> tuple[Any, Any]:
-    """A CLIPModel whose text tower starts from the shipped text encoder, and the shipped tokenizer."""
+def new_model(seed: int, patch_size: int = 4) -> tuple[Any, Any]:
+    """A CLIPModel (its vision tower in `patch_size` patches) whose text tower starts from the shipped text
+    encoder, and the shipped tokenizer."""
     from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(EMBEDDED_SHAPES_DIR, subfolder="tokenizer")
     encoder = CLIPTextModel.from_pretrained(EMBEDDED_SHAPES_DIR, subfolder="text_encoder")
     torch.manual_seed(seed)
-    model = CLIPModel(shapes_clip_configs(encoder.config.to_dict(), IMAGE_SIZE))
+    model = CLIPModel(shapes_clip_configs(encoder.config.to_dict(), IMAGE_SIZE, patch_size))
     # CLIPTextModel's keys carry a "text_model." prefix in some transformers versions, none in others
     weights = {k.removeprefix("text_model."): v for k, v in encoder.state_dict().items()}
     model.text_model.load_state_dict(weights)
@@ -435,10 +443,10 @@ tags: [clip, shapes, diffusionx]
 # shapes-clip
 
 The image-text alignment model of DiffusionX's embedded shapes world: a `transformers.CLIPModel` (a ViT of
-{vision_layers} layers over 32x32 images in 4x4 patches, width {width}; the text tower starts from the shipped
-`shapes` text encoder and keeps its tokenizer), {parameters:,} parameters. The strength predictors read it
-(`diffusionx/policy/features.py`): the similarity of a preview to its prompt and the margin against each
-one-attribute perturbation of the prompt.
+{vision_layers} layers over 32x32 images in {patch}x{patch} patches, width {width}; the text tower starts from
+the shipped `shapes` text encoder and keeps its tokenizer), {parameters:,} parameters. The strength
+predictors read it (`diffusionx/policy/features.py`): the similarity of a preview to its prompt and the
+margin against each one-attribute perturbation of the prompt.
 
 Trained with
 
@@ -468,6 +476,7 @@ def write_card(directory: Path, row: dict[str, Any], settings: dict[str, Any], m
     directory.joinpath("README.md").write_text(
         MODEL_CARD.format(
             vision_layers=model.config.vision_config.num_hidden_layers,
+            patch=model.config.vision_config.patch_size,
             width=model.config.vision_config.hidden_size,
             parameters=sum(p.numel() for p in model.parameters()),
             commands="\n".join(
@@ -540,6 +549,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heldout", type=int, default=400, help="held-out images per metric (default 400)")
     parser.add_argument("--seed", type=int, default=0, help="initialisation and sampling seed")
     parser.add_argument(
+        "--patch-size",
+        type=int,
+        choices=PATCH_SIZES,
+        default=4,
+        help="pixels per side of the vision tower's patches for a new model (default 4; 2 sees shapes' "
+        "outlines at 4 times the tokens); --init and a resumed run keep their model's",
+    )
+    parser.add_argument(
         "--init",
         default=None,
         help="start from this CLIPModel (a save_pretrained directory, e.g. the shipped shapes-clip) instead "
@@ -605,14 +622,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     # 3. training (resumes from the checkpoint)
-    model, tokenizer = new_model(args.seed) if args.init is None else init_model(args.init)
+    checkpoint_path = run_dir / "checkpoint.pt"
+    state = torch.load(checkpoint_path, weights_only=False) if checkpoint_path.exists() else None
+    if state is not None:  # a resumed run keeps its model's patches
+        patch_size = int(state["model"]["vision_model.embeddings.patch_embedding.weight"].shape[-1])
+        model, tokenizer = new_model(args.seed, patch_size)
+    elif args.init is not None:
+        model, tokenizer = init_model(args.init)
+    else:
+        model, tokenizer = new_model(args.seed, args.patch_size)
     heads = AttributeHeads(model.config.vision_config.hidden_size)
     optimizer = torch.optim.AdamW([*model.parameters(), *heads.parameters()], lr=args.lr, weight_decay=0.01)
-    checkpoint_path = run_dir / "checkpoint.pt"
     step, elapsed = 0, 0.0
     rng = random.Random(args.seed)
-    if checkpoint_path.exists():
-        state = torch.load(checkpoint_path, weights_only=False)
+    if state is not None:
         model.load_state_dict(state["model"])
         heads.load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])

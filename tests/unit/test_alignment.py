@@ -20,9 +20,11 @@ from diffusionx.shapes.train_clip import (
     contrastive_loss,
     init_model,
     main,
+    new_model,
     pick_output,
     seen_caption,
     to_pixel_values,
+    write_card,
 )
 
 PAIR = "a large red circle on the left and a small blue square on the right, white background"
@@ -153,6 +155,34 @@ def test_train_clip_init_continues_from_the_shipped_model_and_its_card(tmp_path)
     assert card_commands(tmp_path) == []
     with pytest.raises(FileNotFoundError, match="no CLIPModel there"):
         init_model(str(tmp_path))
+
+
+def test_train_clip_builds_the_asked_patch_size_and_its_card_says_it(tmp_path, capsys):
+    """`--patch-size 2`: a vision tower of 16x16 patches (and their position table), the card names them;
+    a size that does not divide the 32-pixel images is refused."""
+    model, _ = new_model(0, patch_size=2)
+    embeddings = model.vision_model.embeddings
+    assert tuple(embeddings.patch_embedding.weight.shape[-2:]) == (2, 2)
+    assert embeddings.position_embedding.weight.shape[0] == 1 + 16 * 16
+    pixels = to_pixel_values(np.stack([_array(data.render(data.heldout_scenes(1, seed=0)[0]))]))
+    assert model.vision_model(pixel_values=pixels).last_hidden_state.shape[1] == 1 + 16 * 16  # + class
+    row = {
+        "step": 1,
+        "minutes": 0.1,
+        "n_clean": 1,
+        "n_previews": 1,
+        "n_all_previews": 1,
+        "previews_wrong_auc": 0.5,
+        "clean": dict.fromkeys([*ATTRIBUTES, "all"], 1.0),
+        "previews": dict.fromkeys([*ATTRIBUTES, "all"], 1.0),
+    }
+    write_card(
+        tmp_path, row, {"commands": [(0, "diffusionx train-clip --patch-size 2")], "sessions": 1}, model
+    )
+    assert "32x32 images in 2x2 patches" in (tmp_path / "README.md").read_text()
+    with pytest.raises(SystemExit):
+        main(["--patch-size", "3"])
+    assert "--patch-size: invalid choice: 3" in capsys.readouterr().err
 
 
 def test_train_clip_draws_the_asked_share_of_wrong_outputs_and_refuses_shares_outside_0_1(capsys):
