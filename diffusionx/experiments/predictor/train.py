@@ -245,8 +245,8 @@ def train_predictor(
     embedder: TextEmbedder,
     *,
     alignment: AlignmentModel | None = None,
-    epochs: int = 600,
-    hidden: int = 8,
+    epochs: int = 3000,
+    hidden: int = 16,
     seed: int = 0,
     feature_set: str = "full",
     decision: str = "quantile",
@@ -323,11 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--prefix", default="shapes", help="names: <prefix>-refine, <prefix>-edit")
     parser.add_argument(
-        "--epochs", type=int, default=600, help="full-batch training epochs, at most (default 600)"
+        "--epochs", type=int, default=3000, help="full-batch training epochs, at most (default 3000)"
     )
     parser.add_argument("--seed", type=int, default=0, help="torch seed of the initial weights")
     parser.add_argument(
-        "--hidden", type=int, default=8, help="hidden units of each predictor's MLP (default 8)"
+        "--hidden", type=int, default=16, help="hidden units of each predictor's MLP (default 16)"
     )
     parser.add_argument(
         "--wrong-preview-min-strength",
