@@ -42,6 +42,14 @@ def picture() -> Image.Image:
     return render(Scene((Shape("circle", "red", "large", "left"),), "blue"))
 
 
+def test_shipped_predictors_were_trained_with_predictor_trains_defaults():
+    # docs/models.md: `predictor train` with its defaults reproduces the shipped predictors' settings
+    for name in ("shapes-refine", "shapes-edit"):
+        config = load_predictor(name).config
+        assert config.hidden == train.DEFAULT_HIDDEN
+        assert config.trained["epochs"] == train.DEFAULT_EPOCHS
+
+
 def test_shipped_predictors_load_by_name_and_pick_grid_strengths(picture):
     assert {"shapes-refine", "shapes-edit"} <= set(shipped_predictors())
     refine = load_predictor("shapes-refine")

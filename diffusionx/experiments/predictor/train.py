@@ -61,6 +61,8 @@ WEIGHT_DECAY = 0.1
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))  # quantile decision's settings
 RISK_SCALES = tuple(round(t, 2) for t in np.arange(0.05, 1.01, 0.05))  # risk decision's settings
 VALIDATION_EVERY = 5  # session index % 5 == 0: validation
+DEFAULT_EPOCHS = 3000  # the shipped predictors' settings (docs/models.md)
+DEFAULT_HIDDEN = 16
 
 
 @dataclass
@@ -245,8 +247,8 @@ def train_predictor(
     embedder: TextEmbedder,
     *,
     alignment: AlignmentModel | None = None,
-    epochs: int = 3000,
-    hidden: int = 16,
+    epochs: int = DEFAULT_EPOCHS,
+    hidden: int = DEFAULT_HIDDEN,
     seed: int = 0,
     feature_set: str = "full",
     decision: str = "quantile",
@@ -323,11 +325,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--prefix", default="shapes", help="names: <prefix>-refine, <prefix>-edit")
     parser.add_argument(
-        "--epochs", type=int, default=3000, help="full-batch training epochs, at most (default 3000)"
+        "--epochs",
+        type=int,
+        default=DEFAULT_EPOCHS,
+        help=f"full-batch training epochs, at most (default {DEFAULT_EPOCHS})",
     )
     parser.add_argument("--seed", type=int, default=0, help="torch seed of the initial weights")
     parser.add_argument(
-        "--hidden", type=int, default=16, help="hidden units of each predictor's MLP (default 16)"
+        "--hidden",
+        type=int,
+        default=DEFAULT_HIDDEN,
+        help=f"hidden units of each predictor's MLP (default {DEFAULT_HIDDEN})",
     )
     parser.add_argument(
         "--wrong-preview-min-strength",
