@@ -21,7 +21,11 @@ running maximum:
   the strength orders previews by risk as the probability does (docs/results.md#strength-predictors).
   A preview more likely wrong than right gets at least `wrong_from` (`risk_scale` >= `min_risk_scale`):
   below it the cloud keeps a wrong preview's shapes, and a scale chosen for calls alone would never
-  redraw them.
+  redraw them. The rising strength stops at s_1 + `risk_scale`, which is less than a wrong preview far
+  from its prompt needs (its label is 0.5-0.8); so when the config has a `floor`, the strength is at least
+  the quantile decision's at threshold `floor` (`predictor train` ships 0.5, the median of the predicted
+  label): a preview the predictor expects to need more than the rising strength gives gets what it
+  expects, and the others keep the rising strength (docs/results.md#strength-predictors).
 
 The decision's setting (`threshold` or `risk_scale`) is chosen on validation sessions to meet the quality
 target with the fewest UNet calls (`predictor train`).
@@ -70,6 +74,7 @@ class PredictorConfig:
     threshold: float = 0.5  # quantile: P(enough) a grid strength must reach to be picked
     wrong_from: float | None = None  # risk: the least strength learnt for a wrong preview
     risk_scale: float = 0.0  # risk: how far the strength rises above the grid's lightest at certain risk
+    floor: float | None = None  # risk: the quantile decision at this threshold is the least strength
     trained: dict = field(default_factory=dict)  # provenance: label file, sessions, weights, metrics
 
     def __post_init__(self) -> None:
@@ -90,6 +95,11 @@ class PredictorConfig:
             raise ValueError(
                 f"the risk decision needs wrong_from in ({self.grid[0]}, {self.grid[-1]}] "
                 f"(the least strength learnt for a wrong preview), not {self.wrong_from}"
+            )
+        if self.floor is not None and (self.decision != "risk" or not 0 < self.floor <= 1):
+            raise ValueError(
+                f"floor={self.floor} is a threshold in (0, 1] under the risk decision (None: no floor); "
+                f"this predictor's decision is {self.decision!r}"
             )
 
     @property
@@ -177,11 +187,15 @@ class LearnedStrengthPredictor:
         if self.config.decision == "risk":
             wanted = grid[0] + setting * np.sqrt(self.risk(probs))
             picks = np.minimum(np.searchsorted(grid, wanted - 1e-9), len(grid) - 1)
+            if self.config.floor is not None:
+                picks = np.maximum(picks, self._quantile_picks(probs, self.config.floor))
             return [float(grid[k]) for k in picks]
-        return [
-            float(grid[int(np.argmax(row >= setting))] if (row >= setting).any() else grid[-1])
-            for row in probs
-        ]
+        return [float(grid[k]) for k in self._quantile_picks(probs, setting)]
+
+    def _quantile_picks(self, probs: np.ndarray, threshold: float) -> np.ndarray:
+        """(B,) grid index of the smallest strength whose probability reaches `threshold` (else the last)."""
+        reached = probs >= threshold
+        return np.where(reached.any(axis=1), reached.argmax(axis=1), probs.shape[1] - 1)
 
     def predict(
         self,

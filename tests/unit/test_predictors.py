@@ -68,6 +68,7 @@ def test_shipped_predictors_load_by_name_and_pick_grid_strengths(picture):
     # what it was trained on is recorded with the weights
     assert refine.config.trained["sessions"] >= 100 and refine.config.decision == "risk"
     assert refine.config.risk_scale >= refine.min_risk_scale - 1e-4 and 0 < edit.config.threshold < 1
+    assert refine.config.floor == train.DEFAULT_RISK_FLOOR and edit.config.floor is None
 
 
 def _predictor(decision: str, **settings: float) -> LearnedStrengthPredictor:
@@ -100,6 +101,24 @@ def test_the_risk_decision_rises_with_the_risk_that_the_preview_is_wrong():
     assert sorted(set(quantile)) == [0.05, 0.3]
     with pytest.raises(ValueError, match="wrong_from"):
         PredictorConfig("refine", list(REFINE_GRID), "tiny-random", 4, decision="risk")
+
+
+def test_the_risk_decisions_floor_gives_a_preview_the_strength_its_predicted_label_median_needs():
+    grid = np.array(REFINE_GRID)
+    # a far-wrong preview: certainly wrong, and enough only from 0.7 on with probability 0.6
+    far = np.where(grid < 0.3 - 1e-9, 0.0, np.where(grid < 0.7 - 1e-9, 0.3, 1.0))[None, :]
+    far[0, grid >= 0.7 - 1e-9] = 0.6
+    near = _probabilities([0.1])  # likely right: its median label is the lightest strength
+    unfloored = _predictor("risk", risk_scale=0.3536)
+    floored = _predictor("risk", risk_scale=0.3536, floor=0.5)
+    assert unfloored.choose(far) == [0.5]  # the rising strength stops at the first past 0.05 + 0.3536
+    assert floored.choose(far) == [0.7]  # the smallest strength enough with probability >= 0.5
+    assert floored.choose(near) == unfloored.choose(near)  # the floor never lowers the rising strength
+    assert floored.choose(np.zeros((1, len(grid)))) == [REFINE_GRID[-1]]  # nothing enough: the strongest
+    with pytest.raises(ValueError, match="floor"):
+        PredictorConfig("refine", list(REFINE_GRID), "tiny-random", 4, decision="quantile", floor=0.5)
+    with pytest.raises(ValueError, match="floor"):
+        _predictor("risk", floor=1.5)
     with pytest.raises(ValueError, match="not one of"):
         PredictorConfig("refine", list(REFINE_GRID), "tiny-random", 4, decision="mean")
 
@@ -189,6 +208,7 @@ def test_label_train_eval_end_to_end_on_tiny_random_sessions(tmp_path, capsys):
     assert train.main(["--data", str(data), *options, "--refine-features", "alignment"]) == 0
     trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert trained["sessions"] == 4 and trained["refine"]["decision"] == "risk"
+    assert trained["refine"]["floor"] == train.DEFAULT_RISK_FLOOR and "floor" not in trained["edit"]
     assert trained["refine"]["setting"] in (0.3536, *(s for s in train.RISK_SCALES if s > 0.3536))
     assert trained["edit"]["decision"] == "quantile" and trained["edit"]["setting"] in train.THRESHOLDS
     refine = load_predictor(str(weights / "t-refine.safetensors"))

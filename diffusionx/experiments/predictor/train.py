@@ -10,7 +10,8 @@ Algorithm, for each predictor (`refine`: final preview + final prompt; `edit`: p
 3. train the MLP of `policy.learned` (full-batch AdamW, binary cross-entropy, seeded), keeping the epoch with
    the lowest validation loss (early stopping);
 4. pick the setting of the predictor's decision (`policy.learned`: the refine predictor's `risk` scale
-   unless `--refine-decision quantile`, the edit predictor's `quantile` threshold) on the validation
+   unless `--refine-decision quantile`, with the quantile floor `--risk-floor` under it; the edit
+   predictor's `quantile` threshold) on the validation
    sessions from what was measured there: the setting with the fewest UNet calls whose estimated quality
    meets the target (refine: mean judge accuracy within
    `TARGET_MARGIN` of the full cloud generations'; edit: ok-rate within `EDIT_TARGET_MARGIN` of the best
@@ -63,6 +64,7 @@ RISK_SCALES = tuple(round(t, 2) for t in np.arange(0.05, 1.01, 0.05))  # risk de
 VALIDATION_EVERY = 5  # session index % 5 == 0: validation
 DEFAULT_EPOCHS = 3000  # the shipped predictors' settings (docs/models.md)
 DEFAULT_HIDDEN = 16
+DEFAULT_RISK_FLOOR = 0.5  # the risk decision's floor: the predicted label's median (policy.learned)
 
 
 @dataclass
@@ -253,10 +255,11 @@ def train_predictor(
     feature_set: str = "full",
     decision: str = "quantile",
     wrong_from: float | None = None,
+    floor: float | None = None,
     provenance: dict[str, Any] | None = None,
 ) -> LearnedStrengthPredictor:
-    """`decision` and `wrong_from`: see `policy.learned` (risk: the refine predictor only, `wrong_from` the
-    least strength its targets give a wrong preview)."""
+    """`decision`, `wrong_from` and `floor`: see `policy.learned` (risk: the refine predictor only,
+    `wrong_from` the least strength its targets give a wrong preview)."""
     grid = list(REFINE_GRID if kind == "refine" else EDIT_GRID)
     features = build_features(
         embedder, examples.prompts, examples.images, examples.previous_prompts, alignment, feature_set
@@ -274,6 +277,7 @@ def train_predictor(
         hidden=hidden,
         decision=decision,
         wrong_from=wrong_from,
+        floor=floor,
     )
     net, fitted = fit(
         features[~validation],
@@ -358,6 +362,14 @@ def build_parser() -> argparse.ArgumentParser:
         "with the risk that the preview is wrong (default), or the smallest strength enough with the "
         "chosen probability (quantile, as the edit predictor)",
     )
+    parser.add_argument(
+        "--risk-floor",
+        type=float,
+        default=DEFAULT_RISK_FLOOR,
+        help="under the risk decision, the refine strength is at least the smallest whose predicted "
+        "probability of being enough reaches this (0: no floor; default "
+        f"{DEFAULT_RISK_FLOOR}, the predicted label's median)",
+    )
     for kind in ("refine", "edit"):
         parser.add_argument(
             f"--{kind}-features",
@@ -397,6 +409,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if not 0 <= args.risk_floor <= 1:
+        print(
+            f"diffusionx predictor train: error: --risk-floor={args.risk_floor} is not allowed: use 0..1 "
+            "(0: no floor)",
+            file=sys.stderr,
+        )
+        return 2
     feature_sets = {"refine": args.refine_features, "edit": args.edit_features}
     if alignment is None and "alignment" in feature_sets.values():
         print(
@@ -426,6 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             feature_set=feature_sets[kind],
             decision=args.refine_decision if kind == "refine" else "quantile",
             wrong_from=args.wrong_preview_min_strength if kind == "refine" else None,
+            floor=(args.risk_floor or None) if kind == "refine" and args.refine_decision == "risk" else None,
             provenance={
                 "data": str(args.data),
                 "sessions": len(records),
@@ -438,6 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "path": str(path),
             "decision": predictor.config.decision,
             "setting": predictor.config.setting,
+            **({"floor": predictor.config.floor} if predictor.config.floor is not None else {}),
             **predictor.config.trained["validation"],
         }
     report["seconds"] = round(time.perf_counter() - start, 1)
