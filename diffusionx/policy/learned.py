@@ -21,11 +21,11 @@ running maximum:
   the strength orders previews by risk as the probability does (docs/results.md#strength-predictors).
   A preview more likely wrong than right gets at least `wrong_from` (`risk_scale` >= `min_risk_scale`):
   below it the cloud keeps a wrong preview's shapes, and a scale chosen for calls alone would never
-  redraw them. The rising strength stops at s_1 + `risk_scale`, which is less than a wrong preview far
-  from its prompt needs (its label is 0.5-0.8); so when the config has a `floor`, the strength is at least
-  the quantile decision's at threshold `floor` (`predictor train` ships 0.5, the median of the predicted
-  label): a preview the predictor expects to need more than the rising strength gives gets what it
-  expects, and the others keep the rising strength (docs/results.md#strength-predictors).
+  redraw them. The rising strength stops at the first grid strength past s_1 + `risk_scale`, less than
+  a wrong preview far from its prompt needs; so when the config has a `floor`, the strength is at least
+  the quantile decision's at threshold `floor` (`predictor train`'s default is 0.7): a preview the
+  predictor expects to need more than the rising strength gives gets what it expects with probability
+  `floor`, and the others keep the rising strength (docs/results.md#strength-predictors).
 
 The decision's setting (`threshold` or `risk_scale`) is chosen on validation sessions to meet the quality
 target with the fewest UNet calls (`predictor train`).
