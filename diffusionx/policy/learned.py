@@ -19,13 +19,15 @@ running maximum:
   either side the same strength; the rising strength spends more calls where the risk is higher, and the
   square root spreads the small risks most previews have over the grid's one-call steps (0.05-0.25), so
   the strength orders previews by risk as the probability does (docs/results.md#strength-predictors).
-  A preview more likely wrong than right gets at least `wrong_from` (`risk_scale` >= `min_risk_scale`):
-  below it the cloud keeps a wrong preview's shapes, and a scale chosen for calls alone would never
-  redraw them. The rising strength stops at the first grid strength past s_1 + `risk_scale`, less than
-  a wrong preview far from its prompt needs; so when the config has a `floor`, the strength is at least
-  the quantile decision's at threshold `floor` (`predictor train`'s default is 0.7): a preview the
-  predictor expects to need more than the rising strength gives gets what it expects with probability
-  `floor`, and the others keep the rising strength (docs/results.md#strength-predictors).
+  A preview more likely wrong than right gets at least `wrong_from`: below it the cloud keeps a wrong
+  preview's shapes, and a scale chosen for calls alone would never redraw them. The rising strength
+  stops at the first grid strength past s_1 + `risk_scale`, less than a wrong preview far from its prompt
+  needs; so when the config has a `floor`, the strength is at least the quantile decision's at threshold
+  `floor` (`predictor train`'s default is 0.7): a preview the predictor expects to need more than the
+  rising strength gives gets what it expects with probability `floor`, and the others keep the rising
+  strength (docs/results.md#strength-predictors). A floor of 1/2 or more gives a preview more likely
+  wrong than right `wrong_from` by itself (its P(label < `wrong_from`) is below 1/2), so the scale is
+  then free to grade the other previews more cheaply (`min_risk_scale`).
 
 The decision's setting (`threshold` or `risk_scale`) is chosen on validation sessions to meet the quality
 target with the fewest UNet calls (`predictor train`).
@@ -176,8 +178,12 @@ class LearnedStrengthPredictor:
 
     @property
     def min_risk_scale(self) -> float:
-        """The least `risk_scale` that refines a preview of risk 1/2 at `wrong_from` or more."""
-        return ((self.config.wrong_from or 0.0) - self.config.grid[0]) / float(np.sqrt(0.5))
+        """The least `risk_scale` that refines a preview of risk 1/2 at `wrong_from` or more; with a `floor`
+        of 1/2 or more, which does that, the least that refines a preview of risk 1 there."""
+        rise = (self.config.wrong_from or 0.0) - self.config.grid[0]
+        if self.config.floor is not None and self.config.floor >= 0.5:
+            return rise
+        return rise / float(np.sqrt(0.5))
 
     def choose(self, probs: np.ndarray, setting: float | None = None) -> list[float]:
         """The config's decision (see the module docstring) on (B, K) monotone probabilities; `setting`

@@ -48,6 +48,8 @@ def test_shipped_predictors_were_trained_with_predictor_trains_defaults():
         config = load_predictor(name).config
         assert config.hidden == train.DEFAULT_HIDDEN
         assert config.trained["epochs"] == train.DEFAULT_EPOCHS
+    refine = load_predictor("shapes-refine").config
+    assert (refine.floor, refine.risk_scale) == (train.DEFAULT_RISK_FLOOR, train.DEFAULT_RISK_SCALE)
 
 
 def test_shipped_predictors_load_by_name_and_pick_grid_strengths(picture):
@@ -119,6 +121,12 @@ def test_the_risk_decisions_floor_gives_a_preview_the_strength_its_predicted_lab
         PredictorConfig("refine", list(REFINE_GRID), "tiny-random", 4, decision="quantile", floor=0.5)
     with pytest.raises(ValueError, match="floor"):
         _predictor("risk", floor=1.5)
+    # a floor of 1/2 or more refines a preview more likely wrong than right at wrong_from by itself, so
+    # the least scale need only take a certainly wrong one there
+    assert unfloored.min_risk_scale == pytest.approx(0.25 / np.sqrt(0.5))
+    assert floored.min_risk_scale == pytest.approx(0.25)
+    assert floored.choose(_probabilities([0.6]), floored.min_risk_scale) == [0.3]  # the floor's doing
+    assert floored.choose(_probabilities([1.0]), floored.min_risk_scale) == [0.3]
     with pytest.raises(ValueError, match="not one of"):
         PredictorConfig("refine", list(REFINE_GRID), "tiny-random", 4, decision="mean")
 
@@ -209,7 +217,7 @@ def test_label_train_eval_end_to_end_on_tiny_random_sessions(tmp_path, capsys):
     trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert trained["sessions"] == 4 and trained["refine"]["decision"] == "risk"
     assert trained["refine"]["floor"] == train.DEFAULT_RISK_FLOOR and "floor" not in trained["edit"]
-    assert trained["refine"]["setting"] in (0.3536, *(s for s in train.RISK_SCALES if s > 0.3536))
+    assert trained["refine"]["setting"] == train.DEFAULT_RISK_SCALE
     assert trained["edit"]["decision"] == "quantile" and trained["edit"]["setting"] in train.THRESHOLDS
     refine = load_predictor(str(weights / "t-refine.safetensors"))
     assert refine.config.text_model == "tiny-random" and refine.config.trained["examples"] == 4
@@ -224,6 +232,14 @@ def test_label_train_eval_end_to_end_on_tiny_random_sessions(tmp_path, capsys):
     assert "need an alignment model" in capsys.readouterr().err
     assert train.main(["--data", str(data), *options, "--wrong-preview-min-strength", "0"]) == 2
     assert "use --refine-decision quantile" in capsys.readouterr().err
+    # the risk scale: chosen on validation from the least the floor allows, or refused below it
+    assert train.main(["--data", str(data), *options, "--risk-scale", "auto"]) == 0
+    chosen = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["refine"]["setting"]
+    assert chosen in (0.25, *(s for s in train.RISK_SCALES if s > 0.25))  # wrong_from 0.3 - 0.05
+    assert train.main(["--data", str(data), *options, "--risk-scale", "0.2"]) == 2
+    assert "below 0.2500" in capsys.readouterr().err
+    assert train.main(["--data", str(data), *options, "--risk-scale", "some"]) == 2
+    assert "use a scale in (0, 1] or 'auto'" in capsys.readouterr().err
 
     plot = tmp_path / "pareto.png"
     args = [

@@ -67,6 +67,10 @@ DEFAULT_HIDDEN = 16
 # the risk decision's floor (policy.learned): the median of the predicted label (0.5) left held-out
 # sessions at the quality target with no margin; 0.7 leaves one (docs/results.md#strength-predictors)
 DEFAULT_RISK_FLOOR = 0.7
+# the risk decision's scale (policy.learned): the validation choice is optimistic (a strength above a
+# session's label counts at the label's accuracy) and took the least scale allowed; with the floor, 0.3
+# gave held-out sessions the quality of that least scale (0.3536) at 0.3 fewer calls (docs/results.md)
+DEFAULT_RISK_SCALE = 0.3
 
 
 @dataclass
@@ -197,10 +201,14 @@ def fit(
 
 
 def choose_setting(
-    kind: str, predictor: LearnedStrengthPredictor, features: np.ndarray, examples: Examples
+    kind: str,
+    predictor: LearnedStrengthPredictor,
+    features: np.ndarray,
+    examples: Examples,
+    fixed: float | None = None,
 ) -> tuple[float, dict[str, float]]:
     """The validation setting of the predictor's decision (`threshold` for quantile, `risk_scale` for risk)
-    with the fewest calls whose estimated quality meets the target.
+    with the fewest calls whose estimated quality meets the target; `fixed` measures that one setting only.
 
     For the refine predictor the target must be met by one standard error of the validation sessions'
     mean quality: the cheapest setting that meets it exactly on a few hundred sessions is as likely to
@@ -213,7 +221,9 @@ def choose_setting(
     probs = predictor.probabilities(features)
     rows = np.arange(len(examples.labels))
     settings = THRESHOLDS
-    if predictor.config.decision == "risk":
+    if fixed is not None:
+        settings = (fixed,)
+    elif predictor.config.decision == "risk":
         least = predictor.min_risk_scale
         settings = (round(least, 4), *(s for s in RISK_SCALES if s > least + 1e-9))
     candidates, per_session = [], []
@@ -258,10 +268,12 @@ def train_predictor(
     decision: str = "quantile",
     wrong_from: float | None = None,
     floor: float | None = None,
+    risk_scale: float | None = None,
     provenance: dict[str, Any] | None = None,
 ) -> LearnedStrengthPredictor:
-    """`decision`, `wrong_from` and `floor`: see `policy.learned` (risk: the refine predictor only,
-    `wrong_from` the least strength its targets give a wrong preview)."""
+    """`decision`, `wrong_from`, `floor` and `risk_scale`: see `policy.learned` (risk: the refine predictor
+    only, `wrong_from` the least strength its targets give a wrong preview; `risk_scale` None: chosen on
+    validation, at least `min_risk_scale`)."""
     grid = list(REFINE_GRID if kind == "refine" else EDIT_GRID)
     features = build_features(
         embedder, examples.prompts, examples.images, examples.previous_prompts, alignment, feature_set
@@ -290,6 +302,11 @@ def train_predictor(
         validation=(features[validation], examples.targets[validation]),
     )
     predictor = LearnedStrengthPredictor(config, net, embedder, alignment)
+    if risk_scale is not None and risk_scale < predictor.min_risk_scale - 1e-9:
+        raise ValueError(
+            f"risk_scale={risk_scale} is below {predictor.min_risk_scale:.4f}, the least that refines a "
+            f"preview more likely wrong than right at {wrong_from} or more"
+        )
     subset = Examples(
         *(  # type: ignore[arg-type]  # the same fields, each list or array kept as it was
             [v for v, keep in zip(value, validation, strict=True) if keep]
@@ -309,7 +326,8 @@ def train_predictor(
             )
         )
     )
-    config.setting, metrics = choose_setting(kind, predictor, features[validation], subset)
+    fixed = risk_scale if decision == "risk" else None
+    config.setting, metrics = choose_setting(kind, predictor, features[validation], subset, fixed)
     config.trained = {
         **(provenance or {}),
         "examples": len(examples.labels),
@@ -371,6 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="under the risk decision, the refine strength is at least the smallest whose predicted "
         f"probability of being enough reaches this (0: no floor; default {DEFAULT_RISK_FLOOR})",
     )
+    parser.add_argument(
+        "--risk-scale",
+        default=str(DEFAULT_RISK_SCALE),
+        help="the risk decision's scale: how far the refine strength rises at certain risk (policy.learned), "
+        f"or 'auto': the fewest validation calls that meet the quality target (default {DEFAULT_RISK_SCALE})",
+    )
     for kind in ("refine", "edit"):
         parser.add_argument(
             f"--{kind}-features",
@@ -417,6 +441,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    try:
+        risk_scale = None if args.risk_scale == "auto" else float(args.risk_scale)
+    except ValueError:
+        risk_scale = -1.0
+    if risk_scale is not None and not 0 < risk_scale <= 1:
+        print(
+            f"diffusionx predictor train: error: --risk-scale={args.risk_scale} is not allowed: use a scale "
+            "in (0, 1] or 'auto'",
+            file=sys.stderr,
+        )
+        return 2
     feature_sets = {"refine": args.refine_features, "edit": args.edit_features}
     if alignment is None and "alignment" in feature_sets.values():
         print(
@@ -435,25 +470,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     refine = refine_examples(records, args.wrong_preview_min_strength)
     for kind, examples in (("refine", refine), ("edit", edit_examples(records))):
-        predictor = train_predictor(
-            kind,
-            examples,
-            embedder,
-            alignment=alignment,
-            epochs=args.epochs,
-            hidden=args.hidden,
-            seed=args.seed,
-            feature_set=feature_sets[kind],
-            decision=args.refine_decision if kind == "refine" else "quantile",
-            wrong_from=args.wrong_preview_min_strength if kind == "refine" else None,
-            floor=(args.risk_floor or None) if kind == "refine" and args.refine_decision == "risk" else None,
-            provenance={
-                "data": str(args.data),
-                "sessions": len(records),
-                "wrong_preview_min_strength": args.wrong_preview_min_strength,
-                **settings,
-            },
-        )
+        risk = kind == "refine" and args.refine_decision == "risk"
+        try:
+            predictor = train_predictor(
+                kind,
+                examples,
+                embedder,
+                alignment=alignment,
+                epochs=args.epochs,
+                hidden=args.hidden,
+                seed=args.seed,
+                feature_set=feature_sets[kind],
+                decision=args.refine_decision if kind == "refine" else "quantile",
+                wrong_from=args.wrong_preview_min_strength if kind == "refine" else None,
+                floor=(args.risk_floor or None) if risk else None,
+                risk_scale=risk_scale if risk else None,
+                provenance={
+                    "data": str(args.data),
+                    "sessions": len(records),
+                    "wrong_preview_min_strength": args.wrong_preview_min_strength,
+                    **settings,
+                },
+            )
+        except ValueError as error:  # a --risk-scale the floor and grid rule out: say which
+            print(f"diffusionx predictor train: error: {error}", file=sys.stderr)
+            return 2
         path = predictor.save(Path(args.out_dir) / f"{args.prefix}-{kind}.safetensors")
         report[kind] = {
             "path": str(path),
