@@ -29,8 +29,9 @@ running maximum:
   wrong than right `wrong_from` by itself (its P(label < `wrong_from`) is below 1/2), so the scale is
   then free to grade the other previews more cheaply (`min_risk_scale`).
 
-The decision's setting (`threshold` or `risk_scale`) is chosen on validation sessions to meet the quality
-target with the fewest UNet calls (`predictor train`).
+The quantile decision's `threshold` is chosen on validation sessions to meet the quality target with the
+fewest UNet calls; the risk decision's `risk_scale` and `floor` are `predictor train`'s settings (its
+`--risk-scale auto` chooses the scale the same way).
 
 Two predictors share this code: `refine` (the strength of the cloud refinement at finalize, from the final
 preview and its prompt) and `edit` (the strength of a round-to-round edit on the edge, from the previous

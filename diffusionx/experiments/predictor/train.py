@@ -9,14 +9,15 @@ Algorithm, for each predictor (`refine`: final preview + final prompt; `edit`: p
 2. split by session: every fifth session is validation, the rest training;
 3. train the MLP of `policy.learned` (full-batch AdamW, binary cross-entropy, seeded), keeping the epoch with
    the lowest validation loss (early stopping);
-4. pick the setting of the predictor's decision (`policy.learned`: the refine predictor's `risk` scale
-   unless `--refine-decision quantile`, with the quantile floor `--risk-floor` under it; the edit
-   predictor's `quantile` threshold) on the validation
-   sessions from what was measured there: the setting with the fewest UNet calls whose estimated quality
-   meets the target (refine: mean judge accuracy within
-   `TARGET_MARGIN` of the full cloud generations'; edit: ok-rate within `EDIT_TARGET_MARGIN` of the best
-   fixed grid strength's). A refine strength at or above a session's label is counted at the label's
-   measured accuracy (labelling stops at the first strength that reaches the bar), one below it at its own;
+4. set the predictor's decision (`policy.learned`): the refine predictor's `risk` decision (unless
+   `--refine-decision quantile`) with the floor `--risk-floor` under it and the scale `--risk-scale`; the
+   edit predictor's `quantile` threshold, and the risk scale with `--risk-scale auto`, are picked on the
+   validation sessions from what was measured there: the setting with the fewest UNet calls whose
+   estimated quality meets the target (refine: mean judge accuracy within `TARGET_MARGIN` of the full
+   cloud generations'; edit: ok-rate within `EDIT_TARGET_MARGIN` of the best fixed grid strength's). A
+   refine strength at or above a session's label is counted at the label's measured accuracy (labelling
+   stops at the first strength that reaches the bar), one below it at its own, so the refine estimate is
+   optimistic; the validation metrics of the setting used are saved with it either way;
 5. save `<prefix>-refine.safetensors` and `<prefix>-edit.safetensors` (settings and provenance in the
    metadata) where `load_predictor` finds them by name.
 
@@ -64,12 +65,12 @@ RISK_SCALES = tuple(round(t, 2) for t in np.arange(0.05, 1.01, 0.05))  # risk de
 VALIDATION_EVERY = 5  # session index % 5 == 0: validation
 DEFAULT_EPOCHS = 3000  # the shipped predictors' settings (docs/models.md)
 DEFAULT_HIDDEN = 16
-# the risk decision's floor (policy.learned): the median of the predicted label (0.5) left held-out
-# sessions at the quality target with no margin; 0.7 leaves one (docs/results.md#strength-predictors)
+# the risk decision's floor (policy.learned): at the predicted label's median (0.5) held-out quality sat
+# at its target; 0.7 leaves a margin (docs/results.md#strength-predictors)
 DEFAULT_RISK_FLOOR = 0.7
-# the risk decision's scale (policy.learned): the validation choice is optimistic (a strength above a
-# session's label counts at the label's accuracy) and took the least scale allowed; with the floor, 0.3
-# gave held-out sessions the quality of that least scale (0.3536) at 0.3 fewer calls (docs/results.md)
+# the risk decision's scale: validation takes the least scale it allows, as its quality estimate is
+# optimistic (a strength above a session's label counts at the label's accuracy); held out, 0.3 under the
+# floor kept the quality of the least scale at fewer calls (docs/results.md#strength-predictors)
 DEFAULT_RISK_SCALE = 0.3
 
 
