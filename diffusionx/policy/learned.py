@@ -25,9 +25,9 @@ running maximum:
   needs; so when the config has a `floor`, the strength is at least the quantile decision's at threshold
   `floor` (`predictor train`'s default is 0.7): a preview the predictor expects to need more than the
   rising strength gives gets what it expects with probability `floor`, and the others keep the rising
-  strength (docs/results.md#strength-predictors). A floor of 1/2 or more gives a preview more likely
-  wrong than right `wrong_from` by itself (its P(label < `wrong_from`) is below 1/2), so the scale is
-  then free to grade the other previews more cheaply (`min_risk_scale`).
+  strength (docs/results.md#strength-predictors). A floor above 1/2 gives a preview of risk 1/2 or more
+  `wrong_from` by itself (its P(label < `wrong_from`) is at most 1/2), so the scale is then free to grade
+  the other previews more cheaply (`min_risk_scale`).
 
 The quantile decision's `threshold` is chosen on validation sessions to meet the quality target with the
 fewest UNet calls; the risk decision's `risk_scale` and `floor` are `predictor train`'s settings (its
@@ -180,9 +180,9 @@ class LearnedStrengthPredictor:
     @property
     def min_risk_scale(self) -> float:
         """The least `risk_scale` that refines a preview of risk 1/2 at `wrong_from` or more; with a `floor`
-        of 1/2 or more, which does that, the least that refines a preview of risk 1 there."""
+        above 1/2, which does that, the least that refines a preview of risk 1 there."""
         rise = (self.config.wrong_from or 0.0) - self.config.grid[0]
-        if self.config.floor is not None and self.config.floor >= 0.5:
+        if self.config.floor is not None and self.config.floor > 0.5:
             return rise
         return rise / float(np.sqrt(0.5))
 

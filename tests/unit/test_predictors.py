@@ -121,12 +121,13 @@ def test_the_risk_decisions_floor_gives_a_preview_the_strength_its_predicted_lab
         PredictorConfig("refine", list(REFINE_GRID), "tiny-random", 4, decision="quantile", floor=0.5)
     with pytest.raises(ValueError, match="floor"):
         _predictor("risk", floor=1.5)
-    # a floor of 1/2 or more refines a preview more likely wrong than right at wrong_from by itself, so
-    # the least scale need only take a certainly wrong one there
-    assert unfloored.min_risk_scale == pytest.approx(0.25 / np.sqrt(0.5))
-    assert floored.min_risk_scale == pytest.approx(0.25)
-    assert floored.choose(_probabilities([0.6]), floored.min_risk_scale) == [0.3]  # the floor's doing
-    assert floored.choose(_probabilities([1.0]), floored.min_risk_scale) == [0.3]
+    # a floor above 1/2 refines a preview of risk 1/2 or more at wrong_from by itself, so the least
+    # scale need only take a certainly wrong one there
+    above = _predictor("risk", risk_scale=0.3536, floor=0.7)
+    assert unfloored.min_risk_scale == floored.min_risk_scale == pytest.approx(0.25 / np.sqrt(0.5))
+    assert above.min_risk_scale == pytest.approx(0.25)
+    assert above.choose(_probabilities([0.5]), above.min_risk_scale) == [0.3]  # the floor's doing
+    assert above.choose(_probabilities([1.0]), above.min_risk_scale) == [0.3]
     with pytest.raises(ValueError, match="not one of"):
         PredictorConfig("refine", list(REFINE_GRID), "tiny-random", 4, decision="mean")
 

@@ -306,7 +306,7 @@ def train_predictor(
     if risk_scale is not None and risk_scale < predictor.min_risk_scale - 1e-9:
         raise ValueError(
             f"risk_scale={risk_scale} is below {predictor.min_risk_scale:.4f}, the least that refines a "
-            f"preview more likely wrong than right at {wrong_from} or more"
+            f"preview of risk 1/2 (with a floor above 1/2: of risk 1) at {wrong_from} or more"
         )
     subset = Examples(
         *(  # type: ignore[arg-type]  # the same fields, each list or array kept as it was
